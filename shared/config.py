@@ -1,0 +1,106 @@
+"""Settings, twelve-factor style: every value comes from the environment and has a safe default.
+
+One frozen :class:`Settings` is built per process (:func:`get_settings`) so the web app, the workers, the
+CLI and the tests all read the same names. Tests build their own with :func:`load_settings` and an
+explicit mapping instead of touching ``os.environ``.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, fields
+from functools import lru_cache
+from pathlib import Path
+from typing import Mapping
+
+DEFAULT_DATA_DIR = ".data"
+
+
+@dataclass(frozen=True)
+class Settings:
+    database_url: str = "postgresql://postgres@127.0.0.1:5432/meterai"
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    # Prefix for every Redis key we own (broker queues included), so several deployments or test
+    # sessions can share one Redis without touching each other's keys.
+    redis_key_prefix: str = "meterai:"
+    data_dir: str = DEFAULT_DATA_DIR
+    document_dir: str = ""  # defaults to <data_dir>/documents
+    public_base_url: str = "http://127.0.0.1:8000"
+    # Signs access tokens. The default is for development only; set SECRET_KEY in any real deployment.
+    secret_key: str = "meterai-dev-secret-change-me"
+
+    # Prices in integer rupiah: the stamp's face value plus our service fee.
+    stamp_face_value: int = 10_000
+    service_fee: int = 2_500
+
+    # Documents
+    max_document_bytes: int = 2 * 1024 * 1024
+    max_pages: int = 500
+    stamp_size: float = 100.0
+
+    # Payment gateway (Midtrans-style). The stand-in listens on gateway_port.
+    gateway_url: str = "http://127.0.0.1:8001"
+    gateway_server_key: str = "SB-Mid-server-meterai-dev"
+    gateway_timeout_seconds: float = 5.0
+    gateway_port: int = 8001
+    # Where the stand-in gateway posts its notifications (our own endpoint).
+    notification_url: str = "http://127.0.0.1:8000/api/v1/payments/notifications"
+
+    # Deadlines and leases, in seconds.
+    stamp_deadline_seconds: int = 6 * 3600
+    lease_seconds: int = 120
+    payment_timeout_seconds: int = 24 * 3600
+
+    # Retries: exponential backoff with full jitter, capped.
+    retry_base_seconds: float = 2.0
+    retry_max_seconds: float = 300.0
+    stamp_max_retries: int = 8
+    refund_max_retries: int = 12
+
+    # Periodic work.
+    sweep_interval_seconds: float = 60.0
+    redrive_interval_seconds: float = 60.0
+    sweep_batch_size: int = 500
+    # Work newer than this is left to its own message; redrive only picks up what looks lost.
+    redrive_grace_seconds: int = 30
+
+    task_time_limit_seconds: int = 120
+
+    @property
+    def price(self) -> int:
+        return self.stamp_face_value + self.service_fee
+
+    @property
+    def documents_path(self) -> Path:
+        return Path(self.document_dir or os.path.join(self.data_dir, "documents"))
+
+    @property
+    def broker_visibility_timeout(self) -> int:
+        """Longer than the longest task plus the longest retry delay, so a slow task is never redelivered
+        to a second worker while the first still runs it."""
+        return int(self.task_time_limit_seconds + self.retry_max_seconds + 3600)
+
+
+def _coerce(raw: str, kind: type) -> object:
+    if kind is int:
+        return int(raw)
+    if kind is float:
+        return float(raw)
+    return raw
+
+
+def load_settings(env: Mapping[str, str] | None = None, **overrides: object) -> Settings:
+    """Build settings from ``env`` (default: the process environment), upper-case names (``DATABASE_URL``)."""
+    env = os.environ if env is None else env
+    values: dict[str, object] = {}
+    for f in fields(Settings):
+        raw = env.get(f.name.upper())
+        if raw is not None and raw != "":
+            kind = type(f.default) if f.default is not None else str
+            values[f.name] = _coerce(raw, kind)
+    values.update(overrides)
+    return Settings(**values)
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return load_settings()

@@ -1,0 +1,56 @@
+"""The names of our Celery tasks and the queue each runs on, plus publishing after commit.
+
+Task names are explicit strings (as GOV.UK Notify does), so the web process can enqueue work without
+importing the worker code, and the Procfile, the routes and the tests can be checked against one table.
+Paid work (stamping, refunds) has its own queues so new demand can never starve it.
+"""
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+from shared.db import Tx
+
+PREPARE_ORDER = "meterai.checkout.prepare_order"
+PROCESS_NOTIFICATION = "meterai.payments.process_notification"
+STAMP_ORDER = "meterai.stamping.stamp_order"
+REFUND_ORDER = "meterai.refunds.refund_order"
+SWEEP_REFUNDS = "meterai.housekeeping.sweep_refunds"
+REDRIVE = "meterai.housekeeping.redrive"
+
+QUEUES: dict[str, str] = {
+    PREPARE_ORDER: "checkout",
+    PROCESS_NOTIFICATION: "payments",
+    STAMP_ORDER: "stamping",
+    REFUND_ORDER: "refunds",
+    SWEEP_REFUNDS: "housekeeping",
+    REDRIVE: "housekeeping",
+}
+
+ALL_QUEUES: tuple[str, ...] = tuple(sorted(set(QUEUES.values())))
+
+
+class Publisher(Protocol):
+    def send_task(self, name: str, args: Any = ..., queue: str | None = ..., **options: Any) -> Any: ...
+
+
+_publisher: Publisher | None = None
+
+
+def set_publisher(publisher: Publisher) -> None:
+    """Called once by the Celery app factory; until then nothing can be published."""
+    global _publisher
+    _publisher = publisher
+
+
+def publish(name: str, *args: Any, countdown: float | None = None) -> None:
+    if _publisher is None:
+        raise RuntimeError("no Celery app initialised: call workers.celery_app.make_celery_app first")
+    options: dict[str, Any] = {}
+    if countdown:
+        options["countdown"] = countdown
+    _publisher.send_task(name, args=list(args), queue=QUEUES[name], **options)
+
+
+def enqueue_after_commit(tx: Tx, name: str, *args: Any) -> None:
+    """Publish ``name(*args)`` once ``tx`` commits; if publishing fails then, redrive recovers it."""
+    tx.after_commit(lambda: publish(name, *args))

@@ -1,0 +1,155 @@
+"""The order state machine: every status change of an order happens here and nowhere else.
+
+The allowed transitions are data (:data:`TRANSITIONS`), declared once. :func:`transition` is the one
+function that changes an order's status: a compare-and-set ``UPDATE … WHERE id = %s AND status = %s``
+(plus an optional guard such as "the lease is mine") that writes the event row and, where money moves,
+the ledger entry in the same transaction. A transition that finds another status did not happen and
+returns ``False``: the caller treats that as "someone else already did it", never as an error.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any, Mapping
+from uuid import UUID
+
+from psycopg import sql
+
+from shared.db import Tx
+
+
+class Status(StrEnum):
+    CREATED = "created"
+    AWAITING_PAYMENT = "awaiting_payment"
+    PAID = "paid"
+    STAMPING = "stamping"
+    STAMPED = "stamped"
+    REFUND_PENDING = "refund_pending"
+    REFUND_MANUAL = "refund_manual"
+    REFUNDED = "refunded"
+    EXPIRED = "expired"
+    REJECTED = "rejected"
+
+
+TERMINAL = frozenset({Status.STAMPED, Status.REFUNDED, Status.EXPIRED, Status.REJECTED})
+
+# (from, to) -> what the move means. Anything not listed is refused before it reaches SQL.
+TRANSITIONS: Mapping[tuple[Status, Status], str] = {
+    (Status.CREATED, Status.AWAITING_PAYMENT): "preflight passed, payment opened",
+    (Status.CREATED, Status.REJECTED): "document cannot be stamped",
+    (Status.AWAITING_PAYMENT, Status.PAID): "payment captured",
+    (Status.AWAITING_PAYMENT, Status.EXPIRED): "unpaid too long or payment failed",
+    # A capture that arrives after the order expired is refunded, never kept.
+    (Status.EXPIRED, Status.REFUND_PENDING): "late payment for an expired order",
+    (Status.PAID, Status.STAMPING): "claimed by a stamping worker",
+    # Re-claiming an order whose lease expired (the worker died or gave up this attempt).
+    (Status.STAMPING, Status.STAMPING): "re-claimed after the lease expired",
+    (Status.STAMPING, Status.STAMPED): "stamp affixed",
+    (Status.PAID, Status.REFUND_PENDING): "not stamped before the deadline",
+    (Status.STAMPING, Status.REFUND_PENDING): "stamping failed for good or past the deadline",
+    (Status.REFUND_PENDING, Status.REFUNDED): "refunded by the gateway",
+    (Status.REFUND_PENDING, Status.REFUND_MANUAL): "gateway cannot refund; ops pays out",
+    (Status.REFUND_MANUAL, Status.REFUNDED): "paid out manually",
+}
+
+# Which money movement a transition books, if any.
+LEDGER_KINDS: Mapping[tuple[Status, Status], str] = {
+    (Status.AWAITING_PAYMENT, Status.PAID): "captured",
+    (Status.EXPIRED, Status.REFUND_PENDING): "captured",
+    (Status.STAMPING, Status.STAMPED): "revenue",
+    (Status.REFUND_PENDING, Status.REFUNDED): "refunded",
+    (Status.REFUND_MANUAL, Status.REFUNDED): "refunded",
+}
+
+
+class IllegalTransition(Exception):
+    """A programming error: code asked for a move the state machine does not allow."""
+
+
+@dataclass(frozen=True)
+class Guard:
+    """An extra condition on the compare-and-set, e.g. "the lease is held by me"."""
+
+    clause: sql.Composable
+    params: Mapping[str, Any]
+
+
+def lease_free() -> Guard:
+    return Guard(sql.SQL("(lease_expires_at IS NULL OR lease_expires_at < now())"), {})
+
+
+def lease_held_by(owner: str) -> Guard:
+    return Guard(
+        sql.SQL("lease_owner = %(guard_owner)s AND lease_expires_at >= now()"), {"guard_owner": owner}
+    )
+
+
+def before_deadline() -> Guard:
+    return Guard(sql.SQL("refund_due_at > now()"), {})
+
+
+def past_deadline() -> Guard:
+    return Guard(sql.SQL("refund_due_at <= now()"), {})
+
+
+def transition(
+    tx: Tx,
+    order_id: UUID | str,
+    source: Status,
+    target: Status,
+    *,
+    changes: Mapping[str, Any] | None = None,
+    changes_sql: Mapping[str, str] | None = None,
+    guards: tuple[Guard, ...] = (),
+    reason: str | None = None,
+    detail: Mapping[str, Any] | None = None,
+    amount: int | None = None,
+) -> dict[str, Any] | None:
+    """Move one order from ``source`` to ``target`` if (and only if) it is still in ``source``.
+
+    ``changes`` are column values set in the same UPDATE; ``changes_sql`` are column expressions
+    (trusted, written in this codebase, e.g. ``"now()"``). Returns the updated row, or ``None`` when the
+    order was not in ``source`` (or a guard failed): someone else already moved it.
+    """
+    key = (source, target)
+    if key not in TRANSITIONS:
+        raise IllegalTransition(f"{source} -> {target} is not an allowed transition")
+    params: dict[str, Any] = {"id": str(order_id), "source": source.value, "target": target.value}
+    sets = [sql.SQL("status = %(target)s"), sql.SQL("updated_at = now()")]
+    for i, (column, value) in enumerate((changes or {}).items()):
+        sets.append(sql.SQL("{} = %({})s").format(sql.Identifier(column), sql.SQL(f"c{i}")))
+        params[f"c{i}"] = value
+    for column, expression in (changes_sql or {}).items():
+        sets.append(sql.SQL("{} = {}").format(sql.Identifier(column), sql.SQL(expression)))
+    where = [sql.SQL("id = %(id)s"), sql.SQL("status = %(source)s")]
+    for guard in guards:
+        where.append(guard.clause)
+        params.update(guard.params)
+    query = sql.SQL("UPDATE orders SET {} WHERE {} RETURNING *").format(
+        sql.SQL(", ").join(sets), sql.SQL(" AND ").join(where)
+    )
+    row = tx.execute(query, params).fetchone()
+    if row is None:
+        return None
+    tx.execute(
+        "INSERT INTO order_events (order_id, from_status, to_status, reason, detail)"
+        " VALUES (%s, %s, %s, %s, %s)",
+        (str(order_id), source.value, target.value, reason or TRANSITIONS[key],
+         json.dumps(detail) if detail else None),
+    )
+    kind = LEDGER_KINDS.get(key)
+    if kind is not None:
+        tx.execute(
+            "INSERT INTO ledger_entries (order_id, kind, amount_idr) VALUES (%s, %s, %s)",
+            (str(order_id), kind, amount if amount is not None else row["amount_idr"]),
+        )
+    return row
+
+
+def record_created(tx: Tx, order_id: UUID | str) -> None:
+    """The first event of an order's history (its INSERT is not a transition)."""
+    tx.execute(
+        "INSERT INTO order_events (order_id, from_status, to_status, reason) VALUES (%s, NULL, %s, %s)",
+        (str(order_id), Status.CREATED.value, "order accepted"),
+    )

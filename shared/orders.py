@@ -1,0 +1,157 @@
+"""Orders repository: creating an order from an upload, reading it back, and the access-token rules.
+
+Creating is idempotent by ``Idempotency-Key``: the same key with the same request returns the order it
+made the first time; the same key with a different request is a conflict. Only a SHA-256 hash of the
+buyer's access token is stored; the token itself is an HMAC of the order id under the app secret, so a
+replayed create can hand the same token back without the database ever holding it.
+"""
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import json
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from shared import jobs
+from shared.config import Settings
+from shared.db import get_pool, transaction
+from shared.errors import DomainError
+from shared.lifecycle import Status, record_created
+from shared.store import DocumentStore, upload_key
+
+
+class IdempotencyConflict(DomainError):
+    code = "idempotency_conflict"
+    status = 409
+
+
+@dataclass(frozen=True)
+class NewOrder:
+    idempotency_key: str
+    email: str
+    page: int
+    x: float
+    y: float
+    document: bytes
+
+    @property
+    def document_sha256(self) -> str:
+        return hashlib.sha256(self.document).hexdigest()
+
+    def fingerprint(self) -> str:
+        """What makes two creates "the same request" for idempotency."""
+        body = json.dumps(
+            [self.document_sha256, self.page, round(self.x, 3), round(self.y, 3), self.email.lower()]
+        )
+        return hashlib.sha256(body.encode()).hexdigest()
+
+
+def access_token_for(secret: str, order_id: uuid.UUID | str) -> str:
+    digest = hmac.new(secret.encode(), f"order-access:{order_id}".encode(), hashlib.sha256).digest()
+    return base64.urlsafe_b64encode(digest).rstrip(b"=").decode()
+
+
+def token_hash(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def token_matches(order: dict[str, Any], token: str) -> bool:
+    return hmac.compare_digest(order["access_token_hash"], token_hash(token))
+
+
+def _check_same_request(existing: dict[str, Any], new: NewOrder) -> dict[str, Any]:
+    if existing["request_fingerprint"] != new.fingerprint():
+        raise IdempotencyConflict(
+            "This Idempotency-Key was already used for a different request; use a new key."
+        )
+    return existing
+
+
+def find_by_idempotency_key(settings: Settings, key: str) -> dict[str, Any] | None:
+    with get_pool(settings.database_url).connection() as conn:
+        return conn.execute("SELECT * FROM orders WHERE idempotency_key = %s", (key,)).fetchone()
+
+
+def create_order(settings: Settings, store: DocumentStore, new: NewOrder) -> tuple[dict[str, Any], bool]:
+    """Store the upload durably, insert the order, and queue its checkout; return (order, created)."""
+    existing = find_by_idempotency_key(settings, new.idempotency_key)
+    if existing is not None:
+        return _check_same_request(existing, new), False
+    order_id = uuid.uuid4()
+    key = upload_key(order_id)
+    store.put(key, new.document)
+    with transaction(settings.database_url) as tx:
+        row = tx.execute(
+            """
+            INSERT INTO orders (id, idempotency_key, request_fingerprint, access_token_hash, email,
+                                status, amount_idr, page, x, y, document_key, document_sha256,
+                                document_bytes)
+            VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)
+            ON CONFLICT (idempotency_key) DO NOTHING
+            RETURNING *
+            """,
+            (
+                str(order_id), new.idempotency_key, new.fingerprint(),
+                token_hash(access_token_for(settings.secret_key, order_id)), new.email,
+                Status.CREATED.value, settings.price, new.page, new.x, new.y, key,
+                new.document_sha256, len(new.document),
+            ),
+        ).fetchone()
+        if row is not None:
+            record_created(tx, order_id)
+            jobs.enqueue_after_commit(tx, jobs.PREPARE_ORDER, str(order_id))
+    if row is None:  # lost a race with a concurrent create under the same key
+        store.delete(key)
+        existing = find_by_idempotency_key(settings, new.idempotency_key)
+        assert existing is not None
+        return _check_same_request(existing, new), False
+    return row, True
+
+
+def get_order(settings: Settings, order_id: uuid.UUID | str) -> dict[str, Any] | None:
+    with get_pool(settings.database_url).connection() as conn:
+        return conn.execute("SELECT * FROM orders WHERE id = %s", (str(order_id),)).fetchone()
+
+
+def order_view(settings: Settings, order: dict[str, Any]) -> dict[str, Any]:
+    """The buyer-facing JSON of an order (API.md, GET /api/v1/orders/{id})."""
+    with get_pool(settings.database_url).connection() as conn:
+        payment = conn.execute(
+            "SELECT gateway_order_id, redirect_url FROM payments WHERE order_id = %s"
+            " AND token IS NOT NULL ORDER BY captured_at IS NULL, created_at DESC LIMIT 1",
+            (str(order["id"]),),
+        ).fetchone()
+        refund = conn.execute(
+            "SELECT status, amount_idr FROM refunds WHERE order_id = %s", (str(order["id"]),)
+        ).fetchone()
+        events = conn.execute(
+            "SELECT to_status, at FROM order_events WHERE order_id = %s ORDER BY id",
+            (str(order["id"]),),
+        ).fetchall()
+    view: dict[str, Any] = {
+        "order_id": str(order["id"]),
+        "status": order["status"],
+        "amount": order["amount_idr"],
+        "currency": "IDR",
+        "page": order["page"],
+        "x": order["x"],
+        "y": order["y"],
+        "created_at": order["created_at"].isoformat(),
+        "events": [{"status": e["to_status"], "at": e["at"].isoformat()} for e in events],
+    }
+    if order["status"] == Status.STAMPED and order["serial"]:
+        view["serial"] = order["serial"]
+        view["stamped_at"] = order["stamped_at"].isoformat()
+    if payment is not None:
+        view["payment"] = {
+            "redirect_url": payment["redirect_url"],
+            "gateway_order_id": payment["gateway_order_id"],
+        }
+    if refund is not None:
+        view["refund"] = {"status": refund["status"], "amount": refund["amount_idr"]}
+    if order["reason_code"]:
+        view["reason"] = {"code": order["reason_code"], "message": order["reason_message"]}
+    return view

@@ -1,0 +1,93 @@
+"""Checkout: preflight the uploaded document on a worker, then open a payment at the gateway.
+
+Preflight runs here, not in the web process, so a hostile PDF can cost a worker a task time limit at
+worst, never a web thread. A document that can't be stamped is rejected before any charge exists.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from shared.config import Settings
+from shared.db import get_pool, transaction
+from shared.lifecycle import Status, transition
+from shared.logs import log_event
+from shared.payments.gateway import PaymentGateway
+from shared.stamping import DocumentRejected, preflight
+from shared.store import DocumentMissing, DocumentStore
+
+log = logging.getLogger(__name__)
+
+ITEM_NAME = "e-Meterai Rp10.000"
+
+
+def _reject(settings: Settings, order_id: str, code: str, message: str) -> None:
+    with transaction(settings.database_url) as tx:
+        transition(
+            tx, order_id, Status.CREATED, Status.REJECTED,
+            changes={"reason_code": code, "reason_message": message}, detail={"code": code},
+        )
+    log_event(log, "order_rejected", order_id=order_id, code=code)
+
+
+def _open_payment_row(settings: Settings, order: dict[str, Any]) -> str:
+    """Record a new gateway transaction id before calling the gateway.
+
+    If we crash after the gateway created the transaction but before we saved its token, the next
+    attempt uses a fresh id instead of colliding with "order_id already taken".
+    """
+    with transaction(settings.database_url) as tx:
+        tx.execute("SELECT id FROM orders WHERE id = %s FOR UPDATE", (str(order["id"]),))
+        count = tx.execute(
+            "SELECT count(*) AS n FROM payments WHERE order_id = %s", (str(order["id"]),)
+        ).fetchone()["n"]
+        gateway_order_id = f"MTR-{order['id'].hex}-{count + 1}"
+        tx.execute(
+            "INSERT INTO payments (gateway_order_id, order_id, amount_idr) VALUES (%s, %s, %s)",
+            (gateway_order_id, str(order["id"]), order["amount_idr"]),
+        )
+    return gateway_order_id
+
+
+def prepare_order(settings: Settings, store: DocumentStore, gateway: PaymentGateway, order_id: str) -> str:
+    """created → awaiting_payment (payment opened) or → rejected (document can't be stamped)."""
+    with get_pool(settings.database_url).connection() as conn:
+        order = conn.execute("SELECT * FROM orders WHERE id = %s", (order_id,)).fetchone()
+        opened = conn.execute(
+            "SELECT gateway_order_id FROM payments WHERE order_id = %s AND token IS NOT NULL LIMIT 1",
+            (order_id,),
+        ).fetchone() if order else None
+    if order is None or order["status"] != Status.CREATED:
+        return "skipped"
+    if opened is None:
+        try:
+            data = store.get(order["document_key"])
+        except DocumentMissing:
+            _reject(settings, order_id, "document_missing",
+                    "Dokumen tidak ditemukan di penyimpanan kami. Silakan unggah ulang.")
+            return "rejected"
+        try:
+            preflight(data, page=order["page"], x=order["x"], y=order["y"],
+                      max_bytes=settings.max_document_bytes, max_pages=settings.max_pages,
+                      size=settings.stamp_size)
+        except DocumentRejected as exc:
+            _reject(settings, order_id, exc.code, exc.message)
+            return "rejected"
+        gateway_order_id = _open_payment_row(settings, order)
+        created = gateway.create_transaction(
+            gateway_order_id, order["amount_idr"], email=order["email"], item_name=ITEM_NAME
+        )
+        with transaction(settings.database_url) as tx:
+            tx.execute(
+                "UPDATE payments SET token = %s, redirect_url = %s, gateway_status = 'pending',"
+                " updated_at = now() WHERE gateway_order_id = %s",
+                (created.token, created.redirect_url, gateway_order_id),
+            )
+            transition(tx, order_id, Status.CREATED, Status.AWAITING_PAYMENT,
+                       detail={"gateway_order_id": gateway_order_id})
+    else:
+        with transaction(settings.database_url) as tx:
+            transition(tx, order_id, Status.CREATED, Status.AWAITING_PAYMENT,
+                       detail={"gateway_order_id": opened["gateway_order_id"]})
+    log_event(log, "payment_opened", order_id=order_id)
+    return "awaiting_payment"

@@ -1,0 +1,139 @@
+"""Stamping: claim a paid order under a lease, affix the stamp, and commit only from our own claim.
+
+The claim is a compare-and-set ``paid → stamping`` that writes a lease (worker id + expiry) and
+reserves the serial in the same transaction; a retry of the same order re-uses that serial. The result
+commits by ``stamping → stamped`` guarded by "the lease is still mine", so a worker that lost its lease
+(it was too slow, the sweep refunded the order) can never stamp a refunded order. Transient failures
+release the lease and are retried; a permanent one (unreadable document) refunds at once.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import secrets
+import string
+from typing import Any
+
+from psycopg import errors as pg_errors
+
+from shared.config import Settings
+from shared.db import Tx, transaction
+from shared.errors import PermanentError
+from shared.lifecycle import Status, before_deadline, lease_free, lease_held_by, transition
+from shared.logs import log_event
+from shared.services.refunds import begin_refund
+from shared.stamping import stamp_document
+from shared.store import DocumentStore, stamped_key
+
+log = logging.getLogger(__name__)
+
+SERIAL_ALPHABET = string.digits + string.ascii_uppercase
+SERIAL_LENGTH = 22
+
+
+def new_serial() -> str:
+    return "".join(secrets.choice(SERIAL_ALPHABET) for _ in range(SERIAL_LENGTH))
+
+
+def verify_url(settings: Settings, serial: str) -> str:
+    return f"{settings.public_base_url.rstrip('/')}/verify/{serial}"
+
+
+def _reserve_serial(tx: Tx, order_id: str) -> str:
+    existing = tx.execute(
+        "SELECT serial FROM serials WHERE order_id = %s AND status = 'reserved'", (order_id,)
+    ).fetchone()
+    if existing is not None:
+        return existing["serial"]
+    while True:
+        serial = new_serial()
+        try:
+            with tx.conn.transaction():  # savepoint: a (vanishingly rare) collision just draws again
+                tx.execute(
+                    "INSERT INTO serials (serial, order_id, status) VALUES (%s, %s, 'reserved')",
+                    (serial, order_id),
+                )
+            return serial
+        except pg_errors.UniqueViolation:
+            continue
+
+
+def claim(settings: Settings, order_id: str, worker_id: str) -> dict[str, Any] | None:
+    """Take the stamping lease on a paid order (or one whose earlier lease expired) before its deadline."""
+    lease_sql = f"now() + interval '{int(settings.lease_seconds)} seconds'"
+    changes_sql = {"lease_expires_at": lease_sql, "stamp_attempts": "stamp_attempts + 1"}
+    with transaction(settings.database_url) as tx:
+        row = transition(
+            tx, order_id, Status.PAID, Status.STAMPING, changes={"lease_owner": worker_id},
+            changes_sql=changes_sql, guards=(before_deadline(),), detail={"worker": worker_id},
+        ) or transition(
+            tx, order_id, Status.STAMPING, Status.STAMPING, changes={"lease_owner": worker_id},
+            changes_sql=changes_sql, guards=(before_deadline(), lease_free()),
+            detail={"worker": worker_id},
+        )
+        if row is None:
+            return None
+        serial = _reserve_serial(tx, order_id)
+        tx.execute("UPDATE orders SET serial = %s WHERE id = %s", (serial, order_id))
+        row["serial"] = serial
+    return row
+
+
+def release(settings: Settings, order_id: str, worker_id: str, error: str) -> None:
+    """Give the lease back after a transient failure so the retry (or redrive) can claim again."""
+    with transaction(settings.database_url) as tx:
+        tx.execute(
+            "UPDATE orders SET lease_expires_at = now() - interval '1 second', updated_at = now()"
+            " WHERE id = %s AND status = 'stamping' AND lease_owner = %s",
+            (order_id, worker_id),
+        )
+        tx.execute(
+            "INSERT INTO order_events (order_id, from_status, to_status, reason, detail)"
+            " VALUES (%s, 'stamping', 'stamping', 'attempt failed, will retry', %s)",
+            (order_id, json.dumps({"error": error[:300]})),
+        )
+
+
+def stamp_order(settings: Settings, store: DocumentStore, order_id: str, worker_id: str) -> str:
+    """One attempt at stamping ``order_id``. Raises TransientError (after releasing the lease) to retry."""
+    order = claim(settings, order_id, worker_id)
+    if order is None:
+        return "not_claimable"
+    serial = order["serial"]
+    try:
+        source = store.get(order["document_key"])
+        stamped = stamp_document(source, page=order["page"], x=order["x"], y=order["y"],
+                                 serial=serial, verify_url=verify_url(settings, serial),
+                                 size=settings.stamp_size)
+        key = stamped_key(order_id)
+        store.put(key, stamped)
+    except PermanentError as exc:
+        with transaction(settings.database_url) as tx:
+            begun = begin_refund(tx, order_id, Status.STAMPING, reason=exc.code,
+                                 guards=(lease_held_by(worker_id),))
+        log_event(log, "stamp_failed_permanently", logging.WARNING, order_id=order_id,
+                  code=exc.code, refund=begun)
+        return "refund_pending"
+    except Exception as exc:
+        release(settings, order_id, worker_id, f"{type(exc).__name__}: {exc}")
+        raise
+    digest = hashlib.sha256(stamped).hexdigest()
+    with transaction(settings.database_url) as tx:
+        moved = transition(
+            tx, order_id, Status.STAMPING, Status.STAMPED,
+            changes={"stamped_document_key": key, "stamped_sha256": digest},
+            changes_sql={"stamped_at": "now()", "lease_owner": "NULL", "lease_expires_at": "NULL"},
+            guards=(lease_held_by(worker_id),), detail={"serial": serial},
+        )
+        if moved is not None:
+            tx.execute(
+                "UPDATE serials SET status = 'used', used_at = now(), document_sha256 = %s"
+                " WHERE serial = %s AND status = 'reserved'",
+                (digest, serial),
+            )
+    if moved is None:
+        log_event(log, "stamp_lease_lost", logging.WARNING, order_id=order_id, worker=worker_id)
+        return "lease_lost"
+    log_event(log, "stamped", order_id=order_id, serial=serial)
+    return "stamped"

@@ -1,0 +1,282 @@
+"""The test system: a real PostgreSQL database, a private Redis, the stand-in gateway and our web app
+over real HTTP, and real Celery worker processes, the way the Procfile runs them.
+
+Each session creates its own database (and drops it), starts its own redis-server on a free port (so a
+test may restart it empty), and runs two worker processes: one for stamping, one for everything else,
+so a test can stop stamping while payments still flow.
+"""
+from __future__ import annotations
+
+import io
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import psycopg
+import pytest
+import requests
+from psycopg.rows import dict_row
+from reportlab.lib.pagesizes import A4
+from reportlab.pdfgen import canvas
+from werkzeug.serving import make_server
+
+from shared import devenv
+from shared.config import Settings, load_settings
+from shared.db import close_pools
+from shared.db.migrate import apply_migrations
+
+ROOT = Path(__file__).resolve().parents[1]
+SERVER_KEY = "SB-Mid-server-test-key"
+WORKER_GROUPS = {
+    "stamping": "stamping",
+    "general": "checkout,payments,refunds,housekeeping",
+}
+
+
+def make_pdf(pages: int = 2, text: str = "Surat Lamaran CPNS", size=A4) -> bytes:
+    """A plain text PDF like the ones applicants upload."""
+    buf = io.BytesIO()
+    c = canvas.Canvas(buf, pagesize=size)
+    for n in range(1, pages + 1):
+        c.setFont("Helvetica", 14)
+        c.drawString(72, size[1] - 100, f"{text} halaman {n}")
+        c.drawString(72, size[1] - 130, "Yang bertanda tangan di bawah ini menyatakan dengan sebenarnya.")
+        c.showPage()
+    c.save()
+    return buf.getvalue()
+
+
+def wait_until(predicate: Callable[[], Any], timeout: float = 30.0, interval: float = 0.1,
+               message: str = "condition") -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {message}")
+        time.sleep(interval)
+
+
+class ServerThread:
+    """A WSGI app served over real HTTP from a background thread."""
+
+    def __init__(self, app, port: int) -> None:
+        self.server = make_server("127.0.0.1", port, app, threaded=True)
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.server.shutdown()
+
+
+@dataclass
+class WorkerProcess:
+    name: str
+    queues: str
+    env: dict[str, str]
+    log_path: Path
+    proc: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        start = self.log_path.stat().st_size if self.log_path.exists() else 0
+        log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "celery", "-A", "workers.make_celery", "worker",
+             "--queues", self.queues, "--hostname", f"{self.name}-{uuid.uuid4().hex[:6]}@%h",
+             "--concurrency", "2", "--prefetch-multiplier", "1", "--loglevel", "INFO",
+             "--without-gossip", "--without-mingle", "--without-heartbeat"],
+            cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+        wait_until(lambda: b" ready." in self.log_path.read_bytes()[start:] or self._died(),
+                   timeout=60, message=f"worker {self.name} to be ready")
+        if self._died():
+            raise RuntimeError(f"worker {self.name} died: see {self.log_path}")
+
+    def _died(self) -> bool:
+        return self.proc is not None and self.proc.poll() is not None
+
+    def stop(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        os.killpg(self.proc.pid, signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+
+
+@dataclass
+class System:
+    settings: Settings
+    web_url: str
+    gateway_url: str
+    redis: Any
+    workers: dict[str, WorkerProcess]
+    env: dict[str, str]
+    tmp: Path
+    http: requests.Session = field(default_factory=requests.Session)
+
+    # -- database -------------------------------------------------------------------------------
+    def db(self) -> psycopg.Connection:
+        return psycopg.connect(self.settings.database_url, row_factory=dict_row, autocommit=True)
+
+    def query(self, sql: str, params: Any = None) -> list[dict[str, Any]]:
+        with self.db() as conn:
+            return conn.execute(sql, params).fetchall()
+
+    def order_row(self, order_id: str) -> dict[str, Any]:
+        return self.query("SELECT * FROM orders WHERE id = %s", (order_id,))[0]
+
+    # -- buyer API --------------------------------------------------------------------------------
+    def create(self, document: bytes | None = None, *, page: int = 1, x: float = 400, y: float = 80,
+               key: str | None = None, email: str = "pelamar@example.id") -> requests.Response:
+        return self.http.post(
+            f"{self.web_url}/api/v1/orders",
+            headers={"Idempotency-Key": key or uuid.uuid4().hex},
+            data={"page": str(page), "x": str(x), "y": str(y), "email": email},
+            files={"document": ("surat.pdf", document if document is not None else make_pdf(),
+                                "application/pdf")},
+            timeout=10,
+        )
+
+    def status(self, order_id: str, token: str) -> dict[str, Any]:
+        r = self.http.get(f"{self.web_url}/api/v1/orders/{order_id}",
+                          headers={"Authorization": f"Bearer {token}"}, timeout=10)
+        assert r.status_code == 200, r.text
+        return r.json()
+
+    def wait_status(self, order_id: str, token: str, *statuses: str, timeout: float = 40) -> dict:
+        last: dict[str, Any] = {}
+
+        def reached() -> dict | None:
+            nonlocal last
+            last = self.status(order_id, token)
+            return last if last["status"] in statuses else None
+
+        try:
+            return wait_until(reached, timeout=timeout, interval=0.2)
+        except AssertionError:
+            raise AssertionError(f"order {order_id} stuck in {last.get('status')}, wanted {statuses}: "
+                                 f"{last}") from None
+
+    def pay(self, gateway_order_id: str, payment_type: str = "qris") -> None:
+        r = self.http.post(f"{self.gateway_url}/sandbox/pay/{gateway_order_id}",
+                           json={"payment_type": payment_type}, timeout=10)
+        assert r.status_code == 200, r.text
+
+    def order_awaiting_payment(self, document: bytes | None = None, **kwargs: Any) -> tuple[str, str, dict]:
+        r = self.create(document, **kwargs)
+        assert r.status_code == 202, r.text
+        body = r.json()
+        view = self.wait_status(body["order_id"], body["access_token"], "awaiting_payment")
+        return body["order_id"], body["access_token"], view
+
+    def gateway_record(self, gateway_order_id: str) -> dict[str, Any]:
+        r = self.http.get(f"{self.gateway_url}/sandbox/transactions/{gateway_order_id}", timeout=10)
+        assert r.status_code == 200, r.text
+        return r.json()
+
+    def events(self, order_id: str) -> list[dict[str, Any]]:
+        return self.query("SELECT * FROM order_events WHERE order_id = %s ORDER BY id", (order_id,))
+
+
+def _admin_url(tmp: Path) -> tuple[str, Any]:
+    """A PostgreSQL server to create the test database on: DATABASE_URL's, or a private one."""
+    configured = os.environ.get("DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
+    admin = psycopg.conninfo.make_conninfo(configured, dbname="postgres")
+    if devenv.postgres_answers(admin):
+        return admin, None
+    handle = devenv.start_private_postgres(tmp / "postgres")
+    return handle.url, handle
+
+
+@pytest.fixture(scope="session")
+def database_url(tmp_path_factory) -> Any:
+    tmp = tmp_path_factory.mktemp("pg")
+    admin, handle = _admin_url(tmp)
+    name = f"meterai_test_{uuid.uuid4().hex[:10]}"
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    url = psycopg.conninfo.make_conninfo(admin, dbname=name)
+    apply_migrations(url)
+    yield url
+    close_pools()
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    if handle is not None:
+        handle.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory):
+    handle = devenv.start_private_redis(tmp_path_factory.mktemp("redis"))
+    yield handle
+    handle.stop()
+
+
+@pytest.fixture(scope="session")
+def system(database_url, redis_server, tmp_path_factory) -> Any:
+    from shared.payments.standin import create_standin_app
+    from web import create_app
+
+    tmp = tmp_path_factory.mktemp("system")
+    web_port, gateway_port = devenv.free_port(), devenv.free_port()
+    web_url, gateway_url = f"http://127.0.0.1:{web_port}", f"http://127.0.0.1:{gateway_port}"
+    env_settings = {
+        "DATABASE_URL": database_url,
+        "REDIS_URL": redis_server.url,
+        "REDIS_KEY_PREFIX": "meterai-test:",
+        "DATA_DIR": str(tmp / "data"),
+        "PUBLIC_BASE_URL": web_url,
+        "GATEWAY_URL": gateway_url,
+        "GATEWAY_SERVER_KEY": SERVER_KEY,
+        "GATEWAY_TIMEOUT_SECONDS": "3",
+        "NOTIFICATION_URL": f"{web_url}/api/v1/payments/notifications",
+        "RETRY_BASE_SECONDS": "0.2",
+        "RETRY_MAX_SECONDS": "1",
+        "STAMP_MAX_RETRIES": "50",
+        "LEASE_SECONDS": "60",
+        "STAMP_DEADLINE_SECONDS": "3600",
+        "REDRIVE_GRACE_SECONDS": "0",
+        "TASK_TIME_LIMIT_SECONDS": "50",
+        "SECRET_KEY": "test-secret",
+    }
+    settings = load_settings(env_settings)
+    env = {**os.environ, **env_settings, "PYTHONUNBUFFERED": "1"}
+    gateway = ServerThread(create_standin_app(SERVER_KEY, env_settings["NOTIFICATION_URL"], gateway_url),
+                           gateway_port)
+    web = ServerThread(create_app(settings), web_port)
+    workers = {name: WorkerProcess(name, queues, env, tmp / f"worker-{name}.log")
+               for name, queues in WORKER_GROUPS.items()}
+    for worker in workers.values():
+        worker.start()
+    system = System(settings, web_url, gateway_url, redis_server, workers, env, tmp)
+    yield system
+    for worker in workers.values():
+        worker.stop()
+    web.stop()
+    gateway.stop()
+
+
+TABLES = "ledger_entries, refunds, payment_notifications, payments, serials, order_events, orders"
+
+
+@pytest.fixture
+def sys_(system: System) -> System:
+    """The running system with empty tables and all workers up."""
+    for worker in system.workers.values():
+        if worker.proc is None or worker.proc.poll() is not None:
+            worker.start()
+    with system.db() as conn:
+        conn.execute(f"TRUNCATE {TABLES}")
+    system.http.delete(f"{system.gateway_url}/sandbox/faults", timeout=5)
+    return system

@@ -1,0 +1,280 @@
+"""End to end over HTTP: upload, pay at the stand-in gateway, stamp on a real worker, download.
+
+Every test drives the real system (web over HTTP, stand-in gateway over HTTP, Celery worker processes,
+PostgreSQL, Redis) and asserts the outcome in the database and in the delivered PDF.
+"""
+from __future__ import annotations
+
+import io
+import subprocess
+import sys
+import threading
+
+import pypdf
+import pytest
+import requests
+
+from shared.payments.gateway import format_gross_amount, notification_signature
+from shared.services import housekeeping
+from tests.conftest import ROOT, SERVER_KEY, make_pdf, wait_until
+from tests.pdfcheck import page_texts, pink_pixels
+
+
+def ledger(sys_, order_id: str) -> dict[str, int]:
+    rows = sys_.query("SELECT kind, amount_idr FROM ledger_entries WHERE order_id = %s", (order_id,))
+    return {row["kind"]: row["amount_idr"] for row in rows}
+
+
+def test_order_is_paid_stamped_and_downloaded_over_http(sys_):
+    document = make_pdf(pages=3)
+    order_id, token, view = sys_.order_awaiting_payment(document, page=2, x=380, y=90)
+    assert view["amount"] == 12500 and view["currency"] == "IDR"
+    assert view["payment"]["redirect_url"].startswith(sys_.gateway_url)
+
+    sys_.pay(view["payment"]["gateway_order_id"])
+    done = sys_.wait_status(order_id, token, "stamped")
+
+    serial = done["serial"]
+    assert len(serial) == 22 and serial.isalnum() and serial.upper() == serial
+    assert [e["status"] for e in done["events"]] == [
+        "created", "awaiting_payment", "paid", "stamping", "stamped"]
+    r = sys_.http.get(f"{sys_.web_url}/api/v1/orders/{order_id}/document",
+                      headers={"Authorization": f"Bearer {token}"}, timeout=10)
+    assert r.status_code == 200 and r.headers["Content-Type"] == "application/pdf"
+    stamped = r.content
+
+    texts = page_texts(stamped)
+    assert len(texts) == 3
+    for n, text in enumerate(texts, start=1):
+        assert f"Surat Lamaran CPNS halaman {n}" in text  # original content kept
+    assert "METERAI ELEKTRONIK" in texts[1] and serial in texts[1]
+    assert "METERAI ELEKTRONIK" not in texts[0] and "METERAI ELEKTRONIK" not in texts[2]
+    inside, outside = pink_pixels(stamped, 2, (380, 90, 480, 190))
+    assert inside > 300 and outside == 0
+
+    assert ledger(sys_, order_id) == {"captured": 12500, "revenue": 12500}
+    serial_row = sys_.query("SELECT * FROM serials WHERE order_id = %s", (order_id,))
+    assert [(s["serial"], s["status"]) for s in serial_row] == [(serial, "used")]
+    verified = sys_.http.get(f"{sys_.web_url}/api/v1/verify/{serial}", timeout=10).json()
+    assert verified["status"] == "used" and verified["document_sha256"]
+
+
+def test_same_idempotency_key_twice_makes_one_order(sys_):
+    document = make_pdf()
+    first = sys_.create(document, key="cpns-key-1")
+    second = sys_.create(document, key="cpns-key-1")
+    assert first.status_code == 202
+    assert second.status_code in (200, 202)
+    assert second.json()["order_id"] == first.json()["order_id"]
+    assert second.json()["access_token"] == first.json()["access_token"]
+    conflict = sys_.create(make_pdf(pages=1), key="cpns-key-1")
+    assert conflict.status_code == 409
+    assert conflict.json()["error"]["code"] == "idempotency_conflict"
+    assert sys_.query("SELECT count(*) AS n FROM orders")[0]["n"] == 1
+
+
+def test_concurrent_creates_with_one_key_make_one_order(sys_):
+    document = make_pdf()
+    results: list[requests.Response] = []
+
+    def submit() -> None:
+        results.append(sys_.create(document, key="cpns-race"))
+
+    threads = [threading.Thread(target=submit) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert {r.status_code for r in results} <= {200, 202}
+    assert len({r.json()["order_id"] for r in results}) == 1
+    assert sys_.query("SELECT count(*) AS n FROM orders")[0]["n"] == 1
+
+
+def _notification(sys_, gateway_order_id: str, status: str = "settlement") -> dict:
+    code = "200" if status in ("settlement", "capture") else "202"
+    amount = format_gross_amount(12500)
+    return {
+        "transaction_status": status, "status_code": code, "order_id": gateway_order_id,
+        "gross_amount": amount, "payment_type": "qris", "transaction_id": "tx-dup",
+        "signature_key": notification_signature(gateway_order_id, code, amount, SERVER_KEY),
+    }
+
+
+def test_duplicate_notifications_capture_and_stamp_once(sys_):
+    sys_.http.post(f"{sys_.gateway_url}/sandbox/faults", json={"duplicate_notifications": 3}, timeout=5)
+    order_id, token, view = sys_.order_awaiting_payment()
+    gateway_order_id = view["payment"]["gateway_order_id"]
+    sys_.pay(gateway_order_id)
+    sys_.wait_status(order_id, token, "stamped")
+    sys_.http.post(f"{sys_.gateway_url}/sandbox/notify/{gateway_order_id}", timeout=5)
+    wait_until(lambda: len(sys_.gateway_record(gateway_order_id)["notifications"]) >= 5,
+               message="duplicate notifications delivered")
+    wait_until(lambda: not sys_.query(
+        "SELECT 1 FROM payment_notifications WHERE processed_at IS NULL"), message="notifications processed")
+
+    assert ledger(sys_, order_id) == {"captured": 12500, "revenue": 12500}
+    assert sys_.query("SELECT count(*) AS n FROM serials")[0]["n"] == 1
+    statuses = [e["to_status"] for e in sys_.events(order_id)]
+    assert statuses.count("paid") == 1 and statuses.count("stamped") == 1
+
+
+def test_forged_or_unsigned_notification_is_refused_and_changes_nothing(sys_):
+    order_id, token, view = sys_.order_awaiting_payment()
+    forged = _notification(sys_, view["payment"]["gateway_order_id"])
+    forged["signature_key"] = "0" * 128
+    r = sys_.http.post(f"{sys_.web_url}/api/v1/payments/notifications", json=forged, timeout=5)
+    assert r.status_code == 403 and r.json()["error"]["code"] == "bad_signature"
+    tampered = _notification(sys_, view["payment"]["gateway_order_id"])
+    tampered["gross_amount"] = "1.00"
+    r = sys_.http.post(f"{sys_.web_url}/api/v1/payments/notifications", json=tampered, timeout=5)
+    assert r.status_code == 403
+    unsigned = {k: v for k, v in forged.items() if k != "signature_key"}
+    r = sys_.http.post(f"{sys_.web_url}/api/v1/payments/notifications", json=unsigned, timeout=5)
+    assert r.status_code == 401
+    assert sys_.query("SELECT count(*) AS n FROM payment_notifications")[0]["n"] == 0
+    assert sys_.status(order_id, token)["status"] == "awaiting_payment"
+    assert ledger(sys_, order_id) == {}
+
+
+def test_signed_notification_for_an_unpaid_order_is_confirmed_with_the_gateway(sys_):
+    """A correctly signed "settlement" the gateway's status query doesn't confirm moves no money."""
+    order_id, token, view = sys_.order_awaiting_payment()
+    body = _notification(sys_, view["payment"]["gateway_order_id"])
+    r = sys_.http.post(f"{sys_.web_url}/api/v1/payments/notifications", json=body, timeout=5)
+    assert r.status_code == 200
+    wait_until(lambda: sys_.query("SELECT outcome FROM payment_notifications WHERE processed_at IS NOT NULL"),
+               message="notification processed")
+    assert sys_.status(order_id, token)["status"] == "awaiting_payment"
+    assert ledger(sys_, order_id) == {}
+
+
+def _break_stamped_store(sys_) -> None:
+    """Make writing stamped documents fail with a real OSError: the folder is replaced by a file."""
+    stamped = sys_.settings.documents_path / "stamped"
+    if stamped.is_dir():
+        for child in stamped.iterdir():
+            child.unlink()
+        stamped.rmdir()
+    stamped.parent.mkdir(parents=True, exist_ok=True)
+    stamped.write_bytes(b"not a folder")
+
+
+def _repair_stamped_store(sys_) -> None:
+    stamped = sys_.settings.documents_path / "stamped"
+    if stamped.is_file():
+        stamped.unlink()
+
+
+def _failed_attempts(sys_, order_id: str) -> int:
+    return sum(1 for e in sys_.events(order_id) if e["reason"] == "attempt failed, will retry")
+
+
+def test_stamping_failure_is_retried_then_succeeds(sys_):
+    order_id, token, view = sys_.order_awaiting_payment()
+    _break_stamped_store(sys_)
+    try:
+        sys_.pay(view["payment"]["gateway_order_id"])
+        wait_until(lambda: _failed_attempts(sys_, order_id) >= 2, message="two failed stamping attempts")
+    finally:
+        _repair_stamped_store(sys_)
+    done = sys_.wait_status(order_id, token, "stamped")
+    row = sys_.order_row(order_id)
+    assert row["stamp_attempts"] >= 3
+    serials = sys_.query("SELECT serial, status FROM serials WHERE order_id = %s", (order_id,))
+    assert serials == [{"serial": done["serial"], "status": "used"}]  # retries re-used one serial
+    assert ledger(sys_, order_id) == {"captured": 12500, "revenue": 12500}
+
+
+def test_stamping_that_keeps_failing_is_refunded_after_the_deadline(sys_):
+    order_id, token, view = sys_.order_awaiting_payment()
+    gateway_order_id = view["payment"]["gateway_order_id"]
+    _break_stamped_store(sys_)
+    try:
+        sys_.pay(gateway_order_id)
+        wait_until(lambda: _failed_attempts(sys_, order_id) >= 2, message="failed stamping attempts")
+        # The deadline passes (we move it rather than wait hours); the sweep, not the worker, refunds.
+        sys_.query("UPDATE orders SET refund_due_at = now() - interval '1 second' WHERE id = %s"
+                   " RETURNING id", (order_id,))
+        wait_until(lambda: housekeeping.sweep_refunds(sys_.settings) or
+                   sys_.order_row(order_id)["status"] != "stamping", message="sweep to take the order")
+        done = sys_.wait_status(order_id, token, "refunded")
+    finally:
+        _repair_stamped_store(sys_)
+    assert done["refund"] == {"status": "succeeded", "amount": 12500}
+    assert ledger(sys_, order_id) == {"captured": 12500, "refunded": 12500}
+    assert [s["status"] for s in sys_.query("SELECT status FROM serials WHERE order_id = %s",
+                                            (order_id,))] == ["voided"]
+    assert len(sys_.gateway_record(gateway_order_id)["refunds"]) == 1
+    r = sys_.http.get(f"{sys_.web_url}/api/v1/orders/{order_id}/document",
+                      headers={"Authorization": f"Bearer {token}"}, timeout=10)
+    assert r.status_code == 409
+
+
+def test_unreadable_document_is_refunded_without_retries(sys_):
+    order_id, token, view = sys_.order_awaiting_payment()
+    # The upload passed preflight, then rotted in storage: the worker can no longer parse it.
+    upload = sys_.settings.documents_path / sys_.order_row(order_id)["document_key"]
+    upload.write_bytes(b"%PDF-1.7\n" + b"\x00garbage" * 100)
+    sys_.pay(view["payment"]["gateway_order_id"])
+    done = sys_.wait_status(order_id, token, "refunded")
+    row = sys_.order_row(order_id)
+    assert row["stamp_attempts"] == 1 and _failed_attempts(sys_, order_id) == 0
+    assert row["reason_code"] == "unreadable"
+    assert done["refund"]["amount"] == 12500
+    assert ledger(sys_, order_id) == {"captured": 12500, "refunded": 12500}
+
+
+def _paid_orders_past_deadline(sys_, count: int) -> list[str]:
+    """Orders that were paid but never stamped, now past their deadline.
+
+    Stamping is stopped while they are paid so the test, not a race, decides their state.
+    """
+    sys_.workers["stamping"].stop()
+    ids = []
+    for _ in range(count):
+        order_id, token, view = sys_.order_awaiting_payment()
+        sys_.pay(view["payment"]["gateway_order_id"])
+        sys_.wait_status(order_id, token, "paid")
+        ids.append(order_id)
+    sys_.query("UPDATE orders SET refund_due_at = now() - interval '1 second'"
+               " WHERE status = 'paid' RETURNING id")
+    return ids
+
+
+def test_two_concurrent_sweeps_refund_each_order_exactly_once(sys_):
+    ids = _paid_orders_past_deadline(sys_, 12)
+    env = {**sys_.env, "SWEEP_BATCH_SIZE": "2"}
+    sweeps = [subprocess.Popen([sys.executable, "-m", "shared.cli", "sweep-refunds"], cwd=ROOT, env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+              for _ in range(2)]
+    outputs = [p.communicate(timeout=60) for p in sweeps]
+    assert all(p.returncode == 0 for p in sweeps), outputs
+    moved = [int(out.strip().splitlines()[-1].split(":")[1].strip(" }")) for out, _ in outputs]
+    assert sum(moved) == len(ids)
+    wait_until(lambda: sys_.query("SELECT count(*) AS n FROM orders WHERE status = 'refunded'")[0]["n"]
+               == len(ids), timeout=60, message="all refunded")
+    assert sys_.query("SELECT count(*) AS n FROM ledger_entries WHERE kind = 'refunded'")[0]["n"] == len(ids)
+    totals = sys_.query("SELECT kind, sum(amount_idr) AS s FROM ledger_entries GROUP BY kind")
+    by_kind = {row["kind"]: row["s"] for row in totals}
+    assert by_kind == {"captured": 12500 * len(ids), "refunded": 12500 * len(ids)}
+    for order_id in ids:
+        gateway_order_id = sys_.query("SELECT gateway_order_id FROM payments WHERE order_id = %s",
+                                      (order_id,))[0]["gateway_order_id"]
+        assert len(sys_.gateway_record(gateway_order_id)["refunds"]) == 1
+    assert housekeeping.sweep_refunds(sys_.settings) == 0  # a third run finds nothing
+
+
+def test_paid_order_survives_redis_restarting_empty(sys_):
+    sys_.workers["stamping"].stop()
+    order_id, token, view = sys_.order_awaiting_payment()
+    sys_.pay(view["payment"]["gateway_order_id"])
+    sys_.wait_status(order_id, token, "paid")
+    sys_.redis.restart()  # no persistence: the queued stamping message is gone
+    sys_.workers["stamping"].start()
+    assert sys_.status(order_id, token)["status"] == "paid"
+    counts = wait_until(lambda: housekeeping.redrive(sys_.settings)["meterai.stamping.stamp_order"],
+                        message="redrive to find the order")
+    assert counts >= 1
+    done = sys_.wait_status(order_id, token, "stamped")
+    assert ledger(sys_, order_id) == {"captured": 12500, "revenue": 12500}
+    assert done["serial"]

@@ -1,0 +1,146 @@
+"""The buyer JSON API (``/api/v1``), per ``shared/API.md``."""
+from __future__ import annotations
+
+import math
+import re
+import uuid
+
+from flask import Blueprint, Response, jsonify, request, url_for
+
+from shared.db import get_pool
+from shared.errors import DomainError
+from shared.lifecycle import Status
+from shared.orders import NewOrder, access_token_for, create_order, get_order, order_view, token_matches
+from shared.stamping import quick_check
+from web.context import settings, store
+
+bp = Blueprint("api", __name__, url_prefix="/api/v1")
+
+_IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,64}$")
+_EMAIL = re.compile(r"^[^@\s]{1,64}@[^@\s]+\.[^@\s]{2,}$")
+_SERIAL = re.compile(r"^[0-9A-Z]{22}$")
+
+
+class BadRequest(DomainError):
+    code = "bad_request"
+    status = 400
+
+
+class InvalidField(DomainError):
+    code = "invalid_field"
+    status = 422
+
+
+def _number(name: str, *, integer: bool = False) -> float:
+    raw = request.form.get(name, "").strip()
+    if not raw:
+        raise InvalidField(f"Field '{name}' is required.", code=f"missing_{name}")
+    try:
+        value = int(raw) if integer else float(raw)
+    except ValueError:
+        raise InvalidField(f"Field '{name}' must be a {'whole ' if integer else ''}number.",
+                           code=f"invalid_{name}") from None
+    if not math.isfinite(value) or value < (1 if integer else 0):
+        raise InvalidField(f"Field '{name}' is out of range.", code=f"invalid_{name}")
+    return value
+
+
+def _new_order_from_request() -> NewOrder:
+    key = request.headers.get("Idempotency-Key", "")
+    if not _IDEMPOTENCY_KEY.match(key):
+        raise BadRequest("Header Idempotency-Key is required: 1-64 printable ASCII characters.",
+                         code="missing_idempotency_key")
+    upload = request.files.get("document")
+    if upload is None:
+        raise BadRequest("Multipart field 'document' (a PDF) is required.", code="missing_document")
+    document = upload.read(settings().max_document_bytes + 1)
+    quick_check(document, max_bytes=settings().max_document_bytes)
+    email = request.form.get("email", "").strip()
+    if not _EMAIL.match(email) or len(email) > 254:
+        raise InvalidField("Field 'email' must be a valid e-mail address.", code="invalid_email")
+    return NewOrder(
+        idempotency_key=key, email=email, page=int(_number("page", integer=True)),
+        x=_number("x"), y=_number("y"), document=document,
+    )
+
+
+def _links(order_id: str) -> dict[str, str]:
+    return {
+        "self": url_for("api.get_order_status", order_id=order_id),
+        "document": url_for("api.download_document", order_id=order_id),
+        "payment": url_for("api.get_order_status", order_id=order_id) + "#payment",
+    }
+
+
+@bp.post("/orders")
+def create_order_endpoint():
+    new = _new_order_from_request()
+    order, created = create_order(settings(), store(), new)
+    order_id = str(order["id"])
+    body = {
+        "order_id": order_id,
+        "access_token": access_token_for(settings().secret_key, order_id),
+        "status": order["status"],
+        "links": _links(order_id),
+    }
+    response = jsonify(body)
+    response.status_code = 202 if created or order["status"] == Status.CREATED else 200
+    response.headers["Location"] = body["links"]["self"]
+    return response
+
+
+def _authorised_order(order_id: str) -> dict:
+    try:
+        uuid.UUID(order_id)
+    except ValueError:
+        raise DomainError("No such order.", code="not_found", status=404) from None
+    header = request.headers.get("Authorization", "")
+    if not header.startswith("Bearer ") or not header[7:].strip():
+        raise DomainError("Send the order's access token as 'Authorization: Bearer <token>'.",
+                          code="unauthorized", status=401)
+    order = get_order(settings(), order_id)
+    if order is None:
+        raise DomainError("No such order.", code="not_found", status=404)
+    if not token_matches(order, header[7:].strip()):
+        raise DomainError("This access token is not valid for this order.", code="forbidden", status=403)
+    return order
+
+
+@bp.get("/orders/<order_id>")
+def get_order_status(order_id: str):
+    order = _authorised_order(order_id)
+    response = jsonify(order_view(settings(), order))
+    response.headers["Cache-Control"] = "no-store"
+    return response
+
+
+@bp.get("/orders/<order_id>/document")
+def download_document(order_id: str):
+    order = _authorised_order(order_id)
+    if order["status"] != Status.STAMPED:
+        raise DomainError(f"The document is not stamped yet (status: {order['status']}).",
+                          code="not_stamped", status=409)
+    data = store().get(order["stamped_document_key"])
+    return Response(
+        data, mimetype="application/pdf",
+        headers={"Content-Disposition": f'attachment; filename="meterai-{order["serial"]}.pdf"',
+                 "Cache-Control": "no-store"},
+    )
+
+
+@bp.get("/verify/<serial>")
+def verify_serial(serial: str):
+    if not _SERIAL.match(serial):
+        raise DomainError("Unknown serial.", code="unknown_serial", status=404)
+    with get_pool(settings().database_url).connection() as conn:
+        row = conn.execute(
+            "SELECT s.serial, s.status, s.document_sha256, o.stamped_at FROM serials s"
+            " JOIN orders o ON o.id = s.order_id WHERE s.serial = %s",
+            (serial,),
+        ).fetchone()
+    if row is None:
+        raise DomainError("Unknown serial.", code="unknown_serial", status=404)
+    body = {"serial": row["serial"], "status": row["status"]}
+    if row["status"] == "used":
+        body.update(stamped_at=row["stamped_at"].isoformat(), document_sha256=row["document_sha256"])
+    return jsonify(body)

@@ -1,0 +1,119 @@
+"""The OpenAPI 3.1 description of the buyer API, served at ``/api/v1/openapi.json``.
+
+Kept as data beside the routes it describes; ``tests/test_api.py`` checks every documented path is
+routed, so the document can't silently drift from the code.
+"""
+from __future__ import annotations
+
+from flask import Blueprint, jsonify
+
+bp = Blueprint("openapi", __name__)
+
+_ERROR = {"$ref": "#/components/schemas/Error"}
+
+
+def _json(schema: dict, description: str) -> dict:
+    return {"description": description, "content": {"application/json": {"schema": schema}}}
+
+
+def _errors(*codes: int) -> dict:
+    return {str(c): _json(_ERROR, "Error") for c in codes}
+
+
+BEARER = [{"bearer": []}]
+
+SPEC: dict = {
+    "openapi": "3.1.0",
+    "info": {"title": "meterai API", "version": "1",
+             "description": "Buy and affix an e-Meterai (Rp10.000) to a PDF; verify stamped documents."},
+    "paths": {
+        "/api/v1/orders": {"post": {
+            "summary": "Create an order: upload a PDF and choose where the stamp goes",
+            "parameters": [{"name": "Idempotency-Key", "in": "header", "required": True,
+                            "schema": {"type": "string", "minLength": 1, "maxLength": 64}}],
+            "requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
+                "type": "object", "required": ["document", "page", "x", "y", "email"],
+                "properties": {
+                    "document": {"type": "string", "format": "binary"},
+                    "page": {"type": "integer", "minimum": 1},
+                    "x": {"type": "number", "minimum": 0},
+                    "y": {"type": "number", "minimum": 0},
+                    "email": {"type": "string", "format": "email"},
+                }}}}},
+            "responses": {
+                "202": _json({"$ref": "#/components/schemas/OrderCreated"}, "Accepted"),
+                "200": _json({"$ref": "#/components/schemas/OrderCreated"}, "Same key replayed"),
+                **_errors(400, 409, 413, 415, 422, 429, 503),
+            },
+        }},
+        "/api/v1/orders/{order_id}": {"get": {
+            "summary": "Order status", "security": BEARER,
+            "parameters": [{"name": "order_id", "in": "path", "required": True,
+                            "schema": {"type": "string", "format": "uuid"}}],
+            "responses": {"200": _json({"$ref": "#/components/schemas/Order"}, "The order"),
+                          **_errors(401, 403, 404)},
+        }},
+        "/api/v1/orders/{order_id}/document": {"get": {
+            "summary": "Download the stamped PDF", "security": BEARER,
+            "parameters": [{"name": "order_id", "in": "path", "required": True,
+                            "schema": {"type": "string", "format": "uuid"}}],
+            "responses": {"200": {"description": "Stamped PDF",
+                                  "content": {"application/pdf": {}}},
+                          **_errors(401, 403, 404, 409)},
+        }},
+        "/api/v1/verify/{serial}": {"get": {
+            "summary": "Look up a serial",
+            "parameters": [{"name": "serial", "in": "path", "required": True,
+                            "schema": {"type": "string", "pattern": "^[0-9A-Z]{22}$"}}],
+            "responses": {"200": _json({"type": "object", "properties": {
+                "serial": {"type": "string"}, "status": {"type": "string"},
+                "stamped_at": {"type": "string", "format": "date-time"},
+                "document_sha256": {"type": "string"}}}, "Serial"), **_errors(404)},
+        }},
+        "/api/v1/payments/notifications": {"post": {
+            "summary": "Payment gateway notification (Midtrans format, signature_key checked)",
+            "requestBody": {"required": True, "content": {"application/json": {"schema": {
+                "type": "object"}}}},
+            "responses": {"200": {"description": "Accepted (also for a duplicate)"},
+                          **_errors(400, 401, 403)},
+        }},
+        "/healthz": {"get": {"summary": "Liveness", "responses": {"200": {"description": "Alive"}}}},
+        "/readyz": {"get": {"summary": "Readiness with each dependency's state",
+                            "responses": {"200": {"description": "Ready"},
+                                          "503": {"description": "A dependency is down"}}}},
+    },
+    "components": {
+        "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+        "schemas": {
+            "Error": {"type": "object", "required": ["error"], "properties": {"error": {
+                "type": "object", "required": ["code", "message"],
+                "properties": {"code": {"type": "string"}, "message": {"type": "string"}}}}},
+            "OrderCreated": {"type": "object",
+                             "required": ["order_id", "access_token", "status", "links"],
+                             "properties": {"order_id": {"type": "string"},
+                                            "access_token": {"type": "string"},
+                                            "status": {"type": "string"},
+                                            "links": {"type": "object"}}},
+            "Order": {"type": "object", "required": ["order_id", "status", "amount", "currency", "events"],
+                      "properties": {
+                          "order_id": {"type": "string"}, "status": {"type": "string", "enum": [
+                              "created", "awaiting_payment", "paid", "stamping", "stamped",
+                              "refund_pending", "refund_manual", "refunded", "expired", "rejected"]},
+                          "amount": {"type": "integer"}, "currency": {"const": "IDR"},
+                          "serial": {"type": "string"},
+                          "payment": {"type": "object", "properties": {
+                              "redirect_url": {"type": "string"},
+                              "gateway_order_id": {"type": "string"}}},
+                          "refund": {"type": "object", "properties": {
+                              "status": {"type": "string"}, "amount": {"type": "integer"}}},
+                          "events": {"type": "array", "items": {"type": "object", "properties": {
+                              "status": {"type": "string"},
+                              "at": {"type": "string", "format": "date-time"}}}}}},
+        },
+    },
+}
+
+
+@bp.get("/api/v1/openapi.json")
+def openapi():
+    return jsonify(SPEC)

@@ -1,0 +1,88 @@
+"""The Celery app, configured once from :class:`shared.config.Settings` (Flask's ``celery_init_app``).
+
+Defaults follow what paid work needs: ``acks_late`` with ``reject_on_worker_lost`` so a message is only
+gone once its task finished (a killed worker's message is redelivered), prefetch 1 so one slow document
+doesn't hold others hostage, hard and soft time limits, and a broker visibility timeout longer than the
+longest task plus the longest retry delay so Redis doesn't hand a running task to a second worker.
+"""
+from __future__ import annotations
+
+from datetime import timedelta
+
+from celery import Celery, Task
+from flask import Flask
+from kombu import Queue
+
+from shared import jobs
+from shared.config import Settings
+
+TASK_MODULES = (
+    "workers.tasks.checkout",
+    "workers.tasks.payments",
+    "workers.tasks.stamping",
+    "workers.tasks.refunds",
+    "workers.tasks.housekeeping",
+)
+
+
+def beat_schedule(settings: Settings) -> dict[str, dict]:
+    return {
+        "sweep-refunds": {
+            "task": jobs.SWEEP_REFUNDS,
+            "schedule": timedelta(seconds=settings.sweep_interval_seconds),
+            "options": {"queue": jobs.QUEUES[jobs.SWEEP_REFUNDS]},
+        },
+        "redrive": {
+            "task": jobs.REDRIVE,
+            "schedule": timedelta(seconds=settings.redrive_interval_seconds),
+            "options": {"queue": jobs.QUEUES[jobs.REDRIVE]},
+        },
+    }
+
+
+def celery_config(settings: Settings) -> dict:
+    return {
+        "broker_url": settings.redis_url,
+        "broker_transport_options": {
+            "visibility_timeout": settings.broker_visibility_timeout,
+            "global_keyprefix": settings.redis_key_prefix,
+        },
+        "broker_connection_retry_on_startup": True,
+        "task_ignore_result": True,
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        "task_acks_on_failure_or_timeout": True,
+        "worker_prefetch_multiplier": 1,
+        "task_time_limit": settings.task_time_limit_seconds,
+        "task_soft_time_limit": max(1, settings.task_time_limit_seconds - 10),
+        "task_queues": [Queue(name) for name in jobs.ALL_QUEUES],
+        "task_default_queue": "housekeeping",
+        "task_routes": {name: {"queue": queue} for name, queue in jobs.QUEUES.items()},
+        "task_serializer": "json",
+        "accept_content": ["json"],
+        "worker_hijack_root_logger": True,
+        "beat_schedule": beat_schedule(settings),
+        "include": list(TASK_MODULES),
+    }
+
+
+def make_celery_app(settings: Settings, flask_app: Flask | None = None) -> Celery:
+    class FlaskTask(Task):
+        def __call__(self, *args: object, **kwargs: object) -> object:
+            if flask_app is None:
+                return self.run(*args, **kwargs)
+            with flask_app.app_context():
+                return self.run(*args, **kwargs)
+
+    app = Celery("meterai", task_cls=FlaskTask)
+    app.config_from_object(celery_config(settings))
+    app.conf.meterai_settings = settings
+    app.set_default()
+    jobs.set_publisher(app)
+    return app
+
+
+def celery_init_app(flask_app: Flask, settings: Settings) -> Celery:
+    app = make_celery_app(settings, flask_app)
+    flask_app.extensions["celery"] = app
+    return app
