@@ -38,6 +38,7 @@ class Settings:
     stamp_size: float = 100.0
 
     # Payment gateway (Midtrans-style). The stand-in listens on gateway_port.
+    gateway_provider: str = "midtrans"
     gateway_url: str = "http://127.0.0.1:8001"
     gateway_server_key: str = "SB-Mid-server-meterai-dev"
     gateway_timeout_seconds: float = 5.0

@@ -1,0 +1,434 @@
+"""The payment gateway adapter: the one place that speaks Midtrans Core/Snap over HTTP.
+
+Everything else in meterai talks to a :class:`PaymentGateway` (a ``typing.Protocol``) built by
+:func:`gateway_from_settings`, so services and tests never depend on how the gateway is reached. The
+stand-in gateway (:mod:`shared.payments.standin`) speaks the very same protocol, so pointing
+``GATEWAY_URL`` at it is the whole difference between a drill and production.
+
+Why the error split matters: workers retry a :class:`GatewayUnavailable` (timeout, connection refused,
+5xx, 429) with backoff and never retry a :class:`GatewayRejected` (bad request, wrong server key). A
+refund the gateway *cannot* perform by API (a bank-transfer virtual account) is neither: it is an answer,
+``RefundResult(refunded=False)``, and the caller routes the order to ``refund_manual``.
+
+Midtrans quirks mirrored here:
+
+* amounts are integer rupiah on the way in (``gross_amount: 12500``) and ``"12500.00"`` on the way out;
+  the notification signature is computed over that exact text;
+* the v2 endpoints answer HTTP 200 with the real outcome in the body's ``status_code`` (``"404"`` for an
+  unknown order, ``"412"`` for a refund that isn't allowed), so both the HTTP status and the body code
+  are read;
+* refunds are idempotent by ``refund_key``: sending the same key again reports success without paying
+  twice, which is what makes retrying a refund after a timeout safe.
+"""
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+import re
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping, Protocol, TypeVar
+
+import requests
+
+from shared.errors import PermanentError, TransientError
+from shared.logs import log_event
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+_GROSS_AMOUNT = re.compile(r"^(\d+)(?:\.(\d+))?$")
+# Midtrans rejects item names longer than this.
+_ITEM_NAME_MAX = 50
+_SNAP_CREATED = {200, 201}
+_NOTIFICATION_FIELDS = ("order_id", "status_code", "gross_amount", "signature_key")
+
+
+# --- amounts and signatures ------------------------------------------------------------------------
+
+def format_gross_amount(amount: int) -> str:
+    """Integer rupiah as Midtrans writes it: ``12500`` -> ``"12500.00"``."""
+    if isinstance(amount, bool) or not isinstance(amount, int):
+        raise TypeError(f"amount must be integer rupiah, got {type(amount).__name__}")
+    if amount < 0:
+        raise ValueError(f"amount must not be negative, got {amount}")
+    return f"{amount}.00"
+
+
+def parse_gross_amount(text: str) -> int:
+    """``"12500.00"`` -> ``12500``. Rupiah has no minor unit in practice, so a fraction other than zeros
+    means we misunderstood the gateway and must not silently round."""
+    match = _GROSS_AMOUNT.match(text.strip()) if isinstance(text, str) else None
+    if match is None:
+        raise ValueError(f"not a gross amount: {text!r}")
+    whole, fraction = match.groups()
+    if fraction is not None and fraction.strip("0"):
+        raise ValueError(f"gross amount has a non-zero fraction: {text!r}")
+    return int(whole)
+
+
+def notification_signature(order_id: str, status_code: str, gross_amount: str, server_key: str) -> str:
+    """``SHA512(order_id + status_code + gross_amount + server_key)`` as lowercase hex."""
+    payload = f"{order_id}{status_code}{gross_amount}{server_key}".encode("utf-8")
+    return hashlib.sha512(payload).hexdigest()
+
+
+def verify_notification(body: Mapping[str, object], server_key: str) -> bool:
+    """True only if the notification carries every signed field as text and its signature matches.
+
+    The comparison is constant-time so a forger learns nothing from response timing.
+    """
+    values = [body.get(name) for name in _NOTIFICATION_FIELDS]
+    if not all(isinstance(value, str) and value for value in values):
+        return False
+    order_id, status_code, gross_amount, signature = values  # type: ignore[misc]
+    expected = notification_signature(order_id, status_code, gross_amount, server_key)
+    return hmac.compare_digest(expected.encode("ascii"), signature.lower().encode("utf-8"))
+
+
+# --- records and errors ----------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Transaction:
+    """A Snap transaction: send the buyer to ``redirect_url`` to pay."""
+
+    gateway_order_id: str
+    token: str
+    redirect_url: str
+
+
+@dataclass(frozen=True)
+class GatewayStatus:
+    """What the gateway says about one order right now (the answer to a status query)."""
+
+    gateway_order_id: str
+    transaction_status: str
+    status_code: str
+    gross_amount: int
+    payment_type: str | None
+    transaction_id: str | None
+    fraud_status: str | None
+
+
+@dataclass(frozen=True)
+class RefundResult:
+    """``refunded=False`` means the gateway can't refund this by API (e.g. a bank-transfer virtual
+    account): the caller sends the order to ``refund_manual`` instead of retrying."""
+
+    refunded: bool
+    refund_key: str
+    status_code: str
+    message: str
+
+
+class GatewayUnavailable(TransientError):
+    """Timeout, connection error, 5xx or 429: the same call may well succeed later."""
+
+    code = "gateway_unavailable"
+
+
+class GatewayRejected(PermanentError):
+    """A 4xx that retrying can't fix: a malformed request, a wrong server key, a taken order id."""
+
+    code = "gateway_rejected"
+
+
+class PaymentGateway(Protocol):
+    """What meterai needs from a payment gateway. Implementations must be safe to call again after a
+    timeout: creating uses a fresh order id per attempt, refunding is idempotent by ``refund_key``."""
+
+    def create_transaction(
+        self, gateway_order_id: str, amount: int, *, email: str, item_name: str
+    ) -> Transaction: ...
+
+    def get_status(self, gateway_order_id: str) -> GatewayStatus | None: ...
+
+    def refund(self, gateway_order_id: str, *, refund_key: str, amount: int, reason: str) -> RefundResult: ...
+
+
+# --- circuit breaker -------------------------------------------------------------------------------
+
+class CircuitBreaker:
+    """Fail fast while the gateway is down, so workers don't each wait out a timeout per call.
+
+    Closed: calls go through. After ``threshold`` consecutive :class:`GatewayUnavailable` it opens and
+    every call raises at once. After ``cooldown_seconds`` one probe call is let through (half-open): a
+    gateway that answers closes the breaker, another failure opens it again for a full cool-down.
+    Any answer from the gateway, even a rejection, counts as "the gateway is up".
+    """
+
+    def __init__(
+        self,
+        threshold: int = 5,
+        cooldown_seconds: float = 30.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.threshold = threshold
+        self.cooldown_seconds = cooldown_seconds
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._failures = 0
+        self._opened_at: float | None = None
+        self._probing = False
+
+    @property
+    def state(self) -> str:
+        with self._lock:
+            if self._opened_at is None:
+                return "closed"
+            if self._clock() - self._opened_at >= self.cooldown_seconds:
+                return "half_open"
+            return "open"
+
+    def call(self, fn: Callable[[], T]) -> T:
+        probe = self._admit()
+        try:
+            result = fn()
+        except GatewayUnavailable:
+            self._record_failure()
+            raise
+        except GatewayRejected:
+            self._record_success()
+            raise
+        finally:
+            if probe:
+                with self._lock:
+                    self._probing = False
+        self._record_success()
+        return result
+
+    def _admit(self) -> bool:
+        """Let the call through (True if it is the half-open probe) or raise while open."""
+        with self._lock:
+            if self._opened_at is None:
+                return False
+            waited = self._clock() - self._opened_at
+            if waited >= self.cooldown_seconds and not self._probing:
+                self._probing = True
+                return True
+        raise GatewayUnavailable(
+            "Payment gateway circuit is open after repeated failures; not calling it for now.",
+            code="gateway_circuit_open",
+        )
+
+    def _record_failure(self) -> None:
+        with self._lock:
+            self._failures += 1
+            failures = self._failures
+            newly_open = self._opened_at is None and failures >= self.threshold
+            if self._opened_at is not None or newly_open:
+                self._opened_at = self._clock()
+        if newly_open:
+            log_event(log, "gateway_circuit_open", logging.WARNING, failures=failures)
+
+    def _record_success(self) -> None:
+        with self._lock:
+            was_open = self._opened_at is not None
+            self._failures = 0
+            self._opened_at = None
+        if was_open:
+            log_event(log, "gateway_circuit_closed")
+
+
+_breakers: dict[str, CircuitBreaker] = {}
+_breakers_lock = threading.Lock()
+
+
+def breaker_for(base_url: str) -> CircuitBreaker:
+    """One breaker per gateway per process, shared by every adapter instance pointing at it."""
+    with _breakers_lock:
+        return _breakers.setdefault(base_url, CircuitBreaker())
+
+
+# --- the HTTP adapter ------------------------------------------------------------------------------
+
+def _body_status_code(payload: Any) -> str | None:
+    if isinstance(payload, dict) and payload.get("status_code") is not None:
+        return str(payload["status_code"])
+    return None
+
+
+def _message(payload: Any, fallback: str) -> str:
+    if isinstance(payload, dict):
+        if payload.get("status_message"):
+            return str(payload["status_message"])
+        errors = payload.get("error_messages")
+        if isinstance(errors, list) and errors:
+            return "; ".join(str(e) for e in errors)
+    return fallback
+
+
+def _is_unavailable_code(code: int) -> bool:
+    return code >= 500 or code == 429
+
+
+class MidtransGateway:
+    """:class:`PaymentGateway` over HTTP: HTTP Basic with the server key as username and an empty
+    password, JSON both ways, a timeout on every call, and a per-process circuit breaker."""
+
+    def __init__(
+        self,
+        base_url: str,
+        server_key: str,
+        timeout: float,
+        *,
+        breaker: CircuitBreaker | None = None,
+        session: requests.Session | None = None,
+    ) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.timeout = timeout
+        self._breaker = breaker if breaker is not None else breaker_for(self.base_url)
+        self._session = session if session is not None else requests.Session()
+        self._session.auth = (server_key, "")
+        self._session.headers.update({"Accept": "application/json"})
+
+    def create_transaction(
+        self, gateway_order_id: str, amount: int, *, email: str, item_name: str
+    ) -> Transaction:
+        """Open a Snap payment. A taken order id is a :class:`GatewayRejected`: callers use a fresh id
+        per attempt, so a retry after a timeout never collides with the attempt that did get through."""
+        body = {
+            "transaction_details": {"order_id": gateway_order_id, "gross_amount": amount},
+            "customer_details": {"email": email},
+            "item_details": [
+                {"id": "e-meterai", "price": amount, "quantity": 1, "name": item_name[:_ITEM_NAME_MAX]}
+            ],
+        }
+        response, payload = self._call("POST", "/snap/v1/transactions", gateway_order_id, json=body)
+        if response.status_code not in _SNAP_CREATED:
+            raise GatewayRejected(
+                _message(payload, f"create transaction answered HTTP {response.status_code}"),
+                code="gateway_rejected",
+            )
+        token, redirect_url = self._fields(payload, "token", "redirect_url", gateway_order_id)
+        return Transaction(gateway_order_id=gateway_order_id, token=token, redirect_url=redirect_url)
+
+    def get_status(self, gateway_order_id: str) -> GatewayStatus | None:
+        """The gateway's current view of the order, or None if it has never heard of it."""
+        response, payload = self._call("GET", f"/v2/{gateway_order_id}/status", gateway_order_id)
+        code = _body_status_code(payload)
+        if response.status_code == 404 or code == "404":
+            return None
+        self._raise_for_failure(response.status_code, code, payload, gateway_order_id)
+        if response.status_code >= 300 or not isinstance(payload, dict):
+            raise GatewayRejected(_message(payload, f"status query answered HTTP {response.status_code}"))
+        try:
+            return GatewayStatus(
+                gateway_order_id=str(payload.get("order_id") or gateway_order_id),
+                transaction_status=str(payload["transaction_status"]),
+                status_code=code or str(response.status_code),
+                gross_amount=parse_gross_amount(str(payload["gross_amount"])),
+                payment_type=_optional_text(payload.get("payment_type")),
+                transaction_id=_optional_text(payload.get("transaction_id")),
+                fraud_status=_optional_text(payload.get("fraud_status")),
+            )
+        except (KeyError, ValueError) as exc:
+            raise GatewayRejected(
+                f"Unexpected status answer for {gateway_order_id}: {exc}", code="gateway_bad_response"
+            ) from exc
+
+    def refund(self, gateway_order_id: str, *, refund_key: str, amount: int, reason: str) -> RefundResult:
+        """Refund ``amount``. Safe to repeat with the same ``refund_key``: the gateway refunds once.
+
+        Body codes 400/401/403 are our mistake (:class:`GatewayRejected`); any other 4xx code, e.g.
+        ``"412"`` for a virtual-account payment, means "not refundable by API" -> ``refunded=False``.
+        """
+        body = {"refund_key": refund_key, "amount": amount, "reason": reason}
+        response, payload = self._call("POST", f"/v2/{gateway_order_id}/refund", gateway_order_id, json=body)
+        code = _body_status_code(payload) or str(response.status_code)
+        message = _message(payload, f"HTTP {response.status_code}")
+        if response.status_code < 300 and code.startswith("2"):
+            return RefundResult(refunded=True, refund_key=refund_key, status_code=code, message=message)
+        self._raise_for_failure(response.status_code, code, payload, gateway_order_id)
+        log_event(log, "gateway_refund_refused", logging.WARNING,
+                  gateway_order_id=gateway_order_id, status_code=code)
+        return RefundResult(refunded=False, refund_key=refund_key, status_code=code, message=message)
+
+    # --- plumbing ---
+
+    def _call(
+        self, method: str, path: str, gateway_order_id: str, **kwargs: Any
+    ) -> tuple[requests.Response, Any]:
+        return self._breaker.call(lambda: self._send(method, path, gateway_order_id, **kwargs))
+
+    def _send(
+        self, method: str, path: str, gateway_order_id: str, **kwargs: Any
+    ) -> tuple[requests.Response, Any]:
+        """One HTTP exchange. Network trouble and 5xx/429 become :class:`GatewayUnavailable` here, the
+        only place that knows about ``requests``."""
+        try:
+            response = self._session.request(method, self.base_url + path, timeout=self.timeout, **kwargs)
+        except requests.Timeout as exc:
+            raise self._unavailable(gateway_order_id, path, "timeout") from exc
+        except requests.RequestException as exc:
+            raise self._unavailable(gateway_order_id, path, type(exc).__name__) from exc
+        if _is_unavailable_code(response.status_code):
+            raise self._unavailable(gateway_order_id, path, f"http_{response.status_code}")
+        if response.status_code in (401, 403):
+            raise GatewayRejected(
+                f"Payment gateway refused our credentials (HTTP {response.status_code}).",
+                code="gateway_auth_failed",
+            )
+        try:
+            payload = response.json()
+        except ValueError:
+            payload = None
+        if payload is None and response.status_code < 300:
+            # A 2xx without JSON is a proxy or a half-deployed gateway, not an answer.
+            raise self._unavailable(gateway_order_id, path, "non_json_answer")
+        return response, payload
+
+    def _unavailable(self, gateway_order_id: str, path: str, reason: str) -> GatewayUnavailable:
+        log_event(log, "gateway_unavailable", logging.WARNING,
+                  gateway_order_id=gateway_order_id, path=path.split("/")[-1], reason=reason)
+        return GatewayUnavailable(f"Payment gateway unavailable ({reason}).")
+
+    def _raise_for_failure(
+        self, http_status: int, code: str | None, payload: Any, gateway_order_id: str
+    ) -> None:
+        """Raise for outcomes that are failures on every endpoint: a 5xx/429 reported only in the body
+        (Midtrans answers HTTP 200 with ``status_code: "500"``), or a bad request / bad key."""
+        if code is not None and code.isdigit() and _is_unavailable_code(int(code)):
+            raise self._unavailable(gateway_order_id, "body", f"status_code_{code}")
+        if code in ("401", "403"):
+            raise GatewayRejected(_message(payload, f"status_code {code}"), code="gateway_auth_failed")
+        if code == "400" or http_status == 400:
+            raise GatewayRejected(_message(payload, "bad request"), code="gateway_rejected")
+
+    @staticmethod
+    def _fields(payload: Any, first: str, second: str, gateway_order_id: str) -> tuple[str, str]:
+        if not isinstance(payload, dict) or not payload.get(first) or not payload.get(second):
+            raise GatewayRejected(
+                f"Gateway answer for {gateway_order_id} lacks {first}/{second}.", code="gateway_bad_response"
+            )
+        return str(payload[first]), str(payload[second])
+
+
+def _optional_text(value: object) -> str | None:
+    return None if value is None or value == "" else str(value)
+
+
+# --- factory ---------------------------------------------------------------------------------------
+
+def _midtrans_from_settings(settings: Any) -> PaymentGateway:
+    return MidtransGateway(
+        settings.gateway_url, settings.gateway_server_key, settings.gateway_timeout_seconds
+    )
+
+
+_PROVIDERS: dict[str, Callable[[Any], PaymentGateway]] = {"midtrans": _midtrans_from_settings}
+
+
+def gateway_from_settings(settings: Any) -> PaymentGateway:
+    """The configured gateway. Only Midtrans exists; the stand-in speaks its protocol, so using the
+    stand-in is just another ``gateway_url``. ``settings.gateway_provider`` (default ``"midtrans"``)
+    picks the implementation once there is more than one."""
+    provider = str(getattr(settings, "gateway_provider", "midtrans") or "midtrans").lower()
+    try:
+        factory = _PROVIDERS[provider]
+    except KeyError:
+        raise ValueError(f"unknown payment gateway provider: {provider!r}") from None
+    return factory(settings)

@@ -1,0 +1,714 @@
+"""The stand-in payment gateway: a separate process that speaks the Midtrans Core/Snap protocol.
+
+Why it exists: tests, load drills and the demo need a gateway that behaves like Midtrans on the wire
+(HTTP Basic with the server key, ``"12500.00"`` amounts, SHA512-signed notifications, refunds idempotent
+by ``refund_key``, virtual accounts that can't be refunded by API) *and* that can be made to misbehave
+on demand: latency, 500s, timeouts, dropped, duplicated and out-of-order notifications, refused refunds.
+Our adapter (:mod:`shared.payments.gateway`) can't tell it from the real thing except by ``GATEWAY_URL``.
+
+Run it with ``python -m shared.payments.standin``: it listens on ``GATEWAY_PORT`` and posts notifications
+to ``NOTIFICATION_URL``.
+
+Protocol endpoints (HTTP Basic, server key as username): ``POST /snap/v1/transactions``,
+``GET /v2/<order_id>/status``, ``POST /v2/<order_id>/refund``. Refund refusals are answered like
+Midtrans' v2 API: HTTP 200 with ``status_code: "412"`` in the body. Unknown orders get HTTP 404 with
+``status_code: "404"``.
+
+Sandbox endpoints (no auth; they stand for the buyer and for the test harness): ``GET
+/snap/v2/vtweb/<token>`` (pay page), ``POST /sandbox/pay/<order_id>``, ``POST /sandbox/expire/<order_id>``,
+``POST /sandbox/notify/<order_id>`` (re-send; ``{"transaction_status": "pending"}`` sends a stale one,
+for out-of-order drills), ``GET|POST|DELETE /sandbox/faults``, ``GET /sandbox/transactions/<order_id>``.
+
+State lives in memory under one lock, so a restart forgets every transaction. A later issue makes it
+durable in its own PostgreSQL schema (the gateway's data is not ours, so it never shares our tables).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import hmac
+import logging
+import random
+import threading
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timedelta, timezone
+from functools import wraps
+from typing import Any, Callable, Sequence
+
+import requests
+from flask import Flask, Response, jsonify, request
+from markupsafe import escape
+
+from shared.logs import log_event
+from shared.payments.gateway import format_gross_amount, notification_signature
+
+log = logging.getLogger(__name__)
+
+MERCHANT_ID = "M-STANDIN"
+WIB = timezone(timedelta(hours=7), "WIB")
+PAYMENT_TYPES = ("qris", "gopay", "shopeepay", "credit_card", "bank_transfer")
+PAID = ("settlement", "capture")
+REFUNDABLE = PAID + ("partial_refund",)
+# Midtrans can't push money back into a virtual account; those refunds are paid out by hand.
+NOT_REFUNDABLE_BY_API = ("bank_transfer",)
+STATUS_CODES = {
+    "pending": "201", "settlement": "200", "capture": "200", "refund": "200", "partial_refund": "200",
+    "expire": "202", "cancel": "202", "deny": "202",
+}
+CANNOT_MODIFY = "Merchant cannot modify the status of the transaction"
+NOT_FOUND = {"status_code": "404", "status_message": "Transaction doesn't exist."}
+
+DEFAULT_FAULTS: dict[str, Any] = {
+    "latency_ms": 0,
+    "error_rate": 0.0,
+    "timeout_rate": 0.0,
+    "timeout_sleep_seconds": 10.0,
+    "drop_notifications": False,
+    "duplicate_notifications": 0,
+    "notification_jitter_ms": 0,
+    "refuse_refunds_for": [],
+    "seed": None,
+}
+
+
+# --- fault knobs -----------------------------------------------------------------------------------
+
+def _number(low: float, high: float | None = None) -> Callable[[Any], Any]:
+    def check(value: Any) -> Any:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError("must be a number")
+        if value < low or (high is not None and value > high):
+            raise ValueError(f"must be between {low} and {high}" if high is not None else f"must be >= {low}")
+        return value
+    return check
+
+
+def _boolean(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError("must be true or false")
+    return value
+
+
+def _count(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 20:
+        raise ValueError("must be an integer from 0 to 20")
+    return value
+
+
+def _payment_types(value: Any) -> list[str]:
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ValueError("must be a list of payment types")
+    return value
+
+
+def _seed(value: Any) -> int | None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+        raise ValueError("must be an integer or null")
+    return value
+
+
+FAULT_CHECKS: dict[str, Callable[[Any], Any]] = {
+    "latency_ms": _number(0),
+    "error_rate": _number(0, 1),
+    "timeout_rate": _number(0, 1),
+    "timeout_sleep_seconds": _number(0),
+    "drop_notifications": _boolean,
+    "duplicate_notifications": _count,
+    "notification_jitter_ms": _number(0),
+    "refuse_refunds_for": _payment_types,
+    "seed": _seed,
+}
+
+
+def validate_faults(knobs: Any) -> dict[str, Any]:
+    """Checked copy of ``knobs``; ValueError names the first bad knob."""
+    if not isinstance(knobs, dict):
+        raise ValueError("faults must be a JSON object")
+    checked: dict[str, Any] = {}
+    for name, value in knobs.items():
+        if name not in FAULT_CHECKS:
+            raise ValueError(f"unknown fault knob: {name}")
+        try:
+            checked[name] = FAULT_CHECKS[name](value)
+        except ValueError as exc:
+            raise ValueError(f"{name} {exc}") from None
+    return checked
+
+
+# --- records ---------------------------------------------------------------------------------------
+
+def _now_text() -> str:
+    return datetime.now(WIB).strftime("%Y-%m-%d %H:%M:%S")
+
+
+@dataclass
+class RefundRecord:
+    refund_key: str
+    amount: int
+    reason: str
+    created_at: str
+    response: dict[str, Any]
+
+
+@dataclass
+class Delivery:
+    """One notification copy on its way to the merchant, and what became of it."""
+
+    body: dict[str, Any]
+    copy: int
+    dropped: bool = False
+    attempts: int = 0
+    delivered: bool | None = None
+    last_http_status: int | None = None
+    last_error: str | None = None
+
+
+@dataclass
+class GatewayTransaction:
+    order_id: str
+    gross_amount: int
+    email: str | None
+    item_name: str | None
+    token: str
+    transaction_id: str
+    transaction_time: str
+    transaction_status: str = "pending"
+    payment_type: str | None = None
+    fraud_status: str | None = None
+    settlement_time: str | None = None
+    va_number: str | None = None
+    refunds: list[RefundRecord] = field(default_factory=list)
+    notifications: list[Delivery] = field(default_factory=list)
+
+    @property
+    def refunded_amount(self) -> int:
+        return sum(r.amount for r in self.refunds)
+
+
+def _describe(tx: GatewayTransaction, server_key: str, status: str, message: str) -> dict[str, Any]:
+    """The Midtrans view of ``tx`` as if its status were ``status``, signed like a notification."""
+    status_code = STATUS_CODES[status]
+    gross = format_gross_amount(tx.gross_amount)
+    body: dict[str, Any] = {
+        "transaction_time": tx.transaction_time,
+        "transaction_status": status,
+        "transaction_id": tx.transaction_id,
+        "status_message": message,
+        "status_code": status_code,
+        "signature_key": notification_signature(tx.order_id, status_code, gross, server_key),
+        "payment_type": tx.payment_type,
+        "order_id": tx.order_id,
+        "merchant_id": MERCHANT_ID,
+        "gross_amount": gross,
+        "fraud_status": tx.fraud_status if status != "pending" else None,
+        "currency": "IDR",
+        "settlement_time": tx.settlement_time if status in PAID + ("refund", "partial_refund") else None,
+    }
+    if tx.va_number is not None:
+        body["va_numbers"] = [{"bank": "bca", "va_number": tx.va_number}]
+    if status in ("refund", "partial_refund") and tx.refunds:
+        body["refund_amount"] = format_gross_amount(tx.refunded_amount)
+        body["refunds"] = [
+            {"refund_key": r.refund_key, "refund_amount": format_gross_amount(r.amount),
+             "reason": r.reason, "created_at": r.created_at}
+            for r in tx.refunds
+        ]
+    return {k: v for k, v in body.items() if v is not None}
+
+
+# --- the gateway's behaviour (no Flask here) -------------------------------------------------------
+
+class StandinGateway:
+    """In-memory transactions, fault knobs and notification delivery. Every method that changes a
+    transaction returns the notification copies to send, and the caller sends them after the lock is
+    released, so a slow merchant endpoint never stalls the gateway."""
+
+    def __init__(
+        self,
+        server_key: str,
+        notification_url: str,
+        public_url: str,
+        *,
+        seed: int | None = None,
+        notification_retry_delays: Sequence[float] = (0.5, 2.0, 5.0),
+        notification_timeout: float = 5.0,
+    ) -> None:
+        self.server_key = server_key
+        self.notification_url = notification_url
+        self.public_url = public_url.rstrip("/")
+        self.retry_delays = tuple(notification_retry_delays)
+        self.notification_timeout = notification_timeout
+        self.lock = threading.Lock()
+        self.transactions: dict[str, GatewayTransaction] = {}
+        self.tokens: dict[str, str] = {}
+        self.faults: dict[str, Any] = copy.deepcopy(DEFAULT_FAULTS)
+        self.random = random.Random(seed)
+        self.faults["seed"] = seed
+
+    # faults
+
+    def set_faults(self, knobs: dict[str, Any]) -> dict[str, Any]:
+        checked = validate_faults(knobs)
+        with self.lock:
+            self.faults.update(checked)
+            if "seed" in checked:
+                self.random.seed(checked["seed"])
+            return copy.deepcopy(self.faults)
+
+    def reset_faults(self) -> dict[str, Any]:
+        with self.lock:
+            self.faults = copy.deepcopy(DEFAULT_FAULTS)
+            return copy.deepcopy(self.faults)
+
+    def get_faults(self) -> dict[str, Any]:
+        with self.lock:
+            return copy.deepcopy(self.faults)
+
+    def draw_fault(self) -> tuple[float, str | None]:
+        """Decide this protocol request's fate: seconds to sleep first, then "error", "timeout" or None."""
+        with self.lock:
+            latency = self.faults["latency_ms"] / 1000.0
+            if self.random.random() < self.faults["error_rate"]:
+                return latency, "error"
+            if self.random.random() < self.faults["timeout_rate"]:
+                return latency + self.faults["timeout_sleep_seconds"], "timeout"
+            return latency, None
+
+    # protocol
+
+    def create(
+        self, order_id: str, gross_amount: int, email: str | None, item_name: str | None
+    ) -> GatewayTransaction | None:
+        """A new pending transaction, or None if the order id is taken."""
+        with self.lock:
+            if order_id in self.transactions:
+                return None
+            tx = GatewayTransaction(
+                order_id=order_id, gross_amount=gross_amount, email=email, item_name=item_name,
+                token=str(uuid.uuid4()), transaction_id=str(uuid.uuid4()), transaction_time=_now_text(),
+            )
+            self.transactions[order_id] = tx
+            self.tokens[tx.token] = order_id
+        log_event(log, "standin_transaction_created", gateway_order_id=order_id, amount=gross_amount)
+        return tx
+
+    def redirect_url(self, tx: GatewayTransaction) -> str:
+        return f"{self.public_url}/snap/v2/vtweb/{tx.token}"
+
+    def status(self, order_id: str) -> dict[str, Any] | None:
+        with self.lock:
+            tx = self.transactions.get(order_id)
+            if tx is None:
+                return None
+            return _describe(tx, self.server_key, tx.transaction_status, "Success, transaction is found")
+
+    def refund(
+        self, order_id: str, refund_key: str, amount: int | None, reason: str
+    ) -> tuple[int, dict[str, Any], list[Delivery]]:
+        """(HTTP status, body, notifications). The same ``refund_key`` returns the first answer again."""
+        with self.lock:
+            tx = self.transactions.get(order_id)
+            if tx is None:
+                return 404, dict(NOT_FOUND), []
+            earlier = next((r for r in tx.refunds if r.refund_key == refund_key), None)
+            if earlier is not None:
+                return 200, copy.deepcopy(earlier.response), []
+            refusal = self._refund_refusal(tx, amount)
+            if refusal is not None:
+                return 200, {"status_code": "412", "status_message": refusal, "order_id": order_id}, []
+            refund_amount = amount if amount is not None else tx.gross_amount - tx.refunded_amount
+            response = self._record_refund(tx, refund_key, refund_amount, reason)
+            deliveries = self._queue_notification(tx, tx.transaction_status)
+        log_event(log, "standin_refunded", gateway_order_id=order_id, amount=refund_amount)
+        return 200, copy.deepcopy(response), deliveries
+
+    def _refund_refusal(self, tx: GatewayTransaction, amount: int | None) -> str | None:
+        refused = set(NOT_REFUNDABLE_BY_API) | set(self.faults["refuse_refunds_for"])
+        if tx.payment_type in refused or tx.transaction_status not in REFUNDABLE:
+            return CANNOT_MODIFY
+        remaining = tx.gross_amount - tx.refunded_amount
+        if amount is not None and not 0 < amount <= remaining:
+            return f"Refund amount must be between 1 and the refundable {remaining}"
+        return None
+
+    def _record_refund(
+        self, tx: GatewayTransaction, refund_key: str, amount: int, reason: str
+    ) -> dict[str, Any]:
+        full = tx.refunded_amount + amount == tx.gross_amount
+        tx.transaction_status = "refund" if full else "partial_refund"
+        response = {
+            "status_code": "200",
+            "status_message": "Success, refund request is approved",
+            "transaction_id": tx.transaction_id,
+            "order_id": tx.order_id,
+            "gross_amount": format_gross_amount(tx.gross_amount),
+            "currency": "IDR",
+            "payment_type": tx.payment_type,
+            "transaction_time": tx.transaction_time,
+            "transaction_status": tx.transaction_status,
+            "refund_chargeback_id": len(tx.refunds) + 1,
+            "refund_amount": format_gross_amount(amount),
+            "refund_key": refund_key,
+        }
+        tx.refunds.append(RefundRecord(refund_key, amount, reason, _now_text(), response))
+        return response
+
+    # sandbox
+
+    def pay(self, order_id: str, payment_type: str) -> tuple[str, dict[str, Any] | None, list[Delivery]]:
+        """("ok" | "not_found" | "not_pending", status body, notifications)."""
+        with self.lock:
+            tx = self.transactions.get(order_id)
+            if tx is None:
+                return "not_found", None, []
+            if tx.transaction_status != "pending":
+                return "not_pending", self._status_locked(tx), []
+            tx.payment_type = payment_type
+            tx.transaction_status = "capture" if payment_type == "credit_card" else "settlement"
+            tx.fraud_status = "accept"
+            tx.settlement_time = _now_text()
+            if payment_type == "bank_transfer":
+                tx.va_number = f"{self.random.randrange(10**10, 10**11)}"
+            deliveries = self._queue_notification(tx, tx.transaction_status)
+            body = self._status_locked(tx)
+        log_event(log, "standin_paid", gateway_order_id=order_id, payment_type=payment_type)
+        return "ok", body, deliveries
+
+    def expire(self, order_id: str) -> tuple[str, dict[str, Any] | None, list[Delivery]]:
+        with self.lock:
+            tx = self.transactions.get(order_id)
+            if tx is None:
+                return "not_found", None, []
+            if tx.transaction_status != "pending":
+                return "not_pending", self._status_locked(tx), []
+            tx.transaction_status = "expire"
+            deliveries = self._queue_notification(tx, "expire")
+            return "ok", self._status_locked(tx), deliveries
+
+    def renotify(self, order_id: str, status: str | None) -> tuple[str, list[Delivery]]:
+        """Send the current notification again, or a stale one for ``status`` (out-of-order drills)."""
+        with self.lock:
+            tx = self.transactions.get(order_id)
+            if tx is None:
+                return "not_found", []
+            if status is not None and status not in STATUS_CODES:
+                return "bad_status", []
+            return "ok", self._queue_notification(tx, status or tx.transaction_status)
+
+    def record(self, order_id: str) -> dict[str, Any] | None:
+        with self.lock:
+            tx = self.transactions.get(order_id)
+            return None if tx is None else asdict(tx) | {"refunded_amount": tx.refunded_amount}
+
+    def order_for_token(self, token: str) -> GatewayTransaction | None:
+        with self.lock:
+            order_id = self.tokens.get(token)
+            return None if order_id is None else copy.deepcopy(self.transactions[order_id])
+
+    def _status_locked(self, tx: GatewayTransaction) -> dict[str, Any]:
+        return _describe(tx, self.server_key, tx.transaction_status, "Success, transaction is found")
+
+    # notifications
+
+    def _queue_notification(self, tx: GatewayTransaction, status: str) -> list[Delivery]:
+        """Notification copies for ``tx`` (caller holds the lock), recorded on the transaction."""
+        body = _describe(tx, self.server_key, status, "midtrans payment notification")
+        dropped = bool(self.faults["drop_notifications"])
+        copies = 1 + int(self.faults["duplicate_notifications"])
+        deliveries = [Delivery(body=copy.deepcopy(body), copy=n, dropped=dropped) for n in range(copies)]
+        tx.notifications.extend(deliveries)
+        return deliveries
+
+    def send(self, deliveries: list[Delivery]) -> None:
+        """Deliver each copy on its own daemon thread; the request that caused it doesn't wait."""
+        for delivery in deliveries:
+            if delivery.dropped:
+                log_event(log, "standin_notification_dropped", gateway_order_id=delivery.body["order_id"])
+                continue
+            with self.lock:
+                jitter = self.random.uniform(0, self.faults["notification_jitter_ms"]) / 1000.0
+            threading.Thread(target=self._deliver, args=(delivery, jitter), daemon=True,
+                             name="standin-notify").start()
+
+    def _deliver(self, delivery: Delivery, delay: float) -> None:
+        """POST until the merchant answers 2xx, retrying a bounded number of times with backoff."""
+        for pause in (delay, *self.retry_delays):
+            time.sleep(pause)
+            status, error = self._post(delivery.body)
+            with self.lock:
+                delivery.attempts += 1
+                delivery.last_http_status, delivery.last_error = status, error
+                delivery.delivered = status is not None and 200 <= status < 300
+                if delivery.delivered:
+                    return
+        log_event(log, "standin_notification_gave_up", logging.WARNING,
+                  gateway_order_id=delivery.body["order_id"], attempts=delivery.attempts)
+
+    def _post(self, body: dict[str, Any]) -> tuple[int | None, str | None]:
+        try:
+            response = requests.post(self.notification_url, json=body, timeout=self.notification_timeout)
+        except requests.RequestException as exc:
+            return None, type(exc).__name__
+        return response.status_code, None
+
+
+# --- HTTP ------------------------------------------------------------------------------------------
+
+def _json_error(status: int, message: str) -> Response:
+    response = jsonify({"status_code": str(status), "status_message": message, "error_messages": [message]})
+    response.status_code = status
+    return response
+
+
+def _protocol(gateway: StandinGateway) -> Callable[[Callable[..., Response]], Callable[..., Response]]:
+    """Wrap a protocol endpoint: injected faults first (an outage happens before auth), then HTTP Basic
+    with the server key. A "timeout" sleeps past the client's patience and then still does the work,
+    like a real gateway that was slow rather than down."""
+    def decorate(view: Callable[..., Response]) -> Callable[..., Response]:
+        @wraps(view)
+        def wrapped(*args: Any, **kwargs: Any) -> Response:
+            pause, fault = gateway.draw_fault()
+            if pause:
+                time.sleep(pause)
+            if fault == "error":
+                return _json_error(500, "Sorry, we encountered internal server error. We will fix this soon.")
+            if not _authorized(gateway.server_key):
+                return _json_error(401, "Unknown Merchant server_key/id")
+            return view(*args, **kwargs)
+        return wrapped
+    return decorate
+
+
+def _authorized(server_key: str) -> bool:
+    auth = request.authorization
+    if auth is None or auth.type != "basic" or auth.username is None:
+        return False
+    return hmac.compare_digest(auth.username.encode("utf-8"), server_key.encode("utf-8"))
+
+
+def _snap_request(body: Any) -> tuple[str, int, str | None, str | None]:
+    """(order_id, gross_amount, email, item_name) from a Snap create body; ValueError says what's wrong."""
+    details = body.get("transaction_details") if isinstance(body, dict) else None
+    if not isinstance(details, dict):
+        raise ValueError("transaction_details is required")
+    order_id, gross = details.get("order_id"), details.get("gross_amount")
+    if not isinstance(order_id, str) or not order_id or len(order_id) > 50:
+        raise ValueError("transaction_details.order_id is required (at most 50 characters)")
+    if isinstance(gross, bool) or not isinstance(gross, (int, float)) or gross != int(gross) or gross < 1:
+        raise ValueError("transaction_details.gross_amount must be a positive whole number")
+    items = body.get("item_details")
+    if items is not None:
+        if not isinstance(items, list) or not all(isinstance(i, dict) for i in items):
+            raise ValueError("item_details must be a list of objects")
+        try:
+            total = sum(int(i.get("price") or 0) * int(i.get("quantity") or 0) for i in items)
+        except (TypeError, ValueError):
+            raise ValueError("item_details price and quantity must be numbers") from None
+        if total != gross:
+            raise ValueError("transaction_details.gross_amount is not equal to the sum of item_details")
+    email = (body.get("customer_details") or {}).get("email")
+    item_name = items[0].get("name") if items else None
+    return order_id, int(gross), email, item_name
+
+
+def _register_protocol(app: Flask, gateway: StandinGateway) -> None:
+    protocol = _protocol(gateway)
+
+    @app.post("/snap/v1/transactions")
+    @protocol
+    def snap_create() -> Response:
+        try:
+            order_id, gross, email, item_name = _snap_request(request.get_json(silent=True))
+        except ValueError as exc:
+            return _json_error(400, str(exc))
+        tx = gateway.create(order_id, gross, email, item_name)
+        if tx is None:
+            return _json_error(409, "transaction_details.order_id has already been taken")
+        response = jsonify({"token": tx.token, "redirect_url": gateway.redirect_url(tx)})
+        response.status_code = 201
+        return response
+
+    @app.get("/v2/<order_id>/status")
+    @protocol
+    def status(order_id: str) -> Response:
+        body = gateway.status(order_id)
+        if body is None:
+            return _json_error(404, NOT_FOUND["status_message"])
+        return jsonify(body)
+
+    @app.post("/v2/<order_id>/refund")
+    @protocol
+    def refund(order_id: str) -> Response:
+        body = request.get_json(silent=True) or {}
+        amount = body.get("amount")
+        if amount is not None and (isinstance(amount, bool) or not isinstance(amount, int)):
+            return _json_error(400, "amount must be a whole number of rupiah")
+        refund_key = str(body.get("refund_key") or uuid.uuid4())
+        reason = str(body.get("reason") or "")
+        http_status, answer, deliveries = gateway.refund(order_id, refund_key, amount, reason)
+        gateway.send(deliveries)
+        response = jsonify(answer)
+        response.status_code = http_status
+        return response
+
+
+PAY_PAGE = """<!doctype html>
+<html lang="id"><head><meta charset="utf-8"><title>Pembayaran (simulasi)</title>
+<meta name="viewport" content="width=device-width, initial-scale=1"></head>
+<body style="font-family: sans-serif; max-width: 28rem; margin: 2rem auto">
+<h1>Pembayaran e-Meterai</h1>
+<p><small>Gateway simulasi untuk demo &mdash; tidak ada uang sungguhan yang berpindah.</small></p>
+<p>Nomor pesanan: <code>{order_id}</code><br>Total: <strong>{amount}</strong><br>Status: {status}</p>
+{form}
+</body></html>"""
+
+PAY_FORM = """<form method="post" action="/sandbox/pay/{order_id}">
+<label>Metode pembayaran
+<select name="payment_type">
+<option value="qris">QRIS</option><option value="gopay">GoPay</option>
+<option value="credit_card">Kartu kredit</option><option value="bank_transfer">Transfer bank (VA)</option>
+</select></label>
+<button type="submit">Bayar sekarang</button>
+</form>"""
+
+STATUS_WORDS = {
+    "pending": "menunggu pembayaran", "settlement": "lunas", "capture": "lunas", "expire": "kedaluwarsa",
+    "refund": "dana dikembalikan", "partial_refund": "dana dikembalikan sebagian",
+    "cancel": "dibatalkan", "deny": "ditolak",
+}
+
+
+def _rupiah(amount: int) -> str:
+    return "Rp" + f"{amount:,}".replace(",", ".")
+
+
+def _html(text: str, status: int = 200) -> Response:
+    return Response(text, status=status, mimetype="text/html")
+
+
+def _register_sandbox(app: Flask, gateway: StandinGateway) -> None:
+    @app.get("/snap/v2/vtweb/<token>")
+    def pay_page(token: str) -> Response:
+        tx = gateway.order_for_token(token)
+        if tx is None:
+            return _html("<p>Tautan pembayaran tidak ditemukan.</p>", 404)
+        form = PAY_FORM.format(order_id=escape(tx.order_id)) if tx.transaction_status == "pending" else ""
+        return _html(PAY_PAGE.format(
+            order_id=escape(tx.order_id), amount=_rupiah(tx.gross_amount),
+            status=STATUS_WORDS.get(tx.transaction_status, tx.transaction_status), form=form,
+        ))
+
+    @app.post("/sandbox/pay/<order_id>")
+    def sandbox_pay(order_id: str) -> Response:
+        from_form = not request.is_json
+        body = request.form if from_form else (request.get_json(silent=True) or {})
+        payment_type = body.get("payment_type") or "qris"
+        if payment_type not in PAYMENT_TYPES:
+            return _json_error(400, f"payment_type must be one of {', '.join(PAYMENT_TYPES)}")
+        outcome, status_body, deliveries = gateway.pay(order_id, payment_type)
+        gateway.send(deliveries)
+        if from_form:
+            return _pay_outcome_page(outcome)
+        return _sandbox_answer(outcome, status_body)
+
+    @app.post("/sandbox/expire/<order_id>")
+    def sandbox_expire(order_id: str) -> Response:
+        outcome, status_body, deliveries = gateway.expire(order_id)
+        gateway.send(deliveries)
+        return _sandbox_answer(outcome, status_body)
+
+    @app.post("/sandbox/notify/<order_id>")
+    def sandbox_notify(order_id: str) -> Response:
+        status = (request.get_json(silent=True) or {}).get("transaction_status")
+        outcome, deliveries = gateway.renotify(order_id, status)
+        if outcome == "bad_status":
+            return _json_error(400, f"unknown transaction_status: {status}")
+        gateway.send(deliveries)
+        if outcome == "not_found":
+            return _json_error(404, NOT_FOUND["status_message"])
+        first = deliveries[0].body if deliveries else None
+        response = jsonify({"queued": len(deliveries), "notification": first})
+        response.status_code = 202
+        return response
+
+    @app.route("/sandbox/faults", methods=["GET", "POST", "DELETE"])
+    def sandbox_faults() -> Response:
+        if request.method == "DELETE":
+            return jsonify(gateway.reset_faults())
+        if request.method == "GET":
+            return jsonify(gateway.get_faults())
+        try:
+            return jsonify(gateway.set_faults(request.get_json(silent=True)))
+        except ValueError as exc:
+            return _json_error(400, str(exc))
+
+    @app.get("/sandbox/transactions/<order_id>")
+    def sandbox_transaction(order_id: str) -> Response:
+        record = gateway.record(order_id)
+        if record is None:
+            return _json_error(404, NOT_FOUND["status_message"])
+        return jsonify(record)
+
+
+def _sandbox_answer(outcome: str, status_body: dict[str, Any] | None) -> Response:
+    if outcome == "not_found":
+        return _json_error(404, NOT_FOUND["status_message"])
+    response = jsonify(status_body)
+    response.status_code = 200 if outcome == "ok" else 409
+    return response
+
+
+def _pay_outcome_page(outcome: str) -> Response:
+    if outcome == "ok":
+        return _html("<p>Pembayaran berhasil. Silakan kembali ke halaman pesanan Anda.</p>")
+    if outcome == "not_pending":
+        return _html("<p>Transaksi ini tidak lagi menunggu pembayaran.</p>", 409)
+    return _html("<p>Transaksi tidak ditemukan.</p>", 404)
+
+
+def create_standin_app(
+    server_key: str,
+    notification_url: str,
+    public_url: str,
+    *,
+    seed: int | None = None,
+    notification_retry_delays: Sequence[float] = (0.5, 2.0, 5.0),
+    notification_timeout: float = 5.0,
+) -> Flask:
+    """The stand-in gateway as a Flask app. ``public_url`` is where buyers' browsers reach it (used in
+    ``redirect_url``); ``seed`` makes injected faults reproducible."""
+    app = Flask(__name__)
+    app.json.sort_keys = False  # type: ignore[attr-defined]
+    gateway = StandinGateway(
+        server_key, notification_url, public_url, seed=seed,
+        notification_retry_delays=notification_retry_delays, notification_timeout=notification_timeout,
+    )
+    app.extensions["standin_gateway"] = gateway
+    _register_protocol(app, gateway)
+    _register_sandbox(app, gateway)
+    return app
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Serve the stand-in with werkzeug's threaded server, configured like every other process."""
+    from shared.config import get_settings
+    from werkzeug.serving import run_simple
+
+    settings = get_settings()
+    parser = argparse.ArgumentParser(prog="python -m shared.payments.standin",
+                                     description="Stand-in Midtrans payment gateway.")
+    parser.add_argument("--host", default="127.0.0.1", help="interface to listen on (0.0.0.0 in containers)")
+    parser.add_argument("--port", type=int, default=settings.gateway_port)
+    parser.add_argument("--seed", type=int, default=None, help="seed for injected faults")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    app = create_standin_app(settings.gateway_server_key, settings.notification_url, settings.gateway_url,
+                             seed=args.seed)
+    log_event(log, "standin_listening", host=args.host, port=args.port, notify=settings.notification_url)
+    run_simple(args.host, args.port, app, threaded=True)
+
+
+if __name__ == "__main__":
+    main()
