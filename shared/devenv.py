@@ -577,6 +577,7 @@ def _configured_services() -> tuple[Settings, Services]:
 
     settings = load_settings()
     data_dir = Path(settings.data_dir).absolute()
+    data_dir.mkdir(parents=True, exist_ok=True)
     return settings, ensure_services(settings.database_url, settings.redis_url, data_dir)
 
 

@@ -11,7 +11,7 @@ from datetime import timedelta
 
 from celery import Celery, Task
 from flask import Flask
-from kombu import Queue
+from kombu import Exchange, Queue
 
 from shared import jobs
 from shared.config import Settings
@@ -55,8 +55,13 @@ def celery_config(settings: Settings) -> dict:
         "worker_prefetch_multiplier": 1,
         "task_time_limit": settings.task_time_limit_seconds,
         "task_soft_time_limit": max(1, settings.task_time_limit_seconds - 10),
-        "task_queues": [Queue(name) for name in jobs.ALL_QUEUES],
+        # One direct exchange per queue, routing key = queue name: a message reaches exactly one queue.
+        "task_queues": [Queue(name, Exchange(name, type="direct"), routing_key=name)
+                        for name in jobs.ALL_QUEUES],
         "task_default_queue": "housekeeping",
+        "task_default_exchange": "housekeeping",
+        "task_default_routing_key": "housekeeping",
+        "task_create_missing_queues": False,
         "task_routes": {name: {"queue": queue} for name, queue in jobs.QUEUES.items()},
         "task_serializer": "json",
         "accept_content": ["json"],
