@@ -1,0 +1,33 @@
+"""Routing over the real broker: each task's message lands in exactly one queue, its own."""
+from __future__ import annotations
+
+import dataclasses
+
+import redis
+
+from shared import jobs
+from workers.celery_app import make_celery_app
+
+
+def test_each_task_lands_in_exactly_its_own_queue(system):
+    # A key prefix no worker listens on, so the messages stay put for us to count.
+    settings = dataclasses.replace(system.settings, redis_key_prefix="meterai-routing-test:")
+    app = make_celery_app(settings)
+    client = redis.Redis.from_url(settings.redis_url)
+    try:
+        with app.connection_for_write() as conn:  # declare every queue and binding, as workers do
+            for queue in app.amqp.queues.values():
+                queue.bind(conn.default_channel).declare()
+        for name, queue in jobs.QUEUES.items():
+            with app.producer_or_acquire() as producer:
+                app.send_task(name, args=["x"], queue=queue, producer=producer)
+            lengths = {q: client.llen(f"{settings.redis_key_prefix}{q}") for q in jobs.ALL_QUEUES}
+            assert lengths[queue] == 1, (name, lengths)
+            assert sum(lengths.values()) == 1, (name, lengths)
+            client.delete(f"{settings.redis_key_prefix}{queue}")
+    finally:
+        for key in client.scan_iter(match=f"{settings.redis_key_prefix}*"):
+            client.delete(key)
+        client.close()
+        app.close()
+        make_celery_app(system.settings)  # restore the session's publisher
