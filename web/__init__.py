@@ -25,11 +25,12 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.extensions["meterai.store"] = store_from_settings(settings)
     celery_init_app(app, settings)
 
-    from web import api, errors, health, notifications, openapi
+    from web import api, errors, health, notifications, openapi, verify
 
     errors.register(app)
     app.register_blueprint(api.bp)
     app.register_blueprint(notifications.bp)
     app.register_blueprint(health.bp)
     app.register_blueprint(openapi.bp)
+    app.register_blueprint(verify.bp)
     return app

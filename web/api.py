@@ -7,7 +7,6 @@ import uuid
 
 from flask import Blueprint, Response, jsonify, request, url_for
 
-from shared.db import get_pool
 from shared.errors import DomainError
 from shared.lifecycle import Status
 from shared.orders import NewOrder, access_token_for, create_order, get_order, order_view, token_matches
@@ -18,7 +17,6 @@ bp = Blueprint("api", __name__, url_prefix="/api/v1")
 
 _IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,64}$")
 _EMAIL = re.compile(r"^[^@\s]{1,64}@[^@\s]+\.[^@\s]{2,}$")
-_SERIAL = re.compile(r"^[0-9A-Z]{22}$")
 
 
 class BadRequest(DomainError):
@@ -126,21 +124,3 @@ def download_document(order_id: str):
         headers={"Content-Disposition": f'attachment; filename="meterai-{order["serial"]}.pdf"',
                  "Cache-Control": "no-store"},
     )
-
-
-@bp.get("/verify/<serial>")
-def verify_serial(serial: str):
-    if not _SERIAL.match(serial):
-        raise DomainError("Unknown serial.", code="unknown_serial", status=404)
-    with get_pool(settings().database_url).connection() as conn:
-        row = conn.execute(
-            "SELECT s.serial, s.status, s.document_sha256, o.stamped_at FROM serials s"
-            " JOIN orders o ON o.id = s.order_id WHERE s.serial = %s",
-            (serial,),
-        ).fetchone()
-    if row is None:
-        raise DomainError("Unknown serial.", code="unknown_serial", status=404)
-    body = {"serial": row["serial"], "status": row["status"]}
-    if row["status"] == "used":
-        body.update(stamped_at=row["stamped_at"].isoformat(), document_sha256=row["document_sha256"])
-    return jsonify(body)
