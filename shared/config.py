@@ -48,7 +48,8 @@ class Settings:
 
     # Deadlines and leases, in seconds.
     stamp_deadline_seconds: int = 6 * 3600
-    lease_seconds: int = 120
+    # Longer than the task time limit: a task still running always holds a live lease.
+    lease_seconds: int = 180
     payment_timeout_seconds: int = 24 * 3600
 
     # Retries: exponential backoff with full jitter, capped.

@@ -278,3 +278,46 @@ def test_paid_order_survives_redis_restarting_empty(sys_):
     done = sys_.wait_status(order_id, token, "stamped")
     assert ledger(sys_, order_id) == {"captured": 12500, "revenue": 12500}
     assert done["serial"]
+
+
+def test_failed_stamp_paid_by_bank_transfer_goes_to_manual_refund(sys_):
+    """Virtual-account payments can't be refunded by API: ops get a refund_manual order, not silence."""
+    order_id, token, view = sys_.order_awaiting_payment()
+    upload = sys_.settings.documents_path / sys_.order_row(order_id)["document_key"]
+    upload.write_bytes(b"%PDF-1.7\n" + b"\x00garbage" * 100)
+    sys_.pay(view["payment"]["gateway_order_id"], payment_type="bank_transfer")
+    done = sys_.wait_status(order_id, token, "refund_manual")
+    assert done["refund"] == {"status": "manual", "amount": 12500}
+    assert ledger(sys_, order_id) == {"captured": 12500}  # still owed to the buyer: in flight
+    assert sys_.gateway_record(view["payment"]["gateway_order_id"])["refunds"] == []
+
+
+def test_redrive_recovers_a_notification_lost_with_redis(sys_):
+    """Redis restarts empty while a notification waits to be processed: PostgreSQL alone recovers it."""
+    general = sys_.workers["general"]
+    order_id, token, view = sys_.order_awaiting_payment()
+    general.stop()  # nobody processes payments now
+    sys_.pay(view["payment"]["gateway_order_id"])
+    wait_until(lambda: sys_.query("SELECT 1 FROM payment_notifications"), message="notification stored")
+    sys_.redis.restart()
+    general.start()
+    assert sys_.status(order_id, token)["status"] == "awaiting_payment"
+    assert housekeeping.redrive(sys_.settings)["meterai.payments.process_notification"] == 1
+    sys_.wait_status(order_id, token, "stamped")
+    assert ledger(sys_, order_id) == {"captured": 12500, "revenue": 12500}
+
+
+def test_redrive_recovers_a_refund_lost_with_redis(sys_):
+    """Redis restarts empty while a refund waits in its queue: the refund still happens, once."""
+    [order_id] = _paid_orders_past_deadline(sys_, 1)
+    sys_.workers["general"].stop()  # nobody runs refunds now
+    assert housekeeping.sweep_refunds(sys_.settings) == 1  # publishes the refund task...
+    sys_.redis.restart()  # ...which Redis then forgets
+    sys_.workers["general"].start()
+    assert sys_.order_row(order_id)["status"] == "refund_pending"
+    assert housekeeping.redrive(sys_.settings)["meterai.refunds.refund_order"] == 1
+    wait_until(lambda: sys_.order_row(order_id)["status"] == "refunded", message="refund after redrive")
+    assert ledger(sys_, order_id) == {"captured": 12500, "refunded": 12500}
+    gateway_order_id = sys_.query("SELECT gateway_order_id FROM refunds WHERE order_id = %s",
+                                  (order_id,))[0]["gateway_order_id"]
+    assert len(sys_.gateway_record(gateway_order_id)["refunds"]) == 1

@@ -1,0 +1,41 @@
+"""Celery settings that paid work depends on, and the retry policy's shape."""
+from __future__ import annotations
+
+from shared import jobs
+from shared.config import load_settings
+from workers.celery_app import celery_config
+from workers.tasks.base import backoff_seconds
+
+
+def test_messages_are_acked_late_one_at_a_time_and_outlive_the_longest_task_and_retry():
+    settings = load_settings({})
+    config = celery_config(settings)
+    assert config["task_acks_late"] is True
+    assert config["task_reject_on_worker_lost"] is True
+    assert config["worker_prefetch_multiplier"] == 1
+    assert config["task_time_limit"] == settings.task_time_limit_seconds
+    assert config["task_soft_time_limit"] < config["task_time_limit"]
+    visibility = config["broker_transport_options"]["visibility_timeout"]
+    assert visibility > settings.task_time_limit_seconds + settings.retry_max_seconds
+
+
+def test_lease_outlives_the_task_time_limit():
+    """A live task always holds a live lease, so the sweep can't refund an order mid-stamp."""
+    settings = load_settings({})
+    assert settings.lease_seconds > settings.task_time_limit_seconds
+
+
+def test_every_task_has_a_queue_and_paid_work_has_its_own():
+    assert jobs.QUEUES[jobs.STAMP_ORDER] == "stamping"
+    assert jobs.QUEUES[jobs.REFUND_ORDER] == "refunds"
+    assert jobs.QUEUES[jobs.PREPARE_ORDER] not in ("stamping", "refunds")
+
+
+def test_backoff_grows_exponentially_with_full_jitter_under_a_cap():
+    samples = {attempt: [backoff_seconds(attempt, 2.0, 60.0) for _ in range(400)] for attempt in range(10)}
+    for attempt, values in samples.items():
+        ceiling = min(60.0, 2.0 * 2 ** attempt)
+        assert all(0.1 <= v <= max(ceiling, 0.1) for v in values)
+    assert max(samples[9]) <= 60.0
+    assert len({round(v, 3) for v in samples[5]}) > 100  # jittered, not a fixed delay
+    assert sum(samples[4]) / 400 > 2 * sum(samples[1]) / 400  # grows with the attempt
