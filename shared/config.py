@@ -67,6 +67,38 @@ class Settings:
 
     task_time_limit_seconds: int = 120
 
+    # Admission control (the waiting room). 0 per minute means "follow measured stamping throughput".
+    admission_per_minute: int = 0
+    admission_min_per_minute: int = 600
+    admission_burst: int = 50
+    admission_active_checkouts: int = 5000
+    admission_session_seconds: int = 600
+    admission_token_seconds: int = 600
+    ticket_seconds: int = 6 * 3600
+    # Per-client rate limits on write endpoints ("<count>/<seconds>").
+    rate_limit_create: str = "20/60"
+    rate_limit_verify: str = "30/60"
+    rate_limit_notifications: str = "600/60"
+    # How many reverse proxies in front of us set X-Forwarded-For (0: trust the socket's address).
+    proxy_hops: int = 0
+    # Bearer token for the ops endpoints; empty disables them.
+    ops_token: str = ""
+
+    # Signing stamped documents (X.509, PAdES B-B). Empty paths default to <data_dir>/pki/. With
+    # signing_dev_pki=1 a development root CA and issuer certificate are made there on first use when
+    # none of the three files exists; set it to 0 in production so missing key material is an error.
+    signing_key_path: str = ""
+    signing_cert_path: str = ""
+    signing_ca_cert_path: str = ""
+    signing_key_passphrase: str = ""
+    signing_dev_pki: int = 1
+
+    # Verifying uploaded documents (POST /api/v1/verify): a size cap, a wall-clock limit for the
+    # isolated child process that parses and validates, and how many run at once per web process.
+    verify_max_bytes: int = 8 * 1024 * 1024
+    verify_timeout_seconds: float = 10.0
+    verify_concurrency: int = 2
+
     @property
     def price(self) -> int:
         return self.stamp_face_value + self.service_fee

@@ -249,6 +249,12 @@ def system(database_url, redis_server, tmp_path_factory) -> Any:
         "REDRIVE_GRACE_SECONDS": "0",
         "TASK_TIME_LIMIT_SECONDS": "50",
         "SECRET_KEY": "test-secret",
+        # The shared test system is never throttled; tests of throttling build their own app.
+        "ADMISSION_PER_MINUTE": "1000000",
+        "ADMISSION_BURST": "1000000",
+        "RATE_LIMIT_CREATE": "1000000/60",
+        "RATE_LIMIT_VERIFY": "1000000/60",
+        "RATE_LIMIT_NOTIFICATIONS": "1000000/60",
     }
     settings = load_settings(env_settings)
     env = {**os.environ, **env_settings, "PYTHONUNBUFFERED": "1"}

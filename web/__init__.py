@@ -7,9 +7,13 @@ from __future__ import annotations
 
 import logging
 
+import redis
 from flask import Flask
+from werkzeug.middleware.proxy_fix import ProxyFix
 
+from shared.admission import AdmissionController
 from shared.config import Settings, get_settings
+from shared.ratelimit import RateLimiter
 from shared.store import store_from_settings
 from workers.celery_app import celery_init_app
 
@@ -24,13 +28,22 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.extensions["meterai.settings"] = settings
     app.extensions["meterai.store"] = store_from_settings(settings)
     celery_init_app(app, settings)
+    # Short timeouts: a slow Redis must turn into a quick "come back", never a hung request.
+    client = redis.Redis.from_url(settings.redis_url, socket_timeout=0.5, socket_connect_timeout=0.5)
+    app.extensions["meterai.admission"] = AdmissionController(settings, client)
+    app.extensions["meterai.ratelimiter"] = RateLimiter(client, settings.redis_key_prefix)
+    if settings.proxy_hops > 0:
+        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=settings.proxy_hops)
 
-    from web import api, errors, health, notifications, openapi, verify
+    from web import api, errors, health, limits, notifications, openapi, ops, queue, verify
 
     errors.register(app)
+    app.after_request(limits.add_rate_limit_headers)
     app.register_blueprint(api.bp)
     app.register_blueprint(notifications.bp)
     app.register_blueprint(health.bp)
     app.register_blueprint(openapi.bp)
     app.register_blueprint(verify.bp)
+    app.register_blueprint(queue.bp)
+    app.register_blueprint(ops.bp)
     return app

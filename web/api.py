@@ -9,9 +9,13 @@ from flask import Blueprint, Response, jsonify, request, url_for
 
 from shared.errors import DomainError
 from shared.lifecycle import Status
-from shared.orders import NewOrder, access_token_for, create_order, get_order, order_view, token_matches
+from shared.admission import Queued
+from shared.orders import (NewOrder, access_token_for, create_order, find_by_idempotency_key, get_order,
+                           order_view, token_matches)
 from shared.stamping import quick_check
-from web.context import settings, store
+from web.context import admission, settings, store
+from web.errors import error_response
+from web.limits import rate_limited
 
 bp = Blueprint("api", __name__, url_prefix="/api/v1")
 
@@ -43,11 +47,7 @@ def _number(name: str, *, integer: bool = False) -> float:
     return value
 
 
-def _new_order_from_request() -> NewOrder:
-    key = request.headers.get("Idempotency-Key", "")
-    if not _IDEMPOTENCY_KEY.match(key):
-        raise BadRequest("Header Idempotency-Key is required: 1-64 printable ASCII characters.",
-                         code="missing_idempotency_key")
+def _new_order_from_request(key: str) -> NewOrder:
     upload = request.files.get("document")
     if upload is None:
         raise BadRequest("Multipart field 'document' (a PDF) is required.", code="missing_document")
@@ -70,9 +70,41 @@ def _links(order_id: str) -> dict[str, str]:
     }
 
 
+def _queued_response(queued: Queued):
+    response = error_response(
+        "queued",
+        "Many buyers are checking out right now; you have a place in the queue. Poll the ticket and "
+        "repeat this request with the Admission-Token header once admitted.",
+        429,
+        retry_after=min(30, max(2, queued.eta_seconds // 4)),
+        queue={"ticket": queued.ticket, "position": queued.position, "eta_seconds": queued.eta_seconds,
+               "status_url": url_for("queue.queue_status", ticket=queued.ticket),
+               "page_url": url_for("queue.queue_page", ticket=queued.ticket)},
+    )
+    return response
+
+
 @bp.post("/orders")
+@rate_limited("create", "rate_limit_create")
 def create_order_endpoint():
-    new = _new_order_from_request()
+    key = request.headers.get("Idempotency-Key", "")
+    if not _IDEMPOTENCY_KEY.match(key):
+        raise BadRequest("Header Idempotency-Key is required: 1-64 printable ASCII characters.",
+                         code="missing_idempotency_key")
+    # A replay of an order we already have is never queued: the buyer is already in.
+    replay = find_by_idempotency_key(settings(), key) is not None
+    admission_claims = None
+    if not replay:
+        token = request.headers.get("Admission-Token", "").strip()
+        if token:
+            admission_claims = admission().check_token(token)
+        else:
+            decision = admission().admit_or_queue()
+            if isinstance(decision, Queued):
+                return _queued_response(decision)
+    new = _new_order_from_request(key)
+    if admission_claims is not None:
+        admission().spend_token(admission_claims)
     order, created = create_order(settings(), store(), new)
     order_id = str(order["id"])
     body = {

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from flask import current_app
 
+from shared.admission import AdmissionController
 from shared.config import Settings
 from shared.store import DocumentStore
 
@@ -13,3 +14,7 @@ def settings() -> Settings:
 
 def store() -> DocumentStore:
     return current_app.extensions["meterai.store"]
+
+
+def admission() -> AdmissionController:
+    return current_app.extensions["meterai.admission"]

@@ -26,7 +26,9 @@ def register(app: Flask) -> None:
     @app.errorhandler(DomainError)
     def domain_error(exc: DomainError):
         retry_after = 5 if isinstance(exc, TransientError) or exc.status in (429, 503) else None
-        return error_response(exc.code, exc.message, exc.status, retry_after=retry_after)
+        response = error_response(exc.code, exc.message, exc.status, retry_after=retry_after)
+        response.headers.update(getattr(exc, "headers", {}))
+        return response
 
     @app.errorhandler(HTTPException)
     def http_error(exc: HTTPException):

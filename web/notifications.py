@@ -14,6 +14,7 @@ from shared.logs import log_event
 from shared.payments.gateway import verify_notification
 from shared.services.payments import accept_notification
 from web.context import settings
+from web.limits import rate_limited
 
 log = logging.getLogger(__name__)
 
@@ -23,6 +24,7 @@ REQUIRED = ("order_id", "status_code", "gross_amount", "transaction_status", "si
 
 
 @bp.post("/notifications")
+@rate_limited("notifications", "rate_limit_notifications")
 def receive_notification():
     body = request.get_json(silent=True)
     if not isinstance(body, dict):

@@ -30,7 +30,10 @@ SPEC: dict = {
         "/api/v1/orders": {"post": {
             "summary": "Create an order: upload a PDF and choose where the stamp goes",
             "parameters": [{"name": "Idempotency-Key", "in": "header", "required": True,
-                            "schema": {"type": "string", "minLength": 1, "maxLength": 64}}],
+                            "schema": {"type": "string", "minLength": 1, "maxLength": 64}},
+                           {"name": "Admission-Token", "in": "header", "required": False,
+                            "description": "From GET /api/v1/queue/{ticket} once admitted; single use",
+                            "schema": {"type": "string"}}],
             "requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
                 "type": "object", "required": ["document", "page", "x", "y", "email"],
                 "properties": {
@@ -43,7 +46,9 @@ SPEC: dict = {
             "responses": {
                 "202": _json({"$ref": "#/components/schemas/OrderCreated"}, "Accepted"),
                 "200": _json({"$ref": "#/components/schemas/OrderCreated"}, "Same key replayed"),
-                **_errors(400, 409, 413, 415, 422, 429, 503),
+                "429": _json({"$ref": "#/components/schemas/Queued"},
+                             "Queued (waiting room) or rate limited; see Retry-After"),
+                **_errors(400, 403, 409, 413, 415, 422, 503),
             },
         }},
         "/api/v1/orders/{order_id}": {"get": {
@@ -77,6 +82,22 @@ SPEC: dict = {
             "responses": {"200": {"description": "Accepted (also for a duplicate)"},
                           **_errors(400, 401, 403)},
         }},
+        "/api/v1/queue/{ticket}": {"get": {
+            "summary": "Waiting-room position, ETA and (once admitted) the admission token",
+            "parameters": [{"name": "ticket", "in": "path", "required": True, "schema": {"type": "string"}}],
+            "responses": {"200": _json({"type": "object", "properties": {
+                "position": {"type": "integer"}, "eta_seconds": {"type": "integer"},
+                "admitted": {"type": "boolean"}, "admission_token": {"type": "string"}}}, "Status"),
+                **_errors(404, 410, 503)},
+        }},
+        "/ops/admission": {
+            "get": {"summary": "Waiting-room mode and outflow (ops, bearer OPS_TOKEN)", "security": BEARER,
+                    "responses": {"200": {"description": "State"}, **_errors(401, 404)}},
+            "post": {"summary": "Set mode: auto, queue_all or paused (ops)", "security": BEARER,
+                     "requestBody": {"required": True, "content": {"application/json": {"schema": {
+                         "type": "object", "properties": {"mode": {"enum": ["auto", "queue_all", "paused"]}}}}}},
+                     "responses": {"200": {"description": "New state"}, **_errors(401, 404, 422)}},
+        },
         "/healthz": {"get": {"summary": "Liveness", "responses": {"200": {"description": "Alive"}}}},
         "/readyz": {"get": {"summary": "Readiness with each dependency's state",
                             "responses": {"200": {"description": "Ready"},
@@ -94,6 +115,12 @@ SPEC: dict = {
                                             "access_token": {"type": "string"},
                                             "status": {"type": "string"},
                                             "links": {"type": "object"}}},
+            "Queued": {"type": "object", "required": ["error"], "properties": {
+                "error": {"type": "object"},
+                "queue": {"type": "object", "properties": {
+                    "ticket": {"type": "string"}, "position": {"type": "integer"},
+                    "eta_seconds": {"type": "integer"}, "status_url": {"type": "string"},
+                    "page_url": {"type": "string"}}}}},
             "Order": {"type": "object", "required": ["order_id", "status", "amount", "currency", "events"],
                       "properties": {
                           "order_id": {"type": "string"}, "status": {"type": "string", "enum": [

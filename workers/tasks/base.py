@@ -10,8 +10,10 @@ import random
 import socket
 from functools import lru_cache
 
+import redis
 from celery import current_app
 
+from shared.admission import AdmissionController
 from shared.config import Settings
 from shared.payments.gateway import PaymentGateway, gateway_from_settings
 from shared.store import DocumentStore, store_from_settings
@@ -29,6 +31,16 @@ def _store(s: Settings) -> DocumentStore:
 @lru_cache(maxsize=4)
 def _gateway(s: Settings, pid: int) -> PaymentGateway:
     return gateway_from_settings(s)
+
+
+@lru_cache(maxsize=4)
+def _admission(s: Settings, pid: int) -> AdmissionController:
+    client = redis.Redis.from_url(s.redis_url, socket_timeout=1, socket_connect_timeout=1)
+    return AdmissionController(s, client)
+
+
+def admission() -> AdmissionController:
+    return _admission(settings(), os.getpid())
 
 
 def store() -> DocumentStore:

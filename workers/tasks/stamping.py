@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import logging
 
+import redis
 from celery import shared_task
 from celery.exceptions import SoftTimeLimitExceeded
 
 from shared import jobs
 from shared.logs import log_event
 from shared.services import stamping
-from workers.tasks.base import backoff_seconds, settings, store, worker_id
+from workers.tasks.base import admission, backoff_seconds, settings, store, worker_id
 
 log = logging.getLogger(__name__)
 
@@ -22,7 +23,7 @@ log = logging.getLogger(__name__)
 def stamp_order(self, order_id: str) -> str:
     s = settings()
     try:
-        return stamping.stamp_order(s, store(), order_id, worker_id(self.request.id))
+        outcome = stamping.stamp_order(s, store(), order_id, worker_id(self.request.id))
     except (Exception, SoftTimeLimitExceeded) as exc:  # transient: the lease is already released
         attempt = self.request.retries + 1
         if attempt > s.stamp_max_retries:
@@ -33,3 +34,14 @@ def stamp_order(self, order_id: str) -> str:
                   attempt=attempt, error=f"{type(exc).__name__}: {exc}")
         raise self.retry(exc=exc, countdown=backoff_seconds(self.request.retries,
                                                             s.retry_base_seconds, s.retry_max_seconds))
+    if outcome == "stamped":
+        _record_throughput()
+    return outcome
+
+
+def _record_throughput() -> None:
+    """Feed the waiting room's default outflow; best effort, a Redis blip must not fail a stamp."""
+    try:
+        admission().record_stamped()
+    except redis.RedisError as exc:
+        log_event(log, "throughput_not_recorded", logging.WARNING, error=type(exc).__name__)

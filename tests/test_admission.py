@@ -1,0 +1,186 @@
+"""The waiting room and rate limits, over HTTP against real Redis.
+
+Each test serves its own app (same database, its own Redis key prefix and limits) next to the shared
+test system, so throttling here never slows the other tests down.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+import uuid
+
+import pytest
+import redis
+import requests
+
+from shared import devenv
+from tests.conftest import ServerThread, make_pdf, wait_until
+
+
+@pytest.fixture
+def throttled(sys_):
+    """Start an app with the given settings overrides; yields a factory returning its base URL."""
+    from web import create_app
+    from workers.celery_app import make_celery_app
+
+    servers: list[ServerThread] = []
+    prefixes: list[str] = []
+
+    def start(**overrides) -> str:
+        prefix = f"meterai-adm-{uuid.uuid4().hex[:8]}:"
+        prefixes.append(prefix)
+        settings = dataclasses.replace(sys_.settings, redis_key_prefix=prefix, **overrides)
+        port = devenv.free_port()
+        servers.append(ServerThread(create_app(settings), port))
+        make_celery_app(sys_.settings)  # its tasks go to the shared system's workers
+        return f"http://127.0.0.1:{port}"
+
+    yield start
+    for server in servers:
+        server.stop()
+    client = redis.Redis.from_url(sys_.settings.redis_url)
+    for prefix in prefixes:
+        for key in client.scan_iter(match=f"{prefix}*"):
+            client.delete(key)
+
+
+def _create(base: str, key: str | None = None, admission: str | None = None) -> requests.Response:
+    headers = {"Idempotency-Key": key or uuid.uuid4().hex}
+    if admission:
+        headers["Admission-Token"] = admission
+    return requests.post(f"{base}/api/v1/orders", headers=headers,
+                         data={"page": "1", "x": "400", "y": "80", "email": "a@b.id"},
+                         files={"document": ("a.pdf", make_pdf(pages=1), "application/pdf")}, timeout=10)
+
+
+def _poll(base: str, ticket: str) -> requests.Response:
+    return requests.get(f"{base}/api/v1/queue/{ticket}", timeout=10)
+
+
+def test_below_the_outflow_buyers_are_admitted_at_once(throttled):
+    base = throttled(admission_per_minute=600, admission_burst=5)
+    assert [_create(base).status_code for _ in range(5)] == [202] * 5
+
+
+def test_above_the_outflow_buyers_get_a_fifo_ticket_then_an_admission(throttled):
+    base = throttled(admission_per_minute=30, admission_burst=1)
+    assert _create(base).status_code == 202
+    queued = [_create(base) for _ in range(3)]
+    for n, response in enumerate(queued, start=1):
+        assert response.status_code == 429
+        assert int(response.headers["Retry-After"]) >= 1
+        body = response.json()
+        assert body["error"]["code"] == "queued"
+        assert body["queue"]["position"] == n
+        assert body["queue"]["eta_seconds"] >= 1
+    tickets = [r.json()["queue"]["ticket"] for r in queued]
+
+    def admitted() -> list[bool]:
+        return [_poll(base, t).json()["admitted"] for t in tickets]
+
+    states = wait_until(lambda: (s := admitted())[0] and s, timeout=15, message="first ticket admitted")
+    assert states == sorted(states, reverse=True)  # only ever a prefix of the line is admitted
+    status = _poll(base, tickets[0]).json()
+    assert status["position"] == 0 and status["admission_token"]
+    assert _poll(base, tickets[2]).json()["position"] >= 1
+
+    ok = _create(base, admission=status["admission_token"])
+    assert ok.status_code == 202
+    again = _create(base, admission=status["admission_token"])  # single use
+    assert again.status_code == 409 and again.json()["error"]["code"] == "admission_used"
+
+
+def test_forged_or_tampered_tickets_and_tokens_are_refused(throttled):
+    base = throttled(admission_per_minute=1, admission_burst=0)
+    ticket = _create(base).json()["queue"]["ticket"]
+    body, mac = ticket.split(".")
+    assert _poll(base, f"{body}x.{mac}").status_code == 404
+    assert _poll(base, "garbage").status_code == 404
+    forged = _create(base, admission=ticket)  # a ticket is not an admission token
+    assert forged.status_code == 403 and forged.json()["error"]["code"] == "invalid_admission"
+    assert requests.get(f"{base}/antrian/{ticket}", timeout=5).status_code == 200
+    page = requests.get(f"{base}/antrian/{ticket}", timeout=5).text
+    assert "Posisi Anda" in page and 'http-equiv="refresh"' in page
+
+
+def test_ops_can_queue_everyone_or_pause_sales_but_status_and_payments_flow(sys_, throttled):
+    base = throttled(admission_per_minute=600, admission_burst=50, ops_token="ops-secret")
+    order = _create(base)
+    assert order.status_code == 202
+    order_id, token = order.json()["order_id"], order.json()["access_token"]
+    ops = f"{base}/ops/admission"
+    assert requests.post(ops, json={"mode": "queue_all"}, timeout=5).status_code == 401
+    auth = {"Authorization": "Bearer ops-secret"}
+    assert requests.post(ops, json={"mode": "queue_all"}, headers=auth, timeout=5).json()["mode"] == "queue_all"
+    queued = _create(base)
+    assert queued.status_code == 429
+    time.sleep(0.5)
+    assert _poll(base, queued.json()["queue"]["ticket"]).json()["admitted"] is False
+
+    # Paid work is never subject to admission: this order is paid and stamped while everyone queues.
+    view = sys_.wait_status(order_id, token, "awaiting_payment")
+    sys_.pay(view["payment"]["gateway_order_id"])
+    sys_.wait_status(order_id, token, "stamped")
+    status = requests.get(f"{base}/api/v1/orders/{order_id}", headers={"Authorization": f"Bearer {token}"},
+                          timeout=5)
+    assert status.status_code == 200
+
+    requests.post(ops, json={"mode": "paused"}, headers=auth, timeout=5)
+    paused = _create(base)
+    assert paused.status_code == 503 and paused.json()["error"]["code"] == "sales_paused"
+    assert "Retry-After" in paused.headers
+    assert requests.post(ops, json={"mode": "nope"}, headers=auth, timeout=5).status_code == 422
+    requests.post(ops, json={"mode": "auto"}, headers=auth, timeout=5)
+    assert _create(base).status_code in (202, 429)
+
+
+def test_ops_endpoints_are_off_without_a_token(throttled):
+    base = throttled()
+    assert requests.get(f"{base}/ops/admission", timeout=5).status_code == 404
+
+
+def test_rate_limit_per_client_with_standard_headers(throttled):
+    base = throttled(rate_limit_create="3/60", admission_per_minute=600, admission_burst=50)
+    responses = [_create(base) for _ in range(4)]
+    assert [r.status_code for r in responses] == [202, 202, 202, 429]
+    assert responses[0].headers["RateLimit-Limit"] == "3"
+    assert responses[0].headers["RateLimit-Remaining"] == "2"
+    refused = responses[3]
+    assert refused.json()["error"]["code"] == "rate_limited"
+    assert int(refused.headers["Retry-After"]) >= 1 and refused.headers["RateLimit-Remaining"] == "0"
+
+
+def test_redis_down_admission_fails_closed_and_rate_limits_fail_open(sys_, throttled):
+    dead = f"redis://127.0.0.1:{devenv.free_port()}/0"
+    base = throttled(redis_url=dead, rate_limit_notifications="1/60")
+    create = _create(base)
+    assert create.status_code == 503
+    assert create.json()["error"]["code"] == "admission_unavailable" and "Retry-After" in create.headers
+    assert sys_.query("SELECT count(*) AS n FROM orders")[0]["n"] == 0
+    # Notifications are only rate limited (fail open): bad signatures still get their honest 403s.
+    for _ in range(3):
+        r = requests.post(f"{base}/api/v1/payments/notifications", json={"signature_key": "x"}, timeout=5)
+        assert r.status_code == 403
+
+
+def test_default_outflow_follows_measured_stamping_throughput(sys_):
+    from shared.admission import AdmissionController
+
+    client = redis.Redis.from_url(sys_.settings.redis_url)
+    minute = int(time.time() // 60)
+    key = f"{sys_.settings.redis_key_prefix}stats:stamped:{minute}"
+    before = int(client.get(key) or 0)
+    order_id, token, view = sys_.order_awaiting_payment()
+    sys_.pay(view["payment"]["gateway_order_id"])
+    sys_.wait_status(order_id, token, "stamped")
+    wait_until(lambda: int(client.get(key) or 0) > before or
+               int(client.get(f"{sys_.settings.redis_key_prefix}stats:stamped:{minute + 1}") or 0),
+               message="stamping workers to record throughput")
+
+    auto = dataclasses.replace(sys_.settings, admission_per_minute=0, admission_min_per_minute=10,
+                               redis_key_prefix=f"meterai-adm-{uuid.uuid4().hex[:8]}:")
+    controller = AdmissionController(auto, client)
+    assert controller.outflow_per_minute() == 10  # nothing measured yet: the floor
+    client.set(f"{auto.redis_key_prefix}stats:stamped:{minute - 1}", 900, ex=120)
+    assert controller.outflow_per_minute() == 900
+    client.delete(f"{auto.redis_key_prefix}stats:stamped:{minute - 1}")

@@ -1,0 +1,51 @@
+"""Per-client rate limiting for the write endpoints, as a decorator, with RateLimit-* headers."""
+from __future__ import annotations
+
+from functools import wraps
+from typing import Callable
+
+from flask import current_app, g, request
+
+from shared.errors import DomainError
+from shared.ratelimit import Limit, RateLimiter
+from web.context import settings
+
+
+class RateLimited(DomainError):
+    code = "rate_limited"
+    status = 429
+
+    def __init__(self, message: str, headers: dict[str, str]) -> None:
+        super().__init__(message)
+        self.headers = headers
+
+
+def client_id() -> str:
+    """The socket's address, or the proxies' X-Forwarded-For when PROXY_HOPS says to trust them."""
+    return request.remote_addr or "unknown"
+
+
+def rate_limited(scope: str, setting: str) -> Callable:
+    """Refuse a client's request beyond the limit named by ``setting`` (e.g. ``rate_limit_create``)."""
+
+    def decorate(view: Callable) -> Callable:
+        @wraps(view)
+        def limited(*args, **kwargs):
+            limiter: RateLimiter = current_app.extensions["meterai.ratelimiter"]
+            decision = limiter.hit(scope, client_id(), Limit.parse(getattr(settings(), setting)))
+            if decision is not None:
+                g.rate_limit_headers = decision.headers()
+                if not decision.allowed:
+                    raise RateLimited("Too many requests from this client; slow down and retry later.",
+                                      decision.headers())
+            return view(*args, **kwargs)
+
+        return limited
+
+    return decorate
+
+
+def add_rate_limit_headers(response):
+    for name, value in getattr(g, "rate_limit_headers", {}).items():
+        response.headers.setdefault(name, value)
+    return response

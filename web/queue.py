@@ -1,0 +1,38 @@
+"""The waiting room: where a queued buyer sees their position and ETA and collects their admission."""
+from __future__ import annotations
+
+from flask import Blueprint, jsonify, render_template
+
+from shared.admission import InvalidAdmission
+from web.context import admission
+
+bp = Blueprint("queue", __name__)
+
+
+def _status_body(ticket: str) -> dict:
+    status = admission().status(ticket)
+    body = {"position": status.position, "eta_seconds": status.eta_seconds, "admitted": status.admitted}
+    if status.admission_token:
+        body["admission_token"] = status.admission_token
+    return body
+
+
+@bp.get("/api/v1/queue/<ticket>")
+def queue_status(ticket: str):
+    response = jsonify(_status_body(ticket))
+    response.headers["Cache-Control"] = "no-store"
+    if not response.json["admitted"]:
+        response.headers["Retry-After"] = str(min(30, max(2, response.json["eta_seconds"] // 4)))
+    return response
+
+
+@bp.get("/antrian/<ticket>")
+def queue_page(ticket: str):
+    try:
+        body, error = _status_body(ticket), None
+    except InvalidAdmission as exc:
+        body, error = None, exc
+    html = render_template("queue.html", ticket=ticket, status=body, error=error,
+                           refresh=min(30, max(3, (body or {}).get("eta_seconds", 10) // 4)))
+    return html, (error.status if error else 200), {"Cache-Control": "no-store"}
+
