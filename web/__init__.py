@@ -35,7 +35,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     if settings.proxy_hops > 0:
         app.wsgi_app = ProxyFix(app.wsgi_app, x_for=settings.proxy_hops)
 
-    from web import api, errors, health, limits, notifications, openapi, ops, queue, verify
+    from web import api, errors, health, limits, notifications, openapi, ops, pages, queue, verify
 
     errors.register(app)
     app.after_request(limits.add_rate_limit_headers)
@@ -46,4 +46,5 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.register_blueprint(verify.bp)
     app.register_blueprint(queue.bp)
     app.register_blueprint(ops.bp)
+    app.register_blueprint(pages.bp)
     return app

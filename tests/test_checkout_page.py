@@ -1,0 +1,64 @@
+"""The buyer's checkout page in a real browser: upload, wait in line, pay, download."""
+from __future__ import annotations
+
+import pypdf
+
+from tests.browser import browser_page  # noqa: F401 - fixture
+from tests.conftest import make_pdf, wait_until
+from tests.test_admission import throttled  # noqa: F401 - fixture
+
+
+def _gateway_order_id(sys_) -> str:
+    rows = wait_until(lambda: sys_.query("SELECT gateway_order_id FROM payments WHERE token IS NOT NULL"),
+                      message="payment opened")
+    return rows[0]["gateway_order_id"]
+
+
+def _checkout(page, base_url: str, tmp_path) -> None:
+    document = tmp_path / "surat.pdf"
+    document.write_bytes(make_pdf(pages=2))
+    page.goto(base_url + "/")
+    assert "Beli e-Meterai" in page.title()
+    page.set_input_files("#document", str(document))
+    page.fill("#page", "2")
+    page.fill("#x", "350")
+    page.fill("#y", "120")
+    page.fill("#email", "pelamar@example.id")
+    page.click("#submit")
+
+
+def test_buyer_checks_out_pays_and_downloads_in_the_browser(sys_, browser_page, tmp_path):
+    page = browser_page
+    _checkout(page, sys_.web_url, tmp_path)
+    page.wait_for_selector("text=Bayar sekarang")
+    sys_.pay(_gateway_order_id(sys_))
+    page.wait_for_selector("text=Dokumen Anda sudah bermeterai")
+    with page.expect_download() as download_info:
+        page.click("#download")
+    path = download_info.value.path()
+    reader = pypdf.PdfReader(path)
+    assert "METERAI ELEKTRONIK" in reader.pages[1].extract_text()
+    order = sys_.query("SELECT * FROM orders")[0]
+    assert (order["status"], order["page"], order["x"], order["y"]) == ("stamped", 2, 350, 120)
+
+
+def test_buyer_over_the_outflow_waits_in_line_then_is_let_in(sys_, throttled, browser_page, tmp_path):
+    base = throttled(admission_per_minute=20, admission_burst=0)
+    page = browser_page
+    _checkout(page, base, tmp_path)
+    page.wait_for_selector("text=Posisi Anda")
+    page.wait_for_selector("text=Bayar sekarang", timeout=60_000)  # admitted, order created
+    orders = sys_.query("SELECT count(*) AS n FROM orders")[0]["n"]
+    assert orders == 1
+
+
+def test_bad_input_is_explained_in_bahasa_indonesia(sys_, browser_page, tmp_path):
+    page = browser_page
+    not_pdf = tmp_path / "foto.pdf"
+    not_pdf.write_bytes(b"\x89PNG not really a pdf")
+    page.goto(sys_.web_url + "/")
+    page.set_input_files("#document", str(not_pdf))
+    page.fill("#email", "pelamar@example.id")
+    page.click("#submit")
+    page.wait_for_selector("text=Berkas ini bukan dokumen PDF")
+    assert sys_.query("SELECT count(*) AS n FROM orders")[0]["n"] == 0

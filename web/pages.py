@@ -1,0 +1,19 @@
+"""Pages for buyers, in Bahasa Indonesia: the checkout page.
+
+The page is static HTML plus a little script that speaks the same JSON API as every other client, so
+the waiting room, idempotency and rate limits apply to people and programs alike. The upload stays in
+the page while the buyer waits in the queue and is re-sent with the admission token once admitted.
+"""
+from __future__ import annotations
+
+from flask import Blueprint, render_template
+
+from web.context import settings
+
+bp = Blueprint("pages", __name__)
+
+
+@bp.get("/")
+def checkout():
+    s = settings()
+    return render_template("checkout.html", price=s.price, max_mb=round(s.max_document_bytes / 2**20, 1))
