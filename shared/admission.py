@@ -258,7 +258,7 @@ class AdmissionController:
 
     def _advance(self, *, direct: bool) -> tuple[int, int, int]:
         s = self.settings
-        args = [int(time.time() * 1000), self.outflow_per_minute(), s.admission_burst,
+        args = [int(time.time() * 1000), self.outflow_per_minute(), max(1, s.admission_burst),
                 s.admission_active_checkouts, s.admission_session_seconds * 1000,
                 "1" if direct else "0", f"d{uuid.uuid4().hex}"]
         outcome, head, tail = self._call(self._script, keys=self.keys, args=args)

@@ -1,7 +1,13 @@
-"""``meterai`` command line: migrations, and the periodic jobs for cron.
+"""``meterai`` command line: migrations, the periodic jobs for cron, and the finance commands.
 
-``meterai sweep-refunds`` runs the same sweep as the beat task, so a cron entry can stand in for (or run
-beside) beat: overlapping runs split the work and refund each order once.
+``meterai sweep-refunds``, ``reconcile`` and ``expire-unpaid`` run the same scans as the beat tasks, so a
+cron entry can stand in for (or run beside) beat: overlapping runs split the work (``FOR UPDATE SKIP
+LOCKED``) and every order moves once. ``--inline`` does the per-order gateway work in this process
+instead of queueing it, for a machine without workers or for looking at outcomes by hand.
+
+Finance: ``meterai manual-refunds`` lists the refunds to pay out by hand (``--csv FILE`` exports them),
+``meterai mark-refund-paid ORDER --reference REF`` books one as paid out, and ``meterai ledger-report``
+totals a period and exits 1 if any order's money doesn't balance.
 """
 from __future__ import annotations
 
@@ -9,35 +15,154 @@ import argparse
 import json
 import logging
 import sys
+from typing import Any
 
-from shared.config import get_settings
+from shared.config import Settings, get_settings
+from shared.errors import DomainError
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="meterai")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("migrate", help="apply database migrations")
     sub.add_parser("sweep-refunds", help="refund paid orders not stamped before their deadline")
     sub.add_parser("redrive", help="re-publish due work found in PostgreSQL (after a Redis loss)")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    for name, text in (
+        ("reconcile", "poll the gateway for orders awaiting payment longer than RECONCILE_AFTER_SECONDS"),
+        ("expire-unpaid", "expire orders unpaid after PAYMENT_TIMEOUT_SECONDS (at the gateway first)"),
+    ):
+        command = sub.add_parser(name, help=text)
+        command.add_argument("--inline", action="store_true",
+                             help="call the gateway from this process instead of queueing a task per order")
+        command.add_argument("--limit", type=int, default=None,
+                             help="at most this many orders (default RECONCILE_BATCH_SIZE)")
+    manual = sub.add_parser("manual-refunds", help="list refunds waiting for a manual payout")
+    manual.add_argument("--csv", metavar="FILE", help="write them as CSV to FILE ('-' for standard output)")
+    paid = sub.add_parser("mark-refund-paid", help="book a manual refund as paid out (refund_manual → refunded)")
+    paid.add_argument("order_id")
+    paid.add_argument("--reference", required=True, help="the bank transfer's reference")
+    report = sub.add_parser("ledger-report", help="totals for a period, and exit 1 if the ledger doesn't balance")
+    report.add_argument("--from", dest="start", metavar="WHEN",
+                        help="orders created from (YYYY-MM-DD or ISO date-time; WIB unless an offset is given)")
+    report.add_argument("--to", dest="end", metavar="WHEN",
+                        help="orders created before (a date alone includes that whole day)")
+    report.add_argument("--json", action="store_true", help="print the report as JSON")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s",
+                        stream=sys.stderr)
     settings = get_settings()
+    try:
+        return COMMANDS[args.command](settings, args)
+    except DomainError as exc:
+        print(f"meterai {args.command}: {exc.message}", file=sys.stderr)
+        return 2
 
-    if args.command == "migrate":
-        from shared.db.migrate import apply_migrations
 
-        print(json.dumps({"applied": apply_migrations(settings.database_url)}))
-        return 0
+def _migrate(settings: Settings, args: argparse.Namespace) -> int:
+    from shared.db.migrate import apply_migrations
 
+    print(json.dumps({"applied": apply_migrations(settings.database_url)}))
+    return 0
+
+
+def _publisher(settings: Settings) -> None:
     from workers.celery_app import make_celery_app
+
+    make_celery_app(settings)  # the publisher queued tasks go out through
+
+
+def _sweep_refunds(settings: Settings, args: argparse.Namespace) -> int:
     from shared.services import housekeeping
 
-    make_celery_app(settings)  # the publisher the refund tasks go out through
-    if args.command == "sweep-refunds":
-        print(json.dumps({"moved_to_refund": housekeeping.sweep_refunds(settings)}))
-    else:
-        print(json.dumps({"republished": housekeeping.redrive(settings)}))
+    _publisher(settings)
+    print(json.dumps({"moved_to_refund": housekeeping.sweep_refunds(settings)}))
     return 0
+
+
+def _redrive(settings: Settings, args: argparse.Namespace) -> int:
+    from shared.services import housekeeping
+
+    _publisher(settings)
+    print(json.dumps({"republished": housekeeping.redrive(settings)}))
+    return 0
+
+
+def _payment_scan(settings: Settings, args: argparse.Namespace) -> int:
+    from shared.payments.gateway import gateway_from_settings
+    from shared.services import reconcile
+
+    expiring = args.command == "expire-unpaid"
+    _publisher(settings)  # inline work may still queue stamping or refunds
+    if not args.inline:
+        schedule = reconcile.schedule_expiry if expiring else reconcile.schedule_reconcile
+        print(json.dumps({"queued": schedule(settings, limit=args.limit)}))
+        return 0
+    claim = reconcile.claim_for_expiry if expiring else reconcile.claim_for_reconcile
+    work = reconcile.expire_order if expiring else reconcile.reconcile_order
+    order_ids = claim(settings, limit=args.limit)
+    outcomes = reconcile.run_inline(settings, gateway_from_settings(settings), order_ids, work)
+    print(json.dumps({"checked": len(order_ids), "outcomes": outcomes}))
+    return 0
+
+
+def _manual_refunds(settings: Settings, args: argparse.Namespace) -> int:
+    from shared.services import manual_refunds
+
+    refunds = manual_refunds.list_manual_refunds(settings)
+    if args.csv == "-":
+        manual_refunds.write_csv(refunds, sys.stdout)
+    elif args.csv:
+        with open(args.csv, "w", encoding="utf-8", newline="") as out:
+            manual_refunds.write_csv(refunds, out)
+        print(f"{len(refunds)} manual refund(s) written to {args.csv}")
+    else:
+        from shared.services.ledger import rupiah
+
+        for r in refunds:
+            va = f" VA {r.va_bank} {r.va_number}" if r.va_number else ""
+            print(f"{r.order_id}  {rupiah(r.amount_idr):>10}  {r.payment_type or '-'}{va}  {r.buyer_email}"
+                  f"  since {r.manual_since:%Y-%m-%d %H:%M %Z}  {r.refund_reason}: {r.why_manual or '-'}")
+        total = sum(r.amount_idr for r in refunds)
+        print(f"{len(refunds)} manual refund(s), {rupiah(total)} to pay out")
+    return 0
+
+
+def _mark_refund_paid(settings: Settings, args: argparse.Namespace) -> int:
+    from shared.services import manual_refunds
+
+    outcome = manual_refunds.mark_paid_out(settings, args.order_id, args.reference)
+    print(json.dumps({"order_id": args.order_id, "outcome": outcome, "reference": args.reference.strip()}))
+    return 0
+
+
+def _ledger_report(settings: Settings, args: argparse.Namespace) -> int:
+    from shared.services import ledger
+
+    try:
+        start = ledger.parse_bound(args.start) if args.start else None
+        end = ledger.parse_bound(args.end, end=True) if args.end else None
+    except ValueError as exc:
+        print(f"meterai ledger-report: {exc}", file=sys.stderr)
+        return 2
+    report = ledger.ledger_report(settings, start, end)
+    print(json.dumps(report.as_json(), indent=2) if args.json else ledger.format_report(report))
+    return 0 if report.balanced else 1
+
+
+COMMANDS: dict[str, Any] = {
+    "migrate": _migrate,
+    "sweep-refunds": _sweep_refunds,
+    "redrive": _redrive,
+    "reconcile": _payment_scan,
+    "expire-unpaid": _payment_scan,
+    "manual-refunds": _manual_refunds,
+    "mark-refund-paid": _mark_refund_paid,
+    "ledger-report": _ledger_report,
+}
 
 
 if __name__ == "__main__":

@@ -36,6 +36,12 @@ class Settings:
     max_document_bytes: int = 2 * 1024 * 1024
     max_pages: int = 500
     stamp_size: float = 100.0
+    # Preflight runs in a child process with these bounds (shared/stamping/isolation.py): wall-clock
+    # seconds, well under the task time limit so the task always finishes with an answer, and bytes of
+    # address space on top of the worker's own. A valid 500-page document takes well under a second and
+    # ~100 MB.
+    preflight_timeout_seconds: float = 20.0
+    preflight_memory_bytes: int = 512 * 1024 * 1024
 
     # Payment gateway (Midtrans-style). The stand-in listens on gateway_port.
     gateway_provider: str = "midtrans"
@@ -45,6 +51,13 @@ class Settings:
     gateway_port: int = 8001
     # Where the stand-in gateway posts its notifications (our own endpoint).
     notification_url: str = "http://127.0.0.1:8000/api/v1/payments/notifications"
+    # Circuit breaker per worker process: this many consecutive unavailable answers open it; while
+    # open every call fails at once; after the cool-down one probe call may close it again.
+    gateway_breaker_threshold: int = 5
+    gateway_breaker_cooldown_seconds: float = 30.0
+    # The stand-in gateway keeps its own state in its own schema; empty means DATABASE_URL.
+    standin_database_url: str = ""
+    standin_schema: str = "standin"
 
     # Deadlines and leases, in seconds.
     stamp_deadline_seconds: int = 6 * 3600
@@ -64,6 +77,14 @@ class Settings:
     sweep_batch_size: int = 500
     # Work newer than this is left to its own message; redrive only picks up what looks lost.
     redrive_grace_seconds: int = 30
+    # Payment reconciliation: an order still awaiting payment this long after its payment opened is
+    # polled at the gateway (its notification may never come), again after doubling intervals capped
+    # at reconcile_max_interval_seconds; at payment_timeout_seconds it is expired (gateway first).
+    reconcile_after_seconds: int = 600
+    reconcile_max_interval_seconds: int = 3600
+    reconcile_interval_seconds: float = 60.0
+    expire_unpaid_interval_seconds: float = 60.0
+    reconcile_batch_size: int = 500
 
     task_time_limit_seconds: int = 120
 
@@ -96,7 +117,7 @@ class Settings:
     # Verifying uploaded documents (POST /api/v1/verify): a size cap, a wall-clock limit for the
     # isolated child process that parses and validates, and how many run at once per web process.
     verify_max_bytes: int = 8 * 1024 * 1024
-    verify_timeout_seconds: float = 10.0
+    verify_timeout_seconds: float = 5.0
     verify_concurrency: int = 2
 
     @property

@@ -16,6 +16,12 @@ STAMP_ORDER = "meterai.stamping.stamp_order"
 REFUND_ORDER = "meterai.refunds.refund_order"
 SWEEP_REFUNDS = "meterai.housekeeping.sweep_refunds"
 REDRIVE = "meterai.housekeeping.redrive"
+# The scans only claim orders and publish one task per order; the gateway calls run on ``payments``,
+# so a slow gateway never holds the housekeeping worker (which shares its process with refunds).
+RECONCILE_PAYMENTS = "meterai.housekeeping.reconcile_payments"
+EXPIRE_UNPAID = "meterai.housekeeping.expire_unpaid"
+RECONCILE_ORDER = "meterai.payments.reconcile_order"
+EXPIRE_ORDER = "meterai.payments.expire_order"
 
 QUEUES: dict[str, str] = {
     PREPARE_ORDER: "checkout",
@@ -24,6 +30,10 @@ QUEUES: dict[str, str] = {
     REFUND_ORDER: "refunds",
     SWEEP_REFUNDS: "housekeeping",
     REDRIVE: "housekeeping",
+    RECONCILE_PAYMENTS: "housekeeping",
+    EXPIRE_UNPAID: "housekeeping",
+    RECONCILE_ORDER: "payments",
+    EXPIRE_ORDER: "payments",
 }
 
 ALL_QUEUES: tuple[str, ...] = tuple(sorted(set(QUEUES.values())))

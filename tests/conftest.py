@@ -69,12 +69,14 @@ class ServerThread:
     """A WSGI app served over real HTTP from a background thread."""
 
     def __init__(self, app, port: int) -> None:
+        self.app = app
         self.server = make_server("127.0.0.1", port, app, threaded=True)
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         self.thread.start()
 
     def stop(self) -> None:
         self.server.shutdown()
+        self.server.server_close()  # free the port, so a restarted server can bind it again
 
 
 @dataclass
@@ -124,6 +126,26 @@ class System:
     env: dict[str, str]
     tmp: Path
     http: requests.Session = field(default_factory=requests.Session)
+    # The stand-in gateway's server, and how to start a new one on the same port and database.
+    gateway_server: ServerThread | None = None
+    gateway_factory: Callable[[], ServerThread] | None = None
+
+    # -- the stand-in gateway ---------------------------------------------------------------------
+    def stop_gateway(self) -> None:
+        """Take the stand-in gateway down: its port refuses connections until :meth:`start_gateway`."""
+        if self.gateway_server is not None:
+            self.gateway_server.stop()
+            self.gateway_server.app.extensions["standin_gateway"].close()
+            self.gateway_server = None
+
+    def start_gateway(self) -> None:
+        """Start a new stand-in process-alike on the same port and schema; it knows only what it stored."""
+        if self.gateway_server is None and self.gateway_factory is not None:
+            self.gateway_server = self.gateway_factory()
+
+    def restart_gateway(self) -> None:
+        self.stop_gateway()
+        self.start_gateway()
 
     # -- database -------------------------------------------------------------------------------
     def db(self) -> psycopg.Connection:
@@ -258,19 +280,24 @@ def system(database_url, redis_server, tmp_path_factory) -> Any:
     }
     settings = load_settings(env_settings)
     env = {**os.environ, **env_settings, "PYTHONUNBUFFERED": "1"}
-    gateway = ServerThread(create_standin_app(SERVER_KEY, env_settings["NOTIFICATION_URL"], gateway_url),
-                           gateway_port)
+
+    def gateway_factory() -> ServerThread:
+        # The stand-in keeps its state in its own schema ("standin") of the test database.
+        return ServerThread(create_standin_app(SERVER_KEY, env_settings["NOTIFICATION_URL"], gateway_url,
+                                               database_url=database_url), gateway_port)
+
     web = ServerThread(create_app(settings), web_port)
     workers = {name: WorkerProcess(name, queues, env, tmp / f"worker-{name}.log")
                for name, queues in WORKER_GROUPS.items()}
     for worker in workers.values():
         worker.start()
-    system = System(settings, web_url, gateway_url, redis_server, workers, env, tmp)
+    system = System(settings, web_url, gateway_url, redis_server, workers, env, tmp,
+                    gateway_server=gateway_factory(), gateway_factory=gateway_factory)
     yield system
     for worker in workers.values():
         worker.stop()
     web.stop()
-    gateway.stop()
+    system.stop_gateway()
 
 
 TABLES = "ledger_entries, refunds, payment_notifications, payments, serials, order_events, orders"
@@ -282,6 +309,7 @@ def sys_(system: System) -> System:
     for worker in system.workers.values():
         if worker.proc is None or worker.proc.poll() is not None:
             worker.start()
+    system.start_gateway()  # a test that took the stand-in down may have failed before restarting it
     with system.db() as conn:
         conn.execute(f"TRUNCATE {TABLES}")
     system.http.delete(f"{system.gateway_url}/sandbox/faults", timeout=5)

@@ -7,10 +7,13 @@ way the workers and the drills use them.
 from __future__ import annotations
 
 import json
+import socket
 import threading
 import time
+import uuid
 from typing import Any, Callable, Iterator, TypeVar
 
+import psycopg
 import pytest
 import requests
 from werkzeug.serving import BaseWSGIServer, make_server
@@ -77,15 +80,26 @@ def receiver() -> Iterator[tuple[Receiver, str]]:
 
 
 @pytest.fixture
-def standin_url(receiver: tuple[Receiver, str]) -> Iterator[str]:
+def standin_schema(database_url: str) -> Iterator[str]:
+    """A schema of its own per test, so every test meets a gateway that has never seen an order."""
+    schema = f"standin_t{uuid.uuid4().hex[:12]}"
+    yield schema
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        conn.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
+
+
+@pytest.fixture
+def standin_url(receiver: tuple[Receiver, str], database_url: str, standin_schema: str) -> Iterator[str]:
     """A fresh stand-in per test; its public URL is only known after binding, so the app is wrapped."""
     holder: dict[str, Any] = {}
     server, url = _serve(lambda environ, start_response: holder["app"](environ, start_response))
     holder["app"] = create_standin_app(
-        SERVER_KEY, receiver[1], url, seed=7, notification_retry_delays=(0.05, 0.1, 0.2),
+        SERVER_KEY, receiver[1], url, database_url=database_url, schema=standin_schema, seed=7,
+        notification_retry_delays=(0.05, 0.1, 0.2),
     )
     yield url
     server.shutdown()
+    holder["app"].extensions["standin_gateway"].close()
 
 
 @pytest.fixture
@@ -393,3 +407,136 @@ def test_gateway_from_settings_talks_to_the_configured_gateway(standin_url: str)
 
     assert isinstance(configured, MidtransGateway)
     assert configured.get_status("MTR-nobody") is None
+
+
+# --- closing unpaid transactions, scoped faults, money types ----------------------------------------
+
+def test_merchant_expiry_closes_a_pending_transaction_and_notifies(
+    gateway: MidtransGateway, receiver: tuple[Receiver, str]
+) -> None:
+    gateway.create_transaction("MTR-close", PRICE, email="a@example.id", item_name="e-Meterai")
+
+    closed = gateway.expire_transaction("MTR-close")
+
+    assert (closed.closed, closed.status_code, closed.transaction_status) == (True, "407", "expire")
+    status = gateway.get_status("MTR-close")
+    assert status is not None and status.transaction_status == "expire"
+    [notification] = receiver[0].wait_for(1)
+    assert notification["transaction_status"] == "expire" and verify_notification(notification, SERVER_KEY)
+    assert sandbox(gateway.base_url, "POST", "pay/MTR-close").status_code == 409  # can't be paid now
+    again = gateway.expire_transaction("MTR-close")
+    assert (again.closed, again.status_code) == (False, "412")
+
+
+def test_a_paid_transaction_cannot_be_expired_or_cancelled(gateway: MidtransGateway) -> None:
+    paid_order(gateway, "MTR-paid-close")
+
+    for close in (gateway.expire_transaction, gateway.cancel_transaction):
+        answer = close("MTR-paid-close")
+        assert (answer.closed, answer.status_code) == (False, "412")
+    status = gateway.get_status("MTR-paid-close")
+    assert status is not None and status.transaction_status == "settlement"
+
+
+def test_cancel_closes_a_pending_transaction(gateway: MidtransGateway) -> None:
+    gateway.create_transaction("MTR-cancel", PRICE, email="a@example.id", item_name="e-Meterai")
+
+    answer = gateway.cancel_transaction("MTR-cancel")
+
+    assert (answer.closed, answer.status_code, answer.transaction_status) == (True, "200", "cancel")
+    assert gateway.expire_transaction("MTR-nobody").status_code == "404"
+
+
+def test_bank_that_settles_after_expiry_sends_settlement_after_expire(
+    gateway: MidtransGateway, receiver: tuple[Receiver, str]
+) -> None:
+    gateway.create_transaction("MTR-late", PRICE, email="a@example.id", item_name="e-Meterai")
+    sandbox(gateway.base_url, "POST", "expire/MTR-late")
+    late = sandbox(gateway.base_url, "POST", "pay/MTR-late",
+                   {"payment_type": "bank_transfer", "bank": "bni", "after_expiry": True})
+
+    assert late.status_code == 200
+    first, second = receiver[0].wait_for(2)
+    assert (first["transaction_status"], second["transaction_status"]) == ("expire", "settlement")
+    status = gateway.get_status("MTR-late")
+    assert status is not None and status.transaction_status == "settlement"
+    assert status.va_bank == "bni" and status.va_number and status.va_number.isdigit()
+
+
+def test_faults_can_target_one_endpoint_for_a_fixed_number_of_calls(gateway: MidtransGateway) -> None:
+    gateway.create_transaction("MTR-scoped", PRICE, email="a@example.id", item_name="e-Meterai")
+    knobs = sandbox(gateway.base_url, "POST", "faults",
+                    {"error_rate": 1, "endpoints": ["status"], "max_faults": 2}).json()
+    assert knobs["injected"] == {"error": 0, "timeout": 0}
+
+    for _ in range(2):
+        with pytest.raises(GatewayUnavailable):
+            gateway.get_status("MTR-scoped")
+    assert gateway.get_status("MTR-scoped") is not None  # budget spent: healthy again
+    assert gateway.refund("MTR-scoped", refund_key="r", amount=PRICE, reason="x").status_code == "412"
+    assert sandbox(gateway.base_url, "GET", "faults").json()["injected"] == {"error": 2, "timeout": 0}
+    assert sandbox(gateway.base_url, "POST", "faults", {"endpoints": ["nope"]}).status_code == 400
+
+
+@pytest.mark.parametrize("amount", [12500.0, "12500", True, -1])
+def test_amounts_must_be_integer_rupiah_before_anything_is_sent(gateway: MidtransGateway, amount: Any) -> None:
+    with pytest.raises((TypeError, ValueError)):
+        gateway.create_transaction("MTR-float", amount, email="a@example.id", item_name="e-Meterai")
+    with pytest.raises((TypeError, ValueError)):
+        gateway.refund("MTR-float", refund_key="r", amount=amount, reason="x")
+    assert gateway.get_status("MTR-float") is None
+
+
+class BlackHole:
+    """A gateway that is dead the worst way: it accepts connections and never answers. Counts them."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(128)
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        self.accepted: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.accepted.append(conn)
+
+    def close(self) -> None:
+        self.sock.close()
+        for conn in self.accepted:
+            conn.close()
+
+
+def test_breaker_stops_waiting_on_a_gateway_that_never_answers() -> None:
+    hole = BlackHole()
+    try:
+        adapter = MidtransGateway(hole.url, SERVER_KEY, timeout=0.3,
+                                  breaker=CircuitBreaker(threshold=3, cooldown_seconds=60))
+        started = time.monotonic()
+        for _ in range(3):
+            with pytest.raises(GatewayUnavailable):
+                adapter.get_status("MTR-dead")
+        assert time.monotonic() - started >= 0.9  # each waited out its timeout
+        started = time.monotonic()
+        for _ in range(50):
+            with pytest.raises(GatewayUnavailable) as refused:
+                adapter.refund("MTR-dead", refund_key="r", amount=PRICE, reason="x")
+            assert refused.value.code == "gateway_circuit_open"
+        assert time.monotonic() - started < 0.3  # fifty calls, no waiting
+        assert len(hole.accepted) == 3
+    finally:
+        hole.close()
+
+
+def test_gateway_from_settings_uses_the_configured_breaker(standin_url: str) -> None:
+    settings = load_settings({}, gateway_url=standin_url, gateway_server_key=SERVER_KEY,
+                             gateway_breaker_threshold=1, gateway_breaker_cooldown_seconds=123.0)
+    configured = gateway_from_settings(settings)
+
+    assert isinstance(configured, MidtransGateway)
+    assert (configured._breaker.threshold, configured._breaker.cooldown_seconds) == (1, 123.0)

@@ -37,6 +37,16 @@ def beat_schedule(settings: Settings) -> dict[str, dict]:
             "schedule": timedelta(seconds=settings.redrive_interval_seconds),
             "options": {"queue": jobs.QUEUES[jobs.REDRIVE]},
         },
+        "reconcile-payments": {
+            "task": jobs.RECONCILE_PAYMENTS,
+            "schedule": timedelta(seconds=settings.reconcile_interval_seconds),
+            "options": {"queue": jobs.QUEUES[jobs.RECONCILE_PAYMENTS]},
+        },
+        "expire-unpaid": {
+            "task": jobs.EXPIRE_UNPAID,
+            "schedule": timedelta(seconds=settings.expire_unpaid_interval_seconds),
+            "options": {"queue": jobs.QUEUES[jobs.EXPIRE_UNPAID]},
+        },
     }
 
 

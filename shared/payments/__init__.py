@@ -5,6 +5,7 @@ Only the adapter's interface is re-exported here; the stand-in is a separate pro
 explicitly by whoever runs it, so importing payments never pulls in Flask.
 """
 from shared.payments.gateway import (
+    CloseResult,
     GatewayRejected,
     GatewayStatus,
     GatewayUnavailable,
@@ -16,10 +17,12 @@ from shared.payments.gateway import (
     gateway_from_settings,
     notification_signature,
     parse_gross_amount,
+    require_rupiah,
     verify_notification,
 )
 
 __all__ = [
+    "CloseResult",
     "GatewayRejected",
     "GatewayStatus",
     "GatewayUnavailable",
@@ -31,5 +34,6 @@ __all__ = [
     "gateway_from_settings",
     "notification_signature",
     "parse_gross_amount",
+    "require_rupiah",
     "verify_notification",
 ]

@@ -19,6 +19,9 @@ Midtrans quirks mirrored here:
   are read;
 * refunds are idempotent by ``refund_key``: sending the same key again reports success without paying
   twice, which is what makes retrying a refund after a timeout safe.
+* an unpaid transaction is closed with ``POST /v2/<id>/expire`` (body code ``"407"``) or ``/cancel``;
+  one paid meanwhile is refused with ``"412"``, so "expire at the gateway, then ask its status" can
+  never throw away a payment.
 """
 from __future__ import annotations
 
@@ -49,13 +52,19 @@ _NOTIFICATION_FIELDS = ("order_id", "status_code", "gross_amount", "signature_ke
 
 # --- amounts and signatures ------------------------------------------------------------------------
 
-def format_gross_amount(amount: int) -> str:
-    """Integer rupiah as Midtrans writes it: ``12500`` -> ``"12500.00"``."""
+def require_rupiah(amount: object) -> int:
+    """``amount`` if it is a non-negative integer number of rupiah; a float or Decimal never gets this
+    far, because a rounded amount is a wrong amount."""
     if isinstance(amount, bool) or not isinstance(amount, int):
         raise TypeError(f"amount must be integer rupiah, got {type(amount).__name__}")
     if amount < 0:
         raise ValueError(f"amount must not be negative, got {amount}")
-    return f"{amount}.00"
+    return amount
+
+
+def format_gross_amount(amount: int) -> str:
+    """Integer rupiah as Midtrans writes it: ``12500`` -> ``"12500.00"``."""
+    return f"{require_rupiah(amount)}.00"
 
 
 def parse_gross_amount(text: str) -> int:
@@ -111,6 +120,10 @@ class GatewayStatus:
     payment_type: str | None
     transaction_id: str | None
     fraud_status: str | None
+    # For bank-transfer payments: which bank's virtual account, and its number (ops need them to pay a
+    # manual refund out).
+    va_bank: str | None = None
+    va_number: str | None = None
 
 
 @dataclass(frozen=True)
@@ -122,6 +135,18 @@ class RefundResult:
     refund_key: str
     status_code: str
     message: str
+
+
+@dataclass(frozen=True)
+class CloseResult:
+    """The answer to closing an unpaid transaction (expire or cancel). ``closed=False`` with status code
+    ``"412"`` means the gateway would not (it was paid meanwhile, or is already closed) and ``"404"``
+    that it never heard of the order: either way, ask :meth:`PaymentGateway.get_status` what is true."""
+
+    closed: bool
+    status_code: str
+    message: str
+    transaction_status: str | None = None
 
 
 class GatewayUnavailable(TransientError):
@@ -147,6 +172,10 @@ class PaymentGateway(Protocol):
     def get_status(self, gateway_order_id: str) -> GatewayStatus | None: ...
 
     def refund(self, gateway_order_id: str, *, refund_key: str, amount: int, reason: str) -> RefundResult: ...
+
+    def expire_transaction(self, gateway_order_id: str) -> CloseResult: ...
+
+    def cancel_transaction(self, gateway_order_id: str) -> CloseResult: ...
 
 
 # --- circuit breaker -------------------------------------------------------------------------------
@@ -237,10 +266,11 @@ _breakers: dict[str, CircuitBreaker] = {}
 _breakers_lock = threading.Lock()
 
 
-def breaker_for(base_url: str) -> CircuitBreaker:
+def breaker_for(base_url: str, threshold: int = 5, cooldown_seconds: float = 30.0) -> CircuitBreaker:
     """One breaker per gateway per process, shared by every adapter instance pointing at it."""
     with _breakers_lock:
-        return _breakers.setdefault(base_url, CircuitBreaker())
+        return _breakers.setdefault(
+            f"{base_url} {threshold} {cooldown_seconds}", CircuitBreaker(threshold, cooldown_seconds))
 
 
 # --- the HTTP adapter ------------------------------------------------------------------------------
@@ -290,6 +320,7 @@ class MidtransGateway:
     ) -> Transaction:
         """Open a Snap payment. A taken order id is a :class:`GatewayRejected`: callers use a fresh id
         per attempt, so a retry after a timeout never collides with the attempt that did get through."""
+        require_rupiah(amount)
         body = {
             "transaction_details": {"order_id": gateway_order_id, "gross_amount": amount},
             "customer_details": {"email": email},
@@ -316,6 +347,7 @@ class MidtransGateway:
         if response.status_code >= 300 or not isinstance(payload, dict):
             raise GatewayRejected(_message(payload, f"status query answered HTTP {response.status_code}"))
         try:
+            va_bank, va_number = _virtual_account(payload)
             return GatewayStatus(
                 gateway_order_id=str(payload.get("order_id") or gateway_order_id),
                 transaction_status=str(payload["transaction_status"]),
@@ -324,6 +356,8 @@ class MidtransGateway:
                 payment_type=_optional_text(payload.get("payment_type")),
                 transaction_id=_optional_text(payload.get("transaction_id")),
                 fraud_status=_optional_text(payload.get("fraud_status")),
+                va_bank=va_bank,
+                va_number=va_number,
             )
         except (KeyError, ValueError) as exc:
             raise GatewayRejected(
@@ -336,7 +370,7 @@ class MidtransGateway:
         Body codes 400/401/403 are our mistake (:class:`GatewayRejected`); any other 4xx code, e.g.
         ``"412"`` for a virtual-account payment, means "not refundable by API" -> ``refunded=False``.
         """
-        body = {"refund_key": refund_key, "amount": amount, "reason": reason}
+        body = {"refund_key": refund_key, "amount": require_rupiah(amount), "reason": reason}
         response, payload = self._call("POST", f"/v2/{gateway_order_id}/refund", gateway_order_id, json=body)
         code = _body_status_code(payload) or str(response.status_code)
         message = _message(payload, f"HTTP {response.status_code}")
@@ -346,6 +380,29 @@ class MidtransGateway:
         log_event(log, "gateway_refund_refused", logging.WARNING,
                   gateway_order_id=gateway_order_id, status_code=code)
         return RefundResult(refunded=False, refund_key=refund_key, status_code=code, message=message)
+
+    def expire_transaction(self, gateway_order_id: str) -> CloseResult:
+        """Close an unpaid transaction so it can no longer be paid (``POST /v2/<id>/expire``)."""
+        return self._close(gateway_order_id, "expire")
+
+    def cancel_transaction(self, gateway_order_id: str) -> CloseResult:
+        """Cancel an unpaid transaction (``POST /v2/<id>/cancel``)."""
+        return self._close(gateway_order_id, "cancel")
+
+    def _close(self, gateway_order_id: str, how: str) -> CloseResult:
+        response, payload = self._call("POST", f"/v2/{gateway_order_id}/{how}", gateway_order_id)
+        code = _body_status_code(payload) or str(response.status_code)
+        message = _message(payload, f"HTTP {response.status_code}")
+        status = _optional_text(payload.get("transaction_status")) if isinstance(payload, dict) else None
+        if response.status_code == 404 or code == "404":
+            return CloseResult(closed=False, status_code="404", message=message)
+        self._raise_for_failure(response.status_code, code, payload, gateway_order_id)
+        # Midtrans answers an expiry with body code 407 and a cancel with 200; both say it is closed.
+        closed = response.status_code < 300 and code in ("200", "407") and status in ("expire", "cancel")
+        if not closed:
+            log_event(log, "gateway_close_refused", gateway_order_id=gateway_order_id, how=how,
+                      status_code=code)
+        return CloseResult(closed=closed, status_code=code, message=message, transaction_status=status)
 
     # --- plumbing ---
 
@@ -411,11 +468,29 @@ def _optional_text(value: object) -> str | None:
     return None if value is None or value == "" else str(value)
 
 
+def _virtual_account(payload: dict[str, Any]) -> tuple[str | None, str | None]:
+    """(bank, number) of a bank-transfer payment, from whichever field Midtrans uses for that bank."""
+    numbers = payload.get("va_numbers")
+    if isinstance(numbers, list) and numbers and isinstance(numbers[0], dict):
+        return _optional_text(numbers[0].get("bank")), _optional_text(numbers[0].get("va_number"))
+    if payload.get("permata_va_number"):
+        return "permata", _optional_text(payload["permata_va_number"])
+    if payload.get("bill_key"):  # Mandiri bill payment: biller code + bill key
+        return "mandiri", f"{payload.get('biller_code', '')}{payload['bill_key']}"
+    return None, None
+
+
 # --- factory ---------------------------------------------------------------------------------------
 
 def _midtrans_from_settings(settings: Any) -> PaymentGateway:
+    breaker = breaker_for(
+        settings.gateway_url.rstrip("/"),
+        int(getattr(settings, "gateway_breaker_threshold", 5)),
+        float(getattr(settings, "gateway_breaker_cooldown_seconds", 30.0)),
+    )
     return MidtransGateway(
-        settings.gateway_url, settings.gateway_server_key, settings.gateway_timeout_seconds
+        settings.gateway_url, settings.gateway_server_key, settings.gateway_timeout_seconds,
+        breaker=breaker,
     )
 
 

@@ -10,45 +10,56 @@ Run it with ``python -m shared.payments.standin``: it listens on ``GATEWAY_PORT`
 to ``NOTIFICATION_URL``.
 
 Protocol endpoints (HTTP Basic, server key as username): ``POST /snap/v1/transactions``,
-``GET /v2/<order_id>/status``, ``POST /v2/<order_id>/refund``. Refund refusals are answered like
-Midtrans' v2 API: HTTP 200 with ``status_code: "412"`` in the body. Unknown orders get HTTP 404 with
-``status_code: "404"``.
+``GET /v2/<order_id>/status``, ``POST /v2/<order_id>/refund``, ``POST /v2/<order_id>/expire``,
+``POST /v2/<order_id>/cancel``. Like Midtrans' v2 API, refusals are HTTP 200 with ``status_code: "412"``
+in the body; unknown orders get HTTP 404 with ``status_code: "404"``; a merchant expiry answers
+``status_code: "407"``.
 
-Sandbox endpoints (no auth; they stand for the buyer and for the test harness): ``GET
-/snap/v2/vtweb/<token>`` (pay page), ``POST /sandbox/pay/<order_id>``, ``POST /sandbox/expire/<order_id>``,
-``POST /sandbox/notify/<order_id>`` (re-send; ``{"transaction_status": "pending"}`` sends a stale one,
-for out-of-order drills), ``GET|POST|DELETE /sandbox/faults``, ``GET /sandbox/transactions/<order_id>``.
+Sandbox endpoints (no auth; they stand for the buyer, the banks and the test harness): ``GET
+/snap/v2/vtweb/<token>`` (pay page), ``POST /sandbox/pay/<order_id>`` (``{"payment_type": …,
+"after_expiry": true}`` is a bank settling after the gateway expired the transaction), ``POST
+/sandbox/expire/<order_id>`` (the gateway's own expiry), ``POST /sandbox/notify/<order_id>`` (re-send;
+``{"transaction_status": "pending"}`` sends a stale one, for out-of-order drills), ``GET|POST|DELETE
+/sandbox/faults``, ``GET /sandbox/transactions/<order_id>``.
 
-State lives in memory under one lock, so a restart forgets every transaction. A later issue makes it
-durable in its own PostgreSQL schema (the gateway's data is not ours, so it never shares our tables).
+State is durable: transactions, refunds and every notification copy live in the stand-in's own
+PostgreSQL schema (:mod:`shared.payments.standin_db`), so a restarted stand-in still knows every
+transaction, still answers a repeated ``refund_key`` with the first answer, and resumes notifications it
+had not delivered yet. Fault knobs are per process and start cleared: a restart is a healthy gateway.
 """
 from __future__ import annotations
 
 import argparse
 import copy
 import hmac
+import json
 import logging
 import random
 import threading
 import time
 import uuid
-from dataclasses import asdict, dataclass, field
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from functools import wraps
 from typing import Any, Callable, Sequence
 
+import psycopg
 import requests
 from flask import Flask, Response, jsonify, request
 from markupsafe import escape
 
 from shared.logs import log_event
 from shared.payments.gateway import format_gross_amount, notification_signature
+from shared.payments.standin_db import DEFAULT_SCHEMA, migrate, open_pool
 
 log = logging.getLogger(__name__)
 
 MERCHANT_ID = "M-STANDIN"
 WIB = timezone(timedelta(hours=7), "WIB")
 PAYMENT_TYPES = ("qris", "gopay", "shopeepay", "credit_card", "bank_transfer")
+VA_BANKS = ("bca", "bni", "bri", "permata", "cimb")
 PAID = ("settlement", "capture")
 REFUNDABLE = PAID + ("partial_refund",)
 # Midtrans can't push money back into a virtual account; those refunds are paid out by hand.
@@ -59,12 +70,16 @@ STATUS_CODES = {
 }
 CANNOT_MODIFY = "Merchant cannot modify the status of the transaction"
 NOT_FOUND = {"status_code": "404", "status_message": "Transaction doesn't exist."}
+# Protocol endpoints, by the names the ``endpoints`` fault knob uses.
+ENDPOINTS = ("create", "status", "refund", "expire", "cancel")
 
 DEFAULT_FAULTS: dict[str, Any] = {
     "latency_ms": 0,
     "error_rate": 0.0,
     "timeout_rate": 0.0,
     "timeout_sleep_seconds": 10.0,
+    "endpoints": list(ENDPOINTS),
+    "max_faults": None,
     "drop_notifications": False,
     "duplicate_notifications": 0,
     "notification_jitter_ms": 0,
@@ -103,6 +118,18 @@ def _payment_types(value: Any) -> list[str]:
     return value
 
 
+def _endpoints(value: Any) -> list[str]:
+    if not isinstance(value, list) or not all(v in ENDPOINTS for v in value):
+        raise ValueError(f"must be a list of endpoint names from {', '.join(ENDPOINTS)}")
+    return value
+
+
+def _optional_budget(value: Any) -> int | None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+        raise ValueError("must be a non-negative integer or null")
+    return value
+
+
 def _seed(value: Any) -> int | None:
     if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
         raise ValueError("must be an integer or null")
@@ -114,6 +141,8 @@ FAULT_CHECKS: dict[str, Callable[[Any], Any]] = {
     "error_rate": _number(0, 1),
     "timeout_rate": _number(0, 1),
     "timeout_sleep_seconds": _number(0),
+    "endpoints": _endpoints,
+    "max_faults": _optional_budget,
     "drop_notifications": _boolean,
     "duplicate_notifications": _count,
     "notification_jitter_ms": _number(0),
@@ -154,15 +183,12 @@ class RefundRecord:
 
 @dataclass
 class Delivery:
-    """One notification copy on its way to the merchant, and what became of it."""
+    """One notification copy on its way to the merchant (its row is ``notifications.id``)."""
 
+    id: int
     body: dict[str, Any]
     copy: int
     dropped: bool = False
-    attempts: int = 0
-    delivered: bool | None = None
-    last_http_status: int | None = None
-    last_error: str | None = None
 
 
 @dataclass
@@ -178,13 +204,19 @@ class GatewayTransaction:
     payment_type: str | None = None
     fraud_status: str | None = None
     settlement_time: str | None = None
+    va_bank: str | None = None
     va_number: str | None = None
     refunds: list[RefundRecord] = field(default_factory=list)
-    notifications: list[Delivery] = field(default_factory=list)
 
     @property
     def refunded_amount(self) -> int:
         return sum(r.amount for r in self.refunds)
+
+
+_TRANSACTION_COLUMNS = (
+    "order_id", "gross_amount", "email", "item_name", "token", "transaction_id", "transaction_time",
+    "transaction_status", "payment_type", "fraud_status", "settlement_time", "va_bank", "va_number",
+)
 
 
 def _describe(tx: GatewayTransaction, server_key: str, status: str, message: str) -> dict[str, Any]:
@@ -207,7 +239,7 @@ def _describe(tx: GatewayTransaction, server_key: str, status: str, message: str
         "settlement_time": tx.settlement_time if status in PAID + ("refund", "partial_refund") else None,
     }
     if tx.va_number is not None:
-        body["va_numbers"] = [{"bank": "bca", "va_number": tx.va_number}]
+        body["va_numbers"] = [{"bank": tx.va_bank or "bca", "va_number": tx.va_number}]
     if status in ("refund", "partial_refund") and tx.refunds:
         body["refund_amount"] = format_gross_amount(tx.refunded_amount)
         body["refunds"] = [
@@ -218,12 +250,31 @@ def _describe(tx: GatewayTransaction, server_key: str, status: str, message: str
     return {k: v for k, v in body.items() if v is not None}
 
 
+def _closed_answer(tx: GatewayTransaction, status_code: str, message: str) -> dict[str, Any]:
+    """What Midtrans answers to a merchant's expire/cancel: the transaction's new status, unsigned."""
+    body = {
+        "status_code": status_code,
+        "status_message": message,
+        "transaction_id": tx.transaction_id,
+        "order_id": tx.order_id,
+        "payment_type": tx.payment_type,
+        "transaction_time": tx.transaction_time,
+        "transaction_status": tx.transaction_status,
+        "gross_amount": format_gross_amount(tx.gross_amount),
+    }
+    return {k: v for k, v in body.items() if v is not None}
+
+
 # --- the gateway's behaviour (no Flask here) -------------------------------------------------------
 
 class StandinGateway:
-    """In-memory transactions, fault knobs and notification delivery. Every method that changes a
-    transaction returns the notification copies to send, and the caller sends them after the lock is
-    released, so a slow merchant endpoint never stalls the gateway."""
+    """Transactions in PostgreSQL, fault knobs in memory, notification delivery on threads.
+
+    Every method that changes a transaction does so in one database transaction holding the
+    transaction's row lock (so two refunds with one key, or a payment racing an expiry, serialize), and
+    returns the notification copies it recorded; the caller sends them after the commit, so a slow
+    merchant endpoint never holds a lock.
+    """
 
     def __init__(
         self,
@@ -231,6 +282,8 @@ class StandinGateway:
         notification_url: str,
         public_url: str,
         *,
+        database_url: str,
+        schema: str = DEFAULT_SCHEMA,
         seed: int | None = None,
         notification_retry_delays: Sequence[float] = (0.5, 2.0, 5.0),
         notification_timeout: float = 5.0,
@@ -240,14 +293,31 @@ class StandinGateway:
         self.public_url = public_url.rstrip("/")
         self.retry_delays = tuple(notification_retry_delays)
         self.notification_timeout = notification_timeout
-        self.lock = threading.Lock()
-        self.transactions: dict[str, GatewayTransaction] = {}
-        self.tokens: dict[str, str] = {}
+        self.schema = schema
+        migrate(database_url, schema)
+        self.pool = open_pool(database_url, schema)
+        self.lock = threading.Lock()  # guards the fault knobs and the random source
         self.faults: dict[str, Any] = copy.deepcopy(DEFAULT_FAULTS)
+        self.injected = {"error": 0, "timeout": 0}
         self.random = random.Random(seed)
         self.faults["seed"] = seed
+        self.closed = False
+
+    def close(self) -> None:
+        """Stop using the database (delivery threads still running give up quietly)."""
+        self.closed = True
+        self.pool.close()
+
+    @contextmanager
+    def _transaction(self) -> Iterator[psycopg.Connection]:
+        with self.pool.connection() as conn:
+            with conn.transaction():
+                yield conn
 
     # faults
+
+    def _faults_view(self) -> dict[str, Any]:
+        return copy.deepcopy(self.faults) | {"injected": dict(self.injected)}
 
     def set_faults(self, knobs: dict[str, Any]) -> dict[str, Any]:
         checked = validate_faults(knobs)
@@ -255,26 +325,70 @@ class StandinGateway:
             self.faults.update(checked)
             if "seed" in checked:
                 self.random.seed(checked["seed"])
-            return copy.deepcopy(self.faults)
+            if "max_faults" in checked:
+                self.injected = {"error": 0, "timeout": 0}
+            return self._faults_view()
 
     def reset_faults(self) -> dict[str, Any]:
         with self.lock:
             self.faults = copy.deepcopy(DEFAULT_FAULTS)
-            return copy.deepcopy(self.faults)
+            self.injected = {"error": 0, "timeout": 0}
+            return self._faults_view()
 
     def get_faults(self) -> dict[str, Any]:
         with self.lock:
-            return copy.deepcopy(self.faults)
+            return self._faults_view()
 
-    def draw_fault(self) -> tuple[float, str | None]:
-        """Decide this protocol request's fate: seconds to sleep first, then "error", "timeout" or None."""
+    def draw_fault(self, endpoint: str) -> tuple[float, str | None]:
+        """Decide one protocol request's fate: seconds to sleep first, then "error", "timeout" or None.
+
+        Only endpoints named in the ``endpoints`` knob are affected, and at most ``max_faults`` errors
+        and timeouts are injected in all (then the gateway is healthy again), so a drill can say "the
+        next three status queries fail" and nothing else.
+        """
         with self.lock:
+            if endpoint not in self.faults["endpoints"]:
+                return 0.0, None
             latency = self.faults["latency_ms"] / 1000.0
-            if self.random.random() < self.faults["error_rate"]:
+            budget = self.faults["max_faults"]
+            error = self.random.random() < self.faults["error_rate"]
+            timeout = self.random.random() < self.faults["timeout_rate"]
+            if budget is not None and sum(self.injected.values()) >= budget:
+                return latency, None
+            if error:
+                self.injected["error"] += 1
                 return latency, "error"
-            if self.random.random() < self.faults["timeout_rate"]:
+            if timeout:
+                self.injected["timeout"] += 1
                 return latency + self.faults["timeout_sleep_seconds"], "timeout"
             return latency, None
+
+    # reading
+
+    def _load(self, conn: psycopg.Connection, order_id: str, *, lock: bool = False) -> GatewayTransaction | None:
+        query = "SELECT * FROM transactions WHERE order_id = %s" + (" FOR UPDATE" if lock else "")
+        row = conn.execute(query, (order_id,)).fetchone()
+        if row is None:
+            return None
+        tx = GatewayTransaction(**{name: row[name] for name in _TRANSACTION_COLUMNS})
+        tx.refunds = [
+            RefundRecord(r["refund_key"], r["amount"], r["reason"], r["created_at"], r["response"])
+            for r in conn.execute(
+                "SELECT * FROM refunds WHERE order_id = %s ORDER BY seq", (order_id,)
+            ).fetchall()
+        ]
+        return tx
+
+    def _save_status(self, conn: psycopg.Connection, tx: GatewayTransaction) -> None:
+        conn.execute(
+            "UPDATE transactions SET transaction_status = %s, payment_type = %s, fraud_status = %s,"
+            " settlement_time = %s, va_bank = %s, va_number = %s, updated_at = now() WHERE order_id = %s",
+            (tx.transaction_status, tx.payment_type, tx.fraud_status, tx.settlement_time, tx.va_bank,
+             tx.va_number, tx.order_id),
+        )
+
+    def _status_body(self, tx: GatewayTransaction) -> dict[str, Any]:
+        return _describe(tx, self.server_key, tx.transaction_status, "Success, transaction is found")
 
     # protocol
 
@@ -282,34 +396,33 @@ class StandinGateway:
         self, order_id: str, gross_amount: int, email: str | None, item_name: str | None
     ) -> GatewayTransaction | None:
         """A new pending transaction, or None if the order id is taken."""
-        with self.lock:
-            if order_id in self.transactions:
-                return None
-            tx = GatewayTransaction(
-                order_id=order_id, gross_amount=gross_amount, email=email, item_name=item_name,
-                token=str(uuid.uuid4()), transaction_id=str(uuid.uuid4()), transaction_time=_now_text(),
-            )
-            self.transactions[order_id] = tx
-            self.tokens[tx.token] = order_id
-        log_event(log, "standin_transaction_created", gateway_order_id=order_id, amount=gross_amount)
+        with self._transaction() as conn:
+            row = conn.execute(
+                "INSERT INTO transactions (order_id, gross_amount, email, item_name, token, transaction_id,"
+                " transaction_time, transaction_status) VALUES (%s, %s, %s, %s, %s, %s, %s, 'pending')"
+                " ON CONFLICT (order_id) DO NOTHING RETURNING order_id",
+                (order_id, gross_amount, email, item_name, str(uuid.uuid4()), str(uuid.uuid4()),
+                 _now_text()),
+            ).fetchone()
+            tx = self._load(conn, order_id) if row is not None else None
+        if tx is not None:
+            log_event(log, "standin_transaction_created", gateway_order_id=order_id, amount=gross_amount)
         return tx
 
     def redirect_url(self, tx: GatewayTransaction) -> str:
         return f"{self.public_url}/snap/v2/vtweb/{tx.token}"
 
     def status(self, order_id: str) -> dict[str, Any] | None:
-        with self.lock:
-            tx = self.transactions.get(order_id)
-            if tx is None:
-                return None
-            return _describe(tx, self.server_key, tx.transaction_status, "Success, transaction is found")
+        with self._transaction() as conn:
+            tx = self._load(conn, order_id)
+        return None if tx is None else self._status_body(tx)
 
     def refund(
         self, order_id: str, refund_key: str, amount: int | None, reason: str
     ) -> tuple[int, dict[str, Any], list[Delivery]]:
         """(HTTP status, body, notifications). The same ``refund_key`` returns the first answer again."""
-        with self.lock:
-            tx = self.transactions.get(order_id)
+        with self._transaction() as conn:
+            tx = self._load(conn, order_id, lock=True)
             if tx is None:
                 return 404, dict(NOT_FOUND), []
             earlier = next((r for r in tx.refunds if r.refund_key == refund_key), None)
@@ -319,13 +432,14 @@ class StandinGateway:
             if refusal is not None:
                 return 200, {"status_code": "412", "status_message": refusal, "order_id": order_id}, []
             refund_amount = amount if amount is not None else tx.gross_amount - tx.refunded_amount
-            response = self._record_refund(tx, refund_key, refund_amount, reason)
-            deliveries = self._queue_notification(tx, tx.transaction_status)
+            response = self._record_refund(conn, tx, refund_key, refund_amount, reason)
+            deliveries = self._queue_notification(conn, tx, tx.transaction_status)
         log_event(log, "standin_refunded", gateway_order_id=order_id, amount=refund_amount)
         return 200, copy.deepcopy(response), deliveries
 
     def _refund_refusal(self, tx: GatewayTransaction, amount: int | None) -> str | None:
-        refused = set(NOT_REFUNDABLE_BY_API) | set(self.faults["refuse_refunds_for"])
+        with self.lock:
+            refused = set(NOT_REFUNDABLE_BY_API) | set(self.faults["refuse_refunds_for"])
         if tx.payment_type in refused or tx.transaction_status not in REFUNDABLE:
             return CANNOT_MODIFY
         remaining = tx.gross_amount - tx.refunded_amount
@@ -334,10 +448,11 @@ class StandinGateway:
         return None
 
     def _record_refund(
-        self, tx: GatewayTransaction, refund_key: str, amount: int, reason: str
+        self, conn: psycopg.Connection, tx: GatewayTransaction, refund_key: str, amount: int, reason: str
     ) -> dict[str, Any]:
         full = tx.refunded_amount + amount == tx.gross_amount
         tx.transaction_status = "refund" if full else "partial_refund"
+        seq = len(tx.refunds) + 1
         response = {
             "status_code": "200",
             "status_message": "Success, refund request is approved",
@@ -348,77 +463,135 @@ class StandinGateway:
             "payment_type": tx.payment_type,
             "transaction_time": tx.transaction_time,
             "transaction_status": tx.transaction_status,
-            "refund_chargeback_id": len(tx.refunds) + 1,
+            "refund_chargeback_id": seq,
             "refund_amount": format_gross_amount(amount),
             "refund_key": refund_key,
         }
-        tx.refunds.append(RefundRecord(refund_key, amount, reason, _now_text(), response))
+        record = RefundRecord(refund_key, amount, reason, _now_text(), response)
+        conn.execute(
+            "INSERT INTO refunds (order_id, refund_key, seq, amount, reason, created_at, response)"
+            " VALUES (%s, %s, %s, %s, %s, %s, %s)",
+            (tx.order_id, refund_key, seq, amount, reason, record.created_at, json.dumps(response)),
+        )
+        tx.refunds.append(record)
+        self._save_status(conn, tx)
         return response
+
+    def close_transaction(self, order_id: str, how: str) -> tuple[int, dict[str, Any], list[Delivery]]:
+        """The merchant closes an unpaid transaction: ``how`` is "expire" or "cancel" (Midtrans'
+        ``POST /v2/<id>/expire`` and ``/cancel``). Only a pending transaction can be closed; anything
+        else (paid meanwhile, already closed) is refused with 412 and changes nothing."""
+        with self._transaction() as conn:
+            tx = self._load(conn, order_id, lock=True)
+            if tx is None:
+                return 404, dict(NOT_FOUND), []
+            if tx.transaction_status != "pending":
+                return 200, {"status_code": "412", "status_message": CANNOT_MODIFY, "order_id": order_id}, []
+            tx.transaction_status = how
+            self._save_status(conn, tx)
+            deliveries = self._queue_notification(conn, tx, how)
+        log_event(log, "standin_closed", gateway_order_id=order_id, how=how)
+        if how == "expire":
+            return 200, _closed_answer(tx, "407", "Success, transaction has expired"), deliveries
+        return 200, _closed_answer(tx, "200", "Success, transaction is canceled"), deliveries
 
     # sandbox
 
-    def pay(self, order_id: str, payment_type: str) -> tuple[str, dict[str, Any] | None, list[Delivery]]:
-        """("ok" | "not_found" | "not_pending", status body, notifications)."""
-        with self.lock:
-            tx = self.transactions.get(order_id)
+    def pay(
+        self, order_id: str, payment_type: str, *, bank: str = "bca", after_expiry: bool = False
+    ) -> tuple[str, dict[str, Any] | None, list[Delivery]]:
+        """("ok" | "not_found" | "not_pending", status body, notifications).
+
+        ``after_expiry`` lets a payment land on a transaction the gateway already expired, as a bank
+        transfer that settles late does: the merchant then sees ``settlement`` after ``expire``.
+        """
+        payable = ("pending", "expire") if after_expiry else ("pending",)
+        with self._transaction() as conn:
+            tx = self._load(conn, order_id, lock=True)
             if tx is None:
                 return "not_found", None, []
-            if tx.transaction_status != "pending":
-                return "not_pending", self._status_locked(tx), []
+            if tx.transaction_status not in payable:
+                return "not_pending", self._status_body(tx), []
             tx.payment_type = payment_type
             tx.transaction_status = "capture" if payment_type == "credit_card" else "settlement"
             tx.fraud_status = "accept"
             tx.settlement_time = _now_text()
             if payment_type == "bank_transfer":
-                tx.va_number = f"{self.random.randrange(10**10, 10**11)}"
-            deliveries = self._queue_notification(tx, tx.transaction_status)
-            body = self._status_locked(tx)
-        log_event(log, "standin_paid", gateway_order_id=order_id, payment_type=payment_type)
+                with self.lock:
+                    tx.va_bank, tx.va_number = bank, f"{self.random.randrange(10**10, 10**11)}"
+            self._save_status(conn, tx)
+            deliveries = self._queue_notification(conn, tx, tx.transaction_status)
+            body = self._status_body(tx)
+        log_event(log, "standin_paid", gateway_order_id=order_id, payment_type=payment_type,
+                  late=after_expiry or None)
         return "ok", body, deliveries
 
     def expire(self, order_id: str) -> tuple[str, dict[str, Any] | None, list[Delivery]]:
-        with self.lock:
-            tx = self.transactions.get(order_id)
+        """The gateway's own expiry of a pending transaction (its payment window ran out)."""
+        with self._transaction() as conn:
+            tx = self._load(conn, order_id, lock=True)
             if tx is None:
                 return "not_found", None, []
             if tx.transaction_status != "pending":
-                return "not_pending", self._status_locked(tx), []
+                return "not_pending", self._status_body(tx), []
             tx.transaction_status = "expire"
-            deliveries = self._queue_notification(tx, "expire")
-            return "ok", self._status_locked(tx), deliveries
+            self._save_status(conn, tx)
+            deliveries = self._queue_notification(conn, tx, "expire")
+            return "ok", self._status_body(tx), deliveries
 
     def renotify(self, order_id: str, status: str | None) -> tuple[str, list[Delivery]]:
         """Send the current notification again, or a stale one for ``status`` (out-of-order drills)."""
-        with self.lock:
-            tx = self.transactions.get(order_id)
+        if status is not None and status not in STATUS_CODES:
+            return "bad_status", []
+        with self._transaction() as conn:
+            tx = self._load(conn, order_id, lock=True)
             if tx is None:
                 return "not_found", []
-            if status is not None and status not in STATUS_CODES:
-                return "bad_status", []
-            return "ok", self._queue_notification(tx, status or tx.transaction_status)
+            return "ok", self._queue_notification(conn, tx, status or tx.transaction_status)
 
     def record(self, order_id: str) -> dict[str, Any] | None:
-        with self.lock:
-            tx = self.transactions.get(order_id)
-            return None if tx is None else asdict(tx) | {"refunded_amount": tx.refunded_amount}
+        """Everything the gateway holds about one transaction, notifications and refunds included."""
+        with self._transaction() as conn:
+            tx = self._load(conn, order_id)
+            if tx is None:
+                return None
+            notes = conn.execute(
+                "SELECT id, body, copy, dropped, attempts, delivered, last_http_status, last_error"
+                " FROM notifications WHERE order_id = %s ORDER BY id", (order_id,),
+            ).fetchall()
+        view = {name: getattr(tx, name) for name in _TRANSACTION_COLUMNS}
+        view["refunds"] = [
+            {"refund_key": r.refund_key, "amount": r.amount, "reason": r.reason,
+             "created_at": r.created_at, "response": r.response}
+            for r in tx.refunds
+        ]
+        view["notifications"] = [dict(n) for n in notes]
+        view["refunded_amount"] = tx.refunded_amount
+        return view
 
     def order_for_token(self, token: str) -> GatewayTransaction | None:
-        with self.lock:
-            order_id = self.tokens.get(token)
-            return None if order_id is None else copy.deepcopy(self.transactions[order_id])
-
-    def _status_locked(self, tx: GatewayTransaction) -> dict[str, Any]:
-        return _describe(tx, self.server_key, tx.transaction_status, "Success, transaction is found")
+        with self._transaction() as conn:
+            row = conn.execute("SELECT order_id FROM transactions WHERE token = %s", (token,)).fetchone()
+            return None if row is None else self._load(conn, row["order_id"])
 
     # notifications
 
-    def _queue_notification(self, tx: GatewayTransaction, status: str) -> list[Delivery]:
-        """Notification copies for ``tx`` (caller holds the lock), recorded on the transaction."""
+    def _queue_notification(
+        self, conn: psycopg.Connection, tx: GatewayTransaction, status: str
+    ) -> list[Delivery]:
+        """Record the notification copies for ``tx`` in the caller's transaction."""
         body = _describe(tx, self.server_key, status, "midtrans payment notification")
-        dropped = bool(self.faults["drop_notifications"])
-        copies = 1 + int(self.faults["duplicate_notifications"])
-        deliveries = [Delivery(body=copy.deepcopy(body), copy=n, dropped=dropped) for n in range(copies)]
-        tx.notifications.extend(deliveries)
+        with self.lock:
+            dropped = bool(self.faults["drop_notifications"])
+            copies = 1 + int(self.faults["duplicate_notifications"])
+        deliveries = []
+        for n in range(copies):
+            row = conn.execute(
+                "INSERT INTO notifications (order_id, copy, body, dropped) VALUES (%s, %s, %s, %s)"
+                " RETURNING id",
+                (tx.order_id, n, json.dumps(body), dropped),
+            ).fetchone()
+            deliveries.append(Delivery(id=row["id"], body=copy.deepcopy(body), copy=n, dropped=dropped))
         return deliveries
 
     def send(self, deliveries: list[Delivery]) -> None:
@@ -432,19 +605,50 @@ class StandinGateway:
             threading.Thread(target=self._deliver, args=(delivery, jitter), daemon=True,
                              name="standin-notify").start()
 
+    def resume_deliveries(self) -> int:
+        """Send again every notification a previous run of the stand-in had not finished delivering."""
+        with self._transaction() as conn:
+            rows = conn.execute(
+                "SELECT id, body, copy FROM notifications WHERE delivered IS NULL AND NOT dropped ORDER BY id"
+            ).fetchall()
+        self.send([Delivery(id=r["id"], body=r["body"], copy=r["copy"]) for r in rows])
+        if rows:
+            log_event(log, "standin_notifications_resumed", count=len(rows))
+        return len(rows)
+
     def _deliver(self, delivery: Delivery, delay: float) -> None:
         """POST until the merchant answers 2xx, retrying a bounded number of times with backoff."""
-        for pause in (delay, *self.retry_delays):
-            time.sleep(pause)
-            status, error = self._post(delivery.body)
-            with self.lock:
-                delivery.attempts += 1
-                delivery.last_http_status, delivery.last_error = status, error
-                delivery.delivered = status is not None and 200 <= status < 300
-                if delivery.delivered:
+        try:
+            for pause in (delay, *self.retry_delays):
+                time.sleep(pause)
+                if self.closed:
                     return
-        log_event(log, "standin_notification_gave_up", logging.WARNING,
-                  gateway_order_id=delivery.body["order_id"], attempts=delivery.attempts)
+                status, error = self._post(delivery.body)
+                delivered = status is not None and 200 <= status < 300
+                self._note_attempt(delivery, status, error, True if delivered else None)
+                if delivered:
+                    return
+            self._note_attempt(delivery, None, None, False, attempt=False)
+            log_event(log, "standin_notification_gave_up", logging.WARNING,
+                      gateway_order_id=delivery.body["order_id"])
+        except Exception as exc:  # noqa: BLE001 - a stopped stand-in's thread just ends
+            if not self.closed:
+                log_event(log, "standin_delivery_failed", logging.ERROR,
+                          gateway_order_id=delivery.body.get("order_id"), error=type(exc).__name__)
+
+    def _note_attempt(
+        self, delivery: Delivery, status: int | None, error: str | None, delivered: bool | None,
+        *, attempt: bool = True,
+    ) -> None:
+        with self._transaction() as conn:
+            if attempt:
+                conn.execute(
+                    "UPDATE notifications SET attempts = attempts + 1, last_http_status = %s,"
+                    " last_error = %s, delivered = %s WHERE id = %s",
+                    (status, error, delivered, delivery.id),
+                )
+            else:
+                conn.execute("UPDATE notifications SET delivered = %s WHERE id = %s", (delivered, delivery.id))
 
     def _post(self, body: dict[str, Any]) -> tuple[int | None, str | None]:
         try:
@@ -462,14 +666,14 @@ def _json_error(status: int, message: str) -> Response:
     return response
 
 
-def _protocol(gateway: StandinGateway) -> Callable[[Callable[..., Response]], Callable[..., Response]]:
+def _protocol(gateway: StandinGateway, endpoint: str) -> Callable[[Callable[..., Response]], Callable[..., Response]]:
     """Wrap a protocol endpoint: injected faults first (an outage happens before auth), then HTTP Basic
     with the server key. A "timeout" sleeps past the client's patience and then still does the work,
     like a real gateway that was slow rather than down."""
     def decorate(view: Callable[..., Response]) -> Callable[..., Response]:
         @wraps(view)
         def wrapped(*args: Any, **kwargs: Any) -> Response:
-            pause, fault = gateway.draw_fault()
+            pause, fault = gateway.draw_fault(endpoint)
             if pause:
                 time.sleep(pause)
             if fault == "error":
@@ -513,11 +717,15 @@ def _snap_request(body: Any) -> tuple[str, int, str | None, str | None]:
     return order_id, int(gross), email, item_name
 
 
-def _register_protocol(app: Flask, gateway: StandinGateway) -> None:
-    protocol = _protocol(gateway)
+def _answer(http_status: int, body: dict[str, Any]) -> Response:
+    response = jsonify(body)
+    response.status_code = http_status
+    return response
 
+
+def _register_protocol(app: Flask, gateway: StandinGateway) -> None:
     @app.post("/snap/v1/transactions")
-    @protocol
+    @_protocol(gateway, "create")
     def snap_create() -> Response:
         try:
             order_id, gross, email, item_name = _snap_request(request.get_json(silent=True))
@@ -526,12 +734,10 @@ def _register_protocol(app: Flask, gateway: StandinGateway) -> None:
         tx = gateway.create(order_id, gross, email, item_name)
         if tx is None:
             return _json_error(409, "transaction_details.order_id has already been taken")
-        response = jsonify({"token": tx.token, "redirect_url": gateway.redirect_url(tx)})
-        response.status_code = 201
-        return response
+        return _answer(201, {"token": tx.token, "redirect_url": gateway.redirect_url(tx)})
 
     @app.get("/v2/<order_id>/status")
-    @protocol
+    @_protocol(gateway, "status")
     def status(order_id: str) -> Response:
         body = gateway.status(order_id)
         if body is None:
@@ -539,7 +745,7 @@ def _register_protocol(app: Flask, gateway: StandinGateway) -> None:
         return jsonify(body)
 
     @app.post("/v2/<order_id>/refund")
-    @protocol
+    @_protocol(gateway, "refund")
     def refund(order_id: str) -> Response:
         body = request.get_json(silent=True) or {}
         amount = body.get("amount")
@@ -549,9 +755,21 @@ def _register_protocol(app: Flask, gateway: StandinGateway) -> None:
         reason = str(body.get("reason") or "")
         http_status, answer, deliveries = gateway.refund(order_id, refund_key, amount, reason)
         gateway.send(deliveries)
-        response = jsonify(answer)
-        response.status_code = http_status
-        return response
+        return _answer(http_status, answer)
+
+    @app.post("/v2/<order_id>/expire")
+    @_protocol(gateway, "expire")
+    def merchant_expire(order_id: str) -> Response:
+        http_status, answer, deliveries = gateway.close_transaction(order_id, "expire")
+        gateway.send(deliveries)
+        return _answer(http_status, answer)
+
+    @app.post("/v2/<order_id>/cancel")
+    @_protocol(gateway, "cancel")
+    def merchant_cancel(order_id: str) -> Response:
+        http_status, answer, deliveries = gateway.close_transaction(order_id, "cancel")
+        gateway.send(deliveries)
+        return _answer(http_status, answer)
 
 
 PAY_PAGE = """<!doctype html>
@@ -568,6 +786,7 @@ PAY_FORM = """<form method="post" action="/sandbox/pay/{order_id}">
 <label>Metode pembayaran
 <select name="payment_type">
 <option value="qris">QRIS</option><option value="gopay">GoPay</option>
+<option value="shopeepay">ShopeePay</option>
 <option value="credit_card">Kartu kredit</option><option value="bank_transfer">Transfer bank (VA)</option>
 </select></label>
 <button type="submit">Bayar sekarang</button>
@@ -586,6 +805,10 @@ def _rupiah(amount: int) -> str:
 
 def _html(text: str, status: int = 200) -> Response:
     return Response(text, status=status, mimetype="text/html")
+
+
+def _truthy(value: Any) -> bool:
+    return value is True or (isinstance(value, str) and value.lower() in ("1", "true", "yes", "on"))
 
 
 def _register_sandbox(app: Flask, gateway: StandinGateway) -> None:
@@ -607,7 +830,11 @@ def _register_sandbox(app: Flask, gateway: StandinGateway) -> None:
         payment_type = body.get("payment_type") or "qris"
         if payment_type not in PAYMENT_TYPES:
             return _json_error(400, f"payment_type must be one of {', '.join(PAYMENT_TYPES)}")
-        outcome, status_body, deliveries = gateway.pay(order_id, payment_type)
+        bank = body.get("bank") or "bca"
+        if bank not in VA_BANKS:
+            return _json_error(400, f"bank must be one of {', '.join(VA_BANKS)}")
+        outcome, status_body, deliveries = gateway.pay(
+            order_id, payment_type, bank=bank, after_expiry=_truthy(body.get("after_expiry")))
         gateway.send(deliveries)
         if from_form:
             return _pay_outcome_page(outcome)
@@ -629,9 +856,7 @@ def _register_sandbox(app: Flask, gateway: StandinGateway) -> None:
         if outcome == "not_found":
             return _json_error(404, NOT_FOUND["status_message"])
         first = deliveries[0].body if deliveries else None
-        response = jsonify({"queued": len(deliveries), "notification": first})
-        response.status_code = 202
-        return response
+        return _answer(202, {"queued": len(deliveries), "notification": first})
 
     @app.route("/sandbox/faults", methods=["GET", "POST", "DELETE"])
     def sandbox_faults() -> Response:
@@ -655,9 +880,7 @@ def _register_sandbox(app: Flask, gateway: StandinGateway) -> None:
 def _sandbox_answer(outcome: str, status_body: dict[str, Any] | None) -> Response:
     if outcome == "not_found":
         return _json_error(404, NOT_FOUND["status_message"])
-    response = jsonify(status_body)
-    response.status_code = 200 if outcome == "ok" else 409
-    return response
+    return _answer(200 if outcome == "ok" else 409, status_body or {})
 
 
 def _pay_outcome_page(outcome: str) -> Response:
@@ -673,22 +896,31 @@ def create_standin_app(
     notification_url: str,
     public_url: str,
     *,
+    database_url: str,
+    schema: str = DEFAULT_SCHEMA,
     seed: int | None = None,
     notification_retry_delays: Sequence[float] = (0.5, 2.0, 5.0),
     notification_timeout: float = 5.0,
 ) -> Flask:
-    """The stand-in gateway as a Flask app. ``public_url`` is where buyers' browsers reach it (used in
-    ``redirect_url``); ``seed`` makes injected faults reproducible."""
+    """The stand-in gateway as a Flask app, its state in ``schema`` of ``database_url`` (created and
+    migrated here). ``public_url`` is where buyers' browsers reach it (used in ``redirect_url``);
+    ``seed`` makes injected faults reproducible. Notifications a previous run left undelivered are
+    sent again. ``app.extensions["standin_gateway"].close()`` releases the database."""
     app = Flask(__name__)
     app.json.sort_keys = False  # type: ignore[attr-defined]
     gateway = StandinGateway(
-        server_key, notification_url, public_url, seed=seed,
+        server_key, notification_url, public_url, database_url=database_url, schema=schema, seed=seed,
         notification_retry_delays=notification_retry_delays, notification_timeout=notification_timeout,
     )
     app.extensions["standin_gateway"] = gateway
     _register_protocol(app, gateway)
     _register_sandbox(app, gateway)
+    gateway.resume_deliveries()
     return app
+
+
+def _delays(text: str) -> tuple[float, ...]:
+    return tuple(float(part) for part in text.split(",") if part.strip())
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -702,11 +934,18 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--host", default="127.0.0.1", help="interface to listen on (0.0.0.0 in containers)")
     parser.add_argument("--port", type=int, default=settings.gateway_port)
     parser.add_argument("--seed", type=int, default=None, help="seed for injected faults")
+    parser.add_argument("--notification-retry-delays", type=_delays, default=(0.5, 2.0, 5.0),
+                        help="seconds between notification delivery attempts, comma-separated")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    app = create_standin_app(settings.gateway_server_key, settings.notification_url, settings.gateway_url,
-                             seed=args.seed)
-    log_event(log, "standin_listening", host=args.host, port=args.port, notify=settings.notification_url)
+    app = create_standin_app(
+        settings.gateway_server_key, settings.notification_url, settings.gateway_url,
+        database_url=settings.standin_database_url or settings.database_url,
+        schema=settings.standin_schema, seed=args.seed,
+        notification_retry_delays=args.notification_retry_delays,
+    )
+    log_event(log, "standin_listening", host=args.host, port=args.port, notify=settings.notification_url,
+              schema=settings.standin_schema)
     run_simple(args.host, args.port, app, threaded=True)
 
 

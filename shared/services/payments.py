@@ -3,14 +3,23 @@
 The web endpoint only checks the signature and stores the body (:func:`accept_notification`); the
 worker confirms the status with a query to the gateway before any money moves
 (:func:`process_notification`), because a notification is a hint, the status query is the truth.
-Duplicates die at the unique fingerprint; out-of-order ones find the order no longer in the status they
-would move it from, which the state machine treats as "already done".
+Duplicates die at the unique fingerprint.
+
+What a confirmed gateway status does to an order is data, declared once: :data:`GATEWAY_STATUS_ACTIONS`
+says what each Midtrans status means for us (wait, captured, closed, reversed) and :data:`ORDER_MOVES`
+which order status that action moves where. Anything not in the table changes nothing, which is how an
+out-of-order or late notification can never undo a terminal state: ``pending`` after ``settlement`` is
+"wait" (nothing), ``expire`` after ``paid`` has no move from ``paid``, and a capture for an order that
+already expired moves it to ``refund_pending`` — the buyer gets the money back automatically.
+:func:`apply_gateway_status` is shared by notifications and by reconciliation
+(:mod:`shared.services.reconcile`).
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import logging
+from enum import StrEnum
 from typing import Any, Mapping
 
 from shared import jobs
@@ -23,8 +32,60 @@ from shared.services.refunds import begin_refund
 
 log = logging.getLogger(__name__)
 
-CAPTURED = frozenset({"settlement", "capture"})
-FAILED = frozenset({"expire", "cancel", "deny", "failure"})
+
+class GatewayAction(StrEnum):
+    """What a gateway status means for the money."""
+
+    WAIT = "wait"          # not decided yet: nothing to do
+    CAPTURE = "capture"    # the buyer's money is ours
+    CLOSE = "close"        # the payment failed or was closed: no money moved
+    REVERSED = "reversed"  # money was taken and already given back at the gateway
+
+
+# Midtrans transaction_status -> action. Unknown statuses wait (and are logged), never guess.
+GATEWAY_STATUS_ACTIONS: Mapping[str, GatewayAction] = {
+    "pending": GatewayAction.WAIT,
+    "authorize": GatewayAction.WAIT,  # card authorised, not captured yet
+    "capture": GatewayAction.CAPTURE,
+    "settlement": GatewayAction.CAPTURE,
+    "expire": GatewayAction.CLOSE,
+    "cancel": GatewayAction.CLOSE,
+    "deny": GatewayAction.CLOSE,
+    "failure": GatewayAction.CLOSE,
+    "refund": GatewayAction.REVERSED,
+    "partial_refund": GatewayAction.REVERSED,
+    "chargeback": GatewayAction.REVERSED,
+    "partial_chargeback": GatewayAction.REVERSED,
+}
+
+# A card capture counts only when the fraud check accepted it: "challenge" waits for review, "deny" is
+# a failed payment. No fraud_status (QRIS, e-wallets, transfers) means no fraud check applies.
+FRAUD_OVERRIDES: Mapping[str, GatewayAction] = {
+    "challenge": GatewayAction.WAIT,
+    "deny": GatewayAction.CLOSE,
+}
+
+# (action, order status now) -> order status next. Every pair not listed leaves the order alone.
+ORDER_MOVES: Mapping[tuple[GatewayAction, Status], Status] = {
+    (GatewayAction.CAPTURE, Status.AWAITING_PAYMENT): Status.PAID,
+    # Paid after we gave up waiting: never kept, refunded in full without anyone asking.
+    (GatewayAction.CAPTURE, Status.EXPIRED): Status.REFUND_PENDING,
+    (GatewayAction.CLOSE, Status.AWAITING_PAYMENT): Status.EXPIRED,
+    # Paid and given back at the gateway before we ever heard of it: nothing is held, the order is over.
+    (GatewayAction.REVERSED, Status.AWAITING_PAYMENT): Status.EXPIRED,
+}
+
+
+def action_for(status: GatewayStatus) -> GatewayAction:
+    """The action a confirmed gateway status calls for, from the tables above."""
+    action = GATEWAY_STATUS_ACTIONS.get(status.transaction_status)
+    if action is None:
+        log_event(log, "gateway_status_unknown", logging.WARNING,
+                  gateway_order_id=status.gateway_order_id, status=status.transaction_status)
+        return GatewayAction.WAIT
+    if action is GatewayAction.CAPTURE and status.fraud_status not in (None, "accept"):
+        return FRAUD_OVERRIDES.get(status.fraud_status, GatewayAction.WAIT)
+    return action
 
 
 def notification_fingerprint(body: Mapping[str, Any]) -> str:
@@ -63,6 +124,11 @@ def _mark_processed(tx: Tx, notification_id: int, outcome: str) -> None:
 
 
 def process_notification(settings: Settings, gateway: PaymentGateway, notification_id: int) -> str:
+    """Confirm one stored notification with a status query and apply what the gateway says now.
+
+    A :class:`~shared.payments.gateway.GatewayUnavailable` (timeout, 5xx, open circuit) propagates so
+    the task retries; nothing was applied, so the retry starts clean.
+    """
     with get_pool(settings.database_url).connection() as conn:
         note = conn.execute(
             "SELECT * FROM payment_notifications WHERE id = %s", (notification_id,)
@@ -83,36 +149,62 @@ def process_notification(settings: Settings, gateway: PaymentGateway, notificati
         outcome = apply_gateway_status(tx, settings, payment, confirmed) if confirmed else "not_found"
         _mark_processed(tx, notification_id, outcome)
     log_event(log, "notification_processed", order_id=str(payment["order_id"]),
-              gateway_order_id=payment["gateway_order_id"], outcome=outcome)
+              gateway_order_id=payment["gateway_order_id"], notified=note["transaction_status"],
+              confirmed=confirmed.transaction_status if confirmed else None, outcome=outcome)
     return outcome
 
 
-def apply_gateway_status(
-    tx: Tx, settings: Settings, payment: dict[str, Any], status: GatewayStatus
-) -> str:
-    """Drive the order from the gateway's confirmed status. Safe to repeat and to see out of order."""
-    order_id = str(payment["order_id"])
-    order = tx.execute("SELECT * FROM orders WHERE id = %s FOR UPDATE", (order_id,)).fetchone()
+def _record_gateway_view(tx: Tx, payment: Mapping[str, Any], status: GatewayStatus) -> None:
     tx.execute(
         "UPDATE payments SET gateway_status = %s, payment_type = COALESCE(%s, payment_type),"
-        " transaction_id = COALESCE(%s, transaction_id), updated_at = now()"
-        " WHERE gateway_order_id = %s",
-        (status.transaction_status, status.payment_type, status.transaction_id,
-         payment["gateway_order_id"]),
+        " transaction_id = COALESCE(%s, transaction_id), va_bank = COALESCE(%s, va_bank),"
+        " va_number = COALESCE(%s, va_number), updated_at = now() WHERE gateway_order_id = %s",
+        (status.transaction_status, status.payment_type, status.transaction_id, status.va_bank,
+         status.va_number, payment["gateway_order_id"]),
     )
-    captured = status.transaction_status in CAPTURED and status.fraud_status in (None, "accept")
-    if captured:
-        return _apply_capture(tx, settings, order, payment, status)
-    if status.transaction_status in FAILED:
-        moved = transition(tx, order_id, Status.AWAITING_PAYMENT, Status.EXPIRED,
-                           changes={"reason_code": f"payment_{status.transaction_status}"})
-        return "expired" if moved else "ignored"
-    return "ignored"
+
+
+def apply_gateway_status(
+    tx: Tx, settings: Settings, payment: Mapping[str, Any], status: GatewayStatus
+) -> str:
+    """Drive the order from the gateway's confirmed status. Safe to repeat and to see out of order.
+
+    Returns what happened: ``paid``, ``late_payment_refund``, ``amount_mismatch``, ``expired``,
+    ``duplicate`` (this capture was applied before), ``double_capture``, ``pending`` or ``no_change``.
+    """
+    order_id = str(payment["order_id"])
+    order = tx.execute("SELECT * FROM orders WHERE id = %s FOR UPDATE", (order_id,)).fetchone()
+    _record_gateway_view(tx, payment, status)
+    action = action_for(status)
+    if action is GatewayAction.WAIT:
+        return "pending"
+    current = Status(order["status"])
+    target = ORDER_MOVES.get((action, current))
+    if action is GatewayAction.CAPTURE:
+        return _apply_capture(tx, settings, order, payment, status, target)
+    if target is None:
+        if action is GatewayAction.REVERSED and current in (Status.PAID, Status.STAMPING, Status.STAMPED):
+            # Refunded at the gateway, but not by us (a dashboard refund, a chargeback): a person must
+            # look, because our books still say the money is held or earned.
+            log_event(log, "gateway_reversal_unbooked", logging.ERROR, order_id=order_id,
+                      gateway_order_id=payment["gateway_order_id"], status=status.transaction_status)
+        return "no_change"
+    if not payment.get("token"):
+        # A payment attempt the buyer was never shown failed or closed: it says nothing about the
+        # payment link they do have, so it must not expire the order.
+        return "no_change"
+    moved = transition(tx, order_id, current, target,
+                       changes={"reason_code": f"payment_{status.transaction_status}"},
+                       detail={"gateway_order_id": payment["gateway_order_id"],
+                               "gateway_status": status.transaction_status})
+    return "expired" if moved else "no_change"
 
 
 def _apply_capture(
-    tx: Tx, settings: Settings, order: dict[str, Any], payment: dict[str, Any], status: GatewayStatus
+    tx: Tx, settings: Settings, order: Mapping[str, Any], payment: Mapping[str, Any],
+    status: GatewayStatus, target: Status | None,
 ) -> str:
+    """Book a confirmed capture once: awaiting_payment → paid (then stamp), or expired → refund."""
     order_id = str(order["id"])
     already = tx.execute(
         "SELECT gateway_order_id FROM payments WHERE order_id = %s AND captured_at IS NOT NULL",
@@ -125,28 +217,30 @@ def _apply_capture(
                       gateway_order_id=payment["gateway_order_id"])
             return "double_capture"
         return "duplicate"
+    if target is None:
+        # Captured while the order is somewhere a payment can't be (it should be impossible): book
+        # nothing, shout, and let a person decide.
+        log_event(log, "capture_unexpected", logging.ERROR, order_id=order_id, status=order["status"],
+                  gateway_order_id=payment["gateway_order_id"])
+        return "no_change"
     tx.execute(
         "UPDATE payments SET captured_at = now(), amount_idr = %s WHERE gateway_order_id = %s",
         (status.gross_amount, payment["gateway_order_id"]),
     )
-    if order["status"] == Status.AWAITING_PAYMENT:
-        moved = transition(
-            tx, order_id, Status.AWAITING_PAYMENT, Status.PAID,
-            changes_sql={"paid_at": "now()",
-                         "refund_due_at": f"now() + interval '{int(settings.stamp_deadline_seconds)} seconds'"},
-            amount=status.gross_amount,
-            detail={"gateway_order_id": payment["gateway_order_id"],
-                    "payment_type": status.payment_type},
-        )
-        if moved is None:
-            return "ignored"
-        if status.gross_amount != order["amount_idr"]:
-            begin_refund(tx, order_id, Status.PAID, reason="amount_mismatch")
-            return "amount_mismatch"
-        jobs.enqueue_after_commit(tx, jobs.STAMP_ORDER, order_id)
-        return "paid"
-    if order["status"] == Status.EXPIRED:
-        begin_refund(tx, order_id, Status.EXPIRED, reason="late_payment")
+    if target is Status.REFUND_PENDING:
+        begin_refund(tx, order_id, Status(order["status"]), reason="late_payment")
         return "late_payment_refund"
-    return "ignored"
-
+    moved = transition(
+        tx, order_id, Status.AWAITING_PAYMENT, Status.PAID,
+        changes_sql={"paid_at": "now()",
+                     "refund_due_at": f"now() + interval '{int(settings.stamp_deadline_seconds)} seconds'"},
+        amount=status.gross_amount,
+        detail={"gateway_order_id": payment["gateway_order_id"], "payment_type": status.payment_type},
+    )
+    if moved is None:
+        raise RuntimeError(f"order {order_id} left awaiting_payment under its row lock")
+    if status.gross_amount != order["amount_idr"]:
+        begin_refund(tx, order_id, Status.PAID, reason="amount_mismatch")
+        return "amount_mismatch"
+    jobs.enqueue_after_commit(tx, jobs.STAMP_ORDER, order_id)
+    return "paid"

@@ -85,6 +85,10 @@ def refund_order(settings: Settings, gateway: PaymentGateway, order_id: str) -> 
         )
     except GatewayRejected as exc:
         _note_attempt(settings, order_id, exc.message)
+        if exc.code == "gateway_auth_failed":
+            # Our credentials are wrong: a configuration fault, not a refusal of this refund. The order
+            # stays refund_pending and the redrive tries again once the key is fixed.
+            raise
         return _to_manual(settings, order_id, {"error": exc.message})
     except Exception as exc:
         _note_attempt(settings, order_id, str(exc)[:500])

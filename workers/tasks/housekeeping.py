@@ -1,10 +1,11 @@
-"""Housekeeping tasks run by beat: the refund sweep and the redrive."""
+"""Housekeeping tasks run by beat: the refund sweep, the redrive, and the payment scans (which only
+claim orders and queue per-order work on ``payments``; they never call the gateway themselves)."""
 from __future__ import annotations
 
 from celery import shared_task
 
 from shared import jobs
-from shared.services import housekeeping
+from shared.services import housekeeping, reconcile
 from workers.tasks.base import settings
 
 
@@ -16,3 +17,13 @@ def sweep_refunds() -> int:
 @shared_task(name=jobs.REDRIVE)
 def redrive() -> dict[str, int]:
     return housekeeping.redrive(settings())
+
+
+@shared_task(name=jobs.RECONCILE_PAYMENTS)
+def reconcile_payments() -> int:
+    return reconcile.schedule_reconcile(settings())
+
+
+@shared_task(name=jobs.EXPIRE_UNPAID)
+def expire_unpaid() -> int:
+    return reconcile.schedule_expiry(settings())

@@ -1,4 +1,4 @@
-"""Payment tasks: confirm and apply a gateway notification."""
+"""Payment tasks: confirm and apply a gateway notification; poll or expire one order at the gateway."""
 from __future__ import annotations
 
 import logging
@@ -8,7 +8,7 @@ from celery import shared_task
 from shared import jobs
 from shared.errors import TransientError
 from shared.logs import log_event
-from shared.services import payments
+from shared.services import payments, reconcile
 from workers.tasks.base import backoff_seconds, gateway, settings
 
 log = logging.getLogger(__name__)
@@ -24,3 +24,34 @@ def process_notification(self, notification_id: int) -> str:
                   notification_id=notification_id, attempt=self.request.retries + 1, error=exc.code)
         raise self.retry(exc=exc, countdown=backoff_seconds(self.request.retries,
                                                             s.retry_base_seconds, s.retry_max_seconds))
+
+
+def _retry_or_leave(task, exc: TransientError, order_id: str) -> str:
+    """Retry a few times with backoff; after that, leave it: the order is claimed only until its next
+    check, when the scan hands it out again."""
+    s = settings()
+    attempt = task.request.retries + 1
+    if attempt > 5:
+        log_event(log, "payment_check_deferred", logging.WARNING, order_id=order_id, task=task.name,
+                  attempt=attempt, error=exc.code)
+        return "deferred"
+    log_event(log, "payment_check_retry", logging.WARNING, order_id=order_id, task=task.name,
+              attempt=attempt, error=exc.code)
+    raise task.retry(exc=exc, countdown=backoff_seconds(task.request.retries,
+                                                        s.retry_base_seconds, s.retry_max_seconds))
+
+
+@shared_task(name=jobs.RECONCILE_ORDER, bind=True, max_retries=None)
+def reconcile_order(self, order_id: str) -> str:
+    try:
+        return reconcile.reconcile_order(settings(), gateway(), order_id)
+    except TransientError as exc:
+        return _retry_or_leave(self, exc, order_id)
+
+
+@shared_task(name=jobs.EXPIRE_ORDER, bind=True, max_retries=None)
+def expire_order(self, order_id: str) -> str:
+    try:
+        return reconcile.expire_order(settings(), gateway(), order_id)
+    except TransientError as exc:
+        return _retry_or_leave(self, exc, order_id)

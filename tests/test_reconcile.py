@@ -1,0 +1,209 @@
+"""Reconciliation and expiry of unpaid orders, over HTTP against the stand-in gateway.
+
+Time is moved by back-dating the moment an order started waiting for payment (as the sweep tests move
+deadlines), so the real settings apply: RECONCILE_AFTER_SECONDS (10 minutes) and
+PAYMENT_TIMEOUT_SECONDS (24 hours). The scans run as the beat tasks and the ``meterai`` commands run
+them; the per-order work runs on the real workers, or inline with ``--inline``.
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import uuid
+from datetime import timedelta
+
+from shared import jobs
+from shared.config import load_settings
+from shared.lifecycle import Status
+from shared.payments.gateway import CircuitBreaker, GatewayStatus, MidtransGateway
+from shared.services import reconcile
+from shared.services.ledger import format_report, ledger_report
+from shared.services.payments import GATEWAY_STATUS_ACTIONS, ORDER_MOVES, GatewayAction, action_for
+from workers.celery_app import beat_schedule
+from tests.conftest import ROOT, SERVER_KEY, wait_until
+
+PRICE = 12_500
+
+
+def waiting_since(sys_, order_id: str, ago: timedelta) -> None:
+    sys_.query("UPDATE orders SET updated_at = now() - %s WHERE id = %s RETURNING id", (ago, order_id))
+
+
+def cli(sys_, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "shared.cli", *args], cwd=ROOT, env=sys_.env,
+                          capture_output=True, text=True, timeout=60)
+
+
+def assert_balanced(sys_) -> None:
+    report = ledger_report(sys_.settings)
+    assert report.balanced, format_report(report)
+
+
+def faults(sys_, **knobs) -> None:
+    assert sys_.http.post(f"{sys_.gateway_url}/sandbox/faults", json=knobs, timeout=5).status_code == 200
+
+
+def ledger(sys_, order_id: str) -> dict[str, int]:
+    rows = sys_.query("SELECT kind, amount_idr FROM ledger_entries WHERE order_id = %s", (order_id,))
+    return {row["kind"]: row["amount_idr"] for row in rows}
+
+
+# --- the status table ------------------------------------------------------------------------------
+
+def _status(transaction_status: str, fraud_status: str | None = None) -> GatewayStatus:
+    return GatewayStatus("MTR-x", transaction_status, "200", PRICE, "credit_card", "t", fraud_status)
+
+
+def test_every_midtrans_status_is_declared_once_as_data():
+    assert {s: GATEWAY_STATUS_ACTIONS[s] for s in
+            ("pending", "settlement", "capture", "expire", "cancel", "deny", "refund")} == {
+        "pending": GatewayAction.WAIT, "settlement": GatewayAction.CAPTURE, "capture": GatewayAction.CAPTURE,
+        "expire": GatewayAction.CLOSE, "cancel": GatewayAction.CLOSE, "deny": GatewayAction.CLOSE,
+        "refund": GatewayAction.REVERSED,
+    }
+    assert action_for(_status("capture", "challenge")) is GatewayAction.WAIT
+    assert action_for(_status("capture", "deny")) is GatewayAction.CLOSE
+    assert action_for(_status("something_new")) is GatewayAction.WAIT
+    # No gateway status can move an order out of a terminal state except a late capture into a refund.
+    terminal_moves = {(a, s): t for (a, s), t in ORDER_MOVES.items()
+                      if s in (Status.STAMPED, Status.REFUNDED, Status.EXPIRED, Status.REJECTED)}
+    assert terminal_moves == {(GatewayAction.CAPTURE, Status.EXPIRED): Status.REFUND_PENDING}
+
+
+def test_beat_runs_both_scans_on_housekeeping_and_their_work_on_payments():
+    schedule = beat_schedule(load_settings({}))
+    assert schedule["reconcile-payments"]["task"] == jobs.RECONCILE_PAYMENTS
+    assert schedule["expire-unpaid"]["task"] == jobs.EXPIRE_UNPAID
+    assert {jobs.QUEUES[jobs.RECONCILE_PAYMENTS], jobs.QUEUES[jobs.EXPIRE_UNPAID]} == {"housekeeping"}
+    assert {jobs.QUEUES[jobs.RECONCILE_ORDER], jobs.QUEUES[jobs.EXPIRE_ORDER]} == {"payments"}
+
+
+# --- reconcile -------------------------------------------------------------------------------------
+
+def test_dropped_notification_is_picked_up_by_reconcile(sys_):
+    faults(sys_, drop_notifications=True)
+    order_id, token, view = sys_.order_awaiting_payment()
+    sys_.pay(view["payment"]["gateway_order_id"])
+    assert reconcile.schedule_reconcile(sys_.settings) == 0  # too early: the notification may come
+    assert sys_.status(order_id, token)["status"] == "awaiting_payment"
+
+    waiting_since(sys_, order_id, timedelta(minutes=11))
+    result = cli(sys_, "reconcile")  # what beat runs: queue one task per order on "payments"
+
+    assert result.returncode == 0 and json.loads(result.stdout) == {"queued": 1}, result.stderr
+    sys_.wait_status(order_id, token, "stamped")
+    assert sys_.query("SELECT count(*) AS n FROM payment_notifications")[0]["n"] == 0  # none ever came
+    assert ledger(sys_, order_id) == {"captured": PRICE, "revenue": PRICE}
+    assert sys_.order_row(order_id)["payment_checks"] == 1
+    assert reconcile.schedule_reconcile(sys_.settings) == 0
+    assert_balanced(sys_)
+
+
+def test_unpaid_order_is_polled_again_after_doubling_intervals(sys_):
+    order_id, token, _ = sys_.order_awaiting_payment()
+    waiting_since(sys_, order_id, timedelta(minutes=11))
+
+    claimed = cli(sys_, "reconcile", "--inline")
+    assert json.loads(claimed.stdout) == {"checked": 1, "outcomes": {"pending": 1}}, claimed.stderr
+    assert reconcile.claim_for_reconcile(sys_.settings) == []  # claimed until its next check
+    [first] = sys_.query("SELECT payment_checks, payment_next_check_at - now() AS wait FROM orders")
+    assert first["payment_checks"] == 1
+    assert timedelta(minutes=9) < first["wait"] <= timedelta(minutes=10)
+
+    sys_.query("UPDATE orders SET payment_next_check_at = now() RETURNING id")
+    assert reconcile.claim_for_reconcile(sys_.settings) == [order_id]
+    [second] = sys_.query("SELECT payment_checks, payment_next_check_at - now() AS wait FROM orders")
+    assert second["payment_checks"] == 2
+    assert timedelta(minutes=19) < second["wait"] <= timedelta(minutes=20)
+    assert sys_.status(order_id, token)["status"] == "awaiting_payment"
+
+
+def test_reconcile_during_a_gateway_outage_changes_nothing_and_tries_again_later(sys_):
+    order_id, token, view = sys_.order_awaiting_payment()
+    faults(sys_, drop_notifications=True)
+    sys_.pay(view["payment"]["gateway_order_id"])
+    waiting_since(sys_, order_id, timedelta(minutes=11))
+    faults(sys_, error_rate=1.0, endpoints=["status"], max_faults=1)
+
+    result = cli(sys_, "reconcile", "--inline")
+
+    assert json.loads(result.stdout) == {"checked": 1, "outcomes": {"unavailable": 1}}
+    assert sys_.status(order_id, token)["status"] == "awaiting_payment" and ledger(sys_, order_id) == {}
+    sys_.query("UPDATE orders SET payment_next_check_at = now() RETURNING id")
+    assert json.loads(cli(sys_, "reconcile", "--inline").stdout)["outcomes"] == {"paid": 1}
+    sys_.wait_status(order_id, token, "stamped")
+    assert_balanced(sys_)
+
+
+# --- expire unpaid ---------------------------------------------------------------------------------
+
+def test_unpaid_order_is_expired_at_the_gateway_first(sys_):
+    order_id, token, view = sys_.order_awaiting_payment()
+    gateway_order_id = view["payment"]["gateway_order_id"]
+    waiting_since(sys_, order_id, timedelta(hours=23))
+    assert reconcile.claim_for_expiry(sys_.settings) == []  # not yet
+
+    waiting_since(sys_, order_id, timedelta(hours=25))
+    result = cli(sys_, "expire-unpaid", "--inline")
+
+    assert json.loads(result.stdout) == {"checked": 1, "outcomes": {"expired": 1}}, result.stderr
+    assert sys_.status(order_id, token)["status"] == "expired"
+    assert sys_.gateway_record(gateway_order_id)["transaction_status"] == "expire"
+    late = sys_.http.post(f"{sys_.gateway_url}/sandbox/pay/{gateway_order_id}", json={}, timeout=5)
+    assert late.status_code == 409  # the link is dead: nobody can pay for an expired order
+    wait_until(lambda: sys_.query("SELECT outcome FROM payment_notifications WHERE processed_at IS NOT NULL"),
+               message="the gateway's expire notification processed")
+    assert [e["to_status"] for e in sys_.events(order_id)].count("expired") == 1
+    assert ledger(sys_, order_id) == {}
+    assert_balanced(sys_)
+
+
+def test_payment_that_arrived_before_the_expiry_is_applied_not_thrown_away(sys_):
+    """The buyer paid at the last second and the notification was lost: the gateway refuses to expire
+    the transaction, and the status it reports instead is applied."""
+    faults(sys_, drop_notifications=True)
+    order_id, token, view = sys_.order_awaiting_payment()
+    sys_.pay(view["payment"]["gateway_order_id"])
+    waiting_since(sys_, order_id, timedelta(hours=25))
+
+    assert reconcile.schedule_expiry(sys_.settings) == 1  # the beat job; the worker does the rest
+
+    sys_.wait_status(order_id, token, "stamped")
+    assert sys_.gateway_record(view["payment"]["gateway_order_id"])["transaction_status"] == "settlement"
+    assert ledger(sys_, order_id) == {"captured": PRICE, "revenue": PRICE}
+    assert_balanced(sys_)
+
+
+def test_order_the_gateway_never_heard_of_expires_here(sys_):
+    order_id, token, _ = sys_.order_awaiting_payment()
+    sys_.query("UPDATE payments SET gateway_order_id = %s WHERE order_id = %s RETURNING order_id",
+               (f"MTR-ghost-{uuid.uuid4().hex[:8]}", order_id))
+    waiting_since(sys_, order_id, timedelta(hours=25))
+    gateway = MidtransGateway(sys_.gateway_url, SERVER_KEY, timeout=3, breaker=CircuitBreaker())
+    [claimed] = reconcile.claim_for_expiry(sys_.settings)
+
+    assert reconcile.expire_order(sys_.settings, gateway, claimed) == "expired"
+    assert reconcile.expire_order(sys_.settings, gateway, claimed) == "skipped"  # idempotent
+    assert sys_.order_row(order_id)["reason_code"] == "payment_timeout"
+
+
+def test_two_concurrent_expiry_runs_expire_each_order_exactly_once(sys_):
+    orders = [sys_.order_awaiting_payment() for _ in range(8)]
+    sys_.query("UPDATE orders SET updated_at = now() - interval '25 hours' RETURNING id")
+
+    runs = [subprocess.Popen([sys.executable, "-m", "shared.cli", "expire-unpaid", "--inline", "--limit", "5"],
+                             cwd=ROOT, env=sys_.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            for _ in range(2)]
+    outputs = [run.communicate(timeout=60) for run in runs]
+    assert all(run.returncode == 0 for run in runs), outputs
+    checked = [json.loads(out)["checked"] for out, _ in outputs]
+    assert sum(checked) == 8 and max(checked) <= 5  # disjoint batches: no order handed out twice
+
+    for order_id, token, view in orders:
+        assert sys_.status(order_id, token)["status"] == "expired"
+        assert [e["to_status"] for e in sys_.events(order_id)].count("expired") == 1
+        notes = sys_.gateway_record(view["payment"]["gateway_order_id"])["notifications"]
+        assert [n["body"]["transaction_status"] for n in notes] == ["expire"]  # closed once at the gateway
+    assert json.loads(cli(sys_, "expire-unpaid", "--inline").stdout)["checked"] == 0
+    assert_balanced(sys_)
