@@ -1,7 +1,9 @@
 """Checkout: preflight the uploaded document on a worker, then open a payment at the gateway.
 
-Preflight runs here, not in the web process, so a hostile PDF can cost a worker a task time limit at
-worst, never a web thread. A document that can't be stamped is rejected before any charge exists.
+Preflight runs here, not in the web process, and inside a child process bounded in time and memory
+(:mod:`shared.stamping.isolation`): a hostile PDF costs one throwaway process and ends as a rejected
+order, never a killed worker whose message is redelivered forever, and never a web thread. A document
+that can't be stamped is rejected before any charge exists.
 """
 from __future__ import annotations
 
@@ -13,7 +15,8 @@ from shared.db import get_pool, transaction
 from shared.lifecycle import Status, transition
 from shared.logs import log_event
 from shared.payments.gateway import PaymentGateway
-from shared.stamping import DocumentRejected, preflight
+from shared.stamping import DocumentRejected
+from shared.stamping.isolation import preflight_isolated
 from shared.store import DocumentMissing, DocumentStore
 
 log = logging.getLogger(__name__)
@@ -67,9 +70,10 @@ def prepare_order(settings: Settings, store: DocumentStore, gateway: PaymentGate
                     "Dokumen tidak ditemukan di penyimpanan kami. Silakan unggah ulang.")
             return "rejected"
         try:
-            preflight(data, page=order["page"], x=order["x"], y=order["y"],
-                      max_bytes=settings.max_document_bytes, max_pages=settings.max_pages,
-                      size=settings.stamp_size)
+            preflight_isolated(data, page=order["page"], x=order["x"], y=order["y"],
+                               max_bytes=settings.max_document_bytes, max_pages=settings.max_pages,
+                               size=settings.stamp_size, timeout_seconds=settings.preflight_timeout_seconds,
+                               memory_bytes=settings.preflight_memory_bytes)
         except DocumentRejected as exc:
             _reject(settings, order_id, exc.code, exc.message)
             return "rejected"

@@ -15,6 +15,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from pypdf import PageObject
+from pypdf.errors import LimitReachedError
+from pypdf.generic import ArrayObject, NullObject, StreamObject
+
 from .kernel import (
     STAMP_SIZE,
     DocumentRejected,
@@ -72,6 +76,40 @@ def _check_page_limit(count: int, max_pages: int) -> None:
         )
 
 
+def _check_page_content(page: PageObject, number: int) -> None:
+    """The content the stamp is wrapped around must decode within the parsing limits.
+
+    Stamping copies the page's content streams without decoding them, so a decompression bomb (a few
+    kilobytes of FlateDecode that inflate to gigabytes) would pass the trial stamp, and every reader of
+    the stamped document would then spend seconds and gigabytes showing it. An entry of /Contents that
+    is not a stream at all (an array that contains itself, say) is not a page a reader can show either.
+    Other decoding errors are tolerated, as before: readers show what they can recover, and we copy the
+    bytes unchanged.
+    """
+    try:
+        contents = page.get("/Contents")
+        resolved = contents.get_object() if contents is not None else NullObject()
+        if isinstance(resolved, NullObject):
+            return
+        parts = list(resolved) if isinstance(resolved, ArrayObject) else [contents]
+        streams = [part.get_object() for part in parts]
+    except Exception as exc:
+        raise unreadable() from exc
+    if not all(isinstance(stream, StreamObject) for stream in streams):
+        raise unreadable()
+    for stream in streams:
+        try:
+            stream.get_data()
+        except (LimitReachedError, MemoryError) as exc:
+            raise DocumentRejected(
+                "too_complex",
+                f"Isi halaman {number} terlalu besar untuk diproses. Simpan ulang atau cetak ulang "
+                "dokumen ke PDF, lalu unggah kembali.",
+            ) from exc
+        except Exception:
+            continue
+
+
 def preflight(
     data: bytes,
     *,
@@ -85,7 +123,8 @@ def preflight(
     """Everything that could stop stamping ``page`` at ``(x, y)``, checked before payment.
 
     Raises :class:`DocumentRejected` with code "not_pdf", "too_large", "unreadable", "encrypted",
-    "no_pages", "too_many_pages", "page_out_of_range" or "stamp_outside_page".
+    "no_pages", "too_many_pages", "page_out_of_range", "stamp_outside_page" or "too_complex" (the
+    chosen page's content inflates past the parsing limits).
     """
     quick_check(data, max_bytes=max_bytes)
     with bounded_parsing():
@@ -95,6 +134,7 @@ def preflight(
         _check_page_limit(count, max_pages)
         box = visible_box(chosen)
         check_stamp_fits(box, x, y, size)
+        _check_page_content(chosen, page)
         try:
             stamp_reader(
                 reader, page=page, x=x, y=y, serial=_TRIAL_SERIAL, verify_url=_TRIAL_VERIFY_URL, size=size
