@@ -120,6 +120,18 @@ class Settings:
     verify_timeout_seconds: float = 5.0
     verify_concurrency: int = 2
 
+    def __post_init__(self) -> None:
+        """Refuse settings that would break an invariant quietly, at start-up rather than under load."""
+        soft_limit = self.task_time_limit_seconds - 10
+        if self.lease_seconds <= self.task_time_limit_seconds:
+            raise ValueError("LEASE_SECONDS must exceed TASK_TIME_LIMIT_SECONDS: a running stamp must "
+                             "always hold a live lease, or the sweep could refund it mid-stamp")
+        if self.preflight_timeout_seconds >= soft_limit:
+            raise ValueError("PREFLIGHT_TIMEOUT_SECONDS must stay under the task's soft time limit "
+                             "(TASK_TIME_LIMIT_SECONDS - 10), so a hostile document gets an answer")
+        if self.stamp_deadline_seconds <= self.lease_seconds:
+            raise ValueError("STAMP_DEADLINE_SECONDS must exceed LEASE_SECONDS")
+
     @property
     def price(self) -> int:
         return self.stamp_face_value + self.service_fee

@@ -321,3 +321,19 @@ def test_redrive_recovers_a_refund_lost_with_redis(sys_):
     gateway_order_id = sys_.query("SELECT gateway_order_id FROM refunds WHERE order_id = %s",
                                   (order_id,))[0]["gateway_order_id"]
     assert len(sys_.gateway_record(gateway_order_id)["refunds"]) == 1
+
+
+def test_gateway_refusing_to_open_a_payment_rejects_the_order_without_charge(sys_):
+    from shared.payments.gateway import MidtransGateway
+    from shared.services.checkout import prepare_order
+    from shared.store import store_from_settings
+
+    sys_.workers["general"].stop()  # the order stays `created` for us to check out by hand
+    r = sys_.create()
+    order_id = r.json()["order_id"]
+    wrong_key = MidtransGateway(sys_.gateway_url, "SB-Mid-server-wrong", timeout=3)
+    outcome = prepare_order(sys_.settings, store_from_settings(sys_.settings), wrong_key, order_id)
+    assert outcome == "rejected"
+    view = sys_.status(order_id, r.json()["access_token"])
+    assert view["status"] == "rejected" and view["reason"]["code"] == "payment_unavailable"
+    assert ledger(sys_, order_id) == {}

@@ -39,3 +39,13 @@ def test_backoff_grows_exponentially_with_full_jitter_under_a_cap():
     assert max(samples[9]) <= 60.0
     assert len({round(v, 3) for v in samples[5]}) > 100  # jittered, not a fixed delay
     assert sum(samples[4]) / 400 > 2 * sum(samples[1]) / 400  # grows with the attempt
+
+
+def test_settings_that_would_break_an_invariant_are_refused_at_start():
+    import pytest
+
+    with pytest.raises(ValueError, match="LEASE_SECONDS"):
+        load_settings({"LEASE_SECONDS": "60", "TASK_TIME_LIMIT_SECONDS": "120"})
+    with pytest.raises(ValueError, match="PREFLIGHT_TIMEOUT_SECONDS"):
+        load_settings({"PREFLIGHT_TIMEOUT_SECONDS": "115"})
+    assert load_settings({"LEASE_SECONDS": "200", "TASK_TIME_LIMIT_SECONDS": "150"}).lease_seconds == 200

@@ -14,7 +14,7 @@ from shared.config import Settings
 from shared.db import get_pool, transaction
 from shared.lifecycle import Status, transition
 from shared.logs import log_event
-from shared.payments.gateway import PaymentGateway
+from shared.payments.gateway import GatewayRejected, PaymentGateway
 from shared.stamping import DocumentRejected
 from shared.stamping.isolation import preflight_isolated
 from shared.store import DocumentMissing, DocumentStore
@@ -78,9 +78,16 @@ def prepare_order(settings: Settings, store: DocumentStore, gateway: PaymentGate
             _reject(settings, order_id, exc.code, exc.message)
             return "rejected"
         gateway_order_id = _open_payment_row(settings, order)
-        created = gateway.create_transaction(
-            gateway_order_id, order["amount_idr"], email=order["email"], item_name=ITEM_NAME
-        )
+        try:
+            created = gateway.create_transaction(
+                gateway_order_id, order["amount_idr"], email=order["email"], item_name=ITEM_NAME
+            )
+        except GatewayRejected as exc:
+            # Retrying can't help (bad request, refused credentials): answer the buyer, charge nothing.
+            log_event(log, "payment_open_refused", logging.ERROR, order_id=order_id, error=exc.code)
+            _reject(settings, order_id, "payment_unavailable",
+                    "Pembayaran tidak dapat dibuat saat ini. Anda tidak dikenai biaya; silakan coba lagi nanti.")
+            return "rejected"
         with transaction(settings.database_url) as tx:
             tx.execute(
                 "UPDATE payments SET token = %s, redirect_url = %s, gateway_status = 'pending',"
