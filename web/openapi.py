@@ -75,6 +75,23 @@ SPEC: dict = {
                 "stamped_at": {"type": "string", "format": "date-time"},
                 "document_sha256": {"type": "string"}}}, "Serial"), **_errors(404)},
         }},
+        "/api/v1/verify": {"post": {
+            "summary": "Verify a stamped PDF: our signature, intact, trusted, covering the whole file, "
+                       "and a used serial whose recorded SHA-256 is this file's",
+            "requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
+                "type": "object", "required": ["document"],
+                "properties": {"document": {"type": "string", "format": "binary"}}}}}},
+            "responses": {"200": _json({"type": "object", "required": ["valid", "message"], "properties": {
+                "valid": {"type": "boolean"}, "serial": {"type": "string"},
+                "stamped_at": {"type": "string", "format": "date-time"},
+                "document_sha256": {"type": "string"},
+                "reason": {"type": "string", "enum": [
+                    "not_signed", "unreadable", "signature_invalid", "untrusted_signer",
+                    "modified_after_stamping", "unknown_serial", "serial_voided", "serial_not_used",
+                    "document_mismatch"]},
+                "message": {"type": "string"}}}, "Verdict"),
+                **_errors(400, 413, 415, 422, 429, 503)},
+        }},
         "/api/v1/payments/notifications": {"post": {
             "summary": "Payment gateway notification (Midtrans format, signature_key checked)",
             "requestBody": {"required": True, "content": {"application/json": {"schema": {

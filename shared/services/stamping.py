@@ -4,7 +4,9 @@ The claim is a compare-and-set ``paid → stamping`` that writes a lease (worker
 reserves the serial in the same transaction; a retry of the same order re-uses that serial. The result
 commits by ``stamping → stamped`` guarded by "the lease is still mine", so a worker that lost its lease
 (it was too slow, the sweep refunded the order) can never stamp a refunded order. Transient failures
-release the lease and are retried; a permanent one (unreadable document) refunds at once.
+release the lease and are retried; a permanent one (unreadable document) refunds at once. The stored
+document is stamped, then signed (:mod:`shared.stamping.signing`), and its recorded SHA-256 is that of
+the signed file, which is what verification compares.
 """
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ from shared.lifecycle import Status, before_deadline, lease_free, lease_held_by,
 from shared.logs import log_event
 from shared.services.refunds import begin_refund
 from shared.stamping import stamp_document
+from shared.stamping.signing import sign_pdf, signer_from_settings
 from shared.store import DocumentStore, stamped_key
 
 log = logging.getLogger(__name__)
@@ -106,6 +109,9 @@ def stamp_order(settings: Settings, store: DocumentStore, order_id: str, worker_
         stamped = stamp_document(source, page=order["page"], x=order["x"], y=order["y"],
                                  serial=serial, verify_url=verify_url(settings, serial),
                                  size=settings.stamp_size)
+        # Signed last, over the whole stamped file; a missing key is SigningUnavailable (transient:
+        # retried), a document pyHanko can't sign is DocumentUnreadable (permanent: refunded).
+        stamped = sign_pdf(stamped, signer_from_settings(settings), serial=serial)
         key = stamped_key(order_id)
         store.put(key, stamped)
     except PermanentError as exc:

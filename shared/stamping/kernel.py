@@ -13,6 +13,11 @@ Why it is built this way:
   centre of its square so it reads upright, while its footprint stays the same square.
 * Untrusted PDFs are parsed with pypdf's decompression and size limits lowered for the duration of the
   call (a context variable, so no global state changes), and without ever calling external decoders.
+* A document that already carries signatures (the buyer's, or an earlier e-Meterai) is stamped as an
+  incremental update: its bytes are kept exactly and the stamp is appended, so those signatures still
+  verify over the revision they signed. Any other document is rewritten whole, which also normalises
+  damaged cross-reference tables before the result is signed. A signed document that can't be updated
+  incrementally (encrypted), or whose certification forbids every change, is refused before payment.
 """
 from __future__ import annotations
 
@@ -331,6 +336,86 @@ def _append_stamp_content(writer: PdfWriter, page: PageObject, name: str, matrix
     page[NameObject("/Contents")] = ArrayObject([opening, *_existing_content_refs(page), closing])
 
 
+_FIELD_WALK_LIMIT = 10_000  # form fields visited looking for signatures; real forms have a few hundred
+
+
+def carries_signatures(reader: PdfReader) -> bool:
+    """True if the document has a filled signature field (or document timestamp) or DocMDP/UR rights.
+
+    Walks the AcroForm field tree iteratively, bounded in nodes, guarding against reference cycles.
+    """
+    root = reader.trailer["/Root"].get_object()
+    if "/Perms" in root:
+        return True
+    acroform = root.get("/AcroForm")
+    if acroform is None:
+        return False
+    acroform = acroform.get_object()
+    if not isinstance(acroform, DictionaryObject):
+        return False
+    fields = acroform.get("/Fields")
+    fields = fields.get_object() if fields is not None else None
+    pending = list(fields) if isinstance(fields, ArrayObject) else []  # a malformed form signs nothing
+    seen: set[tuple[int, int]] = set()
+    visited = 0
+    while pending and visited < _FIELD_WALK_LIMIT:
+        ref = pending.pop()
+        if isinstance(ref, IndirectObject):
+            if (ref.idnum, ref.generation) in seen:
+                continue
+            seen.add((ref.idnum, ref.generation))
+        field = ref.get_object()
+        visited += 1
+        if not isinstance(field, DictionaryObject):
+            continue
+        if field.get("/FT") == "/Sig" and field.get("/V") is not None:
+            return True
+        kids = field.get("/Kids")
+        if kids is not None and isinstance(kids.get_object(), ArrayObject):
+            pending.extend(kids.get_object())
+    return visited >= _FIELD_WALK_LIMIT  # too many fields to be sure: keep the bytes, to be safe
+
+
+def _certification_forbids_changes(reader: PdfReader) -> bool:
+    """A certification (DocMDP) signature with permission level 1: "no changes allowed".
+
+    A malformed entry counts as no restriction: nothing a reader could validate is broken by the stamp.
+    """
+    try:
+        perms = reader.trailer["/Root"].get_object().get("/Perms")
+        docmdp = perms.get_object().get("/DocMDP") if perms is not None else None
+        references = docmdp.get_object().get("/Reference") if docmdp is not None else None
+        references = references.get_object() if references is not None else None
+        for reference in references if isinstance(references, ArrayObject) else []:
+            reference = reference.get_object()
+            if isinstance(reference, DictionaryObject) and reference.get("/TransformMethod") == "/DocMDP":
+                params = reference.get("/TransformParams")
+                level = params.get_object().get("/P", 2) if params is not None else 2
+                return int(level) == 1
+    except (AttributeError, TypeError, ValueError):
+        return False
+    return False
+
+
+def _writer_for(reader: PdfReader) -> PdfWriter:
+    """Incremental for signed documents (their signatures keep verifying), a full rewrite otherwise."""
+    if not carries_signatures(reader):
+        return PdfWriter(clone_from=reader, keep_initial_header=True)
+    if reader.is_encrypted:
+        raise DocumentRejected(
+            "signed_encrypted",
+            "Dokumen PDF bertanda tangan ini terenkripsi; meterai tidak dapat dibubuhkan tanpa merusak "
+            "tanda tangannya. Unggah versi tanpa enkripsi.",
+        )
+    if _certification_forbids_changes(reader):
+        raise DocumentRejected(
+            "certified_no_changes",
+            "Dokumen PDF ini disertifikasi tanpa izin perubahan apa pun; meterai tidak dapat "
+            "dibubuhkan tanpa merusak sertifikasinya.",
+        )
+    return PdfWriter(reader, incremental=True)
+
+
 def stamp_reader(
     reader: PdfReader, *, page: int, x: float, y: float, serial: str, verify_url: str, size: float
 ) -> bytes:
@@ -339,7 +424,7 @@ def stamp_reader(
     art.validate_serial(serial)
     count = page_count(reader)
     select_page(reader, page, count)  # range check with a buyer-readable error
-    writer = PdfWriter(clone_from=reader, keep_initial_header=True)
+    writer = _writer_for(reader)
     target = writer.pages[page - 1]
     box = visible_box(target)
     check_stamp_fits(box, x, y, size)

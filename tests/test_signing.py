@@ -1,0 +1,282 @@
+"""Signing stamped documents, checked by independent validators: pyHanko's with our root as the only
+trust anchor, and poppler's ``pdfsig`` (a different implementation, NSS underneath) when installed.
+
+No services: the signer works on bytes and a folder for its key material.
+"""
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from pyhanko.pdf_utils import generic
+from pyhanko.pdf_utils.incremental_writer import IncrementalPdfFileWriter
+from pyhanko.pdf_utils.reader import PdfFileReader
+from pyhanko.sign import fields, signers
+from pyhanko.sign.validation import validate_pdf_signature
+from pyhanko.sign.validation.status import SignatureCoverageLevel
+from pyhanko_certvalidator import ValidationContext
+
+from shared.config import load_settings
+from shared.errors import TransientError
+from shared.stamping import DocumentRejected, preflight, stamp_document
+from shared.stamping.signing import (
+    PkiPaths,
+    SigningUnavailable,
+    ensure_pki,
+    load_signer,
+    pki_paths,
+    sign_pdf,
+    signer_from_settings,
+)
+from tests.conftest import ROOT, make_pdf
+
+SERIAL = "0123456789ABCDEFGHIJKL"
+OTHER_SERIAL = "ZYXWVUTSRQPONMLKJIHGFE"
+
+
+def stamped(document: bytes, serial: str = SERIAL, page: int = 1) -> bytes:
+    return stamp_document(document, page=page, x=400, y=80, serial=serial,
+                          verify_url=f"https://meterai.example.id/verify/{serial}")
+
+
+def validate(data: bytes, trust_root, index: int = -1):
+    reader = PdfFileReader(io.BytesIO(data), strict=False)
+    embedded = reader.embedded_signatures[index]
+    context = ValidationContext(trust_roots=[trust_root], allow_fetching=False)
+    return embedded, validate_pdf_signature(embedded, context)
+
+
+@pytest.fixture
+def signer(tmp_path):
+    return signer_from_settings(load_settings({}, data_dir=str(tmp_path)))
+
+
+@pytest.fixture
+def buyer(tmp_path):
+    """Somebody else's signing identity, under a root of their own (made the same way, elsewhere)."""
+    folder = tmp_path / "buyer-pki"
+    paths = PkiPaths(folder / "key.pem", folder / "cert.pem", folder / "ca.pem")
+    ensure_pki(paths)
+    return load_signer(paths)
+
+
+def buyer_signed(buyer, document: bytes, *, certify: bool = False,
+                 permissions: fields.MDPPerm = fields.MDPPerm.FILL_FORMS) -> bytes:
+    metadata = signers.PdfSignatureMetadata(field_name="TandaTanganPelamar", md_algorithm="sha256",
+                                            certify=certify, docmdp_permissions=permissions)
+    writer = IncrementalPdfFileWriter(io.BytesIO(document))
+    return signers.sign_pdf(writer, metadata, signer=buyer.cms_signer).getvalue()
+
+
+def pdfsig(data: bytes, tmp_path: Path) -> str:
+    path = tmp_path / f"checked-{len(data)}.pdf"
+    path.write_bytes(data)
+    result = subprocess.run(["pdfsig", str(path)], capture_output=True, text=True, timeout=60)
+    return result.stdout + result.stderr
+
+
+needs_pdfsig = pytest.mark.skipif(shutil.which("pdfsig") is None,
+                                  reason="poppler-utils (pdfsig) is not installed")
+
+
+def test_signed_document_is_intact_trusted_and_covers_the_entire_file(signer):
+    document = stamped(make_pdf(pages=2))
+
+    signed = sign_pdf(document, signer, serial=SERIAL)
+
+    assert signed.startswith(document)  # an incremental update after the stamp
+    embedded, status = validate(signed, signer.ca_certificate)
+    assert embedded.field_name == f"eMeterai-{SERIAL}"
+    assert embedded.sig_object["/Reason"] == f"e-Meterai {SERIAL}"
+    assert embedded.sig_object["/SubFilter"] == "/ETSI.CAdES.detached"  # PAdES
+    assert status.intact and status.valid and status.trusted
+    assert status.coverage == SignatureCoverageLevel.ENTIRE_FILE
+    assert status.md_algorithm == "sha256"
+    assert status.bottom_line
+
+
+def test_signature_does_not_chain_to_someone_elses_root(signer, buyer):
+    signed = sign_pdf(stamped(make_pdf()), signer, serial=SERIAL)
+
+    _, status = validate(signed, buyer.ca_certificate)
+
+    assert status.intact and status.valid
+    assert not status.trusted
+
+
+def test_bytes_appended_after_signing_leave_the_signature_short_of_the_file(signer):
+    signed = sign_pdf(stamped(make_pdf()), signer, serial=SERIAL)
+    writer = IncrementalPdfFileWriter(io.BytesIO(signed))
+    writer.root["/Lang"] = generic.TextStringObject("id-ID")
+    writer.update_root()
+    altered = io.BytesIO()
+    writer.write(altered)
+
+    _, status = validate(altered.getvalue(), signer.ca_certificate)
+
+    assert status.intact
+    assert status.coverage == SignatureCoverageLevel.ENTIRE_REVISION
+
+
+@needs_pdfsig
+def test_pdfsig_accepts_the_signature_over_the_whole_document(signer, tmp_path):
+    signed = sign_pdf(stamped(make_pdf()), signer, serial=SERIAL)
+
+    report = pdfsig(signed, tmp_path)
+
+    assert f"Signature Field Name: eMeterai-{SERIAL}" in report
+    assert "Signature Validation: Signature is Valid." in report
+    assert "Total document signed" in report
+    assert "Signing Hash Algorithm: SHA-256" in report
+
+
+def test_a_buyer_signature_stays_valid_after_our_stamp_and_signature(signer, buyer, tmp_path):
+    original = buyer_signed(buyer, make_pdf(pages=2))
+
+    result = sign_pdf(stamped(original, page=2), signer, serial=SERIAL)
+
+    assert result.startswith(original)  # the buyer's signed revision is kept byte for byte
+    theirs, their_status = validate(result, buyer.ca_certificate, index=0)
+    assert theirs.field_name == "TandaTanganPelamar"
+    assert their_status.intact and their_status.valid and their_status.trusted
+    assert their_status.coverage == SignatureCoverageLevel.ENTIRE_REVISION
+    ours, our_status = validate(result, signer.ca_certificate, index=1)
+    assert ours.field_name == f"eMeterai-{SERIAL}"
+    assert our_status.bottom_line and our_status.coverage == SignatureCoverageLevel.ENTIRE_FILE
+    if shutil.which("pdfsig"):
+        assert pdfsig(result, tmp_path).count("Signature Validation: Signature is Valid.") == 2
+
+
+def test_a_document_stamped_twice_keeps_both_e_meterai_signatures(signer):
+    first = sign_pdf(stamped(make_pdf(pages=2), SERIAL, page=1), signer, serial=SERIAL)
+
+    second = sign_pdf(stamped(first, OTHER_SERIAL, page=2), signer, serial=OTHER_SERIAL)
+
+    assert second.startswith(first)
+    _, earlier = validate(second, signer.ca_certificate, index=0)
+    later_sig, later = validate(second, signer.ca_certificate, index=1)
+    assert earlier.intact and earlier.trusted and earlier.coverage == SignatureCoverageLevel.ENTIRE_REVISION
+    assert later_sig.field_name == f"eMeterai-{OTHER_SERIAL}" and later.bottom_line
+
+
+def test_preflight_refuses_a_certified_document_that_allows_no_changes(buyer):
+    locked = buyer_signed(buyer, make_pdf(), certify=True, permissions=fields.MDPPerm.NO_CHANGES)
+
+    with pytest.raises(DocumentRejected) as refused:
+        preflight(locked, page=1, x=400, y=80, max_bytes=2**21, max_pages=10)
+
+    assert refused.value.code == "certified_no_changes"
+
+
+def test_a_certified_document_that_allows_form_filling_is_stamped_incrementally(signer, buyer):
+    certified = buyer_signed(buyer, make_pdf(), certify=True, permissions=fields.MDPPerm.FILL_FORMS)
+
+    result = sign_pdf(stamped(certified), signer, serial=SERIAL)
+
+    assert result.startswith(certified)
+    _, theirs = validate(result, buyer.ca_certificate, index=0)
+    assert theirs.intact and theirs.valid
+
+
+def test_key_is_loaded_once_per_process(tmp_path):
+    settings = load_settings({}, data_dir=str(tmp_path))
+    first = signer_from_settings(settings)
+    paths = pki_paths(settings)
+
+    for path in paths.all():  # were the key read per document, signing would now fail
+        path.rename(path.with_name(path.name + ".moved"))
+    again = signer_from_settings(load_settings({"DATA_DIR": str(tmp_path)}))
+    signed = sign_pdf(stamped(make_pdf()), again, serial=SERIAL)
+
+    assert again is first
+    _, status = validate(signed, first.ca_certificate)
+    assert status.bottom_line
+
+
+def test_development_pki_is_made_in_an_empty_folder(tmp_path):
+    paths = pki_paths(load_settings({}, data_dir=str(tmp_path / "fresh")))
+
+    assert ensure_pki(paths) is True
+    assert ensure_pki(paths) is False  # second run: already there, untouched
+
+    ca = x509.load_pem_x509_certificate(paths.ca_cert.read_bytes())
+    issuer = x509.load_pem_x509_certificate(paths.cert.read_bytes())
+    ca.verify_directly_issued_by(ca)  # self-signed root
+    issuer.verify_directly_issued_by(ca)
+    assert ca.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    assert not issuer.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    usage = issuer.extensions.get_extension_for_class(x509.KeyUsage).value
+    assert usage.digital_signature and usage.content_commitment
+    assert stat.S_IMODE(paths.key.stat().st_mode) == 0o600
+    assert not list(paths.key.parent.glob("*.tmp")) and not list(paths.key.parent.glob(".*.tmp"))
+
+
+def test_concurrent_first_runs_make_exactly_one_pki(tmp_path):
+    folder = tmp_path / "data"
+    script = (
+        "import sys, time\n"
+        "from shared.config import load_settings\n"
+        "from shared.stamping.signing import ensure_pki, pki_paths, signer_from_settings\n"
+        "settings = load_settings({}, data_dir=sys.argv[1])\n"
+        "while time.time() < float(sys.argv[2]): pass\n"
+        "created = ensure_pki(pki_paths(settings))\n"
+        "print(created, signer_from_settings(settings).certificate.sha256.hex())\n"
+    )
+    start_at = time.time() + 3  # after their imports, all processes race from the same instant
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    runs = [subprocess.Popen([sys.executable, "-c", script, str(folder), str(start_at)], cwd=ROOT,
+                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            for _ in range(4)]
+    outputs = [run.communicate(timeout=120) for run in runs]
+
+    assert all(run.returncode == 0 for run in runs), outputs
+    lines = [out.split() for out, _ in outputs]
+    assert sorted(created for created, _ in lines) == ["False", "False", "False", "True"]
+    assert len({fingerprint for _, fingerprint in lines}) == 1
+
+
+def test_missing_key_material_is_a_transient_error_when_development_pki_is_off(tmp_path):
+    settings = load_settings({"SIGNING_DEV_PKI": "0"}, data_dir=str(tmp_path))
+
+    with pytest.raises(SigningUnavailable) as missing:
+        signer_from_settings(settings)
+
+    assert isinstance(missing.value, TransientError)  # retried, never refunded
+    assert not (tmp_path / "pki").exists()
+
+
+def test_partial_key_material_is_reported_not_overwritten(tmp_path):
+    settings = load_settings({}, data_dir=str(tmp_path))
+    paths = pki_paths(settings)
+    paths.cert.parent.mkdir(parents=True)
+    paths.cert.write_bytes(b"an operator's certificate")
+
+    with pytest.raises(SigningUnavailable):
+        signer_from_settings(settings)
+
+    assert paths.cert.read_bytes() == b"an operator's certificate"
+    assert not paths.key.exists()
+
+
+def test_a_passphrase_protected_key_needs_its_passphrase(tmp_path):
+    protected = load_settings({"SIGNING_KEY_PASSPHRASE": "rahasia-negara"}, data_dir=str(tmp_path))
+    signer = signer_from_settings(protected)
+    assert b"ENCRYPTED" in pki_paths(protected).key.read_bytes()
+    signed = sign_pdf(stamped(make_pdf()), signer, serial=SERIAL)
+    assert validate(signed, signer.ca_certificate)[1].bottom_line
+
+    with pytest.raises(SigningUnavailable):
+        signer_from_settings(load_settings({"SIGNING_KEY_PASSPHRASE": "salah"}, data_dir=str(tmp_path)))
+
+
+def test_a_malformed_serial_is_refused(signer):
+    with pytest.raises(ValueError):
+        sign_pdf(stamped(make_pdf()), signer, serial="not-a-serial")
