@@ -8,6 +8,8 @@ instead of queueing it, for a machine without workers or for looking at outcomes
 Finance: ``meterai manual-refunds`` lists the refunds to pay out by hand (``--csv FILE`` exports them),
 ``meterai mark-refund-paid ORDER --reference REF`` books one as paid out, and ``meterai ledger-report``
 totals a period and exits 1 if any order's money doesn't balance.
+
+Ops: ``meterai admission [auto|queue_all|paused]`` shows or switches the waiting room.
 """
 from __future__ import annotations
 
@@ -41,6 +43,9 @@ def _parser() -> argparse.ArgumentParser:
     paid = sub.add_parser("mark-refund-paid", help="book a manual refund as paid out (refund_manual → refunded)")
     paid.add_argument("order_id")
     paid.add_argument("--reference", required=True, help="the bank transfer's reference")
+    admission = sub.add_parser("admission", help="show the waiting room, or switch it (ops)")
+    admission.add_argument("mode", nargs="?", choices=["auto", "queue_all", "paused"],
+                           help="auto: admit at the outflow; queue_all: everyone new waits; paused: no sales")
     report = sub.add_parser("ledger-report", help="totals for a period, and exit 1 if the ledger doesn't balance")
     report.add_argument("--from", dest="start", metavar="WHEN",
                         help="orders created from (YYYY-MM-DD or ISO date-time; WIB unless an offset is given)")
@@ -153,6 +158,18 @@ def _ledger_report(settings: Settings, args: argparse.Namespace) -> int:
     return 0 if report.balanced else 1
 
 
+def _admission(settings: Settings, args: argparse.Namespace) -> int:
+    import redis
+
+    from shared.admission import AdmissionController, Mode
+
+    controller = AdmissionController(settings, redis.Redis.from_url(settings.redis_url, socket_timeout=5))
+    if args.mode:
+        controller.set_mode(Mode(args.mode))
+    print(json.dumps({"mode": controller.mode().value, "outflow_per_minute": controller.outflow_per_minute()}))
+    return 0
+
+
 COMMANDS: dict[str, Any] = {
     "migrate": _migrate,
     "sweep-refunds": _sweep_refunds,
@@ -162,6 +179,7 @@ COMMANDS: dict[str, Any] = {
     "manual-refunds": _manual_refunds,
     "mark-refund-paid": _mark_refund_paid,
     "ledger-report": _ledger_report,
+    "admission": _admission,
 }
 
 

@@ -185,3 +185,28 @@ def test_default_outflow_follows_measured_stamping_throughput(sys_):
     client.set(f"{auto.redis_key_prefix}stats:stamped:{minute - 1}", 900, ex=120)
     assert controller.outflow_per_minute() == 900
     client.delete(f"{auto.redis_key_prefix}stats:stamped:{minute - 1}")
+
+
+def test_ops_cli_switches_the_waiting_room(sys_):
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    env = {**sys_.env, "REDIS_KEY_PREFIX": f"meterai-adm-{uuid.uuid4().hex[:8]}:"}
+
+    def cli(*args: str) -> dict:
+        import json
+
+        out = subprocess.run([sys.executable, "-m", "shared.cli", "admission", *args], cwd=ROOT, env=env,
+                             capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stderr
+        return json.loads(out.stdout)
+
+    assert cli()["mode"] == "auto"
+    assert cli("paused")["mode"] == "paused"
+    assert cli()["mode"] == "paused"
+    assert cli("auto")["mode"] == "auto"
+    client = redis.Redis.from_url(sys_.settings.redis_url)
+    for key in client.scan_iter(match=f"{env['REDIS_KEY_PREFIX']}*"):
+        client.delete(key)
