@@ -201,6 +201,8 @@ def test_stamping_that_keeps_failing_is_refunded_after_the_deadline(sys_):
     finally:
         _repair_stamped_store(sys_)
     assert done["refund"] == {"status": "succeeded", "amount": 12500}
+    assert done["reason"]["code"] == "stamp_deadline"
+    assert "dikembalikan penuh" in done["reason"]["message"]  # the buyer is told, in Bahasa Indonesia
     assert ledger(sys_, order_id) == {"captured": 12500, "refunded": 12500}
     assert [s["status"] for s in sys_.query("SELECT status FROM serials WHERE order_id = %s",
                                             (order_id,))] == ["voided"]

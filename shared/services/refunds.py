@@ -24,11 +24,25 @@ def refund_key_for(order_id: str) -> str:
     return f"refund-{order_id}"
 
 
+# What the buyer reads (Bahasa Indonesia) for each refund reason we name ourselves.
+REFUND_MESSAGES: dict[str, str] = {
+    "stamp_deadline": "Meterai tidak dapat dibubuhkan sebelum batas waktu. Dana Anda dikembalikan penuh "
+                      "secara otomatis.",
+    "late_payment": "Pembayaran diterima setelah pesanan kedaluwarsa. Dana Anda dikembalikan penuh secara "
+                    "otomatis.",
+    "amount_mismatch": "Jumlah pembayaran tidak sesuai dengan harga. Dana Anda dikembalikan penuh secara "
+                       "otomatis.",
+}
+DEFAULT_REFUND_MESSAGE = ("Meterai tidak dapat dibubuhkan pada dokumen Anda. Dana Anda dikembalikan penuh "
+                          "secara otomatis.")
+
+
 def begin_refund(
-    tx: Tx, order_id: str, source: Status, *, reason: str, guards: tuple[Guard, ...] = ()
+    tx: Tx, order_id: str, source: Status, *, reason: str, guards: tuple[Guard, ...] = (),
+    message: str | None = None,
 ) -> bool:
     """``source`` → refund_pending, with the serial voided and the refund row written. False if the
-    order was no longer in ``source`` (someone else moved it)."""
+    order was no longer in ``source`` (someone else moved it). ``message`` is what the buyer reads."""
     payment = tx.execute(
         "SELECT gateway_order_id, amount_idr FROM payments"
         " WHERE order_id = %s AND captured_at IS NOT NULL",
@@ -39,7 +53,9 @@ def begin_refund(
     changes_sql = {"lease_owner": "NULL", "lease_expires_at": "NULL"}
     row = transition(
         tx, order_id, source, Status.REFUND_PENDING,
-        changes={"reason_code": reason}, changes_sql=changes_sql, guards=guards,
+        changes={"reason_code": reason,
+                 "reason_message": message or REFUND_MESSAGES.get(reason, DEFAULT_REFUND_MESSAGE)},
+        changes_sql=changes_sql, guards=guards,
         reason=reason, amount=payment["amount_idr"],
     )
     if row is None:
