@@ -14,6 +14,7 @@ import sys
 import time
 from pathlib import Path
 
+import pypdf
 import pytest
 from cryptography import x509
 from pyhanko.pdf_utils import generic
@@ -26,7 +27,7 @@ from pyhanko_certvalidator import ValidationContext
 
 from shared.config import load_settings
 from shared.errors import TransientError
-from shared.stamping import DocumentRejected, preflight, stamp_document
+from shared.stamping import DocumentRejected, DocumentUnreadable, preflight, stamp_document
 from shared.stamping.signing import (
     PkiPaths,
     SigningUnavailable,
@@ -35,6 +36,7 @@ from shared.stamping.signing import (
     pki_paths,
     sign_pdf,
     signer_from_settings,
+    stamp_and_sign,
 )
 from tests.conftest import ROOT, make_pdf
 
@@ -280,3 +282,113 @@ def test_a_passphrase_protected_key_needs_its_passphrase(tmp_path):
 def test_a_malformed_serial_is_refused(signer):
     with pytest.raises(ValueError):
         sign_pdf(stamped(make_pdf()), signer, serial="not-a-serial")
+
+
+# --- the one-pass path: stamp and signature in a single incremental update ------------------------
+
+def stamped_and_signed(signer, document: bytes, serial: str = SERIAL, page: int = 1) -> bytes:
+    return stamp_and_sign(document, signer, page=page, x=400, y=80, serial=serial,
+                          verify_url=f"https://meterai.example.id/verify/{serial}")
+
+
+def appended_objects(original: bytes, result: bytes) -> int:
+    return result[len(original):].count(b" obj\n")
+
+
+def test_stamp_and_sign_keeps_the_original_as_a_prefix_and_signs_the_entire_file(signer, tmp_path):
+    original = make_pdf(pages=2)
+
+    result = stamped_and_signed(signer, original, page=2)
+
+    assert result.startswith(original)
+    embedded, status = validate(result, signer.ca_certificate)
+    assert embedded.field_name == f"eMeterai-{SERIAL}"
+    assert embedded.sig_object["/SubFilter"] == "/ETSI.CAdES.detached"
+    assert status.bottom_line and status.coverage == SignatureCoverageLevel.ENTIRE_FILE
+    assert SERIAL in pypdf.PdfReader(io.BytesIO(result)).pages[1].extract_text()
+    if shutil.which("pdfsig"):
+        report = pdfsig(result, tmp_path)
+        assert "Signature Validation: Signature is Valid." in report and "Total document signed" in report
+
+
+def test_the_signature_carries_exactly_the_pades_baseline_attributes(signer):
+    embedded, _ = validate(stamped_and_signed(signer, make_pdf()), signer.ca_certificate)
+
+    signer_info = embedded.signed_data["signer_infos"][0]
+    attributes = [attribute["type"].native for attribute in signer_info["signed_attrs"]]
+    assert sorted(attributes) == ["content_type", "message_digest", "signing_certificate_v2"]
+    ess = next(attribute["values"][0] for attribute in signer_info["signed_attrs"]
+               if attribute["type"].native == "signing_certificate_v2")
+    assert ess["certs"][0]["cert_hash"].native == signer.certificate.sha256
+    assert signer_info["digest_algorithm"]["algorithm"].native == "sha256"
+
+
+def test_the_update_does_not_grow_with_the_document(signer):
+    short, long = make_pdf(pages=1), make_pdf(pages=10)
+
+    assert appended_objects(short, stamped_and_signed(signer, short)) == \
+        appended_objects(long, stamped_and_signed(signer, long))
+
+
+def test_a_document_with_a_cross_reference_stream_gets_one_too(signer, tmp_path):
+    from pyhanko.pdf_utils.writer import copy_into_new_writer
+
+    writer = copy_into_new_writer(PdfFileReader(io.BytesIO(make_pdf(pages=2))),
+                                  writer_kwargs={"stream_xrefs": True})
+    buffer = io.BytesIO()
+    writer.write(buffer)
+    original = buffer.getvalue()
+
+    result = stamped_and_signed(signer, original, page=2)
+
+    assert result.startswith(original) and b"/Type /XRef" in result[len(original):]
+    _, status = validate(result, signer.ca_certificate)
+    assert status.bottom_line and status.coverage == SignatureCoverageLevel.ENTIRE_FILE
+    if shutil.which("pdfsig"):
+        assert "Signature Validation: Signature is Valid." in pdfsig(result, tmp_path)
+
+
+def test_a_document_whose_cross_reference_table_is_broken_is_rewritten_then_signed(signer):
+    original = make_pdf(pages=2)
+    broken = original[:original.rindex(b"startxref")] + b"startxref\n12\n%%EOF\n"
+
+    result = stamped_and_signed(signer, broken)
+
+    assert not result.startswith(broken)  # normalised by a full rewrite first
+    _, status = validate(result, signer.ca_certificate)
+    assert status.bottom_line and status.coverage == SignatureCoverageLevel.ENTIRE_FILE
+
+
+def test_one_pass_keeps_a_buyer_signature_valid(signer, buyer):
+    original = buyer_signed(buyer, make_pdf(pages=2))
+
+    result = stamped_and_signed(signer, original, page=2)
+
+    assert result.startswith(original)
+    _, theirs = validate(result, buyer.ca_certificate, index=0)
+    assert theirs.intact and theirs.valid and theirs.coverage == SignatureCoverageLevel.ENTIRE_REVISION
+    _, ours = validate(result, signer.ca_certificate, index=1)
+    assert ours.bottom_line and ours.coverage == SignatureCoverageLevel.ENTIRE_FILE
+
+
+def test_one_pass_and_two_steps_draw_the_same_stamp(signer):
+    from tests.test_stamping_kernel import pink_bbox, render
+
+    original = make_pdf(pages=1)
+    one_pass = stamped_and_signed(signer, original)
+    two_steps = sign_pdf(stamped(original), signer, serial=SERIAL)
+
+    assert pink_bbox(render(one_pass, 0)) == pink_bbox(render(two_steps, 0)) is not None
+
+
+def test_one_pass_refuses_what_stamping_refuses(signer):
+    with pytest.raises(DocumentRejected) as outside:
+        stamp_and_sign(make_pdf(), signer, page=1, x=10_000, y=0, serial=SERIAL,
+                       verify_url="https://meterai.example.id/verify/x")
+    assert outside.value.code == "stamp_outside_page"
+
+    with pytest.raises(DocumentUnreadable):
+        stamp_and_sign(b"%PDF-1.7\n" + b"\x00 garbage" * 50, signer, page=1, x=0, y=0, serial=SERIAL,
+                       verify_url="https://meterai.example.id/verify/x")
+    with pytest.raises(ValueError):
+        stamp_and_sign(make_pdf(), signer, page=1, x=0, y=0, serial="bad", verify_url="https://x.id/")

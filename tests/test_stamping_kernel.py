@@ -304,6 +304,15 @@ def test_qr_code_encodes_the_verify_url_with_error_correction_m_or_better() -> N
     assert qr_matrix(VERIFY_URL) == tuple(tuple(bool(m) for m in row) for row in reference.matrix)
 
 
+@pytest.mark.parametrize("url", ["https://a.id/", VERIFY_URL, "http://127.0.0.1:5000/verify/ZZZZ9999AAAA8888BBBB77",
+                                 "https://meterai.example.id/verifikasi/" + "X" * 60])
+def test_qr_matrix_is_the_symbol_segno_makes_with_the_chosen_mask(url: str) -> None:
+    code = qr_code(url)
+
+    reference = segno.make_qr(url, error=code.error, version=code.version, mask=code.mask)
+    assert qr_matrix(url) == tuple(tuple(bool(m) for m in row) for row in reference.matrix)
+
+
 def test_stamping_garbage_is_a_permanent_unreadable_error() -> None:
     with pytest.raises(DocumentUnreadable) as caught:
         stamp(b"%PDF-1.7\n" + b"\x00\xff garbage " * 200)

@@ -6,7 +6,8 @@ commits by ``stamping → stamped`` guarded by "the lease is still mine", so a w
 (it was too slow, the sweep refunded the order) can never stamp a refunded order. Transient failures
 release the lease and are retried; a permanent one (unreadable document) refunds at once. The stored
 document is stamped, then signed (:mod:`shared.stamping.signing`), and its recorded SHA-256 is that of
-the signed file, which is what verification compares.
+the signed file, which is what verification compares. Stamp and signature are one incremental update
+made in one pass (:func:`shared.stamping.signing.stamp_and_sign`).
 """
 from __future__ import annotations
 
@@ -25,8 +26,7 @@ from shared.errors import PermanentError
 from shared.lifecycle import Status, before_deadline, lease_free, lease_held_by, transition
 from shared.logs import log_event
 from shared.services.refunds import begin_refund
-from shared.stamping import stamp_document
-from shared.stamping.signing import sign_pdf, signer_from_settings
+from shared.stamping.signing import stamp_and_sign, signer_from_settings
 from shared.store import DocumentStore, stamped_key
 
 log = logging.getLogger(__name__)
@@ -106,12 +106,11 @@ def stamp_order(settings: Settings, store: DocumentStore, order_id: str, worker_
     serial = order["serial"]
     try:
         source = store.get(order["document_key"])
-        stamped = stamp_document(source, page=order["page"], x=order["x"], y=order["y"],
-                                 serial=serial, verify_url=verify_url(settings, serial),
+        # Signed over the whole stamped file; a missing key is SigningUnavailable (transient:
+        # retried), a document that can't be stamped or signed is DocumentUnreadable (permanent: refunded).
+        stamped = stamp_and_sign(source, signer_from_settings(settings), page=order["page"], x=order["x"],
+                                 y=order["y"], serial=serial, verify_url=verify_url(settings, serial),
                                  size=settings.stamp_size)
-        # Signed last, over the whole stamped file; a missing key is SigningUnavailable (transient:
-        # retried), a document pyHanko can't sign is DocumentUnreadable (permanent: refunded).
-        stamped = sign_pdf(stamped, signer_from_settings(settings), serial=serial)
         key = stamped_key(order_id)
         store.put(key, stamped)
     except PermanentError as exc:

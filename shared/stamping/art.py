@@ -22,6 +22,7 @@ from functools import lru_cache
 from io import BytesIO
 
 import segno
+from segno import encoder
 from pypdf import PdfReader
 from pypdf.generic import NameObject
 from reportlab.lib.colors import HexColor
@@ -195,19 +196,100 @@ def static_art() -> StaticArt:
     return StaticArt(content=contents.get_data(), fonts=_standard_fonts(page.get(NameObject("/Resources"))))
 
 
-def qr_code(verify_url: str) -> segno.QRCode:
-    """The QR code for ``verify_url``: error correction M or better, small enough to scan from paper."""
-    if not verify_url:
-        raise ValueError("verify_url must not be empty")
-    code = segno.make_qr(verify_url, error=QR_MIN_ERROR, boost_error=True)
+def _check_version(code: segno.QRCode, verify_url: str) -> None:
     if code.version > QR_MAX_VERSION:
         raise ValueError(f"verify_url is too long for a scannable stamp QR code ({len(verify_url)} chars)")
-    return code
+
+
+def qr_code(verify_url: str) -> segno.QRCode:
+    """The QR code for ``verify_url``: error correction M or better, small enough to scan from paper,
+    with the data mask :func:`qr_matrix` chooses (see there)."""
+    if not verify_url:
+        raise ValueError("verify_url must not be empty")
+    return segno.make_qr(verify_url, error=QR_MIN_ERROR, boost_error=True, mask=_qr_symbol(verify_url)[0])
+
+
+@lru_cache(maxsize=32)
+def _symbol_layout(width: int, version: int, error: int) -> tuple[tuple[int, ...], list[tuple[int, ...]],
+                                                                  tuple[int, ...], list[tuple[int, ...]]]:
+    """Per symbol size, as row bitmasks (bit ``j`` = column ``j``): the data region, the eight data mask
+    patterns over it, the format information area, and its content for each mask.
+
+    Built with segno's own functions, exactly as its encoder lays out a symbol, so a symbol re-masked
+    here is bit for bit the one segno makes for that mask.
+    """
+    function = encoder.make_matrix(width, width)
+    encoder.add_finder_patterns(function, width, width)
+    encoder.add_alignment_patterns(function, width, width)
+    function[-8][8] = 0x1
+    region = tuple(sum(1 << j for j in range(width) if function[i][j] > 0x1) for i in range(width))
+    patterns = [tuple(sum(1 << j for j in range(width) if pattern(i, j)) & region[i] for i in range(width))
+                for pattern in encoder.get_data_mask_functions(False)]
+    area, formats = None, []
+    for mask in range(8):
+        probe = [bytearray([0x2] * width) for _ in range(width)]
+        encoder.add_format_info(probe, version, error, mask)
+        if area is None:
+            area = tuple(sum(1 << j for j in range(width) if probe[i][j] != 0x2) for i in range(width))
+        formats.append(tuple(sum(1 << j for j in range(width) if probe[i][j] == 0x1) for i in range(width)))
+    assert area is not None
+    return region, patterns, area, formats
+
+
+_RUNS = re.compile(r"0{5,}|1{5,}")
+
+
+def _penalty(rows: list[int], width: int) -> int:
+    """ISO/IEC 18004 mask penalty (N1 runs, N2 blocks, N3 finder-like patterns, N4 balance) of a symbol."""
+    lines = [format(row, f"0{width}b") for row in rows]
+    lines += ["".join(column) for column in zip(*lines)]
+    text = "|".join(lines)
+    score = sum(len(run) - 2 for run in _RUNS.findall(text))
+    score += 40 * (text.count("00001011101") + text.count("10111010000"))
+    inner = (1 << (width - 1)) - 1
+    full = (1 << width) - 1
+    for upper, lower in zip(rows, rows[1:]):
+        dark = upper & lower
+        light = ~(upper | lower) & full
+        score += 3 * (((dark & (dark >> 1)) | (light & (light >> 1))) & inner).bit_count()
+    dark_share = sum(row.bit_count() for row in rows) * 100 / (width * width)
+    return score + 10 * int(abs(dark_share - 50) // 5)
+
+
+@lru_cache(maxsize=8)
+def _qr_symbol(verify_url: str) -> tuple[int, tuple[tuple[bool, ...], ...]]:
+    """(mask, modules) of the stamp's QR code.
+
+    segno tries all eight data masks module by module in Python (about 8 ms a symbol); here segno
+    encodes once with mask 0 and the eight candidates are derived with whole-row bit operations, scored
+    on the finished symbol (format information included) and the lowest penalty wins. Any mask decodes
+    the same; the choice only keeps scanner-confusing patterns rare. Cached for the few URLs of the
+    document at hand (the kernel asks more than once per document).
+    """
+    if not verify_url:
+        raise ValueError("verify_url must not be empty")
+    code = segno.make_qr(verify_url, error=QR_MIN_ERROR, boost_error=True, mask=0)
+    _check_version(code, verify_url)
+    width = len(code.matrix)
+    region, patterns, area, formats = _symbol_layout(width, code.version,
+                                                     encoder.normalize_errorlevel(code.error))
+    masked = [sum(1 << j for j, module in enumerate(row) if module) for row in code.matrix]
+    data = [row ^ pattern for row, pattern in zip(masked, patterns[0])]  # mask 0 undone
+    best: tuple[int, int, list[int]] | None = None
+    for mask in range(8):
+        rows = [((row ^ pattern) & ~cover) | bits
+                for row, pattern, cover, bits in zip(data, patterns[mask], area, formats[mask])]
+        score = _penalty(rows, width)
+        if best is None or score < best[0]:
+            best = (score, mask, rows)
+    assert best is not None
+    _, mask, rows = best
+    return mask, tuple(tuple(bool(row >> j & 1) for j in range(width)) for row in rows)
 
 
 def qr_matrix(verify_url: str) -> tuple[tuple[bool, ...], ...]:
     """Dark (True) / light modules of the stamp's QR code, top row first, without the quiet zone."""
-    return tuple(tuple(bool(module) for module in row) for row in qr_code(verify_url).matrix)
+    return _qr_symbol(verify_url)[1]
 
 
 def qr_module_size(modules: int) -> float:
@@ -220,14 +302,27 @@ def _fmt(value: float) -> str:
     return text if text not in ("", "-0") else "0"
 
 
+@lru_cache(maxsize=8)
+def _qr_grid(modules: int) -> tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]:
+    """Formatted coordinates for a symbol ``modules`` wide: x of each column's left edge, y of each row's
+    bottom edge, and the width of a run of 1..modules modules (formatting floats per module is most of
+    the cost of writing the QR operators otherwise)."""
+    step = qr_module_size(modules)
+    top = QR_Y + QR_SIDE - QR_QUIET_MODULES * step
+    xs = tuple(_fmt(QR_X + (QR_QUIET_MODULES + col) * step) for col in range(modules))
+    ys = tuple(_fmt(top - (row + 1) * step) for row in range(modules))
+    widths = tuple(_fmt(length * step) for length in range(modules + 1))
+    return xs, ys, widths
+
+
 def _qr_operators(matrix: tuple[tuple[bool, ...], ...]) -> list[str]:
     """White square, then dark modules merged into horizontal runs (fewer, crisper rectangles)."""
     modules = len(matrix)
-    step = qr_module_size(modules)
+    xs, ys, widths = _qr_grid(modules)
+    height = widths[1]
     ops = ["q", "1 1 1 rg", f"{_fmt(QR_X)} {_fmt(QR_Y)} {_fmt(QR_SIDE)} {_fmt(QR_SIDE)} re f", "0 0 0 rg"]
-    top = QR_Y + QR_SIDE - QR_QUIET_MODULES * step
     for row_index, row in enumerate(matrix):
-        y = top - (row_index + 1) * step
+        y = ys[row_index]
         col = 0
         while col < modules:
             if not row[col]:
@@ -236,8 +331,7 @@ def _qr_operators(matrix: tuple[tuple[bool, ...], ...]) -> list[str]:
             start = col
             while col < modules and row[col]:
                 col += 1
-            x = QR_X + (QR_QUIET_MODULES + start) * step
-            ops.append(f"{_fmt(x)} {_fmt(y)} {_fmt((col - start) * step)} {_fmt(step)} re")
+            ops.append(f"{xs[start]} {y} {widths[col - start]} {height} re")
     ops += ["f", "Q"]
     return ops
 

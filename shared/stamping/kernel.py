@@ -13,19 +13,27 @@ Why it is built this way:
   centre of its square so it reads upright, while its footprint stays the same square.
 * Untrusted PDFs are parsed with pypdf's decompression and size limits lowered for the duration of the
   call (a context variable, so no global state changes), and without ever calling external decoders.
-* A document that already carries signatures (the buyer's, or an earlier e-Meterai) is stamped as an
-  incremental update: its bytes are kept exactly and the stamp is appended, so those signatures still
-  verify over the revision they signed. Any other document is rewritten whole, which also normalises
-  damaged cross-reference tables before the result is signed. A signed document that can't be updated
-  incrementally (encrypted), or whose certification forbids every change, is refused before payment.
+* Every document is stamped as an incremental update (:class:`StampUpdate`): its bytes are kept exactly
+  and a few objects are appended (the stamp forms, two small content streams, the page dictionary), so
+  signatures already in it (the buyer's, or an earlier e-Meterai) still verify over the revision they
+  signed, and the cost doesn't grow with the document. pypdf only reads (finds the page and its
+  dictionaries); the appended objects are written by :mod:`.incremental`. The static stamp art is one
+  Form XObject whose bytes are made once per process.
+* Two kinds of document are rewritten whole by pypdf instead: an unsigned encrypted one that opens
+  without a password (its objects would have to be encrypted; the rewrite drops the encryption) and
+  one whose cross-reference table pypdf had to repair (the rewrite normalises it before signing). A
+  signed document that can't be updated incrementally (encrypted), or whose certification forbids
+  every change, is refused before payment.
 """
 from __future__ import annotations
 
 import dataclasses
 import math
+import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import lru_cache
 from io import BytesIO
 
 from pypdf import Configuration, PageObject, PasswordType, PdfReader, PdfWriter, apply_configuration
@@ -42,6 +50,7 @@ from pypdf.generic import (
 from shared.errors import PermanentError
 
 from . import art
+from .incremental import IncrementalUpdate, serialize, stream_object
 
 STAMP_SIZE: float = 100.0
 
@@ -131,13 +140,33 @@ def unreadable() -> DocumentRejected:
     return DocumentRejected("unreadable", "Dokumen PDF rusak atau tidak dapat dibaca.")
 
 
+class _Reader(PdfReader):
+    """pypdf's reader, remembering whether it had to repair the cross-reference table on the way in.
+
+    An incremental update points back at the document's last cross-reference section; if that section is
+    broken, the updated file would be too (for stricter readers), so such a document is rewritten whole.
+    """
+
+    xref_repaired = False
+
+    def _get_xref_issues(self, stream, startxref):  # type: ignore[no-untyped-def,override]
+        issues = PdfReader._get_xref_issues(stream, startxref)
+        if issues:
+            self.xref_repaired = True
+        return issues
+
+    def _rebuild_xref_table(self, stream) -> None:  # type: ignore[no-untyped-def]
+        self.xref_repaired = True
+        super()._rebuild_xref_table(stream)
+
+
 def read_document(data: bytes) -> PdfReader:
     """Open ``data``; encrypted documents only if they open with an empty password.
 
     Raises :class:`DocumentRejected` ("encrypted" or "unreadable"). Call inside :func:`bounded_parsing`.
     """
     try:
-        reader = PdfReader(BytesIO(data), strict=False)
+        reader = _Reader(BytesIO(data), strict=False)
         locked = reader.is_encrypted and reader.decrypt("") == PasswordType.NOT_DECRYPTED
     except Exception as exc:  # pypdf raises far more than PyPdfError on hostile input
         raise unreadable() from exc
@@ -397,10 +426,8 @@ def _certification_forbids_changes(reader: PdfReader) -> bool:
     return False
 
 
-def _writer_for(reader: PdfReader) -> PdfWriter:
-    """Incremental for signed documents (their signatures keep verifying), a full rewrite otherwise."""
-    if not carries_signatures(reader):
-        return PdfWriter(clone_from=reader, keep_initial_header=True)
+def _refuse_unchangeable(reader: PdfReader) -> None:
+    """A signed document we can only stamp by breaking its signatures is refused (before payment)."""
     if reader.is_encrypted:
         raise DocumentRejected(
             "signed_encrypted",
@@ -413,17 +440,199 @@ def _writer_for(reader: PdfReader) -> PdfWriter:
             "Dokumen PDF ini disertifikasi tanpa izin perubahan apa pun; meterai tidak dapat "
             "dibubuhkan tanpa merusak sertifikasinya.",
         )
+
+
+def _writer_for(reader: PdfReader) -> PdfWriter:
+    """The rewrite path: incremental for signed documents (their signatures keep verifying), whole otherwise."""
+    if not carries_signatures(reader):
+        return PdfWriter(clone_from=reader, keep_initial_header=True)
+    _refuse_unchangeable(reader)
     return PdfWriter(reader, incremental=True)
 
 
-def stamp_reader(
+def source_bytes(reader: PdfReader) -> bytes | None:
+    """The bytes ``reader`` was opened on (by :func:`read_document`), or ``None`` if they are not at hand."""
+    stream = getattr(reader, "stream", None)
+    return stream.getvalue() if isinstance(stream, BytesIO) else None
+
+
+def can_update_incrementally(reader: PdfReader) -> bool:
+    """Not encrypted, cross-reference table intact, and opened from bytes we have."""
+    return (not reader.is_encrypted and not getattr(reader, "xref_repaired", True)
+            and not reader.xref_index and source_bytes(reader) is not None)
+
+
+def _font_entry(name: str, base_font: str) -> bytes:
+    return (f"{name} << /Type /Font /Subtype /Type1 /BaseFont {base_font} /Encoding /WinAnsiEncoding >>"
+            .encode("ascii"))
+
+
+_FORM_HEAD = (f"/Type /XObject /Subtype /Form /BBox [0 0 {art.DESIGN_SIZE:g} {art.DESIGN_SIZE:g}]"
+              .encode("ascii"))
+
+
+@lru_cache(maxsize=1)
+def _static_art_object() -> bytes:
+    """The static art as a complete Form XObject body, compressed once per process."""
+    static = art.static_art()
+    fonts = b" ".join(_font_entry(name, base) for name, base in static.fonts)
+    entries = _FORM_HEAD + b" /Resources << /Font << " + fonts + b" >> >> /Filter /FlateDecode"
+    return stream_object(b" " + entries, zlib.compress(static.content, 9))
+
+
+def _stamp_form_object(art_ref: IndirectObject, serial: str, verify_url: str) -> bytes:
+    """The stamp for one document: the static art form, then serial and QR code, in design space."""
+    content = f"q {_ART_NAME} Do Q\n".encode("ascii") + art.per_document_content(serial, verify_url)
+    resources = (b" /Resources << /XObject << " + _ART_NAME.encode("ascii") + b" " + serialize(art_ref)
+                 + b" >> /Font << " + _font_entry(art.SERIAL_FONT_RESOURCE, f"/{art.SERIAL_FONT}") + b" >> >>")
+    return stream_object(b" " + _FORM_HEAD + resources + b" /Filter /FlateDecode", zlib.compress(content, 6))
+
+
+def _content_refs(page: DictionaryObject) -> list[IndirectObject]:
+    """The page's content streams as references; a direct stream (not allowed, rarely seen) can't be kept
+    by an incremental update, so it is unreadable here and the caller falls back to a rewrite."""
+    refs = _existing_content_refs(page)  # type: ignore[arg-type]
+    if not all(isinstance(ref, IndirectObject) for ref in refs):
+        raise ValueError("page content is not made of indirect streams")
+    return refs  # type: ignore[return-value]
+
+
+_MAX_NESTING = 64  # direct dictionaries/arrays inside the page; real pages use fewer than ten
+
+
+def _check_nesting(page: DictionaryObject) -> None:
+    """The page dictionary is written out again, and read back by every validator and viewer: one nested
+    absurdly deep (a crafted file) is refused as unreadable, as the full rewrite always refused it."""
+    pending: list[tuple[object, int]] = [(page, 0)]
+    while pending:
+        value, depth = pending.pop()
+        if depth > _MAX_NESTING:
+            raise unreadable()
+        if isinstance(value, DictionaryObject):
+            pending.extend((item, depth + 1) for item in value.values())
+        elif isinstance(value, ArrayObject):
+            pending.extend((item, depth + 1) for item in value)
+
+
+@dataclass
+class StampUpdate:
+    """A stamp prepared as an incremental update; the signer may add its objects before :meth:`render`."""
+
+    update: IncrementalUpdate
+    page_ref: IndirectObject
+    page: DictionaryObject  # the stamped page's new dictionary, written last
+
+    def render(self) -> bytearray:
+        self.update.put(self.page_ref, serialize(self.page))
+        return self.update.render()
+
+
+_INHERITABLE = ("/Resources", "/MediaBox", "/CropBox", "/Rotate")
+_PAGE_TREE_WALK_LIMIT = 4096  # tree nodes and leaves looked at; a real tree needs depth x fan-out
+
+
+def locate_page(reader: PdfReader, number: int) -> tuple[IndirectObject, DictionaryObject] | None:
+    """Page ``number`` (1-based) found by descending the page tree, as viewers do, with ``/Count``.
+
+    Why not ``reader.pages``: pypdf loads every page of the document to count them (2 ms for ten
+    pages), so stamping would cost more the longer the document. Here only the nodes on the way down
+    and the kids before ours at each level are read. Returns the page's reference and a copy of its
+    dictionary with the inherited attributes filled in, or ``None`` when the tree is anything but
+    plain (missing or implausible ``/Count``, a cycle, the page not there): then pypdf's walk decides.
+    """
+    try:
+        node_ref = reader.trailer["/Root"].raw_get("/Pages")
+        inherited: dict[str, object] = {}
+        remaining = number - 1
+        seen: set[int] = set()
+        looked_at = 0
+        while isinstance(node_ref, IndirectObject) and node_ref.idnum not in seen:
+            seen.add(node_ref.idnum)
+            node = node_ref.get_object()
+            for key in _INHERITABLE:
+                if key in node:
+                    inherited[key] = node.raw_get(key)
+            kids = node.get("/Kids")
+            kids = kids.get_object() if kids is not None else None
+            if not isinstance(kids, ArrayObject):
+                return None
+            for kid_ref in kids:
+                looked_at += 1
+                if looked_at > _PAGE_TREE_WALK_LIMIT or not isinstance(kid_ref, IndirectObject):
+                    return None
+                kid = kid_ref.get_object()
+                if not isinstance(kid, DictionaryObject):
+                    return None
+                if "/Kids" in kid:  # an intermediate node: skip it whole, or go down into it
+                    count = kid.get("/Count")
+                    if not isinstance(count, int) or count < 0:
+                        return None
+                    if remaining < count:
+                        node_ref = kid_ref
+                        break
+                    remaining -= count
+                elif remaining == 0:
+                    page = DictionaryObject(kid)
+                    for key, value in inherited.items():
+                        if key not in page:
+                            page[NameObject(key)] = value  # type: ignore[assignment]
+                    return kid_ref, page
+                else:
+                    remaining -= 1
+            else:
+                return None
+    except (AttributeError, KeyError, TypeError, ValueError):
+        return None
+    return None
+
+
+def open_update(reader: PdfReader, page_number: int) -> tuple[IncrementalUpdate, IndirectObject, DictionaryObject]:
+    """An empty incremental update of ``reader``'s document and a copy of page ``page_number`` to change."""
+    located = locate_page(reader, page_number)
+    if located is None:
+        target = reader.pages[page_number - 1]
+        if target.indirect_reference is None:
+            raise ValueError("page is not an indirect object")
+        located = target.indirect_reference, DictionaryObject(target)
+    reference, page = located
+    return IncrementalUpdate(source_bytes(reader) or b"", reader), reference, page
+
+
+def prepare_stamp(
+    reader: PdfReader, *, page: int, x: float, y: float, serial: str, verify_url: str, size: float
+) -> StampUpdate | None:
+    """The stamp as an incremental update, or ``None`` when the document must be rewritten instead.
+
+    Raises :class:`DocumentRejected` for an impossible page or position or an unchangeable signed
+    document. Call inside :func:`bounded_parsing`; pypdf errors propagate.
+    """
+    art.validate_serial(serial)
+    if not can_update_incrementally(reader) or page < 1 or locate_page(reader, page) is None:
+        select_page(reader, page, page_count(reader))  # range check with a buyer-readable error
+    if not can_update_incrementally(reader):
+        return None
+    if _certification_forbids_changes(reader):
+        _refuse_unchangeable(reader)
+    update, page_ref, target = open_update(reader, page)
+    box = visible_box(target)
+    check_stamp_fits(box, x, y, size)
+    _check_nesting(target)
+    contents = _content_refs(target)
+    art_ref = update.add(_static_art_object())
+    form_ref = update.add(_stamp_form_object(art_ref, serial, verify_url))
+    name = _attach_xobject(target, form_ref)  # type: ignore[arg-type]
+    matrix = placement_matrix(box, page_rotation(target), x, y, size)
+    cm = " ".join(f"{value:.6f}".rstrip("0").rstrip(".") or "0" for value in matrix)
+    opening = update.add(stream_object(b"", b"q\n"))
+    closing = update.add(stream_object(b"", f"\nQ\nq {cm} cm {name} Do Q\n".encode("ascii")))
+    target[NameObject("/Contents")] = ArrayObject([opening, *contents, closing])
+    return StampUpdate(update, page_ref, target)
+
+
+def _rewrite_with_stamp(
     reader: PdfReader, *, page: int, x: float, y: float, serial: str, verify_url: str, size: float
 ) -> bytes:
-    """Stamp an already opened document; the shared core of :func:`stamp_document` and the preflight's
-    trial run. Call inside :func:`bounded_parsing`. pypdf errors propagate to the caller."""
-    art.validate_serial(serial)
-    count = page_count(reader)
-    select_page(reader, page, count)  # range check with a buyer-readable error
+    """The pypdf path for documents that can't take an incremental update (see the module docstring)."""
     writer = _writer_for(reader)
     target = writer.pages[page - 1]
     box = visible_box(target)
@@ -433,6 +642,17 @@ def stamp_reader(
     output = BytesIO()
     writer.write(output)
     return output.getvalue()
+
+
+def stamp_reader(
+    reader: PdfReader, *, page: int, x: float, y: float, serial: str, verify_url: str, size: float
+) -> bytes:
+    """Stamp an already opened document; the shared core of :func:`stamp_document` and the preflight's
+    trial run. Call inside :func:`bounded_parsing`. pypdf errors propagate to the caller."""
+    prepared = prepare_stamp(reader, page=page, x=x, y=y, serial=serial, verify_url=verify_url, size=size)
+    if prepared is not None:
+        return bytes(prepared.render())
+    return _rewrite_with_stamp(reader, page=page, x=x, y=y, serial=serial, verify_url=verify_url, size=size)
 
 
 def stamp_document(
@@ -452,7 +672,7 @@ def stamp_document(
     ``ValueError`` for a malformed serial or an over-long ``verify_url`` (caller bugs).
     """
     art.validate_serial(serial)
-    art.qr_code(verify_url)
+    art.qr_matrix(verify_url)  # a caller's bad URL is a ValueError, not the document's fault
     with bounded_parsing():
         try:
             reader = read_document(data)

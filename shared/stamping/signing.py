@@ -15,6 +15,12 @@ Why it is built this way:
   private key is thrown away once it has issued the issuer certificate: a copied data folder can't mint
   new issuers. Production sets ``SIGNING_DEV_PKI=0`` and points the ``SIGNING_*`` paths at real files;
   then missing files are an error, never a silently new, untrusted CA.
+* Signing is our own fast path (:func:`stamp_and_sign`, :func:`sign_pdf`): the signature field, its
+  widget and the signature dictionary join the stamp's incremental update (one update, one pass), with
+  a fixed-size ``/Contents`` placeholder; the two byte ranges around it are hashed and the CMS blob is
+  assembled from per-process parts (:mod:`.cms`) and written into the placeholder in place. pyHanko's
+  signer remains for what the fast path doesn't do (documents rewritten whole by the kernel, keys
+  other than RSA PKCS#1 v1.5 or ECDSA); pyHanko's validator is what verification uses, either way.
 * A missing or unreadable key is the signer's fault, not the buyer's: :class:`SigningUnavailable` is a
   :class:`TransientError`, so the order is retried, not refunded. A document pyHanko can't parse is the
   document's fault: :class:`DocumentUnreadable` (permanent).
@@ -23,6 +29,7 @@ from __future__ import annotations
 
 import datetime as dt
 import fcntl
+import hashlib
 import os
 import re
 import threading
@@ -44,11 +51,26 @@ from pyhanko.sign import fields, signers
 from pyhanko.sign.general import SigningError
 from pyhanko_certvalidator.registry import SimpleCertificateStore
 from pyhanko_certvalidator.util import get_pyca_cryptography_hash
+from pypdf import PdfReader
+from pypdf.generic import ArrayObject, DictionaryObject, IndirectObject, NameObject, NumberObject
 
 from shared.config import Settings
 from shared.errors import TransientError
 
-from .kernel import DocumentUnreadable
+from . import art
+from .cms import CmsTemplate
+from .incremental import IncrementalUpdate, serialize
+from .kernel import (
+    STAMP_SIZE,
+    DocumentRejected,
+    DocumentUnreadable,
+    bounded_parsing,
+    can_update_incrementally,
+    open_update,
+    prepare_stamp,
+    read_document,
+    stamp_document,
+)
 
 FIELD_PREFIX = "eMeterai-"
 FIELD_NAME = re.compile(r"^eMeterai-([0-9A-Z]{22})$")
@@ -90,6 +112,8 @@ class Signer:
     # certificates, the raw signature and the signed attributes, with generous slack (unused room is
     # zero padding after the DER value).
     bytes_reserved: int = 16384
+    # The fixed parts of our CMS signature, for the fast path; None for keys it doesn't handle.
+    template: CmsTemplate | None = None
 
     @property
     def subject(self) -> str:
@@ -272,8 +296,10 @@ def load_signer(paths: PkiPaths, passphrase: str = "") -> Signer:
                                   private_key=private_key)
     certificates = len(cert.dump()) + len(ca_cert.dump())
     raw_signature = (getattr(private_key, "key_size", 4096) + 7) // 8 * 2  # ECDSA DER < 2x key size
+    template = CmsTemplate.build(private_key, cms_signer.get_signature_mechanism_for_digest("sha256"),
+                                 cert, (ca_cert,))
     return Signer(cms_signer=cms_signer, certificate=cert, ca_certificate=ca_cert,
-                  bytes_reserved=2 * (certificates + raw_signature + 4096))
+                  bytes_reserved=2 * (certificates + raw_signature + 4096), template=template)
 
 
 def signer_from_settings(settings: Settings) -> Signer:
@@ -322,14 +348,143 @@ def serial_from_field_name(name: str | None) -> str | None:
     return match.group(1) if match else None
 
 
+def _pdf_date(moment: dt.datetime) -> bytes:
+    return moment.strftime("D:%Y%m%d%H%M%S+00'00'").encode("ascii")
+
+
+_BYTE_RANGE_WIDTH = 48  # "[0 a b c]" padded with spaces; four ten-digit numbers fit
+_WIDGET_FLAGS = 132  # print + locked: an invisible widget nobody can move or delete by accident
+
+
+def _add_signature_field(update: IncrementalUpdate, reader: PdfReader, page_ref: IndirectObject,
+                         page: DictionaryObject, serial: str, hex_digits: int) -> None:
+    """Field + widget on ``page``, listed in the AcroForm, and the signature dictionary with placeholders.
+
+    ``page`` is the new dictionary of the page; the caller writes it. The form dictionary is copied and
+    written anew (in place of the old object, or in a new catalog when the form was a direct entry).
+    """
+    signature_ref = update.reserve()
+    widget_ref = update.add(
+        b"<< /Type /Annot /Subtype /Widget /FT /Sig /T (" + field_name(serial).encode("ascii")
+        + b") /F %d /Rect [0 0 0 0] /P " % _WIDGET_FLAGS + serialize(page_ref)
+        + b" /V " + serialize(signature_ref) + b" >>")
+    annotations = page.get("/Annots")
+    annotations = annotations.get_object() if annotations is not None else None
+    existing = list(annotations) if isinstance(annotations, ArrayObject) else []
+    page[NameObject("/Annots")] = ArrayObject([*existing, widget_ref])
+
+    root_ref = reader.trailer.raw_get("/Root")
+    if not isinstance(root_ref, IndirectObject):
+        raise ValueError("document catalog is not an indirect object")
+    root = root_ref.get_object()
+    form_raw = root.raw_get("/AcroForm") if "/AcroForm" in root else None
+    form_value = form_raw.get_object() if form_raw is not None else None
+    form = DictionaryObject(form_value) if isinstance(form_value, DictionaryObject) else DictionaryObject()
+    fields = form.get("/Fields")
+    fields = fields.get_object() if fields is not None else None
+    form[NameObject("/Fields")] = ArrayObject([*(fields if isinstance(fields, ArrayObject) else []), widget_ref])
+    form[NameObject("/SigFlags")] = NumberObject(3)  # signatures exist; append only
+    if isinstance(form_raw, IndirectObject) and isinstance(form_value, DictionaryObject):
+        update.put(form_raw, serialize(form))
+    else:
+        catalog = DictionaryObject(root)
+        catalog[NameObject("/AcroForm")] = update.add(serialize(form))
+        update.put(root_ref, serialize(catalog))
+
+    update.put(signature_ref, b"".join((
+        b"<< /Type /Sig /Filter /Adobe.PPKLite /SubFilter /ETSI.CAdES.detached /M (",
+        _pdf_date(dt.datetime.now(dt.timezone.utc)),
+        b") /Location (", LOCATION.encode("ascii"), b") /Reason (", (REASON_PREFIX + serial).encode("ascii"),
+        b") /ByteRange ", b"[0 0 0 0]".ljust(_BYTE_RANGE_WIDTH),
+        b" /Contents <", b"0" * hex_digits, b"> >>",
+    )))
+
+
+def _seal(output: bytearray, signer: Signer) -> bytes:
+    """Fill in the byte ranges, hash them and write the CMS signature into the placeholder, in place."""
+    assert signer.template is not None
+    range_at = output.rindex(b"/ByteRange [0 0 0 0]") + len(b"/ByteRange ")
+    contents_at = output.index(b"/Contents <", range_at) + len(b"/Contents ")
+    contents_end = output.index(b">", contents_at) + 1
+    byte_range = b"[0 %d %d %d]" % (contents_at, contents_end, len(output) - contents_end)
+    output[range_at:range_at + _BYTE_RANGE_WIDTH] = byte_range.ljust(_BYTE_RANGE_WIDTH)
+    view = memoryview(output)
+    digest = hashlib.sha256(view[:contents_at])
+    digest.update(view[contents_end:])
+    view.release()
+    blob = signer.template.signed_data(digest.digest()).hex().encode("ascii")
+    if len(blob) > contents_end - contents_at - 2:
+        raise SigningError("signature larger than the room reserved for it")
+    output[contents_at + 1:contents_at + 1 + len(blob)] = blob
+    return bytes(output)
+
+
+def stamp_and_sign(
+    data: bytes,
+    signer: Signer,
+    *,
+    page: int,
+    x: float,
+    y: float,
+    serial: str,
+    verify_url: str,
+    size: float = STAMP_SIZE,
+) -> bytes:
+    """``data`` stamped for ``serial`` and signed, in one incremental update whose signature covers it all.
+
+    The same result as :func:`~shared.stamping.stamp_document` followed by :func:`sign_pdf`, and the same
+    errors: :class:`DocumentUnreadable` / :class:`DocumentRejected` (permanent), ``ValueError`` for a
+    malformed serial or URL.
+    """
+    if not _SERIAL.match(serial):
+        raise ValueError(f"malformed serial {serial!r}")
+    art.qr_matrix(verify_url)  # a caller's bad URL is a ValueError, not the document's fault
+    if signer.template is not None:
+        with bounded_parsing():
+            try:
+                reader = read_document(data)
+                prepared = prepare_stamp(reader, page=page, x=x, y=y, serial=serial, verify_url=verify_url,
+                                         size=size)
+                if prepared is not None:
+                    _add_signature_field(prepared.update, reader, prepared.page_ref, prepared.page, serial,
+                                         signer.bytes_reserved)
+                    return _seal(prepared.render(), signer)
+            except DocumentRejected as exc:
+                if exc.code in ("unreadable", "encrypted"):
+                    raise DocumentUnreadable() from exc
+                raise
+            except Exception as exc:
+                raise DocumentUnreadable() from exc
+    stamped = stamp_document(data, page=page, x=x, y=y, serial=serial, verify_url=verify_url, size=size)
+    return sign_pdf(stamped, signer, serial=serial)
+
+
 def sign_pdf(data: bytes, signer: Signer, *, serial: str) -> bytes:
     """``data`` with our signature appended as an incremental update covering the whole file.
 
-    Raises :class:`DocumentUnreadable` (permanent) if pyHanko can't parse or sign the document,
+    Raises :class:`DocumentUnreadable` (permanent) if the document can't be parsed or signed,
     ``ValueError`` for a malformed serial.
     """
     if not _SERIAL.match(serial):
         raise ValueError(f"malformed serial {serial!r}")
+    if signer.template is not None:
+        with bounded_parsing():
+            try:
+                reader = read_document(data)
+                if can_update_incrementally(reader):
+                    update, page_ref, first_page = open_update(reader, 1)
+                    _add_signature_field(update, reader, page_ref, first_page, serial, signer.bytes_reserved)
+                    update.put(page_ref, serialize(first_page))
+                    return _seal(update.render(), signer)
+            except DocumentRejected as exc:
+                raise DocumentUnreadable("Dokumen PDF tidak dapat ditandatangani.") from exc
+            except Exception as exc:
+                raise DocumentUnreadable("Dokumen PDF tidak dapat ditandatangani.") from exc
+    return _sign_with_pyhanko(data, signer, serial=serial)
+
+
+def _sign_with_pyhanko(data: bytes, signer: Signer, *, serial: str) -> bytes:
+    """pyHanko's signer: for documents or keys the fast path leaves alone."""
     metadata = signers.PdfSignatureMetadata(
         field_name=field_name(serial),
         md_algorithm="sha256",
