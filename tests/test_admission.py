@@ -210,3 +210,22 @@ def test_ops_cli_switches_the_waiting_room(sys_):
     client = redis.Redis.from_url(sys_.settings.redis_url)
     for key in client.scan_iter(match=f"{env['REDIS_KEY_PREFIX']}*"):
         client.delete(key)
+
+
+def test_only_unverified_notifications_count_against_the_rate_limit(sys_, throttled):
+    from tests.test_order_flow import _notification
+
+    base = throttled(rate_limit_notifications="2/60")
+    order_id, token, view = sys_.order_awaiting_payment()
+    genuine = _notification(sys_, view["payment"]["gateway_order_id"], status="pending")
+    genuine["status_code"] = "201"
+    from shared.payments.gateway import notification_signature
+    from tests.conftest import SERVER_KEY
+
+    genuine["signature_key"] = notification_signature(genuine["order_id"], "201", genuine["gross_amount"],
+                                                      SERVER_KEY)
+    url = f"{base}/api/v1/payments/notifications"
+    assert [requests.post(url, json=genuine, timeout=5).status_code for _ in range(5)] == [200] * 5
+    forged = {**genuine, "signature_key": "0" * 128}
+    assert [requests.post(url, json=forged, timeout=5).status_code for _ in range(3)] == [403, 403, 429]
+    assert requests.post(url, json=genuine, timeout=5).status_code == 200  # the gateway still gets in

@@ -109,3 +109,20 @@ def test_openapi_documents_every_routed_path(sys_):
     documented = set(spec["paths"])
     assert documented <= routed
     assert routed - {"/api/v1/openapi.json"} <= documented
+
+
+def test_hostile_field_values_get_4xx_not_5xx(sys_):
+    for kwargs, code in [({"page": 99999999999}, "invalid_page"), ({"x": 1e300}, "invalid_x"),
+                         ({"email": "a\x00b@c.id"}, "invalid_email")]:
+        r = sys_.create(make_pdf(), **kwargs)
+        assert r.status_code == 422, (kwargs, r.text)
+        assert r.json()["error"]["code"] == code
+    r = sys_.http.get(f"{sys_.web_url}/api/v1/orders/urn:uuid:{uuid.uuid4()}",
+                      headers={"Authorization": "Bearer x"}, timeout=5)
+    assert r.status_code == 404
+    r = sys_.http.post(f"{sys_.web_url}/api/v1/payments/notifications",
+                       data='{"order_id": "\\ud800", "status_code": "200", "gross_amount": "12500.00",'
+                            ' "transaction_status": "settlement", "signature_key": "ab"}',
+                       headers={"Content-Type": "application/json"}, timeout=5)
+    assert r.status_code == 403, r.text
+    assert _count_orders(sys_) == 0

@@ -49,3 +49,10 @@ def test_settings_that_would_break_an_invariant_are_refused_at_start():
     with pytest.raises(ValueError, match="PREFLIGHT_TIMEOUT_SECONDS"):
         load_settings({"PREFLIGHT_TIMEOUT_SECONDS": "115"})
     assert load_settings({"LEASE_SECONDS": "200", "TASK_TIME_LIMIT_SECONDS": "150"}).lease_seconds == 200
+
+
+def test_publishing_cannot_hang_a_request_on_a_stuck_redis():
+    config = celery_config(load_settings({}))
+    options = config["broker_transport_options"]
+    assert 0 < options["socket_timeout"] <= 5 and 0 < options["socket_connect_timeout"] <= 5
+    assert config["task_publish_retry_policy"]["max_retries"] <= 3

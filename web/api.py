@@ -20,7 +20,11 @@ from web.limits import rate_limited
 bp = Blueprint("api", __name__, url_prefix="/api/v1")
 
 _IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,64}$")
-_EMAIL = re.compile(r"^[^@\s]{1,64}@[^@\s]+\.[^@\s]{2,}$")
+_EMAIL = re.compile(r"^[^@\s\x00-\x1f\x7f]{1,64}@[^@\s\x00-\x1f\x7f]+\.[^@\s\x00-\x1f\x7f]{2,}$")
+
+
+# PDF user space is at most 14,400 units a side; no page or coordinate beyond it can be valid.
+_MAX_COORDINATE = 14_400
 
 
 class BadRequest(DomainError):
@@ -42,7 +46,7 @@ def _number(name: str, *, integer: bool = False) -> float:
     except ValueError:
         raise InvalidField(f"Field '{name}' must be a {'whole ' if integer else ''}number.",
                            code=f"invalid_{name}") from None
-    if not math.isfinite(value) or value < (1 if integer else 0):
+    if not math.isfinite(value) or value < (1 if integer else 0) or value > _MAX_COORDINATE:
         raise InvalidField(f"Field '{name}' is out of range.", code=f"invalid_{name}")
     return value
 
@@ -121,7 +125,7 @@ def create_order_endpoint():
 
 def _authorised_order(order_id: str) -> dict:
     try:
-        uuid.UUID(order_id)
+        order_id = str(uuid.UUID(order_id))
     except ValueError:
         raise DomainError("No such order.", code="not_found", status=404) from None
     header = request.headers.get("Authorization", "")

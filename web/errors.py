@@ -39,6 +39,12 @@ def register(app: Flask) -> None:
         return error_response(code, message, exc.code or 500,
                               retry_after=5 if exc.code in (429, 503) else None)
 
+    @app.errorhandler(psycopg.DataError)
+    def data_error(exc: Exception):
+        # A value the database refuses (out of range, bad text): the input was wrong, not our service.
+        log_event(log, "input_refused_by_database", logging.WARNING, error=type(exc).__name__)
+        return error_response("invalid_input", "A field has a value this service cannot accept.", 422)
+
     @app.errorhandler(psycopg.OperationalError)
     @app.errorhandler(PoolTimeout)
     def database_unavailable(exc: Exception):

@@ -25,19 +25,24 @@ def client_id() -> str:
     return request.remote_addr or "unknown"
 
 
+def enforce(scope: str, setting: str) -> None:
+    """Count this request against the client's limit named by ``setting``; refuse it beyond."""
+    limiter: RateLimiter = current_app.extensions["meterai.ratelimiter"]
+    decision = limiter.hit(scope, client_id(), Limit.parse(getattr(settings(), setting)))
+    if decision is not None:
+        g.rate_limit_headers = decision.headers()
+        if not decision.allowed:
+            raise RateLimited("Too many requests from this client; slow down and retry later.",
+                              decision.headers())
+
+
 def rate_limited(scope: str, setting: str) -> Callable:
     """Refuse a client's request beyond the limit named by ``setting`` (e.g. ``rate_limit_create``)."""
 
     def decorate(view: Callable) -> Callable:
         @wraps(view)
         def limited(*args, **kwargs):
-            limiter: RateLimiter = current_app.extensions["meterai.ratelimiter"]
-            decision = limiter.hit(scope, client_id(), Limit.parse(getattr(settings(), setting)))
-            if decision is not None:
-                g.rate_limit_headers = decision.headers()
-                if not decision.allowed:
-                    raise RateLimited("Too many requests from this client; slow down and retry later.",
-                                      decision.headers())
+            enforce(scope, setting)
             return view(*args, **kwargs)
 
         return limited

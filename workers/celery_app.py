@@ -56,7 +56,13 @@ def celery_config(settings: Settings) -> dict:
         "broker_transport_options": {
             "visibility_timeout": settings.broker_visibility_timeout,
             "global_keyprefix": settings.redis_key_prefix,
+            # A hung Redis must not hang a web request that publishes after commit: the redrive
+            # recovers anything not published.
+            "socket_timeout": 2.0,
+            "socket_connect_timeout": 2.0,
         },
+        "task_publish_retry_policy": {"max_retries": 2, "interval_start": 0, "interval_step": 0.2,
+                                      "interval_max": 0.5},
         "broker_connection_retry_on_startup": True,
         "task_ignore_result": True,
         "task_acks_late": True,

@@ -42,6 +42,9 @@ def get_pool(conninfo: str, *, max_size: int = 10) -> ConnectionPool:
                     max_size=max_size,
                     kwargs={"row_factory": dict_row, "autocommit": False},
                     open=True,
+                    # Waiting longer than this for a connection means "overloaded": fail fast (the web
+                    # answers 503 with Retry-After) instead of piling up requests.
+                    timeout=10.0,
                     name=f"meterai-{os.getpid()}",
                 )
                 _pools[key] = pool

@@ -81,7 +81,7 @@ def parse_gross_amount(text: str) -> int:
 
 def notification_signature(order_id: str, status_code: str, gross_amount: str, server_key: str) -> str:
     """``SHA512(order_id + status_code + gross_amount + server_key)`` as lowercase hex."""
-    payload = f"{order_id}{status_code}{gross_amount}{server_key}".encode("utf-8")
+    payload = f"{order_id}{status_code}{gross_amount}{server_key}".encode("utf-8", "surrogatepass")
     return hashlib.sha512(payload).hexdigest()
 
 
