@@ -2,7 +2,8 @@
 
 Task names are explicit strings (as GOV.UK Notify does), so the web process can enqueue work without
 importing the worker code, and the Procfile, the routes and the tests can be checked against one table.
-Paid work (stamping, refunds) has its own queues so new demand can never starve it.
+Paid work (payment confirmation, stamping, refunds) has its own queues and worker processes so new
+demand, and the polling of unpaid orders, can never starve it.
 """
 from __future__ import annotations
 
@@ -16,8 +17,8 @@ STAMP_ORDER = "meterai.stamping.stamp_order"
 REFUND_ORDER = "meterai.refunds.refund_order"
 SWEEP_REFUNDS = "meterai.housekeeping.sweep_refunds"
 REDRIVE = "meterai.housekeeping.redrive"
-# The scans only claim orders and publish one task per order; the gateway calls run on ``payments``,
-# so a slow gateway never holds the housekeeping worker (which shares its process with refunds).
+# The scans only claim orders and publish one task per order; those per-order gateway polls run on
+# their own ``reconcile`` queue, so polling unpaid orders never delays confirming paid ones.
 RECONCILE_PAYMENTS = "meterai.housekeeping.reconcile_payments"
 EXPIRE_UNPAID = "meterai.housekeeping.expire_unpaid"
 RECONCILE_ORDER = "meterai.payments.reconcile_order"
@@ -32,8 +33,8 @@ QUEUES: dict[str, str] = {
     REDRIVE: "housekeeping",
     RECONCILE_PAYMENTS: "housekeeping",
     EXPIRE_UNPAID: "housekeeping",
-    RECONCILE_ORDER: "payments",
-    EXPIRE_ORDER: "payments",
+    RECONCILE_ORDER: "reconcile",
+    EXPIRE_ORDER: "reconcile",
 }
 
 ALL_QUEUES: tuple[str, ...] = tuple(sorted(set(QUEUES.values())))

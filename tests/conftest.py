@@ -36,7 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SERVER_KEY = "SB-Mid-server-test-key"
 WORKER_GROUPS = {
     "stamping": "stamping",
-    "general": "checkout,payments,refunds,housekeeping",
+    "general": "checkout,payments,refunds,housekeeping,reconcile",
 }
 
 

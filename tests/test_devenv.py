@@ -120,7 +120,8 @@ def test_supervisor_stops_everything_when_one_process_dies() -> None:
 
 def test_procfile_names_every_process() -> None:
     names = [spec.name for spec in parse_procfile(PROCFILE.read_text())]
-    assert names == ["web", "gateway", "checkout", "payments", "stamping", "housekeeping", "beat"]
+    assert names == ["web", "gateway", "checkout", "payments", "refunds", "stamping", "housekeeping",
+                     "beat"]
 
 
 @pytest.mark.parametrize(("pytest_code", "ours"), [(0, 0), (1, 1), (2, 2), (5, 1)])

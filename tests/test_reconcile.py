@@ -71,12 +71,14 @@ def test_every_midtrans_status_is_declared_once_as_data():
     assert terminal_moves == {(GatewayAction.CAPTURE, Status.EXPIRED): Status.REFUND_PENDING}
 
 
-def test_beat_runs_both_scans_on_housekeeping_and_their_work_on_payments():
+def test_beat_runs_both_scans_on_housekeeping_and_their_work_on_its_own_queue():
     schedule = beat_schedule(load_settings({}))
     assert schedule["reconcile-payments"]["task"] == jobs.RECONCILE_PAYMENTS
     assert schedule["expire-unpaid"]["task"] == jobs.EXPIRE_UNPAID
     assert {jobs.QUEUES[jobs.RECONCILE_PAYMENTS], jobs.QUEUES[jobs.EXPIRE_UNPAID]} == {"housekeeping"}
-    assert {jobs.QUEUES[jobs.RECONCILE_ORDER], jobs.QUEUES[jobs.EXPIRE_ORDER]} == {"payments"}
+    # Polling unpaid orders never shares a queue with confirming paid ones.
+    assert {jobs.QUEUES[jobs.RECONCILE_ORDER], jobs.QUEUES[jobs.EXPIRE_ORDER]} == {"reconcile"}
+    assert jobs.QUEUES[jobs.PROCESS_NOTIFICATION] == "payments"
 
 
 # --- reconcile -------------------------------------------------------------------------------------
@@ -89,7 +91,7 @@ def test_dropped_notification_is_picked_up_by_reconcile(sys_):
     assert sys_.status(order_id, token)["status"] == "awaiting_payment"
 
     waiting_since(sys_, order_id, timedelta(minutes=11))
-    result = cli(sys_, "reconcile")  # what beat runs: queue one task per order on "payments"
+    result = cli(sys_, "reconcile")  # what beat runs: queue one task per order on "reconcile"
 
     assert result.returncode == 0 and json.loads(result.stdout) == {"queued": 1}, result.stderr
     sys_.wait_status(order_id, token, "stamped")
