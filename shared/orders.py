@@ -120,7 +120,7 @@ def order_view(settings: Settings, order: dict[str, Any]) -> dict[str, Any]:
     """The buyer-facing JSON of an order (API.md, GET /api/v1/orders/{id})."""
     with get_pool(settings.database_url).connection() as conn:
         payment = conn.execute(
-            "SELECT gateway_order_id, redirect_url FROM payments WHERE order_id = %s"
+            "SELECT gateway_order_id, redirect_url, captured_at FROM payments WHERE order_id = %s"
             " AND token IS NOT NULL ORDER BY captured_at IS NULL, created_at DESC LIMIT 1",
             (str(order["id"]),),
         ).fetchone()
@@ -145,7 +145,8 @@ def order_view(settings: Settings, order: dict[str, Any]) -> dict[str, Any]:
     if order["status"] == Status.STAMPED and order["serial"]:
         view["serial"] = order["serial"]
         view["stamped_at"] = order["stamped_at"].isoformat()
-    if payment is not None:
+    # A payment link only while it can be used, or once it was: never on a rejected or expired order.
+    if payment is not None and (order["status"] == Status.AWAITING_PAYMENT or payment["captured_at"]):
         view["payment"] = {
             "redirect_url": payment["redirect_url"],
             "gateway_order_id": payment["gateway_order_id"],

@@ -339,3 +339,35 @@ def test_gateway_refusing_to_open_a_payment_rejects_the_order_without_charge(sys
     view = sys_.status(order_id, r.json()["access_token"])
     assert view["status"] == "rejected" and view["reason"]["code"] == "payment_unavailable"
     assert ledger(sys_, order_id) == {}
+
+
+def test_concurrent_checkouts_of_one_order_open_one_payable_transaction(sys_):
+    from shared.payments.gateway import MidtransGateway
+    from shared.services.checkout import prepare_order
+    from shared.store import store_from_settings
+
+    sys_.workers["general"].stop()  # we run the two racing checkouts ourselves
+    r = sys_.create()
+    order_id, token = r.json()["order_id"], r.json()["access_token"]
+    outcomes: list[str] = []
+
+    def checkout() -> None:
+        gateway = MidtransGateway(sys_.gateway_url, SERVER_KEY, timeout=5)
+        outcomes.append(prepare_order(sys_.settings, store_from_settings(sys_.settings), gateway, order_id))
+
+    threads = [threading.Thread(target=checkout) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert outcomes.count("awaiting_payment") == 1, outcomes
+    payments = sys_.query("SELECT gateway_order_id, token FROM payments WHERE order_id = %s", (order_id,))
+    shown = [p for p in payments if p["token"]]
+    assert len(shown) == 1
+    for extra in (p for p in payments if not p["token"]):
+        record = sys_.http.get(f"{sys_.gateway_url}/sandbox/transactions/{extra['gateway_order_id']}",
+                               timeout=5)
+        if record.status_code == 200:  # opened at the gateway before losing the race: closed there
+            assert record.json()["transaction_status"] in ("cancel", "expire")
+    view = sys_.status(order_id, token)
+    assert view["payment"]["gateway_order_id"] == shown[0]["gateway_order_id"]

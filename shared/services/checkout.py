@@ -12,6 +12,7 @@ from typing import Any
 
 from shared.config import Settings
 from shared.db import get_pool, transaction
+from shared.errors import DomainError
 from shared.lifecycle import Status, transition
 from shared.logs import log_event
 from shared.payments.gateway import GatewayRejected, PaymentGateway
@@ -52,6 +53,19 @@ def _open_payment_row(settings: Settings, order: dict[str, Any]) -> str:
     return gateway_order_id
 
 
+def _close_extra_transaction(gateway: PaymentGateway, order_id: str, gateway_order_id: str) -> None:
+    """A concurrent run (a redelivered message, a redrive) opened this order's payment first. Ours was
+    never shown to the buyer; cancel it so it can't be paid. If cancelling fails, nobody holds its
+    link, and the gateway expires it on its own."""
+    try:
+        gateway.cancel_transaction(gateway_order_id)
+    except DomainError as exc:
+        log_event(log, "extra_transaction_not_cancelled", logging.WARNING, order_id=order_id,
+                  gateway_order_id=gateway_order_id, error=exc.code)
+    else:
+        log_event(log, "extra_transaction_cancelled", order_id=order_id, gateway_order_id=gateway_order_id)
+
+
 def prepare_order(settings: Settings, store: DocumentStore, gateway: PaymentGateway, order_id: str) -> str:
     """created → awaiting_payment (payment opened) or → rejected (document can't be stamped)."""
     with get_pool(settings.database_url).connection() as conn:
@@ -89,13 +103,17 @@ def prepare_order(settings: Settings, store: DocumentStore, gateway: PaymentGate
                     "Pembayaran tidak dapat dibuat saat ini. Anda tidak dikenai biaya; silakan coba lagi nanti.")
             return "rejected"
         with transaction(settings.database_url) as tx:
-            tx.execute(
-                "UPDATE payments SET token = %s, redirect_url = %s, gateway_status = 'pending',"
-                " updated_at = now() WHERE gateway_order_id = %s",
-                (created.token, created.redirect_url, gateway_order_id),
-            )
-            transition(tx, order_id, Status.CREATED, Status.AWAITING_PAYMENT,
-                       detail={"gateway_order_id": gateway_order_id})
+            moved = transition(tx, order_id, Status.CREATED, Status.AWAITING_PAYMENT,
+                               detail={"gateway_order_id": gateway_order_id})
+            if moved is not None:  # only the run that opened the order's checkout shows its link
+                tx.execute(
+                    "UPDATE payments SET token = %s, redirect_url = %s, gateway_status = 'pending',"
+                    " updated_at = now() WHERE gateway_order_id = %s",
+                    (created.token, created.redirect_url, gateway_order_id),
+                )
+        if moved is None:
+            _close_extra_transaction(gateway, order_id, gateway_order_id)
+            return "lost_race"
     else:
         with transaction(settings.database_url) as tx:
             transition(tx, order_id, Status.CREATED, Status.AWAITING_PAYMENT,
