@@ -371,3 +371,21 @@ def test_concurrent_checkouts_of_one_order_open_one_payable_transaction(sys_):
             assert record.json()["transaction_status"] in ("cancel", "expire")
     view = sys_.status(order_id, token)
     assert view["payment"]["gateway_order_id"] == shown[0]["gateway_order_id"]
+
+
+def test_refund_the_gateway_already_made_is_booked_not_sent_to_manual_payout(sys_):
+    from shared.payments.gateway import MidtransGateway
+
+    [order_id] = _paid_orders_past_deadline(sys_, 1)
+    gateway_order_id = sys_.query("SELECT gateway_order_id FROM payments WHERE order_id = %s"
+                                  " AND captured_at IS NOT NULL", (order_id,))[0]["gateway_order_id"]
+    # Someone (an earlier run whose answer was lost, an operator in the gateway's dashboard) already
+    # refunded it under another key: our refund call is refused as "already refunded".
+    gateway = MidtransGateway(sys_.gateway_url, SERVER_KEY, timeout=5)
+    assert gateway.refund(gateway_order_id, refund_key="dashboard-1", amount=12500, reason="ops").refunded
+    assert housekeeping.sweep_refunds(sys_.settings) == 1
+    wait_until(lambda: sys_.order_row(order_id)["status"] in ("refunded", "refund_manual"),
+               message="refund outcome")
+    assert sys_.order_row(order_id)["status"] == "refunded"
+    assert ledger(sys_, order_id) == {"captured": 12500, "refunded": 12500}
+    assert len(sys_.gateway_record(gateway_order_id)["refunds"]) == 1

@@ -105,22 +105,41 @@ def refund_order(settings: Settings, gateway: PaymentGateway, order_id: str) -> 
             # Our credentials are wrong: a configuration fault, not a refusal of this refund. The order
             # stays refund_pending and the redrive tries again once the key is fixed.
             raise
-        return _to_manual(settings, order_id, {"error": exc.message})
+        return _manual_unless_refunded(settings, gateway, order_id, refund, {"error": exc.message})
     except Exception as exc:
         _note_attempt(settings, order_id, str(exc)[:500])
         raise
     response = {"status_code": result.status_code, "message": result.message}
     if not result.refunded:
         _note_attempt(settings, order_id, result.message)
-        return _to_manual(settings, order_id, response)
+        return _manual_unless_refunded(settings, gateway, order_id, refund, response)
+    return _book_refunded(settings, order_id, refund, response)
+
+
+def _manual_unless_refunded(settings: Settings, gateway: PaymentGateway, order_id: str,
+                            refund: dict[str, Any], response: dict[str, Any]) -> str:
+    """Before asking a person to pay out, ask the gateway whether the money already went back (a
+    concurrent run's refund, or one whose answer we lost): finance must never pay a buyer twice."""
+    status = gateway.get_status(refund["gateway_order_id"])
+    if status is not None and status.transaction_status == "refund":
+        return _book_refunded(settings, order_id, refund, {**response, "confirmed_by": "status"})
+    return _to_manual(settings, order_id, response)
+
+
+def _book_refunded(settings: Settings, order_id: str, refund: dict[str, Any],
+                   response: dict[str, Any]) -> str:
     with transaction(settings.database_url) as tx:
         tx.execute(
             "UPDATE refunds SET status = 'succeeded', completed_at = now(), attempts = attempts + 1,"
-            " gateway_response = %s WHERE order_id = %s AND status = 'pending'",
+            " gateway_response = %s WHERE order_id = %s AND status IN ('pending', 'manual')",
             (json.dumps(response), order_id),
         )
+        # A concurrent run may have sent the order to manual payout just before: the gateway's
+        # refund settles it, so nobody pays it out a second time.
         moved = transition(tx, order_id, Status.REFUND_PENDING, Status.REFUNDED,
-                           amount=refund["amount_idr"])
+                           amount=refund["amount_idr"]) or transition(
+            tx, order_id, Status.REFUND_MANUAL, Status.REFUNDED, amount=refund["amount_idr"],
+            reason="refunded by the gateway")
     log_event(log, "refunded" if moved else "refund_already_done", order_id=order_id,
               amount=refund["amount_idr"])
     return "refunded"
