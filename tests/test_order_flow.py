@@ -137,7 +137,7 @@ def test_forged_or_unsigned_notification_is_refused_and_changes_nothing(sys_):
 
 
 def test_signed_notification_for_an_unpaid_order_is_confirmed_with_the_gateway(sys_):
-    """A correctly signed "settlement" the gateway's status query doesn't confirm moves no money."""
+    """A correctly signed "settlement" the gateway's status query never confirms moves no money."""
     order_id, token, view = sys_.order_awaiting_payment()
     body = _notification(sys_, view["payment"]["gateway_order_id"])
     r = sys_.http.post(f"{sys_.web_url}/api/v1/payments/notifications", json=body, timeout=5)
@@ -389,3 +389,16 @@ def test_refund_the_gateway_already_made_is_booked_not_sent_to_manual_payout(sys
     assert sys_.order_row(order_id)["status"] == "refunded"
     assert ledger(sys_, order_id) == {"captured": 12500, "refunded": 12500}
     assert len(sys_.gateway_record(gateway_order_id)["refunds"]) == 1
+
+
+def test_a_capture_the_gateway_does_not_confirm_yet_is_retried_not_dropped(sys_):
+    """The notification outruns the gateway's own status: we ask again instead of closing it."""
+    sys_.http.post(f"{sys_.gateway_url}/sandbox/faults", json={"drop_notifications": True}, timeout=5)
+    order_id, token, view = sys_.order_awaiting_payment()
+    gateway_order_id = view["payment"]["gateway_order_id"]
+    body = _notification(sys_, gateway_order_id)  # "settlement", signed, before the status says so
+    assert sys_.http.post(f"{sys_.web_url}/api/v1/payments/notifications", json=body,
+                          timeout=5).status_code == 200
+    sys_.pay(gateway_order_id)  # the gateway's status catches up; its own notification is lost
+    sys_.wait_status(order_id, token, "stamped")
+    assert sys_.query("SELECT outcome FROM payment_notifications")[0]["outcome"] == "paid"

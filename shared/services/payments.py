@@ -25,6 +25,7 @@ from typing import Any, Mapping
 from shared import jobs
 from shared.config import Settings
 from shared.db import Tx, get_pool, transaction
+from shared.errors import TransientError
 from shared.lifecycle import Status, transition
 from shared.logs import log_event
 from shared.payments.gateway import GatewayStatus, PaymentGateway
@@ -123,11 +124,24 @@ def _mark_processed(tx: Tx, notification_id: int, outcome: str) -> None:
     )
 
 
-def process_notification(settings: Settings, gateway: PaymentGateway, notification_id: int) -> str:
+# What a notification claims when it says the buyer paid.
+CAPTURE_CLAIMS = frozenset({"settlement", "capture"})
+
+
+class ConfirmationLagging(TransientError):
+    """The notification says "paid" but the status query doesn't (yet): gateways replicate their own
+    state, and closing this notification now would leave a paid order waiting for reconciliation."""
+
+    code = "confirmation_lagging"
+
+
+def process_notification(settings: Settings, gateway: PaymentGateway, notification_id: int, *,
+                         final_attempt: bool = False) -> str:
     """Confirm one stored notification with a status query and apply what the gateway says now.
 
     A :class:`~shared.payments.gateway.GatewayUnavailable` (timeout, 5xx, open circuit) propagates so
-    the task retries; nothing was applied, so the retry starts clean.
+    the task retries; nothing was applied, so the retry starts clean. So does a capture the status
+    query doesn't confirm yet (:class:`ConfirmationLagging`), until ``final_attempt``.
     """
     with get_pool(settings.database_url).connection() as conn:
         note = conn.execute(
@@ -145,6 +159,9 @@ def process_notification(settings: Settings, gateway: PaymentGateway, notificati
                   gateway_order_id=note["gateway_order_id"])
         return "unknown_order"
     confirmed = gateway.get_status(payment["gateway_order_id"])
+    lagging = confirmed is None or confirmed.transaction_status == "pending"
+    if note["transaction_status"] in CAPTURE_CLAIMS and lagging and not final_attempt:
+        raise ConfirmationLagging(f"gateway does not confirm {note['transaction_status']} yet")
     with transaction(settings.database_url) as tx:
         outcome = apply_gateway_status(tx, settings, payment, confirmed) if confirmed else "not_found"
         _mark_processed(tx, notification_id, outcome)

@@ -13,12 +13,17 @@ from workers.tasks.base import backoff_seconds, gateway, settings
 
 log = logging.getLogger(__name__)
 
+CONFIRM_RETRIES = 6
+
 
 @shared_task(name=jobs.PROCESS_NOTIFICATION, bind=True, max_retries=12)
 def process_notification(self, notification_id: int) -> str:
     s = settings()
     try:
-        return payments.process_notification(s, gateway(), int(notification_id))
+        # The last tries accept the gateway's word even if it doesn't (yet) confirm a notified capture;
+        # reconciliation keeps polling the order after that.
+        return payments.process_notification(s, gateway(), int(notification_id),
+                                              final_attempt=self.request.retries >= CONFIRM_RETRIES)
     except TransientError as exc:
         log_event(log, "notification_retry", logging.WARNING, task=self.name,
                   notification_id=notification_id, attempt=self.request.retries + 1, error=exc.code)
