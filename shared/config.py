@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Mapping
 
 DEFAULT_DATA_DIR = ".data"
+DEV_SECRET_KEY = "meterai-dev-secret-change-me"
 
 
 @dataclass(frozen=True)
@@ -26,7 +27,7 @@ class Settings:
     document_dir: str = ""  # defaults to <data_dir>/documents
     public_base_url: str = "http://127.0.0.1:8000"
     # Signs access tokens. The default is for development only; set SECRET_KEY in any real deployment.
-    secret_key: str = "meterai-dev-secret-change-me"
+    secret_key: str = DEV_SECRET_KEY
 
     # Prices in integer rupiah: the stamp's face value plus our service fee.
     stamp_face_value: int = 10_000

@@ -9,7 +9,8 @@ from typing import Any
 
 
 def _fmt(value: Any) -> str:
-    text = str(value)
+    # Escape line breaks so a value from outside can't forge a second log line.
+    text = str(value).replace("\\", "\\\\").replace("\n", "\\n").replace("\r", "\\r")
     if not text or any(c in text for c in ' "='):
         return '"' + text.replace('"', "'") + '"'
     return text

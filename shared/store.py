@@ -15,7 +15,7 @@ from typing import Protocol
 
 from shared.errors import PermanentError, TransientError
 
-_KEY = re.compile(r"^[a-z]+/[0-9a-f-]{36}\.pdf$")
+_KEY = re.compile(r"^[a-z]+/[0-9a-f-]{36}(-[0-9]+)?\.pdf$")
 
 
 class StoreUnavailable(TransientError):
@@ -37,8 +37,10 @@ def upload_key(order_id: uuid.UUID | str) -> str:
     return f"uploads/{order_id}.pdf"
 
 
-def stamped_key(order_id: uuid.UUID | str) -> str:
-    return f"stamped/{order_id}.pdf"
+def stamped_key(order_id: uuid.UUID | str, attempt: int) -> str:
+    """One file per stamping attempt: a worker that lost its lease can't overwrite the file another
+    attempt committed (the committed key is recorded on the order)."""
+    return f"stamped/{order_id}-{attempt}.pdf"
 
 
 class FilesystemStore:

@@ -180,6 +180,8 @@ def test_stamping_failure_is_retried_then_succeeds(sys_):
     done = sys_.wait_status(order_id, token, "stamped")
     row = sys_.order_row(order_id)
     assert row["stamp_attempts"] >= 3
+    # Each attempt writes its own file; the order names the one its committing attempt wrote.
+    assert row["stamped_document_key"] == f"stamped/{order_id}-{row['stamp_attempts']}.pdf"
     serials = sys_.query("SELECT serial, status FROM serials WHERE order_id = %s", (order_id,))
     assert serials == [{"serial": done["serial"], "status": "used"}]  # retries re-used one serial
     assert ledger(sys_, order_id) == {"captured": 12500, "revenue": 12500}

@@ -111,7 +111,7 @@ def stamp_order(settings: Settings, store: DocumentStore, order_id: str, worker_
         stamped = stamp_and_sign(source, signer_from_settings(settings), page=order["page"], x=order["x"],
                                  y=order["y"], serial=serial, verify_url=verify_url(settings, serial),
                                  size=settings.stamp_size)
-        key = stamped_key(order_id)
+        key = stamped_key(order_id, order["stamp_attempts"])
         store.put(key, stamped)
     except PermanentError as exc:
         with transaction(settings.database_url) as tx:
