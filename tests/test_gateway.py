@@ -540,3 +540,11 @@ def test_gateway_from_settings_uses_the_configured_breaker(standin_url: str) -> 
 
     assert isinstance(configured, MidtransGateway)
     assert (configured._breaker.threshold, configured._breaker.cooldown_seconds) == (1, 123.0)
+
+
+def test_payment_links_expire_no_later_than_we_expire_the_order():
+    from shared.config import load_settings
+    from shared.payments.gateway import gateway_from_settings
+
+    gateway = gateway_from_settings(load_settings({"PAYMENT_TIMEOUT_SECONDS": "7200"}))
+    assert gateway.payment_window_minutes == 120

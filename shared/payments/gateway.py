@@ -307,9 +307,13 @@ class MidtransGateway:
         *,
         breaker: CircuitBreaker | None = None,
         session: requests.Session | None = None,
+        payment_window_minutes: int | None = None,
     ) -> None:
         self.base_url = base_url.rstrip("/")
         self.timeout = timeout
+        # Snap's own expiry for a payment link: no longer than we keep an order open, so a link can't
+        # be paid after we expired the order (Snap's default window is longer).
+        self.payment_window_minutes = payment_window_minutes
         self._breaker = breaker if breaker is not None else breaker_for(self.base_url)
         self._session = session if session is not None else requests.Session()
         self._session.auth = (server_key, "")
@@ -328,6 +332,8 @@ class MidtransGateway:
                 {"id": "e-meterai", "price": amount, "quantity": 1, "name": item_name[:_ITEM_NAME_MAX]}
             ],
         }
+        if self.payment_window_minutes:
+            body["expiry"] = {"unit": "minute", "duration": self.payment_window_minutes}
         response, payload = self._call("POST", "/snap/v1/transactions", gateway_order_id, json=body)
         if response.status_code not in _SNAP_CREATED:
             raise GatewayRejected(
@@ -491,6 +497,7 @@ def _midtrans_from_settings(settings: Any) -> PaymentGateway:
     return MidtransGateway(
         settings.gateway_url, settings.gateway_server_key, settings.gateway_timeout_seconds,
         breaker=breaker,
+        payment_window_minutes=max(1, int(getattr(settings, "payment_timeout_seconds", 86400)) // 60),
     )
 
 
