@@ -1,0 +1,346 @@
+"""Benchmark: the web front end against bare handlers on the same gunicorn setup.
+
+    .venv/bin/python -m loadtests.bench_web            # about 3 minutes; needs wrk (apt-get install wrk)
+
+Targets (docs/benchmarks.md):
+
+* create-order (a 200 KB PDF upload) ≥ 0.8× a bare handler that only parses the upload, stores it
+  durably (temporary file, fsync, rename, fsync of the folder) and inserts one row;
+* status polls and queue polls ≥ 0.5× a no-op endpoint.
+
+The bare handler and the no-op endpoint are a tiny Flask app in this file (:func:`baseline_app`), served
+by gunicorn with exactly the Procfile's web flags (gthread, same workers and threads). Our own web runs
+as the Procfile says, with its real settings except what the benchmark must fix: the waiting room wide
+open for the create-order run (what is measured is an admitted create; the waiting room's own cost
+is still paid on every request) and, in a second instance, a trickle outflow so a queue ticket stays
+in line for the queue-poll run. No Celery workers run: the front end is what is measured (checkout tasks
+pile up in Redis meanwhile). PostgreSQL and Redis are the ones a drill uses.
+
+Every figure is a ratio measured in the same run: rounds alternate product and baseline (A B A B …),
+each wrk run lasts a few seconds, and the ratio reported is the median of the per-round ratios, so a
+neighbour's load on this shared machine hits both sides alike. Alongside, CPU milliseconds per request
+(gunicorn processes, PostgreSQL backends, Redis), the per-core rates the capacity model starts from.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+import uuid
+from dataclasses import asdict
+from pathlib import Path
+
+import psycopg
+
+from shared import devenv
+from loadtests.documents import make_pdf
+from loadtests.loadgen import multipart, run_wrk, wrk_available, wrk_script_get, wrk_script_upload
+from loadtests.stack import REPORTS, CpuMeter, Stack, gunicorn_flags, postgres_backend_pids, say, workdir_for
+
+TARGET_CREATE = 0.8
+TARGET_POLL = 0.5
+UPLOAD_BYTES = 200_000
+FIELDS = {"page": "1", "x": "400", "y": "80", "email": "pelamar@example.id"}
+
+
+# --- the baseline app (served by gunicorn as "loadtests.bench_web:baseline_app()") -----------------
+
+def baseline_app():
+    """Bare handlers: ``POST /upload`` parses the multipart upload, writes it durably and inserts one row;
+    ``GET /noop`` answers a constant JSON body. Reads BENCH_DATABASE_URL and BENCH_UPLOAD_DIR."""
+    from flask import Flask, jsonify, request
+    from psycopg_pool import ConnectionPool
+
+    app = Flask("baseline")
+    app.config["MAX_CONTENT_LENGTH"] = 4 * 1024 * 1024
+    root = Path(os.environ["BENCH_UPLOAD_DIR"])
+    root.mkdir(parents=True, exist_ok=True)
+    pools: dict[int, ConnectionPool] = {}
+
+    def pool() -> ConnectionPool:  # one per worker process, made after gunicorn forks
+        if os.getpid() not in pools:
+            pools[os.getpid()] = ConnectionPool(os.environ["BENCH_DATABASE_URL"], min_size=1, max_size=10,
+                                                kwargs={"autocommit": False}, open=True)
+        return pools[os.getpid()]
+
+    @app.post("/upload")
+    def upload():
+        data = request.files["document"].read()
+        name = uuid.uuid4().hex
+        path, tmp = root / f"{name}.pdf", root / f".{name}.tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+        dir_fd = os.open(root, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+        with pool().connection() as conn:
+            conn.execute("INSERT INTO bench_uploads (id, document_key, document_bytes) VALUES (%s, %s, %s)",
+                         (name, path.name, len(data)))
+        return jsonify({"id": name}), 202
+
+    @app.get("/noop")
+    def noop():
+        return jsonify({"ok": True})
+
+    return app
+
+
+# --- the benchmark -----------------------------------------------------------------------------------
+
+def _cpu_groups(stack: Stack, process: str) -> dict:
+    return {
+        "gunicorn": lambda: stack.process_pids(process),
+        "postgres": lambda: postgres_backend_pids(stack.database_url),
+        "redis": lambda: stack.redis_pids,
+    }
+
+
+def _measure(stack: Stack, process: str, label: str, url: str, script: str, workdir: Path, seconds: float,
+             connections: int) -> dict:
+    meter = CpuMeter(_cpu_groups(stack, process))
+    meter.start()
+    result = run_wrk(label, url, script, workdir, seconds=seconds, connections=connections)
+    used = meter.stop()
+    say(result.line())
+    return {**asdict(result), "cpu_ms_per_request": {k: 1000 * v / max(1, result.requests) for k, v in used.items()}}
+
+
+def _clear(folder: Path) -> None:
+    """Delete the uploads a run left (the folders stay: servers write into them)."""
+    time.sleep(0.5)  # let requests still in flight when wrk stopped finish
+    for path in folder.rglob("*.pdf"):
+        path.unlink(missing_ok=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m loadtests.bench_web", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--seconds", type=float, default=8.0, help="length of each wrk run")
+    parser.add_argument("--connections", type=int, default=32)
+    parser.add_argument("--profile-requests", type=int, default=300,
+                        help="requests per endpoint for the in-process CPU breakdown (0: skip)")
+    args = parser.parse_args(argv)
+    if not wrk_available():
+        print("wrk is not installed; on Debian: apt-get install wrk", file=sys.stderr)
+        return 2
+    workdir = workdir_for("bench-web")
+    document = make_pdf(UPLOAD_BYTES)
+    body, content_type = multipart(FIELDS, {"document": ("surat.pdf", document, "application/pdf")})
+    body_path = workdir / "upload.body"
+    body_path.write_bytes(body)
+    flags = " ".join(gunicorn_flags())
+    with Stack(workdir, label="bench_web") as stack:
+        with psycopg.connect(stack.database_url, autocommit=True) as conn:
+            conn.execute("CREATE TABLE bench_uploads (id text PRIMARY KEY, document_key text NOT NULL,"
+                         " document_bytes integer NOT NULL, created_at timestamptz NOT NULL DEFAULT now())")
+        wide_open = {"ADMISSION_PER_MINUTE": "100000000", "ADMISSION_BURST": "100000000",
+                     "ADMISSION_ACTIVE_CHECKOUTS": "100000000", "PROXY_HOPS": "1"}
+        stack.start_procfile(["web"], overrides=wide_open)
+        queue_port = devenv.free_port()
+        queue_env = stack.env({"ADMISSION_PER_MINUTE": "1", "ADMISSION_BURST": "1", "PROXY_HOPS": "1",
+                               "PORT": str(queue_port), "REDIS_KEY_PREFIX": "meterai-queued:"})
+        stack.start("web-queue", f"gunicorn --bind 127.0.0.1:{queue_port} {flags} 'web:create_app()'", queue_env)
+        base_port = devenv.free_port()
+        base_env = stack.env({"BENCH_DATABASE_URL": stack.database_url,
+                              "BENCH_UPLOAD_DIR": str(workdir / "baseline-uploads")})
+        stack.start("baseline", f"gunicorn --bind 127.0.0.1:{base_port} {flags} 'loadtests.bench_web:baseline_app()'",
+                    base_env)
+        stack.wait_ready()
+        _wait_http(f"http://127.0.0.1:{queue_port}/healthz")
+        _wait_http(f"http://127.0.0.1:{base_port}/noop")
+        product, queued, baseline = stack.web_url, f"http://127.0.0.1:{queue_port}", f"http://127.0.0.1:{base_port}"
+
+        # An order to poll, and a ticket that stays in line (outflow 1/minute, position ~50).
+        import requests
+
+        created = requests.post(f"{product}/api/v1/orders", headers={"Idempotency-Key": "poll-me",
+                                "Content-Type": content_type}, data=body, timeout=10)
+        created.raise_for_status()
+        order = created.json()
+        ticket = None
+        for n in range(60):
+            answer = requests.post(f"{queued}/api/v1/orders", data=body, timeout=10, headers={
+                "Idempotency-Key": f"queue-{n}", "Content-Type": content_type, "X-Forwarded-For": f"198.19.0.{n + 1}"})
+            if answer.status_code == 429 and answer.json().get("queue"):
+                ticket = answer.json()["queue"]["ticket"]
+        assert ticket, "the trickle-outflow web never queued anyone"
+        position = requests.get(f"{queued}/api/v1/queue/{ticket}", timeout=10).json()["position"]
+        say(f"polling order {order['order_id']} and a ticket at position {position}")
+
+        upload_product = wrk_script_upload(body_path, content_type, f"b{uuid.uuid4().hex[:6]}")
+        upload_baseline = wrk_script_upload(body_path, content_type, "x")
+        status_script = wrk_script_get({"Authorization": f"Bearer {order['access_token']}"})
+        noop_script = wrk_script_get({})
+        rounds: list[dict] = []
+        for number in range(1, args.rounds + 1):
+            say(f"round {number} of {args.rounds}")
+            r = {}
+            common = dict(workdir=workdir, seconds=args.seconds, connections=args.connections)
+            r["create"] = _measure(stack, "web", "create-order (ours)", f"{product}/api/v1/orders", upload_product, **common)
+            _clear(workdir / "data" / "documents")
+            r["upload"] = _measure(stack, "baseline", "bare upload handler", f"{baseline}/upload", upload_baseline, **common)
+            _clear(workdir / "baseline-uploads")
+            r["status"] = _measure(stack, "web", "order status poll (ours)", f"{product}/api/v1/orders/{order['order_id']}",
+                                   status_script, **common)
+            r["queue"] = _measure(stack, "web-queue", "queue poll (ours)", f"{queued}/api/v1/queue/{ticket}",
+                                  noop_script, **common)
+            r["noop"] = _measure(stack, "baseline", "no-op endpoint", f"{baseline}/noop", noop_script, **common)
+            rounds.append(r)
+        profiles = profile_in_process(stack.env(wide_open), stack.env({"ADMISSION_PER_MINUTE": "1",
+                                      "ADMISSION_BURST": "1", "PROXY_HOPS": "1", "REDIS_KEY_PREFIX": "meterai-queued:"}),
+                                      body, content_type, order, ticket, args.profile_requests)
+    return report(rounds, args, workdir, profiles)
+
+
+CREATE_SPANS = [
+    ("flask.app:Flask.__call__", "Flask/werkzeug request handling, endpoint glue"),
+    ("flask.wrappers:Request._load_form_data", "multipart parse (werkzeug)"),
+    ("shared.ratelimit:RateLimiter.hit", "rate limit (Redis INCR+EXPIRE)"),
+    ("web.api:find_by_idempotency_key", "idempotency-key lookup (SQL)"),
+    ("shared.orders:find_by_idempotency_key", "idempotency-key lookup (SQL)"),
+    ("shared.admission:AdmissionController.admit_or_queue", "waiting room decision (Redis)"),
+    ("web.api:quick_check", "PDF header check"),
+    ("shared.orders:NewOrder.fingerprint", "request fingerprint (SHA-256 of the PDF)"),
+    ("shared.store:FilesystemStore.put", "durable store (write, fsync, rename, fsync dir)"),
+    ("web.api:create_order", "INSERT order + event, commit (psycopg)"),
+    ("web.api:_new_order_from_request", "read upload, validate fields"),
+    ("os:fsync", "fsync (file and folder)"),
+    ("shared.jobs:publish", "Celery publish after commit (kombu → Redis)"),
+    ("web.api:access_token_for", "access token (HMAC)"),
+    ("web.api:_links", "response links (url_for)"),
+]
+BARE_SPANS = [
+    ("flask.app:Flask.__call__", "Flask/werkzeug request handling, handler"),
+    ("flask.wrappers:Request._load_form_data", "multipart parse (werkzeug)"),
+    ("os:fsync", "fsync (file and folder)"),
+    ("psycopg:Connection.execute", "INSERT one row, commit (psycopg)"),
+    ("psycopg:Connection.__exit__", "INSERT one row, commit (psycopg)"),
+]
+STATUS_SPANS = [
+    ("flask.app:Flask.__call__", "Flask/werkzeug request handling, endpoint glue"),
+    ("web.api:get_order", "SELECT order (pool checkout, query, rollback)"),
+    ("web.api:token_matches", "token check"),
+    ("web.api:order_view", "payment, refund, events queries + JSON view"),
+]
+QUEUE_SPANS = [
+    ("flask.app:Flask.__call__", "Flask/werkzeug request handling, endpoint glue"),
+    ("shared.admission:Signer.verify", "ticket signature check (HMAC)"),
+    ("shared.admission:Signer.sign", "token signing (HMAC)"),
+    ("shared.admission:AdmissionController._epoch", "queue epoch (Redis GET)"),
+    ("shared.admission:AdmissionController.outflow_per_minute", "outflow (settings or Redis MGET)"),
+    ("shared.admission:AdmissionController._advance", "advance the line (Redis Lua)"),
+    ("shared.admission:AdmissionController.mode", "mode (Redis GET)"),
+]
+
+
+def profile_in_process(product_env: dict, queue_env: dict, body: bytes, content_type: str, order: dict,
+                       ticket: str, requests_each: int) -> dict:
+    """CPU per request by step, for the three endpoints, through the real app in this process."""
+    from shared.config import load_settings
+    from loadtests.profiling import Spans
+    from web import create_app
+
+    results: dict = {}
+    if requests_each <= 0:
+        return results
+    product = create_app(load_settings(product_env)).test_client()
+    queued = create_app(load_settings(queue_env)).test_client()
+    os.environ.update(BENCH_DATABASE_URL=product_env["DATABASE_URL"],
+                      BENCH_UPLOAD_DIR=str(Path(product_env["DATA_DIR"]) / "profile-uploads"))
+    bare = baseline_app().test_client()
+    runs = {
+        "create-order": (product, CREATE_SPANS, lambda c, i: c.post("/api/v1/orders", data=body, headers={
+            "Content-Type": content_type, "Idempotency-Key": f"prof-{uuid.uuid4().hex}",
+            "X-Forwarded-For": f"198.18.9.{i % 250 + 1}"})),
+        "order-status": (product, STATUS_SPANS, lambda c, i: c.get(
+            f"/api/v1/orders/{order['order_id']}", headers={"Authorization": f"Bearer {order['access_token']}"})),
+        "queue-status": (queued, QUEUE_SPANS, lambda c, i: c.get(f"/api/v1/queue/{ticket}")),
+        "bare upload handler": (bare, BARE_SPANS, lambda c, i: c.post("/upload", data=body, headers={
+            "Content-Type": content_type})),
+        "no-op endpoint": (bare, BARE_SPANS[:1], lambda c, i: c.get("/noop")),
+    }
+    for name, (client, targets, call) in runs.items():
+        for i in range(20):  # warm pools and caches outside the measurement
+            call(client, i)
+        spans = Spans()
+        for target, label in targets:
+            spans.wrap(target, label)
+        try:
+            for i in range(requests_each):
+                answer = call(client, i)
+                assert answer.status_code < 300, (name, answer.status_code, answer.data[:200])
+        finally:
+            spans.restore()
+        print(spans.table(requests_each, name))
+        results[name] = spans.as_dict(requests_each)
+    return results
+
+
+def _wait_http(url: str, timeout: float = 30.0) -> None:
+    import requests
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if requests.get(url, timeout=2).status_code == 200:
+                return
+        except requests.RequestException:
+            pass
+        time.sleep(0.2)
+    raise RuntimeError(f"{url} did not answer")
+
+
+def report(rounds: list[dict], args: argparse.Namespace, workdir: Path, profiles: dict) -> int:
+    def ratios(ours: str, base: str) -> list[float]:
+        return [r[ours]["rps"] / r[base]["rps"] for r in rounds]
+
+    def median(key: str, field: str = "rps") -> float:
+        return statistics.median(r[key][field] for r in rounds)
+
+    comparisons = [
+        ("create-order vs bare upload handler", "create", "upload", TARGET_CREATE),
+        ("order status poll vs no-op", "status", "noop", TARGET_POLL),
+        ("queue poll vs no-op", "queue", "noop", TARGET_POLL),
+    ]
+    errors = sum(r[k]["non_2xx"] + r[k]["socket_errors"] for r in rounds for k in r)
+    print()
+    print(f"{'endpoint':<26} {'req/s (median)':>15} {'p99 ms':>8}   CPU ms per request (gunicorn / postgres / redis)")
+    for key, label in (("create", "create-order (ours)"), ("upload", "bare upload handler"),
+                       ("status", "order status (ours)"), ("queue", "queue poll (ours)"), ("noop", "no-op endpoint")):
+        cpu = {k: statistics.median(r[key]["cpu_ms_per_request"][k] for r in rounds) for k in ("gunicorn", "postgres", "redis")}
+        print(f"{label:<26} {median(key):>15.1f} {median(key, 'p99_ms'):>8.1f}   "
+              f"{cpu['gunicorn']:.2f} / {cpu['postgres']:.2f} / {cpu['redis']:.2f}")
+    print()
+    results = []
+    for label, ours, base, target in comparisons:
+        values = ratios(ours, base)
+        ratio = statistics.median(values)
+        met = ratio >= target
+        results.append({"comparison": label, "ratio": ratio, "per_round": values, "target": target, "met": met})
+        print(f"{label:<38} ratio {ratio:.2f} (rounds: {', '.join(f'{v:.2f}' for v in values)})"
+              f"   target ≥ {target}   {'MET' if met else 'MISSED'}")
+    print(f"non-2xx answers and socket errors over all runs: {errors}")
+    out = {"benchmark": "web", "command": "python -m loadtests.bench_web " + " ".join(sys.argv[1:]),
+           "when": time.strftime("%Y-%m-%d %H:%M:%S"), "settings": vars(args), "results": results,
+           "rounds": rounds, "errors": errors, "cpu_breakdown": profiles}
+    (workdir / "result.json").write_text(json.dumps(out, indent=2))
+    (REPORTS / "bench").mkdir(parents=True, exist_ok=True)
+    (REPORTS / "bench" / "web.json").write_text(json.dumps(out, indent=2))
+    print(f"details: {workdir / 'result.json'}")
+    return 0 if all(r["met"] for r in results) and errors == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

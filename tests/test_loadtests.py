@@ -1,0 +1,152 @@
+"""The surge drill's own parts, without running a drill: the load shapes and the SLO gate.
+
+A Locust run is minutes long, so it lives in ``python -m loadtests.drill`` (and ``make drill-short``),
+not here. These check that the shapes reach the peak and stop by themselves, and that the gate fails
+on a 5xx, a connection error or an unbalanced ledger and passes a clean run.
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+# Importing Locust monkey-patches the whole process for gevent; the test process must stay as it is.
+os.environ["LOCUST_SKIP_MONKEY_PATCH"] = "1"
+pytest.importorskip("locust", reason="Locust is not installed: pip install -e '.[load]'")
+
+from loadtests import locustfile, shapes, slo  # noqa: E402
+from loadtests.slo import EndpointStats, InvariantReport, LoadSummary, OrderLedger, Thresholds  # noqa: E402
+
+
+def ticks(shape, until: float, step: float = 1.0) -> list:
+    """The shape's tick() at 0, step, 2·step, … until it returns None (or ``until`` seconds)."""
+    seen, t = [], 0.0
+    while t <= until:
+        shape.get_run_time = lambda t=t: t
+        value = shape.tick()
+        seen.append(value)
+        if value is None:
+            break
+        t += step
+    return seen
+
+
+def test_spike_goes_quiet_then_ramps_to_the_hold_users_then_drains_and_stops():
+    params = shapes.SpikeParams(quiet_users=3, quiet_seconds=10, peak_users=100, ramp_seconds=30,
+                                hold_seconds=40, drain_seconds=10)
+    seen = ticks(locustfile.SpikeShape(params), until=200)
+    users = [tick[0] for tick in seen if tick is not None]
+
+    assert seen[-1] is None, "the spike must stop by itself"
+    assert len(seen) - 1 == params.total_seconds
+    assert users[:10] == [3] * 10
+    ramp = users[10:40]
+    assert ramp == sorted(ramp) and ramp[-1] == 100
+    assert users[40:80] == [100] * 40
+    drain = users[80:]
+    assert drain == sorted(drain, reverse=True) and drain[-1] == 0
+    assert all(rate >= 1 for _, rate in filter(None, seen))
+
+
+def test_steady_shape_holds_its_users_and_stops():
+    params = shapes.SteadyParams(users=12, ramp_seconds=5, hold_seconds=20, drain_seconds=5)
+    seen = ticks(locustfile.SteadyShape(params), until=100)
+    users = [tick[0] for tick in seen if tick is not None]
+
+    assert seen[-1] is None
+    assert users[5:25] == [12] * 20
+    assert users[-1] == 0
+
+
+def test_drill_shape_follows_the_environment():
+    kind, params = shapes.selected({"DRILL_SHAPE": "steady", "DRILL_SHAPE_PARAMS": '{"users": 7}'})
+    assert kind == "steady" and params.users == 7
+    with pytest.raises(ValueError):
+        shapes.selected({"DRILL_SHAPE": "spike", "DRILL_SHAPE_PARAMS": '{"peak": 7}'})
+    assert locustfile.DrillShape.abstract is False
+    assert locustfile.SpikeShape.abstract and locustfile.SteadyShape.abstract  # only DrillShape runs
+
+
+def clean_load() -> LoadSummary:
+    return LoadSummary(
+        endpoints={
+            slo.CREATE: EndpointStats(slo.CREATE, requests=300, status_counts={"202": 100, "429": 200},
+                                      p95_ms=150),
+            slo.STATUS: EndpointStats(slo.STATUS, requests=500, status_counts={"200": 500}, p95_ms=80),
+            slo.QUEUE: EndpointStats(slo.QUEUE, requests=900, status_counts={"200": 900}, p95_ms=60),
+        },
+        flows_started=120, flows_completed=2,
+    )
+
+
+def clean_invariants() -> InvariantReport:
+    return InvariantReport(
+        orders_by_status={"stamped": 1, "refunded": 1, "awaiting_payment": 1},
+        ledger=[
+            OrderLedger("a", "stamped", captured=12_500, revenue=12_500),
+            OrderLedger("b", "refunded", captured=12_500, refunded=12_500),
+            OrderLedger("c", "awaiting_payment"),
+        ],
+    )
+
+
+def test_gate_passes_a_clean_drill():
+    result = slo.evaluate(clean_load(), clean_invariants(), Thresholds())
+    assert result.passed, result.render()
+
+
+def test_gate_fails_on_a_single_5xx():
+    load = clean_load()
+    load.endpoints[slo.STATUS].status_counts["503"] = 1
+    result = slo.evaluate(load, clean_invariants(), Thresholds())
+    assert not result.passed
+    assert [c.name for c in result.failures] == ["no 5xx"]
+
+
+def test_gate_fails_on_a_connection_error():
+    load = clean_load()
+    load.endpoints[slo.QUEUE].status_counts["0"] = 1
+    result = slo.evaluate(load, clean_invariants(), Thresholds())
+    assert [c.name for c in result.failures] == ["no connection errors or timeouts"]
+
+
+def test_gate_fails_when_p95_is_over_the_threshold():
+    result = slo.evaluate(clean_load(), clean_invariants(), Thresholds(p95_create_ms=100))
+    assert [c.name for c in result.failures] == [f"p95 {slo.CREATE}"]
+
+
+@pytest.mark.parametrize("row", [
+    OrderLedger("x", "stamped", captured=12_500, revenue=10_000),                      # revenue short
+    OrderLedger("x", "stamped", captured=12_500, revenue=12_500, refunded=12_500),     # both outcomes
+    OrderLedger("x", "refunded", captured=12_500, refunded=9_375),                     # a 75% refund
+    OrderLedger("x", "expired", captured=12_500),                                      # kept money, no order
+    OrderLedger("x", "stamped", revenue=12_500),                                       # revenue never captured
+])
+def test_gate_fails_on_an_unbalanced_ledger(row):
+    invariants = clean_invariants()
+    invariants.ledger.append(row)
+    result = slo.evaluate(clean_load(), invariants, Thresholds())
+    assert "ledger balances per order and in total" in [c.name for c in result.failures]
+
+
+def test_gate_fails_when_paid_work_is_left_after_the_drain():
+    invariants = clean_invariants()
+    invariants.orders_by_status["stamping"] = 2
+    invariants.ledger += [OrderLedger("d", "stamping", captured=12_500), OrderLedger("e", "stamping", captured=12_500)]
+    result = slo.evaluate(clean_load(), invariants, Thresholds())
+    assert [c.name for c in result.failures] == ["paid ⇒ stamped or refunded after the drain"]
+
+
+def test_gate_fails_when_nobody_got_a_stamped_document():
+    load = clean_load()
+    load.flows_completed = 0
+    result = slo.evaluate(load, clean_invariants(), Thresholds())
+    assert [c.name for c in result.failures] == ["stamped documents delivered"]
+
+
+def test_summary_round_trips_through_json(tmp_path):
+    path = tmp_path / "summary.json"
+    import json
+
+    path.write_text(json.dumps(slo.load_summary_as_dict(clean_load())))
+    assert slo.load_summary_from_json(path) == clean_load()
