@@ -229,3 +229,52 @@ def test_only_unverified_notifications_count_against_the_rate_limit(sys_, thrott
     forged = {**genuine, "signature_key": "0" * 128}
     assert [requests.post(url, json=forged, timeout=5).status_code for _ in range(3)] == [403, 403, 429]
     assert requests.post(url, json=genuine, timeout=5).status_code == 200  # the gateway still gets in
+
+
+@pytest.fixture
+def gunicorn_throttled(sys_):
+    """The production server (gunicorn gthread, as in the Procfile) with a one-place outflow."""
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    port = devenv.free_port()
+    prefix = f"meterai-adm-{uuid.uuid4().hex[:8]}:"
+    env = {**sys_.env, "ADMISSION_PER_MINUTE": "1", "ADMISSION_BURST": "1", "REDIS_KEY_PREFIX": prefix}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gunicorn", "--bind", f"127.0.0.1:{port}", "--worker-class", "gthread",
+         "--workers", "1", "--threads", "4", "web:create_app()"],
+        cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_until(lambda: devenv.port_accepts(port), timeout=30, message="gunicorn to listen")
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+        client = redis.Redis.from_url(sys_.settings.redis_url)
+        for key in client.scan_iter(match=f"{prefix}*"):
+            client.delete(key)
+
+
+def test_a_queued_upload_gets_its_429_over_a_connection_that_stays_open(gunicorn_throttled):
+    """Answering before reading the upload would make gunicorn close the connection under a client
+    still sending: it would never see its ticket. The body is drained, so the same kept-alive
+    connection carries the 429 and the next request."""
+    import http.client
+
+    base = gunicorn_throttled
+    assert _create(base).status_code == 202
+    host, port = base.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=10)
+    boundary = "meteraiboundary"
+    pdf = make_pdf(pages=1) + b"%" + b"x" * 1_500_000  # a big upload, well past any server buffer
+    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"document\"; filename=\"a.pdf\"\r\n"
+            f"Content-Type: application/pdf\r\n\r\n").encode() + pdf + f"\r\n--{boundary}--\r\n".encode()
+    headers = {"Content-Type": f"multipart/form-data; boundary={boundary}", "Idempotency-Key": "big-1"}
+    for _ in range(3):
+        conn.request("POST", "/api/v1/orders", body=body, headers=headers)
+        response = conn.getresponse()
+        assert response.status == 429
+        assert b'"ticket"' in response.read()
+    conn.close()

@@ -15,7 +15,7 @@ from shared.orders import (NewOrder, access_token_for, create_order, find_by_ide
 from shared.stamping import quick_check
 from web.context import admission, settings, store
 from web.errors import error_response
-from web.limits import rate_limited
+from web.limits import drain_request_body, rate_limited
 
 bp = Blueprint("api", __name__, url_prefix="/api/v1")
 
@@ -75,6 +75,7 @@ def _links(order_id: str) -> dict[str, str]:
 
 
 def _queued_response(queued: Queued):
+    drain_request_body()
     response = error_response(
         "queued",
         "Many buyers are checking out right now; you have a place in the queue. Poll the ticket and "
@@ -93,6 +94,7 @@ def _queued_response(queued: Queued):
 def create_order_endpoint():
     key = request.headers.get("Idempotency-Key", "")
     if not _IDEMPOTENCY_KEY.match(key):
+        drain_request_body()
         raise BadRequest("Header Idempotency-Key is required: 1-64 printable ASCII characters.",
                          code="missing_idempotency_key")
     # A replay of an order we already have is never queued: the buyer is already in.
@@ -100,12 +102,16 @@ def create_order_endpoint():
     admission_claims = None
     if not replay:
         token = request.headers.get("Admission-Token", "").strip()
-        if token:
-            admission_claims = admission().check_token(token)
-        else:
-            decision = admission().admit_or_queue()
-            if isinstance(decision, Queued):
-                return _queued_response(decision)
+        try:
+            if token:
+                admission_claims = admission().check_token(token)
+            else:
+                decision = admission().admit_or_queue()
+        except DomainError:  # paused, unavailable, bad token: answered before the upload was read
+            drain_request_body()
+            raise
+        if not token and isinstance(decision, Queued):
+            return _queued_response(decision)
     new = _new_order_from_request(key)
     if admission_claims is not None:
         admission().spend_token(admission_claims)

@@ -25,6 +25,23 @@ def client_id() -> str:
     return request.remote_addr or "unknown"
 
 
+def drain_request_body() -> None:
+    """Read and discard an unread upload before answering early (429, 503).
+
+    A server that answers without reading the body closes the connection under the client, which is
+    then still sending: the buyer sees a reset instead of the 429 and its queue ticket. Reading costs
+    the upload's network time, bounded by the app's content-length limit.
+    """
+    stream = request.stream
+    limit = current_app.config.get("MAX_CONTENT_LENGTH") or (4 << 20)
+    read = 0
+    while read <= limit:
+        chunk = stream.read(64 * 1024)
+        if not chunk:
+            break
+        read += len(chunk)
+
+
 def enforce(scope: str, setting: str) -> None:
     """Count this request against the client's limit named by ``setting``; refuse it beyond."""
     limiter: RateLimiter = current_app.extensions["meterai.ratelimiter"]
@@ -32,6 +49,7 @@ def enforce(scope: str, setting: str) -> None:
     if decision is not None:
         g.rate_limit_headers = decision.headers()
         if not decision.allowed:
+            drain_request_body()
             raise RateLimited("Too many requests from this client; slow down and retry later.",
                               decision.headers())
 
