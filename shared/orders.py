@@ -75,9 +75,19 @@ def find_by_idempotency_key(settings: Settings, key: str) -> dict[str, Any] | No
         return conn.execute("SELECT * FROM orders WHERE idempotency_key = %s", (key,)).fetchone()
 
 
-def create_order(settings: Settings, store: DocumentStore, new: NewOrder) -> tuple[dict[str, Any], bool]:
-    """Store the upload durably, insert the order, and queue its checkout; return (order, created)."""
-    existing = find_by_idempotency_key(settings, new.idempotency_key)
+_LOOK_IT_UP: Any = object()
+
+
+def create_order(
+    settings: Settings, store: DocumentStore, new: NewOrder, *, existing: Any = _LOOK_IT_UP
+) -> tuple[dict[str, Any], bool]:
+    """Store the upload durably, insert the order, and queue its checkout; return (order, created).
+
+    ``existing`` is the order already under this Idempotency-Key (or ``None``) when the caller has just
+    looked it up, so the request path doesn't query twice.
+    """
+    if existing is _LOOK_IT_UP:
+        existing = find_by_idempotency_key(settings, new.idempotency_key)
     if existing is not None:
         return _check_same_request(existing, new), False
     order_id = uuid.uuid4()

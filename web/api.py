@@ -98,9 +98,9 @@ def create_order_endpoint():
         raise BadRequest("Header Idempotency-Key is required: 1-64 printable ASCII characters.",
                          code="missing_idempotency_key")
     # A replay of an order we already have is never queued: the buyer is already in.
-    replay = find_by_idempotency_key(settings(), key) is not None
+    existing = find_by_idempotency_key(settings(), key)
     admission_claims = None
-    if not replay:
+    if existing is None:
         token = request.headers.get("Admission-Token", "").strip()
         try:
             if token:
@@ -115,7 +115,7 @@ def create_order_endpoint():
     new = _new_order_from_request(key)
     if admission_claims is not None:
         admission().spend_token(admission_claims)
-    order, created = create_order(settings(), store(), new)
+    order, created = create_order(settings(), store(), new, existing=existing)
     order_id = str(order["id"])
     body = {
         "order_id": order_id,
