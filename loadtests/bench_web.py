@@ -230,17 +230,17 @@ BARE_SPANS = [
 ]
 STATUS_SPANS = [
     ("flask.app:Flask.__call__", "Flask/werkzeug request handling, endpoint glue"),
-    ("web.api:get_order", "SELECT order (pool checkout, query, rollback)"),
+    ("shared.statuscache:get", "status cache (Redis GET)"),
+    ("web.api:get_order_with_view", "SELECT order with payment, refund, events (one statement)"),
     ("web.api:token_matches", "token check"),
-    ("web.api:order_view", "payment, refund, events queries + JSON view"),
+    ("web.api:order_view", "JSON view"),
 ]
 QUEUE_SPANS = [
     ("flask.app:Flask.__call__", "Flask/werkzeug request handling, endpoint glue"),
     ("shared.admission:Signer.verify", "ticket signature check (HMAC)"),
     ("shared.admission:Signer.sign", "token signing (HMAC)"),
-    ("shared.admission:AdmissionController._epoch", "queue epoch (Redis GET)"),
     ("shared.admission:AdmissionController.outflow_per_minute", "outflow (settings or Redis MGET)"),
-    ("shared.admission:AdmissionController._advance", "advance the line (Redis Lua)"),
+    ("shared.admission:AdmissionController._advance", "advance the line, with its epoch (Redis Lua)"),
     ("shared.admission:AdmissionController.mode", "mode (Redis GET)"),
 ]
 

@@ -43,6 +43,11 @@ class Settings:
     # ~100 MB.
     preflight_timeout_seconds: float = 20.0
     preflight_memory_bytes: int = 512 * 1024 * 1024
+    # Each worker process reuses its preflight child for many accepted documents: a child is replaced
+    # after this many, or once its memory has grown by more than this many bytes since it was forked
+    # (and after any rejection, timeout or crash).
+    preflight_child_max_documents: int = 200
+    preflight_child_max_growth_bytes: int = 64 * 1024 * 1024
 
     # Payment gateway (Midtrans-style). The stand-in listens on gateway_port.
     gateway_provider: str = "midtrans"
@@ -101,6 +106,9 @@ class Settings:
     rate_limit_create: str = "20/60"
     rate_limit_verify: str = "30/60"
     rate_limit_notifications: str = "600/60"
+    # Seconds a buyer's order-status answer may be served from Redis (shared/statuscache.py); every
+    # status change drops it at once, this only bounds a change Redis missed. 0 disables the cache.
+    status_cache_seconds: int = 10
     # How many reverse proxies in front of us set X-Forwarded-For (0: trust the socket's address).
     proxy_hops: int = 0
     # Bearer token for the ops endpoints; empty disables them.
@@ -130,6 +138,9 @@ class Settings:
         if self.preflight_timeout_seconds >= soft_limit:
             raise ValueError("PREFLIGHT_TIMEOUT_SECONDS must stay under the task's soft time limit "
                              "(TASK_TIME_LIMIT_SECONDS - 10), so a hostile document gets an answer")
+        if self.preflight_child_max_documents < 1 or self.preflight_child_max_growth_bytes < 1:
+            raise ValueError("PREFLIGHT_CHILD_MAX_DOCUMENTS and PREFLIGHT_CHILD_MAX_GROWTH_BYTES must be "
+                             "at least 1 (1 document per child is the old fork-per-document behaviour)")
         if self.stamp_deadline_seconds <= self.lease_seconds:
             raise ValueError("STAMP_DEADLINE_SECONDS must exceed LEASE_SECONDS")
 

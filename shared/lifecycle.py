@@ -16,6 +16,7 @@ from uuid import UUID
 
 from psycopg import sql
 
+from shared import statuscache
 from shared.db import Tx
 
 
@@ -132,12 +133,13 @@ def transition(
     row = tx.execute(query, params).fetchone()
     if row is None:
         return None
-    tx.execute(
+    event = tx.execute(
         "INSERT INTO order_events (order_id, from_status, to_status, reason, detail)"
-        " VALUES (%s, %s, %s, %s, %s)",
+        " VALUES (%s, %s, %s, %s, %s) RETURNING id",
         (str(order_id), source.value, target.value, reason or TRANSITIONS[key],
          json.dumps(detail) if detail else None),
-    )
+    ).fetchone()
+    statuscache.changed(tx, order_id, event["id"])
     kind = LEDGER_KINDS.get(key)
     if kind is not None:
         tx.execute(

@@ -31,7 +31,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.config["MAX_FORM_MEMORY_SIZE"] = 64 * 1024
     app.extensions["meterai.settings"] = settings
     app.extensions["meterai.store"] = store_from_settings(settings)
-    celery_init_app(app, settings)
+    celery_init_app(app, settings)  # also configures the status cache (shared/statuscache.py)
     # Short timeouts: a slow Redis must turn into a quick "come back", never a hung request.
     client = redis.Redis.from_url(settings.redis_url, socket_timeout=0.5, socket_connect_timeout=0.5)
     app.extensions["meterai.admission"] = AdmissionController(settings, client)

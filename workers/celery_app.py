@@ -13,7 +13,7 @@ from celery import Celery, Task
 from flask import Flask
 from kombu import Exchange, Queue
 
-from shared import jobs
+from shared import jobs, statuscache
 from shared.config import Settings
 
 TASK_MODULES = (
@@ -100,6 +100,7 @@ def make_celery_app(settings: Settings, flask_app: Flask | None = None) -> Celer
     app.conf.meterai_settings = settings
     app.set_default()
     jobs.set_publisher(app)
+    statuscache.configure(settings)
     return app
 
 

@@ -40,7 +40,9 @@ def get_pool(conninfo: str, *, max_size: int = 10) -> ConnectionPool:
                     conninfo,
                     min_size=1,
                     max_size=max_size,
-                    kwargs={"row_factory": dict_row, "autocommit": False},
+                    # Autocommit: a plain read is one round trip, without the BEGIN and the COMMIT
+                    # psycopg would wrap it in; :func:`transaction` opens an explicit transaction.
+                    kwargs={"row_factory": dict_row, "autocommit": True},
                     open=True,
                     # Waiting longer than this for a connection means "overloaded": fail fast (the web
                     # answers 503 with Retry-After) instead of piling up requests.

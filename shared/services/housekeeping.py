@@ -76,7 +76,6 @@ def redrive(settings: Settings, *, grace_seconds: float | None = None, limit: in
             name: [row["id"] for row in conn.execute(query, {"grace": grace, "limit": limit})]
             for name, query in REDRIVE_QUERIES
         }
-        conn.rollback()
     for name, ids in due.items():
         for item in ids:
             jobs.publish(name, item)

@@ -155,13 +155,13 @@ def ledger_report(settings: Settings, start: datetime | None = None, end: dateti
     Reads through a server-side cursor, so a period of millions of orders streams in constant memory.
     """
     report = LedgerReport(start, end)
-    with get_pool(settings.database_url).connection() as conn:
+    with get_pool(settings.database_url).connection() as conn, conn.transaction(force_rollback=True):
+        # A server-side cursor lives in a transaction; the pool's connections are autocommit.
         with conn.cursor(name="ledger_report") as cursor:
             cursor.itersize = 2000
             cursor.execute(_ORDERS_MONEY, {"start": start or _EARLIEST, "end": end or _LATEST})
             for row in cursor:
                 report.add(OrderMoney(**row))
-        conn.rollback()
     return report
 
 

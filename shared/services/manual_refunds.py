@@ -76,7 +76,6 @@ def list_manual_refunds(settings: Settings) -> list[ManualRefund]:
             ORDER BY manual_since, o.id
             """
         ).fetchall()
-        conn.rollback()
     return [ManualRefund(**row) for row in rows]
 
 

@@ -142,7 +142,6 @@ def _order_and_payments(settings: Settings, order_id: str) -> tuple[dict[str, An
             " ORDER BY token IS NULL, created_at DESC",
             (order_id,),
         ).fetchall() if order else []
-        conn.rollback()
     return order, payments
 
 

@@ -1,0 +1,139 @@
+"""The buyers' order-status answers, cached in Redis and replaced whenever the order changes.
+
+Why: in a deadline surge every buyer's page polls its order every few seconds, and the answer only
+changes a handful of times in an order's life. Reading it from PostgreSQL on every poll makes the
+database's busiest query the one whose answer is almost always the same, and a status poll costs several
+times a no-op request. Here a poll that finds its order's answer in Redis is one GET.
+
+Correctness rules, in order of importance:
+
+* **Never stale after a change we know of.** Every status change goes through
+  :func:`shared.lifecycle.transition`, which calls :func:`changed` with the id of the event it wrote;
+  once the transaction commits, the order's entry is replaced by a change marker carrying that id.
+  Entries carry the id of the newest event they show, and one script decides every write: nothing
+  replaces a newer entry or marker with an older one. (Event ids grow with time, and the changes of
+  one order are serialised by its row lock, so a later change always has a larger id.) So a poll that
+  read the row just before a commit can't put its old answer back over the marker, while a poll that
+  read after the commit caches at once.
+* **Bounded staleness when Redis misses the change** (a blip exactly at commit, or a process that never
+  configured the cache, such as a one-off script): every entry expires after ``status_cache_seconds``.
+* **The cache never decides who may read.** The entry holds the order's access-token hash; the token
+  is checked against it as against the row. And a Redis that doesn't answer just means the database
+  answers (fail open to the source of truth): a poll never fails because of the cache.
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+import redis
+
+from shared.config import Settings
+from shared.db import Tx
+from shared.logs import log_event
+
+log = logging.getLogger(__name__)
+
+# How long a change's marker outlives the change: far longer than any read-to-put gap of a request.
+MARKER_SECONDS = 60
+_SEP = b"\n"
+
+# KEYS: the order's entry. ARGV: version (newest event id), value ('' for a change marker), ttl.
+# An entry is "<version>\n<token hash>\n<body>", a change marker "d<version>". A write never replaces a
+# newer version; a marker doesn't replace an entry of its own version (that entry shows the change).
+_WRITE = """
+local version = tonumber(ARGV[1])
+local current = redis.call('GET', KEYS[1])
+if current then
+  local seen = tonumber(string.match(current, '^d?(%d+)'))
+  if seen then
+    if seen > version then return 0 end
+    if ARGV[2] == '' and seen == version then return 0 end
+  end
+end
+if ARGV[2] == '' then
+  redis.call('SET', KEYS[1], 'd' .. ARGV[1], 'EX', tonumber(ARGV[3]))
+else
+  redis.call('SET', KEYS[1], ARGV[1] .. '\\n' .. ARGV[2], 'EX', tonumber(ARGV[3]))
+end
+return 1
+"""
+
+_state: dict[str, Any] = {}
+
+
+def configure(settings: Settings) -> None:
+    """Called by the app factories (web and Celery): where the cache lives and for how long.
+
+    With ``status_cache_seconds`` 0 nothing is cached, but changes still mark their orders dirty, so a
+    mixed fleet during a roll-out never serves a stale answer from a process that still caches.
+    """
+    # redis-py's pool notices a fork and opens new sockets in the child, so Celery's prefork children
+    # can share this module state.
+    client = redis.Redis.from_url(settings.redis_url, socket_timeout=0.5, socket_connect_timeout=0.5)
+    _state.update(client=client, prefix=f"{settings.redis_key_prefix}status:",
+                  ttl=settings.status_cache_seconds, write=client.register_script(_WRITE))
+
+
+def _client() -> tuple[redis.Redis, str] | None:
+    if not _state:
+        return None
+    return _state["client"], _state["prefix"]
+
+
+def get(order_id: str) -> tuple[str, bytes] | None:
+    """The cached answer for ``order_id`` as (access-token hash, JSON body), or ``None``."""
+    found = _client()
+    if found is None or not _state["ttl"]:
+        return None
+    client, prefix = found
+    try:
+        raw = client.get(f"{prefix}{order_id}")
+    except redis.RedisError:
+        return None
+    if not raw or raw.startswith(b"d"):
+        return None
+    _, token_hash, body = raw.split(_SEP, 2)
+    return token_hash.decode(), body
+
+
+def put(order_id: str, version: int, token_hash: str, body: bytes) -> None:
+    """Cache an answer just read from the database (``version``: its newest event id), unless the
+    order has changed since."""
+    found = _client()
+    if found is None or not _state["ttl"]:
+        return
+    client, prefix = found
+    try:
+        _state["write"](keys=[f"{prefix}{order_id}"],
+                        args=[version, token_hash.encode() + _SEP + body, _state["ttl"]], client=client)
+    except redis.RedisError:
+        pass
+
+
+def changed(tx: Tx, order_id: Any, version: int) -> None:
+    """Mark ``order_id`` changed at ``version`` (the event id) once ``tx`` commits; one pipeline per
+    transaction, whatever the number of orders it changed."""
+    pending: dict[str, int] | None = getattr(tx, "_status_cache_changed", None)
+    if pending is None:
+        pending = {}
+        tx._status_cache_changed = pending  # type: ignore[attr-defined]
+        tx.after_commit(lambda: mark_changed(pending))
+    key = str(order_id)
+    pending[key] = max(version, pending.get(key, 0))
+
+
+def mark_changed(versions: Mapping[str, int]) -> None:
+    found = _client()
+    if found is None:
+        return
+    client, prefix = found
+    try:
+        pipe = client.pipeline(transaction=False)
+        for order_id, version in versions.items():
+            _state["write"](keys=[f"{prefix}{order_id}"], args=[version, "", MARKER_SECONDS], client=pipe)
+        pipe.execute()
+    except redis.RedisError as exc:
+        # The entries expire on their own within status_cache_seconds.
+        log_event(log, "status_cache_not_invalidated", logging.WARNING, error=type(exc).__name__)

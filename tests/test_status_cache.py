@@ -1,0 +1,87 @@
+"""The order-status cache (shared/statuscache.py) against the real system: Redis, workers, gateway.
+
+What must hold: a poll never shows an answer older than the order's last change we know of, the cache
+never lets a wrong token read an order, and without Redis the database answers.
+"""
+from __future__ import annotations
+
+import dataclasses
+import uuid
+
+import redis
+
+from shared import devenv, statuscache
+
+
+def _entry(sys_, order_id: str) -> bytes | None:
+    client = redis.Redis.from_url(sys_.settings.redis_url)
+    return client.get(f"{sys_.settings.redis_key_prefix}status:{order_id}")
+
+
+def test_a_poll_is_cached_and_every_status_change_drops_it(sys_):
+    order_id, token, view = sys_.order_awaiting_payment()
+    assert sys_.status(order_id, token)["status"] == "awaiting_payment"
+    cached = _entry(sys_, order_id)
+    assert cached is not None and b'"awaiting_payment"' in cached and not cached.startswith(b"d")
+    assert sys_.status(order_id, token) == view | {"events": sys_.status(order_id, token)["events"]}
+
+    sys_.pay(view["payment"]["gateway_order_id"])
+    # The workers' transitions (paid, stamping, stamped) each mark the entry dirty on commit, so
+    # polling straight through sees every change with no wait for an expiry.
+    stamped = sys_.wait_status(order_id, token, "stamped")
+    assert [e["status"] for e in stamped["events"]] == [
+        "created", "awaiting_payment", "paid", "stamping", "stamped"]
+    assert stamped["serial"] and stamped["payment"]["gateway_order_id"]
+    assert b'"stamped"' in (_entry(sys_, order_id) or b"")
+
+
+def test_the_cache_keeps_the_token_rules(sys_):
+    order_id, token, _ = sys_.order_awaiting_payment()
+    sys_.status(order_id, token)
+    assert _entry(sys_, order_id) is not None
+    url = f"{sys_.web_url}/api/v1/orders/{order_id}"
+    assert sys_.http.get(url, timeout=5).status_code == 401
+    wrong = sys_.http.get(url, headers={"Authorization": "Bearer not-the-token"}, timeout=5)
+    assert wrong.status_code == 403 and wrong.json()["error"]["code"] == "forbidden"
+    other_id, other_token, _ = sys_.order_awaiting_payment()
+    assert sys_.http.get(url, headers={"Authorization": f"Bearer {other_token}"},
+                         timeout=5).status_code == 403
+    assert sys_.http.get(f"{sys_.web_url}/api/v1/orders/{uuid.uuid4()}",
+                         headers={"Authorization": f"Bearer {token}"}, timeout=5).status_code == 404
+
+
+def test_an_answer_read_before_a_change_is_not_cached_after_it(sys_):
+    """The race the change marker closes: a poll reads the row (newest event 7), the order changes
+    (event 8) and commits, then the poll tries to cache what it read."""
+    order_id = str(uuid.uuid4())
+    key = f"{sys_.settings.redis_key_prefix}status:{order_id}"
+    try:
+        statuscache.mark_changed({order_id: 8})  # what the change's commit does
+        statuscache.put(order_id, 7, "hash", b'{"status":"old"}')
+        assert statuscache.get(order_id) is None and _entry(sys_, order_id) == b"d8"
+        # A poll that read after the commit caches at once; an older one can't replace it either.
+        statuscache.put(order_id, 8, "hash", b'{"status":"new"}')
+        statuscache.put(order_id, 7, "hash", b'{"status":"old"}')
+        assert statuscache.get(order_id) == ("hash", b'{"status":"new"}')
+        # A late marker for the change this entry already shows leaves it; an older one too.
+        statuscache.mark_changed({order_id: 8})
+        statuscache.mark_changed({order_id: 5})
+        assert statuscache.get(order_id) == ("hash", b'{"status":"new"}')
+        statuscache.mark_changed({order_id: 9})
+        assert statuscache.get(order_id) is None
+    finally:
+        redis.Redis.from_url(sys_.settings.redis_url).delete(key)
+
+
+def test_without_redis_the_database_answers(sys_):
+    order_id, token, _ = sys_.order_awaiting_payment()
+    dead = dataclasses.replace(sys_.settings, redis_url=f"redis://127.0.0.1:{devenv.free_port()}/0")
+    statuscache.configure(dead)
+    try:
+        order_id_str = str(order_id)
+        assert statuscache.get(order_id_str) is None
+        statuscache.put(order_id_str, 1, "hash", b"{}")  # silently nothing
+        statuscache.mark_changed({order_id_str: 2})  # logged, not raised
+        assert sys_.status(order_id, token)["status"] == "awaiting_payment"
+    finally:
+        statuscache.configure(sys_.settings)
