@@ -70,6 +70,16 @@ class Queued:
 
 
 @dataclass(frozen=True)
+class _Line:
+    """What one run of the advance script said about the line, and when (``time.monotonic``)."""
+
+    head: int
+    tail: int
+    epoch: str
+    at: float
+
+
+@dataclass(frozen=True)
 class QueueStatus:
     position: int
     eta_seconds: int
@@ -77,11 +87,17 @@ class QueueStatus:
     admission_token: str | None = None
 
 
-# KEYS: tail, head, tokens, stamp, active, mode
-# ARGV: now_ms, rate_per_minute, burst, active_cap, session_ms, want_direct (1/0), member
-# Returns {outcome, head, tail} where outcome is 1 = admitted directly, 0 = not (and a ticket was
-# issued if want_direct was 1), 2 = mode forbids movement.
+# KEYS: tail, head, tokens, stamp, active, mode, epoch
+# ARGV: now_ms, rate_per_minute, burst, active_cap, session_ms, want_direct (1/0), member, new_epoch
+# Returns {outcome, head, tail, epoch, mode} where outcome is 1 = admitted directly, 0 = not (and a
+# ticket was issued if want_direct was 1), 2 = mode forbids movement. The queue's epoch comes back
+# with every call (made here if Redis has none), so a decision or a poll is one round trip.
 _ADVANCE = """
+local epoch = redis.call('GET', KEYS[7])
+if not epoch then
+  epoch = ARGV[8]
+  redis.call('SET', KEYS[7], epoch)
+end
 local now = tonumber(ARGV[1])
 local rate = tonumber(ARGV[2])
 local burst = tonumber(ARGV[3])
@@ -95,7 +111,7 @@ if mode ~= 'auto' then
   if want_direct and mode == 'queue_all' then
     tail = redis.call('INCR', KEYS[1])
   end
-  return {2, head, tail}
+  return {2, head, tail, epoch, mode}
 end
 local tokens = tonumber(redis.call('GET', KEYS[3]) or tostring(burst))
 local stamp = tonumber(redis.call('GET', KEYS[4]) or tostring(now))
@@ -126,7 +142,7 @@ if want_direct then
 end
 redis.call('SET', KEYS[3], tostring(tokens))
 redis.call('SET', KEYS[4], tostring(now))
-return {outcome, head, tail}
+return {outcome, head, tail, epoch, mode}
 """
 
 
@@ -162,16 +178,26 @@ class Signer:
 
 
 class AdmissionController:
+    # A queue poll may answer from what this process learnt of the line this recently instead of asking
+    # Redis again. Thousands of buyers poll every few seconds at the peak; with this, each web process
+    # runs the advance at most a few times a second whatever the polling rate, and a position is at
+    # most this stale (a fraction of one admission at any outflow we run).
+    LINE_MAX_AGE_SECONDS = 0.2
+    # The measured outflow moves by the minute; re-reading it more often only costs round trips.
+    OUTFLOW_MAX_AGE_SECONDS = 5.0
+
     def __init__(self, settings: Settings, client: redis.Redis) -> None:
         self.settings = settings
         self.redis = client
         self.signer = Signer(settings.secret_key)
         p = f"{settings.redis_key_prefix}adm:"
-        self.keys = [f"{p}tail", f"{p}head", f"{p}tokens", f"{p}stamp", f"{p}active", f"{p}mode"]
-        self._epoch_key = f"{p}epoch"
+        self.keys = [f"{p}tail", f"{p}head", f"{p}tokens", f"{p}stamp", f"{p}active", f"{p}mode", f"{p}epoch"]
+        self._epoch_key = self.keys[6]
         self._used_prefix = f"{p}used:"
         self._stats_prefix = f"{settings.redis_key_prefix}stats:stamped:"
         self._script = client.register_script(_ADVANCE)
+        self._line: _Line | None = None
+        self._outflow: tuple[float, int] | None = None
 
     # -- configuration ----------------------------------------------------------------------------
     def mode(self) -> Mode:
@@ -194,25 +220,28 @@ class AdmissionController:
     # -- the waiting room -------------------------------------------------------------------------
     def admit_or_queue(self) -> Admitted | Queued:
         """Admit a new checkout now if the outflow allows and nobody is waiting; else issue a ticket."""
-        if self.mode() == Mode.PAUSED:
+        outcome, line, mode = self._advance(direct=True)
+        if mode == Mode.PAUSED:
             raise SalesPaused("Ticket sales are paused; please come back later.")
-        outcome, head, tail = self._advance(direct=True)
         if outcome == 1:
             return Admitted()
-        position = max(1, tail - head)
-        ticket = self.signer.sign("ticket", {"n": tail, "e": self._epoch(), "t": int(time.time())})
+        position = max(1, line.tail - line.head)
+        ticket = self.signer.sign("ticket", {"n": line.tail, "e": line.epoch, "t": int(time.time())})
         return Queued(ticket=ticket, position=position, eta_seconds=self._eta(position))
 
     def status(self, ticket: str) -> QueueStatus:
         claims = self.signer.verify("ticket", ticket)
         if claims is None:
             raise InvalidAdmission("This queue ticket is not valid.", code="invalid_ticket", status=404)
-        if claims.get("e") != self._epoch() or time.time() - claims.get("t", 0) > self.settings.ticket_seconds:
+        if time.time() - claims.get("t", 0) > self.settings.ticket_seconds:
             raise InvalidAdmission("This queue ticket has expired; please start again.",
                                    code="ticket_expired", status=410)
-        _, head, _ = self._advance(direct=False)
+        line = self._recent_line(claims.get("e"))
+        if claims.get("e") != line.epoch:
+            raise InvalidAdmission("This queue ticket has expired; please start again.",
+                                   code="ticket_expired", status=410)
         number = int(claims["n"])
-        position = max(0, number - head)
+        position = max(0, number - line.head)
         if position > 0:
             return QueueStatus(position=position, eta_seconds=self._eta(position), admitted=False)
         token = self.signer.sign("admission", {
@@ -224,7 +253,7 @@ class AdmissionController:
         claims = self.signer.verify("admission", token)
         if claims is None:
             raise InvalidAdmission("This admission token is not valid.")
-        if claims.get("x", 0) < time.time() or claims.get("e") != self._epoch():
+        if claims.get("x", 0) < time.time() or claims.get("e") != self._recent_line(claims.get("e")).epoch:
             raise InvalidAdmission("This admission token has expired; please queue again.",
                                    code="admission_expired")
         return claims
@@ -246,23 +275,37 @@ class AdmissionController:
         pipe.execute()
 
     # -- internals --------------------------------------------------------------------------------
-    def _epoch(self) -> str:
-        epoch = self._call(self.redis.get, self._epoch_key)
-        if epoch is None:
-            self._call(self.redis.set, self._epoch_key, uuid.uuid4().hex[:12], nx=True)
-            epoch = self._call(self.redis.get, self._epoch_key)
-        return epoch.decode()
+    def _recent_line(self, epoch: str | None) -> _Line:
+        """The line as this process saw it within ``LINE_MAX_AGE_SECONDS``, else freshly advanced.
+
+        A different ``epoch`` than the one seen (a ticket from after Redis lost the queue, or one
+        from before) always asks Redis, so a cached view never expires a good ticket or token.
+        """
+        line = self._line
+        if line is None or line.epoch != epoch or time.monotonic() - line.at > self.LINE_MAX_AGE_SECONDS:
+            _, line, _ = self._advance(direct=False)
+        return line
+
+    def _outflow_now(self) -> int:
+        cached = self._outflow
+        if cached is not None and time.monotonic() - cached[0] < self.OUTFLOW_MAX_AGE_SECONDS:
+            return cached[1]
+        rate = self.outflow_per_minute()
+        self._outflow = (time.monotonic(), rate)
+        return rate
 
     def _eta(self, position: int) -> int:
-        return int(math.ceil(position * 60 / max(1, self.outflow_per_minute())))
+        return int(math.ceil(position * 60 / max(1, self._outflow_now())))
 
-    def _advance(self, *, direct: bool) -> tuple[int, int, int]:
+    def _advance(self, *, direct: bool) -> tuple[int, _Line, Mode]:
         s = self.settings
-        args = [int(time.time() * 1000), self.outflow_per_minute(), max(1, s.admission_burst),
+        args = [int(time.time() * 1000), self._outflow_now(), max(1, s.admission_burst),
                 s.admission_active_checkouts, s.admission_session_seconds * 1000,
-                "1" if direct else "0", f"d{uuid.uuid4().hex}"]
-        outcome, head, tail = self._call(self._script, keys=self.keys, args=args)
-        return int(outcome), int(head), int(tail)
+                "1" if direct else "0", f"d{uuid.uuid4().hex}", uuid.uuid4().hex[:12]]
+        outcome, head, tail, epoch, mode = self._call(self._script, keys=self.keys, args=args)
+        line = _Line(head=int(head), tail=int(tail), epoch=epoch.decode(), at=time.monotonic())
+        self._line = line
+        return int(outcome), line, Mode(mode.decode())
 
     @staticmethod
     def _call(fn, *args, **kwargs):

@@ -187,6 +187,53 @@ def test_default_outflow_follows_measured_stamping_throughput(sys_):
     client.delete(f"{auto.redis_key_prefix}stats:stamped:{minute - 1}")
 
 
+class _CountingController:
+    """An AdmissionController (real Redis) that counts its runs of the advance script."""
+
+    def __new__(cls, settings, client):
+        from shared.admission import AdmissionController
+
+        class Counting(AdmissionController):
+            advances = 0
+
+            def _advance(self, *, direct):
+                type(self).advances += 1
+                return super()._advance(direct=direct)
+
+        return Counting(settings, client)
+
+
+def test_queue_polls_share_one_look_at_the_line_per_process_but_never_across_epochs(sys_):
+    client = redis.Redis.from_url(sys_.settings.redis_url)
+    prefix = f"meterai-adm-{uuid.uuid4().hex[:8]}:"
+    settings = dataclasses.replace(sys_.settings, redis_key_prefix=prefix, admission_per_minute=1,
+                                   admission_burst=1)
+    a, b = _CountingController(settings, client), _CountingController(settings, client)
+    try:
+        a.LINE_MAX_AGE_SECONDS = b.LINE_MAX_AGE_SECONDS = 3600  # "recent" for the whole test
+        assert a.admit_or_queue().__class__.__name__ == "Admitted"
+        first = a.admit_or_queue()
+        assert first.position == 1
+        before = type(a).advances
+        assert [a.status(first.ticket).position for _ in range(5)] == [1] * 5
+        assert type(a).advances == before  # answered from this process's recent look at the line
+
+        # Redis loses the line: another process starts a new one (a new epoch) and queues a buyer.
+        for key in client.scan_iter(match=f"{prefix}*"):
+            client.delete(key)
+        assert b.admit_or_queue().__class__.__name__ == "Admitted"
+        second = b.admit_or_queue()
+        # Process a still remembers the old epoch, but a ticket of another epoch makes it look again:
+        # the new ticket is good there too, and the old one is now recognised as stale.
+        assert a.status(second.ticket).position == 1
+        with pytest.raises(Exception) as stale:
+            a.status(first.ticket)
+        assert getattr(stale.value, "code", None) == "ticket_expired"
+    finally:
+        for key in client.scan_iter(match=f"{prefix}*"):
+            client.delete(key)
+
+
 def test_ops_cli_switches_the_waiting_room(sys_):
     import subprocess
     import sys

@@ -19,10 +19,11 @@ def _status_body(ticket: str) -> dict:
 
 @bp.get("/api/v1/queue/<ticket>")
 def queue_status(ticket: str):
-    response = jsonify(_status_body(ticket))
+    body = _status_body(ticket)
+    response = jsonify(body)
     response.headers["Cache-Control"] = "no-store"
-    if not response.json["admitted"]:
-        response.headers["Retry-After"] = str(min(30, max(2, response.json["eta_seconds"] // 4)))
+    if not body["admitted"]:
+        response.headers["Retry-After"] = str(min(30, max(2, body["eta_seconds"] // 4)))
     return response
 
 
