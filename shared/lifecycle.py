@@ -149,9 +149,5 @@ def transition(
     return row
 
 
-def record_created(tx: Tx, order_id: UUID | str) -> None:
-    """The first event of an order's history (its INSERT is not a transition)."""
-    tx.execute(
-        "INSERT INTO order_events (order_id, from_status, to_status, reason) VALUES (%s, NULL, %s, %s)",
-        (str(order_id), Status.CREATED.value, "order accepted"),
-    )
+# The reason on an order's first event (its INSERT, in shared/orders.py, is not a transition).
+CREATED_REASON = "order accepted"

@@ -11,16 +11,21 @@ import base64
 import hashlib
 import hmac
 import json
+import logging
 import uuid
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 from shared import jobs
 from shared.config import Settings
-from shared.db import get_pool, transaction
+from shared.db import get_pool
 from shared.errors import DomainError
-from shared.lifecycle import Status, record_created
+from shared.lifecycle import CREATED_REASON, Status
 from shared.store import DocumentStore, upload_key
+
+
+log = logging.getLogger(__name__)
 
 
 class IdempotencyConflict(DomainError):
@@ -37,7 +42,7 @@ class NewOrder:
     y: float
     document: bytes
 
-    @property
+    @cached_property  # the fingerprint and the row both need it; a 2 MB upload is worth hashing once
     def document_sha256(self) -> str:
         return hashlib.sha256(self.document).hexdigest()
 
@@ -81,6 +86,21 @@ def find_by_idempotency_key(settings: Settings, key: str) -> dict[str, Any] | No
 
 _LOOK_IT_UP: Any = object()
 
+_INSERT_ORDER = """
+WITH o AS (
+    INSERT INTO orders (id, idempotency_key, request_fingerprint, access_token_hash, email, status,
+                        amount_idr, page, x, y, document_key, document_sha256, document_bytes)
+    VALUES (%(id)s, %(key)s, %(fingerprint)s, %(token_hash)s, %(email)s, %(status)s, %(amount)s,
+            %(page)s, %(x)s, %(y)s, %(document_key)s, %(sha256)s, %(bytes)s)
+    ON CONFLICT (idempotency_key) DO NOTHING
+    RETURNING *
+), e AS (
+    INSERT INTO order_events (order_id, from_status, to_status, reason)
+    SELECT id, NULL, status, %(reason)s FROM o
+)
+SELECT * FROM o
+"""
+
 
 def create_order(
     settings: Settings, store: DocumentStore, new: NewOrder, *, existing: Any = _LOOK_IT_UP
@@ -97,26 +117,22 @@ def create_order(
     order_id = uuid.uuid4()
     key = upload_key(order_id)
     store.put(key, new.document)
-    with transaction(settings.database_url) as tx:
-        row = tx.execute(
-            """
-            INSERT INTO orders (id, idempotency_key, request_fingerprint, access_token_hash, email,
-                                status, amount_idr, page, x, y, document_key, document_sha256,
-                                document_bytes)
-            VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)
-            ON CONFLICT (idempotency_key) DO NOTHING
-            RETURNING *
-            """,
-            (
-                str(order_id), new.idempotency_key, new.fingerprint(),
-                token_hash(access_token_for(settings.secret_key, order_id)), new.email,
-                Status.CREATED.value, settings.price, new.page, new.x, new.y, key,
-                new.document_sha256, len(new.document),
-            ),
-        ).fetchone()
-        if row is not None:
-            record_created(tx, order_id)
-            jobs.enqueue_after_commit(tx, jobs.PREPARE_ORDER, str(order_id))
+    # One statement, so one round trip and atomic on its own (the pool's connections are autocommit):
+    # the order and its first event, or (a concurrent create under the same key won) neither.
+    with get_pool(settings.database_url).connection() as conn:
+        row = conn.execute(_INSERT_ORDER, {
+            "id": str(order_id), "key": new.idempotency_key, "fingerprint": new.fingerprint(),
+            "token_hash": token_hash(access_token_for(settings.secret_key, order_id)),
+            "email": new.email, "status": Status.CREATED.value, "amount": settings.price,
+            "page": new.page, "x": new.x, "y": new.y, "document_key": key,
+            "sha256": new.document_sha256, "bytes": len(new.document), "reason": CREATED_REASON,
+        }).fetchone()
+    if row is not None:
+        # Committed: now the checkout may run. If Redis can't take it, the redrive publishes it later.
+        try:
+            jobs.publish(jobs.PREPARE_ORDER, str(order_id))
+        except Exception:  # noqa: BLE001 - the order is safe in PostgreSQL
+            log.exception("event=after_commit_failed")
     if row is None:  # lost a race with a concurrent create under the same key
         store.delete(key)
         existing = find_by_idempotency_key(settings, new.idempotency_key)
