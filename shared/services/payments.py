@@ -98,8 +98,9 @@ def notification_fingerprint(body: Mapping[str, Any]) -> str:
 
 def accept_notification(settings: Settings, body: Mapping[str, Any]) -> bool:
     """Store a verified notification and queue its processing; False if it is a duplicate."""
-    with transaction(settings.database_url) as tx:
-        row = tx.execute(
+    # One statement on an autocommit connection: committed when it returns, in one round trip.
+    with get_pool(settings.database_url).connection() as conn:
+        row = conn.execute(
             """
             INSERT INTO payment_notifications
                 (gateway_order_id, transaction_status, status_code, transaction_id, fingerprint, body)
@@ -111,9 +112,13 @@ def accept_notification(settings: Settings, body: Mapping[str, Any]) -> bool:
              str(body.get("status_code", "")), body.get("transaction_id"),
              notification_fingerprint(body), json.dumps(dict(body))),
         ).fetchone()
-        if row is not None:
-            jobs.enqueue_after_commit(tx, jobs.PROCESS_NOTIFICATION, row["id"])
-    return row is not None
+    if row is None:
+        return False
+    try:
+        jobs.publish(jobs.PROCESS_NOTIFICATION, row["id"])
+    except Exception:  # noqa: BLE001 - stored; the redrive publishes unprocessed notifications
+        log.exception("event=after_commit_failed")
+    return True
 
 
 def _mark_processed(tx: Tx, notification_id: int, outcome: str) -> None:
