@@ -19,6 +19,7 @@ import logging
 import sys
 from typing import Any
 
+from shared import statuscache
 from shared.config import Settings, get_settings
 from shared.errors import DomainError
 
@@ -60,6 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s",
                         stream=sys.stderr)
     settings = get_settings()
+    statuscache.configure(settings)  # orders changed here must drop their cached status answers
     try:
         return COMMANDS[args.command](settings, args)
     except DomainError as exc:

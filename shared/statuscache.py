@@ -16,7 +16,9 @@ Correctness rules, in order of importance:
   read the row just before a commit can't put its old answer back over the marker, while a poll that
   read after the commit caches at once.
 * **Bounded staleness when Redis misses the change** (a blip exactly at commit, or a process that never
-  configured the cache, such as a one-off script): every entry expires after ``status_cache_seconds``.
+  configured the cache): every entry expires after ``status_cache_seconds``. Every process that changes
+  orders configures it: the web and the workers through their app factories, the ``meterai`` CLI in its
+  ``main``; one that doesn't says so in its log, once.
 * **The cache never decides who may read.** The entry holds the order's access-token hash; the token
   is checked against it as against the row. And a Redis that doesn't answer just means the database
   answers (fail open to the source of truth): a poll never fails because of the cache.
@@ -61,6 +63,7 @@ return 1
 """
 
 _state: dict[str, Any] = {}
+_warned: list[bool] = []
 
 
 def configure(settings: Settings) -> None:
@@ -127,6 +130,10 @@ def changed(tx: Tx, order_id: Any, version: int) -> None:
 def mark_changed(versions: Mapping[str, int]) -> None:
     found = _client()
     if found is None:
+        if not _warned:
+            _warned.append(True)
+            log_event(log, "status_cache_not_configured", logging.WARNING,
+                      hint="orders changed by this process keep their cached status until it expires")
         return
     client, prefix = found
     try:
