@@ -4,9 +4,10 @@ Every hostile file is written here in raw PDF syntax (no binary fixtures): broke
 nesting, a decompression bomb, page trees that are huge, exponential or cyclic. Each goes through the
 real HTTP API and the real checkout worker, where the preflight runs in a forked child bounded in time
 and memory (``shared/stamping/isolation.py``); the buyer must get a reason code and a message in Bahasa
-Indonesia, no payment may exist, and the worker must be alive and clean afterwards. The isolation itself
-is also tested directly: a child over its time or memory budget, and a wait interrupted the way
-Celery's soft time limit interrupts a task.
+Indonesia, no payment may exist, and the worker must be alive and clean afterwards (no preflight child
+but idle ones waiting for the next document). The isolation itself is also tested directly: a child
+over its time or memory budget, and a wait interrupted the way Celery's soft time limit interrupts a
+task (the reuse of children: ``tests/test_preflight_pool.py``).
 """
 from __future__ import annotations
 
@@ -24,9 +25,9 @@ from typing import Callable, Iterator
 import pytest
 from pypdf import PdfReader, PdfWriter
 
-from shared.stamping import DocumentRejected, PreflightResult, preflight
+from shared.stamping import DocumentRejected, PreflightResult, isolation, preflight
 from shared.stamping.isolation import preflight_isolated
-from tests.conftest import System, WorkerProcess, make_pdf
+from tests.conftest import System, WorkerProcess, make_pdf, wait_until
 
 MAX_BYTES = 2 * 1024 * 1024
 MAX_PAGES = 500
@@ -211,13 +212,17 @@ def children(pid: int, table: dict[int, tuple[int, str]] | None = None) -> dict[
     return {child: state for child, (parent, state) in table.items() if parent == pid}
 
 
-def preflight_children(worker: WorkerProcess) -> dict[int, str]:
-    """Processes below the worker's pool processes: forked preflights, finished or not."""
+def preflight_children(worker: WorkerProcess) -> dict[int, dict[int, str]]:
+    """Processes below the worker's pool processes (forked preflights, finished or not), per pool process."""
     table = process_table()
-    found: dict[int, str] = {}
-    for pool_process in children(worker.proc.pid, table):
-        found.update(children(pool_process, table))
-    return found
+    return {pool_process: children(pool_process, table) for pool_process in children(worker.proc.pid, table)}
+
+
+def only_idle_preflight_children(worker: WorkerProcess) -> bool:
+    """At most one preflight child per pool process (one task at a time), sleeping on its request pipe:
+    none still working on a document, none exited and unreaped."""
+    return all(len(found) <= 1 and set(found.values()) <= {"S"}
+               for found in preflight_children(worker).values())
 
 
 def checkout_workers(sys_: System) -> list[WorkerProcess]:
@@ -243,7 +248,8 @@ def assert_workers_healthy(workers: list[WorkerProcess], logs: list[WorkerLog]) 
         assert not WORKER_DEATH.search(text), text
         received = RECEIVED.findall(text)
         assert len(received) == len(set(received)), f"a checkout message was redelivered: {received}"
-        assert preflight_children(worker) == {}, "a preflight child was left running or unreaped"
+        wait_until(lambda: only_idle_preflight_children(worker), timeout=10,
+                   message=f"only idle preflight children (at first look: {preflight_children(worker)})")
 
 
 def assert_rejected_without_charge(sys_: System, document: bytes, code: str) -> dict:
@@ -339,11 +345,24 @@ def isolated_rejection(document: bytes, **kwargs: object) -> DocumentRejected:
     return caught.value
 
 
+def only_idle_pool_children(before: set[int]) -> bool:
+    """This process's children are those it had before, plus idle preflight children its pool knows."""
+    now = children(os.getpid())
+    new = set(now) - before
+    return new <= set(isolation.preflight_children()) and all(now[pid] == "S" for pid in new)
+
+
 @pytest.fixture
 def no_children_left() -> Iterator[None]:
-    """The test's process has exactly the children it had before: nothing running, nothing unreaped."""
+    """Afterwards the test's process has no child it didn't have before, except idle preflight children
+    of its pool (sleeping on their request pipe): nothing running, nothing unreaped. And once the pool
+    is shut down, none at all."""
     before = set(children(os.getpid()))
     yield
+    wait_until(lambda: only_idle_pool_children(before), timeout=10,
+               message=f"only idle pool children (at first look: {children(os.getpid())})")
+    assert all(state != "Z" for state in children(os.getpid()).values())
+    isolation.shutdown_preflight_children()
     assert set(children(os.getpid())) - before == set()
 
 

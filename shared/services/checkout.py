@@ -1,9 +1,9 @@
 """Checkout: preflight the uploaded document on a worker, then open a payment at the gateway.
 
 Preflight runs here, not in the web process, and inside a child process bounded in time and memory
-(:mod:`shared.stamping.isolation`): a hostile PDF costs one throwaway process and ends as a rejected
-order, never a killed worker whose message is redelivered forever, and never a web thread. A document
-that can't be stamped is rejected before any charge exists.
+(:mod:`shared.stamping.isolation`; one child serves many accepted documents): a hostile PDF costs at
+most one child process and ends as a rejected order, never a killed worker whose message is redelivered
+forever, and never a web thread. A document that can't be stamped is rejected before any charge exists.
 """
 from __future__ import annotations
 
@@ -87,7 +87,9 @@ def prepare_order(settings: Settings, store: DocumentStore, gateway: PaymentGate
             preflight_isolated(data, page=order["page"], x=order["x"], y=order["y"],
                                max_bytes=settings.max_document_bytes, max_pages=settings.max_pages,
                                size=settings.stamp_size, timeout_seconds=settings.preflight_timeout_seconds,
-                               memory_bytes=settings.preflight_memory_bytes)
+                               memory_bytes=settings.preflight_memory_bytes,
+                               child_max_documents=settings.preflight_child_max_documents,
+                               child_max_growth_bytes=settings.preflight_child_max_growth_bytes)
         except DocumentRejected as exc:
             _reject(settings, order_id, exc.code, exc.message)
             return "rejected"

@@ -1,0 +1,357 @@
+"""The preflight's reusable children: one child answers many documents, and every isolation property of
+a child per document still holds.
+
+A child is reused only after an accepted document; a timeout, a crash, running out of memory or any
+rejection retires it (killed and reaped), and so do its document budget and memory growth. The next
+document then gets a fresh child and the verdict it would have got anyway. A child dies with its parent:
+a test process, or a Celery pool process. Time enters these tests only as generous deadlines, never as a
+measurement: a "timeout" is made by stopping the child (``SIGSTOP``), not by a slow document.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import uuid
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+from shared.stamping import DocumentRejected, PreflightResult, isolation, preflight
+from tests.conftest import ROOT, System, WorkerProcess, make_pdf, wait_until
+from tests.test_hostile_documents import (
+    CATALOG,
+    CONTENT,
+    LIMITS,
+    checkout_workers,
+    children,
+    exponential_page_tree,
+    isolated,
+    no_children_left,  # noqa: F401 - a fixture
+    raw_pdf,
+)
+
+LETTER = make_pdf(pages=2)
+
+
+@pytest.fixture
+def fresh_pool(no_children_left: None) -> Iterator[None]:  # noqa: F811 - the imported fixture
+    """An empty pool to start with; afterwards only idle children, then none (``no_children_left``)."""
+    isolation.shutdown_preflight_children()
+    assert isolation.preflight_children() == {}
+    yield
+
+
+def only_child() -> int:
+    found = isolation.preflight_children()
+    assert len(found) == 1, found
+    return next(iter(found))
+
+
+def process_state(pid: int) -> str | None:
+    """The state letter of ``pid`` (``R``, ``S``, ``Z``, …), or ``None`` if there is no such process."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat[stat.rindex(")") + 2:].split()[0]
+
+
+def assert_reaped(pid: int) -> None:
+    """Not our child any more: killed *and* waited for, no zombie left."""
+    with pytest.raises(ChildProcessError):
+        os.waitpid(pid, os.WNOHANG)
+    assert pid not in children(os.getpid())
+    assert pid not in isolation.preflight_children()
+
+
+def gone_or_reaped_elsewhere(pid: int) -> bool:
+    """Dead: no such process, or a zombie waiting for whoever adopted it (not us)."""
+    return process_state(pid) in (None, "Z")
+
+
+def fat_page_tree() -> bytes:
+    """99,000 references to one fat page: flattening that page tree needs well over 100 MB."""
+    fat_page = b"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 595 842] /Contents 4 0 R %s >>" % (
+        b" ".join(b"/K%d 1" % n for n in range(19)))
+    return raw_pdf({1: CATALOG, 2: b"<< /Type /Pages /Kids [%s] /Count 99000 >>" % (b"3 0 R " * 99_000),
+                    3: fat_page, 4: CONTENT})
+
+
+def rlimits(pid: int) -> dict[str, tuple[str, str]]:
+    """``/proc/<pid>/limits`` as name → (soft, hard)."""
+    found = {}
+    for line in Path(f"/proc/{pid}/limits").read_text().splitlines()[1:]:
+        name, soft, hard = line[:26].strip(), *line[26:].split()[:2]
+        found[name] = (soft, hard)
+    return found
+
+
+# --- reuse --------------------------------------------------------------------------------------------
+
+def test_one_child_answers_many_documents_with_the_in_process_verdicts(fresh_pool: None) -> None:
+    documents = [(LETTER, 1), (make_pdf(pages=3), 3), (make_pdf(pages=1, size=(300, 400)), 1), (LETTER, 2)]
+
+    for number, (document, page) in enumerate(documents, start=1):
+        assert isolated(document, page=page, x=50, y=50) == preflight(document, **{**LIMITS, "page": page,
+                                                                                   "x": 50, "y": 50})
+        assert list(isolation.preflight_children().values()) == [number]
+
+    served_all = only_child()
+    assert process_state(served_all) == "S"  # idle, waiting for the next document
+
+
+def test_a_rejection_retires_the_child_and_the_next_document_gets_a_fresh_one(fresh_pool: None) -> None:
+    isolated(LETTER)
+    first = only_child()
+
+    with pytest.raises(DocumentRejected) as caught:
+        isolated(LETTER, page=5)
+    assert caught.value.code == "page_out_of_range"
+
+    assert_reaped(first)
+    assert isolation.preflight_children() == {}
+    assert isolated(LETTER).page_count == 2
+    assert only_child() != first
+
+
+# --- a child that fails is never used again -------------------------------------------------------------
+
+def test_a_timed_out_child_is_killed_and_reaped_and_the_next_document_gets_a_fresh_one(
+    fresh_pool: None, caplog: pytest.LogCaptureFixture
+) -> None:
+    limits = {"timeout_seconds": 2.0}  # the same for every call, so the same child would serve them
+    isolated(LETTER, **limits)
+    stuck = only_child()
+    os.kill(stuck, signal.SIGSTOP)  # it takes the document and never answers
+
+    with caplog.at_level(logging.WARNING, logger="shared.stamping.isolation"):
+        with pytest.raises(DocumentRejected) as caught:
+            isolated(LETTER, **limits)
+
+    assert caught.value.code == "too_complex"
+    assert "cause=timeout" in caplog.text and "reused=True" in caplog.text
+    assert_reaped(stuck)
+    assert isolated(LETTER, **limits) == preflight(LETTER, **LIMITS)
+    assert only_child() != stuck
+
+
+def test_a_child_that_crashes_mid_document_is_reaped_and_the_next_document_gets_a_fresh_one(
+    fresh_pool: None, caplog: pytest.LogCaptureFixture
+) -> None:
+    isolated(LETTER)
+    crashing = only_child()
+    wait_until(lambda: process_state(crashing) == "S", timeout=10, message="the child to wait for work")
+    crashed = threading.Event()
+
+    def crash_once_busy() -> None:
+        """The exponential page tree keeps a child busy for a second or more: crash it meanwhile."""
+        wait_until(lambda: process_state(crashing) in ("R", "D", None), timeout=30, interval=0.001,
+                   message="the child to start on the document")
+        os.kill(crashing, signal.SIGSEGV)
+        crashed.set()
+
+    killer = threading.Thread(target=crash_once_busy)
+    killer.start()
+    try:
+        with caplog.at_level(logging.WARNING, logger="shared.stamping.isolation"):
+            with pytest.raises(DocumentRejected) as caught:
+                isolated(exponential_page_tree())
+    finally:
+        killer.join()
+
+    assert crashed.is_set()
+    assert caught.value.code == "unreadable"
+    assert "cause=signal_SIGSEGV" in caplog.text
+    assert_reaped(crashing)
+    assert isolated(LETTER) == preflight(LETTER, **LIMITS)
+    assert only_child() != crashing
+
+
+def test_a_child_out_of_memory_is_retired_and_the_next_document_gets_a_fresh_one(fresh_pool: None) -> None:
+    tight = {"memory_bytes": 16 << 20}
+    isolated(LETTER, **tight)
+    exhausted = only_child()
+
+    with pytest.raises(DocumentRejected) as caught:
+        isolated(fat_page_tree(), **tight)
+
+    assert caught.value.code == "too_complex" and "memori" in caught.value.message
+    assert_reaped(exhausted)
+    assert isolated(LETTER, **tight).page_count == 2  # the same headroom as the first letter had
+    assert only_child() != exhausted
+
+
+def test_a_child_that_died_while_idle_is_replaced_without_costing_the_document_its_verdict(
+    fresh_pool: None
+) -> None:
+    isolated(LETTER)
+    dead = only_child()
+    os.kill(dead, signal.SIGKILL)
+    wait_until(lambda: process_state(dead) == "Z", timeout=10, message="the idle child to die")
+
+    assert isolated(LETTER) == preflight(LETTER, **LIMITS)  # not "too_complex": the document did nothing
+
+    assert_reaped(dead)
+    assert only_child() != dead
+
+
+# --- recycling -----------------------------------------------------------------------------------------
+
+def test_a_child_is_replaced_after_its_document_budget(fresh_pool: None) -> None:
+    budget = {"child_max_documents": 3}
+    isolated(LETTER, **budget)
+    first = only_child()
+    isolated(LETTER, **budget)
+    assert isolation.preflight_children() == {first: 2}
+
+    isolated(LETTER, **budget)  # the third and last
+
+    assert isolation.preflight_children() == {}
+    assert_reaped(first)
+    isolated(LETTER, **budget)
+    assert only_child() != first
+
+
+def test_a_child_whose_memory_grew_is_replaced(fresh_pool: None, caplog: pytest.LogCaptureFixture) -> None:
+    """How much a document leaves behind depends on the allocator's state (a letter some 16-44 KiB, a
+    400-page document up to 1 MiB, sometimes next to nothing), so the bound here is one byte: the first
+    document after which the child holds any memory it didn't have at the fork retires it."""
+    bound = {"child_max_growth_bytes": 1}
+    documents = [LETTER, make_pdf(pages=400)] * 5
+    with caplog.at_level(logging.INFO, logger="shared.stamping.isolation"):
+        for served, document in enumerate(documents, start=1):
+            assert isolated(document, **bound) == preflight(document, **LIMITS)
+            if isolation.preflight_children() == {}:
+                break
+
+    assert isolation.preflight_children() == {}, "no document left any memory behind in ten"
+    retired = [line for line in caplog.text.splitlines() if "event=preflight_child_retired" in line]
+    assert len(retired) == 1 and "_growth" in retired[0] and f"documents={served}" in retired[0], retired
+    assert_reaped(int(re.search(r"pid=(\d+)", retired[0]).group(1)))
+
+
+def test_each_document_gets_its_own_cpu_budget_and_the_child_a_lifetime_cap(fresh_pool: None) -> None:
+    """RLIMIT_CPU counts the child's whole life: the soft limit moves with each document, the hard limit
+    caps the life. No core files."""
+    isolated(LETTER, timeout_seconds=3.0, child_max_documents=10, memory_bytes=64 << 20)
+    isolated(LETTER, timeout_seconds=3.0, child_max_documents=10, memory_bytes=64 << 20)
+    child = only_child()
+    per_document = 3 + 1
+
+    limits = rlimits(child)
+
+    cpu_soft, cpu_hard = (int(value) for value in limits["Max cpu time"])
+    assert per_document <= cpu_soft <= per_document + 2, limits["Max cpu time"]
+    assert cpu_hard == per_document * (10 + 1)
+    assert limits["Max core file size"] == ("0", "0")
+    address_soft, address_hard = (int(value) for value in limits["Max address space"])
+    mapped = int(Path(f"/proc/{child}/statm").read_text().split()[0]) * os.sysconf("SC_PAGE_SIZE")
+    assert abs(address_soft - (mapped + (64 << 20))) < 16 << 20, "the budget is on top of the child's size"
+    assert address_soft < address_hard
+
+
+# --- no child outlives its parent ------------------------------------------------------------------------
+
+PARENT = """
+import sys, time
+from shared.stamping.isolation import preflight_children, preflight_isolated
+document = open(sys.argv[1], "rb").read()
+preflight_isolated(document, page=1, x=400, y=80, max_bytes=2 << 20, max_pages=500, timeout_seconds=20,
+                   memory_bytes=512 << 20)
+print(*preflight_children(), flush=True)
+time.sleep(600)
+"""
+
+
+def test_a_child_dies_with_its_parent(tmp_path: Path) -> None:
+    """An idle child would also leave on its own when the request pipe closes; a stopped one (as a child
+    busy with a document doesn't read either) can only go by the death signal."""
+    letter = tmp_path / "surat.pdf"
+    letter.write_bytes(LETTER)
+    parent = subprocess.Popen([sys.executable, "-c", PARENT, str(letter)], cwd=ROOT, stdout=subprocess.PIPE,
+                              text=True)
+    try:
+        child = int(parent.stdout.readline())
+        assert process_state(child) == "S"
+        assert children(parent.pid) == {child: "S"}
+        os.kill(child, signal.SIGSTOP)
+        wait_until(lambda: process_state(child) == "T", timeout=10, message="the child to stop")
+    finally:
+        parent.kill()
+        parent.wait()
+        parent.stdout.close()
+
+    wait_until(lambda: gone_or_reaped_elsewhere(child), timeout=30, message="the orphaned child to die")
+
+
+@pytest.fixture
+def own_checkout_worker(sys_: System) -> Iterator[WorkerProcess]:
+    """The checkout queue served by a worker of this test's own, whose pool processes it may kill.
+
+    The regular workers are left stopped afterwards; ``sys_`` starts them again before the next test.
+    """
+    regular = checkout_workers(sys_)
+    for worker in regular:
+        worker.stop()
+    queues = ",".join(dict.fromkeys(q for w in regular for q in w.queues.split(",")))
+    own = WorkerProcess("checkout-own", queues, dict(regular[0].env),
+                        sys_.tmp / f"worker-checkout-own-{uuid.uuid4().hex[:6]}.log")
+    own.start()
+    try:
+        yield own
+    finally:
+        own.stop()
+
+
+def test_a_celery_pool_process_that_dies_takes_its_preflight_child_with_it(
+    sys_: System, own_checkout_worker: WorkerProcess
+) -> None:
+    sys_.order_awaiting_payment(make_pdf(pages=1))
+    pool_processes = children(own_checkout_worker.proc.pid)
+    with_child = {pool: children(pool) for pool in pool_processes if children(pool)}
+    assert len(with_child) == 1, with_child  # the pool process that ran the checkout kept its child
+    (pool, preflight_child), = ((pool, next(iter(found))) for pool, found in with_child.items())
+    os.kill(preflight_child, signal.SIGSTOP)  # so only the death signal can end it (not end of file)
+    wait_until(lambda: process_state(preflight_child) == "T", timeout=10, message="the child to stop")
+
+    os.kill(pool, signal.SIGKILL)  # as the kernel's OOM killer, or a hard time limit, would
+
+    wait_until(lambda: gone_or_reaped_elsewhere(preflight_child), timeout=30,
+               message="the preflight child to die with its pool process")
+    _, _, view = sys_.order_awaiting_payment(make_pdf(pages=1))  # the worker replaced its pool process
+    assert view["payment"], view
+
+
+def test_threads_each_get_their_own_child_and_none_is_left_behind(fresh_pool: None) -> None:
+    """The death signal follows the thread that forked: a child serves only its own thread, and the
+    children of threads that have ended are reaped by the next check."""
+    verdicts: list[PreflightResult] = []
+    pids: list[set[int]] = []
+
+    def check_letters() -> None:
+        for _ in range(3):
+            verdicts.append(isolated(LETTER))
+        pids.append(set(isolation.preflight_children()))
+
+    threads = [threading.Thread(target=check_letters) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+    assert verdicts == [preflight(LETTER, **LIMITS)] * 6
+    orphans = set().union(*pids)
+    assert len(orphans) == 2, pids  # one child per thread, each reused for its thread's three letters
+    # Dead with their threads; one may already be reaped by the other thread's next check.
+    wait_until(lambda: all(process_state(pid) in ("Z", None) for pid in orphans), timeout=10,
+               message="the ended threads' children to die")
+    assert isolated(LETTER) == preflight(LETTER, **LIMITS)  # from this thread: a child of its own
+    for pid in orphans:
+        assert_reaped(pid)
+    assert set(isolation.preflight_children()).isdisjoint(orphans)
