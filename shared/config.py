@@ -141,6 +141,9 @@ class Settings:
         if self.preflight_child_max_documents < 1 or self.preflight_child_max_growth_bytes < 1:
             raise ValueError("PREFLIGHT_CHILD_MAX_DOCUMENTS and PREFLIGHT_CHILD_MAX_GROWTH_BYTES must be "
                              "at least 1 (1 document per child is the old fork-per-document behaviour)")
+        if not 0 <= self.status_cache_seconds <= 60:
+            raise ValueError("STATUS_CACHE_SECONDS must be 0 to 60: it bounds how stale a buyer's status "
+                             "can be when Redis misses a change")
         if self.stamp_deadline_seconds <= self.lease_seconds:
             raise ValueError("STAMP_DEADLINE_SECONDS must exceed LEASE_SECONDS")
 

@@ -26,6 +26,7 @@ Correctness rules, in order of importance:
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -37,6 +38,9 @@ from shared.logs import log_event
 
 log = logging.getLogger(__name__)
 
+# The cache's own Redis client gives up this fast, and after a failure leaves Redis alone this long.
+CACHE_TIMEOUT_SECONDS = 0.1
+REST_AFTER_FAILURE_SECONDS = 5.0
 # How long a change's marker outlives the change: far longer than any read-to-put gap of a request.
 MARKER_SECONDS = 60
 _SEP = b"\n"
@@ -73,16 +77,25 @@ def configure(settings: Settings) -> None:
     mixed fleet during a roll-out never serves a stale answer from a process that still caches.
     """
     # redis-py's pool notices a fork and opens new sockets in the child, so Celery's prefork children
-    # can share this module state.
-    client = redis.Redis.from_url(settings.redis_url, socket_timeout=0.5, socket_connect_timeout=0.5)
+    # can share this module state. The cache is an optimisation: a Redis slower than this answers
+    # "miss" (the database answers instead), and no retries.
+    client = redis.Redis.from_url(settings.redis_url, socket_timeout=CACHE_TIMEOUT_SECONDS,
+                                  socket_connect_timeout=CACHE_TIMEOUT_SECONDS, retry=None)
     _state.update(client=client, prefix=f"{settings.redis_key_prefix}status:",
-                  ttl=settings.status_cache_seconds, write=client.register_script(_WRITE))
+                  ttl=settings.status_cache_seconds, write=client.register_script(_WRITE), skip_until=0.0)
 
 
 def _client() -> tuple[redis.Redis, str] | None:
-    if not _state:
+    """The client, unless unconfigured or resting after a failure (see :func:`_failed`)."""
+    if not _state or time.monotonic() < _state["skip_until"]:
         return None
     return _state["client"], _state["prefix"]
+
+
+def _failed() -> None:
+    """A Redis that just failed or stalled is left alone for a moment: while it recovers, polls go
+    straight to the database instead of each waiting out the timeout first."""
+    _state["skip_until"] = time.monotonic() + REST_AFTER_FAILURE_SECONDS
 
 
 def get(order_id: str) -> tuple[str, bytes] | None:
@@ -94,11 +107,15 @@ def get(order_id: str) -> tuple[str, bytes] | None:
     try:
         raw = client.get(f"{prefix}{order_id}")
     except redis.RedisError:
+        _failed()
         return None
     if not raw or raw.startswith(b"d"):
         return None
-    _, token_hash, body = raw.split(_SEP, 2)
-    return token_hash.decode(), body
+    try:
+        _, token_hash, body = raw.split(_SEP, 2)
+        return token_hash.decode("ascii"), body
+    except ValueError:  # not an entry of ours: a miss, never an error for the buyer
+        return None
 
 
 def put(order_id: str, version: int, token_hash: str, body: bytes) -> None:
@@ -112,7 +129,7 @@ def put(order_id: str, version: int, token_hash: str, body: bytes) -> None:
         _state["write"](keys=[f"{prefix}{order_id}"],
                         args=[version, token_hash.encode() + _SEP + body, _state["ttl"]], client=client)
     except redis.RedisError:
-        pass
+        _failed()
 
 
 def changed(tx: Tx, order_id: Any, version: int) -> None:
@@ -128,7 +145,9 @@ def changed(tx: Tx, order_id: Any, version: int) -> None:
 
 
 def mark_changed(versions: Mapping[str, int]) -> None:
-    found = _client()
+    """Write the change markers. Tried even while reads rest after a failure: this is what keeps
+    answers fresh, and it runs once per transaction, not once per poll."""
+    found = (_state["client"], _state["prefix"]) if _state else None
     if found is None:
         if not _warned:
             _warned.append(True)

@@ -80,8 +80,31 @@ def test_without_redis_the_database_answers(sys_):
     try:
         order_id_str = str(order_id)
         assert statuscache.get(order_id_str) is None
+        # After a failure the cache rests: the next polls go straight to the database instead of each
+        # waiting out a timeout on a Redis that is stalled.
+        assert statuscache._client() is None
         statuscache.put(order_id_str, 1, "hash", b"{}")  # silently nothing
         statuscache.mark_changed({order_id_str: 2})  # logged, not raised
         assert sys_.status(order_id, token)["status"] == "awaiting_payment"
     finally:
         statuscache.configure(sys_.settings)
+
+
+def test_a_stamping_attempt_given_back_shows_at_once_and_only_by_its_holder(sys_):
+    from shared.services import stamping
+
+    order_id, token, _ = sys_.order_awaiting_payment()
+    sys_.query("UPDATE orders SET status = 'stamping', refund_due_at = now() + interval '1 hour',"
+               " lease_owner = 'worker-a', lease_expires_at = now() + interval '1 minute' WHERE id = %s"
+               " RETURNING id", (order_id,))
+    # That hand-made change bypassed transition(), so drop the cached answer by hand too.
+    redis.Redis.from_url(sys_.settings.redis_url).delete(f"{sys_.settings.redis_key_prefix}status:{order_id}")
+    before = sys_.status(order_id, token)["events"]
+    assert _entry(sys_, order_id) is not None  # cached
+
+    stamping.release(sys_.settings, order_id, "worker-b", "not mine")  # no lease, no event, no change
+    assert sys_.status(order_id, token)["events"] == before
+    stamping.release(sys_.settings, order_id, "worker-a", "gateway timeout")
+    after = sys_.status(order_id, token)["events"]
+    assert len(after) == len(before) + 1 and after[-1]["status"] == "stamping"
+    assert len(sys_.events(order_id)) == len(after)

@@ -159,7 +159,7 @@ def _authorised_order(order_id: str, load=get_order) -> dict:
 def get_order_status(order_id: str):
     """The hottest read of a surge: answered from the status cache when it can (shared/statuscache.py),
     with the same 401/403/404 rules as from the database."""
-    cached = statuscache.get(order_id) if _UUID.match(order_id) else None
+    cached = statuscache.get(order_id) if _UUID.fullmatch(order_id) else None
     if cached is not None:
         token_hash_cached, body = cached
         if not token_hash_matches(token_hash_cached, _bearer_token()):

@@ -20,6 +20,7 @@ from typing import Any
 
 from psycopg import errors as pg_errors
 
+from shared import statuscache
 from shared.config import Settings
 from shared.db import Tx, transaction
 from shared.errors import PermanentError
@@ -86,16 +87,21 @@ def claim(settings: Settings, order_id: str, worker_id: str) -> dict[str, Any] |
 def release(settings: Settings, order_id: str, worker_id: str, error: str) -> None:
     """Give the lease back after a transient failure so the retry (or redrive) can claim again."""
     with transaction(settings.database_url) as tx:
-        tx.execute(
+        held = tx.execute(
             "UPDATE orders SET lease_expires_at = now() - interval '1 second', updated_at = now()"
-            " WHERE id = %s AND status = 'stamping' AND lease_owner = %s",
+            " WHERE id = %s AND status = 'stamping' AND lease_owner = %s RETURNING id",
             (order_id, worker_id),
-        )
-        tx.execute(
+        ).fetchone()
+        if held is None:  # the order moved on (or another worker holds it): nothing of ours to give back
+            return
+        # Under the row lock the UPDATE took, like every transition, so the event ids of one order keep
+        # the order of its changes (the status cache's versions rely on it).
+        event = tx.execute(
             "INSERT INTO order_events (order_id, from_status, to_status, reason, detail)"
-            " VALUES (%s, 'stamping', 'stamping', 'attempt failed, will retry', %s)",
+            " VALUES (%s, 'stamping', 'stamping', 'attempt failed, will retry', %s) RETURNING id",
             (order_id, json.dumps({"error": error[:300]})),
-        )
+        ).fetchone()
+        statuscache.changed(tx, order_id, event["id"])
 
 
 def stamp_order(settings: Settings, store: DocumentStore, order_id: str, worker_id: str) -> str:
