@@ -76,6 +76,7 @@ class _Line:
     head: int
     tail: int
     epoch: str
+    mode: Mode
     at: float
 
 
@@ -240,6 +241,9 @@ class AdmissionController:
         if claims.get("e") != line.epoch:
             raise InvalidAdmission("This queue ticket has expired; please start again.",
                                    code="ticket_expired", status=410)
+        if line.mode == Mode.PAUSED:  # the ticket keeps its place; nobody is let in meanwhile
+            raise SalesPaused("Ticket sales are paused; your place in the queue is kept. Please check "
+                              "again later.")
         number = int(claims["n"])
         position = max(0, number - line.head)
         if position > 0:
@@ -253,9 +257,12 @@ class AdmissionController:
         claims = self.signer.verify("admission", token)
         if claims is None:
             raise InvalidAdmission("This admission token is not valid.")
-        if claims.get("x", 0) < time.time() or claims.get("e") != self._recent_line(claims.get("e")).epoch:
+        line = self._recent_line(claims.get("e"))
+        if claims.get("x", 0) < time.time() or claims.get("e") != line.epoch:
             raise InvalidAdmission("This admission token has expired; please queue again.",
                                    code="admission_expired")
+        if line.mode == Mode.PAUSED:
+            raise SalesPaused("Ticket sales are paused; please come back later.")
         return claims
 
     def spend_token(self, claims: dict) -> None:
@@ -302,10 +309,16 @@ class AdmissionController:
         args = [int(time.time() * 1000), self._outflow_now(), max(1, s.admission_burst),
                 s.admission_active_checkouts, s.admission_session_seconds * 1000,
                 "1" if direct else "0", f"d{uuid.uuid4().hex}", uuid.uuid4().hex[:12]]
+        asked_at = time.monotonic()  # the answer is at least this fresh
         outcome, head, tail, epoch, mode = self._call(self._script, keys=self.keys, args=args)
-        line = _Line(head=int(head), tail=int(tail), epoch=epoch.decode(), at=time.monotonic())
-        self._line = line
-        return int(outcome), line, Mode(mode.decode())
+        line = _Line(head=int(head), tail=int(tail), epoch=epoch.decode(), mode=Mode(mode.decode()),
+                     at=asked_at)
+        # Threads of one process race here: never let an older answer replace a newer one of the same
+        # line, or a buyer just told "admitted" could next be told "position 1".
+        seen = self._line
+        if seen is None or seen.epoch != line.epoch or seen.head <= line.head:
+            self._line = line
+        return int(outcome), line, line.mode
 
     @staticmethod
     def _call(fn, *args, **kwargs):

@@ -135,6 +135,30 @@ def test_ops_can_queue_everyone_or_pause_sales_but_status_and_payments_flow(sys_
     assert _create(base).status_code in (202, 429)
 
 
+def test_pausing_sales_also_holds_back_buyers_already_admitted(throttled):
+    base = throttled(admission_per_minute=600, admission_burst=1, ops_token="ops-secret")
+    assert _create(base).status_code == 202
+    queued = _create(base)
+    assert queued.status_code == 429
+    ticket = queued.json()["queue"]["ticket"]
+    wait_until(lambda: _poll(base, ticket).json()["admitted"], message="the ticket to be admitted")
+    admission = _poll(base, ticket).json()["admission_token"]
+
+    auth = {"Authorization": "Bearer ops-secret"}
+    requests.post(f"{base}/ops/admission", json={"mode": "paused"}, headers=auth, timeout=5)
+    time.sleep(0.3)  # past any web process's cached look at the line
+    held = _create(base, admission=admission)
+    assert held.status_code == 503 and held.json()["error"]["code"] == "sales_paused"
+    poll = _poll(base, ticket)
+    assert poll.status_code == 503 and poll.json()["error"]["code"] == "sales_paused"
+    page = requests.get(f"{base}/antrian/{ticket}", timeout=5)
+    assert page.status_code == 503 and "dihentikan sementara" in page.text and "refresh" in page.text
+
+    requests.post(f"{base}/ops/admission", json={"mode": "auto"}, headers=auth, timeout=5)
+    time.sleep(0.3)
+    assert _create(base, admission=admission).status_code == 202  # the place was kept
+
+
 def test_ops_endpoints_are_off_without_a_token(throttled):
     base = throttled()
     assert requests.get(f"{base}/ops/admission", timeout=5).status_code == 404

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from flask import Blueprint, jsonify, render_template
 
-from shared.admission import InvalidAdmission
+from shared.admission import InvalidAdmission, SalesPaused
 from web.context import admission
 
 bp = Blueprint("queue", __name__)
@@ -31,9 +31,10 @@ def queue_status(ticket: str):
 def queue_page(ticket: str):
     try:
         body, error = _status_body(ticket), None
-    except InvalidAdmission as exc:
+    except (InvalidAdmission, SalesPaused) as exc:
         body, error = None, exc
-    html = render_template("queue.html", ticket=ticket, status=body, error=error,
-                           refresh=min(30, max(3, (body or {}).get("eta_seconds", 10) // 4)))
+    paused = isinstance(error, SalesPaused)
+    html = render_template("queue.html", ticket=ticket, status=body, error=error, paused=paused,
+                           refresh=30 if paused else min(30, max(3, (body or {}).get("eta_seconds", 10) // 4)))
     return html, (error.status if error else 200), {"Cache-Control": "no-store"}
 
