@@ -154,6 +154,12 @@ def main(argv: list[str] | None = None) -> int:
     idle: dict[str, float] = {}
     with Stack(workdir, label="bench_sweep_s") as small, Stack(workdir / "large", label="bench_sweep_l") as large:
         urls = {"small": small.database_url, "large": large.database_url}
+        # As in the housekeeping worker, every refunded order's status-cache marker goes to Redis (one
+        # pipeline per batch, after its commit), so that cost is in the figure.
+        from shared import statuscache
+        from shared.config import load_settings
+
+        statuscache.configure(load_settings(small.env()))
         for name, n in (("small", args.small), ("large", args.large)):
             say(f"{name}: inserting {n:,} settled orders with payments and serials")
             say(f"  done in {fill_settled(urls[name], n):.0f} s")
