@@ -438,3 +438,5 @@ def test_an_interrupted_wait_kills_and_reaps_the_child(no_children_left: None) -
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
+    # Retired on the spot, not handed back to the pool to finish that document at its leisure.
+    assert isolation.preflight_children() == {}

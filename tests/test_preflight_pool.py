@@ -106,6 +106,36 @@ def test_one_child_answers_many_documents_with_the_in_process_verdicts(fresh_poo
     assert process_state(served_all) == "S"  # idle, waiting for the next document
 
 
+def open_descriptors(pid: int | str = "self") -> dict[int, str]:
+    found = {}
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            found[int(fd)] = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except FileNotFoundError:  # the listing's own descriptor, closed by now
+            pass
+    return found
+
+
+def test_a_child_holds_only_its_two_pipes_and_the_parent_leaks_no_descriptor(fresh_pool: None) -> None:
+    import socket
+
+    before = set(open_descriptors())
+    with socket.socket() as inherited:  # stands for the worker's database and broker sockets
+        isolated(LETTER)
+        child = only_child()
+        theirs = open_descriptors(child)
+        assert inherited.fileno() not in theirs
+        extra = {fd: target for fd, target in theirs.items() if fd > 2}
+        assert len(extra) == 2 and all(target.startswith("pipe:") for target in extra.values()), theirs
+        for _ in range(3):  # reuse, then a rejection that retires the child, then a fresh one
+            isolated(LETTER)
+        with pytest.raises(DocumentRejected):
+            isolated(LETTER, page=5)
+        isolated(LETTER)
+    isolation.shutdown_preflight_children()
+    assert set(open_descriptors()) <= before
+
+
 def test_a_rejection_retires_the_child_and_the_next_document_gets_a_fresh_one(fresh_pool: None) -> None:
     isolated(LETTER)
     first = only_child()

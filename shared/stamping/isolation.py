@@ -110,7 +110,9 @@ _PR_SET_PDEATHSIG = 1
 _REAP_GRACE_SECONDS = 1.0
 _PIPE_BYTES = 1024 * 1024
 _MAX_IDLE_CHILDREN = 4  # more than one only when threads of one process check documents at once
-_RESET_SIGNALS = ("SIGTERM", "SIGINT", "SIGHUP", "SIGQUIT", "SIGUSR1", "SIGUSR2", "SIGALRM", "SIGCHLD")
+_HELD_DURING_SPAWN = {signal.SIGUSR1, signal.SIGALRM, signal.SIGINT, signal.SIGTERM}
+_RESET_SIGNALS = ("SIGTERM", "SIGINT", "SIGHUP", "SIGQUIT", "SIGUSR1", "SIGUSR2", "SIGALRM", "SIGCHLD",
+                  "SIGXCPU")
 
 _TOO_SLOW = (
     "Dokumen PDF terlalu rumit untuk diperiksa dalam batas waktu. Simpan ulang atau cetak ulang "
@@ -276,12 +278,17 @@ class _Child:
         self.done = True
 
     def close_pipes(self) -> None:
-        for fd in (self.requests, self.replies):
+        # Forget the numbers *before* closing them: os.close lets other threads run, and a number
+        # closed but still listed here could be handed out again by os.pipe() in another thread and
+        # then closed by mistake (in a process forked meanwhile, by forget_after_fork).
+        fds, self.requests, self.replies = (self.requests, self.replies), -1, -1
+        for fd in fds:
+            if fd < 0:
+                continue
             try:
                 os.close(fd)
             except OSError:
                 pass
-        self.requests = self.replies = -1
 
     def outgrown(self) -> str | None:
         """Why this child should not take another document, if it shouldn't."""
@@ -307,11 +314,12 @@ class PreflightPool:
         self._lock = threading.Lock()
         self._idle: list[_Child] = []
         self._all: dict[int, _Child] = {}
+        self._in_use: dict[int, _Child] = {}  # by thread: the child serving its current document
 
     def check(self, request: bytes, limits: _Limits, deadline: float) -> _Outcome:
         """Send one request to a child (reused or fresh) and wait for its answer until ``deadline``."""
-        child: _Child | None = None
-        reusable = False
+        thread = threading.get_ident()
+        reusable_pid = None
         try:
             child = self._take(limits)
             try:
@@ -323,23 +331,31 @@ class PreflightPool:
                 outcome = _exchange(child, request, deadline)
             if outcome.message is not None:
                 child.documents += 1
-                reusable = outcome.clean and _accepted(outcome.message)
+                if outcome.clean and _accepted(outcome.message):
+                    reusable_pid = child.pid
             return outcome
         finally:
-            # Also when the caller's wait was interrupted (e.g. Celery's soft time limit).
-            if child is not None and reusable:
-                self._give_back(child)
-            elif child is not None:
-                self._retire(child)
+            # Also when the caller's wait was interrupted (e.g. Celery's soft time limit), wherever
+            # that landed: the child in use is the one _take/_spawn registered for this thread, not
+            # whatever a local variable held at that moment.
+            with self._lock:
+                in_use = self._in_use.pop(thread, None)
+            if in_use is not None and in_use.pid == reusable_pid:
+                self._give_back(in_use)
+            elif in_use is not None:
+                self._retire(in_use)
 
     def children(self) -> dict[int, int]:
         with self._lock:
             return {pid: child.documents for pid, child in self._all.items() if not child.done}
 
     def shutdown(self) -> None:
+        """Retire every child this pool knows of, idle or not: at process exit nothing is in use, and
+        one that an interrupt left unregistered as idle is still in ``_all``."""
         with self._lock:
-            idle, self._idle = self._idle, []
-        for child in idle:
+            self._idle = []
+            known = [child for child in self._all.values() if not child.done]
+        for child in known:
             self._retire(child)
 
     def _take(self, limits: _Limits) -> _Child:
@@ -353,6 +369,7 @@ class PreflightPool:
             for child in reversed(self._idle):
                 if child.limits == limits and child.thread == thread:
                     found = child
+                    self._in_use[thread] = child  # before it leaves the idle list: never in neither
                     break
             stale = [child for child in self._idle
                      if child is not found and (child.limits != limits or child.thread not in threads)]
@@ -382,28 +399,39 @@ class PreflightPool:
         child.close_pipes()
         with self._lock:
             self._all.pop(child.pid, None)
+            if self._in_use.get(child.thread) is child:
+                del self._in_use[child.thread]
 
     def _spawn(self, limits: _Limits) -> _Child:
         """Fork a child that serves documents until it is retired or its parent dies."""
         mapped, anonymous = _statm("self") or (0, 0)
         parent_pid = os.getpid()
         descriptors: list[int] = []
+        # Celery's soft time limit is an exception raised from a signal handler (SIGUSR1). Landing
+        # between the fork and the registration below it would leave a child nobody knows of, so the
+        # signals that raise are held until the child is registered (and the child resets them).
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, _HELD_DURING_SPAWN)
         try:
-            requests_read, requests_write = os.pipe()
-            descriptors += [requests_read, requests_write]
-            replies_read, replies_write = os.pipe()
-            descriptors += [replies_read, replies_write]
-            pid = os.fork()
-        except OSError as exc:
-            for fd in descriptors:
-                os.close(fd)
-            raise TransientError("Pemeriksaan dokumen belum dapat dijalankan; akan dicoba lagi.",
-                                 code="preflight_unavailable") from exc
-        if pid == 0:
-            _serve(requests_read, replies_write, parent_pid, limits, mapped)
-        child = _Child(pid, requests_write, replies_read, limits, threading.get_ident(), mapped, anonymous)
-        with self._lock:
-            self._all[pid] = child
+            try:
+                requests_read, requests_write = os.pipe()
+                descriptors += [requests_read, requests_write]
+                replies_read, replies_write = os.pipe()
+                descriptors += [replies_read, replies_write]
+                pid = os.fork()
+            except OSError as exc:
+                for fd in descriptors:
+                    os.close(fd)
+                raise TransientError("Pemeriksaan dokumen belum dapat dijalankan; akan dicoba lagi.",
+                                     code="preflight_unavailable") from exc
+            if pid == 0:
+                signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+                _serve(requests_read, replies_write, parent_pid, limits, mapped)
+            child = _Child(pid, requests_write, replies_read, limits, threading.get_ident(), mapped, anonymous)
+            with self._lock:
+                self._all[pid] = child
+                self._in_use[child.thread] = child
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
         try:
             os.close(requests_read)
             os.close(replies_write)
@@ -650,6 +678,8 @@ def _close_inherited_descriptors(keep: tuple[int, ...]) -> None:
     nothing to the other end.)"""
     low = 3
     for fd in sorted(keep):
+        if fd < low:
+            continue
         os.closerange(low, fd)
         low = fd + 1
     os.closerange(low, max(low, os.sysconf("SC_OPEN_MAX")))

@@ -4,14 +4,23 @@ from __future__ import annotations
 import logging
 
 from celery import shared_task
+from celery.signals import worker_process_shutdown
 
 from shared import jobs
 from shared.errors import TransientError
 from shared.logs import log_event
 from shared.services import checkout
+from shared.stamping.isolation import shutdown_preflight_children
 from workers.tasks.base import backoff_seconds, gateway, settings, store
 
 log = logging.getLogger(__name__)
+
+
+@worker_process_shutdown.connect
+def _retire_preflight_children(**_: object) -> None:
+    """A pool process leaves with os._exit (no atexit): take its reused preflight children along
+    rather than leave them to the death signal and whoever adopts them."""
+    shutdown_preflight_children()
 
 
 @shared_task(name=jobs.PREPARE_ORDER, bind=True, max_retries=10)
