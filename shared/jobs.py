@@ -7,9 +7,12 @@ demand, and the polling of unpaid orders, can never starve it.
 """
 from __future__ import annotations
 
+import logging
 from typing import Any, Protocol
 
 from shared.db import Tx
+
+log = logging.getLogger(__name__)
 
 PREPARE_ORDER = "meterai.checkout.prepare_order"
 PROCESS_NOTIFICATION = "meterai.payments.process_notification"
@@ -60,6 +63,15 @@ def publish(name: str, *args: Any, countdown: float | None = None) -> None:
     if countdown:
         options["countdown"] = countdown
     _publisher.send_task(name, args=list(args), queue=QUEUES[name], **options)
+
+
+def publish_committed(name: str, *args: Any) -> None:
+    """Publish work for rows already committed (an autocommit statement). A failure is logged, never
+    raised: the rows are safe in PostgreSQL and the periodic redrive publishes what is still due."""
+    try:
+        publish(name, *args)
+    except Exception:  # noqa: BLE001
+        log.exception("event=after_commit_failed")
 
 
 def enqueue_after_commit(tx: Tx, name: str, *args: Any) -> None:

@@ -11,7 +11,6 @@ import base64
 import hashlib
 import hmac
 import json
-import logging
 import uuid
 from dataclasses import dataclass
 from functools import cached_property
@@ -23,9 +22,6 @@ from shared.db import get_pool
 from shared.errors import DomainError
 from shared.lifecycle import CREATED_REASON, Status
 from shared.store import DocumentStore, upload_key
-
-
-log = logging.getLogger(__name__)
 
 
 class IdempotencyConflict(DomainError):
@@ -128,11 +124,7 @@ def create_order(
             "sha256": new.document_sha256, "bytes": len(new.document), "reason": CREATED_REASON,
         }).fetchone()
     if row is not None:
-        # Committed: now the checkout may run. If Redis can't take it, the redrive publishes it later.
-        try:
-            jobs.publish(jobs.PREPARE_ORDER, str(order_id))
-        except Exception:  # noqa: BLE001 - the order is safe in PostgreSQL
-            log.exception("event=after_commit_failed")
+        jobs.publish_committed(jobs.PREPARE_ORDER, str(order_id))  # committed: the checkout may run
     if row is None:  # lost a race with a concurrent create under the same key
         store.delete(key)
         existing = find_by_idempotency_key(settings, new.idempotency_key)

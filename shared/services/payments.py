@@ -114,10 +114,7 @@ def accept_notification(settings: Settings, body: Mapping[str, Any]) -> bool:
         ).fetchone()
     if row is None:
         return False
-    try:
-        jobs.publish(jobs.PROCESS_NOTIFICATION, row["id"])
-    except Exception:  # noqa: BLE001 - stored; the redrive publishes unprocessed notifications
-        log.exception("event=after_commit_failed")
+    jobs.publish_committed(jobs.PROCESS_NOTIFICATION, row["id"])
     return True
 
 
