@@ -194,6 +194,7 @@ class Stack:
         env = dict(os.environ)
         env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", os.defpath)])
         env.update(
+            DEVELOPMENT="1",
             DATABASE_URL=self.database_url, REDIS_URL=self.redis_url, REDIS_KEY_PREFIX="meterai:",
             DATA_DIR=str(self.workdir / "data"), PORT=str(self.web_port), PUBLIC_BASE_URL=self.web_url,
             GATEWAY_URL=self.gateway_url, GATEWAY_PORT=str(self.gateway_port),

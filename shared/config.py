@@ -14,6 +14,15 @@ from typing import Mapping
 
 DEFAULT_DATA_DIR = ".data"
 DEV_SECRET_KEY = "meterai-dev-secret-change-me"
+# The stand-in gateway's own server key. Midtrans' sandbox keys start with "SB-": a deployment that takes
+# payments with one takes no money at all, and hands out stamps for free.
+DEV_GATEWAY_SERVER_KEY = "SB-Mid-server-meterai-dev"
+SANDBOX_KEY_PREFIX = "SB-"
+MIN_SECRET_LENGTH = 32
+
+
+class UnsafeSettings(RuntimeError):
+    """The settings would run production on a development default; the message lists every problem."""
 
 
 @dataclass(frozen=True)
@@ -26,7 +35,13 @@ class Settings:
     data_dir: str = DEFAULT_DATA_DIR
     document_dir: str = ""  # defaults to <data_dir>/documents
     public_base_url: str = "http://127.0.0.1:8000"
-    # Signs access tokens. The default is for development only; set SECRET_KEY in any real deployment.
+    # 1 on a developer's machine, in tests and drills (./dev, the test fixtures and the drills set it):
+    # only then may the development defaults below (secret key, development CA, stand-in gateway and its
+    # sandbox key, plain-http URLs) be used. 0, the default, makes web and workers refuse to start on any
+    # of them (:func:`refuse_unsafe`), so production can't run on one by accident.
+    development: int = 0
+    # The root of every key we derive (waiting-room tickets and admission tokens). The default is for
+    # development only; production must set SECRET_KEY (at least 32 characters) or refuses to start.
     secret_key: str = DEV_SECRET_KEY
 
     # Prices in integer rupiah: the stamp's face value plus our service fee.
@@ -52,7 +67,7 @@ class Settings:
     # Payment gateway (Midtrans-style). The stand-in listens on gateway_port.
     gateway_provider: str = "midtrans"
     gateway_url: str = "http://127.0.0.1:8001"
-    gateway_server_key: str = "SB-Mid-server-meterai-dev"
+    gateway_server_key: str = DEV_GATEWAY_SERVER_KEY
     gateway_timeout_seconds: float = 5.0
     gateway_port: int = 8001
     # Where the stand-in gateway posts its notifications (our own endpoint).
@@ -146,6 +161,9 @@ class Settings:
                              "can be when Redis misses a change")
         if self.stamp_deadline_seconds <= self.lease_seconds:
             raise ValueError("STAMP_DEADLINE_SECONDS must exceed LEASE_SECONDS")
+        if self.ops_token and len(self.ops_token) < MIN_SECRET_LENGTH:
+            raise ValueError(f"OPS_TOKEN must be at least {MIN_SECRET_LENGTH} characters (or empty to turn "
+                             "the ops endpoints off): a short token can be guessed")
 
     @property
     def price(self) -> int:
@@ -160,6 +178,39 @@ class Settings:
         """Longer than the longest task plus the longest retry delay, so a slow task is never redelivered
         to a second worker while the first still runs it."""
         return int(self.task_time_limit_seconds + self.retry_max_seconds + 3600)
+
+
+def production_problems(settings: Settings) -> list[str]:
+    """Every development default ``settings`` still uses; empty when it may serve real buyers.
+
+    Checked whatever ``DEVELOPMENT`` says (the caller decides whether a problem is fatal), so a
+    development machine can still print what production would refuse.
+    """
+    problems = []
+    if settings.secret_key == DEV_SECRET_KEY or len(settings.secret_key) < MIN_SECRET_LENGTH:
+        problems.append(f"SECRET_KEY is the development key or shorter than {MIN_SECRET_LENGTH} characters")
+    if settings.signing_dev_pki:
+        problems.append("SIGNING_DEV_PKI=1 would sign stamps with a development CA made on the spot: set "
+                        "SIGNING_DEV_PKI=0 and the SIGNING_*_PATH files of the real issuer")
+    if settings.gateway_server_key == DEV_GATEWAY_SERVER_KEY or settings.gateway_server_key.startswith(
+            SANDBOX_KEY_PREFIX):
+        problems.append("GATEWAY_SERVER_KEY is a sandbox key (no real money moves): set the production key")
+    if not settings.gateway_url.startswith("https://"):
+        problems.append("GATEWAY_URL is not https (the default is the stand-in gateway on this machine)")
+    if not settings.public_base_url.startswith("https://"):
+        problems.append("PUBLIC_BASE_URL is not https (every stamp's QR code points there)")
+    return problems
+
+
+def refuse_unsafe(settings: Settings, role: str) -> None:
+    """Called where web and worker processes start: outside development, any development default is fatal."""
+    if settings.development:
+        return
+    problems = production_problems(settings)
+    if problems:
+        raise UnsafeSettings(
+            f"meterai {role} refuses to start on development defaults:\n  - " + "\n  - ".join(problems)
+            + "\nSet them for production, or DEVELOPMENT=1 on a development machine.")
 
 
 def _coerce(raw: str, kind: type) -> object:

@@ -550,6 +550,7 @@ class Services:
             DATABASE_URL=self.database_url, REDIS_URL=self.redis_url, DATA_DIR=str(self.data_dir),
             PYTHONUNBUFFERED="1",
         )
+        env.setdefault("DEVELOPMENT", "1")  # ./dev runs on the development defaults, knowingly
         return env
 
     def stop(self) -> None:

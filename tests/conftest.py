@@ -254,6 +254,7 @@ def system(database_url, redis_server, tmp_path_factory) -> Any:
     web_port, gateway_port = devenv.free_port(), devenv.free_port()
     web_url, gateway_url = f"http://127.0.0.1:{web_port}", f"http://127.0.0.1:{gateway_port}"
     env_settings = {
+        "DEVELOPMENT": "1",
         "DATABASE_URL": database_url,
         "REDIS_URL": redis_server.url,
         "REDIS_KEY_PREFIX": "meterai-test:",

@@ -12,8 +12,7 @@ from flask import Flask
 from werkzeug.middleware.proxy_fix import ProxyFix
 
 from shared.admission import AdmissionController
-from shared.config import DEV_SECRET_KEY, Settings, get_settings
-from shared.logs import log_event
+from shared.config import Settings, get_settings, refuse_unsafe
 from shared.ratelimit import RateLimiter
 from shared.store import store_from_settings
 from workers.celery_app import celery_init_app
@@ -22,10 +21,8 @@ from workers.celery_app import celery_init_app
 def create_app(settings: Settings | None = None) -> Flask:
     settings = settings or get_settings()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    refuse_unsafe(settings, "web")  # workers start through this factory too (workers/make_celery.py)
     app = Flask(__name__)
-    if settings.secret_key == DEV_SECRET_KEY:
-        log_event(logging.getLogger(__name__), "insecure_secret_key", logging.WARNING,
-                  hint="set SECRET_KEY: buyer access tokens are signed with a development key")
     # Let a slightly oversized upload reach our own check (which names the limit) instead of a bare 413.
     app.config["MAX_CONTENT_LENGTH"] = settings.max_document_bytes + 256 * 1024
     app.config["MAX_FORM_MEMORY_SIZE"] = 64 * 1024

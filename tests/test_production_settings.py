@@ -1,0 +1,63 @@
+"""Production can't start on a development default by accident (issue 9, point 8 and 9)."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from shared.config import UnsafeSettings, load_settings, production_problems, refuse_unsafe
+
+ROOT = Path(__file__).resolve().parents[1]
+
+PRODUCTION = {
+    "SECRET_KEY": "k" * 40,
+    "SIGNING_DEV_PKI": "0",
+    "GATEWAY_SERVER_KEY": "Mid-server-real-production-key",
+    "GATEWAY_URL": "https://api.midtrans.com",
+    "PUBLIC_BASE_URL": "https://meterai.example.id",
+}
+
+
+def test_complete_production_settings_start():
+    settings = load_settings(PRODUCTION)
+    assert production_problems(settings) == []
+    refuse_unsafe(settings, "web")
+
+
+@pytest.mark.parametrize("name, value, words", [
+    ("SECRET_KEY", "", "SECRET_KEY"),
+    ("SECRET_KEY", "short-but-not-default", "SECRET_KEY"),
+    ("SIGNING_DEV_PKI", "1", "SIGNING_DEV_PKI"),
+    ("GATEWAY_SERVER_KEY", "SB-Mid-server-meterai-dev", "sandbox key"),
+    ("GATEWAY_SERVER_KEY", "SB-Mid-server-someone-elses-sandbox", "sandbox key"),
+    ("GATEWAY_URL", "http://127.0.0.1:8001", "GATEWAY_URL"),
+    ("PUBLIC_BASE_URL", "http://127.0.0.1:8000", "PUBLIC_BASE_URL"),
+])
+def test_each_development_default_is_refused_outside_development(name, value, words):
+    env = {**PRODUCTION, name: value}
+    if value == "":
+        del env[name]  # the built-in default
+    with pytest.raises(UnsafeSettings, match=words):
+        refuse_unsafe(load_settings(env), "web")
+    refuse_unsafe(load_settings({**env, "DEVELOPMENT": "1"}), "web")  # knowingly: allowed
+
+
+def test_a_short_ops_token_is_refused_even_in_development():
+    with pytest.raises(ValueError, match="OPS_TOKEN"):
+        load_settings({"DEVELOPMENT": "1", "OPS_TOKEN": "hunter2"})
+    assert load_settings({"OPS_TOKEN": "o" * 32}).ops_token
+
+
+def test_web_refuses_to_start_on_the_built_in_defaults():
+    """What gunicorn (and ``celery -A workers.make_celery``, which builds the same app) would do with
+    nothing configured: exit with the list of what to set, not serve."""
+    env = {k: v for k, v in os.environ.items() if k not in ("DEVELOPMENT", "SECRET_KEY")}
+    result = subprocess.run([sys.executable, "-c", "import web; web.create_app()"], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode != 0
+    assert "refuses to start on development defaults" in result.stderr
+    for name in ("SECRET_KEY", "SIGNING_DEV_PKI", "GATEWAY_SERVER_KEY", "GATEWAY_URL"):
+        assert name in result.stderr
