@@ -32,11 +32,11 @@ TARGET = 2.0
 STUCK = 1_000
 
 SETTLED_ORDERS = """
-INSERT INTO orders (id, idempotency_key, request_fingerprint, access_token_hash, email, status, amount_idr,
+INSERT INTO orders (id, idempotency_key, request_fingerprint, access_token_hashes, email, status, amount_idr,
                     page, x, y, document_key, document_sha256, document_bytes, stamped_document_key,
                     stamped_sha256, serial, stamp_attempts, created_at, updated_at, paid_at, refund_due_at,
                     stamped_at)
-SELECT u, 'settled-' || g, md5('f' || g), md5('t' || g), 'pelamar' || g || '@example.id', 'stamped', 12500,
+SELECT u, 'settled-' || g, md5('f' || g), ARRAY[md5('t' || g)], 'pelamar' || g || '@example.id', 'stamped', 12500,
        1, 400, 80, 'uploads/' || u || '.pdf', encode(sha256(('d' || g)::bytea), 'hex'), 200000,
        'stamped/' || u || '.pdf', encode(sha256(('s' || g)::bytea), 'hex'), upper(substr(md5('serial' || g), 1, 22)),
        1, ts, ts + interval '40 seconds', ts + interval '30 seconds', ts + interval '6 hours 30 seconds',
@@ -48,10 +48,10 @@ ORDER BY u
 """
 
 STUCK_ORDERS = """
-INSERT INTO orders (id, idempotency_key, request_fingerprint, access_token_hash, email, status, amount_idr,
+INSERT INTO orders (id, idempotency_key, request_fingerprint, access_token_hashes, email, status, amount_idr,
                     page, x, y, document_key, document_sha256, document_bytes, serial, lease_owner,
                     lease_expires_at, stamp_attempts, created_at, updated_at, paid_at, refund_due_at)
-SELECT u, 'stuck-' || %(round)s || '-' || g, md5('sf' || g), md5('st' || g), 'stuck' || g || '@example.id',
+SELECT u, 'stuck-' || %(round)s || '-' || g, md5('sf' || g), ARRAY[md5('st' || g)], 'stuck' || g || '@example.id',
        CASE WHEN g %% 2 = 0 THEN 'paid' ELSE 'stamping' END, 12500, 1, 400, 80, 'uploads/' || u || '.pdf',
        encode(sha256(('sd' || g)::bytea), 'hex'), 200000,
        CASE WHEN g %% 2 = 0 THEN NULL ELSE upper(substr(md5('stuck-serial' || %(round)s || '-' || g), 1, 22)) END,

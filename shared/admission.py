@@ -57,9 +57,9 @@ class InvalidAdmission(DomainError):
 
 @dataclass(frozen=True)
 class Admitted:
-    """Let through now (directly, or by a valid admission token)."""
+    """Let through now, holding the active-checkout slot ``member`` (see :meth:`AdmissionController.release`)."""
 
-    ticket: int | None = None
+    member: str | None = None
 
 
 @dataclass(frozen=True)
@@ -88,11 +88,24 @@ class QueueStatus:
     admission_token: str | None = None
 
 
-# KEYS: tail, head, tokens, stamp, active, mode, epoch
-# ARGV: now_ms, rate_per_minute, burst, active_cap, session_ms, want_direct (1/0), member, new_epoch
-# Returns {outcome, head, tail, epoch, mode} where outcome is 1 = admitted directly, 0 = not (and a
-# ticket was issued if want_direct was 1), 2 = mode forbids movement. The queue's epoch comes back
-# with every call (made here if Redis has none), so a decision or a poll is one round trip.
+# Retry-After a not-yet-admitted poll is told at most; a ticket that hasn't polled for
+# ADMISSION_ABANDON_SECONDS (several of these) is taken for abandoned.
+MAX_RETRY_AFTER_SECONDS = 30
+
+# KEYS: tail, head, tokens, stamp, active, mode, epoch, seen, client
+# ARGV: now_ms, rate_per_minute, burst, active_cap, session_ms, want_direct (1/0), member, new_epoch,
+#       abandon_ms, ticket_seconds, now_s, then the ticket numbers this process saw polling since its last
+#       call.
+# Returns {outcome, head, tail, epoch, mode, ticket, issued_at} where outcome is 1 = admitted directly,
+# 0 = not (and ``ticket``, issued at ``issued_at``, is the caller's place if want_direct was 1), 2 = mode
+# forbids movement. The queue's epoch comes back with every call (made here if Redis has none), so a
+# decision or a poll is one round trip.
+#
+# ``seen`` (ticket number -> when it last polled, ms) is how the line tells a waiting buyer from a
+# ticket nobody holds any more: when the head reaches a ticket not seen within abandon_ms, it moves over
+# it without spending an admission on it (if its holder does come back, collecting the admission still
+# counts against the active cap). ``client`` holds the caller's live ticket ("<n>:<issued_at>"): a client
+# asking again while its ticket still waits gets that same ticket back, never a second place in line.
 _ADVANCE = """
 local epoch = redis.call('GET', KEYS[7])
 if not epoch then
@@ -105,14 +118,30 @@ local burst = tonumber(ARGV[3])
 local cap = tonumber(ARGV[4])
 local session = tonumber(ARGV[5])
 local want_direct = ARGV[6] == '1'
+local abandon = tonumber(ARGV[9])
 local mode = redis.call('GET', KEYS[6]) or 'auto'
 local tail = tonumber(redis.call('GET', KEYS[1]) or '0')
 local head = tonumber(redis.call('GET', KEYS[2]) or '0')
+for i = 12, #ARGV do
+  if tonumber(ARGV[i]) > head then redis.call('ZADD', KEYS[8], now, ARGV[i]) end
+end
+local function place()
+  local live = redis.call('GET', KEYS[9])
+  if live then
+    local n, at = string.match(live, '^(%d+):(%d+)$')
+    if n and tonumber(n) > head then return tonumber(n), tonumber(at) end
+  end
+  tail = redis.call('INCR', KEYS[1])
+  redis.call('ZADD', KEYS[8], now, tail)
+  redis.call('SET', KEYS[9], tail .. ':' .. ARGV[11], 'EX', tonumber(ARGV[10]))
+  return tail, tonumber(ARGV[11])
+end
 if mode ~= 'auto' then
   if want_direct and mode == 'queue_all' then
-    tail = redis.call('INCR', KEYS[1])
+    local n, at = place()
+    return {2, head, tail, epoch, mode, n, at}
   end
-  return {2, head, tail, epoch, mode}
+  return {2, head, tail, epoch, mode, 0, 0}
 end
 local tokens = tonumber(redis.call('GET', KEYS[3]) or tostring(burst))
 local stamp = tonumber(redis.call('GET', KEYS[4]) or tostring(now))
@@ -121,29 +150,55 @@ if now > stamp then
 end
 redis.call('ZREMRANGEBYSCORE', KEYS[5], '-inf', now - session)
 local room = cap - redis.call('ZCARD', KEYS[5])
-local waiting = tail - head
-local move = math.floor(math.min(tokens, waiting, room))
-if move > 0 then
-  for i = head + 1, head + move do
-    redis.call('ZADD', KEYS[5], now, 't' .. i)
+local allowed = math.floor(math.min(tokens, room))
+local admitted, skipped = 0, 0
+while head < tail and admitted < allowed and skipped < 5000 do
+  head = head + 1
+  local seen = tonumber(redis.call('ZSCORE', KEYS[8], head))
+  redis.call('ZREM', KEYS[8], head)
+  if seen and seen >= now - abandon then
+    redis.call('ZADD', KEYS[5], now, 't' .. head)
+    admitted = admitted + 1
+  else
+    skipped = skipped + 1
   end
-  head = head + move
-  tokens = tokens - move
+end
+if admitted > 0 or skipped > 0 then
+  tokens = tokens - admitted
   redis.call('SET', KEYS[2], head)
 end
-local outcome = 0
+local outcome, n, at = 0, 0, 0
 if want_direct then
-  if tail == head and tokens >= 1 and room - move >= 1 then
+  if tail == head and tokens >= 1 and room - admitted >= 1 then
     tokens = tokens - 1
     redis.call('ZADD', KEYS[5], now, ARGV[7])
     outcome = 1
   else
-    tail = redis.call('INCR', KEYS[1])
+    n, at = place()
   end
 end
 redis.call('SET', KEYS[3], tostring(tokens))
 redis.call('SET', KEYS[4], tostring(now))
-return {outcome, head, tail, epoch, mode}
+return {outcome, head, tail, epoch, mode, n, at}
+"""
+
+# Giving a direct admission back (its create failed): the active slot ARGV[1], and the outflow token it
+# took, up to the burst ARGV[2]. KEYS: active, tokens.
+_RELEASE = """
+if redis.call('ZREM', KEYS[1], ARGV[1]) == 1 then
+  local tokens = tonumber(redis.call('GET', KEYS[2]) or ARGV[2])
+  redis.call('SET', KEYS[2], tostring(math.min(tonumber(ARGV[2]), tokens + 1)))
+end
+return 1
+"""
+
+# Collecting an admission for ticket ARGV[1]: refused (0) once the ticket was spent on an order; else the
+# ticket counts as an active checkout from now (a ticket the head moved over as abandoned hadn't yet).
+# KEYS: spent (bitmap of ticket numbers, this epoch), active.
+_COLLECT = """
+if redis.call('GETBIT', KEYS[1], ARGV[1]) == 1 then return 0 end
+redis.call('ZADD', KEYS[2], 'NX', ARGV[2], 't' .. ARGV[1])
+return 1
 """
 
 
@@ -156,10 +211,14 @@ def _unb64(text: str) -> bytes:
 
 
 class Signer:
-    """Signs small JSON claims with HMAC-SHA256; a different ``purpose`` can't be swapped in."""
+    """Signs small JSON claims with HMAC-SHA256; a different ``purpose`` can't be swapped in.
+
+    Its key is derived from SECRET_KEY for the waiting room alone (nothing else is signed with it), so
+    tickets and admission tokens prove nothing anywhere else.
+    """
 
     def __init__(self, secret: str) -> None:
-        self._key = hashlib.sha256(f"admission:{secret}".encode()).digest()
+        self._key = hmac.new(secret.encode(), b"meterai waiting room v1", hashlib.sha256).digest()
 
     def sign(self, purpose: str, claims: dict) -> str:
         body = _b64(json.dumps(claims, separators=(",", ":"), sort_keys=True).encode())
@@ -186,19 +245,26 @@ class AdmissionController:
     LINE_MAX_AGE_SECONDS = 0.2
     # The measured outflow moves by the minute; re-reading it more often only costs round trips.
     OUTFLOW_MAX_AGE_SECONDS = 5.0
+    # Polls this process saw are reported with its next advance; at most this many at once.
+    MAX_SEEN_PER_CALL = 5000
 
     def __init__(self, settings: Settings, client: redis.Redis) -> None:
         self.settings = settings
         self.redis = client
         self.signer = Signer(settings.secret_key)
         p = f"{settings.redis_key_prefix}adm:"
-        self.keys = [f"{p}tail", f"{p}head", f"{p}tokens", f"{p}stamp", f"{p}active", f"{p}mode", f"{p}epoch"]
-        self._epoch_key = self.keys[6]
-        self._used_prefix = f"{p}used:"
+        self.keys = [f"{p}tail", f"{p}head", f"{p}tokens", f"{p}stamp", f"{p}active", f"{p}mode", f"{p}epoch",
+                     f"{p}seen"]
+        self._active_key = self.keys[4]
+        self._client_prefix = f"{p}client:"
+        self._spent_prefix = f"{p}spent:"
         self._stats_prefix = f"{settings.redis_key_prefix}stats:stamped:"
         self._script = client.register_script(_ADVANCE)
+        self._collect = client.register_script(_COLLECT)
+        self._release = client.register_script(_RELEASE)
         self._line: _Line | None = None
         self._outflow: tuple[float, int] | None = None
+        self._seen: set[int] = set()
 
     # -- configuration ----------------------------------------------------------------------------
     def mode(self) -> Mode:
@@ -219,24 +285,43 @@ class AdmissionController:
         return max(self.settings.admission_min_per_minute, measured)
 
     # -- the waiting room -------------------------------------------------------------------------
-    def admit_or_queue(self) -> Admitted | Queued:
-        """Admit a new checkout now if the outflow allows and nobody is waiting; else issue a ticket."""
-        outcome, line, mode = self._advance(direct=True)
+    def admit_or_queue(self, client_id: str) -> Admitted | Queued:
+        """Admit a new checkout now if the outflow allows and nobody is waiting; else a place in line.
+
+        A client whose ticket is still waiting gets that ticket again (same place), not a second one.
+        An :class:`Admitted` holds an active-checkout slot: :meth:`release` gives it back if the create
+        then fails.
+        """
+        member = f"d{uuid.uuid4().hex}"
+        outcome, line, mode, number, issued_at = self._advance(direct=True, member=member, client_id=client_id)
         if mode == Mode.PAUSED:
             raise SalesPaused("Ticket sales are paused; please come back later.")
         if outcome == 1:
-            return Admitted()
-        position = max(1, line.tail - line.head)
-        ticket = self.signer.sign("ticket", {"n": line.tail, "e": line.epoch, "t": int(time.time())})
+            return Admitted(member=member)
+        position = max(1, number - line.head)
+        ticket = self.signer.sign("ticket", {"n": number, "e": line.epoch, "t": issued_at})
         return Queued(ticket=ticket, position=position, eta_seconds=self._eta(position))
+
+    def release(self, admitted: Admitted) -> None:
+        """Give a direct admission back, its active slot and its share of the outflow: the create it was
+        for did not happen. Best effort (the slot lapses with the session window anyway)."""
+        if admitted.member is None:
+            return
+        try:
+            self._release(keys=[self._active_key, self.keys[2]],
+                          args=[admitted.member, max(1, self.settings.admission_burst)])
+        except redis.RedisError:
+            pass
 
     def status(self, ticket: str) -> QueueStatus:
         claims = self.signer.verify("ticket", ticket)
-        if claims is None:
+        if claims is None or not isinstance(claims.get("n"), int):
             raise InvalidAdmission("This queue ticket is not valid.", code="invalid_ticket", status=404)
         if time.time() - claims.get("t", 0) > self.settings.ticket_seconds:
             raise InvalidAdmission("This queue ticket has expired; please start again.",
                                    code="ticket_expired", status=410)
+        number = int(claims["n"])
+        self._seen.add(number)  # reported with this process's next advance: its holder is still here
         line = self._recent_line(claims.get("e"))
         if claims.get("e") != line.epoch:
             raise InvalidAdmission("This queue ticket has expired; please start again.",
@@ -244,10 +329,14 @@ class AdmissionController:
         if line.mode == Mode.PAUSED:  # the ticket keeps its place; nobody is let in meanwhile
             raise SalesPaused("Ticket sales are paused; your place in the queue is kept. Please check "
                               "again later.")
-        number = int(claims["n"])
         position = max(0, number - line.head)
         if position > 0:
             return QueueStatus(position=position, eta_seconds=self._eta(position), admitted=False)
+        collected = self._call(self._collect, keys=[self._spent_key(claims["e"]), self._active_key],
+                               args=[number, int(time.time() * 1000)])
+        if not collected:
+            raise InvalidAdmission("This queue ticket was already used for an order; to buy another stamp, "
+                                   "start again.", code="ticket_used", status=410)
         token = self.signer.sign("admission", {
             "n": number, "e": claims["e"], "x": int(time.time()) + self.settings.admission_token_seconds})
         return QueueStatus(position=0, eta_seconds=0, admitted=True, admission_token=token)
@@ -255,7 +344,7 @@ class AdmissionController:
     def check_token(self, token: str) -> dict:
         """Verify an admission token without spending it (see :meth:`spend_token`)."""
         claims = self.signer.verify("admission", token)
-        if claims is None:
+        if claims is None or not isinstance(claims.get("n"), int):
             raise InvalidAdmission("This admission token is not valid.")
         line = self._recent_line(claims.get("e"))
         if claims.get("x", 0) < time.time() or claims.get("e") != line.epoch:
@@ -266,12 +355,25 @@ class AdmissionController:
         return claims
 
     def spend_token(self, claims: dict) -> None:
-        """Single use: the first create to spend a token wins; any other is refused."""
-        key = f"{self._used_prefix}{claims['e']}:{claims['n']}"
-        ttl = self.settings.admission_token_seconds + 60
-        if not self._call(self.redis.set, key, "1", nx=True, ex=ttl):
+        """Single use, for the ticket's whole life: the first create to spend a ticket's admission wins;
+        any other (another token polled for the same ticket, the same token again) is refused. Spent
+        tickets are bits of one bitmap per epoch, kept as long as a ticket can live."""
+        key = self._spent_key(claims["e"])
+        pipe = self.redis.pipeline()
+        pipe.setbit(key, int(claims["n"]), 1)
+        pipe.expire(key, self.settings.ticket_seconds + self.settings.admission_token_seconds + 60)
+        previous, _ = self._call(pipe.execute)
+        if previous:
             raise InvalidAdmission("This admission token was already used.", code="admission_used",
                                    status=409)
+
+    def unspend_token(self, claims: dict) -> None:
+        """The create that spent this admission failed before making an order: the buyer may retry with
+        the same token. Best effort (a Redis that fails now just means queueing again)."""
+        try:
+            self.redis.setbit(self._spent_key(claims["e"]), int(claims["n"]), 0)
+        except redis.RedisError:
+            pass
 
     def record_stamped(self, count: int = 1) -> None:
         """Called by stamping workers: the measured throughput the default outflow follows."""
@@ -282,6 +384,9 @@ class AdmissionController:
         pipe.execute()
 
     # -- internals --------------------------------------------------------------------------------
+    def _spent_key(self, epoch: object) -> str:
+        return f"{self._spent_prefix}{epoch}"
+
     def _recent_line(self, epoch: str | None) -> _Line:
         """The line as this process saw it within ``LINE_MAX_AGE_SECONDS``, else freshly advanced.
 
@@ -290,7 +395,7 @@ class AdmissionController:
         """
         line = self._line
         if line is None or line.epoch != epoch or time.monotonic() - line.at > self.LINE_MAX_AGE_SECONDS:
-            _, line, _ = self._advance(direct=False)
+            _, line, _, _, _ = self._advance(direct=False)
         return line
 
     def _outflow_now(self) -> int:
@@ -304,21 +409,31 @@ class AdmissionController:
     def _eta(self, position: int) -> int:
         return int(math.ceil(position * 60 / max(1, self._outflow_now())))
 
-    def _advance(self, *, direct: bool) -> tuple[int, _Line, Mode]:
+    def _advance(self, *, direct: bool, member: str = "", client_id: str = "-"
+                 ) -> tuple[int, _Line, Mode, int, int]:
         s = self.settings
-        args = [int(time.time() * 1000), self._outflow_now(), max(1, s.admission_burst),
+        seen, self._seen = self._seen, set()
+        reported = sorted(seen)[-self.MAX_SEEN_PER_CALL:]
+        now = time.time()
+        args = [int(now * 1000), self._outflow_now(), max(1, s.admission_burst),
                 s.admission_active_checkouts, s.admission_session_seconds * 1000,
-                "1" if direct else "0", f"d{uuid.uuid4().hex}", uuid.uuid4().hex[:12]]
+                "1" if direct else "0", member, uuid.uuid4().hex[:12],
+                s.admission_abandon_seconds * 1000, s.ticket_seconds, int(now), *reported]
+        keys = [*self.keys, f"{self._client_prefix}{client_id}"]
         asked_at = time.monotonic()  # the answer is at least this fresh
-        outcome, head, tail, epoch, mode = self._call(self._script, keys=self.keys, args=args)
+        try:
+            outcome, head, tail, epoch, mode, number, issued_at = self._call(self._script, keys=keys, args=args)
+        except AdmissionUnavailable:
+            self._seen |= seen  # report them next time
+            raise
         line = _Line(head=int(head), tail=int(tail), epoch=epoch.decode(), mode=Mode(mode.decode()),
                      at=asked_at)
         # Threads of one process race here: never let an older answer replace a newer one of the same
         # line, or a buyer just told "admitted" could next be told "position 1".
-        seen = self._line
-        if seen is None or seen.epoch != line.epoch or seen.head <= line.head:
+        seen_line = self._line
+        if seen_line is None or seen_line.epoch != line.epoch or seen_line.head <= line.head:
             self._line = line
-        return int(outcome), line, line.mode
+        return int(outcome), line, line.mode, int(number), int(issued_at)
 
     @staticmethod
     def _call(fn, *args, **kwargs):

@@ -117,6 +117,10 @@ class Settings:
     admission_session_seconds: int = 600
     admission_token_seconds: int = 600
     ticket_seconds: int = 6 * 3600
+    # A ticket that hasn't polled its place for this long is taken for abandoned: the line moves over it
+    # without spending an admission on it. Several times the longest Retry-After a waiting poll is given
+    # (shared/admission.py MAX_RETRY_AFTER_SECONDS, 30 s), so a buyer who polls as told is never skipped.
+    admission_abandon_seconds: int = 120
     # Per-client rate limits on write endpoints ("<count>/<seconds>").
     rate_limit_create: str = "20/60"
     rate_limit_verify: str = "30/60"
@@ -161,6 +165,9 @@ class Settings:
                              "can be when Redis misses a change")
         if self.stamp_deadline_seconds <= self.lease_seconds:
             raise ValueError("STAMP_DEADLINE_SECONDS must exceed LEASE_SECONDS")
+        if self.admission_abandon_seconds < 90:
+            raise ValueError("ADMISSION_ABANDON_SECONDS must be at least 90 (three times the longest "
+                             "Retry-After of a waiting poll), or buyers polling as told could be skipped")
         if self.ops_token and len(self.ops_token) < MIN_SECRET_LENGTH:
             raise ValueError(f"OPS_TOKEN must be at least {MIN_SECRET_LENGTH} characters (or empty to turn "
                              "the ops endpoints off): a short token can be guessed")

@@ -1,16 +1,20 @@
 """Orders repository: creating an order from an upload, reading it back, and the access-token rules.
 
-Creating is idempotent by ``Idempotency-Key``: the same key with the same request returns the order it
-made the first time; the same key with a different request is a conflict. Only a SHA-256 hash of the
-buyer's access token is stored; the token itself is an HMAC of the order id under the app secret, so a
-replayed create can hand the same token back without the database ever holding it.
+Creating is idempotent by ``Idempotency-Key``, scoped to the buyer's e-mail address: the same key with
+the same request returns the order it made the first time; the same key with a different request is a
+conflict; someone else's e-mail under the same key is someone else's order.
+
+Access tokens are random (:func:`new_access_token`) and only their SHA-256 hashes are stored, so nothing
+the server knows, its secrets included, lets anyone compute a token from an order id. A replayed create
+can't hand the first token back (nobody has it), so it gets a fresh one for the same order; an order keeps
+its newest :data:`MAX_ACCESS_TOKENS` hashes.
 """
 from __future__ import annotations
 
-import base64
 import hashlib
 import hmac
 import json
+import secrets
 import uuid
 from dataclasses import dataclass
 from functools import cached_property
@@ -50,9 +54,14 @@ class NewOrder:
         return hashlib.sha256(body.encode()).hexdigest()
 
 
-def access_token_for(secret: str, order_id: uuid.UUID | str) -> str:
-    digest = hmac.new(secret.encode(), f"order-access:{order_id}".encode(), hashlib.sha256).digest()
-    return base64.urlsafe_b64encode(digest).rstrip(b"=").decode()
+# Tokens an order keeps at once: the first one and those handed to replays of its create (a client that
+# lost the answer and retried). More replays than this push out the oldest.
+MAX_ACCESS_TOKENS = 8
+
+
+def new_access_token() -> str:
+    """256 random bits, URL-safe: the buyer's only key to their order and document."""
+    return secrets.token_urlsafe(32)
 
 
 def token_hash(token: str) -> str:
@@ -60,35 +69,62 @@ def token_hash(token: str) -> str:
 
 
 def token_matches(order: dict[str, Any], token: str) -> bool:
-    return token_hash_matches(order["access_token_hash"], token)
+    return token_hash_matches(order["access_token_hashes"], token)
 
 
-def token_hash_matches(stored_hash: str, token: str) -> bool:
-    return hmac.compare_digest(stored_hash, token_hash(token))
+def token_hash_matches(stored_hashes: list[str], token: str) -> bool:
+    """Whether ``token`` is one of the order's; every stored hash is compared, in constant time each."""
+    wanted = token_hash(token)
+    found = False
+    for stored in stored_hashes:
+        found |= hmac.compare_digest(stored, wanted)
+    return found
 
 
-def _check_same_request(existing: dict[str, Any], new: NewOrder) -> dict[str, Any]:
+@dataclass(frozen=True)
+class Created:
+    """What a create answers: the order, whether this request made it, and the token for this answer."""
+
+    order: dict[str, Any]
+    created: bool
+    access_token: str
+
+
+def find_by_idempotency_key(settings: Settings, email: str, key: str) -> dict[str, Any] | None:
+    with get_pool(settings.database_url).connection() as conn:
+        return conn.execute("SELECT * FROM orders WHERE lower(email) = lower(%s) AND idempotency_key = %s",
+                            (email, key)).fetchone()
+
+
+# A replay that made it this far is the same buyer sending the same request again: a fresh token for it,
+# keeping the newest MAX_ACCESS_TOKENS.
+_ADD_TOKEN = f"""
+UPDATE orders SET access_token_hashes = (access_token_hashes || %(hash)s::text)[
+        greatest(1, cardinality(access_token_hashes) + 2 - {MAX_ACCESS_TOKENS}):]
+WHERE id = %(id)s RETURNING *
+"""
+
+
+def _replay(settings: Settings, existing: dict[str, Any], new: NewOrder) -> Created:
     if existing["request_fingerprint"] != new.fingerprint():
         raise IdempotencyConflict(
             "This Idempotency-Key was already used for a different request; use a new key."
         )
-    return existing
-
-
-def find_by_idempotency_key(settings: Settings, key: str) -> dict[str, Any] | None:
+    token = new_access_token()
     with get_pool(settings.database_url).connection() as conn:
-        return conn.execute("SELECT * FROM orders WHERE idempotency_key = %s", (key,)).fetchone()
+        order = conn.execute(_ADD_TOKEN, {"hash": token_hash(token), "id": str(existing["id"])}).fetchone()
+    return Created(order, False, token)
 
 
 _LOOK_IT_UP: Any = object()
 
 _INSERT_ORDER = """
 WITH o AS (
-    INSERT INTO orders (id, idempotency_key, request_fingerprint, access_token_hash, email, status,
+    INSERT INTO orders (id, idempotency_key, request_fingerprint, access_token_hashes, email, status,
                         amount_idr, page, x, y, document_key, document_sha256, document_bytes)
-    VALUES (%(id)s, %(key)s, %(fingerprint)s, %(token_hash)s, %(email)s, %(status)s, %(amount)s,
+    VALUES (%(id)s, %(key)s, %(fingerprint)s, ARRAY[%(token_hash)s], %(email)s, %(status)s, %(amount)s,
             %(page)s, %(x)s, %(y)s, %(document_key)s, %(sha256)s, %(bytes)s)
-    ON CONFLICT (idempotency_key) DO NOTHING
+    ON CONFLICT ((lower(email)), idempotency_key) DO NOTHING
     RETURNING *
 ), e AS (
     INSERT INTO order_events (order_id, from_status, to_status, reason)
@@ -100,37 +136,37 @@ SELECT * FROM o
 
 def create_order(
     settings: Settings, store: DocumentStore, new: NewOrder, *, existing: Any = _LOOK_IT_UP
-) -> tuple[dict[str, Any], bool]:
-    """Store the upload durably, insert the order, and queue its checkout; return (order, created).
+) -> Created:
+    """Store the upload durably, insert the order, and queue its checkout.
 
-    ``existing`` is the order already under this Idempotency-Key (or ``None``) when the caller has just
-    looked it up, so the request path doesn't query twice.
+    ``existing`` is the order already under this buyer's Idempotency-Key (or ``None``) when the caller
+    has just looked it up, so the request path doesn't query twice.
     """
     if existing is _LOOK_IT_UP:
-        existing = find_by_idempotency_key(settings, new.idempotency_key)
+        existing = find_by_idempotency_key(settings, new.email, new.idempotency_key)
     if existing is not None:
-        return _check_same_request(existing, new), False
+        return _replay(settings, existing, new)
     order_id = uuid.uuid4()
     key = upload_key(order_id)
+    token = new_access_token()
     store.put(key, new.document)
     # One statement, so one round trip and atomic on its own (the pool's connections are autocommit):
     # the order and its first event, or (a concurrent create under the same key won) neither.
     with get_pool(settings.database_url).connection() as conn:
         row = conn.execute(_INSERT_ORDER, {
             "id": str(order_id), "key": new.idempotency_key, "fingerprint": new.fingerprint(),
-            "token_hash": token_hash(access_token_for(settings.secret_key, order_id)),
+            "token_hash": token_hash(token),
             "email": new.email, "status": Status.CREATED.value, "amount": settings.price,
             "page": new.page, "x": new.x, "y": new.y, "document_key": key,
             "sha256": new.document_sha256, "bytes": len(new.document), "reason": CREATED_REASON,
         }).fetchone()
-    if row is not None:
-        jobs.publish_committed(jobs.PREPARE_ORDER, str(order_id))  # committed: the checkout may run
     if row is None:  # lost a race with a concurrent create under the same key
         store.delete(key)
-        existing = find_by_idempotency_key(settings, new.idempotency_key)
+        existing = find_by_idempotency_key(settings, new.email, new.idempotency_key)
         assert existing is not None
-        return _check_same_request(existing, new), False
-    return row, True
+        return _replay(settings, existing, new)
+    jobs.publish_committed(jobs.PREPARE_ORDER, str(order_id))  # committed: the checkout may run
+    return Created(row, True, token)
 
 
 def get_order(settings: Settings, order_id: uuid.UUID | str) -> dict[str, Any] | None:

@@ -19,8 +19,9 @@ Correctness rules, in order of importance:
   configured the cache): every entry expires after ``status_cache_seconds``. Every process that changes
   orders configures it: the web and the workers through their app factories, the ``meterai`` CLI in its
   ``main``; one that doesn't says so in its log, once.
-* **The cache never decides who may read.** The entry holds the order's access-token hash; the token
-  is checked against it as against the row. And a Redis that doesn't answer just means the database
+* **The cache never decides who may read.** The entry holds the order's access-token hashes; the token
+  is checked against them as against the row, and a token the entry doesn't know is checked against
+  the row (a replayed create may just have added one). And a Redis that doesn't answer just means the database
   answers (fail open to the source of truth): a poll never fails because of the cache.
 """
 from __future__ import annotations
@@ -46,7 +47,7 @@ MARKER_SECONDS = 60
 _SEP = b"\n"
 
 # KEYS: the order's entry. ARGV: version (newest event id), value ('' for a change marker), ttl.
-# An entry is "<version>\n<token hash>\n<body>", a change marker "d<version>". A write never replaces a
+# An entry is "<version>\n<token hashes, comma-separated>\n<body>", a change marker "d<version>". A write never replaces a
 # newer version; a marker doesn't replace an entry of its own version (that entry shows the change).
 _WRITE = """
 local version = tonumber(ARGV[1])
@@ -98,8 +99,8 @@ def _failed() -> None:
     _state["skip_until"] = time.monotonic() + REST_AFTER_FAILURE_SECONDS
 
 
-def get(order_id: str) -> tuple[str, bytes] | None:
-    """The cached answer for ``order_id`` as (access-token hash, JSON body), or ``None``."""
+def get(order_id: str) -> tuple[list[str], bytes] | None:
+    """The cached answer for ``order_id`` as (access-token hashes, JSON body), or ``None``."""
     found = _client()
     if found is None or not _state["ttl"]:
         return None
@@ -112,13 +113,13 @@ def get(order_id: str) -> tuple[str, bytes] | None:
     if not raw or raw.startswith(b"d"):
         return None
     try:
-        _, token_hash, body = raw.split(_SEP, 2)
-        return token_hash.decode("ascii"), body
+        _, token_hashes, body = raw.split(_SEP, 2)
+        return token_hashes.decode("ascii").split(","), body
     except ValueError:  # not an entry of ours: a miss, never an error for the buyer
         return None
 
 
-def put(order_id: str, version: int, token_hash: str, body: bytes) -> None:
+def put(order_id: str, version: int, token_hashes: list[str], body: bytes) -> None:
     """Cache an answer just read from the database (``version``: its newest event id), unless the
     order has changed since."""
     found = _client()
@@ -127,7 +128,8 @@ def put(order_id: str, version: int, token_hash: str, body: bytes) -> None:
     client, prefix = found
     try:
         _state["write"](keys=[f"{prefix}{order_id}"],
-                        args=[version, token_hash.encode() + _SEP + body, _state["ttl"]], client=client)
+                        args=[version, ",".join(token_hashes).encode() + _SEP + body, _state["ttl"]],
+                        client=client)
     except redis.RedisError:
         _failed()
 

@@ -6,6 +6,7 @@ test system, so throttling here never slows the other tests down.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import time
 import uuid
 
@@ -15,6 +16,12 @@ import requests
 
 from shared import devenv
 from tests.conftest import ServerThread, make_pdf, wait_until
+
+
+class Base(str):
+    """A throttled app's base URL, knowing its Redis key prefix."""
+
+    prefix: str
 
 
 @pytest.fixture
@@ -29,11 +36,14 @@ def throttled(sys_):
     def start(**overrides) -> str:
         prefix = f"meterai-adm-{uuid.uuid4().hex[:8]}:"
         prefixes.append(prefix)
-        settings = dataclasses.replace(sys_.settings, redis_key_prefix=prefix, **overrides)
+        # Each test buyer is its own client (X-Forwarded-For), as buyers on the internet are.
+        settings = dataclasses.replace(sys_.settings, redis_key_prefix=prefix, **{"proxy_hops": 1, **overrides})
         port = devenv.free_port()
         servers.append(ServerThread(create_app(settings), port))
         make_celery_app(sys_.settings)  # its tasks go to the shared system's workers
-        return f"http://127.0.0.1:{port}"
+        base = Base(f"http://127.0.0.1:{port}")
+        base.prefix = prefix
+        return base
 
     yield start
     for server in servers:
@@ -44,12 +54,21 @@ def throttled(sys_):
             client.delete(key)
 
 
-def _create(base: str, key: str | None = None, admission: str | None = None) -> requests.Response:
-    headers = {"Idempotency-Key": key or uuid.uuid4().hex}
+_clients = itertools.count(1)
+
+
+def new_client() -> str:
+    n = next(_clients)
+    return f"10.{n >> 16 & 255}.{n >> 8 & 255}.{n & 255}"
+
+
+def _create(base: str, key: str | None = None, admission: str | None = None, client: str | None = None,
+            **fields: str) -> requests.Response:
+    headers = {"Idempotency-Key": key or uuid.uuid4().hex, "X-Forwarded-For": client or new_client()}
     if admission:
         headers["Admission-Token"] = admission
     return requests.post(f"{base}/api/v1/orders", headers=headers,
-                         data={"page": "1", "x": "400", "y": "80", "email": "a@b.id"},
+                         data={"page": "1", "x": "400", "y": "80", "email": "a@b.id", **fields},
                          files={"document": ("a.pdf", make_pdf(pages=1), "application/pdf")}, timeout=10)
 
 
@@ -105,13 +124,13 @@ def test_forged_or_tampered_tickets_and_tokens_are_refused(throttled):
 
 
 def test_ops_can_queue_everyone_or_pause_sales_but_status_and_payments_flow(sys_, throttled):
-    base = throttled(admission_per_minute=600, admission_burst=50, ops_token="ops-secret")
+    base = throttled(admission_per_minute=600, admission_burst=50, ops_token="ops-secret-for-the-tests-0123456789")
     order = _create(base)
     assert order.status_code == 202
     order_id, token = order.json()["order_id"], order.json()["access_token"]
     ops = f"{base}/ops/admission"
     assert requests.post(ops, json={"mode": "queue_all"}, timeout=5).status_code == 401
-    auth = {"Authorization": "Bearer ops-secret"}
+    auth = {"Authorization": "Bearer ops-secret-for-the-tests-0123456789"}
     assert requests.post(ops, json={"mode": "queue_all"}, headers=auth, timeout=5).json()["mode"] == "queue_all"
     queued = _create(base)
     assert queued.status_code == 429
@@ -136,7 +155,7 @@ def test_ops_can_queue_everyone_or_pause_sales_but_status_and_payments_flow(sys_
 
 
 def test_pausing_sales_also_holds_back_buyers_already_admitted(throttled):
-    base = throttled(admission_per_minute=600, admission_burst=1, ops_token="ops-secret")
+    base = throttled(admission_per_minute=600, admission_burst=1, ops_token="ops-secret-for-the-tests-0123456789")
     assert _create(base).status_code == 202
     queued = _create(base)
     assert queued.status_code == 429
@@ -144,7 +163,7 @@ def test_pausing_sales_also_holds_back_buyers_already_admitted(throttled):
     wait_until(lambda: _poll(base, ticket).json()["admitted"], message="the ticket to be admitted")
     admission = _poll(base, ticket).json()["admission_token"]
 
-    auth = {"Authorization": "Bearer ops-secret"}
+    auth = {"Authorization": "Bearer ops-secret-for-the-tests-0123456789"}
     requests.post(f"{base}/ops/admission", json={"mode": "paused"}, headers=auth, timeout=5)
     time.sleep(0.3)  # past any web process's cached look at the line
     held = _create(base, admission=admission)
@@ -166,7 +185,8 @@ def test_ops_endpoints_are_off_without_a_token(throttled):
 
 def test_rate_limit_per_client_with_standard_headers(throttled):
     base = throttled(rate_limit_create="3/60", admission_per_minute=600, admission_burst=50)
-    responses = [_create(base) for _ in range(4)]
+    client = new_client()
+    responses = [_create(base, client=client) for _ in range(4)]
     assert [r.status_code for r in responses] == [202, 202, 202, 429]
     assert responses[0].headers["RateLimit-Limit"] == "3"
     assert responses[0].headers["RateLimit-Remaining"] == "2"
@@ -220,9 +240,9 @@ class _CountingController:
         class Counting(AdmissionController):
             advances = 0
 
-            def _advance(self, *, direct):
+            def _advance(self, **kwargs):
                 type(self).advances += 1
-                return super()._advance(direct=direct)
+                return super()._advance(**kwargs)
 
         return Counting(settings, client)
 
@@ -235,8 +255,8 @@ def test_queue_polls_share_one_look_at_the_line_per_process_but_never_across_epo
     a, b = _CountingController(settings, client), _CountingController(settings, client)
     try:
         a.LINE_MAX_AGE_SECONDS = b.LINE_MAX_AGE_SECONDS = 3600  # "recent" for the whole test
-        assert a.admit_or_queue().__class__.__name__ == "Admitted"
-        first = a.admit_or_queue()
+        assert a.admit_or_queue("c1").__class__.__name__ == "Admitted"
+        first = a.admit_or_queue("c2")
         assert first.position == 1
         before = type(a).advances
         assert [a.status(first.ticket).position for _ in range(5)] == [1] * 5
@@ -245,8 +265,8 @@ def test_queue_polls_share_one_look_at_the_line_per_process_but_never_across_epo
         # Redis loses the line: another process starts a new one (a new epoch) and queues a buyer.
         for key in client.scan_iter(match=f"{prefix}*"):
             client.delete(key)
-        assert b.admit_or_queue().__class__.__name__ == "Admitted"
-        second = b.admit_or_queue()
+        assert b.admit_or_queue("c3").__class__.__name__ == "Admitted"
+        second = b.admit_or_queue("c4")
         # Process a still remembers the old epoch, but a ticket of another epoch makes it look again:
         # the new ticket is good there too, and the old one is now recognised as stale.
         assert a.status(second.ticket).position == 1
@@ -342,6 +362,9 @@ def test_a_queued_upload_gets_its_429_over_a_connection_that_stays_open(gunicorn
     pdf = make_pdf(pages=1) + b"%" + b"x" * 1_500_000  # a big upload, well past any server buffer
     body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"document\"; filename=\"a.pdf\"\r\n"
             f"Content-Type: application/pdf\r\n\r\n").encode() + pdf + f"\r\n--{boundary}--\r\n".encode()
+    fields = "".join(f"--{boundary}\r\nContent-Disposition: form-data; name=\"{name}\"\r\n\r\n{value}\r\n"
+                     for name, value in (("page", "1"), ("x", "400"), ("y", "80"), ("email", "a@b.id")))
+    body = fields.encode() + body
     headers = {"Content-Type": f"multipart/form-data; boundary={boundary}", "Idempotency-Key": "big-1"}
     for _ in range(3):
         conn.request("POST", "/api/v1/orders", body=body, headers=headers)
@@ -349,3 +372,115 @@ def test_a_queued_upload_gets_its_429_over_a_connection_that_stays_open(gunicorn
         assert response.status == 429
         assert b'"ticket"' in response.read()
     conn.close()
+
+
+# --- no way to lock buyers out (issue 9, points 10 and 12) ------------------------------------------
+
+def _redis(sys_) -> redis.Redis:
+    return redis.Redis.from_url(sys_.settings.redis_url)
+
+
+def test_a_spent_ticket_stays_spent_for_its_whole_life(sys_, throttled):
+    base = throttled(admission_per_minute=600, admission_burst=1)
+    assert _create(base).status_code == 202  # the one free place
+    ticket = _create(base).json()["queue"]["ticket"]
+    token = wait_until(lambda: _poll(base, ticket).json().get("admission_token"), message="an admission")
+    second_token = _poll(base, ticket).json()["admission_token"]  # polled again before spending
+    assert _create(base, admission=token).status_code == 202
+
+    # Neither another token of the same ticket nor a new one can buy a second order...
+    again = _create(base, admission=second_token)
+    assert again.status_code == 409 and again.json()["error"]["code"] == "admission_used"
+    poll = _poll(base, ticket)
+    assert poll.status_code == 410 and poll.json()["error"]["code"] == "ticket_used"
+    assert "sudah dipakai" in requests.get(f"{base}/antrian/{ticket}", timeout=5).text
+    # ...and the record that it was spent lasts as long as the ticket itself (it used to lapse after the
+    # token's ten minutes, when polling the ticket handed out a fresh, spendable token).
+    client = _redis(sys_)
+    spent = list(client.scan_iter(match=f"{base.prefix}adm:spent:*"))
+    assert len(spent) == 1 and client.ttl(spent[0]) > sys_.settings.ticket_seconds
+
+
+def test_requests_that_fail_validation_take_no_place_in_line(throttled):
+    base = throttled(admission_per_minute=1, admission_burst=2)
+    junk = []
+    for n in range(25):
+        junk.append(requests.post(f"{base}/api/v1/orders", headers={"Idempotency-Key": f"junk-{n}",
+                                                                      "X-Forwarded-For": new_client()},
+                                  timeout=5))  # no body at all
+        junk.append(_create(base, email="not-an-address"))
+    assert {r.status_code for r in junk} <= {400, 422}, {r.status_code for r in junk}
+    # The burst of two is still there for real buyers.
+    assert [_create(base).status_code for _ in range(2)] == [202, 202]
+    assert _create(base).status_code == 429
+
+
+def test_long_text_fields_are_refused_before_any_pattern_runs(throttled):
+    base = throttled()
+    huge = "a" * 20_000 + "@" + "b" * 40_000  # took the old e-mail pattern seconds of a web thread
+    started = time.monotonic()
+    r = _create(base, email=huge)
+    assert r.status_code == 422 and r.json()["error"]["code"] == "field_too_long"
+    r = _create(base, email="a" * 250 + "@b.id")  # short enough to read, too long for an address
+    assert r.status_code == 422 and r.json()["error"]["code"] == "invalid_email"
+    dotless = "a@" + "b" * 200  # the shape that backtracks in a "[^@]+\\.[^@]+" pattern
+    assert _create(base, email=dotless).json()["error"]["code"] == "invalid_email"
+    assert time.monotonic() - started < 30  # a sanity bound only; the point is the 422s above
+
+
+def test_one_live_ticket_per_client(throttled):
+    base = throttled(admission_per_minute=1, admission_burst=1)
+    assert _create(base).status_code == 202
+    client = new_client()
+    first, again = _create(base, client=client).json()["queue"], _create(base, client=client).json()["queue"]
+    assert again["ticket"] == first["ticket"] and again["position"] == first["position"] == 1
+    other = _create(base).json()["queue"]
+    assert other["position"] == 2  # the first client's repeat took no second place
+
+
+def test_a_failed_create_gives_its_admission_back(sys_, throttled, tmp_path):
+    blocked = tmp_path / "documents"
+    blocked.write_text("not a folder")  # the store can't write: every create fails after admission
+    base = throttled(admission_per_minute=1, admission_burst=1, admission_active_checkouts=1,
+                     document_dir=str(blocked))
+    failed = _create(base)
+    assert failed.status_code == 503 and failed.json()["error"]["code"] == "store_unavailable"
+    client = _redis(sys_)
+    assert client.zcard(f"{base.prefix}adm:active") == 0  # the slot went back...
+    assert _create(base).status_code == 503  # ...and the outflow it took: the next buyer isn't queued
+
+    # A buyer admitted from the line keeps a usable admission when their create fails.
+    client.set(f"{base.prefix}adm:mode", "queue_all")
+    time.sleep(0.3)
+    ticket = _create(base).json()["queue"]["ticket"]
+    client.set(f"{base.prefix}adm:mode", "auto")
+    token = wait_until(lambda: _poll(base, ticket).json().get("admission_token"), timeout=90,
+                       message="an admission")
+    assert _create(base, admission=token).status_code == 503
+    blocked.unlink()  # the store is back
+    assert _create(base, admission=token).status_code == 202
+
+
+def test_the_line_moves_over_tickets_nobody_polls_any_more(sys_, throttled):
+    base = throttled(admission_per_minute=600, admission_burst=50, admission_active_checkouts=2)
+    assert _create(base).status_code == 202  # one of the two active checkouts
+    client = _redis(sys_)
+    # Fill the line: three tickets nobody will poll (taken and abandoned), then a real buyer.
+    client.set(f"{base.prefix}adm:mode", "queue_all")  # hold the line still while it fills
+    time.sleep(0.3)
+    abandoned = [_create(base).json()["queue"]["ticket"] for _ in range(3)]
+    buyer = _create(base).json()["queue"]
+    assert buyer["position"] == 4
+    seen = f"{base.prefix}adm:seen"
+    for n in client.zrange(seen, 0, 2):  # the three took their tickets ten minutes ago, never came back
+        client.zadd(seen, {n: (time.time() - 600) * 1000})
+    client.set(f"{base.prefix}adm:mode", "auto")
+    time.sleep(0.3)
+    # One active checkout is left: it goes to the buyer who is still here, not to an abandoned ticket.
+    status = wait_until(lambda: (body := _poll(base, buyer["ticket"]).json())["admitted"] and body,
+                        timeout=15, message="the waiting buyer to be admitted")
+    assert status["admission_token"]
+    assert _create(base, admission=status["admission_token"]).status_code == 202
+    # An abandoned ticket's holder who does come back still gets in (and counts as active from then).
+    late = _poll(base, abandoned[0]).json()
+    assert late["admitted"] and late["admission_token"]

@@ -58,14 +58,14 @@ def test_buyer_over_the_outflow_waits_in_line_then_is_let_in(sys_, throttled, br
 def test_a_queued_buyer_keeps_waiting_through_a_sales_pause(sys_, throttled, browser_page, tmp_path):
     import requests
 
-    base = throttled(admission_per_minute=6, admission_burst=1, ops_token="ops-secret")
+    base = throttled(admission_per_minute=6, admission_burst=1, ops_token="ops-secret-for-the-tests-0123456789")
     from tests.test_admission import _create
 
     assert _create(base).status_code == 202  # someone else takes the one free place
     page = browser_page
     _checkout(page, base, tmp_path)
     page.wait_for_selector("text=Posisi Anda")
-    ops = {"url": f"{base}/ops/admission", "headers": {"Authorization": "Bearer ops-secret"}, "timeout": 5}
+    ops = {"url": f"{base}/ops/admission", "headers": {"Authorization": "Bearer ops-secret-for-the-tests-0123456789"}, "timeout": 5}
     requests.post(json={"mode": "paused"}, **ops)
     page.wait_for_selector("text=Penjualan sedang dihentikan sementara", timeout=30_000)
     requests.post(json={"mode": "auto"}, **ops)

@@ -75,10 +75,10 @@ def test_period_bounds_are_whole_days_in_jakarta_time() -> None:
 def _order(conn, status: str, created_at: datetime | None = None) -> str:
     order_id = str(uuid.uuid4())
     conn.execute(
-        "INSERT INTO orders (id, idempotency_key, request_fingerprint, access_token_hash, email, status,"
+        "INSERT INTO orders (id, idempotency_key, request_fingerprint, access_token_hashes, email, status,"
         " amount_idr, page, x, y, document_key, document_sha256, document_bytes, refund_due_at,"
         " serial, stamped_document_key, created_at)"
-        " VALUES (%s, %s, 'f', 'h', 'a@b.id', %s, %s, 1, 1, 1, 'uploads/x.pdf', %s, 10, now(), %s, %s,"
+        " VALUES (%s, %s, 'f', ARRAY['h'], 'a@b.id', %s, %s, 1, 1, 1, 'uploads/x.pdf', %s, 10, now(), %s, %s,"
         " coalesce(%s, now()))",
         (order_id, uuid.uuid4().hex, status, PRICE, "0" * 64,
          "A" * 22 if status == "stamped" else None, "stamped/x.pdf" if status == "stamped" else None,

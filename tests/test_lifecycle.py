@@ -16,9 +16,9 @@ ROOT = Path(__file__).resolve().parents[1]
 def _insert_order(conn, status: str = "created") -> str:
     order_id = str(uuid.uuid4())
     conn.execute(
-        "INSERT INTO orders (id, idempotency_key, request_fingerprint, access_token_hash, email, status,"
+        "INSERT INTO orders (id, idempotency_key, request_fingerprint, access_token_hashes, email, status,"
         " amount_idr, page, x, y, document_key, document_sha256, document_bytes)"
-        " VALUES (%s, %s, 'f', 'h', 'a@b.id', %s, 12500, 1, 1, 1, 'uploads/x.pdf', %s, 10)",
+        " VALUES (%s, %s, 'f', ARRAY['h'], 'a@b.id', %s, 12500, 1, 1, 1, 'uploads/x.pdf', %s, 10)",
         (order_id, uuid.uuid4().hex, status, "0" * 64),
     )
     return order_id

@@ -66,11 +66,27 @@ def test_same_idempotency_key_twice_makes_one_order(sys_):
     assert first.status_code == 202
     assert second.status_code in (200, 202)
     assert second.json()["order_id"] == first.json()["order_id"]
-    assert second.json()["access_token"] == first.json()["access_token"]
+    # Tokens are random and only hashed: the replay gets a fresh one, and both open the order.
+    assert second.json()["access_token"] != first.json()["access_token"]
+    for answer in (first, second):
+        assert sys_.status(answer.json()["order_id"], answer.json()["access_token"])["order_id"]
     conflict = sys_.create(make_pdf(pages=1), key="cpns-key-1")
     assert conflict.status_code == 409
     assert conflict.json()["error"]["code"] == "idempotency_conflict"
     assert sys_.query("SELECT count(*) AS n FROM orders")[0]["n"] == 1
+
+
+def test_idempotency_keys_belong_to_one_buyer_and_cannot_be_squatted(sys_):
+    """Someone who learns a buyer's Idempotency-Key and uses it first makes their own order; the buyer's
+    create under the same key still makes the buyer's order."""
+    document = make_pdf()
+    squatter = sys_.create(make_pdf(pages=1), key="cpns-key-squat", email="penyerobot@example.id")
+    buyer = sys_.create(document, key="cpns-key-squat", email="Pelamar@Example.id")
+    assert squatter.status_code == 202 and buyer.status_code == 202, buyer.text
+    assert buyer.json()["order_id"] != squatter.json()["order_id"]
+    again = sys_.create(document, key="cpns-key-squat", email="pelamar@example.id")  # same buyer
+    assert again.json()["order_id"] == buyer.json()["order_id"]
+    assert sys_.query("SELECT count(*) AS n FROM orders")[0]["n"] == 2
 
 
 def test_concurrent_creates_with_one_key_make_one_order(sys_):

@@ -57,16 +57,16 @@ def test_an_answer_read_before_a_change_is_not_cached_after_it(sys_):
     key = f"{sys_.settings.redis_key_prefix}status:{order_id}"
     try:
         statuscache.mark_changed({order_id: 8})  # what the change's commit does
-        statuscache.put(order_id, 7, "hash", b'{"status":"old"}')
+        statuscache.put(order_id, 7, ["hash"], b'{"status":"old"}')
         assert statuscache.get(order_id) is None and _entry(sys_, order_id) == b"d8"
         # A poll that read after the commit caches at once; an older one can't replace it either.
-        statuscache.put(order_id, 8, "hash", b'{"status":"new"}')
-        statuscache.put(order_id, 7, "hash", b'{"status":"old"}')
-        assert statuscache.get(order_id) == ("hash", b'{"status":"new"}')
+        statuscache.put(order_id, 8, ["hash"], b'{"status":"new"}')
+        statuscache.put(order_id, 7, ["hash"], b'{"status":"old"}')
+        assert statuscache.get(order_id) == (["hash"], b'{"status":"new"}')
         # A late marker for the change this entry already shows leaves it; an older one too.
         statuscache.mark_changed({order_id: 8})
         statuscache.mark_changed({order_id: 5})
-        assert statuscache.get(order_id) == ("hash", b'{"status":"new"}')
+        assert statuscache.get(order_id) == (["hash"], b'{"status":"new"}')
         statuscache.mark_changed({order_id: 9})
         assert statuscache.get(order_id) is None
     finally:
@@ -83,7 +83,7 @@ def test_without_redis_the_database_answers(sys_):
         # After a failure the cache rests: the next polls go straight to the database instead of each
         # waiting out a timeout on a Redis that is stalled.
         assert statuscache._client() is None
-        statuscache.put(order_id_str, 1, "hash", b"{}")  # silently nothing
+        statuscache.put(order_id_str, 1, ["hash"], b"{}")  # silently nothing
         statuscache.mark_changed({order_id_str: 2})  # logged, not raised
         assert sys_.status(order_id, token)["status"] == "awaiting_payment"
     finally:

@@ -25,6 +25,8 @@ def create_app(settings: Settings | None = None) -> Flask:
     app = Flask(__name__)
     # Let a slightly oversized upload reach our own check (which names the limit) instead of a bare 413.
     app.config["MAX_CONTENT_LENGTH"] = settings.max_document_bytes + 256 * 1024
+    # werkzeug holds at most this much of any text field in memory (it can't be lower than its 64 KiB
+    # read chunk); web.api refuses fields over 1 KiB before anything looks inside them.
     app.config["MAX_FORM_MEMORY_SIZE"] = 64 * 1024
     app.extensions["meterai.settings"] = settings
     app.extensions["meterai.store"] = store_from_settings(settings)

@@ -9,22 +9,29 @@ import uuid
 from flask import Blueprint, Response, jsonify, request, url_for
 
 from shared import statuscache
+from shared.admission import MAX_RETRY_AFTER_SECONDS, Admitted, Queued
 from shared.errors import DomainError
 from shared.lifecycle import Status
-from shared.admission import Queued
-from shared.orders import (NewOrder, access_token_for, create_order, find_by_idempotency_key, get_order,
-                           get_order_with_view, order_view, token_hash_matches, token_matches)
+from shared.orders import (NewOrder, create_order, find_by_idempotency_key, get_order, get_order_with_view,
+                           order_view, token_hash_matches, token_matches)
 from shared.stamping import quick_check
 from web.context import admission, settings, store
 from web.errors import error_response
-from web.limits import drain_request_body, rate_limited
+from web.limits import client_id, drain_request_body, rate_limited
 
 bp = Blueprint("api", __name__, url_prefix="/api/v1")
 
 # Canonical lower-case UUIDs only: the form our links use, and the only keys the status cache holds.
 _UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
-_IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,64}$")
-_EMAIL = re.compile(r"^[^@\s\x00-\x1f\x7f]{1,64}@[^@\s\x00-\x1f\x7f]+\.[^@\s\x00-\x1f\x7f]{2,}$")
+_IDEMPOTENCY_KEY = re.compile(r"[\x21-\x7e]{1,64}")
+# Linear by construction: each domain label ends at its own dot, so no part of the address can be
+# matched two ways (a pattern like "[^@]+\.[^@]+" backtracks quadratically on a long dotless field). The
+# length is checked before the pattern runs at all.
+_EMAIL = re.compile(r"[^@\s.\x00-\x1f\x7f][^@\s\x00-\x1f\x7f]{0,63}@(?:[^@\s.\x00-\x1f\x7f]+\.)+"
+                    r"[^@\s.\x00-\x1f\x7f]{2,}")
+MAX_EMAIL_LENGTH = 254
+# Every text field we take is a few dozen characters; anything longer is refused unread.
+MAX_TEXT_FIELD_CHARACTERS = 1024
 
 
 # PDF user space is at most 14,400 units a side; no page or coordinate beyond it can be valid.
@@ -59,15 +66,17 @@ def _new_order_from_request(key: str) -> NewOrder:
     upload = request.files.get("document")
     if upload is None:
         raise BadRequest("Multipart field 'document' (a PDF) is required.", code="missing_document")
+    for name, value in request.form.items(multi=True):
+        if len(value) > MAX_TEXT_FIELD_CHARACTERS:
+            raise InvalidField(f"Field '{name[:40]}' is longer than {MAX_TEXT_FIELD_CHARACTERS} characters.",
+                               code="field_too_long")
+    email = request.form.get("email", "").strip()
+    if len(email) > MAX_EMAIL_LENGTH or not _EMAIL.fullmatch(email):
+        raise InvalidField("Field 'email' must be a valid e-mail address.", code="invalid_email")
+    page, x, y = int(_number("page", integer=True)), _number("x"), _number("y")
     document = upload.read(settings().max_document_bytes + 1)
     quick_check(document, max_bytes=settings().max_document_bytes)
-    email = request.form.get("email", "").strip()
-    if not _EMAIL.match(email) or len(email) > 254:
-        raise InvalidField("Field 'email' must be a valid e-mail address.", code="invalid_email")
-    return NewOrder(
-        idempotency_key=key, email=email, page=int(_number("page", integer=True)),
-        x=_number("x"), y=_number("y"), document=document,
-    )
+    return NewOrder(idempotency_key=key, email=email, page=page, x=x, y=y, document=document)
 
 
 def _links(order_id: str) -> dict[str, str]:
@@ -85,7 +94,7 @@ def _queued_response(queued: Queued):
         "Many buyers are checking out right now; you have a place in the queue. Poll the ticket and "
         "repeat this request with the Admission-Token header once admitted.",
         429,
-        retry_after=min(30, max(2, queued.eta_seconds // 4)),
+        retry_after=min(MAX_RETRY_AFTER_SECONDS, max(2, queued.eta_seconds // 4)),
         queue={"ticket": queued.ticket, "position": queued.position, "eta_seconds": queued.eta_seconds,
                "status_url": url_for("queue.queue_status", ticket=queued.ticket),
                "page_url": url_for("queue.queue_page", ticket=queued.ticket)},
@@ -96,40 +105,50 @@ def _queued_response(queued: Queued):
 @bp.post("/orders")
 @rate_limited("create", "rate_limit_create")
 def create_order_endpoint():
+    """Validate everything cheap first, then admit (or queue), then create.
+
+    Validation comes before the waiting room so a request that can't become an order never takes a
+    place in line or an active-checkout slot; a create that fails after admission gives its admission
+    back. A replay of an order we already have is never queued: the buyer is already in.
+    """
     key = request.headers.get("Idempotency-Key", "")
-    if not _IDEMPOTENCY_KEY.match(key):
+    if not _IDEMPOTENCY_KEY.fullmatch(key):
         drain_request_body()
         raise BadRequest("Header Idempotency-Key is required: 1-64 printable ASCII characters.",
                          code="missing_idempotency_key")
-    # A replay of an order we already have is never queued: the buyer is already in.
-    existing = find_by_idempotency_key(settings(), key)
-    admission_claims = None
+    new = _new_order_from_request(key)
+    existing = find_by_idempotency_key(settings(), new.email, key)
+    claims: dict | None = None
+    admitted: Admitted | None = None
     if existing is None:
         token = request.headers.get("Admission-Token", "").strip()
-        try:
-            if token:
-                admission_claims = admission().check_token(token)
-            else:
-                decision = admission().admit_or_queue()
-        except DomainError:  # paused, unavailable, bad token: answered before the upload was read
-            drain_request_body()
-            raise
-        if not token and isinstance(decision, Queued):
-            return _queued_response(decision)
-    new = _new_order_from_request(key)
-    if admission_claims is not None:
-        admission().spend_token(admission_claims)
-    order, created = create_order(settings(), store(), new, existing=existing)
-    order_id = str(order["id"])
+        if token:
+            claims = admission().check_token(token)
+            admission().spend_token(claims)
+        else:
+            decision = admission().admit_or_queue(client_id())
+            if isinstance(decision, Queued):
+                return _queued_response(decision)
+            admitted = decision
+    try:
+        result = create_order(settings(), store(), new, existing=existing)
+    except BaseException:
+        if claims is not None:
+            admission().unspend_token(claims)
+        if admitted is not None:
+            admission().release(admitted)
+        raise
+    order_id = str(result.order["id"])
     body = {
         "order_id": order_id,
-        "access_token": access_token_for(settings().secret_key, order_id),
-        "status": order["status"],
+        "access_token": result.access_token,
+        "status": result.order["status"],
         "links": _links(order_id),
     }
     response = jsonify(body)
-    response.status_code = 202 if created or order["status"] == Status.CREATED else 200
+    response.status_code = 202 if result.created or result.order["status"] == Status.CREATED else 200
     response.headers["Location"] = body["links"]["self"]
+    response.headers["Cache-Control"] = "no-store"
     return response
 
 
@@ -160,14 +179,12 @@ def get_order_status(order_id: str):
     """The hottest read of a surge: answered from the status cache when it can (shared/statuscache.py),
     with the same 401/403/404 rules as from the database."""
     cached = statuscache.get(order_id) if _UUID.fullmatch(order_id) else None
-    if cached is not None:
-        token_hash_cached, body = cached
-        if not token_hash_matches(token_hash_cached, _bearer_token()):
-            raise DomainError("This access token is not valid for this order.", code="forbidden", status=403)
-    else:
+    if cached is not None and token_hash_matches(cached[0], _bearer_token()):
+        body = cached[1]
+    else:  # not cached, or a token the entry doesn't know: the row decides
         order = _authorised_order(order_id, get_order_with_view)
         body = json.dumps(order_view(order), separators=(",", ":")).encode() + b"\n"
-        statuscache.put(str(order["id"]), order["last_event_id"] or 0, order["access_token_hash"], body)
+        statuscache.put(str(order["id"]), order["last_event_id"] or 0, order["access_token_hashes"], body)
     return Response(body, mimetype="application/json", headers={"Cache-Control": "no-store"})
 
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from flask import Blueprint, jsonify, render_template
 
-from shared.admission import InvalidAdmission, SalesPaused
+from shared.admission import MAX_RETRY_AFTER_SECONDS, InvalidAdmission, SalesPaused
 from web.context import admission
 
 bp = Blueprint("queue", __name__)
@@ -23,7 +23,7 @@ def queue_status(ticket: str):
     response = jsonify(body)
     response.headers["Cache-Control"] = "no-store"
     if not body["admitted"]:
-        response.headers["Retry-After"] = str(min(30, max(2, body["eta_seconds"] // 4)))
+        response.headers["Retry-After"] = str(min(MAX_RETRY_AFTER_SECONDS, max(2, body["eta_seconds"] // 4)))
     return response
 
 
@@ -35,6 +35,7 @@ def queue_page(ticket: str):
         body, error = None, exc
     paused = isinstance(error, SalesPaused)
     html = render_template("queue.html", ticket=ticket, status=body, error=error, paused=paused,
-                           refresh=30 if paused else min(30, max(3, (body or {}).get("eta_seconds", 10) // 4)))
+                           refresh=MAX_RETRY_AFTER_SECONDS if paused
+                           else min(MAX_RETRY_AFTER_SECONDS, max(3, (body or {}).get("eta_seconds", 10) // 4)))
     return html, (error.status if error else 200), {"Cache-Control": "no-store"}
 
