@@ -15,7 +15,7 @@ from typing import Protocol
 
 from shared.errors import PermanentError, TransientError
 
-_KEY = re.compile(r"^[a-z]+/[0-9a-f-]{36}(-[0-9]+)?\.pdf$")
+_KEY = re.compile(r"[a-z]+/[0-9a-f-]{36}(-[0-9]+)?\.pdf")
 
 
 class StoreUnavailable(TransientError):
@@ -48,7 +48,7 @@ class FilesystemStore:
         self.root = Path(root)
 
     def _path(self, key: str) -> Path:
-        if not _KEY.match(key):
+        if not _KEY.fullmatch(key):  # "$" would also accept a trailing newline
             raise ValueError(f"bad document key {key!r}")
         return self.root / key
 

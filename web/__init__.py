@@ -38,9 +38,10 @@ def create_app(settings: Settings | None = None) -> Flask:
     if settings.proxy_hops > 0:
         app.wsgi_app = ProxyFix(app.wsgi_app, x_for=settings.proxy_hops)
 
-    from web import api, errors, health, limits, notifications, openapi, ops, pages, queue, verify
+    from web import api, errors, health, limits, notifications, openapi, ops, pages, queue, security, verify
 
     errors.register(app)
+    security.register(app)
     app.after_request(limits.add_rate_limit_headers)
     app.register_blueprint(api.bp)
     app.register_blueprint(notifications.bp)

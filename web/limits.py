@@ -44,8 +44,13 @@ def drain_request_body() -> None:
 
 def enforce(scope: str, setting: str) -> None:
     """Count this request against the client's limit named by ``setting``; refuse it beyond."""
+    enforce_limit(scope, getattr(settings(), setting))
+
+
+def enforce_limit(scope: str, limit: str) -> None:
+    """Count this request against the client's ``limit`` ("<count>/<seconds>") in ``scope``."""
     limiter: RateLimiter = current_app.extensions["meterai.ratelimiter"]
-    decision = limiter.hit(scope, client_id(), Limit.parse(getattr(settings(), setting)))
+    decision = limiter.hit(scope, client_id(), Limit.parse(limit))
     if decision is not None:
         g.rate_limit_headers = decision.headers()
         if not decision.allowed:

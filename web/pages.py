@@ -6,6 +6,8 @@ the page while the buyer waits in the queue and is re-sent with the admission to
 """
 from __future__ import annotations
 
+from urllib.parse import urlsplit
+
 from flask import Blueprint, render_template
 
 from web.context import settings
@@ -16,4 +18,6 @@ bp = Blueprint("pages", __name__)
 @bp.get("/")
 def checkout():
     s = settings()
-    return render_template("checkout.html", price=s.price, max_mb=round(s.max_document_bytes / 2**20, 1))
+    gateway = urlsplit(s.gateway_url)
+    return render_template("checkout.html", price=s.price, max_mb=round(s.max_document_bytes / 2**20, 1),
+                           pay_origin=f"{gateway.scheme}://{gateway.netloc}")

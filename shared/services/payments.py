@@ -1,7 +1,7 @@
 """Payment notifications: verified at the door, stored raw, deduplicated, confirmed, then applied.
 
-The web endpoint only checks the signature and stores the body (:func:`accept_notification`); the
-worker confirms the status with a query to the gateway before any money moves
+The web endpoint only checks the signature and stores what it knows of the body
+(:func:`shared.services.notifications.accept_notification`); the worker confirms the status with a query to the gateway before any money moves
 (:func:`process_notification`), because a notification is a hint, the status query is the truth.
 Duplicates die at the unique fingerprint.
 
@@ -16,8 +16,6 @@ already expired moves it to ``refund_pending`` — the buyer gets the money back
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 from enum import StrEnum
 from typing import Any, Mapping
@@ -87,35 +85,6 @@ def action_for(status: GatewayStatus) -> GatewayAction:
     if action is GatewayAction.CAPTURE and status.fraud_status not in (None, "accept"):
         return FRAUD_OVERRIDES.get(status.fraud_status, GatewayAction.WAIT)
     return action
-
-
-def notification_fingerprint(body: Mapping[str, Any]) -> str:
-    parts = [str(body.get(k, "")) for k in
-             ("order_id", "transaction_status", "status_code", "transaction_id", "gross_amount",
-              "fraud_status")]
-    return hashlib.sha256("|".join(parts).encode()).hexdigest()
-
-
-def accept_notification(settings: Settings, body: Mapping[str, Any]) -> bool:
-    """Store a verified notification and queue its processing; False if it is a duplicate."""
-    # One statement on an autocommit connection: committed when it returns, in one round trip.
-    with get_pool(settings.database_url).connection() as conn:
-        row = conn.execute(
-            """
-            INSERT INTO payment_notifications
-                (gateway_order_id, transaction_status, status_code, transaction_id, fingerprint, body)
-            VALUES (%s, %s, %s, %s, %s, %s)
-            ON CONFLICT (fingerprint) DO NOTHING
-            RETURNING id
-            """,
-            (str(body.get("order_id", "")), str(body.get("transaction_status", "")),
-             str(body.get("status_code", "")), body.get("transaction_id"),
-             notification_fingerprint(body), json.dumps(dict(body))),
-        ).fetchone()
-    if row is None:
-        return False
-    jobs.publish_committed(jobs.PROCESS_NOTIFICATION, row["id"])
-    return True
 
 
 def _mark_processed(tx: Tx, notification_id: int, outcome: str) -> None:

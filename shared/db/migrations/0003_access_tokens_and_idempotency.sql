@@ -13,3 +13,6 @@ ALTER TABLE orders
 -- can't squat it (their create under that key is simply another buyer's order).
 ALTER TABLE orders DROP CONSTRAINT orders_idempotency_key_key;
 CREATE UNIQUE INDEX orders_idempotency_per_buyer ON orders (lower(email), idempotency_key);
+
+-- Distinct notifications are bounded per gateway order (shared/services/notifications.py counts them).
+CREATE INDEX notifications_by_gateway_order ON payment_notifications (gateway_order_id);
