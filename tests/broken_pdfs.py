@@ -259,7 +259,13 @@ def signed_with_wrong_stream_length() -> bytes:
     return classic(_signed_objects(o4=CONTENT.replace(length, b"/Length %d" % (len(TEXT) + 400))))
 
 
+def signed_with_page_tree_marked_free() -> bytes:
+    """A signed document whose page tree object is listed as free: pyHanko's signer asserts on it."""
+    return classic(_signed_objects(), free=(2,))
+
+
 SIGNED_CORPUS: list[Broken] = [Broken(name, build) for name, build in [
+    ("signed_with_page_tree_marked_free", signed_with_page_tree_marked_free),
     ("signed_with_shifted_offsets", signed_with_shifted_offsets),
     ("signed_xref_stream_pointing_between_objects", signed_xref_stream_pointing_between_objects),
     ("signed_with_wrong_stream_length", signed_with_wrong_stream_length),

@@ -213,7 +213,8 @@ def _public_key(certificate_der: bytes) -> object:
 
 
 def _check_cms(blob: bytes, digest: bytes, issuer: asn1_x509.Certificate) -> None:
-    """One signer, our issuer, signed attributes carrying ``digest``, a signature that verifies."""
+    """One signer, our issuer (named, and its certificate embedded unchanged for readers that validate with
+    it), signed attributes carrying ``digest``, a signature that verifies with our issuer's key."""
     try:
         content = cms.ContentInfo.load(blob, strict=False)
         if content["content_type"].native != "signed_data":
@@ -228,6 +229,11 @@ def _check_cms(blob: bytes, digest: bytes, issuer: asn1_x509.Certificate) -> Non
         # semantic comparison of names costs more than the rest of the check).
         if sid["serial_number"].native != issuer.serial_number or sid["issuer"].dump() != issuer.issuer.dump():
             raise DeliveryCheckFailed("the signature is not by our issuer")
+        embedded = [certificate.chosen.dump() for certificate in signed["certificates"]
+                    if certificate.name == "certificate"
+                    and certificate.chosen.serial_number == issuer.serial_number]
+        if embedded != [issuer.dump()]:
+            raise DeliveryCheckFailed("the signature does not carry our issuer's certificate")
         attributes = info["signed_attrs"]
         digests = [attribute["values"][0].native for attribute in attributes
                    if attribute["type"].native == "message_digest"]
