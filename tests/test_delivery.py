@@ -243,6 +243,59 @@ def test_a_document_that_trips_up_pyhankos_signer_is_unreadable_not_a_crash(sign
         sign(signed_with_page_tree_marked_free(), signer)
 
 
+def issuer_with_key(folder: Path, issuer_key) -> PkiPaths:
+    """A root and an issuer whose key is ``issuer_key`` (one the fast path leaves to pyHanko's signer)."""
+    import datetime as dt
+
+    from cryptography import x509 as cx509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+    from cryptography.x509.oid import NameOID
+
+    folder.mkdir(parents=True)
+    now = dt.datetime.now(dt.timezone.utc) - dt.timedelta(minutes=5)
+    root_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    root_name = cx509.Name([cx509.NameAttribute(NameOID.COMMON_NAME, "Test Root")])
+
+    def certificate(subject: cx509.Name, public_key, ca: bool) -> cx509.Certificate:
+        return (cx509.CertificateBuilder().subject_name(subject).issuer_name(root_name).public_key(public_key)
+                .serial_number(cx509.random_serial_number()).not_valid_before(now)
+                .not_valid_after(now + dt.timedelta(days=30))
+                .add_extension(cx509.BasicConstraints(ca=ca, path_length=None), critical=True)
+                .sign(root_key, hashes.SHA256()))
+
+    issuer_name = cx509.Name([cx509.NameAttribute(NameOID.COMMON_NAME, "Test Issuer")])
+    paths = PkiPaths(folder / "key.pem", folder / "cert.pem", folder / "ca.pem")
+    pem = serialization.Encoding.PEM
+    paths.ca_cert.write_bytes(certificate(root_name, root_key.public_key(), True).public_bytes(pem))
+    paths.cert.write_bytes(certificate(issuer_name, issuer_key.public_key(), False).public_bytes(pem))
+    paths.key.write_bytes(issuer_key.private_bytes(pem, serialization.PrivateFormat.PKCS8,
+                                                   serialization.NoEncryption()))
+    return paths
+
+
+def test_the_check_accepts_every_signature_our_signers_make(signer, tmp_path: Path) -> None:
+    """The fast path with an ECDSA issuer key, and pyHanko's signer (used for documents the fast path
+    leaves alone): the check must accept what the configured signer makes, or every such order would be
+    refunded."""
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    from shared.stamping import stamp_document
+    from shared.stamping.signing import _sign_with_pyhanko
+
+    document = make_pdf(pages=2)
+    ec_signer = load_signer(issuer_with_key(tmp_path / "ecdsa", ec.generate_private_key(ec.SECP256R1())))
+    assert ec_signer.template is not None and ec_signer.template.mechanism == "ecdsa"
+    by_ecdsa = sign(document, ec_signer)
+    check_delivery(by_ecdsa, page=1, page_count=2, serial=SERIAL, issuer=ec_signer.certificate)
+
+    stamped = stamp_document(document, serial=SERIAL, verify_url="https://meterai.example.id/v", **PLACEMENT)
+    by_pyhanko = _sign_with_pyhanko(stamped, signer, serial=SERIAL)
+    check_delivery(by_pyhanko, page=1, page_count=2, serial=SERIAL, issuer=signer.certificate)
+    with pytest.raises(DeliveryCheckFailed):  # and still refuses a foreign issuer for either
+        check_delivery(by_pyhanko, page=1, page_count=2, serial=SERIAL, issuer=ec_signer.certificate)
+
+
 # --- through the real API, workers and database ---------------------------------------------------------
 
 def test_a_broken_signed_document_is_rejected_through_the_api_with_no_payment(sys_: System) -> None:

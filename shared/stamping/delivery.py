@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from functools import lru_cache
 from io import BytesIO
@@ -43,7 +43,7 @@ from asn1crypto import x509 as asn1_x509
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
+from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, padding, rsa
 
 from shared.errors import PermanentError
 
@@ -51,6 +51,9 @@ _STAMP_ART = "/MeteraiArt"
 _SIGNATURE_SUBFILTER = "/ETSI.CAdES.detached"
 _PAINTS_FORM = re.compile(rb"(/[^\s/\[\]()<>{}%]+)\s+Do\s+Q\s*$")
 _FIELD_WALK_LIMIT = 10_000  # form fields looked at; the kernel walks no more either
+_DIGESTS: dict[str, Callable[[], hashes.HashAlgorithm]] = {
+    "sha256": hashes.SHA256, "sha384": hashes.SHA384, "sha512": hashes.SHA512,
+}
 _BUYER_MESSAGE = (
     "Meterai tidak dapat dibubuhkan dengan aman karena struktur dokumen PDF rusak. Simpan ulang atau "
     "cetak ulang dokumen ke PDF, lalu unggah kembali."
@@ -212,9 +215,10 @@ def _public_key(certificate_der: bytes) -> object:
     return x509.load_der_x509_certificate(certificate_der).public_key()
 
 
-def _check_cms(blob: bytes, digest: bytes, issuer: asn1_x509.Certificate) -> None:
+def _check_cms(blob: bytes, digest: Callable[[str], bytes], issuer: asn1_x509.Certificate) -> None:
     """One signer, our issuer (named, and its certificate embedded unchanged for readers that validate with
-    it), signed attributes carrying ``digest``, a signature that verifies with our issuer's key."""
+    it), signed attributes carrying the file's digest (``digest(algorithm)``, by the algorithm the
+    signature names: SHA-256 or stronger), a signature that verifies with our issuer's key."""
     try:
         content = cms.ContentInfo.load(blob, strict=False)
         if content["content_type"].native != "signed_data":
@@ -237,26 +241,40 @@ def _check_cms(blob: bytes, digest: bytes, issuer: asn1_x509.Certificate) -> Non
         attributes = info["signed_attrs"]
         digests = [attribute["values"][0].native for attribute in attributes
                    if attribute["type"].native == "message_digest"]
-        if digests != [digest]:
+        algorithm = info["digest_algorithm"]["algorithm"].native
+        if algorithm not in _DIGESTS:
+            raise DeliveryCheckFailed(f"the signature's digest {algorithm} is not SHA-256 or stronger")
+        if digests != [digest(algorithm)]:
             raise DeliveryCheckFailed("the signed digest is not that of the file")
-        if info["digest_algorithm"]["algorithm"].native != "sha256":
-            raise DeliveryCheckFailed("the signature's digest is not SHA-256")
         signed_bytes = b"\x31" + attributes.dump()[1:]  # signed as SET OF, stored as [0] IMPLICIT
         signature = info["signature"].native
-        mechanism = info["signature_algorithm"].signature_algo
+        signature_algorithm = info["signature_algorithm"]
+        mechanism = signature_algorithm.signature_algo
+        pss = signature_algorithm["parameters"].native if mechanism == "rsassa_pss" else None
     except (DeliveryCheckFailed, MemoryError):
         raise
     except Exception as exc:  # asn1crypto raises ValueError, TypeError, KeyError on odd DER
         raise DeliveryCheckFailed(f"the signature does not parse: {_plain(exc)}") from exc
     public_key = _public_key(issuer.dump())
+    hashing = _DIGESTS[algorithm]()
     try:
+        # The fast path signs RSA PKCS#1 v1.5 or ECDSA; pyHanko's signer, for other keys, the rest.
         if mechanism == "rsassa_pkcs1v15" and isinstance(public_key, rsa.RSAPublicKey):
-            public_key.verify(signature, signed_bytes, padding.PKCS1v15(), hashes.SHA256())
+            public_key.verify(signature, signed_bytes, padding.PKCS1v15(), hashing)
         elif mechanism == "ecdsa" and isinstance(public_key, ec.EllipticCurvePublicKey):
-            public_key.verify(signature, signed_bytes, ec.ECDSA(hashes.SHA256()))
+            public_key.verify(signature, signed_bytes, ec.ECDSA(hashing))
+        elif mechanism == "rsassa_pss" and isinstance(public_key, rsa.RSAPublicKey) and pss:
+            pss_hash = _DIGESTS[pss["hash_algorithm"]["algorithm"]]()
+            public_key.verify(signature, signed_bytes,
+                              padding.PSS(mgf=padding.MGF1(pss_hash), salt_length=pss["salt_length"]),
+                              pss_hash)
+        elif mechanism == "ed25519" and isinstance(public_key, ed25519.Ed25519PublicKey):
+            public_key.verify(signature, signed_bytes)
+        elif mechanism == "ed448" and isinstance(public_key, ed448.Ed448PublicKey):
+            public_key.verify(signature, signed_bytes)
         else:
             raise DeliveryCheckFailed(f"unexpected signature mechanism {mechanism}")
-    except InvalidSignature as exc:
+    except (InvalidSignature, KeyError, TypeError, ValueError) as exc:
         raise DeliveryCheckFailed("the signature value does not verify") from exc
 
 
@@ -274,9 +292,12 @@ def _check_signature(pdf: pikepdf.Pdf, data: bytes, serial: str, issuer: asn1_x5
         raise
     except Exception as exc:
         raise DeliveryCheckFailed(f"the signature field does not read: {_plain(exc)}") from exc
-    digest = hashlib.sha256(memoryview(data)[:first])
-    digest.update(memoryview(data)[second:])
-    _check_cms(blob, digest.digest(), issuer)
+    def digest(algorithm: str) -> bytes:
+        hashed = hashlib.new(algorithm, memoryview(data)[:first])
+        hashed.update(memoryview(data)[second:])
+        return hashed.digest()
+
+    _check_cms(blob, digest, issuer)
 
 
 def check_delivery(data: bytes, *, page: int, page_count: int | None, serial: str,
