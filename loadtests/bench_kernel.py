@@ -286,6 +286,7 @@ def delivery_candidates(data_dir: Path, document: bytes) -> dict[str, tuple[Oper
     from pyhanko_certvalidator import ValidationContext
 
     from shared.config import load_settings
+    from shared.stamping.delivery import source_is_sound
     from shared.stamping.signing import signer_from_settings, stamp_and_sign
 
     signer = signer_from_settings(load_settings({}, data_dir=str(data_dir)))
@@ -317,10 +318,15 @@ def delivery_candidates(data_dir: Path, document: bytes) -> dict[str, tuple[Oper
             return signed
         return run
 
+    def sign(data: bytes) -> bytes:
+        fresh_serial, fresh_url = next_serial()  # a fresh serial (and QR code) each, as in run()
+        return stamp_and_sign(data, signer, serial=fresh_serial, verify_url=fresh_url, size=100.0, **PLACEMENT)
+
     candidates: dict[str, tuple[Operation, bytes]] = {
-        "sign": (lambda data: stamp_and_sign(data, signer, serial=serial, verify_url=url, size=100.0,
-                                             **PLACEMENT), document),
+        "sign": (sign, document),
         "check_delivery (pikepdf, no recovery)": (ours, document),
+        # Not a candidate: the kernel's path decision, already inside ``sign`` (qpdf reads the source).
+        "source_is_sound (inside sign)": (lambda data: bytes(source_is_sound(data)), document),
         "pikepdf check_pdf_syntax (qpdf --check)": (pikepdf_full_syntax_check, document),
         "pyHanko strict reader + validator": (pyhanko_strict_validation, document),
     }
