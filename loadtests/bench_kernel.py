@@ -9,7 +9,13 @@ document: text plus one scanned image):
 * ``sign``: stamp + signature exactly as the worker does it (:func:`shared.stamping.signing.stamp_and_sign`);
 * ``straightforward``: what one would write first: the stamp drawn by reportlab per document, pypdf
   ``merge_page`` and a full rewrite, then a stock pyHanko signature (``SimpleSigner.load`` once per
-  process, ``sign_pdf`` sizing the signature with a dry run).
+  process, ``sign_pdf`` sizing the signature with a dry run);
+* ``check``: the delivery check the stamping worker runs on every signed file before it may be
+  delivered (:func:`shared.stamping.delivery.check_delivery`, with the expected page count read from the
+  source as the worker reads it), reported as a ratio to ``sign``.
+
+``--delivery-candidates`` times the ways of re-reading a signed file that were considered for that
+check, each as a ratio to ``sign`` in the same rounds (figures in docs/benchmarks.md, "Delivery check").
 
 Why ratios: the machine is shared and noisy, so absolute times move between runs; every case is timed in
 interleaved rounds within one process and the median per case is compared with the others of the same
@@ -247,6 +253,107 @@ def kernel_operations(data_dir: Path) -> tuple[Operation, Operation, Operation]:
     return stamp, sign, straightforward(stock)
 
 
+def delivery_check(data_dir: Path) -> Callable[[bytes], Operation]:
+    """For a source document, the worker's check of its signed file (signed once, checked every time)."""
+    from shared.config import load_settings
+    from shared.stamping.delivery import check_delivery, expected_page_count
+    from shared.stamping.signing import signer_from_settings, stamp_and_sign
+
+    signer = signer_from_settings(load_settings({}, data_dir=str(data_dir)))
+    serial, url = next_serial()
+
+    def for_document(document: bytes) -> Operation:
+        signed = stamp_and_sign(document, signer, serial=serial, verify_url=url, size=100.0, **PLACEMENT)
+
+        def check(source: bytes) -> bytes:
+            check_delivery(signed, page=PLACEMENT["page"], page_count=expected_page_count(source),
+                           serial=serial, issuer=signer.certificate)
+            return signed
+
+        return check
+
+    return for_document
+
+
+def delivery_candidates(data_dir: Path, document: bytes) -> dict[str, tuple[Operation, bytes]]:
+    """The ways considered for re-reading a signed file with a parser other than pypdf, on ``document``."""
+    import shutil
+    import subprocess
+
+    import pikepdf
+    from pyhanko.pdf_utils.reader import PdfFileReader
+    from pyhanko.sign.validation import validate_pdf_signature
+    from pyhanko_certvalidator import ValidationContext
+
+    from shared.config import load_settings
+    from shared.stamping.delivery import source_is_sound
+    from shared.stamping.signing import signer_from_settings, stamp_and_sign
+
+    signer = signer_from_settings(load_settings({}, data_dir=str(data_dir)))
+    serial, url = next_serial()
+    signed = stamp_and_sign(document, signer, serial=serial, verify_url=url, size=100.0, **PLACEMENT)
+    ours = delivery_check(data_dir)(document)
+
+    def pikepdf_full_syntax_check(_: bytes) -> bytes:
+        with pikepdf.open(io.BytesIO(signed), attempt_recovery=False) as pdf:  # qpdf --check, in process
+            if pdf.check_pdf_syntax():
+                raise AssertionError("qpdf found problems")
+        return signed
+
+    def pyhanko_strict_validation(_: bytes) -> bytes:
+        reader = PdfFileReader(io.BytesIO(signed), strict=True)
+        embedded = reader.embedded_regular_signatures[-1]
+        context = ValidationContext(trust_roots=[signer.ca_certificate], allow_fetching=False)
+        status = validate_pdf_signature(embedded, context, skip_diff=True)
+        if not (status.intact and status.valid and status.trusted):
+            raise AssertionError("pyHanko refused the signature")
+        return signed
+
+    def command(*arguments: str) -> Operation:
+        def run(_: bytes) -> bytes:
+            with tempfile.NamedTemporaryFile(suffix=".pdf") as file:
+                file.write(signed)
+                file.flush()
+                subprocess.run([*arguments, file.name], capture_output=True, check=False)
+            return signed
+        return run
+
+    def sign(data: bytes) -> bytes:
+        fresh_serial, fresh_url = next_serial()  # a fresh serial (and QR code) each, as in run()
+        return stamp_and_sign(data, signer, serial=fresh_serial, verify_url=fresh_url, size=100.0, **PLACEMENT)
+
+    candidates: dict[str, tuple[Operation, bytes]] = {
+        "sign": (sign, document),
+        "check_delivery (pikepdf, no recovery)": (ours, document),
+        # Not a candidate: the kernel's path decision, already inside ``sign`` (qpdf reads the source).
+        "source_is_sound (inside sign)": (lambda data: bytes(source_is_sound(data)), document),
+        "pikepdf check_pdf_syntax (qpdf --check)": (pikepdf_full_syntax_check, document),
+        "pyHanko strict reader + validator": (pyhanko_strict_validation, document),
+    }
+    if shutil.which("pdfsig"):
+        candidates["poppler pdfsig (subprocess)"] = (command("pdfsig"), document)
+    if shutil.which("qpdf"):
+        candidates["qpdf --check (subprocess)"] = (command("qpdf", "--check"), document)
+    return candidates
+
+
+def run_candidates(args: argparse.Namespace) -> dict[str, object]:
+    from loadtests.documents import make_pdf
+
+    figures: dict[str, object] = {}
+    with tempfile.TemporaryDirectory(prefix="bench-delivery-") as data_dir:
+        for pages in (1, 10):
+            operations = delivery_candidates(Path(data_dir), make_pdf(args.document_bytes, pages=pages))
+            samples = timed_rounds(operations, rounds=args.rounds, batch_seconds=args.batch_seconds)
+            print(f"{pages}-page document: {'candidate':<42}{'ms/doc':>9}{'/ sign':>9}")
+            for name, values in samples.items():
+                ratio = paired_ratio(samples, name, "sign")
+                print(f"{'':<16}{name:<42}{statistics.median(values) * 1000:>9.2f}{ratio:>9.2f}")
+                figures[f"{name} {pages}p"] = {"ms_per_doc": round(statistics.median(values) * 1000, 3),
+                                                "over_sign": round(ratio, 3)}
+    return figures
+
+
 # --- the command ---------------------------------------------------------------------------------------
 
 def run(args: argparse.Namespace) -> dict[str, object]:
@@ -258,6 +365,8 @@ def run(args: argparse.Namespace) -> dict[str, object]:
         kinds = {"plain": plain_read_write, "stamp": stamp, "sign": sign, "straightforward": baseline}
         operations = {f"{kind}_{pages}": (operation, document)
                       for kind, operation in kinds.items() for pages, document in documents.items()}
+        checks = delivery_check(Path(data_dir))
+        operations.update({f"check_{pages}": (checks(document), document) for pages, document in documents.items()})
         samples = timed_rounds(operations, rounds=args.rounds, batch_seconds=args.batch_seconds)
         seconds = {name: statistics.median(values) for name, values in samples.items()}
         peaks = {name: peak_allocation(operation, document) for name, (operation, document) in operations.items()}
@@ -273,6 +382,8 @@ def run(args: argparse.Namespace) -> dict[str, object]:
     print(f"stamp+sign 1p / plain 1p = {sign_over_plain:.2f} (target <= {TARGET_SIGN_OVER_PLAIN})")
     print(f"stamp+sign 10p / 1p      = {sign_10p_over_1p:.2f} (target <= {TARGET_10P_OVER_1P})")
     print(f"straightforward 1p / stamp+sign 1p = {straightforward_over_sign:.1f}x")
+    check_over_sign = {pages: paired_ratio(samples, f"check_{pages}", f"sign_{pages}") for pages in documents}
+    print(f"delivery check / stamp+sign = {check_over_sign['1p']:.2f} (1p), {check_over_sign['10p']:.2f} (10p)")
     if memory is not None:
         print(f"memory over {memory.documents} documents: {memory.after_warmup_bytes / 2**20:.1f} MiB after "
               f"warm-up -> {memory.final_bytes / 2**20:.1f} MiB ({memory.growth:+.1%}, "
@@ -282,6 +393,7 @@ def run(args: argparse.Namespace) -> dict[str, object]:
         "sign_10p_over_1p": round(sign_10p_over_1p, 3),
         "straightforward_1p_over_sign_1p": round(straightforward_over_sign, 2),
         "stamp_10p_over_1p": round(paired_ratio(samples, "stamp_10p", "stamp_1p"), 3),
+        "check_over_sign": {pages: round(ratio, 3) for pages, ratio in check_over_sign.items()},
         "targets": {"sign_1p_over_plain": TARGET_SIGN_OVER_PLAIN, "sign_10p_over_1p": TARGET_10P_OVER_1P},
         "met": sign_over_plain <= TARGET_SIGN_OVER_PLAIN and sign_10p_over_1p <= TARGET_10P_OVER_1P
         and (memory is None or memory.flat),
@@ -307,11 +419,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--memory-docs", type=int, default=10_000,
                         help="documents stamped and signed for the memory-flat check (0 skips it)")
     parser.add_argument("--document-bytes", type=int, default=200_000, help="size of the test documents")
+    parser.add_argument("--delivery-candidates", action="store_true",
+                        help="time the ways of re-reading a signed file considered for the delivery check instead")
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
-    summary = run(parse_args(argv))
+    args = parse_args(argv)
+    summary = run_candidates(args) if args.delivery_candidates else run(args)
     print(json.dumps(summary, sort_keys=True))
     return 0
 

@@ -60,6 +60,17 @@ def test_bench_command_ends_with_one_json_line_of_ratios(capsys):
     summary = json.loads(last)
     assert summary["sign_1p_over_plain"] > 0 and summary["sign_10p_over_1p"] > 0
     assert set(summary["docs_per_second"]) == {f"{kind}_{pages}" for kind in
-                                               ("plain", "stamp", "sign", "straightforward")
+                                               ("plain", "stamp", "sign", "straightforward", "check")
                                                for pages in ("1p", "10p")}
+    assert summary["check_over_sign"]["1p"] > 0 and summary["check_over_sign"]["10p"] > 0
     assert summary["memory"]["documents"] == 60
+
+
+def test_delivery_candidates_are_timed_against_stamp_and_sign(capsys):
+    assert bench_kernel.main(["--delivery-candidates", "--rounds", "1", "--batch-seconds", "0.001"]) == 0
+
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    for pages in ("1p", "10p"):
+        assert summary[f"sign {pages}"]["over_sign"] == 1.0
+        assert summary[f"check_delivery (pikepdf, no recovery) {pages}"]["over_sign"] > 0
+        assert summary[f"pyHanko strict reader + validator {pages}"]["over_sign"] > 0

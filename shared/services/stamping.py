@@ -8,6 +8,13 @@ release the lease and are retried; a permanent one (unreadable document) refunds
 document is stamped, then signed (:mod:`shared.stamping.signing`), and its recorded SHA-256 is that of
 the signed file, which is what verification compares. Stamp and signature are one incremental update
 made in one pass (:func:`shared.stamping.signing.stamp_and_sign`).
+
+Nothing is ``stamped`` before the delivery check (:func:`shared.stamping.delivery.check_delivery`):
+qpdf, not pypdf that wrote the file, re-reads it without recovery and checks the page tree, our stamp
+and our signature over the whole file. A file that fails is never stored or delivered: the attempt
+failed for good (the same bytes give the same file), so the order is refunded and its serial voided.
+The check parses in this process, like the stamping itself: the document passed the preflight's
+sandbox, where the same qpdf re-read ran on its trial stamp.
 """
 from __future__ import annotations
 
@@ -27,6 +34,7 @@ from shared.errors import PermanentError
 from shared.lifecycle import Status, before_deadline, lease_free, lease_held_by, transition
 from shared.logs import log_event
 from shared.services.refunds import begin_refund
+from shared.stamping.delivery import DeliveryCheckFailed, check_delivery, expected_page_count
 from shared.stamping.signing import stamp_and_sign, signer_from_settings
 from shared.store import DocumentStore, stamped_key
 
@@ -114,17 +122,22 @@ def stamp_order(settings: Settings, store: DocumentStore, order_id: str, worker_
         source = store.get(order["document_key"])
         # Signed over the whole stamped file; a missing key is SigningUnavailable (transient:
         # retried), a document that can't be stamped or signed is DocumentUnreadable (permanent: refunded).
-        stamped = stamp_and_sign(source, signer_from_settings(settings), page=order["page"], x=order["x"],
-                                 y=order["y"], serial=serial, verify_url=verify_url(settings, serial),
+        signer = signer_from_settings(settings)
+        stamped = stamp_and_sign(source, signer, page=order["page"], x=order["x"], y=order["y"],
+                                 serial=serial, verify_url=verify_url(settings, serial),
                                  size=settings.stamp_size)
+        # DeliveryCheckFailed (permanent) unless another parser reads what we wrote as we meant it.
+        check_delivery(stamped, page=order["page"], page_count=expected_page_count(source), serial=serial,
+                       issuer=signer.certificate)
         key = stamped_key(order_id, order["stamp_attempts"])
         store.put(key, stamped)
     except PermanentError as exc:
         with transaction(settings.database_url) as tx:
             begun = begin_refund(tx, order_id, Status.STAMPING, reason=exc.code,
                                  guards=(lease_held_by(worker_id),))
-        log_event(log, "stamp_failed_permanently", logging.WARNING, order_id=order_id,
-                  code=exc.code, refund=begun)
+        log_event(log, "stamp_failed_permanently", logging.WARNING, order_id=order_id, serial=serial,
+                  code=exc.code, refund=begun,
+                  problem=exc.problem if isinstance(exc, DeliveryCheckFailed) else None)
         return "refund_pending"
     except Exception as exc:
         release(settings, order_id, worker_id, f"{type(exc).__name__}: {exc}")

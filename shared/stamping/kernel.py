@@ -21,8 +21,9 @@ Why it is built this way:
   Form XObject whose bytes are made once per process.
 * Two kinds of document are rewritten whole by pypdf instead: an unsigned encrypted one that opens
   without a password (its objects would have to be encrypted; the rewrite drops the encryption) and
-  one whose cross-reference table pypdf had to repair (the rewrite normalises it before signing). A
-  signed document that can't be updated incrementally (encrypted), or whose certification forbids
+  one whose cross-reference data is not intact: pypdf had to repair it, or qpdf, reading it without
+  recovery, finds an object missing or misplaced (the rewrite normalises it before signing; the
+  incremental update would point back at data strict readers can't follow). A signed document that can't be updated incrementally (encrypted), or whose certification forbids
   every change, is refused before payment.
 """
 from __future__ import annotations
@@ -49,7 +50,7 @@ from pypdf.generic import (
 
 from shared.errors import PermanentError
 
-from . import art
+from . import art, delivery
 from .incremental import IncrementalUpdate, serialize, stream_object
 
 STAMP_SIZE: float = 100.0
@@ -148,6 +149,7 @@ class _Reader(PdfReader):
     """
 
     xref_repaired = False
+    independently_sound: bool | None = None  # qpdf's verdict on the source, once asked
 
     def _get_xref_issues(self, stream, startxref):  # type: ignore[no-untyped-def,override]
         issues = PdfReader._get_xref_issues(stream, startxref)
@@ -457,9 +459,22 @@ def source_bytes(reader: PdfReader) -> bytes | None:
 
 
 def can_update_incrementally(reader: PdfReader) -> bool:
-    """Not encrypted, cross-reference table intact, and opened from bytes we have."""
-    return (not reader.is_encrypted and not getattr(reader, "xref_repaired", True)
-            and not reader.xref_index and source_bytes(reader) is not None)
+    """Not encrypted, cross-reference data intact, and opened from bytes we have.
+
+    "Intact" is asked of two parsers: pypdf must not have repaired the table, and qpdf must read every
+    object where the table says without recovery (:func:`.delivery.source_is_sound`). pypdf silently
+    works around much (entries a few bytes off, a subsection numbered past 2^32, xref streams pointing
+    nowhere: it searches the file for the object), and an update appended to such data is a file strict
+    readers can't open. Asked once per reader.
+    """
+    if reader.is_encrypted or getattr(reader, "xref_repaired", True) or reader.xref_index:
+        return False
+    sound = getattr(reader, "independently_sound", None)
+    if sound is None:
+        source = source_bytes(reader)
+        sound = source is not None and delivery.source_is_sound(source)
+        reader.independently_sound = sound  # type: ignore[attr-defined]
+    return sound
 
 
 def _font_entry(name: str, base_font: str) -> bytes:

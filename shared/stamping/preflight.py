@@ -7,7 +7,10 @@ So there are two levels:
   header only), so obvious mistakes are answered at once.
 * :func:`preflight` runs in a worker process: it parses the document under pypdf's lowered limits and
   then does a full trial stamp with a placeholder serial, exactly as the paid stamping will. Whatever
-  would make stamping fail after payment makes the preflight fail before it.
+  would make stamping fail after payment makes the preflight fail before it. That includes the
+  delivery check's structural part (:func:`.delivery.check_structure`: qpdf re-reads the trial stamp
+  without recovery), so a document whose stamped file strict readers could not open is refused before
+  the buyer pays, not refunded after.
 
 Every rejection is a :class:`DocumentRejected` with a machine code and a message in Bahasa Indonesia.
 """
@@ -19,6 +22,7 @@ from pypdf import PageObject
 from pypdf.errors import LimitReachedError
 from pypdf.generic import ArrayObject, NullObject, StreamObject
 
+from . import delivery
 from .kernel import (
     STAMP_SIZE,
     DocumentRejected,
@@ -123,8 +127,9 @@ def preflight(
     """Everything that could stop stamping ``page`` at ``(x, y)``, checked before payment.
 
     Raises :class:`DocumentRejected` with code "not_pdf", "too_large", "unreadable", "encrypted",
-    "no_pages", "too_many_pages", "page_out_of_range", "stamp_outside_page" or "too_complex" (the
-    chosen page's content inflates past the parsing limits).
+    "no_pages", "too_many_pages", "page_out_of_range", "stamp_outside_page", "too_complex" (the
+    chosen page's content inflates past the parsing limits) or "damaged_structure" (the trial stamp
+    fails the independent re-read).
     """
     quick_check(data, max_bytes=max_bytes)
     with bounded_parsing():
@@ -136,11 +141,32 @@ def preflight(
         check_stamp_fits(box, x, y, size)
         _check_page_content(chosen, page)
         try:
-            stamp_reader(
+            trial = stamp_reader(
                 reader, page=page, x=x, y=y, serial=_TRIAL_SERIAL, verify_url=_TRIAL_VERIFY_URL, size=size
             )
         except DocumentRejected:
             raise
         except Exception as exc:
             raise unreadable() from exc
+    _check_trial(data, trial, page=page, count=count)
     return PreflightResult(page_count=count, page_width=box.width, page_height=box.height)
+
+
+def damaged_structure() -> DocumentRejected:
+    return DocumentRejected(
+        "damaged_structure",
+        "Struktur dokumen PDF ini rusak sehingga dokumen bermeterai tidak akan terbaca dengan benar di "
+        "aplikasi PDF. Simpan ulang atau cetak ulang dokumen ke PDF, lalu unggah kembali.",
+    )
+
+
+def _check_trial(data: bytes, trial: bytes, *, page: int, count: int) -> None:
+    """The trial stamp passes the delivery check's structural part, and qpdf sees the buyer's document
+    with as many pages as pypdf does (the page they chose is the same page to both)."""
+    expected = delivery.expected_page_count(data)
+    if expected is not None and expected != count:
+        raise damaged_structure()
+    try:
+        delivery.check_structure(trial, page=page, page_count=count)
+    except delivery.DeliveryCheckFailed as exc:
+        raise damaged_structure() from exc

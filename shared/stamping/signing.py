@@ -46,7 +46,6 @@ from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from pyhanko.keys import load_cert_from_pemder, load_private_key_from_pemder
 from pyhanko.pdf_utils.incremental_writer import IncrementalPdfFileWriter
-from pyhanko.pdf_utils.misc import PdfError
 from pyhanko.sign import fields, signers
 from pyhanko.sign.general import SigningError
 from pyhanko_certvalidator.registry import SimpleCertificateStore
@@ -498,6 +497,8 @@ def _sign_with_pyhanko(data: bytes, signer: Signer, *, serial: str) -> bytes:
         writer = IncrementalPdfFileWriter(BytesIO(data), strict=False)
         output = signers.PdfSigner(metadata, signer=signer.cms_signer).sign_pdf(
             writer, bytes_reserved=signer.bytes_reserved)
-    except (PdfError, SigningError) as exc:
+    except MemoryError:
+        raise
+    except Exception as exc:  # PdfError, SigningError, and on a crafted file AssertionError and others
         raise DocumentUnreadable("Dokumen PDF tidak dapat ditandatangani.") from exc
     return output.getvalue()
