@@ -7,7 +7,8 @@ install, configure or start PostgreSQL and Redis by hand first, nor install a Pr
 * when they don't, we start private servers under the data folder (``DATA_DIR``, default ``.data``) on free
   ports of 127.0.0.1, and stop them again when we are done;
 * ``up`` applies the migrations and runs every ``Procfile`` process under a small supervisor that prefixes
-  their output, and stops them all together (Ctrl-C, SIGTERM, or any one of them dying);
+  their output, restarts a process that dies by itself (with back-off, giving up only on one that can't
+  stay up), and stops them all together on Ctrl-C or SIGTERM;
 * ``test`` hands the servers to pytest through the environment.
 
 The helpers (:func:`start_private_postgres`, :func:`start_private_redis`, :func:`free_port`, ...) are the
@@ -417,12 +418,44 @@ def parse_procfile(text: str) -> list[ProcessSpec]:
 COLOURS = ["36", "33", "32", "35", "34", "96", "93", "92", "95", "94"]
 
 
-class Supervisor:
-    """Runs processes together, each in its own process group, and stops them together.
+@dataclass(frozen=True)
+class RestartPolicy:
+    """How the supervisor brings back a process that exited by itself, as a process manager would.
 
-    ``run()`` returns when a stop was requested (:meth:`request_stop`, safe from signal handlers) or when any
-    process exited on its own; either way every process group gets SIGTERM, then SIGKILL after ``grace``
-    seconds. The result is 0 after a requested stop, non-zero when a process died by itself.
+    One dead worker (say, after a Redis blip) must not take the whole system down, and a process that
+    cannot start at all (a port in use, a broken setting) must not be restarted in a tight loop forever:
+    so the delay doubles from ``initial_delay`` up to ``max_delay``, starts again from ``initial_delay``
+    once a process has stayed up ``stable_after`` seconds, and after ``max_quick_deaths`` deaths in a row,
+    each sooner than ``stable_after`` after its start, the supervisor gives up and stops everything.
+    """
+
+    initial_delay: float = 1.0
+    max_delay: float = 30.0
+    stable_after: float = 60.0
+    max_quick_deaths: int = 5
+
+
+@dataclass
+class _Supervised:
+    """One process slot: the running process (or the dead one awaiting its restart) and its back-off."""
+
+    spec: ProcessSpec
+    process: subprocess.Popen[bytes] | None = None
+    started_at: float = 0.0
+    delay: float = 0.0
+    quick_deaths: int = 0
+    restart_at: float | None = None
+    restarts: int = 0
+
+
+class Supervisor:
+    """Runs processes together, each in its own process group, restarts the ones that die, and stops them
+    together.
+
+    A process that exits by itself is started again after a back-off (:class:`RestartPolicy`), with a line
+    saying so. ``run()`` returns when a stop was requested (:meth:`request_stop`, safe from signal handlers;
+    the result is 0) or when a process keeps dying (non-zero: its exit code); either way every process group
+    gets SIGTERM, then SIGKILL after ``grace`` seconds.
     """
 
     def __init__(
@@ -433,6 +466,7 @@ class Supervisor:
         out: TextIO | None = None,
         grace: float = STOP_GRACE_SECONDS,
         on_started: Callable[[], None] | None = None,
+        restart: RestartPolicy | None = None,
     ) -> None:
         self.specs = specs
         self.env_for = env_for
@@ -440,7 +474,8 @@ class Supervisor:
         self.out = out if out is not None else sys.stdout
         self.grace = grace
         self.on_started = on_started
-        self.processes: dict[str, subprocess.Popen[bytes]] = {}
+        self.policy = restart if restart is not None else RestartPolicy()
+        self._slots: dict[str, _Supervised] = {}
         self.stop_requests = 0
         self._readers: list[threading.Thread] = []
         self._lock = threading.Lock()
@@ -449,8 +484,17 @@ class Supervisor:
         self._colours = {s.name: COLOURS[i % len(COLOURS)] for i, s in enumerate(specs)} if colour else {}
 
     @property
+    def processes(self) -> dict[str, subprocess.Popen[bytes]]:
+        """The current process of each slot (the last one, while a dead process waits for its restart)."""
+        return {name: slot.process for name, slot in self._slots.items() if slot.process is not None}
+
+    @property
     def pids(self) -> dict[str, int]:
         return {name: p.pid for name, p in self.processes.items()}
+
+    @property
+    def restarts(self) -> dict[str, int]:
+        return {name: slot.restarts for name, slot in self._slots.items()}
 
     def request_stop(self) -> None:
         self.stop_requests += 1
@@ -466,27 +510,32 @@ class Supervisor:
     def run(self) -> int:
         try:
             self._start_all()
-            died = self._watch()
+            gave_up = self._watch()
         finally:
             self._stop_all()
-        if died is None:
+        if gave_up is None:
             return 0
-        return self.processes[died].returncode or 1
+        return self._slots[gave_up].process.returncode or 1  # type: ignore[union-attr]
 
     def _start_all(self) -> None:
         for spec in self.specs:
             if self.stop_requests:
                 return
-            process = subprocess.Popen(
-                ["bash", "-c", spec.command], cwd=self.cwd, env=self.env_for(spec.name),
-                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
-            )
-            self.processes[spec.name] = process
-            reader = threading.Thread(target=self._pump, args=(spec.name, process), daemon=True)
-            reader.start()
-            self._readers.append(reader)
+            slot = _Supervised(spec, delay=self.policy.initial_delay)
+            self._slots[spec.name] = slot
+            self._spawn(slot)
         if self.on_started:
             self.on_started()
+
+    def _spawn(self, slot: _Supervised) -> None:
+        process = subprocess.Popen(
+            ["bash", "-c", slot.spec.command], cwd=self.cwd, env=self.env_for(slot.spec.name),
+            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+        slot.process, slot.started_at, slot.restart_at = process, time.monotonic(), None
+        reader = threading.Thread(target=self._pump, args=(slot.spec.name, process), daemon=True)
+        reader.start()
+        self._readers.append(reader)
 
     def _pump(self, name: str, process: subprocess.Popen[bytes]) -> None:
         assert process.stdout is not None
@@ -494,21 +543,52 @@ class Supervisor:
             self.emit(name, raw.decode("utf-8", errors="replace").rstrip("\r\n"))
 
     def _watch(self) -> str | None:
-        """Wait for a stop request (-> None) or for a process to exit (-> its name)."""
+        """Restart what dies until a stop request (-> None) or a process that can't stay up (-> its name)."""
         while not self.stop_requests:
-            for name, process in self.processes.items():
-                if process.poll() is not None:
-                    self.emit("dev", f"{name} exited with code {process.returncode}; stopping everything")
+            now = time.monotonic()
+            for name, slot in self._slots.items():
+                if slot.restart_at is not None:
+                    if now >= slot.restart_at:
+                        slot.restarts += 1
+                        self._spawn(slot)
+                    continue
+                assert slot.process is not None
+                if slot.process.poll() is None:
+                    continue
+                if self._schedule_restart(slot, now) is None:
                     return name
             time.sleep(0.1)
         return None
 
+    def _schedule_restart(self, slot: _Supervised, now: float) -> float | None:
+        """Note a death and pick the restart time, or None when the process has died too often too soon."""
+        assert slot.process is not None
+        name, code, policy = slot.spec.name, slot.process.returncode, self.policy
+        self._killpg(slot.process, signal.SIGKILL)  # whatever it left behind in its group goes with it
+        if now - slot.started_at >= policy.stable_after:
+            slot.quick_deaths, slot.delay = 0, policy.initial_delay
+        else:
+            slot.quick_deaths += 1
+        if slot.quick_deaths >= policy.max_quick_deaths:
+            self.emit("dev", f"{name} exited with code {code}, {slot.quick_deaths} times in a row within "
+                             f"{policy.stable_after:g} s of starting; giving up, stopping everything")
+            return None
+        delay = slot.delay
+        slot.delay = min(policy.max_delay, slot.delay * 2)
+        slot.restart_at = now + delay
+        self.emit("dev", f"{name} exited with code {code}; restarting in {delay:g} s")
+        return slot.restart_at
+
+    @staticmethod
+    def _killpg(process: subprocess.Popen[bytes], sig: signal.Signals) -> None:
+        try:
+            os.killpg(process.pid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+
     def _signal_groups(self, sig: signal.Signals) -> None:
         for process in self.processes.values():
-            try:
-                os.killpg(process.pid, sig)
-            except (ProcessLookupError, PermissionError):
-                pass
+            self._killpg(process, sig)
 
     def _stop_all(self) -> None:
         if not self.processes:
