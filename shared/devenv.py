@@ -4,8 +4,9 @@ Why this exists: the README promises two commands that work on a fresh machine. 
 install, configure or start PostgreSQL and Redis by hand first, nor install a Procfile runner. So:
 
 * when ``DATABASE_URL`` / ``REDIS_URL`` answer, we use them as they are;
-* when they don't, we start private servers under the data folder (``DATA_DIR``, default ``.data``) on free
-  ports of 127.0.0.1, and stop them again when we are done;
+* when they don't, or ``PRIVATE_SERVICES=1`` says never to touch them, we start private servers under the
+  data folder (``DATA_DIR``, default ``.data``) on free ports of 127.0.0.1, and stop them again when we
+  are done;
 * ``up`` applies the migrations and runs every ``Procfile`` process under a small supervisor that prefixes
   their output, restarts a process that dies by itself (with back-off, giving up only on one that can't
   stay up), and stops them all together on Ctrl-C or SIGTERM;
@@ -277,14 +278,20 @@ def start_private_postgres(dir: Path, port: int | None = None) -> PostgresHandle
     return PostgresHandle(cluster, port)
 
 
-def ensure_postgres(database_url: str, data_dir: str | Path) -> tuple[str, PostgresHandle | None]:
-    """A PostgreSQL URL that answers, with its database created: ``database_url`` itself if its server answers,
-    else one on a private server under ``data_dir`` (whose handle is returned so the caller can stop it)."""
-    problem = _postgres_problem(database_url)
-    if problem is None:
-        create_database(database_url)
-        return database_url, None
-    say(f"PostgreSQL at {_redact(database_url)} does not answer ({problem}); using a private one in {data_dir}")
+def ensure_postgres(
+    database_url: str, data_dir: str | Path, *, force_private: bool = False
+) -> tuple[str, PostgresHandle | None]:
+    """A PostgreSQL URL that answers, with its database created: ``database_url`` itself if its server answers
+    (and ``force_private`` is off), else one on a private server under ``data_dir`` (whose handle is returned
+    so the caller can stop it)."""
+    if force_private:
+        say(f"PRIVATE_SERVICES=1: not using PostgreSQL at {_redact(database_url)}; using a private one in {data_dir}")
+    else:
+        problem = _postgres_problem(database_url)
+        if problem is None:
+            create_database(database_url)
+            return database_url, None
+        say(f"PostgreSQL at {_redact(database_url)} does not answer ({problem}); using a private one in {data_dir}")
     handle = start_private_postgres(Path(data_dir))
     url = handle.database_url(database_name(database_url) or "meterai")
     try:
@@ -384,11 +391,15 @@ def start_private_redis(dir: Path, port: int | None = None) -> RedisHandle:
     raise ServiceError("redis-server did not start")
 
 
-def ensure_redis(redis_url: str, data_dir: str | Path) -> tuple[str, RedisHandle | None]:
-    """A Redis URL that answers: ``redis_url`` itself, or a private server's under ``data_dir``."""
-    if redis_answers(redis_url):
+def ensure_redis(redis_url: str, data_dir: str | Path, *, force_private: bool = False) -> tuple[str, RedisHandle | None]:
+    """A Redis URL that answers: ``redis_url`` itself (unless ``force_private``), or a private server's under
+    ``data_dir``."""
+    if force_private:
+        say(f"PRIVATE_SERVICES=1: not using Redis at {_redact(redis_url)}; using a private one in {data_dir}")
+    elif redis_answers(redis_url):
         return redis_url, None
-    say(f"Redis at {_redact(redis_url)} does not answer; using a private one in {data_dir}")
+    else:
+        say(f"Redis at {_redact(redis_url)} does not answer; using a private one in {data_dir}")
     handle = start_private_redis(Path(data_dir))
     return handle.url, handle
 
@@ -621,6 +632,7 @@ class Services:
     redis_url: str
     data_dir: Path
     private: list[PostgresHandle | RedisHandle] = field(default_factory=list)
+    forced_private: bool = False
 
     def env(self) -> dict[str, str]:
         """The process environment plus the service settings, with the venv's programs first on PATH."""
@@ -631,6 +643,10 @@ class Services:
             PYTHONUNBUFFERED="1",
         )
         env.setdefault("DEVELOPMENT", "1")  # ./dev runs on the development defaults, knowingly
+        if self.forced_private:
+            # DATABASE_URL and REDIS_URL now name the private servers: the test fixtures must use them,
+            # not start yet another pair.
+            env["PRIVATE_SERVICES"] = "0"
         return env
 
     def stop(self) -> None:
@@ -639,12 +655,13 @@ class Services:
         self.private.clear()
 
 
-def ensure_services(database_url: str, redis_url: str, data_dir: Path) -> Services:
-    """PostgreSQL and Redis that answer: the configured ones, or private ones under ``data_dir``."""
-    database_url, pg = ensure_postgres(database_url, data_dir)
-    services = Services(database_url, redis_url, data_dir, [pg] if pg else [])
+def ensure_services(database_url: str, redis_url: str, data_dir: Path, *, force_private: bool = False) -> Services:
+    """PostgreSQL and Redis that answer: the configured ones, or private ones under ``data_dir`` (always,
+    with ``force_private``)."""
+    database_url, pg = ensure_postgres(database_url, data_dir, force_private=force_private)
+    services = Services(database_url, redis_url, data_dir, [pg] if pg else [], forced_private=force_private)
     try:
-        services.redis_url, redis_handle = ensure_redis(redis_url, data_dir)
+        services.redis_url, redis_handle = ensure_redis(redis_url, data_dir, force_private=force_private)
     except BaseException:
         services.stop()
         raise
@@ -659,7 +676,8 @@ def _configured_services() -> tuple[Settings, Services]:
     settings = load_settings()
     data_dir = Path(settings.data_dir).absolute()
     data_dir.mkdir(parents=True, exist_ok=True)
-    return settings, ensure_services(settings.database_url, settings.redis_url, data_dir)
+    return settings, ensure_services(settings.database_url, settings.redis_url, data_dir,
+                                     force_private=bool(settings.private_services))
 
 
 def select_processes(specs: list[ProcessSpec], names: list[str]) -> list[ProcessSpec]:
