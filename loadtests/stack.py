@@ -44,7 +44,8 @@ def say(message: str) -> None:
 
 
 def procfile_commands() -> dict[str, str]:
-    return {spec.name: spec.command for spec in devenv.parse_procfile(devenv.PROCFILE.read_text())}
+    """Every process ``./dev up`` runs: the Procfile's, then Procfile.dev's (the stand-in gateway)."""
+    return {spec.name: spec.command for spec in devenv.process_specs()}
 
 
 def gunicorn_flags() -> list[str]:
@@ -222,7 +223,7 @@ class Stack:
         wanted = list(names) if names is not None else list(commands)
         unknown = [n for n in wanted if n not in commands]
         if unknown:
-            raise ValueError(f"not in the Procfile: {', '.join(unknown)}")
+            raise ValueError(f"not in the Procfile or Procfile.dev: {', '.join(unknown)}")
         env = self.env(overrides)
         for name in wanted:
             self.start(name, commands[name], env)

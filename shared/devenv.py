@@ -20,6 +20,7 @@ from __future__ import annotations
 import glob
 import os
 import pwd
+import secrets
 import re
 import shlex
 import shutil
@@ -40,6 +41,11 @@ if TYPE_CHECKING:
 
 ROOT = Path(__file__).resolve().parent.parent
 PROCFILE = ROOT / "Procfile"
+# Processes that exist only to develop, test and demo (the stand-in payment gateway): ./dev up and the
+# drills run them next to the Procfile's, a production process manager never sees them.
+PROCFILE_DEV = ROOT / "Procfile.dev"
+SECRET_KEY_FILE = "secret-key"
+SECRET_KEY_MIN_LENGTH = 32
 WEB_PORT = 8000
 STOP_GRACE_SECONDS = 10.0
 POSTGRES_USER = "postgres"
@@ -413,6 +419,19 @@ class ProcessSpec:
     command: str
 
 
+def process_specs(procfile: Path = PROCFILE, development: Path | None = PROCFILE_DEV) -> list[ProcessSpec]:
+    """The Procfile's processes, then the development ones of ``Procfile.dev`` (``development=None``: only the
+    production ones). A name in both is an error: one name, one process."""
+    specs = parse_procfile(procfile.read_text())
+    if development is not None and development.exists():
+        extra = parse_procfile(development.read_text())
+        clash = sorted({s.name for s in specs} & {s.name for s in extra})
+        if clash:
+            raise ValueError(f"{development.name} names processes the {procfile.name} has already: {', '.join(clash)}")
+        specs += extra
+    return specs
+
+
 def parse_procfile(text: str) -> list[ProcessSpec]:
     """``name: command`` lines; blank lines and ``#`` comments are skipped."""
     specs = []
@@ -685,14 +704,16 @@ def select_processes(specs: list[ProcessSpec], names: list[str]) -> list[Process
     known = {s.name for s in specs}
     unknown = [n for n in names if n not in known]
     if unknown:
-        raise UsageError(f"no such process in the Procfile: {', '.join(unknown)} (known: {', '.join(sorted(known))})")
+        raise UsageError(f"no such process in the Procfile or Procfile.dev: {', '.join(unknown)} "
+                         f"(known: {', '.join(sorted(known))})")
     return [s for s in specs if not names or s.name in names]
 
 
-def announce_when_listening(supervisor: Supervisor, settings: Settings, timeout: float = 60.0) -> None:
+def announce_when_listening(supervisor: Supervisor, settings: Settings, timeout: float = 60.0,
+                            web_port: int = WEB_PORT) -> None:
     """Once web and the stand-in gateway accept connections, say where to go and how to stop."""
     names = {s.name for s in supervisor.specs}
-    ports = [port for name, port in (("web", WEB_PORT), ("gateway", settings.gateway_port)) if name in names]
+    ports = [port for name, port in (("web", web_port), ("gateway", settings.gateway_port)) if name in names]
     deadline = time.monotonic() + timeout
     while not all(port_accepts(port) for port in ports):
         if supervisor.stop_requests or time.monotonic() > deadline:
@@ -700,7 +721,7 @@ def announce_when_listening(supervisor: Supervisor, settings: Settings, timeout:
         time.sleep(0.25)
     supervisor.emit("dev", "everything is up")
     if "web" in names:
-        supervisor.emit("dev", f"  web:              http://127.0.0.1:{WEB_PORT}")
+        supervisor.emit("dev", f"  web:              http://127.0.0.1:{web_port}")
     if "gateway" in names:
         supervisor.emit("dev", f"  stand-in gateway: {settings.gateway_url}")
     supervisor.emit("dev", "  stop:             Ctrl-C (stops every process, then the private servers)")
@@ -713,17 +734,57 @@ def _apply_migrations(database_url: str) -> None:
     say(f"applied migrations: {', '.join(applied)}" if applied else "database schema is up to date")
 
 
+def data_dir_secret_key(data_dir: Path) -> str:
+    """This data folder's own random SECRET_KEY (``<data_dir>/secret-key``, mode 0600), made on first use.
+
+    Why: with the built-in development key, anyone who has read the source can mint buyer tokens for a
+    ``./dev up`` system that is reachable from elsewhere; a random key per data folder costs nothing, and
+    reusing it keeps tokens and waiting-room tickets valid across restarts. Made atomically: written to a
+    private temporary file, then hard-linked into place, so a second ``./dev up`` starting at the same moment
+    either makes the key or reads the complete one the first made, never half a file or a different key.
+    """
+    path = Path(data_dir) / SECRET_KEY_FILE
+    if not path.exists():
+        candidate = path.with_name(f".{SECRET_KEY_FILE}.{os.getpid()}.{secrets.token_hex(4)}")
+        fd = os.open(candidate, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            os.fchmod(fd, 0o600)
+            os.write(fd, (secrets.token_urlsafe(48) + "\n").encode())
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        try:
+            os.link(candidate, path)
+            say(f"made a random SECRET_KEY for this data folder in {path}")
+        except FileExistsError:
+            pass  # another ./dev made it meanwhile: theirs is the key
+        finally:
+            candidate.unlink()
+    mode = stat.S_IMODE(path.stat().st_mode)
+    if mode & 0o077:
+        say(f"{path} was readable by others (mode {mode:o}); making it 0600")
+        path.chmod(0o600)
+    key = path.read_text().strip()
+    if len(key) < SECRET_KEY_MIN_LENGTH:
+        raise ServiceError(f"{path} holds no usable key (shorter than {SECRET_KEY_MIN_LENGTH} characters); "
+                           "delete it and ./dev up makes a new one (buyer tokens signed with the old one stop working)")
+    return key
+
+
 def cmd_up(args: list[str]) -> int:
-    """Run the whole system: services, migrations, then the Procfile's processes (those named, or all) until
-    Ctrl-C, SIGTERM or one of them dying."""
-    specs = select_processes(parse_procfile(PROCFILE.read_text()), args)
+    """Run the whole system: services, migrations, then the Procfile's and Procfile.dev's processes (those
+    named, or all) until Ctrl-C or SIGTERM, restarting any that dies by itself."""
+    specs = select_processes(process_specs(), args)
     settings, services = _configured_services()
     try:
         _apply_migrations(services.database_url)
         env = services.env()
-        supervisor = Supervisor(specs, lambda name: {**env, "PORT": str(WEB_PORT)} if name == "web" else dict(env))
+        if not os.environ.get("SECRET_KEY"):
+            env["SECRET_KEY"] = data_dir_secret_key(services.data_dir)
+        web_port = int(os.environ.get("PORT") or WEB_PORT)  # the Procfile convention: PORT for web
+        supervisor = Supervisor(specs, lambda name: {**env, "PORT": str(web_port)} if name == "web" else dict(env))
         supervisor.on_started = lambda: threading.Thread(
-            target=announce_when_listening, args=(supervisor, settings), daemon=True
+            target=announce_when_listening, args=(supervisor, settings, 60.0, web_port), daemon=True
         ).start()
         for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             signal.signal(sig, lambda *_: supervisor.request_stop())
