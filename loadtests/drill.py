@@ -7,9 +7,10 @@
 What it does, in order:
 
 1. a fresh database on the configured PostgreSQL (or a private one), migrations applied; a private Redis;
-2. every ``Procfile`` process (gunicorn web, stand-in gateway, the Celery workers, beat) with drill
-   settings: the waiting room's outflow set from this machine's measured stamping capacity, per-client
-   limits keyed on the buyer's forwarded address (``PROXY_HOPS=1``), the profile's gateway faults;
+2. every ``Procfile`` process (gunicorn web, the Celery workers, beat) and the stand-in gateway of
+   ``Procfile.dev``, with drill settings: the waiting room's outflow set from this machine's measured
+   stamping capacity, per-client limits keyed on the buyer's forwarded address (``PROXY_HOPS=1``), the
+   profile's gateway faults;
 3. Locust headless with the profile's load shape (:mod:`loadtests.shapes`) and the virtual buyer of
    :mod:`loadtests.locustfile`, writing CSV and HTML into ``reports/drill-<profile>-<time>/``;
 4. a drain window: waits until every paid order is stamped or refunded (bounded);

@@ -1,10 +1,11 @@
 """A whole meterai system for one drill or benchmark, brought up and torn down by one Python object.
 
-It reuses what ``./dev`` uses (:mod:`shared.devenv`): the configured PostgreSQL when it answers, else a
-private cluster under ``DATA_DIR/loadtests``; a fresh database with the migrations applied
-(:func:`shared.db.migrate.apply_migrations`), dropped again afterwards; a private memory-only Redis; and
-the processes exactly as the ``Procfile`` names them (gunicorn web, stand-in gateway, one Celery worker
-per queue group, beat), each in its own process group, with its output in ``<workdir>/logs/<name>.log``.
+It reuses what ``./dev`` uses (:mod:`shared.devenv`): the configured PostgreSQL when it answers (and
+``PRIVATE_SERVICES`` is not 1), else a private cluster under ``DATA_DIR/loadtests``; a fresh database with
+the migrations applied (:func:`shared.db.migrate.apply_migrations`), dropped again afterwards; a private
+memory-only Redis; and the processes exactly as the ``Procfile`` names them (gunicorn web, one Celery
+worker per queue group, beat), plus the stand-in gateway from ``Procfile.dev``, each in its own process
+group, with its output in ``<workdir>/logs/<name>.log``.
 Benchmarks can also start processes of their own (a baseline app under the same gunicorn flags).
 
 Everything started here is stopped by :meth:`Stack.close` (SIGTERM to each process group, SIGKILL after
@@ -43,7 +44,8 @@ def say(message: str) -> None:
 
 
 def procfile_commands() -> dict[str, str]:
-    return {spec.name: spec.command for spec in devenv.parse_procfile(devenv.PROCFILE.read_text())}
+    """Every process ``./dev up`` runs: the Procfile's, then Procfile.dev's (the stand-in gateway)."""
+    return {spec.name: spec.command for spec in devenv.process_specs()}
 
 
 def gunicorn_flags() -> list[str]:
@@ -156,7 +158,8 @@ class Stack:
         data_dir = Path(settings.data_dir).absolute()
         self._database_name = f"meterai_{self.label}_{time.strftime('%Y%m%d_%H%M%S')}_{uuid.uuid4().hex[:6]}"
         wanted = psycopg.conninfo.make_conninfo(settings.database_url, dbname=self._database_name)
-        self.database_url, pg = devenv.ensure_postgres(wanted, data_dir / "loadtests")
+        self.database_url, pg = devenv.ensure_postgres(wanted, data_dir / "loadtests",
+                                                       force_private=bool(settings.private_services))
         if pg is not None:
             self._private.append(pg)
         applied = apply_migrations(self.database_url)
@@ -220,7 +223,7 @@ class Stack:
         wanted = list(names) if names is not None else list(commands)
         unknown = [n for n in wanted if n not in commands]
         if unknown:
-            raise ValueError(f"not in the Procfile: {', '.join(unknown)}")
+            raise ValueError(f"not in the Procfile or Procfile.dev: {', '.join(unknown)}")
         env = self.env(overrides)
         for name in wanted:
             self.start(name, commands[name], env)

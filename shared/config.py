@@ -40,6 +40,10 @@ class Settings:
     # sandbox key, plain-http URLs) be used. 0, the default, makes web and workers refuse to start on any
     # of them (:func:`refuse_unsafe`), so production can't run on one by accident.
     development: int = 0
+    # 1: ./dev up, ./dev test, the test fixtures and the drills start private PostgreSQL and Redis servers
+    # (under DATA_DIR) even when DATABASE_URL / REDIS_URL answer, so a run never touches shared servers.
+    # Only those tools read it; the web and workers use whatever DATABASE_URL / REDIS_URL say.
+    private_services: int = 0
     # The root of every key we derive (waiting-room tickets and admission tokens). The default is for
     # development only; production must set SECRET_KEY (at least 32 characters) or refuses to start.
     secret_key: str = DEV_SECRET_KEY

@@ -4,10 +4,12 @@ Why this exists: the README promises two commands that work on a fresh machine. 
 install, configure or start PostgreSQL and Redis by hand first, nor install a Procfile runner. So:
 
 * when ``DATABASE_URL`` / ``REDIS_URL`` answer, we use them as they are;
-* when they don't, we start private servers under the data folder (``DATA_DIR``, default ``.data``) on free
-  ports of 127.0.0.1, and stop them again when we are done;
+* when they don't, or ``PRIVATE_SERVICES=1`` says never to touch them, we start private servers under the
+  data folder (``DATA_DIR``, default ``.data``) on free ports of 127.0.0.1, and stop them again when we
+  are done;
 * ``up`` applies the migrations and runs every ``Procfile`` process under a small supervisor that prefixes
-  their output, and stops them all together (Ctrl-C, SIGTERM, or any one of them dying);
+  their output, restarts a process that dies by itself (with back-off, giving up only on one that can't
+  stay up), and stops them all together on Ctrl-C or SIGTERM;
 * ``test`` hands the servers to pytest through the environment.
 
 The helpers (:func:`start_private_postgres`, :func:`start_private_redis`, :func:`free_port`, ...) are the
@@ -18,6 +20,7 @@ from __future__ import annotations
 import glob
 import os
 import pwd
+import secrets
 import re
 import shlex
 import shutil
@@ -38,6 +41,11 @@ if TYPE_CHECKING:
 
 ROOT = Path(__file__).resolve().parent.parent
 PROCFILE = ROOT / "Procfile"
+# Processes that exist only to develop, test and demo (the stand-in payment gateway): ./dev up and the
+# drills run them next to the Procfile's, a production process manager never sees them.
+PROCFILE_DEV = ROOT / "Procfile.dev"
+SECRET_KEY_FILE = "secret-key"
+SECRET_KEY_MIN_LENGTH = 32
 WEB_PORT = 8000
 STOP_GRACE_SECONDS = 10.0
 POSTGRES_USER = "postgres"
@@ -276,14 +284,20 @@ def start_private_postgres(dir: Path, port: int | None = None) -> PostgresHandle
     return PostgresHandle(cluster, port)
 
 
-def ensure_postgres(database_url: str, data_dir: str | Path) -> tuple[str, PostgresHandle | None]:
-    """A PostgreSQL URL that answers, with its database created: ``database_url`` itself if its server answers,
-    else one on a private server under ``data_dir`` (whose handle is returned so the caller can stop it)."""
-    problem = _postgres_problem(database_url)
-    if problem is None:
-        create_database(database_url)
-        return database_url, None
-    say(f"PostgreSQL at {_redact(database_url)} does not answer ({problem}); using a private one in {data_dir}")
+def ensure_postgres(
+    database_url: str, data_dir: str | Path, *, force_private: bool = False
+) -> tuple[str, PostgresHandle | None]:
+    """A PostgreSQL URL that answers, with its database created: ``database_url`` itself if its server answers
+    (and ``force_private`` is off), else one on a private server under ``data_dir`` (whose handle is returned
+    so the caller can stop it)."""
+    if force_private:
+        say(f"PRIVATE_SERVICES=1: not using PostgreSQL at {_redact(database_url)}; using a private one in {data_dir}")
+    else:
+        problem = _postgres_problem(database_url)
+        if problem is None:
+            create_database(database_url)
+            return database_url, None
+        say(f"PostgreSQL at {_redact(database_url)} does not answer ({problem}); using a private one in {data_dir}")
     handle = start_private_postgres(Path(data_dir))
     url = handle.database_url(database_name(database_url) or "meterai")
     try:
@@ -383,11 +397,15 @@ def start_private_redis(dir: Path, port: int | None = None) -> RedisHandle:
     raise ServiceError("redis-server did not start")
 
 
-def ensure_redis(redis_url: str, data_dir: str | Path) -> tuple[str, RedisHandle | None]:
-    """A Redis URL that answers: ``redis_url`` itself, or a private server's under ``data_dir``."""
-    if redis_answers(redis_url):
+def ensure_redis(redis_url: str, data_dir: str | Path, *, force_private: bool = False) -> tuple[str, RedisHandle | None]:
+    """A Redis URL that answers: ``redis_url`` itself (unless ``force_private``), or a private server's under
+    ``data_dir``."""
+    if force_private:
+        say(f"PRIVATE_SERVICES=1: not using Redis at {_redact(redis_url)}; using a private one in {data_dir}")
+    elif redis_answers(redis_url):
         return redis_url, None
-    say(f"Redis at {_redact(redis_url)} does not answer; using a private one in {data_dir}")
+    else:
+        say(f"Redis at {_redact(redis_url)} does not answer; using a private one in {data_dir}")
     handle = start_private_redis(Path(data_dir))
     return handle.url, handle
 
@@ -399,6 +417,19 @@ def ensure_redis(redis_url: str, data_dir: str | Path) -> tuple[str, RedisHandle
 class ProcessSpec:
     name: str
     command: str
+
+
+def process_specs(procfile: Path = PROCFILE, development: Path | None = PROCFILE_DEV) -> list[ProcessSpec]:
+    """The Procfile's processes, then the development ones of ``Procfile.dev`` (``development=None``: only the
+    production ones). A name in both is an error: one name, one process."""
+    specs = parse_procfile(procfile.read_text())
+    if development is not None and development.exists():
+        extra = parse_procfile(development.read_text())
+        clash = sorted({s.name for s in specs} & {s.name for s in extra})
+        if clash:
+            raise ValueError(f"{development.name} names processes the {procfile.name} has already: {', '.join(clash)}")
+        specs += extra
+    return specs
 
 
 def parse_procfile(text: str) -> list[ProcessSpec]:
@@ -417,12 +448,44 @@ def parse_procfile(text: str) -> list[ProcessSpec]:
 COLOURS = ["36", "33", "32", "35", "34", "96", "93", "92", "95", "94"]
 
 
-class Supervisor:
-    """Runs processes together, each in its own process group, and stops them together.
+@dataclass(frozen=True)
+class RestartPolicy:
+    """How the supervisor brings back a process that exited by itself, as a process manager would.
 
-    ``run()`` returns when a stop was requested (:meth:`request_stop`, safe from signal handlers) or when any
-    process exited on its own; either way every process group gets SIGTERM, then SIGKILL after ``grace``
-    seconds. The result is 0 after a requested stop, non-zero when a process died by itself.
+    One dead worker (say, after a Redis blip) must not take the whole system down, and a process that
+    cannot start at all (a port in use, a broken setting) must not be restarted in a tight loop forever:
+    so the delay doubles from ``initial_delay`` up to ``max_delay``, starts again from ``initial_delay``
+    once a process has stayed up ``stable_after`` seconds, and after ``max_quick_deaths`` deaths in a row,
+    each sooner than ``stable_after`` after its start, the supervisor gives up and stops everything.
+    """
+
+    initial_delay: float = 1.0
+    max_delay: float = 30.0
+    stable_after: float = 60.0
+    max_quick_deaths: int = 5
+
+
+@dataclass
+class _Supervised:
+    """One process slot: the running process (or the dead one awaiting its restart) and its back-off."""
+
+    spec: ProcessSpec
+    process: subprocess.Popen[bytes] | None = None
+    started_at: float = 0.0
+    delay: float = 0.0
+    quick_deaths: int = 0
+    restart_at: float | None = None
+    restarts: int = 0
+
+
+class Supervisor:
+    """Runs processes together, each in its own process group, restarts the ones that die, and stops them
+    together.
+
+    A process that exits by itself is started again after a back-off (:class:`RestartPolicy`), with a line
+    saying so. ``run()`` returns when a stop was requested (:meth:`request_stop`, safe from signal handlers;
+    the result is 0) or when a process keeps dying (non-zero: its exit code); either way every process group
+    gets SIGTERM, then SIGKILL after ``grace`` seconds.
     """
 
     def __init__(
@@ -433,6 +496,7 @@ class Supervisor:
         out: TextIO | None = None,
         grace: float = STOP_GRACE_SECONDS,
         on_started: Callable[[], None] | None = None,
+        restart: RestartPolicy | None = None,
     ) -> None:
         self.specs = specs
         self.env_for = env_for
@@ -440,7 +504,8 @@ class Supervisor:
         self.out = out if out is not None else sys.stdout
         self.grace = grace
         self.on_started = on_started
-        self.processes: dict[str, subprocess.Popen[bytes]] = {}
+        self.policy = restart if restart is not None else RestartPolicy()
+        self._slots: dict[str, _Supervised] = {}
         self.stop_requests = 0
         self._readers: list[threading.Thread] = []
         self._lock = threading.Lock()
@@ -449,8 +514,17 @@ class Supervisor:
         self._colours = {s.name: COLOURS[i % len(COLOURS)] for i, s in enumerate(specs)} if colour else {}
 
     @property
+    def processes(self) -> dict[str, subprocess.Popen[bytes]]:
+        """The current process of each slot (the last one, while a dead process waits for its restart)."""
+        return {name: slot.process for name, slot in self._slots.items() if slot.process is not None}
+
+    @property
     def pids(self) -> dict[str, int]:
         return {name: p.pid for name, p in self.processes.items()}
+
+    @property
+    def restarts(self) -> dict[str, int]:
+        return {name: slot.restarts for name, slot in self._slots.items()}
 
     def request_stop(self) -> None:
         self.stop_requests += 1
@@ -466,27 +540,32 @@ class Supervisor:
     def run(self) -> int:
         try:
             self._start_all()
-            died = self._watch()
+            gave_up = self._watch()
         finally:
             self._stop_all()
-        if died is None:
+        if gave_up is None:
             return 0
-        return self.processes[died].returncode or 1
+        return self._slots[gave_up].process.returncode or 1  # type: ignore[union-attr]
 
     def _start_all(self) -> None:
         for spec in self.specs:
             if self.stop_requests:
                 return
-            process = subprocess.Popen(
-                ["bash", "-c", spec.command], cwd=self.cwd, env=self.env_for(spec.name),
-                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
-            )
-            self.processes[spec.name] = process
-            reader = threading.Thread(target=self._pump, args=(spec.name, process), daemon=True)
-            reader.start()
-            self._readers.append(reader)
+            slot = _Supervised(spec, delay=self.policy.initial_delay)
+            self._slots[spec.name] = slot
+            self._spawn(slot)
         if self.on_started:
             self.on_started()
+
+    def _spawn(self, slot: _Supervised) -> None:
+        process = subprocess.Popen(
+            ["bash", "-c", slot.spec.command], cwd=self.cwd, env=self.env_for(slot.spec.name),
+            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+        slot.process, slot.started_at, slot.restart_at = process, time.monotonic(), None
+        reader = threading.Thread(target=self._pump, args=(slot.spec.name, process), daemon=True)
+        reader.start()
+        self._readers.append(reader)
 
     def _pump(self, name: str, process: subprocess.Popen[bytes]) -> None:
         assert process.stdout is not None
@@ -494,21 +573,52 @@ class Supervisor:
             self.emit(name, raw.decode("utf-8", errors="replace").rstrip("\r\n"))
 
     def _watch(self) -> str | None:
-        """Wait for a stop request (-> None) or for a process to exit (-> its name)."""
+        """Restart what dies until a stop request (-> None) or a process that can't stay up (-> its name)."""
         while not self.stop_requests:
-            for name, process in self.processes.items():
-                if process.poll() is not None:
-                    self.emit("dev", f"{name} exited with code {process.returncode}; stopping everything")
+            now = time.monotonic()
+            for name, slot in self._slots.items():
+                if slot.restart_at is not None:
+                    if now >= slot.restart_at:
+                        slot.restarts += 1
+                        self._spawn(slot)
+                    continue
+                assert slot.process is not None
+                if slot.process.poll() is None:
+                    continue
+                if self._schedule_restart(slot, now) is None:
                     return name
             time.sleep(0.1)
         return None
 
+    def _schedule_restart(self, slot: _Supervised, now: float) -> float | None:
+        """Note a death and pick the restart time, or None when the process has died too often too soon."""
+        assert slot.process is not None
+        name, code, policy = slot.spec.name, slot.process.returncode, self.policy
+        self._killpg(slot.process, signal.SIGKILL)  # whatever it left behind in its group goes with it
+        if now - slot.started_at >= policy.stable_after:
+            slot.quick_deaths, slot.delay = 0, policy.initial_delay
+        else:
+            slot.quick_deaths += 1
+        if slot.quick_deaths >= policy.max_quick_deaths:
+            self.emit("dev", f"{name} exited with code {code}, {slot.quick_deaths} times in a row within "
+                             f"{policy.stable_after:g} s of starting; giving up, stopping everything")
+            return None
+        delay = slot.delay
+        slot.delay = min(policy.max_delay, slot.delay * 2)
+        slot.restart_at = now + delay
+        self.emit("dev", f"{name} exited with code {code}; restarting in {delay:g} s")
+        return slot.restart_at
+
+    @staticmethod
+    def _killpg(process: subprocess.Popen[bytes], sig: signal.Signals) -> None:
+        try:
+            os.killpg(process.pid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+
     def _signal_groups(self, sig: signal.Signals) -> None:
         for process in self.processes.values():
-            try:
-                os.killpg(process.pid, sig)
-            except (ProcessLookupError, PermissionError):
-                pass
+            self._killpg(process, sig)
 
     def _stop_all(self) -> None:
         if not self.processes:
@@ -541,6 +651,7 @@ class Services:
     redis_url: str
     data_dir: Path
     private: list[PostgresHandle | RedisHandle] = field(default_factory=list)
+    forced_private: bool = False
 
     def env(self) -> dict[str, str]:
         """The process environment plus the service settings, with the venv's programs first on PATH."""
@@ -551,6 +662,10 @@ class Services:
             PYTHONUNBUFFERED="1",
         )
         env.setdefault("DEVELOPMENT", "1")  # ./dev runs on the development defaults, knowingly
+        if self.forced_private:
+            # DATABASE_URL and REDIS_URL now name the private servers: the test fixtures must use them,
+            # not start yet another pair.
+            env["PRIVATE_SERVICES"] = "0"
         return env
 
     def stop(self) -> None:
@@ -559,12 +674,13 @@ class Services:
         self.private.clear()
 
 
-def ensure_services(database_url: str, redis_url: str, data_dir: Path) -> Services:
-    """PostgreSQL and Redis that answer: the configured ones, or private ones under ``data_dir``."""
-    database_url, pg = ensure_postgres(database_url, data_dir)
-    services = Services(database_url, redis_url, data_dir, [pg] if pg else [])
+def ensure_services(database_url: str, redis_url: str, data_dir: Path, *, force_private: bool = False) -> Services:
+    """PostgreSQL and Redis that answer: the configured ones, or private ones under ``data_dir`` (always,
+    with ``force_private``)."""
+    database_url, pg = ensure_postgres(database_url, data_dir, force_private=force_private)
+    services = Services(database_url, redis_url, data_dir, [pg] if pg else [], forced_private=force_private)
     try:
-        services.redis_url, redis_handle = ensure_redis(redis_url, data_dir)
+        services.redis_url, redis_handle = ensure_redis(redis_url, data_dir, force_private=force_private)
     except BaseException:
         services.stop()
         raise
@@ -579,7 +695,8 @@ def _configured_services() -> tuple[Settings, Services]:
     settings = load_settings()
     data_dir = Path(settings.data_dir).absolute()
     data_dir.mkdir(parents=True, exist_ok=True)
-    return settings, ensure_services(settings.database_url, settings.redis_url, data_dir)
+    return settings, ensure_services(settings.database_url, settings.redis_url, data_dir,
+                                     force_private=bool(settings.private_services))
 
 
 def select_processes(specs: list[ProcessSpec], names: list[str]) -> list[ProcessSpec]:
@@ -587,14 +704,16 @@ def select_processes(specs: list[ProcessSpec], names: list[str]) -> list[Process
     known = {s.name for s in specs}
     unknown = [n for n in names if n not in known]
     if unknown:
-        raise UsageError(f"no such process in the Procfile: {', '.join(unknown)} (known: {', '.join(sorted(known))})")
+        raise UsageError(f"no such process in the Procfile or Procfile.dev: {', '.join(unknown)} "
+                         f"(known: {', '.join(sorted(known))})")
     return [s for s in specs if not names or s.name in names]
 
 
-def announce_when_listening(supervisor: Supervisor, settings: Settings, timeout: float = 60.0) -> None:
+def announce_when_listening(supervisor: Supervisor, settings: Settings, timeout: float = 60.0,
+                            web_port: int = WEB_PORT) -> None:
     """Once web and the stand-in gateway accept connections, say where to go and how to stop."""
     names = {s.name for s in supervisor.specs}
-    ports = [port for name, port in (("web", WEB_PORT), ("gateway", settings.gateway_port)) if name in names]
+    ports = [port for name, port in (("web", web_port), ("gateway", settings.gateway_port)) if name in names]
     deadline = time.monotonic() + timeout
     while not all(port_accepts(port) for port in ports):
         if supervisor.stop_requests or time.monotonic() > deadline:
@@ -602,7 +721,7 @@ def announce_when_listening(supervisor: Supervisor, settings: Settings, timeout:
         time.sleep(0.25)
     supervisor.emit("dev", "everything is up")
     if "web" in names:
-        supervisor.emit("dev", f"  web:              http://127.0.0.1:{WEB_PORT}")
+        supervisor.emit("dev", f"  web:              http://127.0.0.1:{web_port}")
     if "gateway" in names:
         supervisor.emit("dev", f"  stand-in gateway: {settings.gateway_url}")
     supervisor.emit("dev", "  stop:             Ctrl-C (stops every process, then the private servers)")
@@ -615,17 +734,57 @@ def _apply_migrations(database_url: str) -> None:
     say(f"applied migrations: {', '.join(applied)}" if applied else "database schema is up to date")
 
 
+def data_dir_secret_key(data_dir: Path) -> str:
+    """This data folder's own random SECRET_KEY (``<data_dir>/secret-key``, mode 0600), made on first use.
+
+    Why: with the built-in development key, anyone who has read the source can mint buyer tokens for a
+    ``./dev up`` system that is reachable from elsewhere; a random key per data folder costs nothing, and
+    reusing it keeps tokens and waiting-room tickets valid across restarts. Made atomically: written to a
+    private temporary file, then hard-linked into place, so a second ``./dev up`` starting at the same moment
+    either makes the key or reads the complete one the first made, never half a file or a different key.
+    """
+    path = Path(data_dir) / SECRET_KEY_FILE
+    if not path.exists():
+        candidate = path.with_name(f".{SECRET_KEY_FILE}.{os.getpid()}.{secrets.token_hex(4)}")
+        fd = os.open(candidate, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            os.fchmod(fd, 0o600)
+            os.write(fd, (secrets.token_urlsafe(48) + "\n").encode())
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        try:
+            os.link(candidate, path)
+            say(f"made a random SECRET_KEY for this data folder in {path}")
+        except FileExistsError:
+            pass  # another ./dev made it meanwhile: theirs is the key
+        finally:
+            candidate.unlink()
+    mode = stat.S_IMODE(path.stat().st_mode)
+    if mode & 0o077:
+        say(f"{path} was readable by others (mode {mode:o}); making it 0600")
+        path.chmod(0o600)
+    key = path.read_text().strip()
+    if len(key) < SECRET_KEY_MIN_LENGTH:
+        raise ServiceError(f"{path} holds no usable key (shorter than {SECRET_KEY_MIN_LENGTH} characters); "
+                           "delete it and ./dev up makes a new one (buyer tokens signed with the old one stop working)")
+    return key
+
+
 def cmd_up(args: list[str]) -> int:
-    """Run the whole system: services, migrations, then the Procfile's processes (those named, or all) until
-    Ctrl-C, SIGTERM or one of them dying."""
-    specs = select_processes(parse_procfile(PROCFILE.read_text()), args)
+    """Run the whole system: services, migrations, then the Procfile's and Procfile.dev's processes (those
+    named, or all) until Ctrl-C or SIGTERM, restarting any that dies by itself."""
+    specs = select_processes(process_specs(), args)
     settings, services = _configured_services()
     try:
         _apply_migrations(services.database_url)
         env = services.env()
-        supervisor = Supervisor(specs, lambda name: {**env, "PORT": str(WEB_PORT)} if name == "web" else dict(env))
+        if not os.environ.get("SECRET_KEY"):
+            env["SECRET_KEY"] = data_dir_secret_key(services.data_dir)
+        web_port = int(os.environ.get("PORT") or WEB_PORT)  # the Procfile convention: PORT for web
+        supervisor = Supervisor(specs, lambda name: {**env, "PORT": str(web_port)} if name == "web" else dict(env))
         supervisor.on_started = lambda: threading.Thread(
-            target=announce_when_listening, args=(supervisor, settings), daemon=True
+            target=announce_when_listening, args=(supervisor, settings, 60.0, web_port), daemon=True
         ).start()
         for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             signal.signal(sig, lambda *_: supervisor.request_stop())

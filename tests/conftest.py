@@ -211,11 +211,13 @@ class System:
         return self.query("SELECT * FROM order_events WHERE order_id = %s ORDER BY id", (order_id,))
 
 
-def _admin_url(tmp: Path) -> tuple[str, Any]:
-    """A PostgreSQL server to create the test database on: DATABASE_URL's, or a private one."""
-    configured = os.environ.get("DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
+def _admin_url(tmp: Path, env: Any = None) -> tuple[str, Any]:
+    """A PostgreSQL server to create the test database on: DATABASE_URL's, or a private one (when that
+    doesn't answer, or PRIVATE_SERVICES=1)."""
+    env = os.environ if env is None else env
+    configured = env.get("DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
     admin = psycopg.conninfo.make_conninfo(configured, dbname="postgres")
-    if devenv.postgres_answers(admin):
+    if not load_settings(env).private_services and devenv.postgres_answers(admin):
         return admin, None
     handle = devenv.start_private_postgres(tmp / "postgres")
     return handle.url, handle

@@ -6,6 +6,9 @@ import os
 import pwd
 import shlex
 import shutil
+import signal
+import stat
+import subprocess
 import sys
 import tempfile
 import threading
@@ -16,14 +19,25 @@ from typing import Callable, Iterator
 import psycopg
 import pytest
 
+from loadtests.stack import descendants
+from shared.config import load_settings
 from shared.devenv import (
     PROCFILE,
+    PROCFILE_DEV,
+    ROOT,
     ProcessSpec,
+    RestartPolicy,
+    ServiceError,
     Supervisor,
+    data_dir_secret_key,
+    free_port,
     parse_procfile,
+    port_accepts,
     postgres_answers,
+    process_specs,
     pytest_exit_code,
     redis_answers,
+    select_processes,
     start_private_postgres,
     start_private_redis,
 )
@@ -107,21 +121,233 @@ def test_supervisor_stop_terminates_every_process() -> None:
     assert any(line.startswith("one | one pid") for line in out.getvalue().splitlines())
 
 
-def test_supervisor_stops_everything_when_one_process_dies() -> None:
+def flaky(name: str, marker: Path, deaths: int, code: int = 3) -> ProcessSpec:
+    """A Procfile entry that exits with ``code`` the first ``deaths`` times it runs, then stays up: each run
+    appends a line to ``marker`` so the count survives the restarts."""
+    script = (
+        "import os, sys, time\n"
+        f"path = {str(marker)!r}\n"
+        "with open(path, 'a') as f: f.write('run\\n')\n"
+        "runs = len(open(path).read().splitlines())\n"
+        "print('" + name + " pid', os.getpid(), 'run', runs, flush=True)\n"
+        f"sys.exit({code}) if runs <= {deaths} else time.sleep(60)\n"
+    )
+    return ProcessSpec(name, f"{shlex.quote(sys.executable)} -c {shlex.quote(script)}")
+
+
+def run_in_thread(supervisor: Supervisor) -> tuple[threading.Thread, list[int]]:
+    result: list[int] = []
+    runner = threading.Thread(target=lambda: result.append(supervisor.run()))
+    runner.start()
+    return runner, result
+
+
+def quick(**overrides: float) -> RestartPolicy:
+    """Short delays for tests; a death counts as quick unless the process stayed up a minute."""
+    values = {"initial_delay": 0.05, "max_delay": 0.4, "stable_after": 60.0, "max_quick_deaths": 5}
+    values.update(overrides)
+    return RestartPolicy(**values)  # type: ignore[arg-type]
+
+
+def test_supervisor_restarts_a_process_that_dies_and_leaves_the_others_alone(tmp_path: Path) -> None:
     out = io.StringIO()
-    supervisor = Supervisor([sleeper("stays"), sleeper("dies", exit_after=0.5)], lambda name: dict(os.environ), out=out)
-
-    code = supervisor.run()
-
-    assert code != 0
-    assert "dies exited with code 0" in out.getvalue()
+    supervisor = Supervisor([sleeper("stays"), flaky("dies", tmp_path / "runs", deaths=2)],
+                            lambda name: dict(os.environ), out=out, restart=quick())
+    runner, result = run_in_thread(supervisor)
+    try:
+        wait_for(lambda: "dies pid" in out.getvalue() and " run 3" in out.getvalue())
+        stays_pid = supervisor.pids["stays"]
+        wait_for(lambda: supervisor.restarts.get("dies", 0) == 2)
+        time.sleep(0.3)  # the third run stays up: nothing else happens
+        assert supervisor.processes["dies"].poll() is None
+        assert supervisor.pids["stays"] == stays_pid and supervisor.restarts["stays"] == 0
+        log = out.getvalue()
+        assert "dev   | dies exited with code 3; restarting in 0.05 s" in log
+        assert "dev   | dies exited with code 3; restarting in 0.1 s" in log  # doubled
+        assert "stopping" not in log
+    finally:
+        supervisor.request_stop()
+        runner.join(timeout=15)
+    assert result == [0]
     assert all(gone(pid) for pid in supervisor.pids.values())
 
 
-def test_procfile_names_every_process() -> None:
-    names = [spec.name for spec in parse_procfile(PROCFILE.read_text())]
-    assert names == ["web", "gateway", "checkout", "payments", "refunds", "stamping", "housekeeping",
-                     "beat"]
+def test_supervisor_gives_up_and_stops_everything_when_a_process_cannot_stay_up(tmp_path: Path) -> None:
+    out = io.StringIO()
+    supervisor = Supervisor([sleeper("stays"), flaky("dies", tmp_path / "runs", deaths=1000)],
+                            lambda name: dict(os.environ), out=out, restart=quick(max_quick_deaths=4))
+
+    code = supervisor.run()
+
+    assert code == 3
+    log = out.getvalue()
+    delays = [line.rsplit("restarting in ", 1)[1] for line in log.splitlines() if "restarting in" in line]
+    assert delays == ["0.05 s", "0.1 s", "0.2 s"]  # doubling; the fourth quick death is the last
+    assert "dies exited with code 3, 4 times in a row within 60 s of starting; giving up" in log
+    assert len((tmp_path / "runs").read_text().splitlines()) == 4
+    assert all(gone(pid) for pid in supervisor.pids.values())
+
+
+def test_back_off_starts_again_from_the_first_delay_after_a_process_stayed_up(tmp_path: Path) -> None:
+    """Each run stays up 1 s, longer than ``stable_after``: every death is the first of a new series."""
+    out = io.StringIO()
+    supervisor = Supervisor([sleeper("stays"), sleeper("dies", exit_after=1)], lambda name: dict(os.environ),
+                            out=out, restart=quick(stable_after=0.3, max_quick_deaths=1))
+    runner, result = run_in_thread(supervisor)
+    try:
+        wait_for(lambda: supervisor.restarts.get("dies", 0) >= 3, timeout=30)
+    finally:
+        supervisor.request_stop()
+        runner.join(timeout=15)
+    assert result == [0]
+    delays = [line.rsplit("restarting in ", 1)[1] for line in out.getvalue().splitlines() if "restarting in" in line]
+    assert len(delays) >= 3 and set(delays) == {"0.05 s"}
+
+
+def test_back_off_delay_never_exceeds_the_cap(tmp_path: Path) -> None:
+    out = io.StringIO()
+    supervisor = Supervisor([flaky("dies", tmp_path / "runs", deaths=1000)], lambda name: dict(os.environ),
+                            out=out, restart=quick(max_delay=0.2, max_quick_deaths=6))
+    assert supervisor.run() == 3
+    delays = [line.rsplit("restarting in ", 1)[1] for line in out.getvalue().splitlines() if "restarting in" in line]
+    assert delays == ["0.05 s", "0.1 s", "0.2 s", "0.2 s", "0.2 s"]
+
+
+def test_stop_request_during_a_back_off_stops_at_once_without_restarting(tmp_path: Path) -> None:
+    out = io.StringIO()
+    supervisor = Supervisor([sleeper("stays"), flaky("dies", tmp_path / "runs", deaths=1000)],
+                            lambda name: dict(os.environ), out=out, restart=quick(initial_delay=600))
+    runner, result = run_in_thread(supervisor)
+    wait_for(lambda: "restarting in 600 s" in out.getvalue())
+    stays_pid = supervisor.pids["stays"]
+
+    supervisor.request_stop()
+    runner.join(timeout=15)
+
+    assert not runner.is_alive() and result == [0]
+    assert supervisor.restarts["dies"] == 0
+    assert gone(stays_pid)
+
+
+def test_supervisor_kills_what_a_dead_process_left_in_its_group(tmp_path: Path) -> None:
+    """A worker's main process dies but its pool child lives on: the restart must not run next to it."""
+    code = ("import os, subprocess, sys, time\n"
+            "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])\n"
+            "print('orphan', child.pid, flush=True)\n"
+            "time.sleep(0.2); os._exit(1)\n")
+    out = io.StringIO()
+    supervisor = Supervisor([ProcessSpec("parent", f"{shlex.quote(sys.executable)} -c {shlex.quote(code)}")],
+                            lambda name: dict(os.environ), out=out, restart=quick(initial_delay=600))
+    runner, result = run_in_thread(supervisor)
+    try:
+        wait_for(lambda: "restarting in" in out.getvalue())
+        orphan = int(next(line.split()[-1] for line in out.getvalue().splitlines() if " orphan " in line))
+        wait_for(lambda: gone(orphan))
+    finally:
+        supervisor.request_stop()
+        runner.join(timeout=15)
+    assert result == [0]
+
+
+def test_procfile_names_the_production_processes_and_procfile_dev_the_stand_in_gateway() -> None:
+    production = [spec.name for spec in parse_procfile(PROCFILE.read_text())]
+    assert production == ["web", "checkout", "payments", "refunds", "stamping", "housekeeping", "beat"]
+    assert "standin" not in PROCFILE.read_text()  # a production process manager never starts it
+    assert [spec.name for spec in parse_procfile(PROCFILE_DEV.read_text())] == ["gateway"]
+    assert [spec.name for spec in process_specs()] == production + ["gateway"]
+    assert [spec.name for spec in process_specs(development=None)] == production
+    assert [s.name for s in select_processes(process_specs(), ["web", "gateway"])] == ["web", "gateway"]
+
+
+def test_the_drills_start_what_dev_up_starts() -> None:
+    from loadtests.stack import procfile_commands
+
+    assert procfile_commands() == {spec.name: spec.command for spec in process_specs()}
+    assert "shared.payments.standin" in procfile_commands()["gateway"]
+
+
+def test_a_process_in_both_procfiles_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "Procfile").write_text("web: gunicorn app\n")
+    (tmp_path / "Procfile.dev").write_text("# dev only\nweb: flask run\n")
+    with pytest.raises(ValueError, match="web"):
+        process_specs(tmp_path / "Procfile", tmp_path / "Procfile.dev")
+
+
+def test_data_folder_secret_key_is_made_once_private_and_reused(tmp_path: Path) -> None:
+    key = data_dir_secret_key(tmp_path)
+
+    path = tmp_path / "secret-key"
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert len(key) >= 32 and key != load_settings({}).secret_key
+    assert data_dir_secret_key(tmp_path) == key  # reused
+    (tmp_path / "other").mkdir()
+    assert data_dir_secret_key(tmp_path / "other") != key  # one per data folder
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temporary files left
+
+
+def test_data_folder_secret_key_made_by_racing_processes_is_one_key(tmp_path: Path) -> None:
+    code = ("import sys; from pathlib import Path; from shared.devenv import data_dir_secret_key; "
+            "print(data_dir_secret_key(Path(sys.argv[1])))")
+    racers = [subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], cwd=ROOT, stdout=subprocess.PIPE,
+                               stderr=subprocess.DEVNULL, text=True) for _ in range(8)]
+    keys = {racer.communicate(timeout=60)[0].strip() for racer in racers}
+    assert len(keys) == 1 and keys == {(tmp_path / "secret-key").read_text().strip()}
+
+
+def test_data_folder_secret_key_is_tightened_and_a_broken_one_refused(tmp_path: Path) -> None:
+    path = tmp_path / "secret-key"
+    path.write_text("k" * 40 + "\n")
+    path.chmod(0o644)
+    assert data_dir_secret_key(tmp_path) == "k" * 40
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    path.write_text("short\n")
+    with pytest.raises(ServiceError, match="delete it"):
+        data_dir_secret_key(tmp_path)
+
+
+def test_dev_up_web_gateway_serves_with_the_data_folder_key_and_stops_on_sigterm(
+        database_url: str, redis_server, tmp_path: Path) -> None:
+    """``./dev up web gateway`` for real: both answer, both got the data folder's SECRET_KEY, and SIGTERM
+    stops everything with exit code 0."""
+    import requests
+
+    web_port, gateway_port = free_port(), free_port()
+    env = {key: value for key, value in os.environ.items() if key != "SECRET_KEY"}
+    env.update(DATABASE_URL=database_url, REDIS_URL=redis_server.url, DATA_DIR=str(tmp_path / "data"),
+               PRIVATE_SERVICES="0", PORT=str(web_port), GATEWAY_PORT=str(gateway_port),
+               GATEWAY_URL=f"http://127.0.0.1:{gateway_port}", PUBLIC_BASE_URL=f"http://127.0.0.1:{web_port}",
+               NOTIFICATION_URL=f"http://127.0.0.1:{web_port}/api/v1/payments/notifications",
+               REDIS_KEY_PREFIX="meterai-dev-up-test:", DEVELOPMENT="1")
+    log = tmp_path / "dev-up.log"
+    with open(log, "wb") as out:
+        dev = subprocess.Popen([sys.executable, "-m", "shared.devenv", "up", "web", "gateway"], cwd=ROOT, env=env,
+                               stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        wait_for(lambda: "everything is up" in log.read_text() or dev.poll() is not None, timeout=90)
+        assert dev.poll() is None, log.read_text()
+        assert requests.get(f"http://127.0.0.1:{web_port}/healthz", timeout=5).status_code == 200
+        assert requests.get(f"http://127.0.0.1:{gateway_port}/sandbox/faults", timeout=5).status_code == 200
+        key = (tmp_path / "data" / "secret-key").read_text().strip()
+        children = descendants(dev.pid)
+        environs = [environ for environ in map(environ_of, children) if environ]
+        assert len(environs) >= 2 and {environ.get("SECRET_KEY") for environ in environs} == {key}
+
+        dev.send_signal(signal.SIGTERM)
+        assert dev.wait(timeout=60) == 0, log.read_text()
+    finally:
+        if dev.poll() is None:
+            os.killpg(dev.pid, signal.SIGKILL)
+            dev.wait()
+    assert all(gone(pid) for pid in children)
+    assert not port_accepts(web_port) and not port_accepts(gateway_port)
+
+
+def environ_of(pid: int) -> dict[str, str]:
+    try:
+        raw = Path(f"/proc/{pid}/environ").read_bytes()
+    except OSError:
+        return {}
+    return dict(item.split("=", 1) for item in raw.decode(errors="replace").split("\0") if "=" in item)
 
 
 @pytest.mark.parametrize(("pytest_code", "ours"), [(0, 0), (1, 1), (2, 2), (5, 1)])

@@ -56,3 +56,21 @@ def test_publishing_cannot_hang_a_request_on_a_stuck_redis():
     options = config["broker_transport_options"]
     assert 0 < options["socket_timeout"] <= 5 and 0 < options["socket_connect_timeout"] <= 5
     assert config["task_publish_retry_policy"]["max_retries"] <= 3
+
+
+def test_workers_ride_out_broker_outages_of_any_length_and_let_running_tasks_finish():
+    config = celery_config(load_settings({}))
+    assert config["broker_connection_retry"] is True
+    assert config["broker_connection_max_retries"] is None  # retry forever, never exit
+    assert config["worker_cancel_long_running_tasks_on_connection_loss"] is False
+
+
+def test_redis_brokers_use_the_repaired_transport_and_tls_keeps_kombus_own():
+    from workers import redis_transport
+
+    for url, expected in [("redis://127.0.0.1:6379/0", "workers.redis_transport:Transport"),
+                          ("sentinel://10.0.0.1:26379;sentinel://10.0.0.2:26379",
+                           "workers.redis_transport:SentinelTransport"),
+                          ("rediss://cache.example:6380/0", None)]:
+        assert celery_config(load_settings({"REDIS_URL": url}))["broker_transport"] == expected
+        assert redis_transport.transport_for(url) == expected

@@ -15,6 +15,7 @@ from kombu import Exchange, Queue
 
 from shared import jobs, statuscache
 from shared.config import Settings
+from workers import redis_transport
 
 TASK_MODULES = (
     "workers.tasks.checkout",
@@ -53,6 +54,9 @@ def beat_schedule(settings: Settings) -> dict[str, dict]:
 def celery_config(settings: Settings) -> dict:
     return {
         "broker_url": settings.redis_url,
+        # kombu's Redis transport with one repair (see workers/redis_transport.py): with Celery 5.7 a Redis
+        # restart under running acks_late tasks could stop the worker with an AttributeError.
+        "broker_transport": redis_transport.transport_for(settings.redis_url),
         "broker_transport_options": {
             "visibility_timeout": settings.broker_visibility_timeout,
             "global_keyprefix": settings.redis_key_prefix,
@@ -64,6 +68,15 @@ def celery_config(settings: Settings) -> dict:
         "task_publish_retry_policy": {"max_retries": 2, "interval_start": 0, "interval_step": 0.2,
                                       "interval_max": 0.5},
         "broker_connection_retry_on_startup": True,
+        # A worker outlives any Redis outage, however long: it reconnects when Redis is back instead of
+        # exiting after Celery's default 100 attempts (and taking its share of the work with it).
+        "broker_connection_retry": True,
+        "broker_connection_max_retries": None,
+        # On a lost broker connection, let running tasks finish rather than kill them mid-way (a gateway
+        # call made, its result not yet written): their work lands in PostgreSQL, their message comes back
+        # after the visibility timeout or from the redrive, and the task's own checks make the rerun a
+        # no-op. Said explicitly because Celery 6 flips the default.
+        "worker_cancel_long_running_tasks_on_connection_loss": False,
         "task_ignore_result": True,
         "task_acks_late": True,
         "task_reject_on_worker_lost": True,

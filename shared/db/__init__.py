@@ -24,11 +24,44 @@ _pools: dict[tuple[int, str], ConnectionPool] = {}
 _pools_lock = threading.Lock()
 
 
+# Idle connections are closed after this (down to min_size): shorter than the idle cut-offs of the NATs,
+# load balancers and poolers between us and PostgreSQL (commonly 350 s or more), so the pool closes them
+# before something in between silently drops them.
+POOL_MAX_IDLE_SECONDS = 300.0
+# Every connection is replaced after this, so server-side memory growth and a moved DNS name (failover)
+# are picked up without restarting the process.
+POOL_MAX_LIFETIME_SECONDS = 30 * 60.0
+
+
+def _checker() -> tuple[Callable[[psycopg.Connection], None], Callable[[ConnectionPool], None]]:
+    """A ``check`` for the pool that tests every connection it hands out, and a way to tell it its pool.
+
+    Why: after PostgreSQL restarts, every idle connection in the pool is dead, and without a check each
+    would fail one request (a retry, or a 503). With ``ConnectionPool.check_connection`` alone the pool
+    finds them one by one, sleeping 0, 1, 2, 4... seconds between the attempts, so a pool with a handful of
+    idle connections makes the first request wait several seconds or time out. So when one check fails,
+    this one first has the pool test all its idle connections at once (``pool.check()``: dead ones are
+    dropped and replaced in the background); the request then gets a fresh connection.
+    """
+    owner: list[ConnectionPool] = []
+
+    def check(conn: psycopg.Connection) -> None:
+        try:
+            ConnectionPool.check_connection(conn)
+        except Exception:
+            if owner:
+                log.warning("event=db_pool_dead_connection pool=%s checking_idle_connections=1", owner[0].name)
+                owner[0].check()
+            raise
+
+    return check, owner.append
+
+
 def get_pool(conninfo: str, *, max_size: int = 10) -> ConnectionPool:
     """The pool for ``conninfo`` in this process.
 
     Keyed by pid as well, because Celery's prefork pool forks after import: a child must never reuse
-    the parent's sockets.
+    the parent's sockets. Connections are checked as they are handed out (see :func:`_checker`).
     """
     key = (os.getpid(), conninfo)
     pool = _pools.get(key)
@@ -36,6 +69,7 @@ def get_pool(conninfo: str, *, max_size: int = 10) -> ConnectionPool:
         with _pools_lock:
             pool = _pools.get(key)
             if pool is None:
+                check, set_owner = _checker()
                 pool = ConnectionPool(
                     conninfo,
                     min_size=1,
@@ -43,14 +77,27 @@ def get_pool(conninfo: str, *, max_size: int = 10) -> ConnectionPool:
                     # Autocommit: a plain read is one round trip, without the BEGIN and the COMMIT
                     # psycopg would wrap it in; :func:`transaction` opens an explicit transaction.
                     kwargs={"row_factory": dict_row, "autocommit": True},
-                    open=True,
+                    open=False,
                     # Waiting longer than this for a connection means "overloaded": fail fast (the web
                     # answers 503 with Retry-After) instead of piling up requests.
                     timeout=10.0,
+                    check=check,
+                    max_idle=POOL_MAX_IDLE_SECONDS,
+                    max_lifetime=POOL_MAX_LIFETIME_SECONDS,
                     name=f"meterai-{os.getpid()}",
                 )
+                set_owner(pool)
+                pool.open()
                 _pools[key] = pool
     return pool
+
+
+def close_pool(conninfo: str) -> None:
+    """Close this process's pool for ``conninfo``, if it has one (the next :func:`get_pool` makes a new one)."""
+    with _pools_lock:
+        pool = _pools.pop((os.getpid(), conninfo), None)
+    if pool is not None:
+        pool.close()
 
 
 def close_pools() -> None:

@@ -1,0 +1,28 @@
+"""A Celery app for tests/test_broker_restart.py: our real configuration (``make_celery_app``) plus one task
+that sleeps, so a test can hold an acks_late message in flight while it restarts Redis under the worker.
+
+The task leaves a file per phase in ``BROKER_TEST_MARKERS`` (``<name>.started``, ``<name>.done``): the test
+sees what the worker did without a result backend.
+"""
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+from shared import jobs
+from shared.config import load_settings
+from workers.celery_app import make_celery_app
+
+SLEEP_TASK = "tests.broker_restart.sleep"
+QUEUE = jobs.QUEUES[jobs.PREPARE_ORDER]  # a real queue of ours, on the test's own Redis
+
+app = make_celery_app(load_settings())
+
+
+@app.task(name=SLEEP_TASK)
+def sleep(name: str, seconds: float) -> None:
+    markers = Path(os.environ["BROKER_TEST_MARKERS"])
+    (markers / f"{name}.started").touch()
+    time.sleep(seconds)
+    (markers / f"{name}.done").touch()

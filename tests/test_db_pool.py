@@ -1,0 +1,88 @@
+"""The connection pool against a real PostgreSQL restarted under it: idle connections die with the server,
+and the pool must not hand them out."""
+from __future__ import annotations
+
+import os
+import pwd
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+from psycopg_pool import PoolTimeout
+
+from conftest import wait_until
+from shared.db import POOL_MAX_IDLE_SECONDS, POOL_MAX_LIFETIME_SECONDS, close_pool, get_pool, transaction
+from shared.devenv import PostgresHandle, start_private_postgres
+
+IDLE = 8  # more dead connections than psycopg_pool's back-off between failed checks gets through in 10 s
+
+
+class Server:
+    """A private PostgreSQL of our own, to stop and start again on the same port."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.handle: PostgresHandle = start_private_postgres(folder)
+        self.url = self.handle.url
+
+    def stop(self) -> None:
+        self.handle.stop()  # pg_ctl stop -m fast: every backend is terminated
+
+    def restart(self) -> None:
+        port = self.handle.port
+        self.stop()
+        self.handle = start_private_postgres(self.folder, port=port)
+        assert self.handle.owned and self.handle.url == self.url
+
+
+@pytest.fixture
+def postgres() -> Iterator[Server]:
+    folder = Path(tempfile.mkdtemp(prefix="meterai-pool-", dir="/tmp"))  # the postgres user can't enter tmp_path
+    if os.geteuid() == 0:
+        user = pwd.getpwnam("postgres")
+        os.chown(folder, user.pw_uid, user.pw_gid)
+    server = Server(folder)
+    try:
+        yield server
+    finally:
+        close_pool(server.url)
+        server.stop()
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def fill_with_idle_connections(conninfo: str, count: int) -> None:
+    pool = get_pool(conninfo)
+    held = [pool.getconn() for _ in range(count)]
+    for conn in held:
+        pool.putconn(conn)
+    wait_until(lambda: pool.get_stats()["pool_available"] >= count, message=f"{count} idle connections")
+
+
+def test_first_request_after_a_postgres_restart_succeeds(postgres: Server) -> None:
+    fill_with_idle_connections(postgres.url, IDLE)
+
+    postgres.restart()
+
+    pool = get_pool(postgres.url)
+    with pool.connection() as conn:  # the very first request after the restart
+        assert conn.execute("SELECT 1 AS one").fetchone() == {"one": 1}
+    for n in range(2 * IDLE):  # and every later one: no dead connection is left to hand out
+        with transaction(postgres.url) as tx:
+            assert tx.execute("SELECT %s::int AS n", (n,)).fetchone() == {"n": n}
+
+
+def test_a_server_that_stays_down_times_out_instead_of_hanging(postgres: Server) -> None:
+    fill_with_idle_connections(postgres.url, 2)
+    postgres.stop()
+    with pytest.raises(PoolTimeout):  # the web turns this into 503 with Retry-After
+        with get_pool(postgres.url).connection(timeout=2) as conn:
+            conn.execute("SELECT 1")
+
+
+def test_pool_closes_idle_connections_before_the_network_does_and_renews_old_ones(postgres: Server) -> None:
+    """Shorter than the idle cut-offs of NATs and load balancers in between (350 s and up)."""
+    pool = get_pool(postgres.url)
+    assert pool.max_idle == POOL_MAX_IDLE_SECONDS < 350
+    assert pool.max_lifetime == POOL_MAX_LIFETIME_SECONDS > POOL_MAX_IDLE_SECONDS
