@@ -94,7 +94,7 @@ def standin_url(receiver: tuple[Receiver, str], database_url: str, standin_schem
     holder: dict[str, Any] = {}
     server, url = _serve(lambda environ, start_response: holder["app"](environ, start_response))
     holder["app"] = create_standin_app(
-        SERVER_KEY, receiver[1], url, database_url=database_url, schema=standin_schema, seed=7,
+        SERVER_KEY, receiver[1], url, sandbox=True, database_url=database_url, schema=standin_schema, seed=7,
         notification_retry_delays=(0.05, 0.1, 0.2),
     )
     yield url
