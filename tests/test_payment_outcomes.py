@@ -23,6 +23,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import pytest
 import requests
 
@@ -449,3 +450,47 @@ def test_gateway_reconcile_reads_a_settlement_report_and_names_captures_without_
 def test_gateway_reconcile_in_production_needs_the_settlement_report(sys_):
     result = cli(sys_, "gateway-reconcile", "--from", "2024-09-01", "--to", "2024-09-30", DEVELOPMENT="0")
     assert result.returncode == 2 and "--report FILE" in result.stderr
+
+
+# --- the drills' database audit -----------------------------------------------------------------------
+
+def test_drill_invariants_accept_a_refunded_second_capture_and_a_voided_card_and_flag_an_unbooked_one(sys_):
+    from psycopg import sql
+
+    from loadtests import invariants, slo
+
+    def gateway_problems(*gateway_order_ids: str) -> list[str]:
+        query = sql.SQL("SELECT * FROM ({}) audit WHERE gateway_order_id = ANY(%s)").format(
+            sql.SQL(invariants.GATEWAY_SQL.replace("LIMIT 20", "")).format(schema=sql.Identifier("standin")))
+        return [r["gateway_order_id"] for r in sys_.query(query, (list(gateway_order_ids),))]
+
+    order_id, token, view = sys_.order_awaiting_payment()
+    first = view["payment"]["gateway_order_id"]
+    second = second_transaction(sys_, order_id)
+    sys_.pay(first)
+    sys_.wait_status(order_id, token, "stamped")
+    sys_.pay(second)
+    wait_until(lambda: refund_rows(sys_, order_id).get(second, {}).get("status") == "succeeded",
+               message="the second capture refunded")
+    card_order, card_token, card_view = sys_.order_awaiting_payment()
+    card = card_view["payment"]["gateway_order_id"]
+    make_unstampable(sys_, card_order)
+    sys_.pay(card, payment_type="credit_card")
+    sys_.wait_status(card_order, card_token, "refunded")
+    wait_until(lambda: settled_notifications(sys_), message="notifications processed")
+
+    report = invariants.read_invariants(sys_.settings.database_url)
+    assert slo.ledger_problems(report.ledger) == (0, [])
+    assert {r.order_id for r in report.ledger} == {order_id, f"{order_id}/{second}", card_order}
+    assert gateway_problems(first, second, card) == []
+    with psycopg.connect(sys_.settings.database_url, autocommit=True) as conn:
+        assert invariants.work_left(conn) == 0
+
+    # A capture the gateway made and nothing here booked is work left, and a problem once drained.
+    faults(sys_, drop_notifications=True)
+    late_order, late_token, late_view = sys_.order_awaiting_payment()
+    late = late_view["payment"]["gateway_order_id"]
+    sys_.pay(late)
+    with psycopg.connect(sys_.settings.database_url, autocommit=True) as conn:
+        assert invariants.work_left(conn) == 1
+    assert gateway_problems(late) == [late]
