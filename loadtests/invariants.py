@@ -13,13 +13,30 @@ from psycopg.rows import dict_row
 
 from loadtests.slo import STUCK_STATUSES, InvariantReport, OrderLedger
 
+# Per order, the money of its own capture (legacy rows that name no transaction count as the order's);
+# and each extra capture (a second payment of one order, refunded on its own) as a row of its own, named
+# "<order>/<gateway order id>", whose status is its refund's: in flight until the refund is done.
 LEDGER_SQL = """
 SELECT o.id::text AS order_id, o.status,
        coalesce(sum(l.amount_idr) FILTER (WHERE l.kind = 'captured'), 0) AS captured,
        coalesce(sum(l.amount_idr) FILTER (WHERE l.kind = 'revenue'), 0) AS revenue,
        coalesce(sum(l.amount_idr) FILTER (WHERE l.kind = 'refunded'), 0) AS refunded
-FROM orders o LEFT JOIN ledger_entries l ON l.order_id = o.id
+FROM orders o
+LEFT JOIN ledger_entries l ON l.order_id = o.id AND NOT EXISTS (
+    SELECT 1 FROM payments x WHERE x.gateway_order_id = l.gateway_order_id AND x.capture_role = 'extra')
 GROUP BY o.id, o.status
+UNION ALL
+SELECT p.order_id::text || '/' || p.gateway_order_id,
+       CASE r.status WHEN 'succeeded' THEN 'refunded' WHEN 'manual' THEN 'refund_manual'
+                     WHEN 'pending' THEN 'refund_pending' ELSE 'paid' END,
+       coalesce(sum(l.amount_idr) FILTER (WHERE l.kind = 'captured'), 0),
+       coalesce(sum(l.amount_idr) FILTER (WHERE l.kind = 'revenue'), 0),
+       coalesce(sum(l.amount_idr) FILTER (WHERE l.kind = 'refunded'), 0)
+FROM payments p
+LEFT JOIN refunds r ON r.gateway_order_id = p.gateway_order_id
+LEFT JOIN ledger_entries l ON l.gateway_order_id = p.gateway_order_id
+WHERE p.capture_role = 'extra'
+GROUP BY p.order_id, p.gateway_order_id, r.status
 """
 
 SERIALS_SQL = """
@@ -39,35 +56,44 @@ HAVING (o.status = 'stamped' AND NOT (count(s.serial) FILTER (WHERE s.status = '
 LIMIT 20
 """
 
-# Money the gateway holds (settled, not refunded) must belong to a stamped order (or one ops pays out
-# by hand); money the gateway gave back must belong to a refunded order; and every settled transaction
-# must be one of ours.
+# Per gateway transaction: money the gateway holds (settled or captured, not given back) must be the
+# stamp of its order (the order's own capture, order stamped) or waiting for a manual payout; money the
+# gateway gave back (refund, or a voided capture: cancel) must be a refund we booked as done by the
+# gateway; a refund we booked as done by the gateway must show there; every captured transaction must
+# be one of ours.
 GATEWAY_SQL = """
-SELECT t.order_id AS gateway_order_id, t.transaction_status, o.id::text AS order_id, o.status
+SELECT t.order_id AS gateway_order_id, t.transaction_status, o.id::text AS order_id, o.status,
+       p.capture_role, r.status AS refund_status
 FROM {schema}.transactions t
 LEFT JOIN payments p ON p.gateway_order_id = t.order_id
 LEFT JOIN orders o ON o.id = p.order_id
+LEFT JOIN refunds r ON r.gateway_order_id = t.order_id
 WHERE (t.transaction_status IN ('settlement', 'capture')
-       AND (o.id IS NULL OR o.status NOT IN ('stamped', 'refund_manual')))
-   OR (t.transaction_status = 'refund' AND (o.id IS NULL OR o.status <> 'refunded'))
-   OR (o.status = 'refunded' AND t.transaction_status <> 'refund'
-       AND p.captured_at IS NOT NULL)
+       AND NOT coalesce((p.capture_role = 'order' AND o.status = 'stamped' AND r.gateway_order_id IS NULL)
+                        OR r.status = 'manual'
+                        OR (r.status = 'succeeded' AND r.manual_reference IS NOT NULL), false))
+   OR ((t.transaction_status = 'refund' OR (t.transaction_status = 'cancel' AND p.captured_at IS NOT NULL))
+       AND (r.status IS DISTINCT FROM 'succeeded' OR r.manual_reference IS NOT NULL))
+   OR (r.status = 'succeeded' AND r.manual_reference IS NULL AND t.transaction_status NOT IN ('refund', 'cancel'))
 LIMIT 20
 """
 
 
-# Paid at the gateway, but the order has not heard yet (its notification is still on its way).
+# Paid at the gateway, and not booked here yet (its notification, or the watch's next look, is still to
+# come); or an extra capture's refund still pending (the order's own pending refunds are counted by
+# their status).
 UNHEARD_SQL = """
-SELECT count(*) FROM {schema}.transactions t
-JOIN payments p ON p.gateway_order_id = t.order_id
-JOIN orders o ON o.id = p.order_id
-WHERE t.transaction_status IN ('settlement', 'capture') AND o.status IN ('created', 'awaiting_payment')
+SELECT (SELECT count(*) FROM {schema}.transactions t
+        JOIN payments p ON p.gateway_order_id = t.order_id
+        WHERE t.transaction_status IN ('settlement', 'capture') AND p.captured_at IS NULL)
+     + (SELECT count(*) FROM refunds r JOIN payments p ON p.gateway_order_id = r.gateway_order_id
+        WHERE r.status = 'pending' AND p.capture_role = 'extra')
 """
 
 
 def work_left(conn: psycopg.Connection, standin_schema: str = "standin") -> int:
-    """Paid orders without their outcome yet: in paid/stamping/refund_pending, or paid at the gateway and
-    still awaiting payment here."""
+    """Paid orders without their outcome yet: in paid/stamping/refund_pending, paid at the gateway and
+    not booked here yet, or an extra capture whose refund is still pending."""
     left = conn.execute("SELECT count(*) FROM orders WHERE status = ANY(%s)", (list(STUCK_STATUSES),)).fetchone()[0]
     if conn.execute("SELECT to_regclass(%s) IS NOT NULL", (f"{standin_schema}.transactions",)).fetchone()[0]:
         left += conn.execute(sql.SQL(UNHEARD_SQL).format(schema=sql.Identifier(standin_schema))).fetchone()[0]
@@ -107,7 +133,9 @@ def read_invariants(database_url: str, *, standin_schema: str = "standin", drain
             query = sql.SQL(GATEWAY_SQL).format(schema=sql.Identifier(standin_schema))
             report.gateway_problems = [
                 f"gateway {r['gateway_order_id']} is {r['transaction_status']} but order "
-                f"{r['order_id'] or '(none)'} is {r['status'] or '(missing)'}" for r in conn.execute(query)]
+                f"{r['order_id'] or '(none)'} is {r['status'] or '(missing)'}"
+                f" ({r['capture_role'] or 'not captured'} capture, refund {r['refund_status'] or 'none'})"
+                for r in conn.execute(query)]
         else:
             report.gateway_problems = [f"no {standin_schema}.transactions table to reconcile against"]
     return report

@@ -5,9 +5,15 @@ cron entry can stand in for (or run beside) beat: overlapping runs split the wor
 LOCKED``) and every order moves once. ``--inline`` does the per-order gateway work in this process
 instead of queueing it, for a machine without workers or for looking at outcomes by hand.
 
+``meterai reconcile`` asks the gateway about every transaction due for a look (the watch of every
+transaction we opened); ``meterai expire-unpaid`` closes orders past their payment deadline and expires
+checkouts past theirs.
+
 Finance: ``meterai manual-refunds`` lists the refunds to pay out by hand (``--csv FILE`` exports them),
-``meterai mark-refund-paid ORDER --reference REF`` books one as paid out, and ``meterai ledger-report``
-totals a period and exits 1 if any order's money doesn't balance.
+``meterai mark-refund-paid ID --reference REF`` books one as paid out (ID: the order, or the gateway order
+id of the refunded transaction), ``meterai ledger-report`` totals a period and exits 1 if any order's
+money doesn't balance, and ``meterai gateway-reconcile`` proves every capture the gateway made in a
+period has its outcome here (exit 1 if one hasn't).
 
 Ops: ``meterai admission [auto|queue_all|paused]`` shows or switches the waiting room.
 """
@@ -31,18 +37,22 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("sweep-refunds", help="refund paid orders not stamped before their deadline")
     sub.add_parser("redrive", help="re-publish due work found in PostgreSQL (after a Redis loss)")
     for name, text in (
-        ("reconcile", "poll the gateway for orders awaiting payment longer than RECONCILE_AFTER_SECONDS"),
-        ("expire-unpaid", "expire orders unpaid after PAYMENT_TIMEOUT_SECONDS (at the gateway first)"),
+        ("reconcile", "ask the gateway about every transaction we opened that is due for a look (until "
+                      "the gateway calls it final, and PAYMENT_WATCH_SECONDS after), and apply what it says"),
+        ("expire-unpaid", "expire orders unpaid after PAYMENT_TIMEOUT_SECONDS (at the gateway first) and "
+                          "checkouts still open after CHECKOUT_DEADLINE_SECONDS"),
     ):
         command = sub.add_parser(name, help=text)
         command.add_argument("--inline", action="store_true",
-                             help="call the gateway from this process instead of queueing a task per order")
+                             help="call the gateway from this process instead of queueing a task per row")
         command.add_argument("--limit", type=int, default=None,
-                             help="at most this many orders (default RECONCILE_BATCH_SIZE)")
+                             help="at most this many transactions or orders")
     manual = sub.add_parser("manual-refunds", help="list refunds waiting for a manual payout")
     manual.add_argument("--csv", metavar="FILE", help="write them as CSV to FILE ('-' for standard output)")
-    paid = sub.add_parser("mark-refund-paid", help="book a manual refund as paid out (refund_manual → refunded)")
-    paid.add_argument("order_id")
+    paid = sub.add_parser("mark-refund-paid", help="book a manual refund as paid out (manual → refunded)")
+    paid.add_argument("order_id", metavar="ID",
+                      help="the order id, or the gateway order id of the refunded transaction (needed when "
+                           "the order has more than one refund)")
     paid.add_argument("--reference", required=True, help="the bank transfer's reference")
     admission = sub.add_parser("admission", help="show the waiting room, or switch it (ops)")
     admission.add_argument("mode", nargs="?", choices=["auto", "queue_all", "paused"],
@@ -53,7 +63,26 @@ def _parser() -> argparse.ArgumentParser:
     report.add_argument("--to", dest="end", metavar="WHEN",
                         help="orders created before (a date alone includes that whole day)")
     report.add_argument("--json", action="store_true", help="print the report as JSON")
+    gateway = sub.add_parser(
+        "gateway-reconcile",
+        help="prove every capture the gateway made in a period has its outcome here; exit 1 if one hasn't",
+        description="Lists the gateway's captures for the period (from the stand-in, or from --report) and "
+                    "checks each against our books: revenue, refunded, or in flight with what it waits for.")
+    gateway.add_argument("--from", dest="start", metavar="WHEN", required=True,
+                         help="captures from (YYYY-MM-DD or ISO date-time; WIB unless an offset is given)")
+    gateway.add_argument("--to", dest="end", metavar="WHEN", required=True,
+                         help="captures before (a date alone includes that whole day)")
+    gateway.add_argument("--report", metavar="FILE",
+                         help="the gateway's settlement report as CSV (Midtrans has no API that lists "
+                              "captures); columns: " + "; ".join(f"{k}: {v}" for k, v in _report_columns()))
+    gateway.add_argument("--json", action="store_true", help="print the result as JSON")
     return parser
+
+
+def _report_columns() -> list[tuple[str, str]]:
+    from shared.services.gateway_reconcile import REPORT_COLUMNS
+
+    return list(REPORT_COLUMNS.items())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -104,15 +133,18 @@ def _payment_scan(settings: Settings, args: argparse.Namespace) -> int:
 
     expiring = args.command == "expire-unpaid"
     _publisher(settings)  # inline work may still queue stamping or refunds
+    extra: dict[str, Any] = {}
+    if expiring:
+        extra["checkouts_expired"] = len(reconcile.expire_stalled_checkouts(settings, limit=args.limit))
     if not args.inline:
-        schedule = reconcile.schedule_expiry if expiring else reconcile.schedule_reconcile
-        print(json.dumps({"queued": schedule(settings, limit=args.limit)}))
+        schedule = reconcile.schedule_expiry if expiring else reconcile.schedule_watch
+        print(json.dumps({"queued": schedule(settings, limit=args.limit), **extra}))
         return 0
-    claim = reconcile.claim_for_expiry if expiring else reconcile.claim_for_reconcile
-    work = reconcile.expire_order if expiring else reconcile.reconcile_order
-    order_ids = claim(settings, limit=args.limit)
-    outcomes = reconcile.run_inline(settings, gateway_from_settings(settings), order_ids, work)
-    print(json.dumps({"checked": len(order_ids), "outcomes": outcomes}))
+    claim = reconcile.claim_for_expiry if expiring else reconcile.claim_for_watch
+    work = reconcile.expire_order if expiring else reconcile.poll_payment
+    ids = claim(settings, limit=args.limit)
+    outcomes = reconcile.run_inline(settings, gateway_from_settings(settings), ids, work)
+    print(json.dumps({"checked": len(ids), "outcomes": outcomes, **extra}))
     return 0
 
 
@@ -160,6 +192,36 @@ def _ledger_report(settings: Settings, args: argparse.Namespace) -> int:
     return 0 if report.balanced else 1
 
 
+def _gateway_reconcile(settings: Settings, args: argparse.Namespace) -> int:
+    from shared.payments.gateway import gateway_from_settings
+    from shared.services import gateway_reconcile, ledger
+
+    try:
+        start, end = ledger.parse_bound(args.start), ledger.parse_bound(args.end, end=True)
+    except ValueError as exc:
+        print(f"meterai gateway-reconcile: {exc}", file=sys.stderr)
+        return 2
+    if args.report:
+        try:
+            with open(args.report, encoding="utf-8-sig", newline="") as stream:
+                captures = gateway_reconcile.read_settlement_report(stream, start, end)
+        except (OSError, gateway_reconcile.ReportError) as exc:
+            print(f"meterai gateway-reconcile: {args.report}: {exc}", file=sys.stderr)
+            return 2
+        source = f"report {args.report}"
+    elif not settings.development:
+        print("meterai gateway-reconcile: Midtrans has no API that lists captures; download the settlement "
+              "report for the period from its dashboard and pass it with --report FILE.", file=sys.stderr)
+        return 2
+    else:
+        captures = gateway_from_settings(settings).list_captures(start, end)
+        source = f"gateway {settings.gateway_url}"
+    report = gateway_reconcile.reconcile_captures(settings, captures, start=start, end=end, source=source)
+    print(json.dumps(report.as_json(), indent=2, default=str) if args.json
+          else gateway_reconcile.format_gateway_report(report))
+    return 0 if report.ok else 1
+
+
 def _admission(settings: Settings, args: argparse.Namespace) -> int:
     import redis
 
@@ -181,6 +243,7 @@ COMMANDS: dict[str, Any] = {
     "manual-refunds": _manual_refunds,
     "mark-refund-paid": _mark_refund_paid,
     "ledger-report": _ledger_report,
+    "gateway-reconcile": _gateway_reconcile,
     "admission": _admission,
 }
 

@@ -83,12 +83,25 @@ class Settings:
     # The stand-in gateway keeps its own state in its own schema; empty means DATABASE_URL.
     standin_database_url: str = ""
     standin_schema: str = "standin"
+    # Seconds between the stand-in's attempts to deliver one notification, comma-separated (it gives up,
+    # and logs it, after the last); `python -m shared.payments.standin` reads it (--notification-retry-delays
+    # overrides it for one run).
+    standin_notification_retry_delays: str = "0.5,2,5"
 
     # Deadlines and leases, in seconds.
     stamp_deadline_seconds: int = 6 * 3600
     # Longer than the task time limit: a task still running always holds a live lease.
     lease_seconds: int = 180
     payment_timeout_seconds: int = 24 * 3600
+    # An order still `created` this long after it was made (checkout retries ran out, or its message was
+    # lost) is expired with a reason the buyer can read, instead of "being checked" for ever; longer than
+    # the checkout task's whole retry budget.
+    checkout_deadline_seconds: int = 3600
+    # Every gateway transaction we open is polled until the gateway calls it final and for this long
+    # after (a bank transfer can settle after its expiry), at intervals doubling up to
+    # payment_watch_max_interval_seconds once final (RECONCILE_MAX_INTERVAL_SECONDS before).
+    payment_watch_seconds: int = 48 * 3600
+    payment_watch_max_interval_seconds: int = 6 * 3600
 
     # Retries: exponential backoff with full jitter, capped.
     retry_base_seconds: float = 2.0

@@ -17,14 +17,16 @@ log = logging.getLogger(__name__)
 PREPARE_ORDER = "meterai.checkout.prepare_order"
 PROCESS_NOTIFICATION = "meterai.payments.process_notification"
 STAMP_ORDER = "meterai.stamping.stamp_order"
+# One refund per captured gateway transaction: the argument is that transaction's gateway order id (a
+# message queued before refunds were per transaction carries an order id: each pending refund of it).
 REFUND_ORDER = "meterai.refunds.refund_order"
 SWEEP_REFUNDS = "meterai.housekeeping.sweep_refunds"
 REDRIVE = "meterai.housekeeping.redrive"
-# The scans only claim orders and publish one task per order; those per-order gateway polls run on
-# their own ``reconcile`` queue, so polling unpaid orders never delays confirming paid ones.
+# The scans only claim rows and publish one task per row; those gateway calls run on their own
+# ``reconcile`` queue, so watching transactions never delays confirming paid ones.
 RECONCILE_PAYMENTS = "meterai.housekeeping.reconcile_payments"
 EXPIRE_UNPAID = "meterai.housekeeping.expire_unpaid"
-RECONCILE_ORDER = "meterai.payments.reconcile_order"
+POLL_PAYMENT = "meterai.payments.poll_payment"
 EXPIRE_ORDER = "meterai.payments.expire_order"
 
 QUEUES: dict[str, str] = {
@@ -36,7 +38,7 @@ QUEUES: dict[str, str] = {
     REDRIVE: "housekeeping",
     RECONCILE_PAYMENTS: "housekeeping",
     EXPIRE_UNPAID: "housekeeping",
-    RECONCILE_ORDER: "reconcile",
+    POLL_PAYMENT: "reconcile",
     EXPIRE_ORDER: "reconcile",
 }
 

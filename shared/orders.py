@@ -188,7 +188,11 @@ LEFT JOIN LATERAL (
     SELECT gateway_order_id, redirect_url, captured_at FROM payments
     WHERE order_id = o.id AND token IS NOT NULL ORDER BY captured_at IS NULL, created_at DESC LIMIT 1
 ) p ON true
-LEFT JOIN refunds r ON r.order_id = o.id
+LEFT JOIN LATERAL (  -- the refund of the order's own capture (one at most): an extra capture's is not the order's
+    SELECT rf.status, rf.amount_idr FROM refunds rf
+    JOIN payments rp ON rp.gateway_order_id = rf.gateway_order_id AND rp.capture_role = 'order'
+    WHERE rf.order_id = o.id
+) r ON true
 LEFT JOIN LATERAL (
     SELECT array_agg(to_status ORDER BY id) AS statuses, array_agg(at ORDER BY id) AS ats,
            max(id) AS last_event_id

@@ -94,7 +94,7 @@ def standin_url(receiver: tuple[Receiver, str], database_url: str, standin_schem
     holder: dict[str, Any] = {}
     server, url = _serve(lambda environ, start_response: holder["app"](environ, start_response))
     holder["app"] = create_standin_app(
-        SERVER_KEY, receiver[1], url, database_url=database_url, schema=standin_schema, seed=7,
+        SERVER_KEY, receiver[1], url, sandbox=True, database_url=database_url, schema=standin_schema, seed=7,
         notification_retry_delays=(0.05, 0.1, 0.2),
     )
     yield url
@@ -548,3 +548,116 @@ def test_payment_links_expire_no_later_than_we_expire_the_order():
 
     gateway = gateway_from_settings(load_settings({"PAYMENT_TIMEOUT_SECONDS": "7200"}))
     assert gateway.payment_window_minutes == 120
+
+
+# --- card captures settle later; a capture is voided, a settlement refunded -------------------------
+
+def test_card_capture_cannot_be_refunded_only_voided(gateway: MidtransGateway, receiver: tuple[Receiver, str]) -> None:
+    paid_order(gateway, "MTR-card-void", "credit_card")
+
+    refused = gateway.refund("MTR-card-void", refund_key="r1", amount=PRICE, reason="x")
+    assert (refused.refunded, refused.status_code) == (False, "412")  # Midtrans: not settled yet
+    voided = gateway.cancel_transaction("MTR-card-void")
+
+    assert (voided.closed, voided.status_code, voided.transaction_status) == (True, "200", "cancel")
+    status = gateway.get_status("MTR-card-void")
+    assert status is not None and status.transaction_status == "cancel"
+    assert [n["transaction_status"] for n in receiver[0].wait_for(2)] == ["capture", "cancel"]
+    assert gateway.expire_transaction("MTR-card-void").status_code == "412"
+
+
+def test_settled_card_payment_cannot_be_voided_only_refunded(
+    gateway: MidtransGateway, receiver: tuple[Receiver, str]
+) -> None:
+    paid_order(gateway, "MTR-card-settled", "credit_card")
+    assert gateway.expire_transaction("MTR-card-settled").status_code == "412"  # a capture never expires
+
+    settled = sandbox(gateway.base_url, "POST", "settle/MTR-card-settled")
+    assert settled.status_code == 200 and settled.json()["transaction_status"] == "settlement"
+    assert sandbox(gateway.base_url, "POST", "settle/MTR-card-settled").status_code == 409
+
+    assert gateway.cancel_transaction("MTR-card-settled").status_code == "412"
+    assert gateway.refund("MTR-card-settled", refund_key="r1", amount=PRICE, reason="x").refunded
+    assert [n["transaction_status"] for n in receiver[0].wait_for(3)] == ["capture", "settlement", "refund"]
+
+
+def test_card_captures_settle_by_themselves_after_the_configured_time(
+    gateway: MidtransGateway, receiver: tuple[Receiver, str]
+) -> None:
+    assert sandbox(gateway.base_url, "POST", "faults", {"card_settlement_seconds": 0}).status_code == 200
+    paid_order(gateway, "MTR-card-auto", "credit_card")
+
+    notes = receiver[0].wait_for(2, timeout=10)
+    assert [n["transaction_status"] for n in notes] == ["capture", "settlement"]
+    status = gateway.get_status("MTR-card-auto")
+    assert status is not None and status.transaction_status == "settlement"
+    assert sandbox(gateway.base_url, "POST", "faults", {"card_settlement_seconds": -1}).status_code == 400
+
+
+# --- the list of captures -----------------------------------------------------------------------------
+
+def test_captures_of_a_period_are_listed_for_the_merchant_only(gateway: MidtransGateway) -> None:
+    from datetime import datetime, timedelta, timezone
+
+    start = datetime.now(timezone.utc) - timedelta(seconds=5)
+    paid_order(gateway, "MTR-list-qris")
+    paid_order(gateway, "MTR-list-card", "credit_card")
+    gateway.cancel_transaction("MTR-list-card")  # a voided capture is still a capture to account for
+    gateway.create_transaction("MTR-list-unpaid", PRICE, email="a@example.id", item_name="e-Meterai")
+    gateway.refund("MTR-list-qris", refund_key="r", amount=PRICE, reason="x")
+    end = datetime.now(timezone.utc) + timedelta(seconds=5)
+
+    listed = {c.gateway_order_id: c for c in gateway.list_captures(start, end)}
+
+    assert set(listed) == {"MTR-list-qris", "MTR-list-card"}
+    assert (listed["MTR-list-qris"].transaction_status, listed["MTR-list-qris"].refunded) == ("refund", PRICE)
+    assert (listed["MTR-list-card"].transaction_status, listed["MTR-list-card"].payment_type) == (
+        "cancel", "credit_card")
+    assert listed["MTR-list-qris"].gross_amount == PRICE and listed["MTR-list-qris"].captured_at
+    assert gateway.list_captures(end, end + timedelta(hours=1)) == []
+    anonymous = requests.get(f"{gateway.base_url}/sandbox/captures",
+                             params={"from": start.isoformat(), "to": end.isoformat()}, timeout=5)
+    assert anonymous.status_code == 401  # buyers' payments are the merchant's business
+
+
+def test_a_gateway_without_a_capture_list_says_so(receiver: tuple[Receiver, str]) -> None:
+    from datetime import datetime, timezone
+
+    server, url = _serve(Response('{"status_code": "404"}', status=404, mimetype="application/json"))
+    try:
+        plain = MidtransGateway(url, SERVER_KEY, timeout=2.0, breaker=CircuitBreaker())
+        with pytest.raises(GatewayRejected) as refused:
+            plain.list_captures(datetime(2024, 9, 1, tzinfo=timezone.utc), datetime(2024, 9, 2, tzinfo=timezone.utc))
+        assert refused.value.code == "no_capture_list"
+    finally:
+        server.shutdown()
+
+
+# --- ids no transaction can have ------------------------------------------------------------------
+
+@pytest.mark.parametrize("path", ["/v2/MTR%00x/status", "/v2/%00/refund", "/v2/a%00/cancel", "/v2/a%00/expire",
+                                  "/sandbox/pay/MTR%00x", "/sandbox/transactions/%00", "/sandbox/settle/%00",
+                                  "/sandbox/notify/%00", "/sandbox/expire/%00", "/snap/v2/vtweb/%00"])
+def test_a_nul_byte_in_an_id_is_an_unknown_transaction_not_an_error(standin_url: str, path: str) -> None:
+    method = "GET" if path.endswith("/status") or "transactions" in path or "vtweb" in path else "POST"
+    answer = requests.request(method, standin_url + path, auth=(SERVER_KEY, ""), json={}, timeout=5)
+
+    assert answer.status_code == 404, answer.text
+    assert answer.json()["status_code"] == "404"
+
+
+def test_text_the_database_cannot_hold_is_refused_at_create_and_refund(gateway: MidtransGateway) -> None:
+    for bad in ({"order_id": "MTR-\x00"}, {"order_id": "MTR bad/id"}):
+        body = {"transaction_details": {**bad, "gross_amount": PRICE}}
+        answer = requests.post(f"{gateway.base_url}/snap/v1/transactions", json=body, auth=(SERVER_KEY, ""),
+                               timeout=5)
+        assert answer.status_code == 400, answer.text
+    body = {"transaction_details": {"order_id": "MTR-nul-mail", "gross_amount": PRICE},
+            "customer_details": {"email": "a\x00@example.id"}}
+    assert requests.post(f"{gateway.base_url}/snap/v1/transactions", json=body, auth=(SERVER_KEY, ""),
+                         timeout=5).status_code == 400
+    paid_order(gateway, "MTR-nul-refund")
+    answer = requests.post(f"{gateway.base_url}/v2/MTR-nul-refund/refund", auth=(SERVER_KEY, ""),
+                           json={"refund_key": "k\x00", "amount": PRICE}, timeout=5)
+    assert answer.status_code == 400
+    assert gateway.get_status("MTR-nul-refund").transaction_status == "settlement"  # type: ignore[union-attr]

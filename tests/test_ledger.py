@@ -13,14 +13,35 @@ from datetime import datetime, timedelta
 
 import pytest
 
-from shared.services.ledger import WIB, OrderMoney, format_report, ledger_report, order_problems, parse_bound
+from shared.services.ledger import (
+    WIB,
+    LedgerReport,
+    OrderMoney,
+    TransactionMoney,
+    format_report,
+    ledger_report,
+    order_problems,
+    parse_bound,
+)
 from tests.conftest import ROOT
 
 PRICE = 12_500
 
 
-def money(status: str, **entries: int | str | None) -> OrderMoney:
-    return OrderMoney(order_id="o", status=status, amount_idr=PRICE, **entries)  # type: ignore[arg-type]
+def own(captured: int | None = PRICE, **kinds: int | str | None) -> TransactionMoney:
+    """The order's own capture: booked ``captured``, confirmed ``payment_captured`` (default equal)."""
+    kinds.setdefault("payment_captured", captured)
+    return TransactionMoney("MTR-own", role="order", captured=captured, **kinds)  # type: ignore[arg-type]
+
+
+def extra(refund_status: str | None = "pending", **kinds: int | str | None) -> TransactionMoney:
+    kinds.setdefault("payment_captured", PRICE)
+    kinds.setdefault("captured", PRICE)
+    return TransactionMoney("MTR-extra", role="extra", refund_status=refund_status, **kinds)  # type: ignore[arg-type]
+
+
+def money(status: str, *transactions: TransactionMoney) -> OrderMoney:
+    return OrderMoney(order_id="o", status=status, amount_idr=PRICE, transactions=transactions)
 
 
 BALANCED = [
@@ -28,33 +49,51 @@ BALANCED = [
     money("awaiting_payment"),
     money("expired"),
     money("rejected"),
-    money("paid", captured=PRICE, payment_captured=PRICE),
-    money("stamping", captured=PRICE, payment_captured=PRICE),
-    money("refund_pending", captured=PRICE, payment_captured=PRICE, refund_status="pending"),
-    money("refund_manual", captured=PRICE, payment_captured=PRICE, refund_status="manual"),
-    money("stamped", captured=PRICE, revenue=PRICE, payment_captured=PRICE),
-    money("refunded", captured=PRICE, refunded=PRICE, payment_captured=PRICE, refund_status="succeeded"),
+    money("awaiting_payment", TransactionMoney("MTR-open", gateway_status="pending")),
+    money("paid", own()),
+    money("stamping", own()),
+    money("refund_pending", own(refund_status="pending")),
+    money("refund_manual", own(refund_status="manual")),
+    money("stamped", own(revenue=PRICE)),
+    money("refunded", own(refunded=PRICE, refund_status="succeeded")),
+    # Paid twice: the second capture is refunded on its own, whatever became of the order.
+    money("stamped", own(revenue=PRICE), extra("pending")),
+    money("stamped", own(revenue=PRICE), extra("manual")),
+    money("stamped", own(revenue=PRICE), extra("succeeded", refunded=PRICE)),
+    money("refunded", own(refunded=PRICE, refund_status="succeeded"), extra("succeeded", refunded=PRICE)),
+    money("rejected", extra("succeeded", refunded=PRICE)),
 ]
 
 
-@pytest.mark.parametrize("shape", BALANCED, ids=lambda m: m.status)
+@pytest.mark.parametrize("shape", BALANCED, ids=lambda m: f"{m.status}-{len(m.transactions)}")
 def test_every_legal_shape_of_an_orders_money_balances(shape: OrderMoney) -> None:
     assert order_problems(shape) == []
+    report = LedgerReport(None, None)
+    report.add(shape)
+    assert report.totals_balance
 
 
 @pytest.mark.parametrize("shape, complaint", [
-    (money("stamped", captured=PRICE, revenue=PRICE, refunded=PRICE, payment_captured=PRICE),
-     "both revenue and a refund"),
-    (money("refunded", captured=PRICE, refunded=PRICE - 1, payment_captured=PRICE, refund_status="succeeded"),
+    (money("stamped", own(revenue=PRICE, refunded=PRICE)), "both revenue and a refund"),
+    (money("refunded", own(refunded=PRICE - 1, refund_status="succeeded")),
      "refunded 12499 differs from captured 12500"),
-    (money("refunded", captured=PRICE, refunded=PRICE, payment_captured=PRICE, refund_status="manual"),
-     "refund record is manual"),
-    (money("stamped", captured=PRICE, payment_captured=PRICE), "revenue None differs"),
-    (money("stamped", revenue=PRICE), "no capture booked"),
-    (money("expired", captured=PRICE), "expired order has ledger entries"),
-    (money("awaiting_payment", payment_captured=PRICE), "captured payment of 12500 not booked"),
-    (money("paid", captured=PRICE, revenue=PRICE, payment_captured=PRICE), "already has an outcome"),
-    (money("paid", captured=PRICE), "confirmed payment is None"),
+    (money("refunded", own(refunded=PRICE, refund_status="manual")), "refund record is manual"),
+    (money("stamped", own()), "revenue None differs"),
+    (money("stamped"), "no capture booked"),
+    (money("expired", own()), "expired order has a capture of its own"),
+    (money("awaiting_payment", TransactionMoney("MTR-x", role="order", payment_captured=PRICE)),
+     "captured payment of 12500 not booked"),
+    (money("paid", own(revenue=PRICE)), "already has an outcome"),
+    (money("paid", own(payment_captured=None)), "confirmed payment is None"),
+    # A capture without an outcome: paid twice and no refund of the second, or a capture the gateway
+    # reported that nothing here booked.
+    (money("stamped", own(revenue=PRICE), extra(None)), "extra capture of 12500 has no refund"),
+    (money("stamped", own(revenue=PRICE), extra("succeeded")), "extra capture refunded None"),
+    (money("stamped", own(revenue=PRICE), extra("pending", revenue=PRICE)), "extra capture has revenue"),
+    (money("expired", TransactionMoney("MTR-late", gateway_status="settlement")),
+     "reported it settlement, nothing booked"),
+    (money("stamped", own(revenue=PRICE), TransactionMoney(None, captured=PRICE)), "name no gateway transaction"),
+    (money("stamped", own(revenue=PRICE), own(revenue=PRICE)), "each booked as the order's own"),
 ])
 def test_an_imbalanced_order_is_named_with_what_is_wrong(shape: OrderMoney, complaint: str) -> None:
     problems = order_problems(shape)
@@ -87,14 +126,17 @@ def _order(conn, status: str, created_at: datetime | None = None) -> str:
     return order_id
 
 
-def _captured(conn, order_id: str, *kinds: str) -> None:
+def _captured(conn, order_id: str, *kinds: str, role: str = "order", suffix: str = "") -> str:
+    gateway_order_id = f"MTR-{order_id}{suffix}"
     conn.execute(
-        "INSERT INTO payments (gateway_order_id, order_id, amount_idr, captured_at) VALUES (%s, %s, %s, now())",
-        (f"MTR-{order_id}", order_id, PRICE),
+        "INSERT INTO payments (gateway_order_id, order_id, amount_idr, captured_at, capture_role)"
+        " VALUES (%s, %s, %s, now(), %s)",
+        (gateway_order_id, order_id, PRICE, role),
     )
     for kind in ("captured", *kinds):
-        conn.execute("INSERT INTO ledger_entries (order_id, kind, amount_idr) VALUES (%s, %s, %s)",
-                     (order_id, kind, PRICE))
+        conn.execute("INSERT INTO ledger_entries (order_id, gateway_order_id, kind, amount_idr)"
+                     " VALUES (%s, %s, %s, %s)", (order_id, gateway_order_id, kind, PRICE))
+    return gateway_order_id
 
 
 def _ledger_cli(sys_, *args: str) -> subprocess.CompletedProcess[str]:
@@ -133,15 +175,25 @@ def test_report_exits_non_zero_and_lists_every_offending_order(sys_):
         _captured(conn, both, "revenue")
         conn.execute("INSERT INTO refunds (order_id, gateway_order_id, refund_key, amount_idr, status, reason)"
                      " VALUES (%s, %s, %s, %s, 'succeeded', 'test')", (both, f"MTR-{both}", f"r-{both}", PRICE))
-        conn.execute("INSERT INTO ledger_entries (order_id, kind, amount_idr) VALUES (%s, 'refunded', %s)",
-                     (both, PRICE))
+        conn.execute("INSERT INTO ledger_entries (order_id, gateway_order_id, kind, amount_idr)"
+                     " VALUES (%s, %s, 'refunded', %s)", (both, f"MTR-{both}", PRICE))
         unbooked = _order(conn, "refunded")  # says refunded, but no money was ever booked
+        twice = _order(conn, "stamped")  # paid twice, and nobody refunded the second capture
+        _captured(conn, twice, "revenue")
+        _captured(conn, twice, role="extra", suffix="-2")
 
     report = ledger_report(sys_.settings)
     assert not report.balanced
-    assert {m.order_id for m, _ in report.imbalances} == {both, unbooked}
+    assert {m.order_id for m, _ in report.imbalances} == {both, unbooked, twice}
+    assert (report.extra_captures, report.extra_in_flight) == (1, PRICE)
 
     result = _ledger_cli(sys_)
     assert result.returncode == 1
-    assert "IMBALANCED: 2 order(s)" in result.stdout
+    assert "IMBALANCED: 3 order(s)" in result.stdout and "extra captures    1" in result.stdout
     assert both in result.stdout and unbooked in result.stdout and good not in result.stdout
+    assert f"MTR-{twice}-2: an extra capture of 12500 has no refund" in result.stdout
+
+    with sys_.db() as conn:  # its refund is opened: in flight, and the books balance again for it
+        conn.execute("INSERT INTO refunds (order_id, gateway_order_id, refund_key, amount_idr, status, reason)"
+                     " VALUES (%s, %s, 'r2', %s, 'pending', 'duplicate_payment')", (twice, f"MTR-{twice}-2", PRICE))
+    assert {m.order_id for m, _ in ledger_report(sys_.settings).imbalances} == {both, unbooked}

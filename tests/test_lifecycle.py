@@ -8,7 +8,17 @@ import pytest
 
 from shared import jobs
 from shared.db import transaction
-from shared.lifecycle import TRANSITIONS, IllegalTransition, Status, transition
+from shared.lifecycle import (
+    TRANSITIONS,
+    CaptureRole,
+    IllegalTransition,
+    RefundStatus,
+    Status,
+    book_capture,
+    open_refund,
+    refund_transition,
+    transition,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -35,20 +45,74 @@ def test_transition_is_compare_and_set_with_one_event(sys_):
     assert events == [{"from_status": "created", "to_status": "awaiting_payment"}]
 
 
-def test_money_moving_transition_books_the_ledger_in_the_same_transaction(sys_):
+def _payment(conn, order_id: str, suffix: str = "1") -> str:
+    gateway_order_id = f"MTR-{order_id}-{suffix}"
+    conn.execute("INSERT INTO payments (gateway_order_id, order_id, amount_idr) VALUES (%s, %s, 12500)",
+                 (gateway_order_id, order_id))
+    return gateway_order_id
+
+
+def test_a_capture_is_booked_once_per_transaction_with_the_order_move(sys_):
     with sys_.db() as conn:
         order_id = _insert_order(conn, "awaiting_payment")
+        first, second = _payment(conn, order_id, "1"), _payment(conn, order_id, "2")
     with pytest.raises(RuntimeError):
         with transaction(sys_.settings.database_url) as tx:
-            transition(tx, order_id, Status.AWAITING_PAYMENT, Status.PAID,
-                       changes_sql={"refund_due_at": "now()"})
+            book_capture(tx, first, 12500, CaptureRole.ORDER)
+            transition(tx, order_id, Status.AWAITING_PAYMENT, Status.PAID, changes_sql={"refund_due_at": "now()"})
             raise RuntimeError("crash before commit")
     assert sys_.order_row(order_id)["status"] == "awaiting_payment"
     assert sys_.query("SELECT * FROM ledger_entries WHERE order_id = %s", (order_id,)) == []
     with transaction(sys_.settings.database_url) as tx:
+        assert book_capture(tx, first, 12500, CaptureRole.ORDER) is not None
         transition(tx, order_id, Status.AWAITING_PAYMENT, Status.PAID, changes_sql={"refund_due_at": "now()"})
-    rows = sys_.query("SELECT kind, amount_idr FROM ledger_entries WHERE order_id = %s", (order_id,))
-    assert rows == [{"kind": "captured", "amount_idr": 12500}]
+    with transaction(sys_.settings.database_url) as tx:  # a duplicate notification: booked before
+        assert book_capture(tx, first, 12500, CaptureRole.ORDER) is None
+        assert book_capture(tx, second, 12500, CaptureRole.EXTRA) is not None  # paid twice: its own row
+    rows = sys_.query("SELECT gateway_order_id, kind, amount_idr FROM ledger_entries WHERE order_id = %s"
+                      " ORDER BY id", (order_id,))
+    assert rows == [{"gateway_order_id": first, "kind": "captured", "amount_idr": 12500},
+                    {"gateway_order_id": second, "kind": "captured", "amount_idr": 12500}]
+
+
+def test_revenue_is_booked_against_the_orders_own_capture(sys_):
+    with sys_.db() as conn:
+        order_id = _insert_order(conn, "awaiting_payment")
+        own, extra = _payment(conn, order_id, "1"), _payment(conn, order_id, "2")
+        conn.execute("UPDATE orders SET status = 'stamping', refund_due_at = now(), serial = %s,"
+                     " stamped_document_key = 'k' WHERE id = %s", ("A" * 22, order_id))
+    with transaction(sys_.settings.database_url) as tx:
+        book_capture(tx, extra, 12500, CaptureRole.EXTRA)
+        book_capture(tx, own, 12500, CaptureRole.ORDER)
+        transition(tx, order_id, Status.STAMPING, Status.STAMPED)
+    [revenue] = sys_.query("SELECT gateway_order_id, amount_idr FROM ledger_entries WHERE kind = 'revenue'"
+                           " AND order_id = %s", (order_id,))
+    assert revenue == {"gateway_order_id": own, "amount_idr": 12500}
+
+
+def test_a_refund_moves_through_its_own_table_and_books_once(sys_):
+    with sys_.db() as conn:
+        order_id = _insert_order(conn, "rejected")
+        gateway_order_id = _payment(conn, order_id)
+    with transaction(sys_.settings.database_url) as tx:
+        payment = book_capture(tx, gateway_order_id, 12500, CaptureRole.EXTRA)
+        assert open_refund(tx, payment, refund_key="k1", reason="duplicate_payment")
+        assert not open_refund(tx, payment, refund_key="k2", reason="duplicate_payment")  # one per transaction
+    with transaction(sys_.settings.database_url) as tx:
+        assert refund_transition(tx, gateway_order_id, RefundStatus.PENDING, RefundStatus.MANUAL) is not None
+        assert refund_transition(tx, gateway_order_id, RefundStatus.PENDING, RefundStatus.SUCCEEDED) is None
+        assert refund_transition(tx, gateway_order_id, RefundStatus.MANUAL, RefundStatus.SUCCEEDED) is not None
+    with pytest.raises(IllegalTransition):
+        with transaction(sys_.settings.database_url) as tx:
+            refund_transition(tx, gateway_order_id, RefundStatus.SUCCEEDED, RefundStatus.PENDING)
+    kinds = [r["kind"] for r in sys_.query("SELECT kind FROM ledger_entries WHERE order_id = %s ORDER BY id",
+                                           (order_id,))]
+    assert kinds == ["captured", "refunded"]
+    assert sys_.order_row(order_id)["status"] == "rejected"  # an extra capture's refund leaves the order alone
+
+
+def test_a_checkout_that_cannot_open_a_payment_may_expire():
+    assert (Status.CREATED, Status.EXPIRED) in TRANSITIONS
 
 
 def test_transitions_not_in_the_table_are_refused(sys_):
@@ -68,9 +132,20 @@ def test_database_refuses_unknown_status_and_fractional_money(sys_):
         with pytest.raises(psycopg.errors.CheckViolation):
             _insert_order(conn, "lost")
         order_id = _insert_order(conn)
-        with pytest.raises(psycopg.errors.UniqueViolation):
-            conn.execute("INSERT INTO ledger_entries (order_id, kind, amount_idr) VALUES"
-                         " (%s, 'captured', 1), (%s, 'captured', 1)", (order_id, order_id))
+        gateway_order_id = _payment(conn, order_id)
+        with pytest.raises(psycopg.errors.UniqueViolation):  # one capture per transaction
+            conn.execute("INSERT INTO ledger_entries (order_id, gateway_order_id, kind, amount_idr) VALUES"
+                         " (%s, %s, 'captured', 1), (%s, %s, 'captured', 1)",
+                         (order_id, gateway_order_id, order_id, gateway_order_id))
+        with pytest.raises(psycopg.errors.CheckViolation):  # every ledger row names its transaction
+            conn.execute("INSERT INTO ledger_entries (order_id, kind, amount_idr) VALUES (%s, 'captured', 1)",
+                         (order_id,))
+        second = _payment(conn, order_id, "2")
+        conn.execute("UPDATE payments SET captured_at = now(), capture_role = 'order' WHERE gateway_order_id = %s",
+                     (gateway_order_id,))
+        with pytest.raises(psycopg.errors.UniqueViolation):  # one capture is the order's own
+            conn.execute("UPDATE payments SET captured_at = now(), capture_role = 'order'"
+                         " WHERE gateway_order_id = %s", (second,))
 
 
 def test_after_commit_work_is_not_published_on_rollback(sys_):

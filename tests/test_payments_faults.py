@@ -161,7 +161,7 @@ def test_settlement_after_expire_is_refunded_automatically(sys_):
     assert sys_.order_row(order_id)["reason_code"] == "late_payment"
     assert done["refund"] == {"status": "succeeded", "amount": PRICE}
     assert [r["refund_key"] for r in sys_.gateway_record(gateway_order_id)["refunds"]] == [
-        refund_key_for(order_id)]
+        refund_key_for(gateway_order_id)]
     assert sys_.query("SELECT count(*) AS n FROM serials WHERE order_id = %s", (order_id,))[0]["n"] == 0
     assert ledger(sys_, order_id) == {"captured": PRICE, "refunded": PRICE}
     balanced_ledger(sys_)
@@ -170,7 +170,7 @@ def test_settlement_after_expire_is_refunded_automatically(sys_):
 # --- refunds ---------------------------------------------------------------------------------------
 
 def test_timeouts_during_refund_still_refund_exactly_once(sys_):
-    """The gateway refunds but answers too late, twice: the retries reuse the refund key."""
+    """The gateway refunds but answers too late: the retries reuse the refund key, or find it done."""
     order_id, token, view = sys_.order_awaiting_payment()
     gateway_order_id = view["payment"]["gateway_order_id"]
     make_unstampable(sys_, order_id)
@@ -180,10 +180,11 @@ def test_timeouts_during_refund_still_refund_exactly_once(sys_):
     done = sys_.wait_status(order_id, token, "refunded")
 
     record = sys_.gateway_record(gateway_order_id)
-    assert [r["refund_key"] for r in record["refunds"]] == [refund_key_for(order_id)]
+    assert [r["refund_key"] for r in record["refunds"]] == [refund_key_for(gateway_order_id)]
     assert record["refunded_amount"] == PRICE and record["transaction_status"] == "refund"
     [refund] = sys_.query("SELECT * FROM refunds WHERE order_id = %s", (order_id,))
-    assert (refund["status"], refund["attempts"]) == ("succeeded", 3)  # two timeouts, then the answer
+    # One or two timeouts, then the answer (or the status query showing the refund already made).
+    assert refund["status"] == "succeeded" and refund["attempts"] in (2, 3)
     assert done["refund"] == {"status": "succeeded", "amount": PRICE}
     assert ledger(sys_, order_id) == {"captured": PRICE, "refunded": PRICE}
     balanced_ledger(sys_)
@@ -269,7 +270,7 @@ def test_standin_restart_keeps_its_transactions(sys_):
     refunded_gid = refunded_view["payment"]["gateway_order_id"]
     assert sys_.gateway_record(refunded_gid)["transaction_status"] == "refund"
     adapter = MidtransGateway(sys_.gateway_url, SERVER_KEY, timeout=3, breaker=CircuitBreaker())
-    repeat = adapter.refund(refunded_gid, refund_key=refund_key_for(refunded), amount=PRICE, reason="x")
+    repeat = adapter.refund(refunded_gid, refund_key=refund_key_for(refunded_gid), amount=PRICE, reason="x")
     assert repeat.refunded and len(sys_.gateway_record(refunded_gid)["refunds"]) == 1
     page = sys_.http.get(waiting_view["payment"]["redirect_url"], timeout=5)
     assert page.status_code == 200 and "Bayar sekarang" in page.text  # the buyer's link still works

@@ -14,6 +14,7 @@ import subprocess
 import sys
 import threading
 import uuid
+from pathlib import Path
 from typing import Any, Iterator
 
 import psycopg
@@ -72,11 +73,16 @@ def schema(database_url: str) -> Iterator[str]:
 class StandinProcess:
     """``python -m shared.payments.standin`` on a fixed port, pointed at a schema by environment only."""
 
-    def __init__(self, database_url: str, schema: str, notification_url: str) -> None:
+    def __init__(self, database_url: str, schema: str, notification_url: str, log_path: Path,
+                 args: tuple[str, ...] = ("--notification-retry-delays", "0.3,0.5,1,2,4,8"),
+                 **env: str) -> None:
         self.port = devenv.free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        self.args = args
+        self.log_path = log_path
         self.env = {
             **os.environ,
+            "DEVELOPMENT": "1",  # the stand-in is a sandbox: it starts on a development machine only
             # The stand-in's own store; DATABASE_URL points nowhere, so nothing else can be used.
             "STANDIN_DATABASE_URL": database_url,
             "STANDIN_SCHEMA": schema,
@@ -84,16 +90,16 @@ class StandinProcess:
             "GATEWAY_SERVER_KEY": SERVER_KEY,
             "GATEWAY_URL": self.url,
             "NOTIFICATION_URL": notification_url,
+            **env,
         }
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> None:
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "shared.payments.standin", "--port", str(self.port),
-             "--notification-retry-delays", "0.3,0.5,1,2,4,8"],
-            cwd=ROOT, env=self.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-            start_new_session=True,
-        )
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "shared.payments.standin", "--port", str(self.port), *self.args],
+                cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            )
         wait_until(lambda: devenv.port_accepts(self.port) or self.proc.poll() is not None,
                    timeout=30, message="the stand-in to listen")
         assert self.proc.poll() is None, "the stand-in exited at start"
@@ -105,8 +111,9 @@ class StandinProcess:
 
 
 @pytest.fixture
-def standin(database_url: str, schema: str, receiver: tuple[Receiver, str]) -> Iterator[StandinProcess]:
-    process = StandinProcess(database_url, schema, receiver[1])
+def standin(database_url: str, schema: str, receiver: tuple[Receiver, str],
+            tmp_path: Path) -> Iterator[StandinProcess]:
+    process = StandinProcess(database_url, schema, receiver[1], tmp_path / "standin.log")
     process.start()
     yield process
     process.kill()
@@ -161,7 +168,7 @@ def test_standin_killed_mid_delivery_keeps_everything_and_finishes_delivering(
 
 
 def test_standin_schema_is_its_own_and_migrated_once(database_url: str, schema: str) -> None:
-    assert migrate(database_url, schema) == ["0001_standin.sql"]
+    assert migrate(database_url, schema) == ["0001_standin.sql", "0002_captures.sql"]
     assert migrate(database_url, schema) == []
     with psycopg.connect(database_url) as conn:
         tables = {row[0] for row in conn.execute(
@@ -172,3 +179,87 @@ def test_standin_schema_is_its_own_and_migrated_once(database_url: str, schema: 
     assert "orders" in ours and not ours & {"transactions", "notifications"}
     with pytest.raises(ValueError):
         migrate(database_url, "standin; DROP TABLE orders")
+
+
+# --- a sandbox, and only a sandbox -----------------------------------------------------------------
+
+def test_standin_refuses_to_start_unless_development(database_url: str, schema: str, tmp_path: Path) -> None:
+    process = StandinProcess(database_url, schema, "http://127.0.0.1:9/none", tmp_path / "standin.log",
+                             DEVELOPMENT="0")
+    result = subprocess.run([sys.executable, "-m", "shared.payments.standin", "--port", str(process.port)],
+                            cwd=ROOT, env=process.env, capture_output=True, text=True, timeout=60)
+
+    assert result.returncode == 2
+    assert "starts only with DEVELOPMENT=1" in result.stderr
+    assert not devenv.port_accepts(process.port)
+
+
+def test_standin_app_must_be_asked_for_as_a_sandbox(database_url: str, schema: str) -> None:
+    from shared.payments.standin import NotASandbox, create_standin_app
+
+    with pytest.raises(TypeError):
+        create_standin_app(SERVER_KEY, "http://127.0.0.1:9/", "http://127.0.0.1:9",  # type: ignore[call-arg]
+                           database_url=database_url, schema=schema)
+    with pytest.raises(NotASandbox):
+        create_standin_app(SERVER_KEY, "http://127.0.0.1:9/", "http://127.0.0.1:9", sandbox=False,
+                           database_url=database_url, schema=schema)
+
+
+# --- notification delivery ---------------------------------------------------------------------------
+
+def test_notification_retry_schedule_is_a_setting(
+    database_url: str, schema: str, receiver: tuple[Receiver, str], tmp_path: Path
+) -> None:
+    """Started like the Procfile starts it (no flag), the stand-in retries on the setting's schedule
+    and says so when it gives up."""
+    notes = receiver[0]
+    notes.failing = True
+    process = StandinProcess(database_url, schema, receiver[1], tmp_path / "standin.log", args=(),
+                             STANDIN_NOTIFICATION_RETRY_DELAYS="0.1,0.1")
+    process.start()
+    try:
+        gateway = MidtransGateway(process.url, SERVER_KEY, timeout=2.0, breaker=CircuitBreaker())
+        gateway.create_transaction("MTR-schedule", PRICE, email="a@example.id", item_name="e-Meterai")
+        assert _sandbox(process, "pay/MTR-schedule").status_code == 200
+        wait_until(lambda: _record(process, "MTR-schedule")["notifications"][0]["delivered"] is False,
+                   timeout=20, message="the stand-in to give up")
+        [delivery] = _record(process, "MTR-schedule")["notifications"]
+        assert delivery["attempts"] == 3 and delivery["last_http_status"] == 503  # first try + 2 retries
+        log = process.log_path.read_text()
+        assert 'notification_retry_delays="[0.1, 0.1]"' in log and "standin_notification_gave_up" in log
+    finally:
+        process.kill()
+
+
+def test_delivery_goes_on_when_the_standins_own_database_write_fails(
+    database_url: str, schema: str, receiver: tuple[Receiver, str], tmp_path: Path
+) -> None:
+    """The merchant must hear of a payment even while the stand-in can't record its attempts: the
+    failure is logged at ERROR and the delivery keeps trying."""
+    notes = receiver[0]
+    notes.failing = True
+    process = StandinProcess(database_url, schema, receiver[1], tmp_path / "standin.log",
+                             args=("--notification-retry-delays", "0.2,1.5,1.5,1.5,1.5"))
+    process.start()
+    try:
+        gateway = MidtransGateway(process.url, SERVER_KEY, timeout=2.0, breaker=CircuitBreaker())
+        gateway.create_transaction("MTR-nodb", PRICE, email="a@example.id", item_name="e-Meterai")
+        assert _sandbox(process, "pay/MTR-nodb").status_code == 200
+        wait_until(lambda: _record(process, "MTR-nodb")["notifications"][0]["attempts"] >= 1,
+                   message="a recorded failed attempt")
+        with psycopg.connect(database_url, autocommit=True) as conn:  # its table goes away under it
+            conn.execute(f"ALTER TABLE {schema}.notifications RENAME TO notifications_away")
+        try:
+            wait_until(lambda: "standin_delivery_not_recorded" in process.log_path.read_text(), timeout=10,
+                       message="the failed database write, logged")
+            notes.failing = False
+            wait_until(lambda: notes.statuses("MTR-nodb") == ["settlement"], timeout=10,
+                       message="the notification delivered anyway")
+        finally:
+            with psycopg.connect(database_url, autocommit=True) as conn:
+                conn.execute(f"ALTER TABLE {schema}.notifications_away RENAME TO notifications")
+        assert verify_notification(notes.bodies[-1], SERVER_KEY)
+        assert any(" ERROR " in line for line in process.log_path.read_text().splitlines()
+                   if "standin_delivery_not_recorded" in line)
+    finally:
+        process.kill()

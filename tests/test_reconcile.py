@@ -1,9 +1,11 @@
-"""Reconciliation and expiry of unpaid orders, over HTTP against the stand-in gateway.
+"""Reconciliation (the watch of every gateway transaction) and expiry of unpaid orders, over HTTP
+against the stand-in gateway.
 
-Time is moved by back-dating the moment an order started waiting for payment (as the sweep tests move
-deadlines), so the real settings apply: RECONCILE_AFTER_SECONDS (10 minutes) and
-PAYMENT_TIMEOUT_SECONDS (24 hours). The scans run as the beat tasks and the ``meterai`` commands run
-them; the per-order work runs on the real workers, or inline with ``--inline``.
+Time is moved by back-dating (as the sweep tests move deadlines): when a transaction is next due for a
+look, when an order started waiting for payment. So the real settings apply: RECONCILE_AFTER_SECONDS
+(10 minutes), PAYMENT_TIMEOUT_SECONDS (24 hours), PAYMENT_WATCH_SECONDS (48 hours). The scans run as the
+beat tasks and the ``meterai`` commands run them; the per-row work runs on the real workers, or inline
+with ``--inline``.
 """
 from __future__ import annotations
 
@@ -24,6 +26,12 @@ from workers.celery_app import beat_schedule
 from tests.conftest import ROOT, SERVER_KEY, wait_until
 
 PRICE = 12_500
+
+
+def due_now(sys_, gateway_order_id: str) -> None:
+    """The transaction's next look at the gateway is due (as if its interval had passed)."""
+    sys_.query("UPDATE payments SET next_poll_at = now() - interval '1 second' WHERE gateway_order_id = %s"
+               " RETURNING gateway_order_id", (gateway_order_id,))
 
 
 def waiting_since(sys_, order_id: str, ago: timedelta) -> None:
@@ -77,62 +85,91 @@ def test_beat_runs_both_scans_on_housekeeping_and_their_work_on_its_own_queue():
     assert schedule["expire-unpaid"]["task"] == jobs.EXPIRE_UNPAID
     assert {jobs.QUEUES[jobs.RECONCILE_PAYMENTS], jobs.QUEUES[jobs.EXPIRE_UNPAID]} == {"housekeeping"}
     # Polling unpaid orders never shares a queue with confirming paid ones.
-    assert {jobs.QUEUES[jobs.RECONCILE_ORDER], jobs.QUEUES[jobs.EXPIRE_ORDER]} == {"reconcile"}
+    assert {jobs.QUEUES[jobs.POLL_PAYMENT], jobs.QUEUES[jobs.EXPIRE_ORDER]} == {"reconcile"}
     assert jobs.QUEUES[jobs.PROCESS_NOTIFICATION] == "payments"
 
 
-# --- reconcile -------------------------------------------------------------------------------------
+# --- the watch of every transaction -----------------------------------------------------------------
 
 def test_dropped_notification_is_picked_up_by_reconcile(sys_):
     faults(sys_, drop_notifications=True)
     order_id, token, view = sys_.order_awaiting_payment()
-    sys_.pay(view["payment"]["gateway_order_id"])
-    assert reconcile.schedule_reconcile(sys_.settings) == 0  # too early: the notification may come
+    gateway_order_id = view["payment"]["gateway_order_id"]
+    sys_.pay(gateway_order_id)
+    assert reconcile.schedule_watch(sys_.settings) == 0  # too early: the notification may come
     assert sys_.status(order_id, token)["status"] == "awaiting_payment"
 
-    waiting_since(sys_, order_id, timedelta(minutes=11))
-    result = cli(sys_, "reconcile")  # what beat runs: queue one task per order on "reconcile"
+    due_now(sys_, gateway_order_id)
+    result = cli(sys_, "reconcile")  # what beat runs: queue one task per transaction on "reconcile"
 
     assert result.returncode == 0 and json.loads(result.stdout) == {"queued": 1}, result.stderr
     sys_.wait_status(order_id, token, "stamped")
     assert sys_.query("SELECT count(*) AS n FROM payment_notifications")[0]["n"] == 0  # none ever came
     assert ledger(sys_, order_id) == {"captured": PRICE, "revenue": PRICE}
-    assert sys_.order_row(order_id)["payment_checks"] == 1
-    assert reconcile.schedule_reconcile(sys_.settings) == 0
+    [payment] = sys_.query("SELECT polls, final_at FROM payments WHERE gateway_order_id = %s", (gateway_order_id,))
+    assert payment["polls"] == 1 and payment["final_at"] is not None  # settlement is final
+    assert reconcile.schedule_watch(sys_.settings) == 0
     assert_balanced(sys_)
 
 
-def test_unpaid_order_is_polled_again_after_doubling_intervals(sys_):
-    order_id, token, _ = sys_.order_awaiting_payment()
-    waiting_since(sys_, order_id, timedelta(minutes=11))
+def _watch(sys_, gateway_order_id: str) -> dict:
+    return sys_.query("SELECT polls, final_at, next_poll_at - now() AS wait FROM payments"
+                      " WHERE gateway_order_id = %s", (gateway_order_id,))[0]
 
+
+def test_each_transaction_is_asked_about_after_doubling_intervals_until_final_and_a_while_after(sys_):
+    order_id, token, view = sys_.order_awaiting_payment()
+    gateway_order_id = view["payment"]["gateway_order_id"]
+    opened = _watch(sys_, gateway_order_id)
+    assert opened["polls"] == 0 and timedelta(minutes=9) < opened["wait"] <= timedelta(minutes=10)
+
+    due_now(sys_, gateway_order_id)
     claimed = cli(sys_, "reconcile", "--inline")
     assert json.loads(claimed.stdout) == {"checked": 1, "outcomes": {"pending": 1}}, claimed.stderr
-    assert reconcile.claim_for_reconcile(sys_.settings) == []  # claimed until its next check
-    [first] = sys_.query("SELECT payment_checks, payment_next_check_at - now() AS wait FROM orders")
-    assert first["payment_checks"] == 1
+    assert reconcile.claim_for_watch(sys_.settings) == []  # claimed until its next look
+    first = _watch(sys_, gateway_order_id)
+    assert first["polls"] == 1 and first["final_at"] is None
     assert timedelta(minutes=9) < first["wait"] <= timedelta(minutes=10)
 
-    sys_.query("UPDATE orders SET payment_next_check_at = now() RETURNING id")
-    assert reconcile.claim_for_reconcile(sys_.settings) == [order_id]
-    [second] = sys_.query("SELECT payment_checks, payment_next_check_at - now() AS wait FROM orders")
-    assert second["payment_checks"] == 2
-    assert timedelta(minutes=19) < second["wait"] <= timedelta(minutes=20)
-    assert sys_.status(order_id, token)["status"] == "awaiting_payment"
+    due_now(sys_, gateway_order_id)
+    assert reconcile.claim_for_watch(sys_.settings) == [gateway_order_id]
+    second = _watch(sys_, gateway_order_id)
+    assert second["polls"] == 2 and timedelta(minutes=19) < second["wait"] <= timedelta(minutes=20)
+    # Not final yet: never more than RECONCILE_MAX_INTERVAL_SECONDS (1 hour) between looks.
+    sys_.query("UPDATE payments SET polls = 12, next_poll_at = now() RETURNING polls")
+    reconcile.claim_for_watch(sys_.settings)
+    assert timedelta(minutes=59) < _watch(sys_, gateway_order_id)["wait"] <= timedelta(hours=1)
+
+    # Final (the gateway expired it): looked at less often, up to PAYMENT_WATCH_MAX_INTERVAL_SECONDS...
+    assert sys_.http.post(f"{sys_.gateway_url}/sandbox/expire/{gateway_order_id}", timeout=5).status_code == 200
+    sys_.wait_status(order_id, token, "expired")
+    assert _watch(sys_, gateway_order_id)["final_at"] is not None
+    sys_.query("UPDATE payments SET next_poll_at = now() RETURNING polls")
+    reconcile.claim_for_watch(sys_.settings)
+    assert timedelta(hours=5, minutes=59) < _watch(sys_, gateway_order_id)["wait"] <= timedelta(hours=6)
+    # ...until PAYMENT_WATCH_SECONDS (48 hours) after it became final: then the watch ends.
+    sys_.query("UPDATE payments SET next_poll_at = now(), final_at = now() - interval '47 hours' RETURNING polls")
+    assert json.loads(cli(sys_, "reconcile", "--inline").stdout)["checked"] == 1
+    assert _watch(sys_, gateway_order_id)["wait"] is not None
+    sys_.query("UPDATE payments SET next_poll_at = now(), final_at = now() - interval '49 hours' RETURNING polls")
+    assert json.loads(cli(sys_, "reconcile", "--inline").stdout)["checked"] == 1
+    assert _watch(sys_, gateway_order_id)["wait"] is None
+    assert reconcile.claim_for_watch(sys_.settings) == []
 
 
 def test_reconcile_during_a_gateway_outage_changes_nothing_and_tries_again_later(sys_):
     order_id, token, view = sys_.order_awaiting_payment()
+    gateway_order_id = view["payment"]["gateway_order_id"]
     faults(sys_, drop_notifications=True)
-    sys_.pay(view["payment"]["gateway_order_id"])
-    waiting_since(sys_, order_id, timedelta(minutes=11))
+    sys_.pay(gateway_order_id)
+    due_now(sys_, gateway_order_id)
     faults(sys_, error_rate=1.0, endpoints=["status"], max_faults=1)
 
     result = cli(sys_, "reconcile", "--inline")
 
     assert json.loads(result.stdout) == {"checked": 1, "outcomes": {"unavailable": 1}}
     assert sys_.status(order_id, token)["status"] == "awaiting_payment" and ledger(sys_, order_id) == {}
-    sys_.query("UPDATE orders SET payment_next_check_at = now() RETURNING id")
+    due_now(sys_, gateway_order_id)
     assert json.loads(cli(sys_, "reconcile", "--inline").stdout)["outcomes"] == {"paid": 1}
     sys_.wait_status(order_id, token, "stamped")
     assert_balanced(sys_)
@@ -149,8 +186,11 @@ def test_unpaid_order_is_expired_at_the_gateway_first(sys_):
     waiting_since(sys_, order_id, timedelta(hours=25))
     result = cli(sys_, "expire-unpaid", "--inline")
 
-    assert json.loads(result.stdout) == {"checked": 1, "outcomes": {"expired": 1}}, result.stderr
-    assert sys_.status(order_id, token)["status"] == "expired"
+    assert json.loads(result.stdout) == {"checked": 1, "outcomes": {"expired": 1},
+                                         "checkouts_expired": 0}, result.stderr
+    view = sys_.status(order_id, token)
+    assert view["status"] == "expired" and view["reason"]["code"] == "payment_expire"
+    assert "Anda tidak dikenai biaya" in view["reason"]["message"]
     assert sys_.gateway_record(gateway_order_id)["transaction_status"] == "expire"
     late = sys_.http.post(f"{sys_.gateway_url}/sandbox/pay/{gateway_order_id}", json={}, timeout=5)
     assert late.status_code == 409  # the link is dead: nobody can pay for an expired order

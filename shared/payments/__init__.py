@@ -6,6 +6,7 @@ explicitly by whoever runs it, so importing payments never pulls in Flask.
 """
 from shared.payments.gateway import (
     CloseResult,
+    GatewayCapture,
     GatewayRejected,
     GatewayStatus,
     GatewayUnavailable,
@@ -23,6 +24,7 @@ from shared.payments.gateway import (
 
 __all__ = [
     "CloseResult",
+    "GatewayCapture",
     "GatewayRejected",
     "GatewayStatus",
     "GatewayUnavailable",

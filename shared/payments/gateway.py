@@ -21,7 +21,11 @@ Midtrans quirks mirrored here:
   twice, which is what makes retrying a refund after a timeout safe.
 * an unpaid transaction is closed with ``POST /v2/<id>/expire`` (body code ``"407"``) or ``/cancel``;
   one paid meanwhile is refused with ``"412"``, so "expire at the gateway, then ask its status" can
-  never throw away a payment.
+  never throw away a payment;
+* a card payment is ``capture`` until it settles (the next day): it can't be refunded then, only voided
+  with ``/cancel``; once ``settlement`` it can only be refunded;
+* there is no API that lists a period's captures (Midtrans offers a settlement report file): the
+  stand-in serves one (:meth:`MidtransGateway.list_captures`), production reads the file.
 """
 from __future__ import annotations
 
@@ -32,6 +36,7 @@ import re
 import threading
 import time
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any, Callable, Mapping, Protocol, TypeVar
 
 import requests
@@ -149,6 +154,21 @@ class CloseResult:
     transaction_status: str | None = None
 
 
+@dataclass(frozen=True)
+class GatewayCapture:
+    """One transaction whose money the gateway took, as its own records show it now (a line of its
+    settlement report): ``transaction_status`` says where the money is now (settlement, capture, refund,
+    cancel for a voided capture, ...), ``refunded`` how much of it went back."""
+
+    gateway_order_id: str
+    gross_amount: int
+    transaction_status: str
+    payment_type: str | None = None
+    transaction_id: str | None = None
+    captured_at: datetime | None = None
+    refunded: int = 0
+
+
 class GatewayUnavailable(TransientError):
     """Timeout, connection error, 5xx or 429: the same call may well succeed later."""
 
@@ -176,6 +196,8 @@ class PaymentGateway(Protocol):
     def expire_transaction(self, gateway_order_id: str) -> CloseResult: ...
 
     def cancel_transaction(self, gateway_order_id: str) -> CloseResult: ...
+
+    def list_captures(self, start: datetime, end: datetime) -> list[GatewayCapture]: ...
 
 
 # --- circuit breaker -------------------------------------------------------------------------------
@@ -394,6 +416,31 @@ class MidtransGateway:
     def cancel_transaction(self, gateway_order_id: str) -> CloseResult:
         """Cancel an unpaid transaction (``POST /v2/<id>/cancel``)."""
         return self._close(gateway_order_id, "cancel")
+
+    def list_captures(self, start: datetime, end: datetime) -> list[GatewayCapture]:
+        """Every capture in ``[start, end)``, from the stand-in's ``GET /sandbox/captures``. Midtrans has
+        no such API: a gateway that answers 404 raises :class:`GatewayRejected` (``no_capture_list``) and
+        its settlement report must be read instead."""
+        params = {"from": start.isoformat(), "to": end.isoformat()}
+        response, payload = self._call("GET", "/sandbox/captures", "-", params=params)
+        if response.status_code == 404:
+            raise GatewayRejected("This gateway has no API listing its captures (Midtrans has none): use its "
+                                  "settlement report.", code="no_capture_list")
+        self._raise_for_failure(response.status_code, _body_status_code(payload), payload, "-")
+        if response.status_code >= 300 or not isinstance(payload, dict) or not isinstance(
+                payload.get("captures"), list):
+            raise GatewayRejected(_message(payload, f"capture list answered HTTP {response.status_code}"),
+                                  code="gateway_bad_response")
+        try:
+            return [GatewayCapture(
+                gateway_order_id=str(c["order_id"]), gross_amount=parse_gross_amount(str(c["gross_amount"])),
+                transaction_status=str(c["transaction_status"]), payment_type=_optional_text(c.get("payment_type")),
+                transaction_id=_optional_text(c.get("transaction_id")),
+                captured_at=datetime.fromisoformat(c["captured_at"]) if c.get("captured_at") else None,
+                refunded=parse_gross_amount(str(c.get("refund_amount") or "0")),
+            ) for c in payload["captures"]]
+        except (KeyError, TypeError, ValueError) as exc:
+            raise GatewayRejected(f"Unexpected capture list: {exc}", code="gateway_bad_response") from exc
 
     def _close(self, gateway_order_id: str, how: str) -> CloseResult:
         response, payload = self._call("POST", f"/v2/{gateway_order_id}/{how}", gateway_order_id)

@@ -6,21 +6,28 @@ by ``refund_key``, virtual accounts that can't be refunded by API) *and* that ca
 on demand: latency, 500s, timeouts, dropped, duplicated and out-of-order notifications, refused refunds.
 Our adapter (:mod:`shared.payments.gateway`) can't tell it from the real thing except by ``GATEWAY_URL``.
 
-Run it with ``python -m shared.payments.standin``: it listens on ``GATEWAY_PORT`` and posts notifications
-to ``NOTIFICATION_URL``.
+Run it with ``python -m shared.payments.standin`` (only with ``DEVELOPMENT=1``: it is a free-stamps
+machine if it ever faces buyers, so it refuses to start otherwise, and :func:`create_standin_app` wants
+``sandbox=True``): it listens on ``GATEWAY_PORT``, posts notifications to ``NOTIFICATION_URL`` and retries
+each delivery after ``STANDIN_NOTIFICATION_RETRY_DELAYS`` seconds.
 
 Protocol endpoints (HTTP Basic, server key as username): ``POST /snap/v1/transactions``,
 ``GET /v2/<order_id>/status``, ``POST /v2/<order_id>/refund``, ``POST /v2/<order_id>/expire``,
 ``POST /v2/<order_id>/cancel``. Like Midtrans' v2 API, refusals are HTTP 200 with ``status_code: "412"``
-in the body; unknown orders get HTTP 404 with ``status_code: "404"``; a merchant expiry answers
-``status_code: "407"``.
+in the body; unknown orders get HTTP 404 with ``status_code: "404"`` (so does an id no real order can
+have, e.g. one with a NUL byte); a merchant expiry answers ``status_code: "407"``. A card payment is
+``capture`` until it settles (``card_settlement_seconds`` later, a day by default, or at once with
+``POST /sandbox/settle/<order_id>``): like Midtrans, a capture can't be refunded, only voided with
+``/cancel``, and a settled payment can't be voided, only refunded. ``GET /sandbox/captures?from=&to=``
+(HTTP Basic too: it is the merchant's report) lists every transaction whose money was taken in a period,
+what Midtrans offers only as a settlement report file.
 
 Sandbox endpoints (no auth; they stand for the buyer, the banks and the test harness): ``GET
 /snap/v2/vtweb/<token>`` (pay page), ``POST /sandbox/pay/<order_id>`` (``{"payment_type": …,
 "after_expiry": true}`` is a bank settling after the gateway expired the transaction), ``POST
 /sandbox/expire/<order_id>`` (the gateway's own expiry), ``POST /sandbox/notify/<order_id>`` (re-send;
 ``{"transaction_status": "pending"}`` sends a stale one, for out-of-order drills), ``GET|POST|DELETE
-/sandbox/faults``, ``GET /sandbox/transactions/<order_id>``.
+/sandbox/faults``, ``GET /sandbox/transactions/<order_id>``, ``POST /sandbox/settle/<order_id>``.
 
 State is durable: transactions, refunds and every notification copy live in the stand-in's own
 PostgreSQL schema (:mod:`shared.payments.standin_db`), so a restarted stand-in still knows every
@@ -31,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import sys
 import hmac
 import json
 import logging
@@ -61,7 +69,10 @@ WIB = timezone(timedelta(hours=7), "WIB")
 PAYMENT_TYPES = ("qris", "gopay", "shopeepay", "credit_card", "bank_transfer")
 VA_BANKS = ("bca", "bni", "bri", "permata", "cimb")
 PAID = ("settlement", "capture")
-REFUNDABLE = PAID + ("partial_refund",)
+# Midtrans refunds settled money only: a card capture not settled yet is voided with /cancel instead.
+REFUNDABLE = ("settlement", "partial_refund")
+# What each merchant close may close: a pending transaction, and (cancel only) an unsettled capture.
+CLOSABLE = {"expire": ("pending",), "cancel": ("pending", "capture")}
 # Midtrans can't push money back into a virtual account; those refunds are paid out by hand.
 NOT_REFUNDABLE_BY_API = ("bank_transfer",)
 STATUS_CODES = {
@@ -85,6 +96,8 @@ DEFAULT_FAULTS: dict[str, Any] = {
     "notification_jitter_ms": 0,
     "refuse_refunds_for": [],
     "seed": None,
+    # Not a fault: how long a card capture stays "capture" before it settles (Midtrans: the next day).
+    "card_settlement_seconds": 86400,
 }
 
 
@@ -148,6 +161,7 @@ FAULT_CHECKS: dict[str, Callable[[Any], Any]] = {
     "notification_jitter_ms": _number(0),
     "refuse_refunds_for": _payment_types,
     "seed": _seed,
+    "card_settlement_seconds": _number(0),
 }
 
 
@@ -302,10 +316,21 @@ class StandinGateway:
         self.random = random.Random(seed)
         self.faults["seed"] = seed
         self.closed = False
+        self._stopping = threading.Event()
+        self._settler: threading.Thread | None = None
+
+    def start_settling(self, interval: float = 1.0) -> None:
+        """Settle card captures whose time has come, on a thread of their own, as the banks do."""
+        self._settler = threading.Thread(target=self._settle_loop, args=(interval,), daemon=True,
+                                         name="standin-settle")
+        self._settler.start()
 
     def close(self) -> None:
         """Stop using the database (delivery threads still running give up quietly)."""
         self.closed = True
+        self._stopping.set()
+        if self._settler is not None:
+            self._settler.join(timeout=5)
         self.pool.close()
 
     @contextmanager
@@ -479,18 +504,20 @@ class StandinGateway:
 
     def close_transaction(self, order_id: str, how: str) -> tuple[int, dict[str, Any], list[Delivery]]:
         """The merchant closes an unpaid transaction: ``how`` is "expire" or "cancel" (Midtrans'
-        ``POST /v2/<id>/expire`` and ``/cancel``). Only a pending transaction can be closed; anything
-        else (paid meanwhile, already closed) is refused with 412 and changes nothing."""
+        ``POST /v2/<id>/expire`` and ``/cancel``). A pending transaction can be closed either way, and a
+        card capture not settled yet can be cancelled (voided); anything else (settled, already closed)
+        is refused with 412 and changes nothing."""
         with self._transaction() as conn:
             tx = self._load(conn, order_id, lock=True)
             if tx is None:
                 return 404, dict(NOT_FOUND), []
-            if tx.transaction_status != "pending":
+            if tx.transaction_status not in CLOSABLE[how]:
                 return 200, {"status_code": "412", "status_message": CANNOT_MODIFY, "order_id": order_id}, []
+            voided = tx.transaction_status == "capture"
             tx.transaction_status = how
             self._save_status(conn, tx)
             deliveries = self._queue_notification(conn, tx, how)
-        log_event(log, "standin_closed", gateway_order_id=order_id, how=how)
+        log_event(log, "standin_closed", gateway_order_id=order_id, how=how, voided_capture=voided or None)
         if how == "expire":
             return 200, _closed_answer(tx, "407", "Success, transaction has expired"), deliveries
         return 200, _closed_answer(tx, "200", "Success, transaction is canceled"), deliveries
@@ -520,6 +547,7 @@ class StandinGateway:
                 with self.lock:
                     tx.va_bank, tx.va_number = bank, f"{self.random.randrange(10**10, 10**11)}"
             self._save_status(conn, tx)
+            conn.execute("UPDATE transactions SET captured_at = now() WHERE order_id = %s", (order_id,))
             deliveries = self._queue_notification(conn, tx, tx.transaction_status)
             body = self._status_body(tx)
         log_event(log, "standin_paid", gateway_order_id=order_id, payment_type=payment_type,
@@ -538,6 +566,68 @@ class StandinGateway:
             self._save_status(conn, tx)
             deliveries = self._queue_notification(conn, tx, "expire")
             return "ok", self._status_body(tx), deliveries
+
+    def settle(self, order_id: str) -> tuple[str, dict[str, Any] | None, list[Delivery]]:
+        """A card capture settles now ("ok"), or "not_found" / "not_capture"."""
+        with self._transaction() as conn:
+            tx = self._load(conn, order_id, lock=True)
+            if tx is None:
+                return "not_found", None, []
+            if tx.transaction_status != "capture":
+                return "not_capture", self._status_body(tx), []
+            deliveries = self._settle(conn, tx)
+            return "ok", self._status_body(tx), deliveries
+
+    def _settle(self, conn: psycopg.Connection, tx: GatewayTransaction) -> list[Delivery]:
+        tx.transaction_status = "settlement"
+        tx.settlement_time = _now_text()
+        self._save_status(conn, tx)
+        log_event(log, "standin_settled", gateway_order_id=tx.order_id)
+        return self._queue_notification(conn, tx, "settlement")
+
+    def settle_due(self) -> int:
+        """Settle every card capture older than ``card_settlement_seconds``; how many settled."""
+        with self.lock:
+            after = float(self.faults["card_settlement_seconds"])
+        deliveries: list[Delivery] = []
+        with self._transaction() as conn:
+            rows = conn.execute(
+                "SELECT order_id FROM transactions WHERE transaction_status = 'capture'"
+                " AND captured_at <= now() - make_interval(secs => %s)"
+                " ORDER BY captured_at LIMIT 200 FOR UPDATE SKIP LOCKED", (after,),
+            ).fetchall()
+            for row in rows:
+                tx = self._load(conn, row["order_id"])
+                if tx is not None:
+                    deliveries.extend(self._settle(conn, tx))
+        self.send(deliveries)
+        return len(rows)
+
+    def _settle_loop(self, interval: float) -> None:
+        while not self._stopping.wait(interval):
+            try:
+                self.settle_due()
+            except Exception as exc:  # noqa: BLE001 - a database blip: try again next round
+                if not self.closed:
+                    log_event(log, "standin_settle_failed", logging.ERROR, error=type(exc).__name__)
+
+    def captures(self, start: datetime, end: datetime) -> list[dict[str, Any]]:
+        """Every transaction whose money was taken in ``[start, end)``, with its status now: the
+        merchant's list to reconcile against (Midtrans has it only as a settlement report)."""
+        with self._transaction() as conn:
+            rows = conn.execute(
+                "SELECT t.order_id, t.transaction_id, t.payment_type, t.transaction_status, t.gross_amount,"
+                " t.transaction_time, t.settlement_time, t.captured_at,"
+                " coalesce((SELECT sum(r.amount) FROM refunds r WHERE r.order_id = t.order_id), 0) AS refunded"
+                " FROM transactions t WHERE t.captured_at >= %s AND t.captured_at < %s"
+                " ORDER BY t.captured_at, t.order_id", (start, end),
+            ).fetchall()
+        return [{"order_id": r["order_id"], "transaction_id": r["transaction_id"],
+                 "payment_type": r["payment_type"], "transaction_status": r["transaction_status"],
+                 "gross_amount": format_gross_amount(r["gross_amount"]),
+                 "refund_amount": format_gross_amount(int(r["refunded"])),
+                 "transaction_time": r["transaction_time"], "settlement_time": r["settlement_time"],
+                 "captured_at": r["captured_at"].isoformat()} for r in rows]
 
     def renotify(self, order_id: str, status: str | None) -> tuple[str, list[Delivery]]:
         """Send the current notification again, or a stale one for ``status`` (out-of-order drills)."""
@@ -617,24 +707,35 @@ class StandinGateway:
         return len(rows)
 
     def _deliver(self, delivery: Delivery, delay: float) -> None:
-        """POST until the merchant answers 2xx, retrying a bounded number of times with backoff."""
+        """POST until the merchant answers 2xx, retrying after each of ``retry_delays``.
+
+        Recording an attempt in our own database may fail (the database is restarting): that is logged
+        at ERROR and delivery goes on, because the merchant must hear of the payment either way; a
+        delivery we could not record as done is sent again by a restarted stand-in, which the merchant
+        deduplicates."""
+        order_id = delivery.body.get("order_id")
+        for pause in (delay, *self.retry_delays):
+            time.sleep(pause)
+            if self.closed:
+                return
+            status, error = self._post(delivery.body)
+            delivered = status is not None and 200 <= status < 300
+            self._record(delivery, status, error, True if delivered else None)
+            if delivered:
+                return
+        self._record(delivery, None, None, False, attempt=False)
+        log_event(log, "standin_notification_gave_up", logging.WARNING, gateway_order_id=order_id,
+                  attempts=1 + len(self.retry_delays))
+
+    def _record(self, delivery: Delivery, status: int | None, error: str | None, delivered: bool | None,
+                *, attempt: bool = True) -> None:
         try:
-            for pause in (delay, *self.retry_delays):
-                time.sleep(pause)
-                if self.closed:
-                    return
-                status, error = self._post(delivery.body)
-                delivered = status is not None and 200 <= status < 300
-                self._note_attempt(delivery, status, error, True if delivered else None)
-                if delivered:
-                    return
-            self._note_attempt(delivery, None, None, False, attempt=False)
-            log_event(log, "standin_notification_gave_up", logging.WARNING,
-                      gateway_order_id=delivery.body["order_id"])
-        except Exception as exc:  # noqa: BLE001 - a stopped stand-in's thread just ends
+            self._note_attempt(delivery, status, error, delivered, attempt=attempt)
+        except Exception as exc:  # noqa: BLE001 - keep delivering; say loudly that the record is behind
             if not self.closed:
-                log_event(log, "standin_delivery_failed", logging.ERROR,
-                          gateway_order_id=delivery.body.get("order_id"), error=type(exc).__name__)
+                log_event(log, "standin_delivery_not_recorded", logging.ERROR,
+                          gateway_order_id=delivery.body.get("order_id"), notification=delivery.id,
+                          delivered=delivered, error=f"{type(exc).__name__}: {exc}"[:300])
 
     def _note_attempt(
         self, delivery: Delivery, status: int | None, error: str | None, delivered: bool | None,
@@ -685,6 +786,21 @@ def _protocol(gateway: StandinGateway, endpoint: str) -> Callable[[Callable[...,
     return decorate
 
 
+def storable_text(value: str) -> bool:
+    """Text PostgreSQL can hold: no NUL byte, nothing UTF-8 can't encode (a lone surrogate)."""
+    if "\x00" in value:
+        return False
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+# Midtrans' order_id: at most 50 characters, letters, digits and - _ ~ .
+_ORDER_ID_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_~.")
+
+
 def _authorized(server_key: str) -> bool:
     auth = request.authorization
     if auth is None or auth.type != "basic" or auth.username is None:
@@ -700,6 +816,8 @@ def _snap_request(body: Any) -> tuple[str, int, str | None, str | None]:
     order_id, gross = details.get("order_id"), details.get("gross_amount")
     if not isinstance(order_id, str) or not order_id or len(order_id) > 50:
         raise ValueError("transaction_details.order_id is required (at most 50 characters)")
+    if not set(order_id) <= _ORDER_ID_CHARS:
+        raise ValueError("transaction_details.order_id may hold only letters, digits and - _ ~ .")
     if isinstance(gross, bool) or not isinstance(gross, (int, float)) or gross != int(gross) or gross < 1:
         raise ValueError("transaction_details.gross_amount must be a positive whole number")
     items = body.get("item_details")
@@ -712,8 +830,12 @@ def _snap_request(body: Any) -> tuple[str, int, str | None, str | None]:
             raise ValueError("item_details price and quantity must be numbers") from None
         if total != gross:
             raise ValueError("transaction_details.gross_amount is not equal to the sum of item_details")
-    email = (body.get("customer_details") or {}).get("email")
+    customer = body.get("customer_details") or {}
+    email = customer.get("email") if isinstance(customer, dict) else None
     item_name = items[0].get("name") if items else None
+    for name, value in (("customer_details.email", email), ("item_details.name", item_name)):
+        if value is not None and (not isinstance(value, str) or not storable_text(value)):
+            raise ValueError(f"{name} must be text without NUL bytes")
     return order_id, int(gross), email, item_name
 
 
@@ -724,6 +846,14 @@ def _answer(http_status: int, body: dict[str, Any]) -> Response:
 
 
 def _register_protocol(app: Flask, gateway: StandinGateway) -> None:
+    @app.before_request
+    def unknown_unless_storable() -> Response | None:
+        """An id no transaction can have (a NUL byte, a lone surrogate) names nothing: 404, as for any
+        unknown order, instead of an error from the database."""
+        if any(isinstance(v, str) and not storable_text(v) for v in (request.view_args or {}).values()):
+            return _json_error(404, NOT_FOUND["status_message"])
+        return None
+
     @app.post("/snap/v1/transactions")
     @_protocol(gateway, "create")
     def snap_create() -> Response:
@@ -753,6 +883,8 @@ def _register_protocol(app: Flask, gateway: StandinGateway) -> None:
             return _json_error(400, "amount must be a whole number of rupiah")
         refund_key = str(body.get("refund_key") or uuid.uuid4())
         reason = str(body.get("reason") or "")
+        if not (storable_text(refund_key) and storable_text(reason)) or len(refund_key) > 100:
+            return _json_error(400, "refund_key (at most 100 characters) and reason must be text without NUL bytes")
         http_status, answer, deliveries = gateway.refund(order_id, refund_key, amount, reason)
         gateway.send(deliveries)
         return _answer(http_status, answer)
@@ -858,6 +990,24 @@ def _register_sandbox(app: Flask, gateway: StandinGateway) -> None:
         first = deliveries[0].body if deliveries else None
         return _answer(202, {"queued": len(deliveries), "notification": first})
 
+    @app.post("/sandbox/settle/<order_id>")
+    def sandbox_settle(order_id: str) -> Response:
+        outcome, status_body, deliveries = gateway.settle(order_id)
+        gateway.send(deliveries)
+        return _sandbox_answer(outcome, status_body)
+
+    @app.get("/sandbox/captures")
+    def sandbox_captures() -> Response:
+        if not _authorized(gateway.server_key):
+            return _json_error(401, "Unknown Merchant server_key/id")
+        try:
+            start, end = (_moment(request.args.get(name, "")) for name in ("from", "to"))
+        except ValueError:
+            return _json_error(400, "from and to must be ISO 8601 date-times with an offset")
+        if end <= start:
+            return _json_error(400, "to must be later than from")
+        return jsonify({"status_code": "200", "captures": gateway.captures(start, end)})
+
     @app.route("/sandbox/faults", methods=["GET", "POST", "DELETE"])
     def sandbox_faults() -> Response:
         if request.method == "DELETE":
@@ -877,6 +1027,13 @@ def _register_sandbox(app: Flask, gateway: StandinGateway) -> None:
         return jsonify(record)
 
 
+def _moment(text: str) -> datetime:
+    moment = datetime.fromisoformat(text.strip())
+    if moment.tzinfo is None:
+        raise ValueError("no offset")
+    return moment
+
+
 def _sandbox_answer(outcome: str, status_body: dict[str, Any] | None) -> Response:
     if outcome == "not_found":
         return _json_error(404, NOT_FOUND["status_message"])
@@ -891,11 +1048,16 @@ def _pay_outcome_page(outcome: str) -> Response:
     return _html("<p>Transaksi tidak ditemukan.</p>", 404)
 
 
+class NotASandbox(RuntimeError):
+    """The stand-in was asked to start without being configured as a sandbox."""
+
+
 def create_standin_app(
     server_key: str,
     notification_url: str,
     public_url: str,
     *,
+    sandbox: bool,
     database_url: str,
     schema: str = DEFAULT_SCHEMA,
     seed: int | None = None,
@@ -905,7 +1067,14 @@ def create_standin_app(
     """The stand-in gateway as a Flask app, its state in ``schema`` of ``database_url`` (created and
     migrated here). ``public_url`` is where buyers' browsers reach it (used in ``redirect_url``);
     ``seed`` makes injected faults reproducible. Notifications a previous run left undelivered are
-    sent again. ``app.extensions["standin_gateway"].close()`` releases the database."""
+    sent again. ``app.extensions["standin_gateway"].close()`` releases the database.
+
+    ``sandbox=True`` is required, and says the caller knows what this is: its sandbox endpoints let
+    anyone "pay" for stamps, and read buyers' e-mails, virtual-account numbers and signed notifications.
+    """
+    if sandbox is not True:
+        raise NotASandbox("the stand-in gateway starts only as a sandbox (sandbox=True): its sandbox "
+                          "endpoints take no money and hand out paid stamps")
     app = Flask(__name__)
     app.json.sort_keys = False  # type: ignore[attr-defined]
     gateway = StandinGateway(
@@ -916,11 +1085,21 @@ def create_standin_app(
     _register_protocol(app, gateway)
     _register_sandbox(app, gateway)
     gateway.resume_deliveries()
+    gateway.start_settling()
     return app
 
 
-def _delays(text: str) -> tuple[float, ...]:
-    return tuple(float(part) for part in text.split(",") if part.strip())
+def parse_delays(text: str) -> tuple[float, ...]:
+    """``"0.5,2,5"`` -> ``(0.5, 2.0, 5.0)``: seconds before each further delivery attempt."""
+    delays = tuple(float(part) for part in text.split(",") if part.strip())
+    if not delays or any(d < 0 or d != d for d in delays):
+        raise ValueError(f"not a list of non-negative seconds: {text!r}")
+    return delays
+
+
+REFUSAL = ("The stand-in payment gateway is a sandbox: it takes no money, and its sandbox endpoints let "
+           "anyone pay for stamps and read buyers' details. It starts only with DEVELOPMENT=1 (a "
+           "development machine, tests, drills); production uses the real gateway (GATEWAY_URL).")
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -929,23 +1108,31 @@ def main(argv: Sequence[str] | None = None) -> None:
     from werkzeug.serving import run_simple
 
     settings = get_settings()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    if not settings.development:
+        log_event(log, "standin_refused", logging.ERROR, reason="DEVELOPMENT is not 1")
+        print(f"python -m shared.payments.standin: {REFUSAL}", file=sys.stderr)
+        raise SystemExit(2)
     parser = argparse.ArgumentParser(prog="python -m shared.payments.standin",
-                                     description="Stand-in Midtrans payment gateway.")
+                                     description="Stand-in Midtrans payment gateway (a sandbox).")
     parser.add_argument("--host", default="127.0.0.1", help="interface to listen on (0.0.0.0 in containers)")
     parser.add_argument("--port", type=int, default=settings.gateway_port)
     parser.add_argument("--seed", type=int, default=None, help="seed for injected faults")
-    parser.add_argument("--notification-retry-delays", type=_delays, default=(0.5, 2.0, 5.0),
-                        help="seconds between notification delivery attempts, comma-separated")
+    parser.add_argument("--notification-retry-delays", type=parse_delays, default=None,
+                        help="seconds between notification delivery attempts, comma-separated "
+                             "(default STANDIN_NOTIFICATION_RETRY_DELAYS)")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    try:
+        delays = args.notification_retry_delays or parse_delays(settings.standin_notification_retry_delays)
+    except ValueError as exc:
+        parser.error(f"STANDIN_NOTIFICATION_RETRY_DELAYS: {exc}")
     app = create_standin_app(
-        settings.gateway_server_key, settings.notification_url, settings.gateway_url,
+        settings.gateway_server_key, settings.notification_url, settings.gateway_url, sandbox=True,
         database_url=settings.standin_database_url or settings.database_url,
-        schema=settings.standin_schema, seed=args.seed,
-        notification_retry_delays=args.notification_retry_delays,
+        schema=settings.standin_schema, seed=args.seed, notification_retry_delays=delays,
     )
     log_event(log, "standin_listening", host=args.host, port=args.port, notify=settings.notification_url,
-              schema=settings.standin_schema)
+              schema=settings.standin_schema, notification_retry_delays=list(delays))
     run_simple(args.host, args.port, app, threaded=True)
 
 

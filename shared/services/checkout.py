@@ -4,6 +4,13 @@ Preflight runs here, not in the web process, and inside a child process bounded 
 (:mod:`shared.stamping.isolation`; one child serves many accepted documents): a hostile PDF costs at
 most one child process and ends as a rejected order, never a killed worker whose message is redelivered
 forever, and never a web thread. A document that can't be stamped is rejected before any charge exists.
+
+A checkout that can't open a payment (the gateway stays down past every retry) ends: the order goes
+``created → expired`` with a reason the buyer can read (:func:`give_up`), and so does any order still
+``created`` after ``CHECKOUT_DEADLINE_SECONDS`` (:func:`shared.services.reconcile.expire_stalled_checkouts`, run by the expiry scan),
+so a lost message can't leave a buyer's page saying "being checked" for ever. A gateway transaction
+opened for such an order meanwhile is cancelled when possible; either way it stays under the watch of
+every transaction (:mod:`shared.services.reconcile`), so a payment that slipped in is refunded.
 """
 from __future__ import annotations
 
@@ -16,6 +23,7 @@ from shared.errors import DomainError
 from shared.lifecycle import Status, transition
 from shared.logs import log_event
 from shared.payments.gateway import GatewayRejected, PaymentGateway
+from shared.services.reconcile import expire_checkout
 from shared.stamping import DocumentRejected
 from shared.stamping.isolation import preflight_isolated
 from shared.store import DocumentMissing, DocumentStore
@@ -46,17 +54,20 @@ def _open_payment_row(settings: Settings, order: dict[str, Any]) -> str:
             "SELECT count(*) AS n FROM payments WHERE order_id = %s", (str(order["id"]),)
         ).fetchone()["n"]
         gateway_order_id = f"MTR-{order['id'].hex}-{count + 1}"
+        # Watched from the start: whatever becomes of the gateway call, the transaction is asked
+        # about until the gateway calls it final (shared/services/reconcile.py).
         tx.execute(
-            "INSERT INTO payments (gateway_order_id, order_id, amount_idr) VALUES (%s, %s, %s)",
-            (gateway_order_id, str(order["id"]), order["amount_idr"]),
+            "INSERT INTO payments (gateway_order_id, order_id, amount_idr, next_poll_at)"
+            " VALUES (%s, %s, %s, now() + make_interval(secs => %s))",
+            (gateway_order_id, str(order["id"]), order["amount_idr"], settings.reconcile_after_seconds),
         )
     return gateway_order_id
 
 
 def _close_extra_transaction(gateway: PaymentGateway, order_id: str, gateway_order_id: str) -> None:
-    """A concurrent run (a redelivered message, a redrive) opened this order's payment first. Ours was
-    never shown to the buyer; cancel it so it can't be paid. If cancelling fails, nobody holds its
-    link, and the gateway expires it on its own."""
+    """Cancel a transaction the buyer was never shown (a concurrent run opened the order's payment
+    first, or the checkout gave up) so it can't be paid. If cancelling fails, nobody holds its link, and
+    the watch of every transaction cancels it later, or refunds a payment that slipped in."""
     try:
         gateway.cancel_transaction(gateway_order_id)
     except DomainError as exc:
@@ -122,3 +133,22 @@ def prepare_order(settings: Settings, store: DocumentStore, gateway: PaymentGate
                        detail={"gateway_order_id": opened["gateway_order_id"]})
     log_event(log, "payment_opened", order_id=order_id)
     return "awaiting_payment"
+
+
+def give_up(settings: Settings, gateway: PaymentGateway, order_id: str, error: str) -> str:
+    """Checkout's retries ran out: ``created → expired`` (nothing was charged), then cancel at the
+    gateway whatever transaction the attempts opened, best effort (the gateway is likely still down;
+    the watch keeps asking about them and cancels or refunds what it finds)."""
+    with transaction(settings.database_url) as tx:
+        moved = expire_checkout(tx, order_id, f"retries exhausted: {error}")
+    if not moved:
+        return "skipped"
+    log_event(log, "checkout_gave_up", logging.ERROR, order_id=order_id, error=error)
+    with get_pool(settings.database_url).connection() as conn:
+        opened = [row["gateway_order_id"] for row in conn.execute(
+            "SELECT gateway_order_id FROM payments WHERE order_id = %s AND captured_at IS NULL",
+            (order_id,))]
+    for gateway_order_id in opened:
+        _close_extra_transaction(gateway, order_id, gateway_order_id)
+    return "expired"
+

@@ -1,7 +1,10 @@
 """Periodic safety nets: the refund sweep and the redrive.
 
 The sweep turns paid work that missed its deadline into refunds; the redrive re-publishes every piece of
-work the database says is due, so a Redis that restarted empty loses nothing. Both take rows with
+work the database says is due (checkouts within their deadline, notifications, stamps, every pending
+refund of a transaction), so a Redis that restarted empty loses nothing. The watch of gateway
+transactions and the expiry scan need no redrive: a claimed row whose task was lost is simply due again
+at its next check. Both take rows with
 ``FOR UPDATE SKIP LOCKED`` in bounded batches (Warehouse's pattern): two beat processes, or a beat and a
 cron run, split the work instead of fighting over it, and the state machine's compare-and-set makes each
 refund happen once whatever overlaps. Both read through partial indexes, so their cost follows the work
@@ -51,9 +54,12 @@ def sweep_refunds(settings: Settings, *, batch_size: int | None = None) -> int:
 
 
 REDRIVE_QUERIES: tuple[tuple[str, str], ...] = (
+    # Past the checkout deadline an order is expired by the expiry scan, never checked out again.
     (jobs.PREPARE_ORDER,
      "SELECT id::text AS id FROM orders WHERE status = 'created'"
-     " AND updated_at < now() - make_interval(secs => %(grace)s) ORDER BY created_at LIMIT %(limit)s"),
+     " AND updated_at < now() - make_interval(secs => %(grace)s)"
+     " AND created_at > now() - make_interval(secs => %(checkout_deadline)s)"
+     " ORDER BY created_at LIMIT %(limit)s"),
     (jobs.PROCESS_NOTIFICATION,
      "SELECT id FROM payment_notifications WHERE processed_at IS NULL"
      " AND received_at < now() - make_interval(secs => %(grace)s) ORDER BY received_at LIMIT %(limit)s"),
@@ -61,9 +67,10 @@ REDRIVE_QUERIES: tuple[tuple[str, str], ...] = (
      "SELECT id::text AS id FROM orders WHERE status IN ('paid', 'stamping')"
      " AND refund_due_at > now() AND (lease_expires_at IS NULL OR lease_expires_at < now())"
      " AND updated_at < now() - make_interval(secs => %(grace)s) ORDER BY refund_due_at LIMIT %(limit)s"),
+    # Per refund, so the extra capture of an order that is stamped is refunded too.
     (jobs.REFUND_ORDER,
-     "SELECT id::text AS id FROM orders WHERE status = 'refund_pending'"
-     " AND updated_at < now() - make_interval(secs => %(grace)s) ORDER BY updated_at LIMIT %(limit)s"),
+     "SELECT gateway_order_id AS id FROM refunds WHERE status = 'pending'"
+     " AND requested_at < now() - make_interval(secs => %(grace)s) ORDER BY requested_at LIMIT %(limit)s"),
 )
 
 
@@ -73,7 +80,9 @@ def redrive(settings: Settings, *, grace_seconds: float | None = None, limit: in
     counts: dict[str, int] = {}
     with get_pool(settings.database_url).connection() as conn:
         due = {
-            name: [row["id"] for row in conn.execute(query, {"grace": grace, "limit": limit})]
+            name: [row["id"] for row in conn.execute(
+                query, {"grace": grace, "limit": limit,
+                        "checkout_deadline": settings.checkout_deadline_seconds})]
             for name, query in REDRIVE_QUERIES
         }
     for name, ids in due.items():

@@ -1,19 +1,25 @@
 """The ledger report: money captured, earned by stamping, given back, still held — and proof it balances.
 
-Invariant 6 of DESIGN.md: per order and in total, ``captured = stamped revenue + refunded + in flight``.
-:func:`order_problems` is that invariant for one order, as a pure function of its status and ledger
-entries (testable without a database), in the only shapes an order's money may have:
+Invariant 6 of DESIGN.md: per order and in total, ``captured = stamped revenue + refunded + in flight``,
+and invariant 1 per gateway transaction: every capture has exactly one outcome. :func:`order_problems`
+is that rule for one order, as a pure function of its status and its transactions' ledger entries
+(testable without a database). An order's own capture (at most one) may have only these shapes:
 
-* never paid (created, awaiting_payment, expired, rejected): no entries at all, no captured payment;
+* never paid (created, awaiting_payment, expired, rejected): no capture of the order's own;
 * in flight (paid, stamping, refund_pending, refund_manual): captured, and nothing else yet;
 * stamped: captured, and revenue of exactly that amount, no refund;
-* refunded: captured, and a refund of exactly that amount, no revenue;
-* and everywhere: never revenue and refund together, the captured entry equal to the payment the
-  gateway confirmed, a refunded order's refund record completed.
+* refunded: captured, and a refund of exactly that amount, no revenue, its refund record completed.
+
+Any further capture of the same order (an *extra* capture: the buyer paid twice) must have its own
+refund: pending or waiting for a manual payout (in flight), or done (refunded, exactly the amount), and
+never revenue. Everywhere: never revenue and refund on one transaction, every capture's ledger entry
+equal to what the gateway confirmed, no ledger entry on a transaction that was never captured, and no
+transaction the gateway last reported as captured or settled without a capture booked here.
 
 :func:`ledger_report` applies it to every order created in a period (``[start, end)``; each order is
 judged on all its entries, whenever booked) and adds the totals. ``meterai ledger-report`` prints it and
-exits non-zero on any imbalance; the tests use it as their oracle.
+exits non-zero on any imbalance; the tests use it as their oracle. It reads our tables only: what the
+gateway holds is checked by ``meterai gateway-reconcile`` (:mod:`shared.services.gateway_reconcile`).
 """
 from __future__ import annotations
 
@@ -25,58 +31,125 @@ from typing import Any
 
 from shared.config import Settings
 from shared.db import get_pool
-from shared.lifecycle import Status
+from shared.lifecycle import CaptureRole, Status
 
 # Finance reads periods in Jakarta time (WIB, UTC+7, no daylight saving).
 WIB = timezone(timedelta(hours=7), "WIB")
 
 NEVER_PAID = frozenset({Status.CREATED, Status.AWAITING_PAYMENT, Status.EXPIRED, Status.REJECTED})
 IN_FLIGHT = frozenset({Status.PAID, Status.STAMPING, Status.REFUND_PENDING, Status.REFUND_MANUAL})
+# What the gateway says when it holds the buyer's money.
+GATEWAY_CAPTURED = frozenset({"settlement", "capture"})
+
+
+@dataclass(frozen=True)
+class TransactionMoney:
+    """One gateway transaction of an order: what we recorded about it and its ledger entries."""
+
+    gateway_order_id: str | None  # None: ledger entries that name no transaction (booked before 0004)
+    role: str | None = None  # CaptureRole, or None when we never recorded a capture
+    payment_captured: int | None = None  # the amount the gateway confirmed as captured
+    gateway_status: str | None = None
+    captured: int | None = None
+    revenue: int | None = None
+    refunded: int | None = None
+    refund_status: str | None = None
+
+    @property
+    def extra(self) -> bool:
+        return self.role == CaptureRole.EXTRA
 
 
 @dataclass(frozen=True)
 class OrderMoney:
-    """One order's status and money: its ledger entries (None when absent) and what backs them."""
+    """One order's status and money, per gateway transaction."""
 
     order_id: str
     status: str
     amount_idr: int
-    captured: int | None = None
-    revenue: int | None = None
-    refunded: int | None = None
-    payment_captured: int | None = None  # amount of the payment the gateway confirmed as captured
-    refund_status: str | None = None
+    transactions: tuple[TransactionMoney, ...] = ()
+
+    @property
+    def own(self) -> list[TransactionMoney]:
+        return [t for t in self.transactions if t.role == CaptureRole.ORDER]
+
+    @property
+    def extras(self) -> list[TransactionMoney]:
+        return [t for t in self.transactions if t.extra]
+
+    def total(self, kind: str) -> int:
+        return sum(getattr(t, kind) or 0 for t in self.transactions)
+
+    def in_flight(self) -> int:
+        """Captured money that has no outcome yet (still to be stamped or refunded)."""
+        held = 0
+        for t in self.transactions:
+            if t.role == CaptureRole.ORDER and Status(self.status) in IN_FLIGHT:
+                held += t.captured or 0
+            elif t.extra and t.refunded is None and t.revenue is None:
+                held += t.captured or 0
+        return held
+
+
+def _transaction_problems(t: TransactionMoney) -> list[str]:
+    name = t.gateway_order_id or "(no transaction)"
+    problems: list[str] = []
+    if t.gateway_order_id is None:
+        problems.append("ledger entries that name no gateway transaction")
+    if t.revenue is not None and t.refunded is not None:
+        problems.append(f"{name}: both revenue and a refund are booked")
+    if t.role is None:
+        if (t.captured, t.revenue, t.refunded) != (None, None, None) and t.gateway_order_id is not None:
+            problems.append(f"{name}: ledger entries on a transaction never captured")
+        if t.gateway_status in GATEWAY_CAPTURED:
+            problems.append(f"{name}: the gateway reported it {t.gateway_status}, nothing booked here")
+        return problems
+    if t.captured is None:
+        problems.append(f"{name}: captured payment of {t.payment_captured} not booked")
+    elif t.payment_captured != t.captured:
+        problems.append(f"{name}: captured {t.captured} but the confirmed payment is {t.payment_captured}")
+    if t.extra:
+        if t.revenue is not None:
+            problems.append(f"{name}: an extra capture has revenue booked")
+        if t.refund_status is None:
+            problems.append(f"{name}: an extra capture of {t.captured} has no refund")
+        elif t.refund_status == "succeeded" and t.refunded != t.captured:
+            problems.append(f"{name}: extra capture refunded {t.refunded}, captured {t.captured}")
+        elif t.refund_status != "succeeded" and t.refunded is not None:
+            problems.append(f"{name}: refund booked but its record is {t.refund_status}")
+    return problems
 
 
 def order_problems(money: OrderMoney) -> list[str]:
     """Why this order's money doesn't balance; empty when it does."""
     status = Status(money.status)
     problems: list[str] = []
-    if money.revenue is not None and money.refunded is not None:
-        problems.append("both revenue and a refund are booked")
+    for t in money.transactions:
+        problems.extend(_transaction_problems(t))
+    own = money.own
+    if len(own) > 1:
+        problems.append(f"{len(own)} captures are each booked as the order's own")
     if status in NEVER_PAID:
-        if (money.captured, money.revenue, money.refunded) != (None, None, None):
-            problems.append(f"{status} order has ledger entries")
-        if money.payment_captured is not None:
-            problems.append(f"{status} order has a captured payment of {money.payment_captured} not booked")
+        if own:
+            problems.append(f"{status} order has a capture of its own ({own[0].payment_captured}) booked")
         return problems
-    if money.captured is None:
+    if not own:
         problems.append(f"{status} order has no capture booked")
-    elif money.payment_captured != money.captured:
-        problems.append(f"captured {money.captured} but the confirmed payment is {money.payment_captured}")
+        return problems
+    t = own[0]
     if status is Status.STAMPED:
-        if money.revenue != money.captured:
-            problems.append(f"stamped: revenue {money.revenue} differs from captured {money.captured}")
-        if money.refunded is not None:
+        if t.revenue != t.captured:
+            problems.append(f"stamped: revenue {t.revenue} differs from captured {t.captured}")
+        if t.refunded is not None:
             problems.append("stamped order has a refund booked")
     elif status is Status.REFUNDED:
-        if money.refunded != money.captured:
-            problems.append(f"refunded {money.refunded} differs from captured {money.captured}")
-        if money.revenue is not None:
+        if t.refunded != t.captured:
+            problems.append(f"refunded {t.refunded} differs from captured {t.captured}")
+        if t.revenue is not None:
             problems.append("refunded order has revenue booked")
-        if money.refund_status != "succeeded":
-            problems.append(f"refunded order's refund record is {money.refund_status}")
-    elif money.revenue is not None or money.refunded is not None:
+        if t.refund_status != "succeeded":
+            problems.append(f"refunded order's refund record is {t.refund_status}")
+    elif t.revenue is not None or t.refunded is not None:
         problems.append(f"{status} order (in flight) already has an outcome booked")
     return problems
 
@@ -91,6 +164,11 @@ class LedgerReport:
     revenue: int = 0
     refunded: int = 0
     in_flight: int = 0
+    # Further captures of already-paid orders, each refunded on its own.
+    extra_captures: int = 0
+    extra_captured: int = 0
+    extra_refunded: int = 0
+    extra_in_flight: int = 0
     imbalances: list[tuple[OrderMoney, list[str]]] = field(default_factory=list)
 
     @property
@@ -104,11 +182,16 @@ class LedgerReport:
     def add(self, money: OrderMoney) -> None:
         self.orders += 1
         self.by_status[money.status] += 1
-        self.captured += money.captured or 0
-        self.revenue += money.revenue or 0
-        self.refunded += money.refunded or 0
-        if Status(money.status) in IN_FLIGHT:
-            self.in_flight += money.captured or 0
+        self.captured += money.total("captured")
+        self.revenue += money.total("revenue")
+        self.refunded += money.total("refunded")
+        self.in_flight += money.in_flight()
+        for t in money.extras:
+            self.extra_captures += 1
+            self.extra_captured += t.captured or 0
+            self.extra_refunded += t.refunded or 0
+            if t.refunded is None and t.revenue is None:
+                self.extra_in_flight += t.captured or 0
         problems = order_problems(money)
         if problems:
             self.imbalances.append((money, problems))
@@ -123,25 +206,40 @@ class LedgerReport:
             "stamped_revenue": self.revenue,
             "refunded": self.refunded,
             "in_flight": self.in_flight,
+            "extra_captures": {"count": self.extra_captures, "captured": self.extra_captured,
+                               "refunded": self.extra_refunded, "in_flight": self.extra_in_flight},
             "balanced": self.balanced,
-            "imbalances": [{"order_id": m.order_id, "status": m.status, "captured": m.captured,
-                            "revenue": m.revenue, "refunded": m.refunded, "problems": problems}
+            "imbalances": [{"order_id": m.order_id, "status": m.status, "captured": m.total("captured"),
+                            "revenue": m.total("revenue"), "refunded": m.total("refunded"),
+                            "problems": problems}
                            for m, problems in self.imbalances],
         }
 
 
+# One row per order; its transactions (every captured one, every one with ledger entries, a refund, or
+# a gateway status saying captured) as JSON. Ledger entries without a transaction come as one more.
 _ORDERS_MONEY = """
     SELECT o.id::text AS order_id, o.status, o.amount_idr,
-           max(l.amount_idr) FILTER (WHERE l.kind = 'captured') AS captured,
-           max(l.amount_idr) FILTER (WHERE l.kind = 'revenue') AS revenue,
-           max(l.amount_idr) FILTER (WHERE l.kind = 'refunded') AS refunded,
-           (SELECT p.amount_idr FROM payments p
-             WHERE p.order_id = o.id AND p.captured_at IS NOT NULL) AS payment_captured,
-           (SELECT r.status FROM refunds r WHERE r.order_id = o.id) AS refund_status
+        (SELECT coalesce(json_agg(t), '[]'::json) FROM (
+            SELECT coalesce(p.gateway_order_id, l.gateway_order_id) AS gateway_order_id,
+                   p.capture_role AS role,
+                   CASE WHEN p.captured_at IS NOT NULL THEN p.amount_idr END AS payment_captured,
+                   p.gateway_status, l.captured, l.revenue, l.refunded, r.status AS refund_status
+            FROM (SELECT * FROM payments WHERE order_id = o.id) p
+            FULL JOIN (
+                SELECT gateway_order_id,
+                       max(amount_idr) FILTER (WHERE kind = 'captured') AS captured,
+                       max(amount_idr) FILTER (WHERE kind = 'revenue') AS revenue,
+                       max(amount_idr) FILTER (WHERE kind = 'refunded') AS refunded
+                FROM ledger_entries WHERE order_id = o.id GROUP BY gateway_order_id
+            ) l ON l.gateway_order_id = p.gateway_order_id
+            LEFT JOIN refunds r ON r.gateway_order_id = coalesce(p.gateway_order_id, l.gateway_order_id)
+            WHERE p.captured_at IS NOT NULL OR l.gateway_order_id IS NOT NULL OR p.gateway_order_id IS NULL
+               OR r.gateway_order_id IS NOT NULL OR p.gateway_status IN ('settlement', 'capture')
+            ORDER BY p.created_at NULLS LAST
+        ) t) AS transactions
     FROM orders o
-    LEFT JOIN ledger_entries l ON l.order_id = o.id
     WHERE o.created_at >= %(start)s AND o.created_at < %(end)s
-    GROUP BY o.id
     ORDER BY o.created_at, o.id
 """
 
@@ -161,7 +259,8 @@ def ledger_report(settings: Settings, start: datetime | None = None, end: dateti
             cursor.itersize = 2000
             cursor.execute(_ORDERS_MONEY, {"start": start or _EARLIEST, "end": end or _LATEST})
             for row in cursor:
-                report.add(OrderMoney(**row))
+                transactions = tuple(TransactionMoney(**t) for t in row.pop("transactions"))
+                report.add(OrderMoney(**row, transactions=transactions))
     return report
 
 
@@ -200,6 +299,9 @@ def format_report(report: LedgerReport) -> str:
         f"  refunded          {rupiah(report.refunded):>{width}}",
         f"  in flight         {rupiah(report.in_flight):>{width}}",
     ]
+    if report.extra_captures:
+        lines.append(f"  extra captures    {report.extra_captures} ({rupiah(report.extra_captured)}, included above):"
+                     f" refunded {rupiah(report.extra_refunded)}, in flight {rupiah(report.extra_in_flight)}")
     if report.totals_balance:
         lines.append("  captured = stamped revenue + refunded + in flight: yes")
     else:

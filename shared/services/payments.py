@@ -11,8 +11,15 @@ which order status that action moves where. Anything not in the table changes no
 out-of-order or late notification can never undo a terminal state: ``pending`` after ``settlement`` is
 "wait" (nothing), ``expire`` after ``paid`` has no move from ``paid``, and a capture for an order that
 already expired moves it to ``refund_pending`` — the buyer gets the money back automatically.
-:func:`apply_gateway_status` is shared by notifications and by reconciliation
-(:mod:`shared.services.reconcile`).
+
+Captures are applied per gateway transaction. The first capture an order's status has a move for is the
+order's own (it becomes the stamp, or the order's refund); any other — the order was already paid by
+another transaction, or is somewhere no payment belongs (rejected, still being checked) — is an *extra
+capture*: booked, and refunded on its own (manual payout for a bank transfer), leaving the order's
+status and outcome alone. :func:`apply_gateway_status` is shared by notifications, the watch of every
+transaction we opened and the expiry of unpaid orders (:mod:`shared.services.reconcile`); it also
+records whether the gateway called the transaction final (:data:`FINAL_STATUSES`), which bounds the
+watch.
 """
 from __future__ import annotations
 
@@ -24,10 +31,10 @@ from shared import jobs
 from shared.config import Settings
 from shared.db import Tx, get_pool, transaction
 from shared.errors import TransientError
-from shared.lifecycle import Status, transition
+from shared.lifecycle import CaptureRole, Status, book_capture, order_capture, transition
 from shared.logs import log_event
 from shared.payments.gateway import GatewayStatus, PaymentGateway
-from shared.services.refunds import begin_refund
+from shared.services.refunds import begin_refund, refund_extra_capture
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +63,23 @@ GATEWAY_STATUS_ACTIONS: Mapping[str, GatewayAction] = {
     "chargeback": GatewayAction.REVERSED,
     "partial_chargeback": GatewayAction.REVERSED,
 }
+
+# Statuses after which the gateway itself expects no change on its own: the watch of a transaction ends
+# PAYMENT_WATCH_SECONDS after the first of these (a bank transfer can still settle after "expire").
+# Not final: pending, authorize, and capture (a card capture settles, or is voided, later).
+FINAL_STATUSES = frozenset({
+    "settlement", "expire", "cancel", "deny", "failure", "refund", "partial_refund", "chargeback",
+    "partial_chargeback",
+})
+
+# What the buyer reads when an unpaid order closes because of its payment (Bahasa Indonesia).
+CLOSED_MESSAGES: Mapping[str, str] = {
+    "payment_expire": "Batas waktu pembayaran telah habis. Anda tidak dikenai biaya.",
+    "payment_cancel": "Pembayaran dibatalkan. Anda tidak dikenai biaya.",
+    "payment_deny": "Pembayaran ditolak oleh penyedia pembayaran. Anda tidak dikenai biaya.",
+    "payment_failure": "Pembayaran gagal diproses. Anda tidak dikenai biaya.",
+}
+DEFAULT_CLOSED_MESSAGE = "Pesanan ditutup tanpa pembayaran. Anda tidak dikenai biaya."
 
 # A card capture counts only when the fraud check accepted it: "challenge" waits for review, "deny" is
 # a failed payment. No fraud_status (QRIS, e-wallets, transfers) means no fraud check applies.
@@ -143,13 +167,29 @@ def process_notification(settings: Settings, gateway: PaymentGateway, notificati
 
 
 def _record_gateway_view(tx: Tx, payment: Mapping[str, Any], status: GatewayStatus) -> None:
+    """What the gateway said, and since when it calls the transaction final (the watch's bound)."""
     tx.execute(
         "UPDATE payments SET gateway_status = %s, payment_type = COALESCE(%s, payment_type),"
         " transaction_id = COALESCE(%s, transaction_id), va_bank = COALESCE(%s, va_bank),"
-        " va_number = COALESCE(%s, va_number), updated_at = now() WHERE gateway_order_id = %s",
+        " va_number = COALESCE(%s, va_number),"
+        " final_at = CASE WHEN %s THEN COALESCE(final_at, now()) ELSE final_at END,"
+        " updated_at = now() WHERE gateway_order_id = %s",
         (status.transaction_status, status.payment_type, status.transaction_id, status.va_bank,
-         status.va_number, payment["gateway_order_id"]),
+         status.va_number, status.transaction_status in FINAL_STATUSES, payment["gateway_order_id"]),
     )
+
+
+def lock_for_apply(tx: Tx, gateway_order_id: str) -> tuple[dict[str, Any], dict[str, Any]] | None:
+    """The transaction's order and payment rows, locked in the one order every money path uses (the
+    order first), read again under the lock: a caller's copy may be older than a concurrent apply."""
+    found = tx.execute("SELECT order_id FROM payments WHERE gateway_order_id = %s",
+                       (gateway_order_id,)).fetchone()
+    if found is None:
+        return None
+    order = tx.execute("SELECT * FROM orders WHERE id = %s FOR UPDATE", (found["order_id"],)).fetchone()
+    payment = tx.execute("SELECT * FROM payments WHERE gateway_order_id = %s FOR UPDATE",
+                         (gateway_order_id,)).fetchone()
+    return order, payment
 
 
 def apply_gateway_status(
@@ -157,11 +197,14 @@ def apply_gateway_status(
 ) -> str:
     """Drive the order from the gateway's confirmed status. Safe to repeat and to see out of order.
 
-    Returns what happened: ``paid``, ``late_payment_refund``, ``amount_mismatch``, ``expired``,
-    ``duplicate`` (this capture was applied before), ``double_capture``, ``pending`` or ``no_change``.
+    Returns what happened: ``paid``, ``late_payment_refund``, ``amount_mismatch``,
+    ``extra_capture_refund`` (a further capture of an order, refunded on its own), ``expired``,
+    ``duplicate`` (this capture was applied before), ``pending`` or ``no_change``.
     """
-    order_id = str(payment["order_id"])
-    order = tx.execute("SELECT * FROM orders WHERE id = %s FOR UPDATE", (order_id,)).fetchone()
+    order, payment = lock_for_apply(tx, payment["gateway_order_id"]) or (None, None)
+    if order is None or payment is None:
+        raise RuntimeError(f"no payment {status.gateway_order_id} to apply")
+    order_id = str(order["id"])
     _record_gateway_view(tx, payment, status)
     action = action_for(status)
     if action is GatewayAction.WAIT:
@@ -170,51 +213,56 @@ def apply_gateway_status(
     target = ORDER_MOVES.get((action, current))
     if action is GatewayAction.CAPTURE:
         return _apply_capture(tx, settings, order, payment, status, target)
-    if target is None:
-        if action is GatewayAction.REVERSED and current in (Status.PAID, Status.STAMPING, Status.STAMPED):
-            # Refunded at the gateway, but not by us (a dashboard refund, a chargeback): a person must
-            # look, because our books still say the money is held or earned.
-            log_event(log, "gateway_reversal_unbooked", logging.ERROR, order_id=order_id,
-                      gateway_order_id=payment["gateway_order_id"], status=status.transaction_status)
+    if payment["captured_at"] is not None:
+        _check_unbooked_reversal(tx, order, payment, status)
         return "no_change"
-    if not payment.get("token"):
+    if target is None or not payment.get("token"):
         # A payment attempt the buyer was never shown failed or closed: it says nothing about the
         # payment link they do have, so it must not expire the order.
         return "no_change"
+    code = f"payment_{status.transaction_status}"
     moved = transition(tx, order_id, current, target,
-                       changes={"reason_code": f"payment_{status.transaction_status}"},
+                       changes={"reason_code": code,
+                                "reason_message": CLOSED_MESSAGES.get(code, DEFAULT_CLOSED_MESSAGE)},
                        detail={"gateway_order_id": payment["gateway_order_id"],
                                "gateway_status": status.transaction_status})
     return "expired" if moved else "no_change"
+
+
+def _check_unbooked_reversal(tx: Tx, order: Mapping[str, Any], payment: Mapping[str, Any],
+                             status: GatewayStatus) -> None:
+    """The gateway says a transaction we booked as captured is closed or reversed. If we refunded it,
+    that is our own refund (or void) showing; if not (a dashboard refund, a chargeback, a void we didn't
+    ask for), a person must look, because our books still say the money is held or earned."""
+    refund = tx.execute("SELECT status FROM refunds WHERE gateway_order_id = %s",
+                        (payment["gateway_order_id"],)).fetchone()
+    if refund is not None and refund["status"] == "succeeded":
+        return
+    log_event(log, "gateway_reversal_unbooked", logging.WARNING if refund else logging.ERROR,
+              order_id=str(order["id"]), gateway_order_id=payment["gateway_order_id"],
+              status=status.transaction_status, refund=refund["status"] if refund else None)
 
 
 def _apply_capture(
     tx: Tx, settings: Settings, order: Mapping[str, Any], payment: Mapping[str, Any],
     status: GatewayStatus, target: Status | None,
 ) -> str:
-    """Book a confirmed capture once: awaiting_payment → paid (then stamp), or expired → refund."""
+    """Book a confirmed capture once: awaiting_payment → paid (then stamp), expired → refund, or, for a
+    capture that is not the order's own, its own refund."""
     order_id = str(order["id"])
-    already = tx.execute(
-        "SELECT gateway_order_id FROM payments WHERE order_id = %s AND captured_at IS NOT NULL",
-        (order_id,),
-    ).fetchone()
-    if already is not None:
-        if already["gateway_order_id"] != payment["gateway_order_id"]:
-            # A second capture for one order: it needs a person; never stamp or refund it twice.
-            log_event(log, "double_capture", logging.ERROR, order_id=order_id,
-                      gateway_order_id=payment["gateway_order_id"])
-            return "double_capture"
+    if payment["captured_at"] is not None:
         return "duplicate"
-    if target is None:
-        # Captured while the order is somewhere a payment can't be (it should be impossible): book
-        # nothing, shout, and let a person decide.
-        log_event(log, "capture_unexpected", logging.ERROR, order_id=order_id, status=order["status"],
-                  gateway_order_id=payment["gateway_order_id"])
-        return "no_change"
-    tx.execute(
-        "UPDATE payments SET captured_at = now(), amount_idr = %s WHERE gateway_order_id = %s",
-        (status.gross_amount, payment["gateway_order_id"]),
-    )
+    if target is None or order_capture(tx, order_id) is not None:
+        # Paid twice, or paid while the order is somewhere a payment can't be: this capture gets its own
+        # refund, and the order keeps its status and outcome.
+        extra = book_capture(tx, payment["gateway_order_id"], status.gross_amount, CaptureRole.EXTRA)
+        assert extra is not None  # under the payment's row lock, captured_at was NULL
+        refund_extra_capture(tx, extra)
+        log_event(log, "extra_capture_refunded", logging.WARNING, order_id=order_id,
+                  gateway_order_id=payment["gateway_order_id"], order_status=order["status"],
+                  payment_type=status.payment_type)
+        return "extra_capture_refund"
+    book_capture(tx, payment["gateway_order_id"], status.gross_amount, CaptureRole.ORDER)
     if target is Status.REFUND_PENDING:
         begin_refund(tx, order_id, Status(order["status"]), reason="late_payment")
         return "late_payment_refund"
@@ -222,7 +270,6 @@ def _apply_capture(
         tx, order_id, Status.AWAITING_PAYMENT, Status.PAID,
         changes_sql={"paid_at": "now()",
                      "refund_due_at": f"now() + interval '{int(settings.stamp_deadline_seconds)} seconds'"},
-        amount=status.gross_amount,
         detail={"gateway_order_id": payment["gateway_order_id"], "payment_type": status.payment_type},
     )
     if moved is None:

@@ -29,6 +29,9 @@ def prepare_order(self, order_id: str) -> str:
     try:
         return checkout.prepare_order(s, store(), gateway(), order_id)
     except TransientError as exc:
+        if self.request.retries >= self.max_retries:
+            # Retries ran out: the order gets a final state the buyer can read, instead of waiting.
+            return checkout.give_up(s, gateway(), order_id, exc.code)
         log_event(log, "checkout_retry", logging.WARNING, order_id=order_id, task=self.name,
                   attempt=self.request.retries + 1, error=exc.code)
         raise self.retry(exc=exc, countdown=backoff_seconds(self.request.retries,

@@ -1,5 +1,5 @@
 """Housekeeping tasks run by beat: the refund sweep, the redrive, and the payment scans (which only
-claim orders and queue per-order work on ``payments``; they never call the gateway themselves)."""
+claim rows and queue per-row work on ``reconcile``; they never call the gateway themselves)."""
 from __future__ import annotations
 
 from celery import shared_task
@@ -21,9 +21,10 @@ def redrive() -> dict[str, int]:
 
 @shared_task(name=jobs.RECONCILE_PAYMENTS)
 def reconcile_payments() -> int:
-    return reconcile.schedule_reconcile(settings())
+    return reconcile.schedule_watch(settings())
 
 
 @shared_task(name=jobs.EXPIRE_UNPAID)
 def expire_unpaid() -> int:
-    return reconcile.schedule_expiry(settings())
+    s = settings()
+    return len(reconcile.expire_stalled_checkouts(s)) + reconcile.schedule_expiry(s)

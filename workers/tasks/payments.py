@@ -1,4 +1,5 @@
-"""Payment tasks: confirm and apply a gateway notification; poll or expire one order at the gateway."""
+"""Payment tasks: confirm and apply a gateway notification; poll one transaction or expire one order at
+the gateway."""
 from __future__ import annotations
 
 import logging
@@ -31,27 +32,27 @@ def process_notification(self, notification_id: int) -> str:
                                                             s.retry_base_seconds, s.retry_max_seconds))
 
 
-def _retry_or_leave(task, exc: TransientError, order_id: str) -> str:
-    """Retry a few times with backoff; after that, leave it: the order is claimed only until its next
+def _retry_or_leave(task, exc: TransientError, item: str) -> str:
+    """Retry a few times with backoff; after that, leave it: the row is claimed only until its next
     check, when the scan hands it out again."""
     s = settings()
     attempt = task.request.retries + 1
     if attempt > 5:
-        log_event(log, "payment_check_deferred", logging.WARNING, order_id=order_id, task=task.name,
+        log_event(log, "payment_check_deferred", logging.WARNING, item=item, task=task.name,
                   attempt=attempt, error=exc.code)
         return "deferred"
-    log_event(log, "payment_check_retry", logging.WARNING, order_id=order_id, task=task.name,
+    log_event(log, "payment_check_retry", logging.WARNING, item=item, task=task.name,
               attempt=attempt, error=exc.code)
     raise task.retry(exc=exc, countdown=backoff_seconds(task.request.retries,
                                                         s.retry_base_seconds, s.retry_max_seconds))
 
 
-@shared_task(name=jobs.RECONCILE_ORDER, bind=True, max_retries=None)
-def reconcile_order(self, order_id: str) -> str:
+@shared_task(name=jobs.POLL_PAYMENT, bind=True, max_retries=None)
+def poll_payment(self, gateway_order_id: str) -> str:
     try:
-        return reconcile.reconcile_order(settings(), gateway(), order_id)
+        return reconcile.poll_payment(settings(), gateway(), gateway_order_id)
     except TransientError as exc:
-        return _retry_or_leave(self, exc, order_id)
+        return _retry_or_leave(self, exc, gateway_order_id)
 
 
 @shared_task(name=jobs.EXPIRE_ORDER, bind=True, max_retries=None)

@@ -1,7 +1,8 @@
-"""Refund task: ask the gateway to refund, idempotently by refund key."""
+"""Refund task: give one captured transaction's money back, idempotently by its refund key."""
 from __future__ import annotations
 
 import logging
+import uuid
 
 from celery import shared_task
 
@@ -14,19 +15,32 @@ from workers.tasks.base import backoff_seconds, gateway, settings
 log = logging.getLogger(__name__)
 
 
-@shared_task(name=jobs.REFUND_ORDER, bind=True, max_retries=None)
-def refund_order(self, order_id: str) -> str:
-    s = settings()
+def _is_order_id(value: str) -> bool:
     try:
-        return refunds.refund_order(s, gateway(), order_id)
+        uuid.UUID(value)
+    except ValueError:
+        return False
+    return True
+
+
+@shared_task(name=jobs.REFUND_ORDER, bind=True, max_retries=None)
+def refund_order(self, gateway_order_id: str) -> str:
+    s = settings()
+    if _is_order_id(gateway_order_id):
+        # Queued before refunds were per transaction: the argument is an order; queue each refund of it.
+        for pending in refunds.pending_refunds_of(s, gateway_order_id):
+            jobs.publish(jobs.REFUND_ORDER, pending)
+        return "requeued"
+    try:
+        return refunds.refund_payment(s, gateway(), gateway_order_id)
     except TransientError as exc:
         attempt = self.request.retries + 1
         if attempt > s.refund_max_retries:
-            # Stays refund_pending: the redrive picks it up again, so the refund is delayed, not lost.
-            log_event(log, "refund_retries_exhausted", logging.ERROR, order_id=order_id,
+            # Stays pending: the redrive picks it up again, so the refund is delayed, not lost.
+            log_event(log, "refund_retries_exhausted", logging.ERROR, gateway_order_id=gateway_order_id,
                       task=self.name, attempt=attempt, error=exc.code)
             return "retries_exhausted"
-        log_event(log, "refund_retry", logging.WARNING, order_id=order_id, task=self.name,
+        log_event(log, "refund_retry", logging.WARNING, gateway_order_id=gateway_order_id, task=self.name,
                   attempt=attempt, error=exc.code)
         raise self.retry(exc=exc, countdown=backoff_seconds(self.request.retries,
                                                             s.retry_base_seconds, s.retry_max_seconds))
