@@ -287,7 +287,7 @@ def system(database_url, redis_server, tmp_path_factory) -> Any:
     def gateway_factory() -> ServerThread:
         # The stand-in keeps its state in its own schema ("standin") of the test database.
         return ServerThread(create_standin_app(SERVER_KEY, env_settings["NOTIFICATION_URL"], gateway_url,
-                                               database_url=database_url), gateway_port)
+                                               sandbox=True, database_url=database_url), gateway_port)
 
     web = ServerThread(create_app(settings), web_port)
     workers = {name: WorkerProcess(name, queues, env, tmp / f"worker-{name}.log")
