@@ -229,7 +229,16 @@ def _admission(settings: Settings, args: argparse.Namespace) -> int:
 
     controller = AdmissionController(settings, redis.Redis.from_url(settings.redis_url, socket_timeout=5))
     if args.mode:
+        import getpass
+        import logging
+        import os
+
+        from shared.logs import log_event
+
+        before = controller.mode()
         controller.set_mode(Mode(args.mode))
+        log_event(logging.getLogger("meterai.cli"), "admission_mode_changed", logging.WARNING, mode=args.mode,
+                  previous=before.value, user=getpass.getuser(), host=os.uname().nodename, via="cli")
     print(json.dumps({"mode": controller.mode().value, "outflow_per_minute": controller.outflow_per_minute()}))
     return 0
 

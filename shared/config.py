@@ -18,6 +18,9 @@ DEV_SECRET_KEY = "meterai-dev-secret-change-me"
 # payments with one takes no money at all, and hands out stamps for free.
 DEV_GATEWAY_SERVER_KEY = "SB-Mid-server-meterai-dev"
 SANDBOX_KEY_PREFIX = "SB-"
+# The organisation named in every certificate of the development PKI (made by SIGNING_DEV_PKI=1); a root
+# certificate naming it is refused outside development, even when copied to a configured path.
+DEV_PKI_ORGANIZATION = "meterai (development)"
 MIN_SECRET_LENGTH = 32
 
 
@@ -216,6 +219,9 @@ def production_problems(settings: Settings) -> list[str]:
     if settings.signing_dev_pki:
         problems.append("SIGNING_DEV_PKI=1 would sign stamps with a development CA made on the spot: set "
                         "SIGNING_DEV_PKI=0 and the SIGNING_*_PATH files of the real issuer")
+    if _is_development_root(settings.signing_ca_cert_path or os.path.join(settings.data_dir, "pki", "ca-cert.pem")):
+        problems.append("the signing root certificate is the development CA's: configure the real issuer's "
+                        "SIGNING_KEY_PATH, SIGNING_CERT_PATH and SIGNING_CA_CERT_PATH")
     if settings.gateway_server_key == DEV_GATEWAY_SERVER_KEY or settings.gateway_server_key.startswith(
             SANDBOX_KEY_PREFIX):
         problems.append("GATEWAY_SERVER_KEY is a sandbox key (no real money moves): set the production key")
@@ -224,6 +230,23 @@ def production_problems(settings: Settings) -> list[str]:
     if not settings.public_base_url.startswith("https://"):
         problems.append("PUBLIC_BASE_URL is not https (every stamp's QR code points there)")
     return problems
+
+
+def _is_development_root(path: str) -> bool:
+    """Whether the PEM certificate at ``path`` (if there is one) was made by the development PKI."""
+    try:
+        with open(path, "rb") as pem:
+            data = pem.read()
+    except OSError:
+        return False
+    from cryptography import x509
+    from cryptography.x509.oid import NameOID
+
+    try:
+        subject = x509.load_pem_x509_certificate(data).subject
+    except ValueError:
+        return False
+    return any(a.value == DEV_PKI_ORGANIZATION for a in subject.get_attributes_for_oid(NameOID.ORGANIZATION_NAME))
 
 
 def refuse_unsafe(settings: Settings, role: str) -> None:

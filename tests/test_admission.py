@@ -286,17 +286,22 @@ def test_ops_cli_switches_the_waiting_room(sys_):
 
     env = {**sys_.env, "REDIS_KEY_PREFIX": f"meterai-adm-{uuid.uuid4().hex[:8]}:"}
 
+    logs: list[str] = []
+
     def cli(*args: str) -> dict:
         import json
 
         out = subprocess.run([sys.executable, "-m", "shared.cli", "admission", *args], cwd=ROOT, env=env,
                              capture_output=True, text=True, timeout=60)
         assert out.returncode == 0, out.stderr
+        logs.append(out.stderr)
         return json.loads(out.stdout)
 
     assert cli()["mode"] == "auto"
     assert cli("paused")["mode"] == "paused"
+    assert "event=admission_mode_changed mode=paused previous=auto" in logs[-1] and "via=cli" in logs[-1]
     assert cli()["mode"] == "paused"
+    assert "admission_mode_changed" not in logs[-1]  # looking is not changing
     assert cli("auto")["mode"] == "auto"
     client = redis.Redis.from_url(sys_.settings.redis_url)
     for key in client.scan_iter(match=f"{env['REDIS_KEY_PREFIX']}*"):

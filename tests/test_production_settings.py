@@ -61,3 +61,17 @@ def test_web_refuses_to_start_on_the_built_in_defaults():
     assert "refuses to start on development defaults" in result.stderr
     for name in ("SECRET_KEY", "SIGNING_DEV_PKI", "GATEWAY_SERVER_KEY", "GATEWAY_URL"):
         assert name in result.stderr
+
+
+def test_a_copied_development_ca_is_refused_outside_development(tmp_path):
+    """SIGNING_DEV_PKI=0 with the development CA's files copied to the configured paths is still the
+    development CA."""
+    from shared.stamping.signing import ensure_pki, pki_paths
+
+    dev = load_settings({"DEVELOPMENT": "1"}, data_dir=str(tmp_path / "dev"))
+    paths = pki_paths(dev)
+    ensure_pki(paths)
+    env = {**PRODUCTION, "SIGNING_KEY_PATH": str(paths.key), "SIGNING_CERT_PATH": str(paths.cert),
+           "SIGNING_CA_CERT_PATH": str(paths.ca_cert)}
+    with pytest.raises(UnsafeSettings, match="development CA"):
+        refuse_unsafe(load_settings(env), "worker")

@@ -53,7 +53,7 @@ from pyhanko_certvalidator.util import get_pyca_cryptography_hash
 from pypdf import PdfReader
 from pypdf.generic import ArrayObject, DictionaryObject, IndirectObject, NameObject, NumberObject
 
-from shared.config import Settings
+from shared.config import DEV_PKI_ORGANIZATION, Settings
 from shared.errors import TransientError
 
 from . import art
@@ -134,7 +134,7 @@ def pki_paths(settings: Settings) -> PkiPaths:
 def _name(common_name: str) -> x509.Name:
     return x509.Name([
         x509.NameAttribute(NameOID.COUNTRY_NAME, "ID"),
-        x509.NameAttribute(NameOID.ORGANIZATION_NAME, "meterai (development)"),
+        x509.NameAttribute(NameOID.ORGANIZATION_NAME, DEV_PKI_ORGANIZATION),
         x509.NameAttribute(NameOID.COMMON_NAME, common_name),
     ])
 
