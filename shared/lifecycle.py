@@ -1,28 +1,37 @@
-"""The order state machine: every status change of an order happens here and nowhere else.
+"""The order state machine: every status change of an order, and of what moves with it, happens here.
 
-The allowed transitions are data (:data:`TRANSITIONS`), declared once. :func:`transition` is the one
-function that changes an order's status: a compare-and-set ``UPDATE … WHERE id = %s AND status = %s``
-(plus an optional guard such as "the lease is mine") that writes the event row and, where money moves,
-the ledger entry in the same transaction. A transition that finds another status did not happen and
-returns ``None``: the caller treats that as "someone else already did it", never as an error.
+The allowed moves are data (:data:`TRANSITIONS`), declared once, each with what it does besides the
+status: the serial it reserves, uses or voids, the stamping lease it takes or clears, the order's own
+refund it opens or moves, the ledger entry it books. :func:`transition` carries a move out as one
+compare-and-set ``UPDATE … WHERE id = %s AND status = <expected>`` (plus guards such as "the lease is
+mine", which are made here too) with every side record in the same database transaction. A move that
+finds another status did not happen and returns ``None``: the caller treats that as "someone else
+already did it", never as an error. Callers pass values, never SQL; :data:`NOW`, :func:`after` and
+:data:`INCREMENT` stand for the few expressions a value can be.
 
 Money is booked per gateway transaction, because one order can be paid twice: :func:`book_capture`
 records a capture (the order's own, or an extra one), and a refund — one per captured transaction — moves
-through its own small state machine (:data:`REFUND_TRANSITIONS`, :func:`refund_transition`), which books
-the ``refunded`` ledger entry. The order's own ``stamping → stamped`` books the revenue. Every ledger row
-names its transaction, and the database allows one row of each kind per transaction.
+through its own small state machine (:data:`REFUND_TRANSITIONS`): the order's own refund moves with the
+order, an extra capture's refund by :func:`refund_transition` alone.
+
+Every event row of an order is written here: its first (:func:`insert_order`), each move's, and the one
+event that changes no status (:func:`release_lease`). Whoever needs to know an order changed — the
+status cache — listens (:func:`add_listener`) and hears the event ids once the transaction commits.
 """
 from __future__ import annotations
 
 import json
+import secrets
+import string
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any, Mapping
 from uuid import UUID
 
+from psycopg import errors as pg_errors
 from psycopg import sql
 
-from shared import statuscache
 from shared.db import Tx
 
 
@@ -41,33 +50,11 @@ class Status(StrEnum):
 
 TERMINAL = frozenset({Status.STAMPED, Status.REFUNDED, Status.EXPIRED, Status.REJECTED})
 
-# (from, to) -> what the move means. Anything not listed is refused before it reaches SQL.
-TRANSITIONS: Mapping[tuple[Status, Status], str] = {
-    (Status.CREATED, Status.AWAITING_PAYMENT): "preflight passed, payment opened",
-    (Status.CREATED, Status.REJECTED): "document cannot be stamped",
-    # Checkout's retries ran out (gateway down for long) or it never ran: nothing was charged.
-    (Status.CREATED, Status.EXPIRED): "payment could not be opened",
-    (Status.AWAITING_PAYMENT, Status.PAID): "payment captured",
-    (Status.AWAITING_PAYMENT, Status.EXPIRED): "unpaid too long or payment failed",
-    # A capture that arrives after the order expired is refunded, never kept.
-    (Status.EXPIRED, Status.REFUND_PENDING): "late payment for an expired order",
-    (Status.PAID, Status.STAMPING): "claimed by a stamping worker",
-    # Re-claiming an order whose lease expired (the worker died or gave up this attempt).
-    (Status.STAMPING, Status.STAMPING): "re-claimed after the lease expired",
-    (Status.STAMPING, Status.STAMPED): "stamp affixed",
-    (Status.PAID, Status.REFUND_PENDING): "not stamped before the deadline",
-    (Status.STAMPING, Status.REFUND_PENDING): "stamping failed for good or past the deadline",
-    (Status.REFUND_PENDING, Status.REFUNDED): "refunded by the gateway",
-    (Status.REFUND_PENDING, Status.REFUND_MANUAL): "gateway cannot refund; ops pays out",
-    (Status.REFUND_MANUAL, Status.REFUNDED): "paid out manually",
-}
 
-# Which money movement an order transition books, if any: only the revenue of a stamp. Captures and
-# refunds are booked per transaction (:func:`book_capture`, :data:`REFUND_LEDGER_KINDS`), in the same
-# database transaction as the order's move.
-LEDGER_KINDS: Mapping[tuple[Status, Status], str] = {
-    (Status.STAMPING, Status.STAMPED): "revenue",
-}
+class RefundStatus(StrEnum):
+    PENDING = "pending"
+    MANUAL = "manual"
+    SUCCEEDED = "succeeded"
 
 
 class CaptureRole(StrEnum):
@@ -77,28 +64,123 @@ class CaptureRole(StrEnum):
     EXTRA = "extra"  # any further capture of the same order: refunded on its own
 
 
-class RefundStatus(StrEnum):
-    PENDING = "pending"
-    MANUAL = "manual"
-    SUCCEEDED = "succeeded"
+class Serial(StrEnum):
+    """What a move does to the order's serial."""
+
+    RESERVE = "reserved"  # the claim: the order's reserved serial, or a new one (retries re-use it)
+    USE = "used"          # the stamp: the reserved serial is on the delivered document
+    VOID = "voided"       # the refund: a reserved serial is never issued again
 
 
-# A refund (one per captured transaction): (from, to) -> what the move means.
-REFUND_TRANSITIONS: Mapping[tuple[RefundStatus, RefundStatus], str] = {
-    (RefundStatus.PENDING, RefundStatus.SUCCEEDED): "refunded by the gateway",
-    (RefundStatus.PENDING, RefundStatus.MANUAL): "gateway cannot refund; ops pays out",
-    # Paid out by finance, or (found on a later look) refunded by the gateway after all.
-    (RefundStatus.MANUAL, RefundStatus.SUCCEEDED): "paid out",
+class Lease(StrEnum):
+    TAKE = "take"    # lease_owner and lease_expires_at set, stamp_attempts counted
+    CLEAR = "clear"  # no lease any more
+
+
+@dataclass(frozen=True)
+class Move:
+    """One allowed move and everything it does besides the status."""
+
+    meaning: str
+    serial: Serial | None = None
+    lease: Lease | None = None
+    # The order's own refund: (None, PENDING) opens it; any other pair moves it along.
+    refund: tuple[RefundStatus | None, RefundStatus] | None = None
+    ledger: str | None = None  # the kind of money movement booked on the order's capture
+
+
+_OPEN_REFUND = (None, RefundStatus.PENDING)
+
+# (from, to) -> the move. Anything not listed is refused before it reaches SQL.
+TRANSITIONS: Mapping[tuple[Status, Status], Move] = {
+    (Status.CREATED, Status.AWAITING_PAYMENT): Move("preflight passed, payment opened"),
+    (Status.CREATED, Status.REJECTED): Move("document cannot be stamped"),
+    # Checkout's retries ran out (gateway down for long) or it never ran: nothing was charged.
+    (Status.CREATED, Status.EXPIRED): Move("payment could not be opened"),
+    (Status.AWAITING_PAYMENT, Status.PAID): Move("payment captured"),
+    (Status.AWAITING_PAYMENT, Status.EXPIRED): Move("unpaid too long or payment failed"),
+    # A capture that arrives after the order expired is refunded, never kept.
+    (Status.EXPIRED, Status.REFUND_PENDING): Move("late payment for an expired order", refund=_OPEN_REFUND),
+    (Status.PAID, Status.STAMPING): Move("claimed by a stamping worker", serial=Serial.RESERVE,
+                                         lease=Lease.TAKE),
+    # Re-claiming an order whose lease expired (the worker died or gave up this attempt).
+    (Status.STAMPING, Status.STAMPING): Move("re-claimed after the lease expired", serial=Serial.RESERVE,
+                                             lease=Lease.TAKE),
+    (Status.STAMPING, Status.STAMPED): Move("stamp affixed", serial=Serial.USE, lease=Lease.CLEAR,
+                                            ledger="revenue"),
+    (Status.PAID, Status.REFUND_PENDING): Move("not stamped before the deadline", serial=Serial.VOID,
+                                               lease=Lease.CLEAR, refund=_OPEN_REFUND),
+    (Status.STAMPING, Status.REFUND_PENDING): Move("stamping failed for good or past the deadline",
+                                                   serial=Serial.VOID, lease=Lease.CLEAR, refund=_OPEN_REFUND),
+    (Status.REFUND_PENDING, Status.REFUNDED): Move("refunded by the gateway",
+                                                  refund=(RefundStatus.PENDING, RefundStatus.SUCCEEDED)),
+    (Status.REFUND_PENDING, Status.REFUND_MANUAL): Move("gateway cannot refund; ops pays out",
+                                                       refund=(RefundStatus.PENDING, RefundStatus.MANUAL)),
+    (Status.REFUND_MANUAL, Status.REFUNDED): Move("paid out manually",
+                                                 refund=(RefundStatus.MANUAL, RefundStatus.SUCCEEDED)),
 }
-REFUND_LEDGER_KINDS: Mapping[tuple[RefundStatus, RefundStatus], str] = {
+
+# A refund (one per captured transaction): (from, to) -> the ledger entry it books, if any.
+REFUND_TRANSITIONS: Mapping[tuple[RefundStatus, RefundStatus], str | None] = {
     (RefundStatus.PENDING, RefundStatus.SUCCEEDED): "refunded",
+    (RefundStatus.PENDING, RefundStatus.MANUAL): None,
+    # Paid out by finance, or (found on a later look) refunded by the gateway after all.
     (RefundStatus.MANUAL, RefundStatus.SUCCEEDED): "refunded",
 }
+
+CREATED_REASON = "order accepted"
+LEASE_RELEASED_REASON = "attempt failed, will retry"
 
 
 class IllegalTransition(Exception):
     """A programming error: code asked for a move the state machine does not allow."""
 
+
+# --- values a caller may pass for a column ------------------------------------------------------------
+
+class _Now:
+    def __repr__(self) -> str:
+        return "NOW"
+
+
+class _Increment:
+    def __repr__(self) -> str:
+        return "INCREMENT"
+
+
+NOW: Any = _Now()
+INCREMENT: Any = _Increment()
+
+
+@dataclass(frozen=True)
+class After:
+    """``seconds`` from now."""
+
+    seconds: float
+
+
+def after(seconds: float) -> After:
+    return After(float(seconds))
+
+
+def _assignments(changes: Mapping[str, Any], params: dict[str, Any]) -> list[sql.Composable]:
+    sets: list[sql.Composable] = []
+    for i, (column, value) in enumerate(changes.items()):
+        name, slot = sql.Identifier(column), f"c{i}"
+        if value is NOW:
+            sets.append(sql.SQL("{} = now()").format(name))
+        elif value is INCREMENT:
+            sets.append(sql.SQL("{} = {} + 1").format(name, name))
+        elif isinstance(value, After):
+            sets.append(sql.SQL("{} = now() + make_interval(secs => {})").format(name, sql.Placeholder(slot)))
+            params[slot] = value.seconds
+        else:
+            sets.append(sql.SQL("{} = {}").format(name, sql.Placeholder(slot)))
+            params[slot] = value
+    return sets
+
+
+# --- guards -----------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
 class Guard:
@@ -126,6 +208,71 @@ def past_deadline() -> Guard:
     return Guard(sql.SQL("refund_due_at <= now()"), {})
 
 
+# --- who hears about committed changes --------------------------------------------------------------
+
+_listeners: list[Callable[[Mapping[str, int]], None]] = []
+
+
+def add_listener(listener: Callable[[Mapping[str, int]], None]) -> None:
+    """``listener({order_id: newest event id})`` runs once per committed transaction that changed orders
+    (the status cache drops their answers). Registering the same listener twice is a no-op."""
+    if listener not in _listeners:
+        _listeners.append(listener)
+
+
+def _changed(tx: Tx, order_id: UUID | str, event_id: int) -> None:
+    pending: dict[str, int] | None = getattr(tx, "_lifecycle_changed", None)
+    if pending is None:
+        pending = {}
+        tx._lifecycle_changed = pending  # type: ignore[attr-defined]
+        tx.after_commit(lambda: _announce(pending))
+    key = str(order_id)
+    pending[key] = max(event_id, pending.get(key, 0))
+
+
+def _announce(versions: Mapping[str, int]) -> None:
+    for listener in list(_listeners):
+        listener(versions)
+
+
+def _event(tx: Tx, order_id: UUID | str, source: Status | None, target: Status, reason: str,
+           detail: Mapping[str, Any] | None) -> None:
+    # Under the order's row lock (every caller changed the row first), so the event ids of one order keep
+    # the order of its changes: the status cache's versions rely on it.
+    event = tx.execute(
+        "INSERT INTO order_events (order_id, from_status, to_status, reason, detail)"
+        " VALUES (%s, %s, %s, %s, %s) RETURNING id",
+        (str(order_id), source.value if source else None, target.value, reason,
+         json.dumps(detail) if detail else None),
+    ).fetchone()
+    _changed(tx, order_id, event["id"])
+
+
+# --- the order --------------------------------------------------------------------------------------
+
+_INSERT_ORDER = """
+WITH o AS (
+    INSERT INTO orders (id, idempotency_key, request_fingerprint, access_token_hashes, email, status,
+                        amount_idr, page, x, y, document_key, document_sha256, document_bytes)
+    VALUES (%(id)s, %(idempotency_key)s, %(request_fingerprint)s, %(access_token_hashes)s, %(email)s,
+            'created', %(amount_idr)s, %(page)s, %(x)s, %(y)s, %(document_key)s, %(document_sha256)s,
+            %(document_bytes)s)
+    ON CONFLICT ((lower(email)), idempotency_key) DO NOTHING
+    RETURNING *
+), e AS (
+    INSERT INTO order_events (order_id, from_status, to_status, reason)
+    SELECT id, NULL, status, %(reason)s FROM o
+)
+SELECT * FROM o
+"""
+
+
+def insert_order(conn: Any, values: Mapping[str, Any]) -> dict[str, Any] | None:
+    """A new ``created`` order and its first event, in one statement (one round trip, atomic on an
+    autocommit connection); ``None`` when the buyer already has an order under this Idempotency-Key."""
+    return conn.execute(_INSERT_ORDER, {**values, "reason": CREATED_REASON}).fetchone()
+
+
 def transition(
     tx: Tx,
     order_id: UUID | str,
@@ -133,28 +280,35 @@ def transition(
     target: Status,
     *,
     changes: Mapping[str, Any] | None = None,
-    changes_sql: Mapping[str, str] | None = None,
     guards: tuple[Guard, ...] = (),
     reason: str | None = None,
     detail: Mapping[str, Any] | None = None,
-    amount: int | None = None,
+    lease: tuple[str, float] | None = None,
+    refund_reason: str | None = None,
+    refund_changes: Mapping[str, Any] | None = None,
 ) -> dict[str, Any] | None:
-    """Move one order from ``source`` to ``target`` if (and only if) it is still in ``source``.
+    """Move one order from ``source`` to ``target`` if (and only if) it is still in ``source``, with
+    everything the move declares.
 
-    ``changes`` are column values set in the same UPDATE; ``changes_sql`` are column expressions
-    (trusted, written in this codebase, e.g. ``"now()"``). Returns the updated row, or ``None`` when the
-    order was not in ``source`` (or a guard failed): someone else already moved it.
+    ``changes`` are column values set in the same UPDATE (a value, ``None``, :data:`NOW`, :func:`after`
+    or :data:`INCREMENT`). A move that takes the lease needs ``lease=(owner, seconds)``; one that opens
+    the order's refund, ``refund_reason``; one that moves it may pass ``refund_changes`` for the refund
+    row. Returns the updated order row (with ``serial`` set by a claim), or ``None`` when the order was
+    not in ``source`` or a guard failed: someone else already moved it.
     """
-    key = (source, target)
-    if key not in TRANSITIONS:
+    move = TRANSITIONS.get((source, target))
+    if move is None:
         raise IllegalTransition(f"{source} -> {target} is not an allowed transition")
+    values: dict[str, Any] = dict(changes or {})
+    if move.lease is Lease.TAKE:
+        if lease is None:
+            raise IllegalTransition(f"{source} -> {target} takes the lease: pass lease=(owner, seconds)")
+        owner, seconds = lease
+        values.update(lease_owner=owner, lease_expires_at=after(seconds), stamp_attempts=INCREMENT)
+    elif move.lease is Lease.CLEAR:
+        values.update(lease_owner=None, lease_expires_at=None)
     params: dict[str, Any] = {"id": str(order_id), "source": source.value, "target": target.value}
-    sets = [sql.SQL("status = %(target)s"), sql.SQL("updated_at = now()")]
-    for i, (column, value) in enumerate((changes or {}).items()):
-        sets.append(sql.SQL("{} = %({})s").format(sql.Identifier(column), sql.SQL(f"c{i}")))
-        params[f"c{i}"] = value
-    for column, expression in (changes_sql or {}).items():
-        sets.append(sql.SQL("{} = {}").format(sql.Identifier(column), sql.SQL(expression)))
+    sets = [sql.SQL("status = %(target)s"), sql.SQL("updated_at = now()"), *_assignments(values, params)]
     where = [sql.SQL("id = %(id)s"), sql.SQL("status = %(source)s")]
     for guard in guards:
         where.append(guard.clause)
@@ -165,21 +319,85 @@ def transition(
     row = tx.execute(query, params).fetchone()
     if row is None:
         return None
-    event = tx.execute(
-        "INSERT INTO order_events (order_id, from_status, to_status, reason, detail)"
-        " VALUES (%s, %s, %s, %s, %s) RETURNING id",
-        (str(order_id), source.value, target.value, reason or TRANSITIONS[key],
-         json.dumps(detail) if detail else None),
-    ).fetchone()
-    statuscache.changed(tx, order_id, event["id"])
-    kind = LEDGER_KINDS.get(key)
-    if kind is not None:
+    _event(tx, order_id, source, target, reason or move.meaning, detail)
+    if move.serial is not None:
+        _change_serial(tx, row, move.serial)
+    if move.refund is not None:
+        _move_order_refund(tx, row, move.refund, refund_reason, refund_changes)
+    if move.ledger is not None:
         capture = order_capture(tx, order_id)
         if capture is None:
-            raise IllegalTransition(f"{source} -> {target} books {kind}, but order {order_id} has no capture")
-        _book(tx, order_id, capture["gateway_order_id"], kind,
-              amount if amount is not None else row["amount_idr"])
+            raise IllegalTransition(f"{source} -> {target} books {move.ledger}, but order {order_id} has no "
+                                    "capture")
+        _book(tx, order_id, capture["gateway_order_id"], move.ledger, row["amount_idr"])
     return row
+
+
+def release_lease(tx: Tx, order_id: UUID | str, owner: str, error: str) -> bool:
+    """Give a stamping lease back after a transient failure, so the retry (or the redrive) can claim
+    again at once: the one event that changes no status. False when the lease wasn't ``owner``'s."""
+    held = tx.execute(
+        "UPDATE orders SET lease_expires_at = now() - interval '1 second', updated_at = now()"
+        " WHERE id = %s AND status = 'stamping' AND lease_owner = %s RETURNING id",
+        (str(order_id), owner),
+    ).fetchone()
+    if held is None:
+        return False
+    _event(tx, order_id, Status.STAMPING, Status.STAMPING, LEASE_RELEASED_REASON, {"error": error[:300]})
+    return True
+
+
+# --- serials ----------------------------------------------------------------------------------------
+
+SERIAL_ALPHABET = string.digits + string.ascii_uppercase
+SERIAL_LENGTH = 22
+
+
+def new_serial() -> str:
+    return "".join(secrets.choice(SERIAL_ALPHABET) for _ in range(SERIAL_LENGTH))
+
+
+def _change_serial(tx: Tx, order: dict[str, Any], change: Serial) -> None:
+    order_id = str(order["id"])
+    if change is Serial.RESERVE:
+        serial = _reserve_serial(tx, order_id)
+        tx.execute("UPDATE orders SET serial = %s WHERE id = %s", (serial, order_id))
+        order["serial"] = serial
+    elif change is Serial.USE:
+        used = tx.execute(
+            "UPDATE serials SET status = 'used', used_at = now(), document_sha256 = %s"
+            " WHERE serial = %s AND order_id = %s AND status = 'reserved' RETURNING serial",
+            (order["stamped_sha256"], order["serial"], order_id),
+        ).fetchone()
+        if used is None:
+            raise IllegalTransition(f"order {order_id} is stamped without its reserved serial")
+    else:
+        tx.execute("UPDATE serials SET status = 'voided', voided_at = now()"
+                   " WHERE order_id = %s AND status = 'reserved'", (order_id,))
+
+
+def _reserve_serial(tx: Tx, order_id: str) -> str:
+    existing = tx.execute(
+        "SELECT serial FROM serials WHERE order_id = %s AND status = 'reserved'", (order_id,)
+    ).fetchone()
+    if existing is not None:
+        return existing["serial"]
+    while True:
+        serial = new_serial()
+        try:
+            with tx.conn.transaction():  # savepoint: a (vanishingly rare) collision just draws again
+                tx.execute("INSERT INTO serials (serial, order_id, status) VALUES (%s, %s, 'reserved')",
+                           (serial, order_id))
+            return serial
+        except pg_errors.UniqueViolation:
+            continue
+
+
+# --- money ------------------------------------------------------------------------------------------
+
+def refund_key_for(gateway_order_id: str) -> str:
+    """The idempotency key of a transaction's refund: one transaction, one refund."""
+    return f"refund-{gateway_order_id}"
 
 
 def _book(tx: Tx, order_id: UUID | str, gateway_order_id: str, kind: str, amount: int) -> None:
@@ -212,7 +430,7 @@ def book_capture(tx: Tx, gateway_order_id: str, amount: int, role: CaptureRole) 
     return row
 
 
-def open_refund(tx: Tx, payment: Mapping[str, Any], *, refund_key: str, reason: str) -> bool:
+def open_refund(tx: Tx, payment: Mapping[str, Any], *, reason: str) -> bool:
     """A pending refund of a captured transaction's full amount; False if it already has one."""
     if payment.get("captured_at") is None:
         raise IllegalTransition(f"transaction {payment['gateway_order_id']} was never captured")
@@ -220,9 +438,27 @@ def open_refund(tx: Tx, payment: Mapping[str, Any], *, refund_key: str, reason: 
         "INSERT INTO refunds (order_id, gateway_order_id, refund_key, amount_idr, status, reason)"
         " VALUES (%s, %s, %s, %s, 'pending', %s) ON CONFLICT (gateway_order_id) DO NOTHING"
         " RETURNING gateway_order_id",
-        (str(payment["order_id"]), payment["gateway_order_id"], refund_key, payment["amount_idr"], reason),
+        (str(payment["order_id"]), payment["gateway_order_id"], refund_key_for(payment["gateway_order_id"]),
+         payment["amount_idr"], reason),
     ).fetchone()
     return row is not None
+
+
+def _move_order_refund(tx: Tx, order: Mapping[str, Any], refund: tuple[RefundStatus | None, RefundStatus],
+                       reason: str | None, changes: Mapping[str, Any] | None) -> None:
+    """The order's own refund moves with the order, or the order's move doesn't happen at all."""
+    capture = order_capture(tx, order["id"])
+    if capture is None:
+        raise IllegalTransition(f"order {order['id']} has no captured payment to refund")
+    source, target = refund
+    if source is None:
+        if reason is None:
+            raise IllegalTransition("opening a refund needs refund_reason")
+        if not open_refund(tx, capture, reason=reason):
+            raise IllegalTransition(f"order {order['id']}'s capture {capture['gateway_order_id']} already has "
+                                    "a refund")
+    elif refund_transition(tx, capture["gateway_order_id"], source, target, changes=changes) is None:
+        raise IllegalTransition(f"order {order['id']} moved, but its refund was not {source}")
 
 
 def refund_transition(
@@ -232,30 +468,21 @@ def refund_transition(
     target: RefundStatus,
     *,
     changes: Mapping[str, Any] | None = None,
-    changes_sql: Mapping[str, str] | None = None,
 ) -> dict[str, Any] | None:
     """Move one transaction's refund from ``source`` to ``target`` if it is still in ``source``, booking
-    the ledger entry the move calls for. ``None`` when someone else moved it first."""
+    the ledger entry the move calls for. ``None`` when someone else moved it first. The order's own
+    refund moves with the order (:func:`transition`); call this alone for an extra capture's refund."""
     key = (source, target)
     if key not in REFUND_TRANSITIONS:
         raise IllegalTransition(f"refund {source} -> {target} is not an allowed transition")
     params: dict[str, Any] = {"id": gateway_order_id, "source": source.value, "target": target.value}
-    sets = [sql.SQL("status = %(target)s")]
-    for i, (column, value) in enumerate((changes or {}).items()):
-        sets.append(sql.SQL("{} = %({})s").format(sql.Identifier(column), sql.SQL(f"c{i}")))
-        params[f"c{i}"] = value
-    for column, expression in (changes_sql or {}).items():
-        sets.append(sql.SQL("{} = {}").format(sql.Identifier(column), sql.SQL(expression)))
+    sets = [sql.SQL("status = %(target)s"), *_assignments(dict(changes or {}), params)]
     query = sql.SQL("UPDATE refunds SET {} WHERE gateway_order_id = %(id)s AND status = %(source)s"
                     " RETURNING *").format(sql.SQL(", ").join(sets))
     row = tx.execute(query, params).fetchone()
     if row is None:
         return None
-    kind = REFUND_LEDGER_KINDS.get(key)
+    kind = REFUND_TRANSITIONS[key]
     if kind is not None:
         _book(tx, row["order_id"], gateway_order_id, kind, row["amount_idr"])
     return row
-
-
-# The reason on an order's first event (its INSERT, in shared/orders.py, is not a transition).
-CREATED_REASON = "order accepted"

@@ -24,7 +24,7 @@ from shared import jobs
 from shared.config import Settings
 from shared.db import get_pool
 from shared.errors import DomainError
-from shared.lifecycle import CREATED_REASON, Status
+from shared.lifecycle import Status, insert_order
 from shared.store import DocumentStore, upload_key
 
 
@@ -118,22 +118,6 @@ def _replay(settings: Settings, existing: dict[str, Any], new: NewOrder) -> Crea
 
 _LOOK_IT_UP: Any = object()
 
-_INSERT_ORDER = """
-WITH o AS (
-    INSERT INTO orders (id, idempotency_key, request_fingerprint, access_token_hashes, email, status,
-                        amount_idr, page, x, y, document_key, document_sha256, document_bytes)
-    VALUES (%(id)s, %(key)s, %(fingerprint)s, ARRAY[%(token_hash)s], %(email)s, %(status)s, %(amount)s,
-            %(page)s, %(x)s, %(y)s, %(document_key)s, %(sha256)s, %(bytes)s)
-    ON CONFLICT ((lower(email)), idempotency_key) DO NOTHING
-    RETURNING *
-), e AS (
-    INSERT INTO order_events (order_id, from_status, to_status, reason)
-    SELECT id, NULL, status, %(reason)s FROM o
-)
-SELECT * FROM o
-"""
-
-
 def create_order(
     settings: Settings, store: DocumentStore, new: NewOrder, *, existing: Any = _LOOK_IT_UP
 ) -> Created:
@@ -153,13 +137,12 @@ def create_order(
     # One statement, so one round trip and atomic on its own (the pool's connections are autocommit):
     # the order and its first event, or (a concurrent create under the same key won) neither.
     with get_pool(settings.database_url).connection() as conn:
-        row = conn.execute(_INSERT_ORDER, {
-            "id": str(order_id), "key": new.idempotency_key, "fingerprint": new.fingerprint(),
-            "token_hash": token_hash(token),
-            "email": new.email, "status": Status.CREATED.value, "amount": settings.price,
-            "page": new.page, "x": new.x, "y": new.y, "document_key": key,
-            "sha256": new.document_sha256, "bytes": len(new.document), "reason": CREATED_REASON,
-        }).fetchone()
+        row = insert_order(conn, {
+            "id": str(order_id), "idempotency_key": new.idempotency_key,
+            "request_fingerprint": new.fingerprint(), "access_token_hashes": [token_hash(token)],
+            "email": new.email, "amount_idr": settings.price, "page": new.page, "x": new.x, "y": new.y,
+            "document_key": key, "document_sha256": new.document_sha256, "document_bytes": len(new.document),
+        })
     if row is None:  # lost a race with a concurrent create under the same key
         store.delete(key)
         existing = find_by_idempotency_key(settings, new.email, new.idempotency_key)

@@ -7,9 +7,10 @@ times a no-op request. Here a poll that finds its order's answer in Redis is one
 
 Correctness rules, in order of importance:
 
-* **Never stale after a change we know of.** Every status change goes through
-  :func:`shared.lifecycle.transition`, which calls :func:`changed` with the id of the event it wrote;
-  once the transaction commits, the order's entry is replaced by a change marker carrying that id.
+* **Never stale after a change we know of.** Every status change goes through :mod:`shared.lifecycle`,
+  which tells its listeners, this module's :func:`mark_changed` among them, the id of the newest event
+  it wrote per order once the transaction commits; the order's entry is then replaced by a change
+  marker carrying that id.
   Entries carry the id of the newest event they show, and one script decides every write: nothing
   replaces a newer entry or marker with an older one. (Event ids grow with time, and the changes of
   one order are serialised by its row lock, so a later change always has a larger id.) So a poll that
@@ -33,8 +34,8 @@ from typing import Any
 
 import redis
 
+from shared import lifecycle
 from shared.config import Settings
-from shared.db import Tx
 from shared.logs import log_event
 
 log = logging.getLogger(__name__)
@@ -134,21 +135,10 @@ def put(order_id: str, version: int, token_hashes: list[str], body: bytes) -> No
         _failed()
 
 
-def changed(tx: Tx, order_id: Any, version: int) -> None:
-    """Mark ``order_id`` changed at ``version`` (the event id) once ``tx`` commits; one pipeline per
-    transaction, whatever the number of orders it changed."""
-    pending: dict[str, int] | None = getattr(tx, "_status_cache_changed", None)
-    if pending is None:
-        pending = {}
-        tx._status_cache_changed = pending  # type: ignore[attr-defined]
-        tx.after_commit(lambda: mark_changed(pending))
-    key = str(order_id)
-    pending[key] = max(version, pending.get(key, 0))
-
-
 def mark_changed(versions: Mapping[str, int]) -> None:
-    """Write the change markers. Tried even while reads rest after a failure: this is what keeps
-    answers fresh, and it runs once per transaction, not once per poll."""
+    """Write the change markers (``versions``: order id -> newest event id, committed). Tried even while
+    reads rest after a failure: this is what keeps answers fresh, and it runs once per transaction, not
+    once per poll."""
     found = (_state["client"], _state["prefix"]) if _state else None
     if found is None:
         if not _warned:
@@ -165,3 +155,6 @@ def mark_changed(versions: Mapping[str, int]) -> None:
     except redis.RedisError as exc:
         # The entries expire on their own within status_cache_seconds.
         log_event(log, "status_cache_not_invalidated", logging.WARNING, error=type(exc).__name__)
+
+
+lifecycle.add_listener(mark_changed)

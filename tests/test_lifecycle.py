@@ -9,6 +9,7 @@ import pytest
 from shared import jobs
 from shared.db import transaction
 from shared.lifecycle import (
+    NOW,
     TRANSITIONS,
     CaptureRole,
     IllegalTransition,
@@ -59,13 +60,13 @@ def test_a_capture_is_booked_once_per_transaction_with_the_order_move(sys_):
     with pytest.raises(RuntimeError):
         with transaction(sys_.settings.database_url) as tx:
             book_capture(tx, first, 12500, CaptureRole.ORDER)
-            transition(tx, order_id, Status.AWAITING_PAYMENT, Status.PAID, changes_sql={"refund_due_at": "now()"})
+            transition(tx, order_id, Status.AWAITING_PAYMENT, Status.PAID, changes={"refund_due_at": NOW})
             raise RuntimeError("crash before commit")
     assert sys_.order_row(order_id)["status"] == "awaiting_payment"
     assert sys_.query("SELECT * FROM ledger_entries WHERE order_id = %s", (order_id,)) == []
     with transaction(sys_.settings.database_url) as tx:
         assert book_capture(tx, first, 12500, CaptureRole.ORDER) is not None
-        transition(tx, order_id, Status.AWAITING_PAYMENT, Status.PAID, changes_sql={"refund_due_at": "now()"})
+        transition(tx, order_id, Status.AWAITING_PAYMENT, Status.PAID, changes={"refund_due_at": NOW})
     with transaction(sys_.settings.database_url) as tx:  # a duplicate notification: booked before
         assert book_capture(tx, first, 12500, CaptureRole.ORDER) is None
         assert book_capture(tx, second, 12500, CaptureRole.EXTRA) is not None  # paid twice: its own row
@@ -81,10 +82,12 @@ def test_revenue_is_booked_against_the_orders_own_capture(sys_):
         own, extra = _payment(conn, order_id, "1"), _payment(conn, order_id, "2")
         conn.execute("UPDATE orders SET status = 'stamping', refund_due_at = now(), serial = %s,"
                      " stamped_document_key = 'k' WHERE id = %s", ("A" * 22, order_id))
+        conn.execute("INSERT INTO serials (serial, order_id, status) VALUES (%s, %s, 'reserved')",
+                     ("A" * 22, order_id))
     with transaction(sys_.settings.database_url) as tx:
         book_capture(tx, extra, 12500, CaptureRole.EXTRA)
         book_capture(tx, own, 12500, CaptureRole.ORDER)
-        transition(tx, order_id, Status.STAMPING, Status.STAMPED)
+        transition(tx, order_id, Status.STAMPING, Status.STAMPED, changes={"stamped_sha256": "0" * 64})
     [revenue] = sys_.query("SELECT gateway_order_id, amount_idr FROM ledger_entries WHERE kind = 'revenue'"
                            " AND order_id = %s", (order_id,))
     assert revenue == {"gateway_order_id": own, "amount_idr": 12500}
@@ -96,8 +99,8 @@ def test_a_refund_moves_through_its_own_table_and_books_once(sys_):
         gateway_order_id = _payment(conn, order_id)
     with transaction(sys_.settings.database_url) as tx:
         payment = book_capture(tx, gateway_order_id, 12500, CaptureRole.EXTRA)
-        assert open_refund(tx, payment, refund_key="k1", reason="duplicate_payment")
-        assert not open_refund(tx, payment, refund_key="k2", reason="duplicate_payment")  # one per transaction
+        assert open_refund(tx, payment, reason="duplicate_payment")
+        assert not open_refund(tx, payment, reason="duplicate_payment")  # one per transaction
     with transaction(sys_.settings.database_url) as tx:
         assert refund_transition(tx, gateway_order_id, RefundStatus.PENDING, RefundStatus.MANUAL) is not None
         assert refund_transition(tx, gateway_order_id, RefundStatus.PENDING, RefundStatus.SUCCEEDED) is None
@@ -177,3 +180,83 @@ def test_procfile_workers_consume_exactly_the_queues_the_code_routes_to():
             queues = line.split("--queues", 1)[1].split()[0]
             consumed |= set(queues.split(","))
     assert consumed == set(jobs.ALL_QUEUES)
+
+
+def test_the_moves_say_what_happens_to_serials_leases_and_refunds():
+    """What moves with an order is declared beside the move, once (and these are the rules the
+    invariants rely on: a serial is reserved by the claim, used by the stamp, voided by a refund)."""
+    from shared.lifecycle import Lease, Serial
+
+    claims = {key: move for key, move in TRANSITIONS.items() if move.serial is Serial.RESERVE}
+    assert set(claims) == {(Status.PAID, Status.STAMPING), (Status.STAMPING, Status.STAMPING)}
+    assert all(move.lease is Lease.TAKE for move in claims.values())
+    assert TRANSITIONS[(Status.STAMPING, Status.STAMPED)].serial is Serial.USE
+    into_refund = {key for key in TRANSITIONS if key[1] == Status.REFUND_PENDING}
+    assert all(TRANSITIONS[key].refund == (None, RefundStatus.PENDING) for key in into_refund)
+    assert all(TRANSITIONS[key].serial is Serial.VOID for key in into_refund if key[0] != Status.EXPIRED)
+
+
+def test_a_claim_reserves_one_serial_that_retries_reuse_and_a_refund_voids(sys_):
+    with sys_.db() as conn:
+        order_id = _insert_order(conn, "awaiting_payment")
+        conn.execute("UPDATE orders SET status = 'paid', refund_due_at = now() + interval '1 hour'"
+                     " WHERE id = %s", (order_id,))
+        gateway_order_id = _payment(conn, order_id)
+    with transaction(sys_.settings.database_url) as tx:
+        book_capture(tx, gateway_order_id, 12500, CaptureRole.ORDER)
+        first = transition(tx, order_id, Status.PAID, Status.STAMPING, lease=("worker-a", 60))
+    with sys_.db() as conn:
+        conn.execute("UPDATE orders SET lease_expires_at = now() - interval '1 second' WHERE id = %s", (order_id,))
+    with transaction(sys_.settings.database_url) as tx:
+        again = transition(tx, order_id, Status.STAMPING, Status.STAMPING, lease=("worker-b", 60))
+    assert first["serial"] == again["serial"] and again["stamp_attempts"] == 2
+    assert again["lease_owner"] == "worker-b"
+    with transaction(sys_.settings.database_url) as tx:
+        assert transition(tx, order_id, Status.STAMPING, Status.REFUND_PENDING, refund_reason="stamp_deadline")
+    [serial] = sys_.query("SELECT status FROM serials WHERE order_id = %s", (order_id,))
+    assert serial["status"] == "voided"
+    [refund] = sys_.query("SELECT status, refund_key FROM refunds WHERE order_id = %s", (order_id,))
+    assert refund == {"status": "pending", "refund_key": f"refund-{gateway_order_id}"}
+    assert sys_.order_row(order_id)["lease_owner"] is None
+
+
+def test_the_orders_own_refund_moves_with_the_order_or_neither_moves(sys_):
+    with sys_.db() as conn:
+        order_id = _insert_order(conn, "expired")
+        gateway_order_id = _payment(conn, order_id)
+    with transaction(sys_.settings.database_url) as tx:
+        book_capture(tx, gateway_order_id, 12500, CaptureRole.ORDER)
+        transition(tx, order_id, Status.EXPIRED, Status.REFUND_PENDING, refund_reason="late_payment")
+    with sys_.db() as conn:  # the refund went to manual payout behind the order's back
+        conn.execute("UPDATE refunds SET status = 'manual' WHERE gateway_order_id = %s", (gateway_order_id,))
+    with pytest.raises(IllegalTransition):
+        with transaction(sys_.settings.database_url) as tx:
+            transition(tx, order_id, Status.REFUND_PENDING, Status.REFUNDED)
+    assert sys_.order_row(order_id)["status"] == "refund_pending"  # rolled back, nothing booked
+    assert not sys_.query("SELECT 1 FROM ledger_entries WHERE kind = 'refunded'")
+
+
+def test_callers_pass_values_not_sql(sys_):
+    with sys_.db() as conn:
+        order_id = _insert_order(conn)
+    with transaction(sys_.settings.database_url) as tx:
+        row = transition(tx, order_id, Status.CREATED, Status.REJECTED,
+                         changes={"reason_code": "now()", "reason_message": "x'; DROP TABLE orders; --"})
+    assert row["reason_code"] == "now()"  # a value, stored as given
+    assert sys_.query("SELECT count(*) AS n FROM orders")[0]["n"] == 1
+
+
+def test_no_production_module_writes_what_lifecycle_owns():
+    """Events, serials, refund statuses and captures are written in shared/lifecycle.py alone."""
+    import re
+
+    owned = re.compile(r"INTO order_events|UPDATE serials|INTO serials|UPDATE refunds SET status|"
+                       r"INTO refunds|SET captured_at|INTO ledger_entries")  # SQL, as this codebase writes it
+    offenders = []
+    for folder in ("shared", "web", "workers"):
+        for path in sorted((ROOT / folder).rglob("*.py")):
+            if path.name == "lifecycle.py" or "devtools" in path.parts or "standin" in path.name:
+                continue
+            if owned.search(path.read_text()):
+                offenders.append(str(path.relative_to(ROOT)))
+    assert offenders == []

@@ -26,6 +26,7 @@ import psycopg
 import pytest
 import requests
 
+from shared.lifecycle import refund_key_for
 from shared.payments.gateway import CircuitBreaker, MidtransGateway
 from shared.services import housekeeping, refunds
 from shared.services.ledger import LedgerReport, format_report, ledger_report
@@ -234,7 +235,7 @@ def test_second_capture_of_a_stamped_order_is_refunded_on_its_own(sys_):
     assert done["status"] == "stamped" and "refund" not in done  # the order's own outcome is untouched
     [refund] = refund_rows(sys_, order_id).values()
     assert (refund["gateway_order_id"], refund["reason"], refund["refund_key"]) == (
-        second, "duplicate_payment", refunds.refund_key_for(second))
+        second, "duplicate_payment", refund_key_for(second))
     assert sorted(entries(sys_, order_id)) == sorted([
         (first, "captured", PRICE), (first, "revenue", PRICE),
         (second, "captured", PRICE), (second, "refunded", PRICE)])
@@ -294,7 +295,7 @@ def test_both_captures_of_an_order_that_cannot_be_stamped_are_refunded_each_once
 
     assert done["refund"] == {"status": "succeeded", "amount": PRICE}  # the order's own refund, once
     rows = refund_rows(sys_, order_id)
-    assert {r["refund_key"] for r in rows.values()} == {refunds.refund_key_for(first), refunds.refund_key_for(second)}
+    assert {r["refund_key"] for r in rows.values()} == {refund_key_for(first), refund_key_for(second)}
     for gateway_order_id in (first, second):
         assert len(sys_.gateway_record(gateway_order_id)["refunds"]) == 1
     assert sorted(k for _, k, _ in entries(sys_, order_id)) == ["captured", "captured", "refunded", "refunded"]
@@ -343,7 +344,7 @@ def test_refund_of_a_settled_card_payment_refunds_it(sys_):
 
     record = sys_.gateway_record(gateway_order_id)
     assert record["transaction_status"] == "refund"
-    assert [r["refund_key"] for r in record["refunds"]] == [refunds.refund_key_for(gateway_order_id)]
+    assert [r["refund_key"] for r in record["refunds"]] == [refund_key_for(gateway_order_id)]
     balanced(sys_)
 
 

@@ -27,7 +27,7 @@ import pytest
 from shared.payments.gateway import CircuitBreaker, MidtransGateway
 from shared.services import housekeeping
 from shared.services.ledger import LedgerReport, format_report, ledger_report
-from shared.services.refunds import refund_key_for
+from shared.lifecycle import refund_key_for
 from tests.conftest import ROOT, SERVER_KEY, WorkerProcess, make_pdf, wait_until
 from tests.test_gateway import BlackHole
 

@@ -21,7 +21,7 @@ from typing import IO
 from shared.config import Settings
 from shared.db import get_pool, transaction
 from shared.errors import DomainError
-from shared.lifecycle import CaptureRole, RefundStatus, Status, refund_transition, transition
+from shared.lifecycle import NOW, CaptureRole, RefundStatus, Status, refund_transition, transition
 
 
 class NotRefundManual(DomainError):
@@ -149,10 +149,12 @@ def mark_paid_out(settings: Settings, identifier: str, reference: str) -> str:
         if refund["status"] != RefundStatus.MANUAL:
             raise NotRefundManual(
                 f"{identifier} is {refund['order_status']}, not waiting for a manual refund; nothing booked.")
-        refund_transition(tx, refund["gateway_order_id"], RefundStatus.MANUAL, RefundStatus.SUCCEEDED,
-                          changes={"manual_reference": reference}, changes_sql={"completed_at": "now()"})
-        if refund["capture_role"] == CaptureRole.ORDER:
+        paid_out = {"manual_reference": reference, "completed_at": NOW}
+        if refund["capture_role"] == CaptureRole.ORDER:  # the order's own refund moves with the order
             transition(tx, str(refund["order_id"]), Status.REFUND_MANUAL, Status.REFUNDED,
-                       reason="paid out manually",
+                       reason="paid out manually", refund_changes=paid_out,
                        detail={"manual_reference": reference, "gateway_order_id": refund["gateway_order_id"]})
+        else:
+            refund_transition(tx, refund["gateway_order_id"], RefundStatus.MANUAL, RefundStatus.SUCCEEDED,
+                              changes=paid_out)
     return "refunded"

@@ -31,7 +31,7 @@ from shared import jobs
 from shared.config import Settings
 from shared.db import Tx, get_pool, transaction
 from shared.errors import TransientError
-from shared.lifecycle import CaptureRole, Status, book_capture, order_capture, transition
+from shared.lifecycle import NOW, CaptureRole, Status, after, book_capture, order_capture, transition
 from shared.logs import log_event
 from shared.payments.gateway import GatewayStatus, PaymentGateway
 from shared.services.refunds import begin_refund, refund_extra_capture
@@ -268,8 +268,7 @@ def _apply_capture(
         return "late_payment_refund"
     moved = transition(
         tx, order_id, Status.AWAITING_PAYMENT, Status.PAID,
-        changes_sql={"paid_at": "now()",
-                     "refund_due_at": f"now() + interval '{int(settings.stamp_deadline_seconds)} seconds'"},
+        changes={"paid_at": NOW, "refund_due_at": after(settings.stamp_deadline_seconds)},
         detail={"gateway_order_id": payment["gateway_order_id"], "payment_type": status.payment_type},
     )
     if moved is None:

@@ -26,6 +26,8 @@ from shared.config import Settings
 from shared.db import Tx, get_pool, transaction
 from shared.errors import TransientError
 from shared.lifecycle import (
+    INCREMENT,
+    NOW,
     CaptureRole,
     Guard,
     RefundStatus,
@@ -39,11 +41,6 @@ from shared.logs import log_event
 from shared.payments.gateway import GatewayRejected, GatewayStatus, PaymentGateway
 
 log = logging.getLogger(__name__)
-
-
-def refund_key_for(gateway_order_id: str) -> str:
-    """The idempotency key of a transaction's refund: one transaction, one refund."""
-    return f"refund-{gateway_order_id}"
 
 
 # What the buyer reads (Bahasa Indonesia) for each refund reason we name ourselves.
@@ -108,25 +105,18 @@ def begin_refund(
         tx, order_id, source, Status.REFUND_PENDING,
         changes={"reason_code": reason,
                  "reason_message": message or REFUND_MESSAGES.get(reason, DEFAULT_REFUND_MESSAGE)},
-        changes_sql={"lease_owner": "NULL", "lease_expires_at": "NULL"}, guards=guards,
-        reason=reason, detail={"gateway_order_id": payment["gateway_order_id"]},
+        guards=guards, reason=reason, refund_reason=reason,
+        detail={"gateway_order_id": payment["gateway_order_id"]},
     )
     if row is None:
         return False
-    tx.execute(
-        "UPDATE serials SET status = 'voided', voided_at = now()"
-        " WHERE order_id = %s AND status = 'reserved'",
-        (order_id,),
-    )
-    if not open_refund(tx, payment, refund_key=refund_key_for(payment["gateway_order_id"]), reason=reason):
-        raise RuntimeError(f"order {order_id}'s capture {payment['gateway_order_id']} already has a refund")
     jobs.enqueue_after_commit(tx, jobs.REFUND_ORDER, payment["gateway_order_id"])
     return True
 
 
 def refund_extra_capture(tx: Tx, payment: Mapping[str, Any], *, reason: str = EXTRA_CAPTURE_REASON) -> bool:
     """Refund a capture that is not the order's own, leaving the order's status and outcome alone."""
-    opened = open_refund(tx, payment, refund_key=refund_key_for(payment["gateway_order_id"]), reason=reason)
+    opened = open_refund(tx, payment, reason=reason)
     if opened:
         jobs.enqueue_after_commit(tx, jobs.REFUND_ORDER, payment["gateway_order_id"])
     return opened
@@ -239,18 +229,19 @@ def _book_refunded(settings: Settings, refund: Mapping[str, Any], response: dict
     gateway_order_id, order_id = refund["gateway_order_id"], str(refund["order_id"])
     with transaction(settings.database_url) as tx:
         _lock_order(tx, refund)
-        done = {"changes": {"gateway_response": json.dumps(response)},
-                "changes_sql": {"completed_at": "now()", "attempts": "attempts + 1"}}
+        done = {"gateway_response": json.dumps(response), "completed_at": NOW, "attempts": INCREMENT}
         # A concurrent run may have sent the refund to manual payout just before: the gateway's refund
-        # settles it, so nobody pays it out a second time.
-        booked = refund_transition(tx, gateway_order_id, RefundStatus.PENDING, RefundStatus.SUCCEEDED,
-                                   **done) or refund_transition(
-            tx, gateway_order_id, RefundStatus.MANUAL, RefundStatus.SUCCEEDED, **done)
-        if booked is not None and refund["capture_role"] == CaptureRole.ORDER:
-            transition(tx, order_id, Status.REFUND_PENDING, Status.REFUNDED,
-                       detail={"gateway_order_id": gateway_order_id}) or transition(
-                tx, order_id, Status.REFUND_MANUAL, Status.REFUNDED, reason="refunded by the gateway",
-                detail={"gateway_order_id": gateway_order_id})
+        # settles it, so nobody pays it out a second time. The order's own refund moves with the order.
+        if refund["capture_role"] == CaptureRole.ORDER:
+            detail = {"gateway_order_id": gateway_order_id}
+            booked = transition(tx, order_id, Status.REFUND_PENDING, Status.REFUNDED, refund_changes=done,
+                                detail=detail) or transition(
+                tx, order_id, Status.REFUND_MANUAL, Status.REFUNDED, refund_changes=done,
+                reason="refunded by the gateway", detail=detail)
+        else:
+            booked = refund_transition(tx, gateway_order_id, RefundStatus.PENDING, RefundStatus.SUCCEEDED,
+                                       changes=done) or refund_transition(
+                tx, gateway_order_id, RefundStatus.MANUAL, RefundStatus.SUCCEEDED, changes=done)
     log_event(log, "refunded" if booked else "refund_already_done", order_id=order_id,
               gateway_order_id=gateway_order_id, amount=refund["amount_idr"], role=refund["capture_role"])
     return "refunded"
@@ -260,11 +251,12 @@ def _to_manual(settings: Settings, refund: Mapping[str, Any], response: dict[str
     gateway_order_id, order_id = refund["gateway_order_id"], str(refund["order_id"])
     with transaction(settings.database_url) as tx:
         _lock_order(tx, refund)
-        moved = refund_transition(tx, gateway_order_id, RefundStatus.PENDING, RefundStatus.MANUAL,
-                                  changes={"gateway_response": json.dumps(response)},
-                                  changes_sql={"manual_since": "now()"})
-        if moved is not None and refund["capture_role"] == CaptureRole.ORDER:
-            transition(tx, order_id, Status.REFUND_PENDING, Status.REFUND_MANUAL, detail=response)
+        changes = {"gateway_response": json.dumps(response), "manual_since": NOW}
+        if refund["capture_role"] == CaptureRole.ORDER:
+            transition(tx, order_id, Status.REFUND_PENDING, Status.REFUND_MANUAL, refund_changes=changes,
+                       detail=response)
+        else:
+            refund_transition(tx, gateway_order_id, RefundStatus.PENDING, RefundStatus.MANUAL, changes=changes)
     log_event(log, "refund_manual", logging.WARNING, order_id=order_id, gateway_order_id=gateway_order_id,
               role=refund["capture_role"])
     return "refund_manual"

@@ -19,19 +19,13 @@ sandbox, where the same qpdf re-read ran on its trial stamp.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
-import secrets
-import string
 from typing import Any
 
-from psycopg import errors as pg_errors
-
-from shared import statuscache
 from shared.config import Settings
-from shared.db import Tx, transaction
+from shared.db import transaction
 from shared.errors import PermanentError
-from shared.lifecycle import Status, before_deadline, lease_free, lease_held_by, transition
+from shared.lifecycle import NOW, Status, before_deadline, lease_free, lease_held_by, release_lease, transition
 from shared.logs import log_event
 from shared.services.refunds import begin_refund
 from shared.stamping.delivery import DeliveryCheckFailed, check_delivery, expected_page_count
@@ -40,76 +34,29 @@ from shared.store import DocumentStore, stamped_key
 
 log = logging.getLogger(__name__)
 
-SERIAL_ALPHABET = string.digits + string.ascii_uppercase
-SERIAL_LENGTH = 22
-
-
-def new_serial() -> str:
-    return "".join(secrets.choice(SERIAL_ALPHABET) for _ in range(SERIAL_LENGTH))
-
 
 def verify_url(settings: Settings, serial: str) -> str:
     return f"{settings.public_base_url.rstrip('/')}/verify/{serial}"
 
 
-def _reserve_serial(tx: Tx, order_id: str) -> str:
-    existing = tx.execute(
-        "SELECT serial FROM serials WHERE order_id = %s AND status = 'reserved'", (order_id,)
-    ).fetchone()
-    if existing is not None:
-        return existing["serial"]
-    while True:
-        serial = new_serial()
-        try:
-            with tx.conn.transaction():  # savepoint: a (vanishingly rare) collision just draws again
-                tx.execute(
-                    "INSERT INTO serials (serial, order_id, status) VALUES (%s, %s, 'reserved')",
-                    (serial, order_id),
-                )
-            return serial
-        except pg_errors.UniqueViolation:
-            continue
-
-
 def claim(settings: Settings, order_id: str, worker_id: str) -> dict[str, Any] | None:
-    """Take the stamping lease on a paid order (or one whose earlier lease expired) before its deadline."""
-    lease_sql = f"now() + interval '{int(settings.lease_seconds)} seconds'"
-    changes_sql = {"lease_expires_at": lease_sql, "stamp_attempts": "stamp_attempts + 1"}
+    """Take the stamping lease on a paid order (or one whose earlier lease expired) before its deadline;
+    the claim reserves the order's serial (:mod:`shared.lifecycle` declares it)."""
+    lease = (worker_id, settings.lease_seconds)
     with transaction(settings.database_url) as tx:
-        row = transition(
-            tx, order_id, Status.PAID, Status.STAMPING, changes={"lease_owner": worker_id},
-            changes_sql=changes_sql, guards=(before_deadline(),), detail={"worker": worker_id},
-        ) or transition(
-            tx, order_id, Status.STAMPING, Status.STAMPING, changes={"lease_owner": worker_id},
-            changes_sql=changes_sql, guards=(before_deadline(), lease_free()),
+        return transition(
+            tx, order_id, Status.PAID, Status.STAMPING, lease=lease, guards=(before_deadline(),),
             detail={"worker": worker_id},
+        ) or transition(
+            tx, order_id, Status.STAMPING, Status.STAMPING, lease=lease,
+            guards=(before_deadline(), lease_free()), detail={"worker": worker_id},
         )
-        if row is None:
-            return None
-        serial = _reserve_serial(tx, order_id)
-        tx.execute("UPDATE orders SET serial = %s WHERE id = %s", (serial, order_id))
-        row["serial"] = serial
-    return row
 
 
 def release(settings: Settings, order_id: str, worker_id: str, error: str) -> None:
     """Give the lease back after a transient failure so the retry (or redrive) can claim again."""
     with transaction(settings.database_url) as tx:
-        held = tx.execute(
-            "UPDATE orders SET lease_expires_at = now() - interval '1 second', updated_at = now()"
-            " WHERE id = %s AND status = 'stamping' AND lease_owner = %s RETURNING id",
-            (order_id, worker_id),
-        ).fetchone()
-        if held is None:  # the order moved on (or another worker holds it): nothing of ours to give back
-            return
-        # Under the row lock the UPDATE took, like every transition, so the event ids of one order keep
-        # the order of its changes (the status cache's versions rely on it).
-        event = tx.execute(
-            "INSERT INTO order_events (order_id, from_status, to_status, reason, detail)"
-            " VALUES (%s, 'stamping', 'stamping', 'attempt failed, will retry', %s) RETURNING id",
-            (order_id, json.dumps({"error": error[:300]})),
-        ).fetchone()
-        statuscache.changed(tx, order_id, event["id"])
+        release_lease(tx, order_id, worker_id, error)
 
 
 def stamp_order(settings: Settings, store: DocumentStore, order_id: str, worker_id: str) -> str:
@@ -146,16 +93,9 @@ def stamp_order(settings: Settings, store: DocumentStore, order_id: str, worker_
     with transaction(settings.database_url) as tx:
         moved = transition(
             tx, order_id, Status.STAMPING, Status.STAMPED,
-            changes={"stamped_document_key": key, "stamped_sha256": digest},
-            changes_sql={"stamped_at": "now()", "lease_owner": "NULL", "lease_expires_at": "NULL"},
+            changes={"stamped_document_key": key, "stamped_sha256": digest, "stamped_at": NOW},
             guards=(lease_held_by(worker_id),), detail={"serial": serial},
         )
-        if moved is not None:
-            tx.execute(
-                "UPDATE serials SET status = 'used', used_at = now(), document_sha256 = %s"
-                " WHERE serial = %s AND status = 'reserved'",
-                (digest, serial),
-            )
     if moved is None:
         log_event(log, "stamp_lease_lost", logging.WARNING, order_id=order_id, worker=worker_id)
         return "lease_lost"
