@@ -92,10 +92,10 @@ class QueueStatus:
 # ADMISSION_ABANDON_SECONDS (several of these) is taken for abandoned.
 MAX_RETRY_AFTER_SECONDS = 30
 
-# KEYS: tail, head, tokens, stamp, active, mode, epoch, seen, client
+# KEYS: tail, head, tokens, stamp, active, mode, epoch, seen, client, address
 # ARGV: now_ms, rate_per_minute, burst, active_cap, session_ms, want_direct (1/0), member, new_epoch,
-#       abandon_ms, ticket_seconds, now_s, then the ticket numbers this process saw polling since its last
-#       call.
+#       abandon_ms, ticket_seconds, now_s, tickets_per_address, then the ticket numbers this process saw
+#       polling since its last call.
 # Returns {outcome, head, tail, epoch, mode, ticket, issued_at} where outcome is 1 = admitted directly,
 # 0 = not (and ``ticket``, issued at ``issued_at``, is the caller's place if want_direct was 1), 2 = mode
 # forbids movement. The queue's epoch comes back with every call (made here if Redis has none), so a
@@ -103,9 +103,13 @@ MAX_RETRY_AFTER_SECONDS = 30
 #
 # ``seen`` (ticket number -> when it last polled, ms) is how the line tells a waiting buyer from a
 # ticket nobody holds any more: when the head reaches a ticket not seen within abandon_ms, it moves over
-# it without spending an admission on it (if its holder does come back, collecting the admission still
-# counts against the active cap). ``client`` holds the caller's live ticket ("<n>:<issued_at>"): a client
-# asking again while its ticket still waits gets that same ticket back, never a second place in line.
+# it without spending an admission on it (its holder, if they do come back, is told to join again).
+# ``client`` holds the caller's live ticket ("<n>:<issued_at>"): a client asking again while its ticket
+# still waits gets that same ticket back, never a second place in line. A client is a browser (its
+# Client-Id) at an address; ``address`` holds the live tickets of every client at that address, at most
+# tickets_per_address of them: beyond that, a new client at the address shares its newest ticket (so
+# junk from one address can't fill the line, and buyers behind one address still get places of their
+# own up to the bound).
 _ADVANCE = """
 local epoch = redis.call('GET', KEYS[7])
 if not epoch then
@@ -122,7 +126,7 @@ local abandon = tonumber(ARGV[9])
 local mode = redis.call('GET', KEYS[6]) or 'auto'
 local tail = tonumber(redis.call('GET', KEYS[1]) or '0')
 local head = tonumber(redis.call('GET', KEYS[2]) or '0')
-for i = 12, #ARGV do
+for i = 13, #ARGV do
   if tonumber(ARGV[i]) > head then redis.call('ZADD', KEYS[8], now, ARGV[i]) end
 end
 local function place()
@@ -131,9 +135,18 @@ local function place()
     local n, at = string.match(live, '^(%d+):(%d+)$')
     if n and tonumber(n) > head then return tonumber(n), tonumber(at) end
   end
+  redis.call('ZREMRANGEBYSCORE', KEYS[10], '-inf', head)
+  if redis.call('ZCARD', KEYS[10]) >= tonumber(ARGV[12]) then
+    local newest = redis.call('ZREVRANGE', KEYS[10], 0, 0)[1]
+    local n, at = string.match(newest, '^(%d+):(%d+)$')
+    return tonumber(n), tonumber(at)
+  end
   tail = redis.call('INCR', KEYS[1])
+  local held = tail .. ':' .. ARGV[11]
   redis.call('ZADD', KEYS[8], now, tail)
-  redis.call('SET', KEYS[9], tail .. ':' .. ARGV[11], 'EX', tonumber(ARGV[10]))
+  redis.call('SET', KEYS[9], held, 'EX', tonumber(ARGV[10]))
+  redis.call('ZADD', KEYS[10], tail, held)
+  redis.call('EXPIRE', KEYS[10], tonumber(ARGV[10]))
   return tail, tonumber(ARGV[11])
 end
 if mode ~= 'auto' then
@@ -192,13 +205,13 @@ end
 return 1
 """
 
-# Collecting an admission for ticket ARGV[1]: refused (0) once the ticket was spent on an order; else the
-# ticket counts as an active checkout from now (a ticket the head moved over as abandoned hadn't yet).
-# KEYS: spent (bitmap of ticket numbers, this epoch), active.
+# Collecting an admission for ticket ARGV[1]: 1 when the line admitted it, 0 once it was spent on an
+# order, -1 when the line moved over it as abandoned (or its admission lapsed unused with the session
+# window): its holder joins the line again, at the back. KEYS: spent (bitmap, this epoch), active.
 _COLLECT = """
 if redis.call('GETBIT', KEYS[1], ARGV[1]) == 1 then return 0 end
-redis.call('ZADD', KEYS[2], 'NX', ARGV[2], 't' .. ARGV[1])
-return 1
+if redis.call('ZSCORE', KEYS[2], 't' .. ARGV[1]) then return 1 end
+return -1
 """
 
 
@@ -257,6 +270,7 @@ class AdmissionController:
                      f"{p}seen"]
         self._active_key = self.keys[4]
         self._client_prefix = f"{p}client:"
+        self._address_prefix = f"{p}address:"
         self._spent_prefix = f"{p}spent:"
         self._stats_prefix = f"{settings.redis_key_prefix}stats:stamped:"
         self._script = client.register_script(_ADVANCE)
@@ -285,15 +299,18 @@ class AdmissionController:
         return max(self.settings.admission_min_per_minute, measured)
 
     # -- the waiting room -------------------------------------------------------------------------
-    def admit_or_queue(self, client_id: str) -> Admitted | Queued:
+    def admit_or_queue(self, address: str, client: str = "-") -> Admitted | Queued:
         """Admit a new checkout now if the outflow allows and nobody is waiting; else a place in line.
 
-        A client whose ticket is still waiting gets that ticket again (same place), not a second one.
-        An :class:`Admitted` holds an active-checkout slot: :meth:`release` gives it back if the create
+        ``address`` is where the request came from, ``client`` the browser's own id (``Client-Id``; "-"
+        when it sends none). A client whose ticket is still waiting gets that ticket again (same place),
+        not a second one; an address holds at most ``ADMISSION_TICKETS_PER_ADDRESS`` places. An
+        :class:`Admitted` holds an active-checkout slot: :meth:`release` gives it back if the create
         then fails.
         """
         member = f"d{uuid.uuid4().hex}"
-        outcome, line, mode, number, issued_at = self._advance(direct=True, member=member, client_id=client_id)
+        outcome, line, mode, number, issued_at = self._advance(direct=True, member=member, address=address,
+                                                               client=client)
         if mode == Mode.PAUSED:
             raise SalesPaused("Ticket sales are paused; please come back later.")
         if outcome == 1:
@@ -321,11 +338,11 @@ class AdmissionController:
             raise InvalidAdmission("This queue ticket has expired; please start again.",
                                    code="ticket_expired", status=410)
         number = int(claims["n"])
-        self._seen.add(number)  # reported with this process's next advance: its holder is still here
         line = self._recent_line(claims.get("e"))
         if claims.get("e") != line.epoch:
             raise InvalidAdmission("This queue ticket has expired; please start again.",
                                    code="ticket_expired", status=410)
+        self._seen.add(number)  # reported with this process's next advance: its holder is still here
         if line.mode == Mode.PAUSED:  # the ticket keeps its place; nobody is let in meanwhile
             raise SalesPaused("Ticket sales are paused; your place in the queue is kept. Please check "
                               "again later.")
@@ -334,9 +351,12 @@ class AdmissionController:
             return QueueStatus(position=position, eta_seconds=self._eta(position), admitted=False)
         collected = self._call(self._collect, keys=[self._spent_key(claims["e"]), self._active_key],
                                args=[number, int(time.time() * 1000)])
-        if not collected:
+        if collected == 0:
             raise InvalidAdmission("This queue ticket was already used for an order; to buy another stamp, "
                                    "start again.", code="ticket_used", status=410)
+        if collected < 0:
+            raise InvalidAdmission("This queue ticket stopped checking in and lost its place; please join "
+                                   "the queue again.", code="ticket_abandoned", status=410)
         token = self.signer.sign("admission", {
             "n": number, "e": claims["e"], "x": int(time.time()) + self.settings.admission_token_seconds})
         return QueueStatus(position=0, eta_seconds=0, admitted=True, admission_token=token)
@@ -409,7 +429,7 @@ class AdmissionController:
     def _eta(self, position: int) -> int:
         return int(math.ceil(position * 60 / max(1, self._outflow_now())))
 
-    def _advance(self, *, direct: bool, member: str = "", client_id: str = "-"
+    def _advance(self, *, direct: bool, member: str = "", address: str = "-", client: str = "-"
                  ) -> tuple[int, _Line, Mode, int, int]:
         s = self.settings
         seen, self._seen = self._seen, set()
@@ -418,8 +438,9 @@ class AdmissionController:
         args = [int(now * 1000), self._outflow_now(), max(1, s.admission_burst),
                 s.admission_active_checkouts, s.admission_session_seconds * 1000,
                 "1" if direct else "0", member, uuid.uuid4().hex[:12],
-                s.admission_abandon_seconds * 1000, s.ticket_seconds, int(now), *reported]
-        keys = [*self.keys, f"{self._client_prefix}{client_id}"]
+                s.admission_abandon_seconds * 1000, s.ticket_seconds, int(now),
+                max(1, s.admission_tickets_per_address), *reported]
+        keys = [*self.keys, f"{self._client_prefix}{address}|{client}", f"{self._address_prefix}{address}"]
         asked_at = time.monotonic()  # the answer is at least this fresh
         try:
             outcome, head, tail, epoch, mode, number, issued_at = self._call(self._script, keys=keys, args=args)

@@ -102,9 +102,11 @@ class Settings:
     checkout_deadline_seconds: int = 3600
     # Every gateway transaction we open is polled until the gateway calls it final and for this long
     # after (a bank transfer can settle after its expiry), at intervals doubling up to
-    # payment_watch_max_interval_seconds once final (RECONCILE_MAX_INTERVAL_SECONDS before).
+    # payment_watch_max_interval_seconds once final (RECONCILE_MAX_INTERVAL_SECONDS before). Once final
+    # only a late settlement can change anything, so a final transaction is asked twice more (at 24 and
+    # 48 h): at a million orders a day, each poll per transaction costs about 12 status queries a second.
     payment_watch_seconds: int = 48 * 3600
-    payment_watch_max_interval_seconds: int = 6 * 3600
+    payment_watch_max_interval_seconds: int = 24 * 3600
 
     # Retries: exponential backoff with full jitter, capped.
     retry_base_seconds: float = 2.0
@@ -138,9 +140,14 @@ class Settings:
     admission_token_seconds: int = 600
     ticket_seconds: int = 6 * 3600
     # A ticket that hasn't polled its place for this long is taken for abandoned: the line moves over it
-    # without spending an admission on it. Several times the longest Retry-After a waiting poll is given
-    # (shared/admission.py MAX_RETRY_AFTER_SECONDS, 30 s), so a buyer who polls as told is never skipped.
-    admission_abandon_seconds: int = 120
+    # without spending an admission on it, and its holder, if they come back, joins again. Many times the
+    # longest Retry-After a waiting poll is given (shared/admission.py MAX_RETRY_AFTER_SECONDS, 30 s), so
+    # a buyer who polls as told, or whose phone slept a few minutes, is never skipped.
+    admission_abandon_seconds: int = 300
+    # Places in line one address may hold at once (each browser, by its Client-Id, gets its own up to
+    # this; beyond it, new ones share the newest): buyers behind one carrier NAT or office address aren't
+    # sent round the line again, and one address can't fill it with junk.
+    admission_tickets_per_address: int = 8
     # Per-client rate limits on write endpoints ("<count>/<seconds>").
     rate_limit_create: str = "20/60"
     rate_limit_verify: str = "30/60"

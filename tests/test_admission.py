@@ -63,8 +63,10 @@ def new_client() -> str:
 
 
 def _create(base: str, key: str | None = None, admission: str | None = None, client: str | None = None,
-            **fields: str) -> requests.Response:
+            browser: str | None = None, **fields: str) -> requests.Response:
     headers = {"Idempotency-Key": key or uuid.uuid4().hex, "X-Forwarded-For": client or new_client()}
+    if browser:
+        headers["Client-Id"] = browser
     if admission:
         headers["Admission-Token"] = admission
     return requests.post(f"{base}/api/v1/orders", headers=headers,
@@ -486,6 +488,18 @@ def test_the_line_moves_over_tickets_nobody_polls_any_more(sys_, throttled):
                         timeout=15, message="the waiting buyer to be admitted")
     assert status["admission_token"]
     assert _create(base, admission=status["admission_token"]).status_code == 202
-    # An abandoned ticket's holder who does come back still gets in (and counts as active from then).
-    late = _poll(base, abandoned[0]).json()
-    assert late["admitted"] and late["admission_token"]
+    # An abandoned ticket's holder who does come back joins the line again; they don't jump it.
+    late = _poll(base, abandoned[0])
+    assert late.status_code == 410 and late.json()["error"]["code"] == "ticket_abandoned"
+
+
+def test_buyers_behind_one_address_get_places_of_their_own_up_to_a_bound(throttled):
+    base = throttled(admission_per_minute=1, admission_burst=1, admission_tickets_per_address=3)
+    assert _create(base).status_code == 202
+    office = new_client()
+    tabs = [_create(base, client=office, browser=f"browser-tab-{n}").json()["queue"] for n in range(3)]
+    assert [t["position"] for t in tabs] == [1, 2, 3]  # three buyers, three places
+    assert _create(base, client=office, browser="browser-tab-1").json()["queue"]["ticket"] == tabs[1]["ticket"]
+    # A fourth browser at that address (or a script inventing ids) shares the newest place.
+    assert _create(base, client=office, browser="browser-tab-x").json()["queue"]["ticket"] == tabs[2]["ticket"]
+    assert _create(base).json()["queue"]["position"] == 4

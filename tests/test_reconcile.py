@@ -146,7 +146,7 @@ def test_each_transaction_is_asked_about_after_doubling_intervals_until_final_an
     assert _watch(sys_, gateway_order_id)["final_at"] is not None
     sys_.query("UPDATE payments SET next_poll_at = now() RETURNING polls")
     reconcile.claim_for_watch(sys_.settings)
-    assert timedelta(hours=5, minutes=59) < _watch(sys_, gateway_order_id)["wait"] <= timedelta(hours=6)
+    assert timedelta(hours=23, minutes=59) < _watch(sys_, gateway_order_id)["wait"] <= timedelta(hours=24)
     # ...until PAYMENT_WATCH_SECONDS (48 hours) after it became final: then the watch ends.
     sys_.query("UPDATE payments SET next_poll_at = now(), final_at = now() - interval '47 hours' RETURNING polls")
     assert json.loads(cli(sys_, "reconcile", "--inline").stdout)["checked"] == 1
@@ -155,6 +155,34 @@ def test_each_transaction_is_asked_about_after_doubling_intervals_until_final_an
     assert json.loads(cli(sys_, "reconcile", "--inline").stdout)["checked"] == 1
     assert _watch(sys_, gateway_order_id)["wait"] is None
     assert reconcile.claim_for_watch(sys_.settings) == []
+
+
+def test_not_found_is_final_only_once_the_order_takes_no_payment(sys_):
+    """Midtrans answers 404 for a Snap transaction until the buyer picks a way to pay: that must not
+    start the watch's end (a bank transfer paid after its expiry would then go unwatched)."""
+    from shared.payments.gateway import gateway_from_settings
+
+    order_id, token, view = sys_.order_awaiting_payment()
+    unknown = f"MTR-{uuid.uuid4().hex}-9"  # a transaction of this order the gateway never heard of
+    sys_.query("INSERT INTO payments (gateway_order_id, order_id, amount_idr, next_poll_at)"
+               " VALUES (%s, %s, %s, now()) RETURNING 1", (unknown, order_id, PRICE))
+    gateway = gateway_from_settings(sys_.settings)
+    assert reconcile.poll_payment(sys_.settings, gateway, unknown) == "not_found"
+    assert _watch(sys_, unknown)["final_at"] is None  # the order may still be paid
+    sys_.query("UPDATE orders SET status = 'expired' WHERE id = %s RETURNING 1", (order_id,))
+    assert reconcile.poll_payment(sys_.settings, gateway, unknown) == "not_found"
+    assert _watch(sys_, unknown)["final_at"] is not None
+
+
+def test_a_status_that_is_not_final_starts_the_watch_clock_again(sys_):
+    order_id, token, view = sys_.order_awaiting_payment()
+    gateway_order_id = view["payment"]["gateway_order_id"]
+    sys_.query("UPDATE payments SET final_at = now() - interval '47 hours' WHERE gateway_order_id = %s"
+               " RETURNING 1", (gateway_order_id,))
+    from shared.payments.gateway import gateway_from_settings
+
+    assert reconcile.poll_payment(sys_.settings, gateway_from_settings(sys_.settings), gateway_order_id) == "pending"
+    assert _watch(sys_, gateway_order_id)["final_at"] is None
 
 
 def test_reconcile_during_a_gateway_outage_changes_nothing_and_tries_again_later(sys_):

@@ -79,6 +79,15 @@ def _new_order_from_request(key: str) -> NewOrder:
     return NewOrder(idempotency_key=key, email=email, page=page, x=x, y=y, document=document)
 
 
+_CLIENT_ID = re.compile(r"[A-Za-z0-9_-]{8,64}")
+
+
+def _browser_id() -> str:
+    """The ``Client-Id`` a browser sends to keep one place in line per tab ("-" when absent or odd)."""
+    value = request.headers.get("Client-Id", "")
+    return value if _CLIENT_ID.fullmatch(value) else "-"
+
+
 def _links(order_id: str) -> dict[str, str]:
     return {
         "self": url_for("api.get_order_status", order_id=order_id),
@@ -126,7 +135,7 @@ def create_order_endpoint():
             claims = admission().check_token(token)
             admission().spend_token(claims)
         else:
-            decision = admission().admit_or_queue(client_id())
+            decision = admission().admit_or_queue(client_id(), _browser_id())
             if isinstance(decision, Queued):
                 return _queued_response(decision)
             admitted = decision

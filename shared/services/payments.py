@@ -167,12 +167,13 @@ def process_notification(settings: Settings, gateway: PaymentGateway, notificati
 
 
 def _record_gateway_view(tx: Tx, payment: Mapping[str, Any], status: GatewayStatus) -> None:
-    """What the gateway said, and since when it calls the transaction final (the watch's bound)."""
+    """What the gateway said, and since when it calls the transaction final (the watch's bound). A
+    status that is not final (a card captured but not settled, say) starts that clock again."""
     tx.execute(
         "UPDATE payments SET gateway_status = %s, payment_type = COALESCE(%s, payment_type),"
         " transaction_id = COALESCE(%s, transaction_id), va_bank = COALESCE(%s, va_bank),"
         " va_number = COALESCE(%s, va_number),"
-        " final_at = CASE WHEN %s THEN COALESCE(final_at, now()) ELSE final_at END,"
+        " final_at = CASE WHEN %s THEN COALESCE(final_at, now()) ELSE NULL END,"
         " updated_at = now() WHERE gateway_order_id = %s",
         (status.transaction_status, status.payment_type, status.transaction_id, status.va_bank,
          status.va_number, status.transaction_status in FINAL_STATUSES, payment["gateway_order_id"]),

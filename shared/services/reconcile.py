@@ -140,10 +140,12 @@ def poll_payment(settings: Settings, gateway: PaymentGateway, gateway_order_id: 
     status = gateway.get_status(gateway_order_id)
     with transaction(settings.database_url) as tx:
         if status is None:
-            # The gateway has nothing that could be paid: as final as it gets (still watched a while,
-            # in case a create whose answer we lost shows up late).
-            tx.execute("UPDATE payments SET final_at = COALESCE(final_at, now()) WHERE gateway_order_id = %s",
-                       (gateway_order_id,))
+            # Midtrans answers 404 for a Snap transaction until the buyer picks a way to pay, so "not
+            # found" is final only once the order takes no payment any more (still watched a while, in
+            # case a create whose answer we lost shows up late).
+            if Status(payment["order_status"]) not in _PAYABLE:
+                tx.execute("UPDATE payments SET final_at = COALESCE(final_at, now())"
+                           " WHERE gateway_order_id = %s", (gateway_order_id,))
             outcome = "not_found"
         else:
             outcome = apply_gateway_status(tx, settings, payment, status)
