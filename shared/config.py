@@ -226,8 +226,11 @@ def production_problems(settings: Settings) -> list[str]:
     if settings.signing_dev_pki:
         problems.append("SIGNING_DEV_PKI=1 would sign stamps with a development CA made on the spot: set "
                         "SIGNING_DEV_PKI=0 and the SIGNING_*_PATH files of the real issuer")
-    if _is_development_root(settings.signing_ca_cert_path or os.path.join(settings.data_dir, "pki", "ca-cert.pem")):
-        problems.append("the signing root certificate is the development CA's: configure the real issuer's "
+    pki = os.path.join(settings.data_dir, "pki")
+    certificates = (settings.signing_cert_path or os.path.join(pki, "issuer-cert.pem"),
+                    settings.signing_ca_cert_path or os.path.join(pki, "ca-cert.pem"))
+    if any(_made_by_development_pki(path) for path in certificates):
+        problems.append("the signing certificates are the development PKI's: configure the real issuer's "
                         "SIGNING_KEY_PATH, SIGNING_CERT_PATH and SIGNING_CA_CERT_PATH")
     if settings.gateway_server_key == DEV_GATEWAY_SERVER_KEY or settings.gateway_server_key.startswith(
             SANDBOX_KEY_PREFIX):
@@ -239,8 +242,9 @@ def production_problems(settings: Settings) -> list[str]:
     return problems
 
 
-def _is_development_root(path: str) -> bool:
-    """Whether the PEM certificate at ``path`` (if there is one) was made by the development PKI."""
+def _made_by_development_pki(path: str) -> bool:
+    """Whether the PEM certificate at ``path`` (if there is one) is, or was issued by, the development
+    PKI: the issuer certificate is what signs, so a real root beside a development issuer is no better."""
     try:
         with open(path, "rb") as pem:
             data = pem.read()
@@ -250,10 +254,12 @@ def _is_development_root(path: str) -> bool:
     from cryptography.x509.oid import NameOID
 
     try:
-        subject = x509.load_pem_x509_certificate(data).subject
+        certificate = x509.load_pem_x509_certificate(data)
     except ValueError:
         return False
-    return any(a.value == DEV_PKI_ORGANIZATION for a in subject.get_attributes_for_oid(NameOID.ORGANIZATION_NAME))
+    return any(attribute.value == DEV_PKI_ORGANIZATION
+               for name in (certificate.subject, certificate.issuer)
+               for attribute in name.get_attributes_for_oid(NameOID.ORGANIZATION_NAME))
 
 
 def refuse_unsafe(settings: Settings, role: str) -> None:

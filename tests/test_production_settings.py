@@ -73,5 +73,28 @@ def test_a_copied_development_ca_is_refused_outside_development(tmp_path):
     ensure_pki(paths)
     env = {**PRODUCTION, "SIGNING_KEY_PATH": str(paths.key), "SIGNING_CERT_PATH": str(paths.cert),
            "SIGNING_CA_CERT_PATH": str(paths.ca_cert)}
-    with pytest.raises(UnsafeSettings, match="development CA"):
+    with pytest.raises(UnsafeSettings, match="development PKI"):
         refuse_unsafe(load_settings(env), "worker")
+    # A real root beside the development issuer (which is what signs) is refused too.
+    real_root = tmp_path / "real-root.pem"
+    _real_root(real_root)
+    with pytest.raises(UnsafeSettings, match="development PKI"):
+        refuse_unsafe(load_settings({**env, "SIGNING_CA_CERT_PATH": str(real_root)}), "worker")
+
+
+def _real_root(path) -> None:
+    import datetime as dt
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "Perum Peruri"),
+                      x509.NameAttribute(NameOID.COMMON_NAME, "Root")])
+    now = dt.datetime.now(dt.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(1).not_valid_before(now).not_valid_after(now + dt.timedelta(days=1))
+            .sign(key, hashes.SHA256()))
+    path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))

@@ -277,3 +277,45 @@ def test_two_concurrent_expiry_runs_expire_each_order_exactly_once(sys_):
         assert [n["body"]["transaction_status"] for n in notes] == ["expire"]  # closed once at the gateway
     assert json.loads(cli(sys_, "expire-unpaid", "--inline").stdout)["checked"] == 0
     assert_balanced(sys_)
+
+
+def _here(**values):
+    row = {"order_id": "o-1", "capture_role": "order", "captured_at": None, "order_status": "expired",
+           "refund_due_at": None, "booked": None, "refund_status": None, "refund_requested_at": None,
+           "manual_since": None, "manual_reference": None}
+    return {**row, **values}
+
+
+def test_gateway_reconcile_flags_a_refund_paid_by_hand_and_at_the_gateway():
+    from datetime import datetime, timezone
+
+    from shared.payments.gateway import GatewayCapture
+    from shared.services.gateway_reconcile import check_capture
+
+    now = datetime.now(timezone.utc)
+    paid_twice = check_capture(GatewayCapture("MTR-x-1", PRICE, "refund", refunded=PRICE),
+                               _here(captured_at=now, booked=PRICE, refund_status="succeeded",
+                                     manual_reference="BCA-123"))
+    assert paid_twice.problem and "twice" in paid_twice.detail
+    by_hand = check_capture(GatewayCapture("MTR-x-1", PRICE, "settlement"),
+                            _here(captured_at=now, booked=PRICE, refund_status="succeeded",
+                                  manual_reference="BCA-123"))
+    assert not by_hand.problem and by_hand.outcome == "refunded_by_hand"
+
+
+def test_gateway_reconcile_closes_a_capture_the_gateway_returned_before_we_booked_it():
+    from shared.payments.gateway import GatewayCapture
+    from shared.services.gateway_reconcile import check_capture
+
+    voided = check_capture(GatewayCapture("MTR-x-2", PRICE, "cancel"), _here())
+    assert not voided.problem and voided.outcome == "returned_unbooked"
+    held = check_capture(GatewayCapture("MTR-x-2", PRICE, "settlement"), _here())
+    assert held.problem  # the money is still at the gateway and nothing here says whose it is
+
+
+def test_a_partly_refunded_payment_goes_to_a_person_not_to_another_full_refund():
+    from shared.services.refunds import RefundMove, refund_move
+
+    assert refund_move(_status("partial_refund")) is RefundMove.MANUAL
+    assert refund_move(_status("settlement")) is RefundMove.REFUND
+    assert refund_move(_status("capture")) is RefundMove.CANCEL

@@ -1,6 +1,8 @@
 """Celery settings that paid work depends on, and the retry policy's shape."""
 from __future__ import annotations
 
+import ssl
+
 from shared import jobs
 from shared.config import load_settings
 from workers.celery_app import celery_config
@@ -65,12 +67,15 @@ def test_workers_ride_out_broker_outages_of_any_length_and_let_running_tasks_fin
     assert config["worker_cancel_long_running_tasks_on_connection_loss"] is False
 
 
-def test_redis_brokers_use_the_repaired_transport_and_tls_keeps_kombus_own():
+def test_redis_brokers_use_the_repaired_transport_tls_too_with_certificates_verified():
     from workers import redis_transport
 
     for url, expected in [("redis://127.0.0.1:6379/0", "workers.redis_transport:Transport"),
                           ("sentinel://10.0.0.1:26379;sentinel://10.0.0.2:26379",
                            "workers.redis_transport:SentinelTransport"),
-                          ("rediss://cache.example:6380/0", None)]:
-        assert celery_config(load_settings({"REDIS_URL": url}))["broker_transport"] == expected
+                          ("rediss://cache.example:6380/0", "workers.redis_transport:Transport")]:
+        config = celery_config(load_settings({"REDIS_URL": url}))
+        assert config["broker_transport"] == expected
         assert redis_transport.transport_for(url) == expected
+        tls = url.startswith("rediss")
+        assert config["broker_use_ssl"] == ({"ssl_cert_reqs": ssl.CERT_REQUIRED} if tls else None)

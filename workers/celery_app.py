@@ -7,6 +7,7 @@ longest task plus the longest retry delay so Redis doesn't hand a running task t
 """
 from __future__ import annotations
 
+import ssl
 from datetime import timedelta
 
 from celery import Celery, Task
@@ -57,6 +58,10 @@ def celery_config(settings: Settings) -> dict:
         # kombu's Redis transport with one repair (see workers/redis_transport.py): with Celery 5.7 a Redis
         # restart under running acks_late tasks could stop the worker with an AttributeError.
         "broker_transport": redis_transport.transport_for(settings.redis_url),
+        # TLS for a rediss:// broker, with the server's certificate verified (kombu alone would turn
+        # verification off for that scheme).
+        "broker_use_ssl": ({"ssl_cert_reqs": ssl.CERT_REQUIRED}
+                           if settings.redis_url.lower().startswith("rediss://") else None),
         "broker_transport_options": {
             "visibility_timeout": settings.broker_visibility_timeout,
             "global_keyprefix": settings.redis_key_prefix,

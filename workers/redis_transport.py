@@ -22,10 +22,10 @@ a close could not restore stays recoverable: while Redis kept its data, the mess
 transport's unacked index and come back after the visibility timeout; when Redis lost them, the periodic
 redrive re-publishes the work from PostgreSQL (DESIGN: nothing lives only in Redis).
 
-Used through ``broker_transport`` in :func:`workers.celery_app.celery_config` for ``redis://`` and
-``sentinel://`` broker URLs. Not for ``rediss://``: kombu turns TLS on from that scheme name only when it
-picks the transport itself, so a TLS broker keeps kombu's own transport (and this bug) rather than risk
-talking plain TCP. ``tests/test_broker_restart.py`` runs a real worker
+Used through ``broker_transport`` in :func:`workers.celery_app.celery_config` for ``redis://``,
+``rediss://`` and ``sentinel://`` broker URLs. kombu turns TLS on from the ``rediss`` scheme only when it
+picks the transport itself, so for a TLS broker the config also sets ``broker_use_ssl`` (and verifies the
+server's certificate, where kombu's own default would not). ``tests/test_broker_restart.py`` runs a real worker
 through Redis restarts; drop this module once kombu/Celery no longer take this path.
 """
 from __future__ import annotations
@@ -70,7 +70,8 @@ class SentinelTransport(kombu_redis.SentinelTransport):
 
 
 def transport_for(broker_url: str) -> str | None:
-    """The ``broker_transport`` setting for ``broker_url``: ours for ``redis``/``sentinel``, else None
-    (kombu picks its own from the URL's scheme)."""
+    """The ``broker_transport`` setting for ``broker_url``: ours for ``redis``/``rediss``/``sentinel``,
+    else None (kombu picks its own from the URL's scheme)."""
     scheme = broker_url.split("://", 1)[0].lower() if "://" in broker_url else ""
-    return {"redis": f"{__name__}:Transport", "sentinel": f"{__name__}:SentinelTransport"}.get(scheme)
+    return {"redis": f"{__name__}:Transport", "rediss": f"{__name__}:Transport",
+            "sentinel": f"{__name__}:SentinelTransport"}.get(scheme)

@@ -113,7 +113,8 @@ class CaptureCheck:
     """One gateway capture and what it became here."""
 
     capture: GatewayCapture
-    outcome: str  # revenue, refunded, refunded_by_hand, refund_pending, manual_payout, in_flight, problem
+    outcome: str  # revenue, refunded, refunded_by_hand, refund_pending, manual_payout, in_flight,
+    #                returned_unbooked, problem
     detail: str
     order_id: str | None = None
     problem: bool = False
@@ -129,15 +130,23 @@ def check_capture(capture: GatewayCapture, here: Mapping[str, Any] | None) -> Ca
 
     if here is None:
         return problem("captured at the gateway, but not a transaction we opened")
+    returned = capture.transaction_status in RETURNED_STATUSES
     if here["captured_at"] is None or here["booked"] is None:
+        if returned:
+            # Taken and given back at the gateway before we ever booked it (a void of a capture we didn't
+            # know about): no money is held, nothing to do here.
+            return outcome("returned_unbooked", f"returned at the gateway ({capture.transaction_status}) "
+                                                "before it was booked here")
         return problem(f"captured at the gateway ({capture.transaction_status}), nothing booked here "
                        f"(order {here['order_status']})")
     if here["booked"] != capture.gross_amount:
         return problem(f"the gateway captured {rupiah(capture.gross_amount)}, we booked {rupiah(here['booked'])}")
-    returned = capture.transaction_status in RETURNED_STATUSES
     refund = here["refund_status"]
     if refund == "succeeded":
         if here["manual_reference"]:
+            if returned:  # finance paid it out, and the gateway gave it back too: paid twice
+                return problem(f"paid out by finance (reference {here['manual_reference']}) and also "
+                               f"returned at the gateway ({capture.transaction_status}): refunded twice")
             return outcome("refunded_by_hand", f"paid out by finance, reference {here['manual_reference']}")
         if not returned:
             return problem(f"booked as refunded, but the gateway says {capture.transaction_status}")

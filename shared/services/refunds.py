@@ -71,7 +71,8 @@ class RefundMove(StrEnum):
 # transaction the gateway doesn't know) goes to a person: our books say captured and the gateway doesn't.
 REFUND_MOVES: Mapping[str, RefundMove] = {
     "settlement": RefundMove.REFUND,
-    "partial_refund": RefundMove.REFUND,  # someone refunded part: the gateway decides about the rest
+    # Someone refunded part of it at the gateway (not us: we refund in full): how much is still owed is a
+    # person's call, never a guess, so it goes to manual payout without another refund request.
     "capture": RefundMove.CANCEL,
     "refund": RefundMove.BOOK,
     "cancel": RefundMove.BOOK,  # a capture voided before settlement: nothing was ever paid out

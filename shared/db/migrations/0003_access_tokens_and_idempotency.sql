@@ -3,7 +3,16 @@
 -- A replayed create (same Idempotency-Key, same request) gets a fresh token for the same order, so an
 -- order has a few hashes; the application keeps the newest ones.
 ALTER TABLE orders ADD COLUMN access_token_hashes text[];
-UPDATE orders SET access_token_hashes = ARRAY[access_token_hash];
+-- The old tokens were HMAC(SECRET_KEY, 'order-access:' || id). Those made under the development key (the
+-- old code only warned about it) can be computed by anyone: they are dropped here. Such an order keeps
+-- an unusable hash; its buyer gets a new token by repeating their create (same key, same request).
+CREATE EXTENSION IF NOT EXISTS pgcrypto;
+UPDATE orders SET access_token_hashes = CASE
+    WHEN access_token_hash = encode(sha256(convert_to(rtrim(translate(encode(
+             hmac('order-access:' || id::text, 'meterai-dev-secret-change-me', 'sha256'), 'base64'),
+             '+/', '-_'), '='), 'UTF8')), 'hex')
+    THEN ARRAY['revoked:' || gen_random_uuid()::text]
+    ELSE ARRAY[access_token_hash] END;
 ALTER TABLE orders
     ALTER COLUMN access_token_hashes SET NOT NULL,
     ADD CONSTRAINT orders_access_tokens_present CHECK (cardinality(access_token_hashes) BETWEEN 1 AND 8),

@@ -20,10 +20,13 @@ ALTER TABLE payments ADD CONSTRAINT payments_captured_with_a_role
 DROP INDEX payments_one_capture_per_order;
 CREATE UNIQUE INDEX payments_one_order_capture ON payments (order_id) WHERE capture_role = 'order';
 CREATE INDEX payments_poll_due ON payments (next_poll_at) WHERE next_poll_at IS NOT NULL;
--- Watch what may still change: transactions the gateway never called final, and recent ones.
+-- Watch what may still change: transactions the gateway never called final, recent ones, and any the
+-- gateway reported paid that were never booked (whatever their age: the old code only logged a second
+-- capture of an order), so each gets its outcome.
 UPDATE payments SET next_poll_at = now()
 WHERE gateway_status IS NULL OR gateway_status IN ('pending', 'authorize', 'capture')
-   OR updated_at > now() - interval '2 days';
+   OR updated_at > now() - interval '2 days'
+   OR (captured_at IS NULL AND gateway_status IN ('settlement', 'capture'));
 
 -- One refund per gateway transaction (the key of a refund is its transaction now, not its order).
 ALTER TABLE refunds DROP CONSTRAINT refunds_pkey;
