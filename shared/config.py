@@ -289,7 +289,11 @@ def load_settings(env: Mapping[str, str] | None = None, **overrides: object) -> 
         raw = env.get(f.name.upper())
         if raw is not None and raw != "":
             kind = type(f.default) if f.default is not None else str
-            values[f.name] = _coerce(raw, kind)
+            try:
+                values[f.name] = _coerce(raw.strip(), kind)
+            except ValueError:
+                what = "a whole number (0 or 1 for a switch)" if kind is int else "a number"
+                raise ValueError(f"{f.name.upper()}={raw!r} must be {what}") from None
     values.update(overrides)
     return Settings(**values)
 

@@ -98,3 +98,8 @@ def _real_root(path) -> None:
             .serial_number(1).not_valid_before(now).not_valid_after(now + dt.timedelta(days=1))
             .sign(key, hashes.SHA256()))
     path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+
+
+def test_a_setting_of_the_wrong_kind_is_named():
+    with pytest.raises(ValueError, match="DEVELOPMENT='true' must be a whole number"):
+        load_settings({"DEVELOPMENT": "true"})

@@ -44,6 +44,7 @@ def test_a_replayed_notification_with_new_unsigned_fields_is_one_small_row(sys_)
     rows = sys_.query("SELECT body, pg_column_size(body) AS size FROM payment_notifications")
     assert len(rows) == 1
     assert rows[0]["size"] < 2048 and "custom_field1" not in rows[0]["body"]
+    _all_processed(sys_)
 
 
 def test_distinct_notifications_per_gateway_order_are_bounded(sys_):
@@ -53,6 +54,13 @@ def test_distinct_notifications_per_gateway_order_are_bounded(sys_):
     assert answers == [200] * 40  # the gateway is never made to retry
     stored = sys_.query("SELECT count(*) AS n FROM payment_notifications")[0]["n"]
     assert stored == 32
+    _all_processed(sys_)
+
+
+def _all_processed(sys_) -> None:
+    """Let the payments workers finish with what this test queued before the next test empties tables."""
+    wait_until(lambda: not sys_.query("SELECT 1 FROM payment_notifications WHERE processed_at IS NULL"),
+               timeout=60, message="notifications processed")
 
 
 def test_deeply_nested_json_is_a_400_not_a_500(sys_):

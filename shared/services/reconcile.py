@@ -48,8 +48,8 @@ log = logging.getLogger(__name__)
 MAX_BATCHES_PER_RUN = 20
 
 CHECKOUT_FAILED_CODE = "payment_not_opened"
-CHECKOUT_FAILED_MESSAGE = ("Pembayaran tidak dapat dibuat karena layanan pembayaran sedang terganggu. Anda "
-                           "tidak dikenai biaya; silakan buat pesanan baru.")
+CHECKOUT_FAILED_MESSAGE = ("Pesanan tidak dapat diproses karena layanan kami sedang terganggu. Anda tidak "
+                           "dikenai biaya; silakan buat pesanan baru.")
 PAYMENT_TIMEOUT_MESSAGE = "Batas waktu pembayaran telah habis. Anda tidak dikenai biaya."
 
 # Orders in which a pending transaction may still be paid; any other status takes no payment.
