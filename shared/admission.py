@@ -42,17 +42,14 @@ class Mode(StrEnum):
 
 class AdmissionUnavailable(DomainError):
     code = "admission_unavailable"
-    status = 503
 
 
 class SalesPaused(DomainError):
     code = "sales_paused"
-    status = 503
 
 
 class InvalidAdmission(DomainError):
     code = "invalid_admission"
-    status = 403
 
 
 @dataclass(frozen=True)
@@ -333,15 +330,15 @@ class AdmissionController:
     def status(self, ticket: str) -> QueueStatus:
         claims = self.signer.verify("ticket", ticket)
         if claims is None or not isinstance(claims.get("n"), int):
-            raise InvalidAdmission("This queue ticket is not valid.", code="invalid_ticket", status=404)
+            raise InvalidAdmission("This queue ticket is not valid.", code="invalid_ticket")
         if time.time() - claims.get("t", 0) > self.settings.ticket_seconds:
             raise InvalidAdmission("This queue ticket has expired; please start again.",
-                                   code="ticket_expired", status=410)
+                                   code="ticket_expired")
         number = int(claims["n"])
         line = self._recent_line(claims.get("e"))
         if claims.get("e") != line.epoch:
             raise InvalidAdmission("This queue ticket has expired; please start again.",
-                                   code="ticket_expired", status=410)
+                                   code="ticket_expired")
         self._seen.add(number)  # reported with this process's next advance: its holder is still here
         if line.mode == Mode.PAUSED:  # the ticket keeps its place; nobody is let in meanwhile
             raise SalesPaused("Ticket sales are paused; your place in the queue is kept. Please check "
@@ -353,10 +350,10 @@ class AdmissionController:
                                args=[number, int(time.time() * 1000)])
         if collected == 0:
             raise InvalidAdmission("This queue ticket was already used for an order; to buy another stamp, "
-                                   "start again.", code="ticket_used", status=410)
+                                   "start again.", code="ticket_used")
         if collected < 0:
             raise InvalidAdmission("This queue ticket stopped checking in and lost its place; please join "
-                                   "the queue again.", code="ticket_abandoned", status=410)
+                                   "the queue again.", code="ticket_abandoned")
         token = self.signer.sign("admission", {
             "n": number, "e": claims["e"], "x": int(time.time()) + self.settings.admission_token_seconds})
         return QueueStatus(position=0, eta_seconds=0, admitted=True, admission_token=token)
@@ -384,8 +381,7 @@ class AdmissionController:
         pipe.expire(key, self.settings.ticket_seconds + self.settings.admission_token_seconds + 60)
         previous, _ = self._call(pipe.execute)
         if previous:
-            raise InvalidAdmission("This admission token was already used.", code="admission_used",
-                                   status=409)
+            raise InvalidAdmission("This admission token was already used.", code="admission_used")
 
     def unspend_token(self, claims: dict) -> None:
         """The create that spent this admission failed before making an order: the buyer may retry with

@@ -30,7 +30,6 @@ from shared.store import DocumentStore, upload_key
 
 class IdempotencyConflict(DomainError):
     code = "idempotency_conflict"
-    status = 409
 
 
 @dataclass(frozen=True)

@@ -40,12 +40,10 @@ _MAX_COORDINATE = 14_400
 
 class BadRequest(DomainError):
     code = "bad_request"
-    status = 400
 
 
 class InvalidField(DomainError):
     code = "invalid_field"
-    status = 422
 
 
 def _number(name: str, *, integer: bool = False) -> float:
@@ -165,7 +163,7 @@ def _bearer_token() -> str:
     header = request.headers.get("Authorization", "")
     if not header.startswith("Bearer ") or not header[7:].strip():
         raise DomainError("Send the order's access token as 'Authorization: Bearer <token>'.",
-                          code="unauthorized", status=401)
+                          code="unauthorized")
     return header[7:].strip()
 
 
@@ -173,13 +171,13 @@ def _authorised_order(order_id: str, load=get_order) -> dict:
     try:
         order_id = str(uuid.UUID(order_id))
     except ValueError:
-        raise DomainError("No such order.", code="not_found", status=404) from None
+        raise DomainError("No such order.", code="not_found") from None
     token = _bearer_token()
     order = load(settings(), order_id)
     if order is None:
-        raise DomainError("No such order.", code="not_found", status=404)
+        raise DomainError("No such order.", code="not_found")
     if not token_matches(order, token):
-        raise DomainError("This access token is not valid for this order.", code="forbidden", status=403)
+        raise DomainError("This access token is not valid for this order.", code="forbidden")
     return order
 
 
@@ -202,7 +200,7 @@ def download_document(order_id: str):
     order = _authorised_order(order_id)
     if order["status"] != Status.STAMPED:
         raise DomainError(f"The document is not stamped yet (status: {order['status']}).",
-                          code="not_stamped", status=409)
+                          code="not_stamped")
     data = store().get(order["stamped_document_key"])
     return Response(
         data, mimetype="application/pdf",

@@ -1,4 +1,8 @@
-"""One place that turns failures into the API's error shape ``{"error": {"code", "message"}}``."""
+"""One place that turns failures into HTTP: the API's error shape ``{"error": {"code", "message"}}`` and
+the status, chosen here from the failure's machine code (:data:`STATUS_BY_CODE`), never carried by the
+core's exceptions. A code not listed gets its kind's status: 503 for a transient failure (come back), 422
+for a permanent one (the input can't be served), 400 otherwise.
+"""
 from __future__ import annotations
 
 import logging
@@ -8,10 +12,47 @@ from flask import Flask, jsonify
 from psycopg_pool import PoolTimeout
 from werkzeug.exceptions import HTTPException
 
-from shared.errors import DomainError, TransientError
+from shared.errors import DomainError, PermanentError, TransientError
 from shared.logs import log_event
 
 log = logging.getLogger(__name__)
+
+
+STATUS_BY_CODE: dict[str, int] = {
+    # the request itself
+    "bad_request": 400, "missing_idempotency_key": 400, "missing_document": 400, "bad_notification": 400,
+    "unauthorized": 401, "unsigned_notification": 401,
+    "forbidden": 403, "bad_signature": 403,
+    "not_found": 404, "unknown_serial": 404, "order_not_found": 404,
+    "not_stamped": 409, "idempotency_conflict": 409, "not_refund_manual": 409,
+    "manual_reference_conflict": 409,
+    "too_large": 413,
+    "not_pdf": 415,
+    "invalid_field": 422, "invalid_mode": 422, "field_too_long": 422, "invalid_email": 422,
+    "missing_page": 422, "missing_x": 422, "missing_y": 422, "invalid_page": 422, "invalid_x": 422,
+    "invalid_y": 422, "verification_timeout": 422,
+    "rate_limited": 429,
+    # the waiting room
+    "invalid_admission": 403, "admission_expired": 403, "invalid_ticket": 404, "admission_used": 409,
+    "ticket_expired": 410, "ticket_used": 410, "ticket_abandoned": 410,
+    "sales_paused": 503, "admission_unavailable": 503,
+    # dependencies
+    "store_unavailable": 503, "verification_busy": 503,
+}
+# Statuses whose answer tells the client when to come back.
+_COME_BACK = frozenset({429, 503})
+
+
+def status_for(exc: DomainError) -> int:
+    """The HTTP status for a domain failure, from its code (or, unlisted, its kind)."""
+    status = STATUS_BY_CODE.get(exc.code)
+    if status is not None:
+        return status
+    if isinstance(exc, TransientError):
+        return 503
+    if isinstance(exc, PermanentError):
+        return 422
+    return 400
 
 
 def error_response(code: str, message: str, status: int, *, retry_after: int | None = None, **extra):
@@ -25,8 +66,8 @@ def error_response(code: str, message: str, status: int, *, retry_after: int | N
 def register(app: Flask) -> None:
     @app.errorhandler(DomainError)
     def domain_error(exc: DomainError):
-        retry_after = 5 if isinstance(exc, TransientError) or exc.status in (429, 503) else None
-        response = error_response(exc.code, exc.message, exc.status, retry_after=retry_after)
+        status = status_for(exc)
+        response = error_response(exc.code, exc.message, status, retry_after=5 if status in _COME_BACK else None)
         response.headers.update(getattr(exc, "headers", {}))
         return response
 

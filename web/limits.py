@@ -13,7 +13,6 @@ from web.context import settings
 
 class RateLimited(DomainError):
     code = "rate_limited"
-    status = 429
 
     def __init__(self, message: str, headers: dict[str, str]) -> None:
         super().__init__(message)

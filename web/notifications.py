@@ -41,16 +41,16 @@ def receive_notification():
     except DomainError as exc:
         _refuse(exc)
     if not isinstance(body, dict):
-        _refuse(DomainError("Expected a JSON notification body.", code="bad_request", status=400))
+        _refuse(DomainError("Expected a JSON notification body.", code="bad_request"))
     if not body.get("signature_key"):
-        _refuse(DomainError("Missing signature_key.", code="unsigned_notification", status=401))
+        _refuse(DomainError("Missing signature_key.", code="unsigned_notification"))
     missing = [name for name in REQUIRED if not body.get(name)]
     if missing or not verify_notification(body, settings().gateway_server_key):
         log_event(log, "notification_rejected", logging.WARNING, missing=",".join(missing) or None)
-        _refuse(DomainError("Notification signature does not verify.", code="bad_signature", status=403))
+        _refuse(DomainError("Notification signature does not verify.", code="bad_signature"))
     try:
         new = accept_notification(settings(), body)
     except NotificationRefused as exc:
         log_event(log, "notification_refused", logging.WARNING, reason=str(exc))
-        _refuse(DomainError(f"Notification refused: {exc}.", code="bad_notification", status=400))
+        _refuse(DomainError(f"Notification refused: {exc}.", code="bad_notification"))
     return jsonify({"status": "accepted" if new else "duplicate"}), 200

@@ -30,14 +30,13 @@ FAILED_ATTEMPTS = "10/600"
 def require_ops_token():
     expected = settings().ops_token
     if not expected:
-        raise DomainError("Not found.", code="not_found", status=404)
+        raise DomainError("Not found.", code="not_found")
     header = request.headers.get("Authorization", "")
     given = header[len("Bearer "):].strip() if header.startswith("Bearer ") else ""
     if not given or not hmac.compare_digest(given.encode(), expected.encode()):
         enforce_limit("ops_auth", FAILED_ATTEMPTS)
         log_event(log, "ops_token_refused", logging.WARNING, client=client_id(), path=request.path)
-        raise DomainError("Send the ops token as 'Authorization: Bearer <token>'.", code="unauthorized",
-                          status=401)
+        raise DomainError("Send the ops token as 'Authorization: Bearer <token>'.", code="unauthorized")
 
 
 def _state() -> dict:
@@ -56,8 +55,7 @@ def set_admission():
     try:
         mode = Mode(body.get("mode", "") if isinstance(body, dict) else "")
     except ValueError:
-        raise DomainError(f"mode must be one of {[m.value for m in Mode]}.", code="invalid_mode",
-                          status=422) from None
+        raise DomainError(f"mode must be one of {[m.value for m in Mode]}.", code="invalid_mode") from None
     controller = admission()
     before = controller.mode()
     controller.set_mode(mode)

@@ -15,16 +15,15 @@ from shared.errors import DomainError
 
 class BadJson(DomainError):
     code = "bad_request"
-    status = 400
 
 
 def json_body(max_bytes: int) -> Any:
     """The request's JSON, at most ``max_bytes`` long (413 beyond), or :class:`BadJson` (400)."""
     if request.content_length is not None and request.content_length > max_bytes:
-        raise DomainError(f"The body is larger than {max_bytes} bytes.", code="too_large", status=413)
+        raise DomainError(f"The body is larger than {max_bytes} bytes.", code="too_large")
     data = request.stream.read(max_bytes + 1)
     if len(data) > max_bytes:
-        raise DomainError(f"The body is larger than {max_bytes} bytes.", code="too_large", status=413)
+        raise DomainError(f"The body is larger than {max_bytes} bytes.", code="too_large")
     try:
         return json.loads(data)
     except (ValueError, RecursionError):

@@ -5,6 +5,7 @@ from flask import Blueprint, jsonify, render_template
 
 from shared.admission import MAX_RETRY_AFTER_SECONDS, InvalidAdmission, SalesPaused
 from web.context import admission
+from web.errors import status_for
 
 bp = Blueprint("queue", __name__)
 
@@ -37,5 +38,5 @@ def queue_page(ticket: str):
     html = render_template("queue.html", ticket=ticket, status=body, error=error, paused=paused,
                            refresh=MAX_RETRY_AFTER_SECONDS if paused
                            else min(MAX_RETRY_AFTER_SECONDS, max(3, (body or {}).get("eta_seconds", 10) // 4)))
-    return html, (error.status if error else 200), {"Cache-Control": "no-store"}
+    return html, (status_for(error) if error else 200), {"Cache-Control": "no-store"}
 

@@ -17,6 +17,7 @@ from shared.errors import DomainError
 from shared.services.verification import SerialRecord, Verdict, lookup_serial, verify_document
 from shared.stamping import quick_check
 from web.context import settings
+from web.errors import status_for
 from web.limits import rate_limited
 
 bp = Blueprint("verify", __name__)
@@ -30,7 +31,6 @@ _UPLOAD_OVERHEAD = 64 * 1024  # multipart framing around the file
 
 class UnknownSerial(DomainError):
     code = "unknown_serial"
-    status = 404
 
 
 def indonesian_time(moment: datetime | None) -> str:
@@ -56,8 +56,7 @@ def _read_upload() -> bytes:
     request.max_content_length = limit + _UPLOAD_OVERHEAD  # stamped files outgrow order uploads
     upload = request.files.get("document")
     if upload is None:
-        raise DomainError("Multipart field 'document' (a PDF) is required.", code="missing_document",
-                          status=400)
+        raise DomainError("Multipart field 'document' (a PDF) is required.", code="missing_document")
     document = upload.read(limit + 1)
     quick_check(document, max_bytes=limit)
     return document
@@ -120,7 +119,7 @@ def verify_upload_page():
     except RequestEntityTooLarge:
         error, status = f"Ukuran berkas melebihi batas {max_mb} MB.", 413
     except DomainError as exc:
-        error, status = exc.message, exc.status
+        error, status = exc.message, status_for(exc)
         if exc.code == "missing_document":
             error = "Pilih berkas PDF yang akan diperiksa."
         elif exc.code == "rate_limited":

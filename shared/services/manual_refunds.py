@@ -26,17 +26,14 @@ from shared.lifecycle import NOW, CaptureRole, RefundStatus, Status, refund_tran
 
 class NotRefundManual(DomainError):
     code = "not_refund_manual"
-    status = 409
 
 
 class ReferenceConflict(DomainError):
     code = "manual_reference_conflict"
-    status = 409
 
 
 class UnknownOrder(DomainError):
     code = "order_not_found"
-    status = 404
 
 
 @dataclass(frozen=True)
