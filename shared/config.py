@@ -111,6 +111,12 @@ class Settings:
     # Retries: exponential backoff with full jitter, capped.
     retry_base_seconds: float = 2.0
     retry_max_seconds: float = 300.0
+    # How often each kind of task is retried before it takes its final outcome (workers/tasks/base.py):
+    # checkout → the order expires; a notification → left to the payment watch; a gateway poll → its
+    # next check; stamping → the sweep refunds at the deadline; a refund → the redrive tries again.
+    checkout_max_retries: int = 10
+    notification_max_retries: int = 12
+    payment_check_max_retries: int = 5
     stamp_max_retries: int = 8
     refund_max_retries: int = 12
 

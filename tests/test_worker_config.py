@@ -79,3 +79,29 @@ def test_redis_brokers_use_the_repaired_transport_tls_too_with_certificates_veri
         assert redis_transport.transport_for(url) == expected
         tls = url.startswith("rediss")
         assert config["broker_use_ssl"] == ({"ssl_cert_reqs": ssl.CERT_REQUIRED} if tls else None)
+
+
+def test_the_retry_policy_is_written_once():
+    """Every task retries through the base class; task modules only say what their task does."""
+    from pathlib import Path
+
+    workers = Path(__file__).resolve().parents[1] / "workers"
+    calls = {str(p.relative_to(workers)): p.read_text().count("self.retry(") for p in workers.rglob("*.py")}
+    assert {name: n for name, n in calls.items() if n} == {"tasks/base.py": 1}
+
+
+def test_every_task_names_its_retry_bound_and_runs_on_the_base_class(sys_):
+    from workers.celery_app import make_celery_app
+    from workers.tasks.base import MeteraiTask
+
+    app = make_celery_app(sys_.settings)
+    app.loader.import_default_modules()
+    ours = {name: task for name, task in app.tasks.items() if name in jobs.QUEUES}
+    assert set(ours) == set(jobs.QUEUES)
+    for name, task in ours.items():
+        assert isinstance(task, MeteraiTask), name
+        if task.retries_setting:
+            assert isinstance(getattr(sys_.settings, task.retries_setting), int), name
+    retried = {name for name, task in ours.items() if task.retries_setting}
+    assert retried == {jobs.PREPARE_ORDER, jobs.PROCESS_NOTIFICATION, jobs.POLL_PAYMENT, jobs.EXPIRE_ORDER,
+                       jobs.STAMP_ORDER, jobs.REFUND_ORDER}

@@ -10,12 +10,13 @@ from __future__ import annotations
 import ssl
 from datetime import timedelta
 
-from celery import Celery, Task
+from celery import Celery
 from flask import Flask
 from kombu import Exchange, Queue
 
 from shared import jobs, statuscache
 from shared.config import Settings
+from workers.tasks.base import MeteraiTask
 from workers import redis_transport
 
 TASK_MODULES = (
@@ -106,14 +107,10 @@ def celery_config(settings: Settings) -> dict:
 
 
 def make_celery_app(settings: Settings, flask_app: Flask | None = None) -> Celery:
-    class FlaskTask(Task):
-        def __call__(self, *args: object, **kwargs: object) -> object:
-            if flask_app is None:
-                return self.run(*args, **kwargs)
-            with flask_app.app_context():
-                return self.run(*args, **kwargs)
-
-    app = Celery("meterai", task_cls=FlaskTask)
+    # Every task runs on the one base class (its retry policy, its log line per attempt), inside the
+    # Flask app's context when there is one.
+    task_class = type("AppTask", (MeteraiTask,), {"flask_app": flask_app})
+    app = Celery("meterai", task_cls=task_class)
     app.config_from_object(celery_config(settings))
     app.conf.meterai_settings = settings
     app.set_default()

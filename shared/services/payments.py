@@ -130,6 +130,16 @@ class ConfirmationLagging(TransientError):
     code = "confirmation_lagging"
 
 
+def leave_notification(settings: Settings, notification_id: int, error: str) -> str:
+    """Its retries ran out (the gateway stayed unavailable): the notification is closed as left to the
+    payment watch, which asks the gateway about its transaction until the gateway calls it final. The
+    redrive must not republish it for ever."""
+    with transaction(settings.database_url) as tx:
+        _mark_processed(tx, notification_id, "left_to_watch")
+    log_event(log, "notification_left_to_watch", logging.WARNING, notification_id=notification_id, error=error)
+    return "left_to_watch"
+
+
 def process_notification(settings: Settings, gateway: PaymentGateway, notification_id: int, *,
                          final_attempt: bool = False) -> str:
     """Confirm one stored notification with a status query and apply what the gateway says now.

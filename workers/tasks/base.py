@@ -1,26 +1,53 @@
-"""What every task needs: the process's settings, store and gateway, and the retry policy.
+"""The one base class every task runs on: its resources, the retry policy, the log line per attempt.
 
-Retries use exponential backoff with full jitter and a cap (the AWS architecture blog's "full jitter"):
-many orders failing at once spread their retries instead of returning together as a second surge.
+Why one class (as PyPI's Warehouse has ``WarehouseTask``): every task of ours has the same shape — do one
+idempotent step of a service, retry a transient failure with backoff, stop after a bound and then leave
+the row in a named final state — so that shape is written once, here, and a task module only says what
+its task does. The rules:
+
+* **Transient failures** (:class:`~shared.errors.TransientError`: a timeout, a dependency down; for
+  stamping, anything, because the service has already released its lease) are retried with exponential
+  backoff and full jitter, capped (``RETRY_BASE_SECONDS``, ``RETRY_MAX_SECONDS``): many orders failing at
+  once spread their retries instead of coming back together as a second surge.
+* **Retries are bounded** by the setting the task names (``retries_setting``). When they run out the
+  task's ``exhausted`` hook gives its final outcome (checkout expires the order through the state
+  machine; a refund stays pending for the redrive; a poll waits for its next check) and that outcome is
+  returned: the message is done, nothing is retried for ever.
+* **Permanent failures** are never retried: they are logged and the task ends (``failed``).
+* **One structured log line per attempt** (``event=task``: name, attempt, outcome, duration), and every
+  task runs inside the Flask app context when the Celery app was made for a Flask app.
 """
 from __future__ import annotations
 
+import logging
 import os
 import random
 import socket
+import time
+from collections.abc import Callable
 from functools import lru_cache
+from typing import Any, ClassVar
 
 import redis
-from celery import current_app
+from celery import Task
 
 from shared.admission import AdmissionController
 from shared.config import Settings
+from shared.errors import PermanentError, TransientError
+from shared.logs import log_event
 from shared.payments.gateway import PaymentGateway, gateway_from_settings
 from shared.store import DocumentStore, store_from_settings
 
+log = logging.getLogger("workers.tasks")
 
-def settings() -> Settings:
-    return current_app.conf.meterai_settings
+
+def backoff_seconds(attempt: int, base: float, cap: float) -> float:
+    """Full-jitter exponential backoff: uniform in [0, min(cap, base * 2**attempt)], never below 0.1 s."""
+    return max(0.1, random.uniform(0, min(cap, base * (2 ** attempt))))
+
+
+def worker_id(task_id: str | None) -> str:
+    return f"{socket.gethostname()}:{os.getpid()}:{task_id or '-'}"
 
 
 @lru_cache(maxsize=4)
@@ -39,22 +66,82 @@ def _admission(s: Settings, pid: int) -> AdmissionController:
     return AdmissionController(s, client)
 
 
-def admission() -> AdmissionController:
-    return _admission(settings(), os.getpid())
+def _gave_up(task: "MeteraiTask", exc: BaseException, *args: Any) -> str:
+    return "retries_exhausted"
 
 
-def store() -> DocumentStore:
-    return _store(settings())
+class MeteraiTask(Task):
+    """Base of every meterai task (see the module docstring). Options a task sets in ``@shared_task``:
+
+    ``retries_setting``: the settings field bounding its retries; ``transient``: the exceptions it retries
+    (default :class:`~shared.errors.TransientError`); ``exhausted``: ``f(task, exc, *args) -> outcome``
+    once retries run out.
+    """
+
+    # Retries are ours (bounded below); Celery's own counter must never end a task with an exception.
+    max_retries = None
+    retries_setting: ClassVar[str] = ""
+    transient: ClassVar[tuple[type[BaseException], ...]] = (TransientError,)
+    exhausted: ClassVar[Callable[..., str]] = _gave_up
+    flask_app: ClassVar[Any] = None
+
+    # -- what a task works with --------------------------------------------------------------------
+    @property
+    def settings(self) -> Settings:
+        return self.app.conf.meterai_settings
+
+    @property
+    def store(self) -> DocumentStore:
+        return _store(self.settings)
+
+    @property
+    def gateway(self) -> PaymentGateway:
+        return _gateway(self.settings, os.getpid())
+
+    @property
+    def admission(self) -> AdmissionController:
+        return _admission(self.settings, os.getpid())
+
+    @property
+    def attempt(self) -> int:
+        """1 for the first run of a message, 2 for its first retry, …"""
+        return self.request.retries + 1
+
+    @property
+    def retry_limit(self) -> int:
+        return int(getattr(self.settings, self.retries_setting)) if self.retries_setting else 0
+
+    # -- the policy ----------------------------------------------------------------------------------
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if self.flask_app is None:
+            return self._attempt(args, kwargs)
+        with self.flask_app.app_context():
+            return self._attempt(args, kwargs)
+
+    def _attempt(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        started = time.monotonic()
+        fields = {"task": self.name, "attempt": self.attempt, "args": ",".join(str(a) for a in args) or None}
+        try:
+            outcome = self.run(*args, **kwargs)
+        except PermanentError as exc:
+            log_event(log, "task", logging.ERROR, **fields, outcome="failed", error=exc.code, ms=_ms(started))
+            return "failed"
+        except self.transient as exc:
+            error = getattr(exc, "code", None) or type(exc).__name__
+            if self.attempt > self.retry_limit:
+                outcome = type(self).exhausted(self, exc, *args)
+                log_event(log, "task", logging.ERROR, **fields, outcome=outcome, error=error,
+                          detail="retries exhausted", ms=_ms(started))
+                return outcome
+            delay = backoff_seconds(self.request.retries, self.settings.retry_base_seconds,
+                                    self.settings.retry_max_seconds)
+            log_event(log, "task", logging.WARNING, **fields, outcome="retry", error=error,
+                      detail=str(exc)[:200], retry_in=round(delay, 2), ms=_ms(started))
+            raise self.retry(exc=exc, countdown=delay)
+        log_event(log, "task", **fields, outcome=outcome if isinstance(outcome, str) else "done",
+                  ms=_ms(started))
+        return outcome
 
 
-def gateway() -> PaymentGateway:
-    return _gateway(settings(), os.getpid())
-
-
-def backoff_seconds(attempt: int, base: float, cap: float) -> float:
-    """Full-jitter exponential backoff: uniform in [0, min(cap, base * 2**attempt)], never below 0.1 s."""
-    return max(0.1, random.uniform(0, min(cap, base * (2 ** attempt))))
-
-
-def worker_id(task_id: str | None) -> str:
-    return f"{socket.gethostname()}:{os.getpid()}:{task_id or '-'}"
+def _ms(started: float) -> int:
+    return round((time.monotonic() - started) * 1000)

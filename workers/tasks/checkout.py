@@ -1,19 +1,12 @@
-"""Checkout tasks: preflight an upload and open its payment."""
+"""Checkout task: preflight an upload and open its payment; when it can't, the order expires."""
 from __future__ import annotations
-
-import logging
 
 from celery import shared_task
 from celery.signals import worker_process_shutdown
 
 from shared import jobs
-from shared.errors import TransientError
-from shared.logs import log_event
 from shared.services import checkout
 from shared.stamping.isolation import shutdown_preflight_children
-from workers.tasks.base import backoff_seconds, gateway, settings, store
-
-log = logging.getLogger(__name__)
 
 
 @worker_process_shutdown.connect
@@ -23,16 +16,11 @@ def _retire_preflight_children(**_: object) -> None:
     shutdown_preflight_children()
 
 
-@shared_task(name=jobs.PREPARE_ORDER, bind=True, max_retries=10)
+def _expire(task, exc, order_id: str) -> str:
+    """Retries ran out: the order gets a final state the buyer can read, instead of waiting."""
+    return checkout.give_up(task.settings, task.gateway, order_id, getattr(exc, "code", type(exc).__name__))
+
+
+@shared_task(name=jobs.PREPARE_ORDER, bind=True, retries_setting="checkout_max_retries", exhausted=_expire)
 def prepare_order(self, order_id: str) -> str:
-    s = settings()
-    try:
-        return checkout.prepare_order(s, store(), gateway(), order_id)
-    except TransientError as exc:
-        if self.request.retries >= self.max_retries:
-            # Retries ran out: the order gets a final state the buyer can read, instead of waiting.
-            return checkout.give_up(s, gateway(), order_id, exc.code)
-        log_event(log, "checkout_retry", logging.WARNING, order_id=order_id, task=self.name,
-                  attempt=self.request.retries + 1, error=exc.code)
-        raise self.retry(exc=exc, countdown=backoff_seconds(self.request.retries,
-                                                            s.retry_base_seconds, s.retry_max_seconds))
+    return checkout.prepare_order(self.settings, self.store, self.gateway, order_id)

@@ -6,25 +6,23 @@ from celery import shared_task
 
 from shared import jobs
 from shared.services import housekeeping, reconcile
-from workers.tasks.base import settings
 
 
-@shared_task(name=jobs.SWEEP_REFUNDS)
-def sweep_refunds() -> int:
-    return housekeeping.sweep_refunds(settings())
+@shared_task(name=jobs.SWEEP_REFUNDS, bind=True)
+def sweep_refunds(self) -> int:
+    return housekeeping.sweep_refunds(self.settings)
 
 
-@shared_task(name=jobs.REDRIVE)
-def redrive() -> dict[str, int]:
-    return housekeeping.redrive(settings())
+@shared_task(name=jobs.REDRIVE, bind=True)
+def redrive(self) -> dict[str, int]:
+    return housekeeping.redrive(self.settings)
 
 
-@shared_task(name=jobs.RECONCILE_PAYMENTS)
-def reconcile_payments() -> int:
-    return reconcile.schedule_watch(settings())
+@shared_task(name=jobs.RECONCILE_PAYMENTS, bind=True)
+def reconcile_payments(self) -> int:
+    return reconcile.schedule_watch(self.settings)
 
 
-@shared_task(name=jobs.EXPIRE_UNPAID)
-def expire_unpaid() -> int:
-    s = settings()
-    return len(reconcile.expire_stalled_checkouts(s)) + reconcile.schedule_expiry(s)
+@shared_task(name=jobs.EXPIRE_UNPAID, bind=True)
+def expire_unpaid(self) -> int:
+    return len(reconcile.expire_stalled_checkouts(self.settings)) + reconcile.schedule_expiry(self.settings)

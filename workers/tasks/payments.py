@@ -2,62 +2,39 @@
 the gateway."""
 from __future__ import annotations
 
-import logging
-
 from celery import shared_task
 
 from shared import jobs
-from shared.errors import TransientError
-from shared.logs import log_event
 from shared.services import payments, reconcile
-from workers.tasks.base import backoff_seconds, gateway, settings
 
-log = logging.getLogger(__name__)
+# From this attempt on, a notified capture is applied as the gateway's status query reports it, even if
+# that doesn't confirm it yet; the payment watch keeps asking about the transaction after that.
+CONFIRM_ATTEMPTS = 7
 
-CONFIRM_RETRIES = 6
+
+def _leave_to_the_watch(task, exc, notification_id: int) -> str:
+    return payments.leave_notification(task.settings, int(notification_id), getattr(exc, "code", "error"))
 
 
-@shared_task(name=jobs.PROCESS_NOTIFICATION, bind=True, max_retries=12)
+def _until_next_check(task, exc, item: str) -> str:
+    """The row is claimed only until its next check, when the scan hands it out again."""
+    return "deferred"
+
+
+@shared_task(name=jobs.PROCESS_NOTIFICATION, bind=True, retries_setting="notification_max_retries",
+             exhausted=_leave_to_the_watch)
 def process_notification(self, notification_id: int) -> str:
-    s = settings()
-    try:
-        # The last tries accept the gateway's word even if it doesn't (yet) confirm a notified capture;
-        # reconciliation keeps polling the order after that.
-        return payments.process_notification(s, gateway(), int(notification_id),
-                                              final_attempt=self.request.retries >= CONFIRM_RETRIES)
-    except TransientError as exc:
-        log_event(log, "notification_retry", logging.WARNING, task=self.name,
-                  notification_id=notification_id, attempt=self.request.retries + 1, error=exc.code)
-        raise self.retry(exc=exc, countdown=backoff_seconds(self.request.retries,
-                                                            s.retry_base_seconds, s.retry_max_seconds))
+    return payments.process_notification(self.settings, self.gateway, int(notification_id),
+                                          final_attempt=self.attempt >= CONFIRM_ATTEMPTS)
 
 
-def _retry_or_leave(task, exc: TransientError, item: str) -> str:
-    """Retry a few times with backoff; after that, leave it: the row is claimed only until its next
-    check, when the scan hands it out again."""
-    s = settings()
-    attempt = task.request.retries + 1
-    if attempt > 5:
-        log_event(log, "payment_check_deferred", logging.WARNING, item=item, task=task.name,
-                  attempt=attempt, error=exc.code)
-        return "deferred"
-    log_event(log, "payment_check_retry", logging.WARNING, item=item, task=task.name,
-              attempt=attempt, error=exc.code)
-    raise task.retry(exc=exc, countdown=backoff_seconds(task.request.retries,
-                                                        s.retry_base_seconds, s.retry_max_seconds))
-
-
-@shared_task(name=jobs.POLL_PAYMENT, bind=True, max_retries=None)
+@shared_task(name=jobs.POLL_PAYMENT, bind=True, retries_setting="payment_check_max_retries",
+             exhausted=_until_next_check)
 def poll_payment(self, gateway_order_id: str) -> str:
-    try:
-        return reconcile.poll_payment(settings(), gateway(), gateway_order_id)
-    except TransientError as exc:
-        return _retry_or_leave(self, exc, gateway_order_id)
+    return reconcile.poll_payment(self.settings, self.gateway, gateway_order_id)
 
 
-@shared_task(name=jobs.EXPIRE_ORDER, bind=True, max_retries=None)
+@shared_task(name=jobs.EXPIRE_ORDER, bind=True, retries_setting="payment_check_max_retries",
+             exhausted=_until_next_check)
 def expire_order(self, order_id: str) -> str:
-    try:
-        return reconcile.expire_order(settings(), gateway(), order_id)
-    except TransientError as exc:
-        return _retry_or_leave(self, exc, order_id)
+    return reconcile.expire_order(self.settings, self.gateway, order_id)
