@@ -106,9 +106,10 @@ def _migrate(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _publisher(settings: Settings) -> None:
-    from workers.celery_app import make_celery_app
+    """What queued tasks go out through (the CLI runs no tasks, so it needs no workers' app)."""
+    from shared.broker import use_broker
 
-    make_celery_app(settings)  # the publisher queued tasks go out through
+    use_broker(settings)
 
 
 def _sweep_refunds(settings: Settings, args: argparse.Namespace) -> int:

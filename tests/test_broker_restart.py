@@ -2,7 +2,7 @@
 running while its Redis is killed and started again empty (and restarted plainly), several times, with an
 acks_late task in flight each time, and consumes new work after each restart.
 
-The failure this guards against (workers/redis_transport.py): on the lost connection Celery 5.7 closes the
+The failure this guards against (shared/broker/redis_transport.py): on the lost connection Celery 5.7 closes the
 broker connection twice; when Redis is still down, the second close restores the in-flight message
 through a transport whose client is gone and the worker died with
 ``Unrecoverable error: AttributeError("'NoneType' object has no attribute 'hostname'")``. It takes one

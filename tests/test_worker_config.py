@@ -68,12 +68,12 @@ def test_workers_ride_out_broker_outages_of_any_length_and_let_running_tasks_fin
 
 
 def test_redis_brokers_use_the_repaired_transport_tls_too_with_certificates_verified():
-    from workers import redis_transport
+    from shared.broker import redis_transport
 
-    for url, expected in [("redis://127.0.0.1:6379/0", "workers.redis_transport:Transport"),
+    for url, expected in [("redis://127.0.0.1:6379/0", "shared.broker.redis_transport:Transport"),
                           ("sentinel://10.0.0.1:26379;sentinel://10.0.0.2:26379",
-                           "workers.redis_transport:SentinelTransport"),
-                          ("rediss://cache.example:6380/0", "workers.redis_transport:Transport")]:
+                           "shared.broker.redis_transport:SentinelTransport"),
+                          ("rediss://cache.example:6380/0", "shared.broker.redis_transport:Transport")]:
         config = celery_config(load_settings({"REDIS_URL": url}))
         assert config["broker_transport"] == expected
         assert redis_transport.transport_for(url) == expected

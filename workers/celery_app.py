@@ -7,17 +7,15 @@ longest task plus the longest retry delay so Redis doesn't hand a running task t
 """
 from __future__ import annotations
 
-import ssl
 from datetime import timedelta
 
 from celery import Celery
 from flask import Flask
-from kombu import Exchange, Queue
 
 from shared import jobs, statuscache
+from shared.broker import broker_config
 from shared.config import Settings
 from workers.tasks.base import MeteraiTask
-from workers import redis_transport
 
 TASK_MODULES = (
     "workers.tasks.checkout",
@@ -55,25 +53,7 @@ def beat_schedule(settings: Settings) -> dict[str, dict]:
 
 def celery_config(settings: Settings) -> dict:
     return {
-        "broker_url": settings.redis_url,
-        # kombu's Redis transport with one repair (see workers/redis_transport.py): with Celery 5.7 a Redis
-        # restart under running acks_late tasks could stop the worker with an AttributeError.
-        "broker_transport": redis_transport.transport_for(settings.redis_url),
-        # TLS for a rediss:// broker, with the server's certificate verified (kombu alone would turn
-        # verification off for that scheme).
-        "broker_use_ssl": ({"ssl_cert_reqs": ssl.CERT_REQUIRED}
-                           if settings.redis_url.lower().startswith("rediss://") else None),
-        "broker_transport_options": {
-            "visibility_timeout": settings.broker_visibility_timeout,
-            "global_keyprefix": settings.redis_key_prefix,
-            # A hung Redis must not hang a web request that publishes after commit: the redrive
-            # recovers anything not published.
-            "socket_timeout": 2.0,
-            "socket_connect_timeout": 2.0,
-        },
-        "task_publish_retry_policy": {"max_retries": 2, "interval_start": 0, "interval_step": 0.2,
-                                      "interval_max": 0.5},
-        "broker_connection_retry_on_startup": True,
+        **broker_config(settings),
         # A worker outlives any Redis outage, however long: it reconnects when Redis is back instead of
         # exiting after Celery's default 100 attempts (and taking its share of the work with it).
         "broker_connection_retry": True,
@@ -83,23 +63,12 @@ def celery_config(settings: Settings) -> dict:
         # after the visibility timeout or from the redrive, and the task's own checks make the rerun a
         # no-op. Said explicitly because Celery 6 flips the default.
         "worker_cancel_long_running_tasks_on_connection_loss": False,
-        "task_ignore_result": True,
         "task_acks_late": True,
         "task_reject_on_worker_lost": True,
         "task_acks_on_failure_or_timeout": True,
         "worker_prefetch_multiplier": 1,
         "task_time_limit": settings.task_time_limit_seconds,
         "task_soft_time_limit": max(1, settings.task_time_limit_seconds - 10),
-        # One direct exchange per queue, routing key = queue name: a message reaches exactly one queue.
-        "task_queues": [Queue(name, Exchange(name, type="direct"), routing_key=name)
-                        for name in jobs.ALL_QUEUES],
-        "task_default_queue": "housekeeping",
-        "task_default_exchange": "housekeeping",
-        "task_default_routing_key": "housekeeping",
-        "task_create_missing_queues": False,
-        "task_routes": {name: {"queue": queue} for name, queue in jobs.QUEUES.items()},
-        "task_serializer": "json",
-        "accept_content": ["json"],
         "worker_hijack_root_logger": True,
         "beat_schedule": beat_schedule(settings),
         "include": list(TASK_MODULES),

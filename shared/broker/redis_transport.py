@@ -22,7 +22,7 @@ a close could not restore stays recoverable: while Redis kept its data, the mess
 transport's unacked index and come back after the visibility timeout; when Redis lost them, the periodic
 redrive re-publishes the work from PostgreSQL (DESIGN: nothing lives only in Redis).
 
-Used through ``broker_transport`` in :func:`workers.celery_app.celery_config` for ``redis://``,
+Used through ``broker_transport`` in :func:`shared.broker.broker_config` for ``redis://``,
 ``rediss://`` and ``sentinel://`` broker URLs. kombu turns TLS on from the ``rediss`` scheme only when it
 picks the transport itself, so for a TLS broker the config also sets ``broker_use_ssl`` (and verifies the
 server's certificate, where kombu's own default would not). ``tests/test_broker_restart.py`` runs a real worker

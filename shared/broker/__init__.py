@@ -1,0 +1,62 @@
+"""The Celery broker as every process speaks to it: how to reach Redis, which queue each task goes to.
+
+Publishing is not the workers' business alone: the web publishes after commit, the ``meterai`` CLI's
+sweeps and the redrive publish too. So the broker settings live here, in the core, and the workers' app
+(:mod:`workers.celery_app`) adds only what running tasks needs on top (:func:`broker_config`).
+:func:`use_broker` gives a process that runs no tasks (the CLI) a publisher of its own.
+"""
+from __future__ import annotations
+
+import ssl
+from typing import Any
+
+from celery import Celery
+from kombu import Exchange, Queue
+
+from shared import jobs
+from shared.broker import redis_transport
+from shared.config import Settings
+
+
+def broker_config(settings: Settings) -> dict[str, Any]:
+    """Celery settings for reaching the broker and routing every task to its queue."""
+    return {
+        "broker_url": settings.redis_url,
+        # kombu's Redis transport with one repair (see shared/broker/redis_transport.py): with Celery 5.7
+        # a Redis restart under running acks_late tasks could stop the worker with an AttributeError.
+        "broker_transport": redis_transport.transport_for(settings.redis_url),
+        # TLS for a rediss:// broker, with the server's certificate verified (kombu alone would turn
+        # verification off for that scheme).
+        "broker_use_ssl": ({"ssl_cert_reqs": ssl.CERT_REQUIRED}
+                           if settings.redis_url.lower().startswith("rediss://") else None),
+        "broker_transport_options": {
+            "visibility_timeout": settings.broker_visibility_timeout,
+            "global_keyprefix": settings.redis_key_prefix,
+            # A hung Redis must not hang a web request that publishes after commit: the redrive
+            # recovers anything not published.
+            "socket_timeout": 2.0,
+            "socket_connect_timeout": 2.0,
+        },
+        "task_publish_retry_policy": {"max_retries": 2, "interval_start": 0, "interval_step": 0.2,
+                                      "interval_max": 0.5},
+        "broker_connection_retry_on_startup": True,
+        # One direct exchange per queue, routing key = queue name: a message reaches exactly one queue.
+        "task_queues": [Queue(name, Exchange(name, type="direct"), routing_key=name)
+                        for name in jobs.ALL_QUEUES],
+        "task_default_queue": "housekeeping",
+        "task_default_exchange": "housekeeping",
+        "task_default_routing_key": "housekeeping",
+        "task_create_missing_queues": False,
+        "task_routes": {name: {"queue": queue} for name, queue in jobs.QUEUES.items()},
+        "task_serializer": "json",
+        "accept_content": ["json"],
+        "task_ignore_result": True,
+    }
+
+
+def use_broker(settings: Settings) -> Celery:
+    """A publish-only Celery app for a process that runs no tasks, made this process's publisher."""
+    app = Celery("meterai-publisher")
+    app.config_from_object(broker_config(settings))
+    jobs.set_publisher(app)
+    return app
