@@ -1,14 +1,9 @@
 """The payment gateway adapter: the one place that speaks Midtrans Core/Snap over HTTP.
 
-Everything else in meterai talks to a :class:`PaymentGateway` (a ``typing.Protocol``) built by
-:func:`gateway_from_settings`, so services and tests never depend on how the gateway is reached. The
-stand-in gateway (:mod:`shared.payments.standin`) speaks the very same protocol, so pointing
-``GATEWAY_URL`` at it is the whole difference between a drill and production.
-
-Why the error split matters: workers retry a :class:`GatewayUnavailable` (timeout, connection refused,
-5xx, 429) with backoff and never retry a :class:`GatewayRejected` (bad request, wrong server key). A
-refund the gateway *cannot* perform by API (a bank-transfer virtual account) is neither: it is an answer,
-``RefundResult(refunded=False)``, and the caller routes the order to ``refund_manual``.
+It implements :class:`~shared.payments.protocol.PaymentGateway` (records and errors live there, the
+circuit breaker in :mod:`shared.payments.breaker`), built by :func:`gateway_from_settings`. The stand-in
+gateway (development tooling) speaks the very same protocol, so pointing ``GATEWAY_URL`` at it is the
+whole difference between a drill and production.
 
 Midtrans quirks mirrored here:
 
@@ -33,20 +28,32 @@ import hashlib
 import hmac
 import logging
 import re
-import threading
-import time
-from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Callable, Mapping, Protocol, TypeVar
+from typing import Any, Callable, Mapping
 
 import requests
 
-from shared.errors import PermanentError, TransientError
 from shared.logs import log_event
+from shared.payments.breaker import CircuitBreaker, breaker_for
+from shared.payments.protocol import (
+    CloseResult,
+    GatewayCapture,
+    GatewayRejected,
+    GatewayStatus,
+    GatewayUnavailable,
+    PaymentGateway,
+    RefundResult,
+    Transaction,
+)
 
 log = logging.getLogger(__name__)
 
-T = TypeVar("T")
+__all__ = [  # the adapter, and the protocol's names its callers use with it
+    "CircuitBreaker", "CloseResult", "GatewayCapture", "GatewayRejected", "GatewayStatus",
+    "GatewayUnavailable", "MidtransGateway", "PaymentGateway", "RefundResult", "Transaction",
+    "breaker_for", "format_gross_amount", "gateway_from_settings", "notification_signature",
+    "parse_gross_amount", "require_rupiah", "verify_notification",
+]
 
 _GROSS_AMOUNT = re.compile(r"^(\d+)(?:\.(\d+))?$")
 # Midtrans rejects item names longer than this.
@@ -101,198 +108,6 @@ def verify_notification(body: Mapping[str, object], server_key: str) -> bool:
     order_id, status_code, gross_amount, signature = values  # type: ignore[misc]
     expected = notification_signature(order_id, status_code, gross_amount, server_key)
     return hmac.compare_digest(expected.encode("ascii"), signature.lower().encode("utf-8"))
-
-
-# --- records and errors ----------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class Transaction:
-    """A Snap transaction: send the buyer to ``redirect_url`` to pay."""
-
-    gateway_order_id: str
-    token: str
-    redirect_url: str
-
-
-@dataclass(frozen=True)
-class GatewayStatus:
-    """What the gateway says about one order right now (the answer to a status query)."""
-
-    gateway_order_id: str
-    transaction_status: str
-    status_code: str
-    gross_amount: int
-    payment_type: str | None
-    transaction_id: str | None
-    fraud_status: str | None
-    # For bank-transfer payments: which bank's virtual account, and its number (ops need them to pay a
-    # manual refund out).
-    va_bank: str | None = None
-    va_number: str | None = None
-
-
-@dataclass(frozen=True)
-class RefundResult:
-    """``refunded=False`` means the gateway can't refund this by API (e.g. a bank-transfer virtual
-    account): the caller sends the order to ``refund_manual`` instead of retrying."""
-
-    refunded: bool
-    refund_key: str
-    status_code: str
-    message: str
-
-
-@dataclass(frozen=True)
-class CloseResult:
-    """The answer to closing an unpaid transaction (expire or cancel). ``closed=False`` with status code
-    ``"412"`` means the gateway would not (it was paid meanwhile, or is already closed) and ``"404"``
-    that it never heard of the order: either way, ask :meth:`PaymentGateway.get_status` what is true."""
-
-    closed: bool
-    status_code: str
-    message: str
-    transaction_status: str | None = None
-
-
-@dataclass(frozen=True)
-class GatewayCapture:
-    """One transaction whose money the gateway took, as its own records show it now (a line of its
-    settlement report): ``transaction_status`` says where the money is now (settlement, capture, refund,
-    cancel for a voided capture, ...), ``refunded`` how much of it went back."""
-
-    gateway_order_id: str
-    gross_amount: int
-    transaction_status: str
-    payment_type: str | None = None
-    transaction_id: str | None = None
-    captured_at: datetime | None = None
-    refunded: int = 0
-
-
-class GatewayUnavailable(TransientError):
-    """Timeout, connection error, 5xx or 429: the same call may well succeed later."""
-
-    code = "gateway_unavailable"
-
-
-class GatewayRejected(PermanentError):
-    """A 4xx that retrying can't fix: a malformed request, a wrong server key, a taken order id."""
-
-    code = "gateway_rejected"
-
-
-class PaymentGateway(Protocol):
-    """What meterai needs from a payment gateway. Implementations must be safe to call again after a
-    timeout: creating uses a fresh order id per attempt, refunding is idempotent by ``refund_key``."""
-
-    def create_transaction(
-        self, gateway_order_id: str, amount: int, *, email: str, item_name: str
-    ) -> Transaction: ...
-
-    def get_status(self, gateway_order_id: str) -> GatewayStatus | None: ...
-
-    def refund(self, gateway_order_id: str, *, refund_key: str, amount: int, reason: str) -> RefundResult: ...
-
-    def expire_transaction(self, gateway_order_id: str) -> CloseResult: ...
-
-    def cancel_transaction(self, gateway_order_id: str) -> CloseResult: ...
-
-    def list_captures(self, start: datetime, end: datetime) -> list[GatewayCapture]: ...
-
-
-# --- circuit breaker -------------------------------------------------------------------------------
-
-class CircuitBreaker:
-    """Fail fast while the gateway is down, so workers don't each wait out a timeout per call.
-
-    Closed: calls go through. After ``threshold`` consecutive :class:`GatewayUnavailable` it opens and
-    every call raises at once. After ``cooldown_seconds`` one probe call is let through (half-open): a
-    gateway that answers closes the breaker, another failure opens it again for a full cool-down.
-    Any answer from the gateway, even a rejection, counts as "the gateway is up".
-    """
-
-    def __init__(
-        self,
-        threshold: int = 5,
-        cooldown_seconds: float = 30.0,
-        clock: Callable[[], float] = time.monotonic,
-    ) -> None:
-        self.threshold = threshold
-        self.cooldown_seconds = cooldown_seconds
-        self._clock = clock
-        self._lock = threading.Lock()
-        self._failures = 0
-        self._opened_at: float | None = None
-        self._probing = False
-
-    @property
-    def state(self) -> str:
-        with self._lock:
-            if self._opened_at is None:
-                return "closed"
-            if self._clock() - self._opened_at >= self.cooldown_seconds:
-                return "half_open"
-            return "open"
-
-    def call(self, fn: Callable[[], T]) -> T:
-        probe = self._admit()
-        try:
-            result = fn()
-        except GatewayUnavailable:
-            self._record_failure()
-            raise
-        except GatewayRejected:
-            self._record_success()
-            raise
-        finally:
-            if probe:
-                with self._lock:
-                    self._probing = False
-        self._record_success()
-        return result
-
-    def _admit(self) -> bool:
-        """Let the call through (True if it is the half-open probe) or raise while open."""
-        with self._lock:
-            if self._opened_at is None:
-                return False
-            waited = self._clock() - self._opened_at
-            if waited >= self.cooldown_seconds and not self._probing:
-                self._probing = True
-                return True
-        raise GatewayUnavailable(
-            "Payment gateway circuit is open after repeated failures; not calling it for now.",
-            code="gateway_circuit_open",
-        )
-
-    def _record_failure(self) -> None:
-        with self._lock:
-            self._failures += 1
-            failures = self._failures
-            newly_open = self._opened_at is None and failures >= self.threshold
-            if self._opened_at is not None or newly_open:
-                self._opened_at = self._clock()
-        if newly_open:
-            log_event(log, "gateway_circuit_open", logging.WARNING, failures=failures)
-
-    def _record_success(self) -> None:
-        with self._lock:
-            was_open = self._opened_at is not None
-            self._failures = 0
-            self._opened_at = None
-        if was_open:
-            log_event(log, "gateway_circuit_closed")
-
-
-_breakers: dict[str, CircuitBreaker] = {}
-_breakers_lock = threading.Lock()
-
-
-def breaker_for(base_url: str, threshold: int = 5, cooldown_seconds: float = 30.0) -> CircuitBreaker:
-    """One breaker per gateway per process, shared by every adapter instance pointing at it."""
-    with _breakers_lock:
-        return _breakers.setdefault(
-            f"{base_url} {threshold} {cooldown_seconds}", CircuitBreaker(threshold, cooldown_seconds))
 
 
 # --- the HTTP adapter ------------------------------------------------------------------------------
