@@ -35,7 +35,7 @@ from pathlib import Path
 
 import psycopg
 
-from shared import devenv
+from shared.devtools.services import free_port
 from loadtests.documents import make_pdf
 from loadtests.bench.loadgen import multipart, run_wrk, wrk_available, wrk_script_get, wrk_script_upload
 from loadtests.stack import REPORTS, CpuMeter, Stack, gunicorn_flags, postgres_backend_pids, say, workdir_for
@@ -148,11 +148,11 @@ def main(argv: list[str] | None = None) -> int:
         wide_open = {"ADMISSION_PER_MINUTE": "100000000", "ADMISSION_BURST": "100000000",
                      "ADMISSION_ACTIVE_CHECKOUTS": "100000000", "PROXY_HOPS": "1"}
         stack.start_procfile(["web"], overrides=wide_open)
-        queue_port = devenv.free_port()
+        queue_port = free_port()
         queue_env = stack.env({"ADMISSION_PER_MINUTE": "1", "ADMISSION_BURST": "1", "PROXY_HOPS": "1",
                                "PORT": str(queue_port), "REDIS_KEY_PREFIX": "meterai-queued:"})
         stack.start("web-queue", f"gunicorn --bind 127.0.0.1:{queue_port} {flags} 'web:create_app()'", queue_env)
-        base_port = devenv.free_port()
+        base_port = free_port()
         base_env = stack.env({"BENCH_DATABASE_URL": stack.database_url,
                               "BENCH_UPLOAD_DIR": str(workdir / "baseline-uploads")})
         stack.start("baseline", f"gunicorn --bind 127.0.0.1:{base_port} {flags} 'loadtests.bench.web:baseline_app()'",
