@@ -17,7 +17,7 @@ import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
-from shared.devtools.launcher import LaunchError, Launcher, RestartPolicy
+from shared.devtools.launcher import LaunchError, Launcher
 from shared.devtools.procfile import ROOT, UnknownProcess, process_specs, select_processes
 from shared.devtools.services import ServiceError, Services, ensure_services, say
 
@@ -113,7 +113,7 @@ def cmd_up(args: list[str]) -> int:
         if not os.environ.get("SECRET_KEY"):
             env["SECRET_KEY"] = data_dir_secret_key(services.data_dir)
         env["PORT"] = os.environ.get("PORT") or str(WEB_PORT)  # the Procfile convention: PORT for web
-        launcher = Launcher(env, restart=RestartPolicy())
+        launcher = Launcher(env, restart=True)
         for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             signal.signal(sig, lambda *_: launcher.request_stop())
         return launcher.run(names, on_started=lambda: threading.Thread(

@@ -93,6 +93,7 @@ class Process:
     def __init__(self, name: str, group: str, command: str, env: dict[str, str], *, restart: bool,
                  log: Path | None, delay: float) -> None:
         self.name, self.group, self.command, self.env = name, group, command, env
+        self.overrides: dict[str, str] = {}  # what the caller set on top of the launcher's environment
         self.restart = restart
         self.log = log
         self.popen: subprocess.Popen[bytes] | None = None
@@ -203,13 +204,14 @@ class Launcher:
 
     ``env`` is every process's environment (default: ours), with the running Python's folder first on
     PATH so the Procfile's ``gunicorn``, ``celery`` and ``python`` are this virtualenv's. ``restart`` is
-    the default for bringing back processes that die (None: never, as tests and drills that kill on
-    purpose want; a policy: always, as ``./dev up`` wants); :meth:`start` can say otherwise per process.
+    the default for bringing back processes that die by themselves, under ``policy``: off for tests and
+    drills that kill on purpose, on for ``./dev up``; :meth:`start` can say otherwise per process.
     """
 
     def __init__(self, env: Mapping[str, str] | None = None, *, specs: Iterable[ProcessSpec] | None = None,
                  cwd: Path = ROOT, logs: Path | None = None, out: TextIO | None = None,
-                 restart: RestartPolicy | None = None, grace: float = STOP_GRACE_SECONDS) -> None:
+                 restart: bool = False, policy: RestartPolicy | None = None,
+                 grace: float = STOP_GRACE_SECONDS) -> None:
         self.specs = {s.name: s for s in (process_specs() if specs is None else specs)}
         base = dict(os.environ if env is None else env)
         base["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), base.get("PATH", os.defpath)])
@@ -219,8 +221,8 @@ class Launcher:
         if logs is not None:
             logs.mkdir(parents=True, exist_ok=True)
         self.out = out if out is not None or logs is not None else sys.stdout
-        self.restart_by_default = restart is not None
-        self.policy = restart if restart is not None else RestartPolicy()
+        self.restart_by_default = restart
+        self.policy = policy if policy is not None else RestartPolicy()
         self.grace = grace
         self.processes: dict[str, Process] = {}
         self.stop_requests = 0
@@ -238,9 +240,13 @@ class Launcher:
               port: int | None = None, command: str | None = None, restart: bool | None = None) -> Process:
         """Start a copy of process group ``group`` (its Procfile command, or ``command``) named ``name``
         (default: the group's name), with ``env`` on top of the launcher's and, for web or the gateway,
-        listening on ``port``. A stopped or dead process of that name is replaced; a running one is an
+        listening on ``port``. ``start(name)`` alone brings a stopped or dead process back as it was
+        (same group, command, settings); with any other argument it is replaced. A running one is an
         error. Returns at once; :meth:`wait_ready` waits for it to come up."""
         name = name or group
+        previous = self.processes.get(name)
+        if previous is not None and env is None and port is None and command is None and restart is None:
+            group, command, restart, env = previous.group, previous.command, previous.restart, previous.overrides
         if command is None:
             if group not in self.specs:
                 raise UnknownProcess(f"no such process in the Procfile or Procfile.dev: {group} "
@@ -260,6 +266,7 @@ class Launcher:
                               restart=self.restart_by_default if restart is None else restart,
                               log=self.logs / f"{name}.log" if self.logs is not None else None,
                               delay=self.policy.initial_delay)
+            process.overrides = overrides
             self.processes[name] = process
             self._width = max(self._width, len(name))
             self._colours.setdefault(name, COLOURS[len(self._colours) % len(COLOURS)])
