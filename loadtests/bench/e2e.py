@@ -257,7 +257,7 @@ GROUP BY 1 ORDER BY min(at - previous) IS NULL, 1
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m loadtests.bench.e2e", description=__doc__.split("\n\n")[0])
     # Enough closed-loop buyers to keep both cores busy: each spends about a second polling before it
-    # pays, so 32 left the system idle a third of the time (15.6 orders/s at 1.35 cores busy).
+    # pays, so fewer leave the system idle part of the time (docs/benchmarks.md, "End to end").
     parser.add_argument("--buyers", type=int, default=96)
     parser.add_argument("--warmup", type=float, default=15.0)
     parser.add_argument("--seconds", type=float, default=60.0, help="measurement window")
