@@ -97,7 +97,7 @@ def _snap_request(body: Any) -> tuple[str, int, str | None, str | None]:
     return order_id, int(gross), email, item_name
 
 
-def answer(http_status: int, body: dict[str, Any]) -> Response:
+def json_answer(http_status: int, body: dict[str, Any]) -> Response:
     response = jsonify(body)
     response.status_code = http_status
     return response
@@ -122,7 +122,7 @@ def register_protocol(app: Flask, gateway: StandinGateway) -> None:
         tx = gateway.create(order_id, gross, email, item_name)
         if tx is None:
             return json_error(409, "transaction_details.order_id has already been taken")
-        return answer(201, {"token": tx.token, "redirect_url": gateway.redirect_url(tx)})
+        return json_answer(201, {"token": tx.token, "redirect_url": gateway.redirect_url(tx)})
 
     @app.get("/v2/<order_id>/status")
     @_protocol(gateway, "status")
@@ -145,18 +145,18 @@ def register_protocol(app: Flask, gateway: StandinGateway) -> None:
             return json_error(400, "refund_key (at most 100 characters) and reason must be text without NUL bytes")
         http_status, answer, deliveries = gateway.refund(order_id, refund_key, amount, reason)
         gateway.send(deliveries)
-        return answer(http_status, answer)
+        return json_answer(http_status, answer)
 
     @app.post("/v2/<order_id>/expire")
     @_protocol(gateway, "expire")
     def merchant_expire(order_id: str) -> Response:
         http_status, answer, deliveries = gateway.close_transaction(order_id, "expire")
         gateway.send(deliveries)
-        return answer(http_status, answer)
+        return json_answer(http_status, answer)
 
     @app.post("/v2/<order_id>/cancel")
     @_protocol(gateway, "cancel")
     def merchant_cancel(order_id: str) -> Response:
         http_status, answer, deliveries = gateway.close_transaction(order_id, "cancel")
         gateway.send(deliveries)
-        return answer(http_status, answer)
+        return json_answer(http_status, answer)

@@ -16,7 +16,7 @@ from typing import Any
 from flask import Flask, Response, jsonify, request
 from markupsafe import escape
 
-from shared.devtools.standin.protocol import answer, authorized, json_error
+from shared.devtools.standin.protocol import authorized, json_answer, json_error
 from shared.devtools.standin.records import NOT_FOUND, PAYMENT_TYPES, VA_BANKS
 from shared.devtools.standin.transactions import StandinGateway
 
@@ -104,7 +104,7 @@ def register_sandbox(app: Flask, gateway: StandinGateway) -> None:
         if outcome == "not_found":
             return json_error(404, NOT_FOUND["status_message"])
         first = deliveries[0].body if deliveries else None
-        return answer(202, {"queued": len(deliveries), "notification": first})
+        return json_answer(202, {"queued": len(deliveries), "notification": first})
 
     @app.post("/sandbox/settle/<order_id>")
     def sandbox_settle(order_id: str) -> Response:
@@ -153,7 +153,7 @@ def _moment(text: str) -> datetime:
 def _sandbox_answer(outcome: str, status_body: dict[str, Any] | None) -> Response:
     if outcome == "not_found":
         return json_error(404, NOT_FOUND["status_message"])
-    return answer(200 if outcome == "ok" else 409, status_body or {})
+    return json_answer(200 if outcome == "ok" else 409, status_body or {})
 
 
 def _pay_outcome_page(outcome: str) -> Response:
