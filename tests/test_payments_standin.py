@@ -181,6 +181,28 @@ def test_standin_schema_is_its_own_and_migrated_once(database_url: str, schema: 
         migrate(database_url, "standin; DROP TABLE orders")
 
 
+def test_one_migration_runner_keeps_each_schemas_history_and_applies_each_file_once(
+        database_url: str, schema: str) -> None:
+    """meterai's migrations and the stand-in's go through one runner: runners racing on a fresh schema
+    apply each of its files once, into that schema's own history, and meterai's history is not touched."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from shared.db.migrate import apply_migrations, migration_files
+
+    standin = [name for name, _ in migration_files("shared.devtools.standin")]
+    with ThreadPoolExecutor(4) as pool:
+        runs = list(pool.map(lambda _: apply_migrations(database_url, package="shared.devtools.standin",
+                                                        schema=schema), range(4)))
+
+    assert sorted(name for run in runs for name in run) == standin
+    assert apply_migrations(database_url) == []  # the session applied meterai's own; nothing new there
+    with psycopg.connect(database_url) as conn:
+        ours = [row[0] for row in conn.execute(f"SELECT name FROM {schema}.schema_migrations ORDER BY name")]
+        core = [row[0] for row in conn.execute("SELECT name FROM public.schema_migrations ORDER BY name")]
+    assert ours == standin
+    assert core == [name for name, _ in migration_files()]
+
+
 # --- a sandbox, and only a sandbox -----------------------------------------------------------------
 
 def test_standin_refuses_to_start_unless_development(database_url: str, schema: str, tmp_path: Path) -> None:
