@@ -86,10 +86,11 @@ def data_dir_secret_key(data_dir: Path) -> str:
 
 
 def announce_when_up(launcher: Launcher, settings: Settings, timeout: float = 60.0) -> None:
-    """Once web and the stand-in gateway answer, say where to go and how to stop."""
+    """Once every process is up (web and the stand-in answer, the workers are ready), say where to go and
+    how to stop."""
     names = [name for name in ("web", "gateway") if name in launcher.processes]
     try:
-        launcher.wait_ready(names, timeout=timeout)
+        launcher.wait_ready(timeout=timeout)
     except LaunchError:
         return  # the launcher says what went wrong with the process itself
     if launcher.stop_requests:
