@@ -57,7 +57,7 @@ class Profile:
 
 
 # The waiting room's outflow is set below what this 2-core machine stamps end to end while it also runs
-# Locust, PostgreSQL and Redis (docs/benchmarks.md): about 3 orders/s, so 90/min leaves headroom. The
+# Locust, PostgreSQL and Redis (docs/benchmarks.md, "Surge drills"), so 90/min leaves headroom. The
 # spike's peak is many times that: each buyer who is not waiting in line asks for a new order every
 # few seconds.
 _SYSTEM = {

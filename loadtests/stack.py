@@ -1,23 +1,22 @@
 """A whole meterai system for one drill or benchmark, brought up and torn down by one Python object.
 
-It reuses what ``./dev`` uses (:mod:`shared.devenv`): the configured PostgreSQL when it answers (and
-``PRIVATE_SERVICES`` is not 1), else a private cluster under ``DATA_DIR/loadtests``; a fresh database with
-the migrations applied (:func:`shared.db.migrate.apply_migrations`), dropped again afterwards; a private
-memory-only Redis; and the processes exactly as the ``Procfile`` names them (gunicorn web, one Celery
-worker per queue group, beat), plus the stand-in gateway from ``Procfile.dev``, each in its own process
-group, with its output in ``<workdir>/logs/<name>.log``.
+It reuses what ``./dev`` uses: the configured PostgreSQL when it answers (and ``PRIVATE_SERVICES`` is
+not 1), else a private cluster under ``DATA_DIR/loadtests`` (:mod:`shared.devtools.services`); a fresh
+database migrated by ``meterai migrate`` and dropped again afterwards; a private memory-only Redis; and
+the processes exactly as the ``Procfile`` and ``Procfile.dev`` name them, run by the one launcher
+(:mod:`shared.devtools.launcher`) with restarts off, each process's output in ``<workdir>/logs/<name>.log``.
 Benchmarks can also start processes of their own (a baseline app under the same gunicorn flags).
 
-Everything started here is stopped by :meth:`Stack.close` (SIGTERM to each process group, SIGKILL after
-a grace period), also when the caller is interrupted.
+A drill is a client: this module sees the system only through its environment, HTTP and the database,
+and imports nothing of the core, web or workers (an import-linter contract says so).
+Everything started here is stopped by :meth:`Stack.close`, also when the caller is interrupted.
 """
 from __future__ import annotations
 
+import json
 import os
-import re
 import secrets
 import shlex
-import signal
 import subprocess
 import sys
 import time
@@ -27,16 +26,13 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 import psycopg
-import requests
 from psycopg import sql
 
-from shared import devenv
-from shared.config import load_settings
-from shared.db.migrate import apply_migrations
+from shared.devtools.launcher import Launcher, Process
+from shared.devtools.procfile import ROOT, process_specs
+from shared.devtools.services import Configured, PostgresHandle, RedisHandle, ensure_postgres, free_port, start_private_redis
 
-ROOT = devenv.ROOT
 REPORTS = ROOT / "reports"
-STOP_GRACE_SECONDS = 15.0
 
 
 def say(message: str) -> None:
@@ -45,7 +41,7 @@ def say(message: str) -> None:
 
 def procfile_commands() -> dict[str, str]:
     """Every process ``./dev up`` runs: the Procfile's, then Procfile.dev's (the stand-in gateway)."""
-    return {spec.name: spec.command for spec in devenv.process_specs()}
+    return {spec.name: spec.command for spec in process_specs()}
 
 
 def gunicorn_flags() -> list[str]:
@@ -70,45 +66,6 @@ def workdir_for(label: str, base: Path | None = None) -> Path:
     path = (base or REPORTS) / f"{label}-{time.strftime('%Y%m%d-%H%M%S')}"
     path.mkdir(parents=True, exist_ok=True)
     return path
-
-
-@dataclass
-class Process:
-    name: str
-    popen: subprocess.Popen
-    log: Path
-
-    def alive(self) -> bool:
-        return self.popen.poll() is None
-
-    def tail(self, lines: int = 15) -> str:
-        try:
-            return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return ""
-
-    def cpu_seconds(self) -> float:
-        """User+system CPU of this process and all its descendants still alive (from /proc)."""
-        return sum(cpu_seconds_of(pid) for pid in descendants(self.popen.pid, include_self=True))
-
-
-def descendants(pid: int, include_self: bool = False) -> list[int]:
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        ppid = int(stat[stat.rindex(")") + 2:].split()[1])
-        children.setdefault(ppid, []).append(int(entry.name))
-    found, todo = ([pid] if include_self else []), [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child)
-    return found
 
 
 _TICKS = os.sysconf("SC_CLK_TCK")
@@ -137,8 +94,8 @@ class Stack:
     web_port: int = 0
     gateway_port: int = 0
     secret_key: str = field(default_factory=lambda: secrets.token_hex(16))
-    processes: dict[str, Process] = field(default_factory=dict)
-    _private: list = field(default_factory=list)
+    launcher: Launcher | None = None
+    _private: list[PostgresHandle | RedisHandle] = field(default_factory=list)
     _database_name: str = ""
 
     # -- services -------------------------------------------------------------------------------
@@ -154,35 +111,34 @@ class Stack:
         self.close()
 
     def open_services(self) -> None:
-        settings = load_settings()
-        data_dir = Path(settings.data_dir).absolute()
+        configured = Configured.from_environment()
         self._database_name = f"meterai_{self.label}_{time.strftime('%Y%m%d_%H%M%S')}_{uuid.uuid4().hex[:6]}"
-        wanted = psycopg.conninfo.make_conninfo(settings.database_url, dbname=self._database_name)
-        self.database_url, pg = devenv.ensure_postgres(wanted, data_dir / "loadtests",
-                                                       force_private=bool(settings.private_services))
+        wanted = psycopg.conninfo.make_conninfo(configured.database_url, dbname=self._database_name)
+        self.database_url, pg = ensure_postgres(wanted, configured.data_dir / "loadtests",
+                                                force_private=configured.force_private)
         if pg is not None:
             self._private.append(pg)
-        applied = apply_migrations(self.database_url)
+        applied = migrate(self.database_url)
         say(f"database {self._database_name}: {len(applied)} migrations applied")
-        redis_handle = devenv.start_private_redis(self.workdir)
+        redis_handle = start_private_redis(self.workdir)
         self._private.append(redis_handle)
         self.redis_url = redis_handle.url
         (self.workdir / "data").mkdir(parents=True, exist_ok=True)
-        (self.workdir / "logs").mkdir(parents=True, exist_ok=True)
-        self.web_port = devenv.free_port()
-        self.gateway_port = devenv.free_port()
+        self.web_port = free_port()
+        self.gateway_port = free_port()
+        self.launcher = Launcher(self.env(), logs=self.workdir / "logs")
+
+    @property
+    def processes(self) -> dict[str, Process]:
+        return self.launcher.processes if self.launcher is not None else {}
 
     @property
     def redis_pids(self) -> list[int]:
-        return [h.process.pid for h in self._private if isinstance(h, devenv.RedisHandle) and h.process]
+        return [h.process.pid for h in self._private if isinstance(h, RedisHandle) and h.process]
 
     def process_pids(self, *names: str) -> list[int]:
         """Pids of the named processes and all their descendants (gunicorn workers, Celery pool children)."""
-        pids: list[int] = []
-        for name in names:
-            if name in self.processes:
-                pids += descendants(self.processes[name].popen.pid, include_self=True)
-        return pids
+        return [pid for name in names if name in self.processes for pid in self.processes[name].pids()]
 
     @property
     def web_url(self) -> str:
@@ -208,70 +164,36 @@ class Stack:
         return env
 
     # -- processes ------------------------------------------------------------------------------
-    def start(self, name: str, command: str | list[str], env: dict[str, str]) -> Process:
-        log = self.workdir / "logs" / f"{name}.log"
-        argv = ["bash", "-c", command] if isinstance(command, str) else command
-        with open(log, "ab") as out:
-            popen = subprocess.Popen(argv, cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stdout=out,
-                                     stderr=subprocess.STDOUT, start_new_session=True)
-        process = Process(name, popen, log)
-        self.processes[name] = process
-        return process
+    def start(self, name: str, command: str, env: dict[str, str]) -> Process:
+        """A process of the benchmark's own (not in the Procfile), run and stopped like the others."""
+        assert self.launcher is not None
+        return self.launcher.start(name, command=command, env=env)
 
     def start_procfile(self, names: Iterable[str] | None = None, overrides: dict[str, str] | None = None) -> None:
-        commands = procfile_commands()
-        wanted = list(names) if names is not None else list(commands)
-        unknown = [n for n in wanted if n not in commands]
-        if unknown:
-            raise ValueError(f"not in the Procfile or Procfile.dev: {', '.join(unknown)}")
-        env = self.env(overrides)
-        for name in wanted:
-            self.start(name, commands[name], env)
-        say(f"started {', '.join(wanted)} (logs in {self.workdir / 'logs'})")
+        assert self.launcher is not None
+        started = self.launcher.start_all(names, env=overrides)
+        say(f"started {', '.join(p.name for p in started)} (logs in {self.workdir / 'logs'})")
 
     def wait_ready(self, timeout: float = 90.0) -> None:
         """Until web answers /readyz, the gateway answers, and every Celery worker logged "ready"."""
-        deadline = time.monotonic() + timeout
-        checks: dict[str, Callable[[], bool]] = {}
-        for name in self.processes:
-            if name == "web":
-                checks[name] = lambda: _http_ok(f"{self.web_url}/readyz")
-            elif name == "gateway":
-                checks[name] = lambda: _http_ok(f"{self.gateway_url}/sandbox/faults")
-            elif name != "beat" and "celery" in " ".join(self.processes[name].popen.args):
-                checks[name] = (lambda p=self.processes[name]: re.search(rb"\bready\.", p.log.read_bytes()) is not None)
-        pending = dict(checks)
-        while pending:
-            for name, check in list(pending.items()):
-                if check():
-                    del pending[name]
-            dead = [p for p in self.processes.values() if not p.alive()]
-            if dead:
-                raise RuntimeError(f"{dead[0].name} exited with {dead[0].popen.returncode}:\n{dead[0].tail()}")
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"not ready after {timeout:.0f} s: {', '.join(pending)}\n"
-                                   + "\n".join(f"--- {n}:\n{self.processes[n].tail()}" for n in pending))
-            time.sleep(0.25)
-        say(f"ready: {', '.join(checks)}")
+        assert self.launcher is not None
+        self.launcher.wait_ready(timeout=timeout)
+        say(f"ready: {', '.join(self.processes)}")
 
     def dead_processes(self) -> list[Process]:
-        return [p for p in self.processes.values() if not p.alive()]
+        return [p for p in self.processes.values() if p.wanted and not p.alive()]
 
     def stop(self, name: str) -> None:
-        process = self.processes.pop(name, None)
-        if process is not None:
-            _stop_groups([process])
+        if self.launcher is not None:
+            self.launcher.stop(name)
 
     def stop_all(self) -> None:
-        processes, self.processes = list(self.processes.values()), {}
-        _stop_groups(processes)
+        if self.launcher is not None:
+            self.launcher.stop_all()
 
     # -- teardown -------------------------------------------------------------------------------
     def close(self) -> None:
         self.stop_all()
-        from shared.db import close_pools
-
-        close_pools()
         if self.database_url and not self.keep_database:
             try:
                 admin = psycopg.conninfo.make_conninfo(self.database_url, dbname="postgres")
@@ -287,29 +209,14 @@ class Stack:
         self._private.clear()
 
 
-def _http_ok(url: str) -> bool:
-    try:
-        return requests.get(url, timeout=2).status_code == 200
-    except requests.RequestException:
-        return False
-
-
-def _stop_groups(processes: list[Process]) -> None:
-    for process in processes:
-        if process.alive():
-            try:
-                os.killpg(process.popen.pid, signal.SIGTERM)
-            except (ProcessLookupError, PermissionError):
-                pass
-    deadline = time.monotonic() + STOP_GRACE_SECONDS
-    while any(p.alive() for p in processes) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    for process in processes:
-        try:
-            os.killpg(process.popen.pid, signal.SIGKILL)  # and whatever it left behind in its group
-        except (ProcessLookupError, PermissionError):
-            pass
-        process.popen.wait()
+def migrate(database_url: str) -> list[str]:
+    """``meterai migrate`` on ``database_url``, run as a command: the drill side never imports the core."""
+    env = {**os.environ, "DATABASE_URL": database_url, "DEVELOPMENT": "1"}
+    result = subprocess.run([sys.executable, "-m", "shared.cli", "migrate"], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=300)
+    if result.returncode != 0:
+        raise RuntimeError(f"meterai migrate failed ({result.returncode}):\n{result.stdout}{result.stderr}")
+    return list(json.loads(result.stdout.strip().splitlines()[-1])["applied"])
 
 
 def postgres_backend_pids(database_url: str) -> list[int]:

@@ -87,7 +87,7 @@ class Settings:
     standin_database_url: str = ""
     standin_schema: str = "standin"
     # Seconds between the stand-in's attempts to deliver one notification, comma-separated (it gives up,
-    # and logs it, after the last); `python -m shared.payments.standin` reads it (--notification-retry-delays
+    # and logs it, after the last); `python -m shared.devtools.standin` reads it (--notification-retry-delays
     # overrides it for one run).
     standin_notification_retry_delays: str = "0.5,2,5"
 

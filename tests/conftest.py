@@ -1,17 +1,16 @@
-"""The test system: a real PostgreSQL database, a private Redis, the stand-in gateway and our web app
-over real HTTP, and real Celery worker processes, the way the Procfile runs them.
+"""The test system: a real PostgreSQL database, a private Redis, and the processes the Procfile names,
+run by the one launcher (:mod:`shared.devtools.launcher`) exactly as ``./dev up`` runs them.
 
 Each session creates its own database (and drops it), starts its own redis-server on a free port (so a
-test may restart it empty), and runs two worker processes: one for stamping, one for everything else,
-so a test can stop stamping while payments still flow.
+test may restart it empty), and runs web under gunicorn, one Celery worker per Procfile group
+(checkout, payments, refunds, stamping, housekeeping) and the stand-in gateway of ``Procfile.dev``, with
+restarts off, so a test can stop or kill any one of them (stamping stops while payments still flow) or
+start a copy of one with settings of its own. Beat stays off: tests run the periodic jobs themselves.
 """
 from __future__ import annotations
 
 import io
 import os
-import signal
-import subprocess
-import sys
 import threading
 import time
 import uuid
@@ -27,17 +26,17 @@ from reportlab.lib.pagesizes import A4
 from reportlab.pdfgen import canvas
 from werkzeug.serving import make_server
 
-from shared import devenv
 from shared.config import Settings, load_settings
 from shared.db import close_pools
 from shared.db.migrate import apply_migrations
+from shared.devtools.launcher import Launcher, Process
+from shared.devtools.services import RedisHandle, free_port, postgres_answers, start_private_postgres, start_private_redis
 
 ROOT = Path(__file__).resolve().parents[1]
 SERVER_KEY = "SB-Mid-server-test-key"
-WORKER_GROUPS = {
-    "stamping": "stamping",
-    "general": "checkout,payments,refunds,housekeeping,reconcile",
-}
+# The Procfile's worker groups, and every process of the session's system (beat stays off).
+WORKERS = ("checkout", "payments", "refunds", "stamping", "housekeeping")
+PROCESSES = ("web", *WORKERS, "gateway")
 
 
 def make_pdf(pages: int = 2, text: str = "Surat Lamaran CPNS", size=A4) -> bytes:
@@ -66,7 +65,8 @@ def wait_until(predicate: Callable[[], Any], timeout: float = 30.0, interval: fl
 
 
 class ServerThread:
-    """A WSGI app served over real HTTP from a background thread."""
+    """A WSGI app a test builds with settings of its own, served over real HTTP from a background thread
+    (the system's web runs under gunicorn, see :func:`system`)."""
 
     def __init__(self, app, port: int) -> None:
         self.app = app
@@ -80,72 +80,34 @@ class ServerThread:
 
 
 @dataclass
-class WorkerProcess:
-    name: str
-    queues: str
-    env: dict[str, str]
-    log_path: Path
-    proc: subprocess.Popen | None = None
-
-    def start(self) -> None:
-        start = self.log_path.stat().st_size if self.log_path.exists() else 0
-        log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "celery", "-A", "workers.make_celery", "worker",
-             "--queues", self.queues, "--hostname", f"{self.name}-{uuid.uuid4().hex[:6]}@%h",
-             "--concurrency", "2", "--prefetch-multiplier", "1", "--loglevel", "INFO",
-             "--without-gossip", "--without-mingle", "--without-heartbeat"],
-            cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-        )
-        wait_until(lambda: b" ready." in self.log_path.read_bytes()[start:] or self._died(),
-                   timeout=60, message=f"worker {self.name} to be ready")
-        if self._died():
-            raise RuntimeError(f"worker {self.name} died: see {self.log_path}")
-
-    def _died(self) -> bool:
-        return self.proc is not None and self.proc.poll() is not None
-
-    def stop(self) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        os.killpg(self.proc.pid, signal.SIGTERM)
-        try:
-            self.proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait()
-
-
-@dataclass
 class System:
     settings: Settings
     web_url: str
     gateway_url: str
-    redis: Any
-    workers: dict[str, WorkerProcess]
+    redis: RedisHandle
+    launcher: Launcher
     env: dict[str, str]
     tmp: Path
     http: requests.Session = field(default_factory=requests.Session)
-    # The stand-in gateway's server, and how to start a new one on the same port and database.
-    gateway_server: ServerThread | None = None
-    gateway_factory: Callable[[], ServerThread] | None = None
 
-    # -- the stand-in gateway ---------------------------------------------------------------------
-    def stop_gateway(self) -> None:
-        """Take the stand-in gateway down: its port refuses connections until :meth:`start_gateway`."""
-        if self.gateway_server is not None:
-            self.gateway_server.stop()
-            self.gateway_server.app.extensions["standin_gateway"].close()
-            self.gateway_server = None
+    # -- processes (the Procfile's names: web, checkout, payments, refunds, stamping, housekeeping, gateway)
+    def process(self, name: str) -> Process:
+        return self.launcher.processes[name]
 
-    def start_gateway(self) -> None:
-        """Start a new stand-in process-alike on the same port and schema; it knows only what it stored."""
-        if self.gateway_server is None and self.gateway_factory is not None:
-            self.gateway_server = self.gateway_factory()
+    def start(self, *names: str) -> None:
+        """Start the named processes that aren't running, and wait until they are up."""
+        for name in names:
+            if not self.launcher.processes[name].alive():
+                self.launcher.start(name)
+        self.launcher.wait_ready(names, timeout=90)
 
-    def restart_gateway(self) -> None:
-        self.stop_gateway()
-        self.start_gateway()
+    def stop(self, *names: str) -> None:
+        """Stop them (SIGTERM, then SIGKILL after the grace period); they stay down until started."""
+        self.launcher.stop(*names)
+
+    def restart(self, *names: str) -> None:
+        self.stop(*names)
+        self.start(*names)
 
     # -- database -------------------------------------------------------------------------------
     def db(self) -> psycopg.Connection:
@@ -217,9 +179,9 @@ def _admin_url(tmp: Path, env: Any = None) -> tuple[str, Any]:
     env = os.environ if env is None else env
     configured = env.get("DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
     admin = psycopg.conninfo.make_conninfo(configured, dbname="postgres")
-    if not load_settings(env).private_services and devenv.postgres_answers(admin):
+    if not load_settings(env).private_services and postgres_answers(admin):
         return admin, None
-    handle = devenv.start_private_postgres(tmp / "postgres")
+    handle = start_private_postgres(tmp / "postgres")
     return handle.url, handle
 
 
@@ -242,18 +204,15 @@ def database_url(tmp_path_factory) -> Any:
 
 @pytest.fixture(scope="session")
 def redis_server(tmp_path_factory):
-    handle = devenv.start_private_redis(tmp_path_factory.mktemp("redis"))
+    handle = start_private_redis(tmp_path_factory.mktemp("redis"))
     yield handle
     handle.stop()
 
 
 @pytest.fixture(scope="session")
 def system(database_url, redis_server, tmp_path_factory) -> Any:
-    from shared.payments.standin import create_standin_app
-    from web import create_app
-
     tmp = tmp_path_factory.mktemp("system")
-    web_port, gateway_port = devenv.free_port(), devenv.free_port()
+    web_port, gateway_port = free_port(), free_port()
     web_url, gateway_url = f"http://127.0.0.1:{web_port}", f"http://127.0.0.1:{gateway_port}"
     env_settings = {
         "DEVELOPMENT": "1",
@@ -282,25 +241,16 @@ def system(database_url, redis_server, tmp_path_factory) -> Any:
         "RATE_LIMIT_NOTIFICATIONS": "1000000/60",
     }
     settings = load_settings(env_settings)
-    env = {**os.environ, **env_settings, "PYTHONUNBUFFERED": "1"}
-
-    def gateway_factory() -> ServerThread:
-        # The stand-in keeps its state in its own schema ("standin") of the test database.
-        return ServerThread(create_standin_app(SERVER_KEY, env_settings["NOTIFICATION_URL"], gateway_url,
-                                               sandbox=True, database_url=database_url), gateway_port)
-
-    web = ServerThread(create_app(settings), web_port)
-    workers = {name: WorkerProcess(name, queues, env, tmp / f"worker-{name}.log")
-               for name, queues in WORKER_GROUPS.items()}
-    for worker in workers.values():
-        worker.start()
-    system = System(settings, web_url, gateway_url, redis_server, workers, env, tmp,
-                    gateway_server=gateway_factory(), gateway_factory=gateway_factory)
-    yield system
-    for worker in workers.values():
-        worker.stop()
-    web.stop()
-    system.stop_gateway()
+    # The stand-in keeps its state in its own schema ("standin") of the test database.
+    env = {**os.environ, **env_settings, "PORT": str(web_port), "GATEWAY_PORT": str(gateway_port),
+           "PYTHONUNBUFFERED": "1"}
+    launcher = Launcher(env, logs=tmp / "logs")
+    try:
+        launcher.start_all(PROCESSES)
+        launcher.wait_ready(timeout=120)
+        yield System(settings, web_url, gateway_url, redis_server, launcher, launcher.env, tmp)
+    finally:
+        launcher.stop_all()
 
 
 TABLES = "ledger_entries, refunds, payment_notifications, payments, serials, order_events, orders"
@@ -308,11 +258,8 @@ TABLES = "ledger_entries, refunds, payment_notifications, payments, serials, ord
 
 @pytest.fixture
 def sys_(system: System) -> System:
-    """The running system with empty tables and all workers up."""
-    for worker in system.workers.values():
-        if worker.proc is None or worker.proc.poll() is not None:
-            worker.start()
-    system.start_gateway()  # a test that took the stand-in down may have failed before restarting it
+    """The running system with empty tables and every process up (a test may have stopped some)."""
+    system.start(*PROCESSES)
     with system.db() as conn:
         conn.execute(f"TRUNCATE {TABLES}")
     system.http.delete(f"{system.gateway_url}/sandbox/faults", timeout=5)

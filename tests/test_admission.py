@@ -14,7 +14,7 @@ import pytest
 import redis
 import requests
 
-from shared import devenv
+from shared.devtools.services import free_port, port_accepts
 from tests.conftest import ServerThread, make_pdf, wait_until
 
 
@@ -38,7 +38,7 @@ def throttled(sys_):
         prefixes.append(prefix)
         # Each test buyer is its own client (X-Forwarded-For), as buyers on the internet are.
         settings = dataclasses.replace(sys_.settings, redis_key_prefix=prefix, **{"proxy_hops": 1, **overrides})
-        port = devenv.free_port()
+        port = free_port()
         servers.append(ServerThread(create_app(settings), port))
         make_celery_app(sys_.settings)  # its tasks go to the shared system's workers
         base = Base(f"http://127.0.0.1:{port}")
@@ -198,7 +198,7 @@ def test_rate_limit_per_client_with_standard_headers(throttled):
 
 
 def test_redis_down_admission_fails_closed_and_rate_limits_fail_open(sys_, throttled):
-    dead = f"redis://127.0.0.1:{devenv.free_port()}/0"
+    dead = f"redis://127.0.0.1:{free_port()}/0"
     base = throttled(redis_url=dead, rate_limit_notifications="1/60")
     create = _create(base)
     assert create.status_code == 503
@@ -337,7 +337,7 @@ def gunicorn_throttled(sys_):
 
     from tests.conftest import ROOT
 
-    port = devenv.free_port()
+    port = free_port()
     prefix = f"meterai-adm-{uuid.uuid4().hex[:8]}:"
     env = {**sys_.env, "ADMISSION_PER_MINUTE": "1", "ADMISSION_BURST": "1", "REDIS_KEY_PREFIX": prefix}
     proc = subprocess.Popen(
@@ -345,7 +345,7 @@ def gunicorn_throttled(sys_):
          "--workers", "1", "--threads", "4", "web:create_app()"],
         cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        wait_until(lambda: devenv.port_accepts(port), timeout=30, message="gunicorn to listen")
+        wait_until(lambda: port_accepts(port), timeout=30, message="gunicorn to listen")
         yield f"http://127.0.0.1:{port}"
     finally:
         proc.terminate()

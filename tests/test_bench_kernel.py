@@ -9,7 +9,7 @@ import json
 
 import pytest
 
-from loadtests import bench_kernel
+from loadtests.bench import kernel as bench_kernel
 from loadtests.documents import make_pdf
 from shared.config import load_settings
 from shared.stamping.signing import signer_from_settings, stamp_and_sign

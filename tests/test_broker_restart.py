@@ -25,8 +25,9 @@ import pytest
 from celery import Celery
 
 from broker_restart_app import QUEUE, SLEEP_TASK
-from conftest import ROOT, wait_until
-from shared import devenv
+from conftest import ROOT, WORKERS, wait_until
+from shared.devtools.procfile import PROCFILE, parse_procfile
+from shared.devtools.services import RedisHandle, start_private_redis
 from shared.config import load_settings
 from workers.celery_app import celery_config
 
@@ -38,8 +39,8 @@ CRASHED = b"Unrecoverable error"
 def procfile_worker_command(name: str) -> list[str]:
     """The Procfile's command for worker ``name``, pointed at the test app (same flags: gossip, mingle,
     heartbeat and remote control on, concurrency 2, prefetch 1)."""
-    commands = {spec.name: spec.command for spec in devenv.parse_procfile(devenv.PROCFILE.read_text())}
-    words = shlex.split(commands[name])
+    commands = {spec.name: spec.command for spec in parse_procfile(PROCFILE.read_text())}
+    words = shlex.split(commands[name].replace(f"${{PS:-{name}}}", name))  # what bash makes of it
     assert words[:3] == ["celery", "-A", "workers.make_celery"], words
     return [sys.executable, "-m", "celery", "-A", "broker_restart_app", *words[3:]]
 
@@ -57,14 +58,14 @@ class Worker:
 
 
 @pytest.fixture
-def broker(tmp_path: Path) -> Iterator[devenv.RedisHandle]:
-    handle = devenv.start_private_redis(tmp_path)
+def broker(tmp_path: Path) -> Iterator[RedisHandle]:
+    handle = start_private_redis(tmp_path)
     yield handle
     handle.stop()
 
 
 @pytest.fixture
-def worker(broker: devenv.RedisHandle, tmp_path: Path) -> Iterator[Worker]:
+def worker(broker: RedisHandle, tmp_path: Path) -> Iterator[Worker]:
     markers = tmp_path / "markers"
     markers.mkdir()
     env = {
@@ -95,7 +96,7 @@ def worker(broker: devenv.RedisHandle, tmp_path: Path) -> Iterator[Worker]:
 class Sender:
     """Publishes the sleep task to the test's Redis with our real Celery configuration."""
 
-    def __init__(self, broker: devenv.RedisHandle, markers: Path) -> None:
+    def __init__(self, broker: RedisHandle, markers: Path) -> None:
         settings = load_settings({"DEVELOPMENT": "1", "REDIS_URL": broker.url,
                                   "REDIS_KEY_PREFIX": "meterai-restart-test:"})
         # Not make_celery_app: that would also make this app the process's publisher and default app.
@@ -119,13 +120,13 @@ class Sender:
 
 
 @pytest.fixture
-def sender(broker: devenv.RedisHandle, tmp_path: Path) -> Iterator[Sender]:
+def sender(broker: RedisHandle, tmp_path: Path) -> Iterator[Sender]:
     publisher = Sender(broker, tmp_path / "markers")
     yield publisher
     publisher.close()
 
 
-def kill(broker: devenv.RedisHandle) -> None:
+def kill(broker: RedisHandle) -> None:
     """SIGKILL: no goodbye to the clients, nothing kept (the server is memory-only)."""
     assert broker.process is not None
     broker.process.kill()
@@ -135,7 +136,7 @@ def kill(broker: devenv.RedisHandle) -> None:
 
 @pytest.mark.parametrize("how", ["kill", "restart"])
 def test_worker_keeps_consuming_across_redis_restarts_with_a_task_in_flight(
-        how: str, broker: devenv.RedisHandle, worker: Worker, sender: Sender) -> None:
+        how: str, broker: RedisHandle, worker: Worker, sender: Sender) -> None:
     rounds = 4 if how == "kill" else 2
     for round_ in range(1, rounds + 1):
         seen = len(worker.output())
@@ -168,11 +169,12 @@ def test_orders_complete_when_redis_dies_under_busy_workers(sys_) -> None:
     Redis is killed; the workers stay up, and what only the old Redis knew comes back by the redrive."""
     from shared.services import housekeeping
 
-    general = sys_.workers["general"]
-    pids = {name: w.proc.pid for name, w in sys_.workers.items()}
+    checkout = sys_.process("checkout")
+    workers = [sys_.process(name) for name in WORKERS]
+    pids = {worker.name: worker.pid for worker in workers}
     orders: list[tuple[str, str]] = []
     for round_, how, count in ((1, "kill", 1), (2, "kill", 3), (3, "restart", 2)):
-        seen = general.log_path.stat().st_size
+        seen = checkout.log.stat().st_size
         sys_.http.post(f"{sys_.gateway_url}/sandbox/faults", json={"latency_ms": 2000, "endpoints": ["create"]},
                        timeout=5).raise_for_status()
         batch = []
@@ -180,18 +182,18 @@ def test_orders_complete_when_redis_dies_under_busy_workers(sys_) -> None:
             r = sys_.create()
             assert r.status_code == 202, r.text
             batch.append((r.json()["order_id"], r.json()["access_token"]))
-        received = lambda: general.log_path.read_bytes()[seen:].count(b"prepare_order[")  # noqa: E731
+        received = lambda: checkout.log.read_bytes()[seen:].count(b"prepare_order[")  # noqa: E731
         wait_until(lambda: received() >= min(count, 2), timeout=30,
                    message=f"round {round_}: checkouts to be in flight")
         if how == "kill":
             kill(sys_.redis)
-            wait_until(lambda: RETRYING in general.log_path.read_bytes()[seen:] or general._died(), timeout=30,
+            wait_until(lambda: RETRYING in checkout.log.read_bytes()[seen:] or not checkout.alive(), timeout=30,
                        message=f"round {round_}: the worker to notice Redis is gone")
             sys_.redis.start()
         else:
             sys_.redis.restart()
         sys_.http.delete(f"{sys_.gateway_url}/sandbox/faults", timeout=5).raise_for_status()
-        assert not general._died(), general.log_path.read_bytes()[seen:].decode(errors="replace")[-4000:]
+        assert checkout.alive(), checkout.log.read_bytes()[seen:].decode(errors="replace")[-4000:]
 
         housekeeping.redrive(sys_.settings)  # what only the old Redis held (the checkout waiting in line)
         for order_id, token in batch:
@@ -201,6 +203,6 @@ def test_orders_complete_when_redis_dies_under_busy_workers(sys_) -> None:
 
     for order_id, token in orders:
         sys_.wait_status(order_id, token, "stamped", timeout=60)
-    assert {name: w.proc.pid for name, w in sys_.workers.items()} == pids  # nobody died and came back
-    for worker in sys_.workers.values():
-        assert CRASHED not in worker.log_path.read_bytes()
+    assert {worker.name: sys_.process(worker.name).pid for worker in workers} == pids  # nobody died and came back
+    for worker in workers:
+        assert CRASHED not in worker.log.read_bytes()

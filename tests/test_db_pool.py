@@ -14,7 +14,7 @@ from psycopg_pool import PoolTimeout
 
 from conftest import wait_until
 from shared.db import POOL_MAX_IDLE_SECONDS, POOL_MAX_LIFETIME_SECONDS, close_pool, get_pool, transaction
-from shared.devenv import PostgresHandle, start_private_postgres
+from shared.devtools.services import PostgresHandle, start_private_postgres
 
 IDLE = 8  # more dead connections than psycopg_pool's back-off between failed checks gets through in 10 s
 

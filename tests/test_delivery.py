@@ -332,7 +332,7 @@ def test_a_stamp_that_fails_the_delivery_check_is_refunded_never_stamped(sys_: S
     order_id, token, view = sys_.order_awaiting_payment()
     upload = sys_.settings.documents_path / sys_.order_row(order_id)["document_key"]
     upload.write_bytes(signed_with_wrong_stream_length())
-    log = sys_.workers["stamping"].log_path
+    log = sys_.process("stamping").log
     log_start = log.stat().st_size
 
     sys_.pay(view["payment"]["gateway_order_id"])

@@ -1,4 +1,4 @@
-"""The dev environment helpers against real processes: private Redis and PostgreSQL, and the Procfile supervisor."""
+"""The development tooling against real processes: private Redis and PostgreSQL, the one launcher, ``./dev``."""
 from __future__ import annotations
 
 import io
@@ -19,25 +19,20 @@ from typing import Callable, Iterator
 import psycopg
 import pytest
 
-from loadtests.stack import descendants
 from shared.config import load_settings
-from shared.devenv import (
-    PROCFILE,
-    PROCFILE_DEV,
-    ROOT,
-    ProcessSpec,
-    RestartPolicy,
+from shared.devtools.dev import data_dir_secret_key, pytest_exit_code
+from shared.devtools.launcher import Launcher, LaunchError, RestartPolicy, descendants
+from shared.devtools.procfile import PROCFILE, PROCFILE_DEV, ROOT, ProcessSpec, parse_procfile, process_specs, select_processes
+from shared.devtools.services import (
+    DEFAULT_DATA_DIR,
+    DEFAULT_DATABASE_URL,
+    DEFAULT_REDIS_URL,
+    Configured,
     ServiceError,
-    Supervisor,
-    data_dir_secret_key,
     free_port,
-    parse_procfile,
     port_accepts,
     postgres_answers,
-    process_specs,
-    pytest_exit_code,
     redis_answers,
-    select_processes,
     start_private_postgres,
     start_private_redis,
 )
@@ -103,24 +98,6 @@ def test_private_postgres_answers_and_keeps_tables_until_stopped(postgres_dir: P
     assert not postgres_answers(postgres.url)
 
 
-def test_supervisor_stop_terminates_every_process() -> None:
-    out = io.StringIO()
-    supervisor = Supervisor([sleeper("one"), sleeper("two")], lambda name: dict(os.environ), out=out)
-    result: list[int] = []
-    runner = threading.Thread(target=lambda: result.append(supervisor.run()))
-    runner.start()
-    wait_for(lambda: "one pid" in out.getvalue() and "two pid" in out.getvalue())
-    pids = [int(line.split()[-1]) for line in out.getvalue().splitlines() if " pid " in line]
-
-    supervisor.request_stop()
-    runner.join(timeout=15)
-
-    assert not runner.is_alive()
-    assert result == [0]
-    assert len(pids) == 2 and all(gone(pid) for pid in pids)
-    assert any(line.startswith("one | one pid") for line in out.getvalue().splitlines())
-
-
 def flaky(name: str, marker: Path, deaths: int, code: int = 3) -> ProcessSpec:
     """A Procfile entry that exits with ``code`` the first ``deaths`` times it runs, then stays up: each run
     appends a line to ``marker`` so the count survives the restarts."""
@@ -135,13 +112,6 @@ def flaky(name: str, marker: Path, deaths: int, code: int = 3) -> ProcessSpec:
     return ProcessSpec(name, f"{shlex.quote(sys.executable)} -c {shlex.quote(script)}")
 
 
-def run_in_thread(supervisor: Supervisor) -> tuple[threading.Thread, list[int]]:
-    result: list[int] = []
-    runner = threading.Thread(target=lambda: result.append(supervisor.run()))
-    runner.start()
-    return runner, result
-
-
 def quick(**overrides: float) -> RestartPolicy:
     """Short delays for tests; a death counts as quick unless the process stayed up a minute."""
     values = {"initial_delay": 0.05, "max_delay": 0.4, "stable_after": 60.0, "max_quick_deaths": 5}
@@ -149,55 +119,85 @@ def quick(**overrides: float) -> RestartPolicy:
     return RestartPolicy(**values)  # type: ignore[arg-type]
 
 
-def test_supervisor_restarts_a_process_that_dies_and_leaves_the_others_alone(tmp_path: Path) -> None:
+def restarting(specs: list[ProcessSpec], out: io.StringIO, **policy: float) -> Launcher:
+    """A launcher as ``./dev up`` makes one (restarts on, output on one stream), with quick back-off."""
+    return Launcher(dict(os.environ), specs=specs, out=out, restart=True, policy=quick(**policy))
+
+
+def run_in_thread(launcher: Launcher) -> tuple[threading.Thread, list[int]]:
+    result: list[int] = []
+    runner = threading.Thread(target=lambda: result.append(launcher.run()))
+    runner.start()
+    return runner, result
+
+
+def pids(launcher: Launcher) -> dict[str, int | None]:
+    return {name: process.pid for name, process in launcher.processes.items()}
+
+
+def test_run_stops_every_process_on_request() -> None:
     out = io.StringIO()
-    supervisor = Supervisor([sleeper("stays"), flaky("dies", tmp_path / "runs", deaths=2)],
-                            lambda name: dict(os.environ), out=out, restart=quick())
-    runner, result = run_in_thread(supervisor)
+    launcher = Launcher(dict(os.environ), specs=[sleeper("one"), sleeper("two")], out=out, restart=True)
+    runner, result = run_in_thread(launcher)
+    wait_for(lambda: "one pid" in out.getvalue() and "two pid" in out.getvalue())
+    started = [int(line.split()[-1]) for line in out.getvalue().splitlines() if " pid " in line]
+
+    launcher.request_stop()
+    runner.join(timeout=15)
+
+    assert not runner.is_alive()
+    assert result == [0]
+    assert len(started) == 2 and all(gone(pid) for pid in started)
+    assert any(line.startswith("one | one pid") for line in out.getvalue().splitlines())
+
+
+def test_a_process_that_dies_is_restarted_and_the_others_left_alone(tmp_path: Path) -> None:
+    out = io.StringIO()
+    launcher = restarting([sleeper("stays"), flaky("dies", tmp_path / "runs", deaths=2)], out)
+    runner, result = run_in_thread(launcher)
     try:
         wait_for(lambda: "dies pid" in out.getvalue() and " run 3" in out.getvalue())
-        stays_pid = supervisor.pids["stays"]
-        wait_for(lambda: supervisor.restarts.get("dies", 0) == 2)
+        stays_pid = launcher.processes["stays"].pid
+        wait_for(lambda: launcher.processes["dies"].restarts == 2)
         time.sleep(0.3)  # the third run stays up: nothing else happens
-        assert supervisor.processes["dies"].poll() is None
-        assert supervisor.pids["stays"] == stays_pid and supervisor.restarts["stays"] == 0
+        assert launcher.processes["dies"].alive()
+        assert launcher.processes["stays"].pid == stays_pid and launcher.processes["stays"].restarts == 0
         log = out.getvalue()
         assert "dev   | dies exited with code 3; restarting in 0.05 s" in log
         assert "dev   | dies exited with code 3; restarting in 0.1 s" in log  # doubled
         assert "stopping" not in log
     finally:
-        supervisor.request_stop()
+        launcher.request_stop()
         runner.join(timeout=15)
     assert result == [0]
-    assert all(gone(pid) for pid in supervisor.pids.values())
+    assert all(gone(pid) for pid in pids(launcher).values() if pid)
 
 
-def test_supervisor_gives_up_and_stops_everything_when_a_process_cannot_stay_up(tmp_path: Path) -> None:
+def test_run_gives_up_and_stops_everything_when_a_process_cannot_stay_up(tmp_path: Path) -> None:
     out = io.StringIO()
-    supervisor = Supervisor([sleeper("stays"), flaky("dies", tmp_path / "runs", deaths=1000)],
-                            lambda name: dict(os.environ), out=out, restart=quick(max_quick_deaths=4))
+    launcher = restarting([sleeper("stays"), flaky("dies", tmp_path / "runs", deaths=1000)], out, max_quick_deaths=4)
 
-    code = supervisor.run()
+    code = launcher.run()
 
     assert code == 3
     log = out.getvalue()
     delays = [line.rsplit("restarting in ", 1)[1] for line in log.splitlines() if "restarting in" in line]
     assert delays == ["0.05 s", "0.1 s", "0.2 s"]  # doubling; the fourth quick death is the last
     assert "dies exited with code 3, 4 times in a row within 60 s of starting; giving up" in log
+    assert "stopping everything" in log
     assert len((tmp_path / "runs").read_text().splitlines()) == 4
-    assert all(gone(pid) for pid in supervisor.pids.values())
+    assert all(gone(pid) for pid in pids(launcher).values() if pid)
 
 
 def test_back_off_starts_again_from_the_first_delay_after_a_process_stayed_up(tmp_path: Path) -> None:
     """Each run stays up 1 s, longer than ``stable_after``: every death is the first of a new series."""
     out = io.StringIO()
-    supervisor = Supervisor([sleeper("stays"), sleeper("dies", exit_after=1)], lambda name: dict(os.environ),
-                            out=out, restart=quick(stable_after=0.3, max_quick_deaths=1))
-    runner, result = run_in_thread(supervisor)
+    launcher = restarting([sleeper("stays"), sleeper("dies", exit_after=1)], out, stable_after=0.3, max_quick_deaths=1)
+    runner, result = run_in_thread(launcher)
     try:
-        wait_for(lambda: supervisor.restarts.get("dies", 0) >= 3, timeout=30)
+        wait_for(lambda: "dies" in launcher.processes and launcher.processes["dies"].restarts >= 3, timeout=30)
     finally:
-        supervisor.request_stop()
+        launcher.request_stop()
         runner.join(timeout=15)
     assert result == [0]
     delays = [line.rsplit("restarting in ", 1)[1] for line in out.getvalue().splitlines() if "restarting in" in line]
@@ -206,47 +206,173 @@ def test_back_off_starts_again_from_the_first_delay_after_a_process_stayed_up(tm
 
 def test_back_off_delay_never_exceeds_the_cap(tmp_path: Path) -> None:
     out = io.StringIO()
-    supervisor = Supervisor([flaky("dies", tmp_path / "runs", deaths=1000)], lambda name: dict(os.environ),
-                            out=out, restart=quick(max_delay=0.2, max_quick_deaths=6))
-    assert supervisor.run() == 3
+    launcher = restarting([flaky("dies", tmp_path / "runs", deaths=1000)], out, max_delay=0.2, max_quick_deaths=6)
+    assert launcher.run() == 3
     delays = [line.rsplit("restarting in ", 1)[1] for line in out.getvalue().splitlines() if "restarting in" in line]
     assert delays == ["0.05 s", "0.1 s", "0.2 s", "0.2 s", "0.2 s"]
 
 
 def test_stop_request_during_a_back_off_stops_at_once_without_restarting(tmp_path: Path) -> None:
     out = io.StringIO()
-    supervisor = Supervisor([sleeper("stays"), flaky("dies", tmp_path / "runs", deaths=1000)],
-                            lambda name: dict(os.environ), out=out, restart=quick(initial_delay=600))
-    runner, result = run_in_thread(supervisor)
+    launcher = restarting([sleeper("stays"), flaky("dies", tmp_path / "runs", deaths=1000)], out, initial_delay=600)
+    runner, result = run_in_thread(launcher)
     wait_for(lambda: "restarting in 600 s" in out.getvalue())
-    stays_pid = supervisor.pids["stays"]
+    stays_pid = launcher.processes["stays"].pid
 
-    supervisor.request_stop()
+    launcher.request_stop()
     runner.join(timeout=15)
 
     assert not runner.is_alive() and result == [0]
-    assert supervisor.restarts["dies"] == 0
-    assert gone(stays_pid)
+    assert launcher.processes["dies"].restarts == 0
+    assert stays_pid is not None and gone(stays_pid)
 
 
-def test_supervisor_kills_what_a_dead_process_left_in_its_group(tmp_path: Path) -> None:
+def test_what_a_dead_process_left_in_its_group_is_killed(tmp_path: Path) -> None:
     """A worker's main process dies but its pool child lives on: the restart must not run next to it."""
     code = ("import os, subprocess, sys, time\n"
             "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])\n"
             "print('orphan', child.pid, flush=True)\n"
             "time.sleep(0.2); os._exit(1)\n")
     out = io.StringIO()
-    supervisor = Supervisor([ProcessSpec("parent", f"{shlex.quote(sys.executable)} -c {shlex.quote(code)}")],
-                            lambda name: dict(os.environ), out=out, restart=quick(initial_delay=600))
-    runner, result = run_in_thread(supervisor)
+    launcher = restarting([ProcessSpec("parent", f"{shlex.quote(sys.executable)} -c {shlex.quote(code)}")], out,
+                          initial_delay=600)
+    runner, result = run_in_thread(launcher)
     try:
         wait_for(lambda: "restarting in" in out.getvalue())
         orphan = int(next(line.split()[-1] for line in out.getvalue().splitlines() if " orphan " in line))
         wait_for(lambda: gone(orphan))
     finally:
-        supervisor.request_stop()
+        launcher.request_stop()
         runner.join(timeout=15)
     assert result == [0]
+
+
+# --- copies, stop and kill one, up or not --------------------------------------------------------------
+
+HTTP_NODE = (
+    "import http.server, os\n"
+    "class Answer(http.server.BaseHTTPRequestHandler):\n"
+    "    def do_GET(self):\n"
+    "        body = os.environ['PS'].encode()\n"
+    "        self.send_response(200); self.send_header('Content-Length', str(len(body))); self.end_headers()\n"
+    "        self.wfile.write(body)\n"
+    "    def log_message(self, *args): pass\n"
+    "http.server.HTTPServer(('127.0.0.1', int(os.environ['PORT'])), Answer).serve_forever()\n"
+)
+
+
+def http_get(url: str) -> str:
+    import urllib.request
+
+    with urllib.request.urlopen(url, timeout=5) as answer:
+        return answer.read().decode()
+
+
+def test_copies_of_a_group_run_under_their_own_names_and_ports_and_stop_or_die_alone(tmp_path: Path) -> None:
+    """Two copies of web, as a multi-node drill runs them: each answers on its own port under its own name;
+    stopping one or killing the other leaves the rest up; a stopped copy comes back as it was."""
+    web = ProcessSpec("web", f"{shlex.quote(sys.executable)} -c {shlex.quote(HTTP_NODE)}")
+    launcher = Launcher(dict(os.environ), specs=[web, sleeper("other")], logs=tmp_path / "logs")
+    ports = {"web-1": free_port(), "web-2": free_port()}
+    try:
+        for name, port in ports.items():
+            launcher.start("web", name=name, port=port)
+        launcher.start("other")
+        launcher.wait_ready(timeout=30)
+        assert launcher.status() == {"web-1": True, "web-2": True, "other": True}
+        assert {name: http_get(f"http://127.0.0.1:{port}/readyz") for name, port in ports.items()} == \
+            {"web-1": "web-1", "web-2": "web-2"}
+        assert launcher.processes["web-2"].url == f"http://127.0.0.1:{ports['web-2']}"
+
+        launcher.stop("web-2")
+        assert launcher.status() == {"web-1": True, "web-2": False, "other": True}
+        assert not port_accepts(ports["web-2"])
+
+        first = launcher.processes["web-1"].pid
+        launcher.kill("web-1")
+        assert first is not None and gone(first)
+        time.sleep(0.5)  # restarts are off: nothing brings it back
+        assert launcher.status() == {"web-1": False, "web-2": False, "other": True}
+
+        launcher.start("web-2")  # as it was: same group, same port
+        launcher.wait_ready(["web-2"], timeout=30)
+        assert http_get(f"http://127.0.0.1:{ports['web-2']}/") == "web-2"
+        with pytest.raises(LaunchError, match="running already"):
+            launcher.start("web-2")
+    finally:
+        launcher.stop_all()
+    assert all(gone(pid) for pid in pids(launcher).values() if pid)
+    assert (tmp_path / "logs" / "web-2.log").exists()
+
+
+def test_restart_on_death_is_switchable_per_process(tmp_path: Path) -> None:
+    """Off by default for tests and drills (a killed process stays dead), on for a process that asks:
+    killed, it is brought back; stopped on purpose, it is not."""
+    launcher = Launcher(dict(os.environ), specs=[sleeper("plain"), sleeper("kept")], logs=tmp_path / "logs",
+                        policy=quick())
+    try:
+        launcher.start("plain")
+        kept = launcher.start("kept", restart=True)
+        launcher.wait_ready(timeout=30)
+        first = kept.pid
+        launcher.kill("plain", "kept")
+
+        wait_for(lambda: kept.restarts == 1 and kept.alive(), timeout=15)
+        assert kept.pid != first
+        assert not launcher.processes["plain"].alive() and launcher.processes["plain"].restarts == 0
+
+        launcher.stop("kept")
+        time.sleep(0.5)
+        assert not kept.alive() and kept.restarts == 1
+    finally:
+        launcher.stop_all()
+
+
+def test_a_celery_worker_is_up_only_once_it_logged_ready(tmp_path: Path) -> None:
+    """Up is ready, not merely running: a Celery worker counts once its "ready." line is in its log."""
+    go = tmp_path / "go"
+    fake = tmp_path / "bin" / "celery"
+    fake.parent.mkdir()
+    fake.write_text(f"#!{sys.executable}\nimport os, time\n"
+                    f"while not os.path.exists({str(go)!r}): time.sleep(0.02)\n"
+                    "print('celery@host ready.', flush=True)\ntime.sleep(60)\n")
+    fake.chmod(0o755)
+    worker = ProcessSpec("stamping", f"{shlex.quote(str(fake))} -A workers.make_celery worker --queues stamping")
+    launcher = Launcher(dict(os.environ), specs=[worker], logs=tmp_path / "logs")
+    try:
+        process = launcher.start("stamping")
+        time.sleep(0.5)
+        assert process.alive() and not launcher.up("stamping")
+        with pytest.raises(LaunchError, match="not up after"):
+            launcher.wait_ready(timeout=0.3)
+        go.touch()
+        launcher.wait_ready(timeout=15)
+        assert launcher.up("stamping")
+    finally:
+        launcher.stop_all()
+
+
+def test_a_process_that_dies_at_start_is_reported_with_its_output(tmp_path: Path) -> None:
+    launcher = Launcher(dict(os.environ), specs=[ProcessSpec("web", "echo 'port 8000 is in use' >&2; exit 3")],
+                        logs=tmp_path / "logs")
+    try:
+        launcher.start("web", port=free_port())
+        with pytest.raises(LaunchError, match="web exited with code 3") as failure:
+            launcher.wait_ready(timeout=30)
+        assert "port 8000 is in use" in str(failure.value)
+    finally:
+        launcher.stop_all()
+
+
+def test_the_services_defaults_are_the_settings_defaults() -> None:
+    """The drills read the environment without the settings module: the same variables, the same defaults."""
+    settings = load_settings({})
+    configured = Configured.from_environment({})
+    assert (DEFAULT_DATABASE_URL, DEFAULT_REDIS_URL, DEFAULT_DATA_DIR) == \
+        (settings.database_url, settings.redis_url, settings.data_dir)
+    assert configured.database_url == settings.database_url and not configured.force_private
+    assert Configured.from_environment({"PRIVATE_SERVICES": "1", "DATA_DIR": "/tmp/x"}) == \
+        Configured(DEFAULT_DATABASE_URL, DEFAULT_REDIS_URL, Path("/tmp/x"), True)
 
 
 def test_procfile_names_the_production_processes_and_procfile_dev_the_stand_in_gateway() -> None:
@@ -263,7 +389,7 @@ def test_the_drills_start_what_dev_up_starts() -> None:
     from loadtests.stack import procfile_commands
 
     assert procfile_commands() == {spec.name: spec.command for spec in process_specs()}
-    assert "shared.payments.standin" in procfile_commands()["gateway"]
+    assert "shared.devtools.standin" in procfile_commands()["gateway"]
 
 
 def test_a_process_in_both_procfiles_is_refused(tmp_path: Path) -> None:
@@ -286,7 +412,7 @@ def test_data_folder_secret_key_is_made_once_private_and_reused(tmp_path: Path) 
 
 
 def test_data_folder_secret_key_made_by_racing_processes_is_one_key(tmp_path: Path) -> None:
-    code = ("import sys; from pathlib import Path; from shared.devenv import data_dir_secret_key; "
+    code = ("import sys; from pathlib import Path; from shared.devtools.dev import data_dir_secret_key; "
             "print(data_dir_secret_key(Path(sys.argv[1])))")
     racers = [subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], cwd=ROOT, stdout=subprocess.PIPE,
                                stderr=subprocess.DEVNULL, text=True) for _ in range(8)]
@@ -320,7 +446,7 @@ def test_dev_up_web_gateway_serves_with_the_data_folder_key_and_stops_on_sigterm
                REDIS_KEY_PREFIX="meterai-dev-up-test:", DEVELOPMENT="1")
     log = tmp_path / "dev-up.log"
     with open(log, "wb") as out:
-        dev = subprocess.Popen([sys.executable, "-m", "shared.devenv", "up", "web", "gateway"], cwd=ROOT, env=env,
+        dev = subprocess.Popen([sys.executable, "-m", "shared.devtools.dev", "up", "web", "gateway"], cwd=ROOT, env=env,
                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         wait_for(lambda: "everything is up" in log.read_text() or dev.poll() is not None, timeout=90)

@@ -31,7 +31,7 @@ from shared.payments.gateway import (
     parse_gross_amount,
     verify_notification,
 )
-from shared.payments.standin import create_standin_app
+from shared.devtools.standin import create_standin_app
 
 SERVER_KEY = "SB-Mid-server-test-key"
 PRICE = 12_500

@@ -16,7 +16,6 @@ import os
 import re
 import signal
 import time
-import uuid
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +26,8 @@ from pypdf import PdfReader, PdfWriter
 
 from shared.stamping import DocumentRejected, PreflightResult, isolation, preflight
 from shared.stamping.isolation import preflight_isolated
-from tests.conftest import System, WorkerProcess, make_pdf, wait_until
+from shared.devtools.launcher import Process
+from tests.conftest import System, make_pdf, wait_until
 
 MAX_BYTES = 2 * 1024 * 1024
 MAX_PAGES = 500
@@ -212,38 +212,39 @@ def children(pid: int, table: dict[int, tuple[int, str]] | None = None) -> dict[
     return {child: state for child, (parent, state) in table.items() if parent == pid}
 
 
-def preflight_children(worker: WorkerProcess) -> dict[int, dict[int, str]]:
+def preflight_children(worker: Process) -> dict[int, dict[int, str]]:
     """Processes below the worker's pool processes (forked preflights, finished or not), per pool process."""
     table = process_table()
-    return {pool_process: children(pool_process, table) for pool_process in children(worker.proc.pid, table)}
+    return {pool_process: children(pool_process, table) for pool_process in children(worker.pid, table)}
 
 
-def only_idle_preflight_children(worker: WorkerProcess) -> bool:
+def only_idle_preflight_children(worker: Process) -> bool:
     """At most one preflight child per pool process (one task at a time), sleeping on its request pipe:
     none still working on a document, none exited and unreaped."""
     return all(len(found) <= 1 and set(found.values()) <= {"S"}
                for found in preflight_children(worker).values())
 
 
-def checkout_workers(sys_: System) -> list[WorkerProcess]:
-    return [w for w in sys_.workers.values() if "checkout" in w.queues.split(",")]
+def checkout_workers(sys_: System) -> list[Process]:
+    return [sys_.process("checkout")]
 
 
 class WorkerLog:
     """What a worker wrote to its log since this object was made."""
 
-    def __init__(self, worker: WorkerProcess) -> None:
-        self.path = worker.log_path
+    def __init__(self, worker: Process) -> None:
+        assert worker.log is not None
+        self.path = worker.log
         self.start = self.path.stat().st_size if self.path.exists() else 0
 
     def text(self) -> str:
         return self.path.read_bytes()[self.start:].decode("utf-8", "replace")
 
 
-def assert_workers_healthy(workers: list[WorkerProcess], logs: list[WorkerLog]) -> None:
+def assert_workers_healthy(workers: list[Process], logs: list[WorkerLog]) -> None:
     """Alive, no pool process lost under a task, no message received twice, no preflight left behind."""
     for worker, log in zip(workers, logs):
-        assert worker.proc is not None and worker.proc.poll() is None, f"worker {worker.name} died"
+        assert worker.alive(), f"worker {worker.name} died"
         text = log.text()
         assert not WORKER_DEATH.search(text), text
         received = RECEIVED.findall(text)
@@ -293,27 +294,23 @@ def test_what_is_not_a_pdf_is_refused_at_upload_with_a_reason(sys_: System, host
 
 
 @pytest.fixture
-def tight_checkout_worker(sys_: System) -> Iterator[WorkerProcess]:
+def tight_checkout_worker(sys_: System) -> Iterator[Process]:
     """The checkout queue served by one worker whose preflight gets 0.4 s: a hostile file that takes
     seconds then runs into the limit, as one that takes minutes would under the default 20 s.
 
     The regular workers are left stopped afterwards; ``sys_`` starts them again before the next test.
     """
-    regular = checkout_workers(sys_)
-    for worker in regular:
-        worker.stop()
-    queues = ",".join(dict.fromkeys(q for w in regular for q in w.queues.split(",")))
-    tight = WorkerProcess("checkout-tight", queues, {**regular[0].env, "PREFLIGHT_TIMEOUT_SECONDS": "0.4"},
-                          sys_.tmp / f"worker-checkout-tight-{uuid.uuid4().hex[:6]}.log")
-    tight.start()
+    sys_.stop("checkout")
+    tight = sys_.launcher.start("checkout", name="checkout-tight", env={"PREFLIGHT_TIMEOUT_SECONDS": "0.4"})
+    sys_.launcher.wait_ready([tight.name])
     try:
         yield tight
     finally:
-        tight.stop()
+        sys_.stop(tight.name)
 
 
 def test_preflight_over_its_time_budget_on_the_worker_ends_as_a_rejection(
-    sys_: System, tight_checkout_worker: WorkerProcess
+    sys_: System, tight_checkout_worker: Process
 ) -> None:
     log = WorkerLog(tight_checkout_worker)
 

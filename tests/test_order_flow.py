@@ -249,7 +249,7 @@ def _paid_orders_past_deadline(sys_, count: int) -> list[str]:
 
     Stamping is stopped while they are paid so the test, not a race, decides their state.
     """
-    sys_.workers["stamping"].stop()
+    sys_.stop("stamping")
     ids = []
     for _ in range(count):
         order_id, token, view = sys_.order_awaiting_payment()
@@ -285,12 +285,12 @@ def test_two_concurrent_sweeps_refund_each_order_exactly_once(sys_):
 
 
 def test_paid_order_survives_redis_restarting_empty(sys_):
-    sys_.workers["stamping"].stop()
+    sys_.stop("stamping")
     order_id, token, view = sys_.order_awaiting_payment()
     sys_.pay(view["payment"]["gateway_order_id"])
     sys_.wait_status(order_id, token, "paid")
     sys_.redis.restart()  # no persistence: the queued stamping message is gone
-    sys_.workers["stamping"].start()
+    sys_.start("stamping")
     assert sys_.status(order_id, token)["status"] == "paid"
     counts = wait_until(lambda: housekeeping.redrive(sys_.settings)["meterai.stamping.stamp_order"],
                         message="redrive to find the order")
@@ -314,13 +314,12 @@ def test_failed_stamp_paid_by_bank_transfer_goes_to_manual_refund(sys_):
 
 def test_redrive_recovers_a_notification_lost_with_redis(sys_):
     """Redis restarts empty while a notification waits to be processed: PostgreSQL alone recovers it."""
-    general = sys_.workers["general"]
     order_id, token, view = sys_.order_awaiting_payment()
-    general.stop()  # nobody processes payments now
+    sys_.stop("payments")  # nobody processes payments now
     sys_.pay(view["payment"]["gateway_order_id"])
     wait_until(lambda: sys_.query("SELECT 1 FROM payment_notifications"), message="notification stored")
     sys_.redis.restart()
-    general.start()
+    sys_.start("payments")
     assert sys_.status(order_id, token)["status"] == "awaiting_payment"
     assert housekeeping.redrive(sys_.settings)["meterai.payments.process_notification"] == 1
     sys_.wait_status(order_id, token, "stamped")
@@ -330,10 +329,10 @@ def test_redrive_recovers_a_notification_lost_with_redis(sys_):
 def test_redrive_recovers_a_refund_lost_with_redis(sys_):
     """Redis restarts empty while a refund waits in its queue: the refund still happens, once."""
     [order_id] = _paid_orders_past_deadline(sys_, 1)
-    sys_.workers["general"].stop()  # nobody runs refunds now
+    sys_.stop("refunds")  # nobody runs refunds now
     assert housekeeping.sweep_refunds(sys_.settings) == 1  # publishes the refund task...
     sys_.redis.restart()  # ...which Redis then forgets
-    sys_.workers["general"].start()
+    sys_.start("refunds")
     assert sys_.order_row(order_id)["status"] == "refund_pending"
     assert housekeeping.redrive(sys_.settings)["meterai.refunds.refund_order"] == 1
     wait_until(lambda: sys_.order_row(order_id)["status"] == "refunded", message="refund after redrive")
@@ -348,7 +347,7 @@ def test_gateway_refusing_to_open_a_payment_rejects_the_order_without_charge(sys
     from shared.services.checkout import prepare_order
     from shared.store import store_from_settings
 
-    sys_.workers["general"].stop()  # the order stays `created` for us to check out by hand
+    sys_.stop("checkout")  # the order stays `created` for us to check out by hand
     r = sys_.create()
     order_id = r.json()["order_id"]
     wrong_key = MidtransGateway(sys_.gateway_url, "SB-Mid-server-wrong", timeout=3)
@@ -364,7 +363,7 @@ def test_concurrent_checkouts_of_one_order_open_one_payable_transaction(sys_):
     from shared.services.checkout import prepare_order
     from shared.store import store_from_settings
 
-    sys_.workers["general"].stop()  # we run the two racing checkouts ourselves
+    sys_.stop("checkout")  # we run the two racing checkouts ourselves
     r = sys_.create()
     order_id, token = r.json()["order_id"], r.json()["access_token"]
     outcomes: list[str] = []

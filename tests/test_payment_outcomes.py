@@ -8,8 +8,8 @@ every transaction and refunded. The oracles: ``ledger_report`` (our books add up
 an outcome is flagged) and ``meterai gateway-reconcile`` (every capture the gateway made has its outcome
 here).
 
-Like tests/test_payments_faults.py, this module runs its own general worker with a 1-second gateway
-timeout and a breaker that won't open between tests.
+Like tests/test_payments_faults.py, this module runs its own checkout, payments, refunds and
+housekeeping workers with a 1-second gateway timeout and a breaker that won't open between tests.
 """
 from __future__ import annotations
 
@@ -31,14 +31,14 @@ from shared.payments.gateway import CircuitBreaker, MidtransGateway
 from shared.services import housekeeping, refunds
 from shared.services.ledger import LedgerReport, format_report, ledger_report
 from tests.conftest import ROOT, SERVER_KEY, wait_until
-from tests.test_payments_faults import general_worker, make_unstampable
+from tests.test_payments_faults import make_unstampable, workers_but_stamping
 
 PRICE = 12_500
 
 
 @pytest.fixture(scope="module", autouse=True)
 def quick_gateway_timeouts(system) -> Iterator[None]:
-    with general_worker(system, GATEWAY_TIMEOUT_SECONDS="1", GATEWAY_BREAKER_THRESHOLD="1000"):
+    with workers_but_stamping(system, GATEWAY_TIMEOUT_SECONDS="1", GATEWAY_BREAKER_THRESHOLD="1000"):
         yield
 
 
@@ -135,8 +135,7 @@ def test_checkout_that_cannot_open_a_payment_expires_with_a_reason_and_no_charge
 
 
 def test_checkout_whose_message_was_lost_is_not_redriven_past_its_deadline_but_expired(sys_):
-    general = sys_.workers["general"]
-    general.stop()  # nobody checks the order out: as if its message had been lost
+    sys_.stop("checkout")  # nobody checks the order out: as if its message had been lost
     try:
         r = sys_.create()
         order_id, token = r.json()["order_id"], r.json()["access_token"]
@@ -151,7 +150,7 @@ def test_checkout_whose_message_was_lost_is_not_redriven_past_its_deadline_but_e
         assert result.returncode == 0, result.stderr
         assert json.loads(result.stdout) == {"queued": 0, "checkouts_expired": 1}
     finally:
-        general.start()
+        sys_.start("checkout")
     view = sys_.status(order_id, token)
     assert view["status"] == "expired" and view["reason"]["code"] == "payment_not_opened"
     assert json.loads(cli(sys_, "expire-unpaid").stdout)["checkouts_expired"] == 0
@@ -195,7 +194,7 @@ def test_a_payment_that_slips_into_a_failing_checkout_is_refunded_and_the_rest_c
 
 
 def test_the_watch_cancels_a_payable_transaction_of_an_order_that_takes_no_payment(sys_):
-    sys_.workers["general"].stop()
+    sys_.stop("checkout")  # the order takes no payment: nobody checks it out
     try:
         r = sys_.create()
         order_id, token = r.json()["order_id"], r.json()["access_token"]
@@ -205,7 +204,7 @@ def test_the_watch_cancels_a_payable_transaction_of_an_order_that_takes_no_payme
                    (order_id,))
         assert json.loads(cli(sys_, "expire-unpaid").stdout)["checkouts_expired"] == 1
     finally:
-        sys_.workers["general"].start()
+        sys_.start("checkout")
     due_now(sys_, gateway_order_id)
 
     polled = cli(sys_, "reconcile", "--inline")
@@ -325,7 +324,7 @@ def test_refund_of_an_unsettled_card_capture_voids_it(sys_):
 
 def _paid_and_held(sys_, payment_type: str) -> tuple[str, str, str]:
     """A paid order that stamping will not reach (its worker is stopped), its deadline passed."""
-    sys_.workers["stamping"].stop()
+    sys_.stop("stamping")
     order_id, token, view = sys_.order_awaiting_payment()
     gateway_order_id = view["payment"]["gateway_order_id"]
     sys_.pay(gateway_order_id, payment_type=payment_type)
@@ -360,14 +359,14 @@ class SettlesJustBeforeTheVoid(MidtransGateway):
 
 def test_a_void_refused_because_the_capture_settled_meanwhile_becomes_a_refund(sys_):
     order_id, token, gateway_order_id = _paid_and_held(sys_, "credit_card")
-    sys_.workers["general"].stop()  # we run the refund ourselves
+    sys_.stop("refunds")  # we run the refund ourselves
     try:
         assert housekeeping.sweep_refunds(sys_.settings) == 1
         racing = SettlesJustBeforeTheVoid(sys_.gateway_url, SERVER_KEY, timeout=5, breaker=CircuitBreaker())
         assert refunds.refund_payment(sys_.settings, racing, gateway_order_id) == "refunded"
         assert refunds.refund_payment(sys_.settings, racing, gateway_order_id) == "skipped"
     finally:
-        sys_.workers["general"].start()
+        sys_.start("refunds")
     record = sys_.gateway_record(gateway_order_id)
     assert record["transaction_status"] == "refund" and len(record["refunds"]) == 1
     assert sys_.status(order_id, token)["status"] == "refunded"

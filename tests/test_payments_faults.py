@@ -5,7 +5,7 @@ gateway misbehave through its sandbox API, and asserts the final state in the da
 charge, no double refund, every captured payment stamped or refunded, and the ledger balanced — with
 :func:`shared.services.ledger.ledger_report` (what ``meterai ledger-report`` runs) as the oracle.
 
-This module runs its own "general" worker (checkout, payments, refunds, housekeeping) with a 1-second
+This module runs its own checkout, payments, refunds and housekeeping workers with a 1-second
 gateway timeout, so injected timeouts cost seconds, and a circuit breaker that won't open between tests
 (consecutive failures from one test would otherwise open it for the next). The breaker has its own test
 below, with a worker configured the production way against a gateway that never answers.
@@ -28,7 +28,7 @@ from shared.payments.gateway import CircuitBreaker, MidtransGateway
 from shared.services import housekeeping
 from shared.services.ledger import LedgerReport, format_report, ledger_report
 from shared.lifecycle import refund_key_for
-from tests.conftest import ROOT, SERVER_KEY, WorkerProcess, make_pdf, wait_until
+from tests.conftest import ROOT, SERVER_KEY, make_pdf, wait_until
 from tests.test_gateway import BlackHole
 
 PRICE = 12_500
@@ -36,26 +36,28 @@ PRICE = 12_500
 
 # --- helpers ---------------------------------------------------------------------------------------
 
+BUT_STAMPING = ("checkout", "payments", "refunds", "housekeeping")
+
+
 @contextmanager
-def general_worker(system, **env: str) -> Iterator[WorkerProcess]:
-    """Replace the general worker by one with ``env`` on top of its own, and put the old one back."""
-    previous = system.workers["general"]
-    previous.stop()
-    replacement = WorkerProcess("general", previous.queues, {**previous.env, **env},
-                                system.tmp / f"worker-general-{uuid.uuid4().hex[:6]}.log")
-    system.workers["general"] = replacement
+def workers_but_stamping(system, **env: str) -> Iterator[None]:
+    """Run every worker but stamping with ``env`` on top of its settings, then as before."""
+    system.stop(*BUT_STAMPING)
     try:
-        replacement.start()
-        yield replacement
+        for name in BUT_STAMPING:
+            system.launcher.start(name, env=env)
+        system.launcher.wait_ready(BUT_STAMPING)
+        yield
     finally:
-        replacement.stop()
-        system.workers["general"] = previous
-        previous.start()
+        system.stop(*BUT_STAMPING)
+        for name in BUT_STAMPING:
+            system.launcher.start(name, env={})
+        system.launcher.wait_ready(BUT_STAMPING)
 
 
 @pytest.fixture(scope="module", autouse=True)
 def quick_gateway_timeouts(system) -> Iterator[None]:
-    with general_worker(system, GATEWAY_TIMEOUT_SECONDS="1", GATEWAY_BREAKER_THRESHOLD="1000"):
+    with workers_but_stamping(system, GATEWAY_TIMEOUT_SECONDS="1", GATEWAY_BREAKER_THRESHOLD="1000"):
         yield
 
 
@@ -263,7 +265,7 @@ def test_standin_restart_keeps_its_transactions(sys_):
     sys_.wait_status(refunded, refunded_token, "refunded")
     wait_until(lambda: notifications_settled(sys_), message="notifications processed")
 
-    sys_.restart_gateway()
+    sys_.restart("gateway")
 
     waiting_record = sys_.gateway_record(waiting_view["payment"]["gateway_order_id"])
     assert waiting_record["transaction_status"] == "pending"
@@ -282,7 +284,7 @@ def test_standin_restart_keeps_its_transactions(sys_):
 
 
 def _paid_orders_past_deadline(sys_, count: int) -> list[str]:
-    sys_.workers["stamping"].stop()
+    sys_.stop("stamping")
     ids = []
     for _ in range(count):
         order_id, token, view = sys_.order_awaiting_payment()
@@ -301,12 +303,12 @@ def test_dead_gateway_opens_the_breaker_without_eating_worker_slots(sys_):
     wait_until(lambda: notifications_settled(sys_), message="notifications processed")
     hole = BlackHole()
     try:
-        with general_worker(sys_, GATEWAY_URL=hole.url, GATEWAY_TIMEOUT_SECONDS="1",
-                            GATEWAY_BREAKER_THRESHOLD="2", GATEWAY_BREAKER_COOLDOWN_SECONDS="600",
-                            REFUND_MAX_RETRIES="8"):
+        with workers_but_stamping(sys_, GATEWAY_URL=hole.url, GATEWAY_TIMEOUT_SECONDS="1",
+                                  GATEWAY_BREAKER_THRESHOLD="2", GATEWAY_BREAKER_COOLDOWN_SECONDS="600",
+                                  REFUND_MAX_RETRIES="8"):
             started = time.monotonic()
             assert housekeeping.sweep_refunds(sys_.settings) == 4
-            # Meanwhile a buyer uploads a document that can't be stamped: checkout, same worker.
+            # Meanwhile a buyer uploads a document that can't be stamped: checkout goes on.
             rejected = sys_.create(make_pdf(pages=2), page=5)
             assert rejected.status_code == 202
             body = rejected.json()
@@ -318,7 +320,7 @@ def test_dead_gateway_opens_the_breaker_without_eating_worker_slots(sys_):
             wait_until(lambda: attempts() >= 4 * 9, timeout=60, message="every refund attempt made")
             elapsed = time.monotonic() - started
             errors = [r["last_error"] for r in sys_.query("SELECT last_error FROM refunds")]
-            # 36 attempts, but at most threshold (2) per worker process (2) ever reached the wire.
+            # 36 attempts, but at most threshold (2) per worker process (refunds has 1 or 2) ever reached the wire.
             assert len(hole.accepted) <= 4
             assert all("circuit is open" in (e or "") for e in errors), errors
             assert elapsed < 40

@@ -1,6 +1,6 @@
 """The stand-in gateway keeps its state in its own PostgreSQL schema and survives being killed.
 
-The stand-in runs here as the real process (``python -m shared.payments.standin``), configured only by
+The stand-in runs here as the real process (``python -m shared.devtools.standin``), configured only by
 environment like in the Procfile, and is killed with SIGKILL mid-delivery: what it knew before, it knows
 after; a refund key it answered before is answered the same way; a notification it had not delivered yet
 is delivered by the restarted process.
@@ -23,9 +23,9 @@ import requests
 from werkzeug.serving import make_server
 from werkzeug.wrappers import Request, Response
 
-from shared import devenv
+from shared.devtools.services import free_port, port_accepts
 from shared.payments.gateway import CircuitBreaker, MidtransGateway, verify_notification
-from shared.payments.standin_db import migrate
+from shared.devtools.standin.store import migrate
 from tests.conftest import ROOT, wait_until
 
 SERVER_KEY = "SB-Mid-server-durable"
@@ -71,12 +71,12 @@ def schema(database_url: str) -> Iterator[str]:
 
 
 class StandinProcess:
-    """``python -m shared.payments.standin`` on a fixed port, pointed at a schema by environment only."""
+    """``python -m shared.devtools.standin`` on a fixed port, pointed at a schema by environment only."""
 
     def __init__(self, database_url: str, schema: str, notification_url: str, log_path: Path,
                  args: tuple[str, ...] = ("--notification-retry-delays", "0.3,0.5,1,2,4,8"),
                  **env: str) -> None:
-        self.port = devenv.free_port()
+        self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.args = args
         self.log_path = log_path
@@ -97,10 +97,10 @@ class StandinProcess:
     def start(self) -> None:
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "shared.payments.standin", "--port", str(self.port), *self.args],
+                [sys.executable, "-m", "shared.devtools.standin", "--port", str(self.port), *self.args],
                 cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
             )
-        wait_until(lambda: devenv.port_accepts(self.port) or self.proc.poll() is not None,
+        wait_until(lambda: port_accepts(self.port) or self.proc.poll() is not None,
                    timeout=30, message="the stand-in to listen")
         assert self.proc.poll() is None, "the stand-in exited at start"
 
@@ -181,21 +181,43 @@ def test_standin_schema_is_its_own_and_migrated_once(database_url: str, schema: 
         migrate(database_url, "standin; DROP TABLE orders")
 
 
+def test_one_migration_runner_keeps_each_schemas_history_and_applies_each_file_once(
+        database_url: str, schema: str) -> None:
+    """meterai's migrations and the stand-in's go through one runner: runners racing on a fresh schema
+    apply each of its files once, into that schema's own history, and meterai's history is not touched."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from shared.db.migrate import apply_migrations, migration_files
+
+    standin = [name for name, _ in migration_files("shared.devtools.standin")]
+    with ThreadPoolExecutor(4) as pool:
+        runs = list(pool.map(lambda _: apply_migrations(database_url, package="shared.devtools.standin",
+                                                        schema=schema), range(4)))
+
+    assert sorted(name for run in runs for name in run) == standin
+    assert apply_migrations(database_url) == []  # the session applied meterai's own; nothing new there
+    with psycopg.connect(database_url) as conn:
+        ours = [row[0] for row in conn.execute(f"SELECT name FROM {schema}.schema_migrations ORDER BY name")]
+        core = [row[0] for row in conn.execute("SELECT name FROM public.schema_migrations ORDER BY name")]
+    assert ours == standin
+    assert core == [name for name, _ in migration_files()]
+
+
 # --- a sandbox, and only a sandbox -----------------------------------------------------------------
 
 def test_standin_refuses_to_start_unless_development(database_url: str, schema: str, tmp_path: Path) -> None:
     process = StandinProcess(database_url, schema, "http://127.0.0.1:9/none", tmp_path / "standin.log",
                              DEVELOPMENT="0")
-    result = subprocess.run([sys.executable, "-m", "shared.payments.standin", "--port", str(process.port)],
+    result = subprocess.run([sys.executable, "-m", "shared.devtools.standin", "--port", str(process.port)],
                             cwd=ROOT, env=process.env, capture_output=True, text=True, timeout=60)
 
     assert result.returncode == 2
     assert "starts only with DEVELOPMENT=1" in result.stderr
-    assert not devenv.port_accepts(process.port)
+    assert not port_accepts(process.port)
 
 
 def test_standin_app_must_be_asked_for_as_a_sandbox(database_url: str, schema: str) -> None:
-    from shared.payments.standin import NotASandbox, create_standin_app
+    from shared.devtools.standin import NotASandbox, create_standin_app
 
     with pytest.raises(TypeError):
         create_standin_app(SERVER_KEY, "http://127.0.0.1:9/", "http://127.0.0.1:9",  # type: ignore[call-arg]

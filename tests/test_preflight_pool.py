@@ -16,19 +16,18 @@ import signal
 import subprocess
 import sys
 import threading
-import uuid
 from pathlib import Path
 from typing import Iterator
 
 import pytest
 
 from shared.stamping import DocumentRejected, PreflightResult, isolation, preflight
-from tests.conftest import ROOT, System, WorkerProcess, make_pdf, wait_until
+from shared.devtools.launcher import Process
+from tests.conftest import ROOT, System, make_pdf, wait_until
 from tests.test_hostile_documents import (
     CATALOG,
     CONTENT,
     LIMITS,
-    checkout_workers,
     children,
     exponential_page_tree,
     isolated,
@@ -321,29 +320,25 @@ def test_a_child_dies_with_its_parent(tmp_path: Path) -> None:
 
 
 @pytest.fixture
-def own_checkout_worker(sys_: System) -> Iterator[WorkerProcess]:
+def own_checkout_worker(sys_: System) -> Iterator[Process]:
     """The checkout queue served by a worker of this test's own, whose pool processes it may kill.
 
     The regular workers are left stopped afterwards; ``sys_`` starts them again before the next test.
     """
-    regular = checkout_workers(sys_)
-    for worker in regular:
-        worker.stop()
-    queues = ",".join(dict.fromkeys(q for w in regular for q in w.queues.split(",")))
-    own = WorkerProcess("checkout-own", queues, dict(regular[0].env),
-                        sys_.tmp / f"worker-checkout-own-{uuid.uuid4().hex[:6]}.log")
-    own.start()
+    sys_.stop("checkout")
+    own = sys_.launcher.start("checkout", name="checkout-own", env={})
+    sys_.launcher.wait_ready([own.name])
     try:
         yield own
     finally:
-        own.stop()
+        sys_.stop(own.name)
 
 
 def test_a_celery_pool_process_that_dies_takes_its_preflight_child_with_it(
-    sys_: System, own_checkout_worker: WorkerProcess
+    sys_: System, own_checkout_worker: Process
 ) -> None:
     sys_.order_awaiting_payment(make_pdf(pages=1))
-    pool_processes = children(own_checkout_worker.proc.pid)
+    pool_processes = children(own_checkout_worker.pid)
     with_child = {pool: children(pool) for pool in pool_processes if children(pool)}
     assert len(with_child) == 1, with_child  # the pool process that ran the checkout kept its child
     (pool, preflight_child), = ((pool, next(iter(found))) for pool, found in with_child.items())

@@ -13,8 +13,9 @@ import psycopg
 import pytest
 
 from conftest import _admin_url
-from shared import devenv
 from shared.config import load_settings
+from shared.devtools import dev
+from shared.devtools import services as private
 
 
 @pytest.fixture
@@ -29,9 +30,9 @@ def data_dir() -> Iterator[Path]:
 
 
 @pytest.fixture
-def configured(database_url: str, redis_server: devenv.RedisHandle) -> dict[str, str]:
+def configured(database_url: str, redis_server: private.RedisHandle) -> dict[str, str]:
     """Configured servers that answer: the session's PostgreSQL database and its Redis."""
-    assert devenv.postgres_answers(database_url) and devenv.redis_answers(redis_server.url)
+    assert private.postgres_answers(database_url) and private.redis_answers(redis_server.url)
     return {"DATABASE_URL": database_url, "REDIS_URL": redis_server.url}
 
 
@@ -42,7 +43,7 @@ def server_port(url: str) -> int:
 def test_dev_uses_the_configured_servers_when_they_answer(configured, data_dir, monkeypatch) -> None:
     for name, value in {**configured, "DATA_DIR": str(data_dir), "PRIVATE_SERVICES": "0"}.items():
         monkeypatch.setenv(name, value)
-    _, services = devenv._configured_services()
+    _, services = dev._configured_services()
     try:
         assert (services.database_url, services.redis_url) == (configured["DATABASE_URL"], configured["REDIS_URL"])
         assert services.private == []
@@ -53,11 +54,11 @@ def test_dev_uses_the_configured_servers_when_they_answer(configured, data_dir, 
 def test_private_services_makes_dev_start_its_own_servers_anyway(configured, data_dir, monkeypatch) -> None:
     for name, value in {**configured, "DATA_DIR": str(data_dir), "PRIVATE_SERVICES": "1"}.items():
         monkeypatch.setenv(name, value)
-    _, services = devenv._configured_services()
+    _, services = dev._configured_services()
     try:
         assert server_port(services.database_url) != server_port(configured["DATABASE_URL"])
         assert services.redis_url != configured["REDIS_URL"]
-        assert devenv.postgres_answers(services.database_url) and devenv.redis_answers(services.redis_url)
+        assert private.postgres_answers(services.database_url) and private.redis_answers(services.redis_url)
         assert len(services.private) == 2
         database = psycopg.conninfo.conninfo_to_dict(configured["DATABASE_URL"])["dbname"]
         assert psycopg.conninfo.conninfo_to_dict(services.database_url)["dbname"] == database  # created there
@@ -66,8 +67,8 @@ def test_private_services_makes_dev_start_its_own_servers_anyway(configured, dat
         assert env["PRIVATE_SERVICES"] == "0"  # the tests run under ./dev use these, they start no third pair
     finally:
         services.stop()
-    assert not devenv.postgres_answers(services.database_url)
-    assert not devenv.redis_answers(services.redis_url)
+    assert not private.postgres_answers(services.database_url)
+    assert not private.redis_answers(services.redis_url)
 
 
 def test_private_services_makes_the_test_fixtures_start_their_own_postgres(configured, data_dir) -> None:
@@ -75,7 +76,7 @@ def test_private_services_makes_the_test_fixtures_start_their_own_postgres(confi
     admin, handle = _admin_url(data_dir, env)
     try:
         assert handle is not None and server_port(admin) != server_port(configured["DATABASE_URL"])
-        assert devenv.postgres_answers(admin)
+        assert private.postgres_answers(admin)
     finally:
         if handle is not None:
             handle.stop()
@@ -91,6 +92,6 @@ def test_private_services_makes_the_drills_start_their_own_postgres(configured, 
     assert load_settings().private_services == 1
     with Stack(data_dir / "drill", label="private") as stack:
         assert server_port(stack.database_url) != server_port(configured["DATABASE_URL"])
-        assert any(isinstance(h, devenv.PostgresHandle) for h in stack._private)
+        assert any(isinstance(h, private.PostgresHandle) for h in stack._private)
         with psycopg.connect(stack.database_url) as conn:  # migrated
             assert conn.execute("SELECT count(*) FROM orders").fetchone() == (0,)

@@ -10,7 +10,8 @@ import uuid
 
 import redis
 
-from shared import devenv, statuscache
+from shared import statuscache
+from shared.devtools.services import free_port
 
 
 def _entry(sys_, order_id: str) -> bytes | None:
@@ -75,7 +76,7 @@ def test_an_answer_read_before_a_change_is_not_cached_after_it(sys_):
 
 def test_without_redis_the_database_answers(sys_):
     order_id, token, _ = sys_.order_awaiting_payment()
-    dead = dataclasses.replace(sys_.settings, redis_url=f"redis://127.0.0.1:{devenv.free_port()}/0")
+    dead = dataclasses.replace(sys_.settings, redis_url=f"redis://127.0.0.1:{free_port()}/0")
     statuscache.configure(dead)
     try:
         order_id_str = str(order_id)

@@ -1,8 +1,8 @@
-"""Payments: the gateway adapter (:mod:`shared.payments.gateway`) and the stand-in gateway server
-(:mod:`shared.payments.standin`) that speaks the same Midtrans protocol for tests, drills and the demo.
+"""Payments: the gateway adapter (:mod:`shared.payments.gateway`).
 
-Only the adapter's interface is re-exported here; the stand-in is a separate process and is imported
-explicitly by whoever runs it, so importing payments never pulls in Flask.
+The stand-in gateway server that speaks the same Midtrans protocol for tests, drills and the demo is
+development tooling (:mod:`shared.devtools.standin`): production never imports it. Only the adapter's
+interface is re-exported here.
 """
 from shared.payments.gateway import (
     CloseResult,

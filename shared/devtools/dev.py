@@ -1,0 +1,186 @@
+"""The project's two commands, ``./dev up`` and ``./dev test`` (``python -m shared.devtools.dev``).
+
+``up`` finds or starts PostgreSQL and Redis (:mod:`shared.devtools.services`), applies the migrations, gives
+the data folder a secret key of its own, and runs every ``Procfile`` and ``Procfile.dev`` process (or the
+ones named) under the launcher (:mod:`shared.devtools.launcher`) with restarts on, until Ctrl-C or SIGTERM.
+``test`` hands the same servers to pytest through the environment; the fixtures start the rest.
+"""
+from __future__ import annotations
+
+import os
+import secrets
+import signal
+import stat
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable
+
+from shared.devtools.launcher import LaunchError, Launcher
+from shared.devtools.procfile import ROOT, UnknownProcess, process_specs, select_processes
+from shared.devtools.services import ServiceError, Services, ensure_services, say
+
+if TYPE_CHECKING:
+    from shared.config import Settings
+
+SECRET_KEY_FILE = "secret-key"
+SECRET_KEY_MIN_LENGTH = 32
+WEB_PORT = 8000
+PYTEST_NO_TESTS_COLLECTED = 5
+USAGE = "usage: ./dev up [process ...]   |   ./dev test [pytest args ...]"
+
+
+def _configured_services() -> tuple[Settings, Services]:
+    from shared.config import load_settings
+
+    settings = load_settings()
+    data_dir = Path(settings.data_dir).absolute()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    return settings, ensure_services(settings.database_url, settings.redis_url, data_dir,
+                                     force_private=bool(settings.private_services))
+
+
+def _apply_migrations(database_url: str) -> None:
+    from shared.db.migrate import apply_migrations
+
+    applied = apply_migrations(database_url)
+    say(f"applied migrations: {', '.join(applied)}" if applied else "database schema is up to date")
+
+
+def data_dir_secret_key(data_dir: Path) -> str:
+    """This data folder's own random SECRET_KEY (``<data_dir>/secret-key``, mode 0600), made on first use.
+
+    Why: with the built-in development key, anyone who has read the source can mint buyer tokens for a
+    ``./dev up`` system that is reachable from elsewhere; a random key per data folder costs nothing, and
+    reusing it keeps tokens and waiting-room tickets valid across restarts. Made atomically: written to a
+    private temporary file, then hard-linked into place, so a second ``./dev up`` starting at the same moment
+    either makes the key or reads the complete one the first made, never half a file or a different key.
+    """
+    path = Path(data_dir) / SECRET_KEY_FILE
+    if not path.exists():
+        candidate = path.with_name(f".{SECRET_KEY_FILE}.{os.getpid()}.{secrets.token_hex(4)}")
+        fd = os.open(candidate, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            os.fchmod(fd, 0o600)
+            os.write(fd, (secrets.token_urlsafe(48) + "\n").encode())
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        try:
+            os.link(candidate, path)
+            say(f"made a random SECRET_KEY for this data folder in {path}")
+        except FileExistsError:
+            pass  # another ./dev made it meanwhile: theirs is the key
+        finally:
+            candidate.unlink()
+    mode = stat.S_IMODE(path.stat().st_mode)
+    if mode & 0o077:
+        say(f"{path} was readable by others (mode {mode:o}); making it 0600")
+        path.chmod(0o600)
+    key = path.read_text().strip()
+    if len(key) < SECRET_KEY_MIN_LENGTH:
+        raise ServiceError(f"{path} holds no usable key (shorter than {SECRET_KEY_MIN_LENGTH} characters); "
+                           "delete it and ./dev up makes a new one (buyer tokens signed with the old one stop working)")
+    return key
+
+
+def announce_when_up(launcher: Launcher, settings: Settings, timeout: float = 60.0) -> None:
+    """Once every process is up (web and the stand-in answer, the workers are ready), say where to go and
+    how to stop."""
+    names = [name for name in ("web", "gateway") if name in launcher.processes]
+    try:
+        launcher.wait_ready(timeout=timeout)
+    except LaunchError:
+        return  # the launcher says what went wrong with the process itself
+    if launcher.stop_requests:
+        return
+    launcher.emit("dev", "everything is up")
+    if "web" in names:
+        launcher.emit("dev", f"  web:              {launcher.processes['web'].url}")
+    if "gateway" in names:
+        launcher.emit("dev", f"  stand-in gateway: {settings.gateway_url}")
+    launcher.emit("dev", "  stop:             Ctrl-C (stops every process, then the private servers)")
+
+
+def cmd_up(args: list[str]) -> int:
+    """Run the whole system: services, migrations, then the Procfile's and Procfile.dev's processes (those
+    named, or all) until Ctrl-C or SIGTERM, restarting any that dies by itself."""
+    names = [spec.name for spec in select_processes(process_specs(), args)]
+    settings, services = _configured_services()
+    try:
+        _apply_migrations(services.database_url)
+        env = services.env()
+        if not os.environ.get("SECRET_KEY"):
+            env["SECRET_KEY"] = data_dir_secret_key(services.data_dir)
+        env["PORT"] = os.environ.get("PORT") or str(WEB_PORT)  # the Procfile convention: PORT for web
+        launcher = Launcher(env, restart=True)
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            signal.signal(sig, lambda *_: launcher.request_stop())
+        return launcher.run(names, on_started=lambda: threading.Thread(
+            target=announce_when_up, args=(launcher, settings), daemon=True).start())
+    finally:
+        services.stop()
+
+
+def pytest_exit_code(code: int) -> int:
+    """Our exit code for pytest's: "no tests collected" (5) is a failure for us, with a message."""
+    if code == PYTEST_NO_TESTS_COLLECTED:
+        print("[dev] pytest collected no tests; treating that as a failure", file=sys.stderr, flush=True)
+        return 1
+    return code
+
+
+def _wait_forwarding_signals(process: subprocess.Popen[bytes]) -> int:
+    """Wait for pytest. Ctrl-C in the terminal reaches it directly; SIGTERM/SIGHUP to us become SIGINT to it,
+    so it stops the way it does on Ctrl-C (fixture teardown included)."""
+    def forward(signum: int, frame: object) -> None:
+        process.send_signal(signal.SIGINT)
+
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    previous[signal.SIGINT] = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        return process.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def cmd_test(args: list[str]) -> int:
+    """Run the test suite. The database in DATABASE_URL is only the tests' way into the server: they create
+    and drop databases of their own there (and start their own private redis-server)."""
+    _, services = _configured_services()
+    try:
+        process = subprocess.Popen([sys.executable, "-m", "pytest", *args], cwd=ROOT, env=services.env())
+        return pytest_exit_code(_wait_forwarding_signals(process))
+    finally:
+        services.stop()
+
+
+COMMANDS: dict[str, Callable[[list[str]], int]] = {"up": cmd_up, "test": cmd_test}
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] not in COMMANDS:
+        print(USAGE, file=sys.stderr)
+        return 2
+    signal.signal(signal.SIGTERM, _interrupt)  # so the finally blocks stop the private servers
+    try:
+        return COMMANDS[argv[0]](argv[1:])
+    except UnknownProcess as exc:
+        print(f"[dev] {exc}\n{USAGE}", file=sys.stderr)
+        return 2
+    except (ServiceError, LaunchError) as exc:
+        print(f"[dev] {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

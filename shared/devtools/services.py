@@ -1,0 +1,457 @@
+"""Private PostgreSQL and Redis for a development machine, the tests and the drills.
+
+Why this exists: the README promises two commands that work on a fresh machine, so nobody should have to
+install, configure or start PostgreSQL and Redis by hand first. When ``DATABASE_URL`` / ``REDIS_URL``
+answer, they are used as they are; when they don't, or ``PRIVATE_SERVICES=1`` says never to touch them,
+a private server is started under the data folder on a free port of 127.0.0.1 and stopped again when
+the caller is done. The test suite and the drills take throw-away servers from here too.
+
+Only the standard library, psycopg and redis: the drills use this module and must stay clients of the
+system (no ``shared.config``, no ``shared.db``); callers pass URLs and folders in.
+"""
+from __future__ import annotations
+
+import glob
+import os
+import pwd
+import re
+import shlex
+import shutil
+import socket
+import stat
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import quote
+
+POSTGRES_USER = "postgres"
+
+
+class ServiceError(RuntimeError):
+    """A private PostgreSQL or Redis could not be started (the message says why and what to do)."""
+
+
+def say(message: str) -> None:
+    print(f"[dev] {message}", file=sys.stderr, flush=True)
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def port_accepts(port: int, host: str = "127.0.0.1", timeout: float = 0.5) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _tail(path: Path, lines: int = 20) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
+def _redact(url: str) -> str:
+    """The URL without its password, for messages."""
+    return re.sub(r"(://[^:/@]*):[^@/]*@", r"\1:***@", url)
+
+
+# ---------------------------------------------------------------------------------------------- PostgreSQL
+
+
+def postgres_answers(url: str) -> bool:
+    """Whether the PostgreSQL server named in ``url`` accepts us (on its ``postgres`` maintenance database)."""
+    return _postgres_problem(url) is None
+
+
+def _postgres_problem(url: str) -> str | None:
+    import psycopg
+
+    try:
+        with psycopg.connect(url, dbname="postgres", connect_timeout=2):
+            return None
+    except psycopg.Error as exc:
+        return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+
+
+def database_name(url: str) -> str | None:
+    from psycopg.conninfo import conninfo_to_dict
+
+    name = conninfo_to_dict(url).get("dbname")
+    return str(name) if name else None
+
+
+def create_database(url: str) -> None:
+    """Create the database ``url`` names on its server, unless it exists already."""
+    import psycopg
+    from psycopg import sql
+
+    name = database_name(url)
+    if not name or name == "postgres":
+        return
+    with psycopg.connect(url, dbname="postgres", connect_timeout=2, autocommit=True) as conn:
+        if conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,)).fetchone():
+            return
+        try:
+            conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+        except psycopg.errors.DuplicateDatabase:
+            pass  # somebody else created it meanwhile
+
+
+def find_pg_bin(name: str) -> str:
+    """Path of the PostgreSQL server program ``name`` (initdb, pg_ctl, ...).
+
+    Debian keeps them off PATH in /usr/lib/postgresql/<version>/bin, so look where ``pg_config`` says, then
+    there (newest version first), then on PATH.
+    """
+    candidates: list[Path] = []
+    pg_config = shutil.which("pg_config")
+    if pg_config:
+        result = subprocess.run([pg_config, "--bindir"], capture_output=True, text=True)
+        if result.returncode == 0 and result.stdout.strip():
+            candidates.append(Path(result.stdout.strip()) / name)
+    versioned = glob.glob("/usr/lib/postgresql/*/bin")
+    versioned.sort(key=lambda p: [int(x) if x.isdigit() else 0 for x in re.split(r"[^0-9]+", p)], reverse=True)
+    candidates += [Path(d) / name for d in versioned]
+    on_path = shutil.which(name)
+    if on_path:
+        candidates.append(Path(on_path))
+    for candidate in candidates:
+        if candidate.is_file() and os.access(candidate, os.X_OK):
+            return str(candidate)
+    raise ServiceError(
+        f"PostgreSQL's {name} was not found (looked in pg_config --bindir, /usr/lib/postgresql/*/bin, PATH); "
+        "install the PostgreSQL server (Debian: apt-get install postgresql) or point DATABASE_URL at a running one"
+    )
+
+
+def _running_as_root() -> bool:
+    return os.geteuid() == 0
+
+
+def _as_postgres_user() -> list[str]:
+    """Command prefix that runs a program as the ``postgres`` user when we are root (PostgreSQL refuses root)."""
+    if not _running_as_root():
+        return []
+    try:
+        pwd.getpwnam(POSTGRES_USER)
+    except KeyError:
+        raise ServiceError(
+            "running as root, and PostgreSQL refuses to run as root: create a 'postgres' user "
+            "(Debian's postgresql package does) or run as a normal user"
+        ) from None
+    return ["runuser", "-u", POSTGRES_USER, "--"]
+
+
+def _give_to_postgres(*paths: Path) -> None:
+    """When root: hand ``paths`` (recursively) to the postgres user, and let it reach them through their parents."""
+    if not _running_as_root():
+        return
+    user = pwd.getpwnam(POSTGRES_USER)
+    for path in paths:
+        for parent in reversed(path.absolute().parents):
+            mode = parent.stat().st_mode
+            if not mode & stat.S_IXOTH:
+                say(f"letting the postgres user through {parent} (chmod o+x)")
+                parent.chmod(stat.S_IMODE(mode) | stat.S_IXOTH)
+        if path.stat().st_uid == user.pw_uid:
+            continue
+        os.chown(path, user.pw_uid, user.pw_gid)
+        for dirpath, dirnames, filenames in os.walk(path):
+            for name in dirnames + filenames:
+                os.lchown(os.path.join(dirpath, name), user.pw_uid, user.pw_gid)
+
+
+def _run_pg(args: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        _as_postgres_user() + args, cwd=cwd, capture_output=True, text=True, start_new_session=True
+    )
+
+
+@dataclass
+class PostgresHandle:
+    """A private PostgreSQL cluster. ``url`` points at its ``postgres`` database, as the ``postgres`` superuser."""
+
+    cluster: Path
+    port: int
+    owned: bool = True  # False when we found it already running (another ./dev started it): we leave it be
+
+    @property
+    def url(self) -> str:
+        return f"postgresql://{POSTGRES_USER}@127.0.0.1:{self.port}/postgres"
+
+    def database_url(self, dbname: str) -> str:
+        return f"postgresql://{POSTGRES_USER}@127.0.0.1:{self.port}/{quote(dbname, safe='')}"
+
+    def stop(self) -> None:
+        if not self.owned:
+            return
+        result = _run_pg([find_pg_bin("pg_ctl"), "stop", "-D", str(self.cluster), "-m", "fast", "-w"], self.cluster)
+        if result.returncode != 0 and "Is server running?" not in result.stderr:
+            say(f"pg_ctl stop failed: {result.stderr.strip()}")
+        self.owned = False
+
+
+def _initdb(cluster: Path) -> None:
+    result = _run_pg(
+        [find_pg_bin("initdb"), "-D", str(cluster), "-U", POSTGRES_USER, "--auth=trust", "--encoding=UTF8",
+         "--no-locale", "--no-sync"],
+        cluster,
+    )
+    if result.returncode != 0:
+        raise ServiceError(f"initdb in {cluster} failed:\n{result.stdout}{result.stderr}")
+
+
+def _running_cluster_port(cluster: Path) -> int | None:
+    """Port of the server already running on ``cluster``, if one is."""
+    status = _run_pg([find_pg_bin("pg_ctl"), "status", "-D", str(cluster)], cluster)
+    if status.returncode != 0:
+        return None
+    try:
+        return int((cluster / "postmaster.pid").read_text().splitlines()[3])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def _prepare_cluster_dirs(dir: Path) -> tuple[Path, Path]:
+    cluster, log = dir / "postgres", dir / "postgres.log"
+    dir.mkdir(parents=True, exist_ok=True)
+    cluster.mkdir(exist_ok=True)
+    log.touch(exist_ok=True)
+    _give_to_postgres(cluster, log)
+    return cluster, log
+
+
+def start_private_postgres(dir: Path, port: int | None = None) -> PostgresHandle:
+    """Start (initialising on first use) a PostgreSQL cluster in ``dir/postgres``, logging to ``dir/postgres.log``.
+
+    Listens on 127.0.0.1:``port`` (a free one when None) with trust auth; its unix socket stays inside the
+    cluster folder. A cluster already running there is reused and left running by ``stop()``.
+    """
+    dir = Path(dir).absolute()
+    cluster, log = _prepare_cluster_dirs(dir)
+    if not (cluster / "PG_VERSION").exists():
+        _initdb(cluster)
+    running = _running_cluster_port(cluster)
+    if running is not None:
+        return PostgresHandle(cluster, running, owned=False)
+    port = port or free_port()
+    options = f"-p {port} -k {shlex.quote(str(cluster))} -c listen_addresses=127.0.0.1"
+    result = _run_pg(
+        [find_pg_bin("pg_ctl"), "start", "-w", "-t", "60", "-D", str(cluster), "-l", str(log), "-o", options],
+        cluster,
+    )
+    if result.returncode != 0:
+        raise ServiceError(
+            f"PostgreSQL in {cluster} did not start:\n{result.stdout}{result.stderr}\n--- {log}:\n{_tail(log)}"
+        )
+    return PostgresHandle(cluster, port)
+
+
+def ensure_postgres(
+    database_url: str, data_dir: str | Path, *, force_private: bool = False
+) -> tuple[str, PostgresHandle | None]:
+    """A PostgreSQL URL that answers, with its database created: ``database_url`` itself if its server answers
+    (and ``force_private`` is off), else one on a private server under ``data_dir`` (whose handle is returned
+    so the caller can stop it)."""
+    if force_private:
+        say(f"PRIVATE_SERVICES=1: not using PostgreSQL at {_redact(database_url)}; using a private one in {data_dir}")
+    else:
+        problem = _postgres_problem(database_url)
+        if problem is None:
+            create_database(database_url)
+            return database_url, None
+        say(f"PostgreSQL at {_redact(database_url)} does not answer ({problem}); using a private one in {data_dir}")
+    handle = start_private_postgres(Path(data_dir))
+    url = handle.database_url(database_name(database_url) or "meterai")
+    try:
+        create_database(url)
+    except Exception:
+        handle.stop()
+        raise
+    return url, handle
+
+
+# ---------------------------------------------------------------------------------------------- Redis
+
+
+def redis_answers(url: str) -> bool:
+    """Whether the Redis server at ``url`` answers PING within 2 seconds."""
+    import redis
+
+    client = redis.Redis.from_url(url, socket_connect_timeout=2, socket_timeout=2)
+    try:
+        return bool(client.ping())
+    except (redis.RedisError, OSError):
+        return False
+    finally:
+        client.close()
+
+
+def _redis_server() -> str:
+    path = shutil.which("redis-server")
+    if not path:
+        raise ServiceError(
+            "redis-server was not found on PATH; install it (Debian: apt-get install redis-server) "
+            "or point REDIS_URL at a running Redis"
+        )
+    return path
+
+
+@dataclass
+class RedisHandle:
+    """A private, memory-only redis-server run as our child process."""
+
+    dir: Path
+    port: int
+    process: subprocess.Popen[bytes] | None = field(default=None, repr=False)
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    @property
+    def log(self) -> Path:
+        return self.dir / "redis.log"
+
+    def start(self, timeout: float = 10.0) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        command = [_redis_server(), "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+                   "--appendonly", "no", "--dir", str(self.dir)]
+        with open(self.log, "ab") as log:
+            self.process = subprocess.Popen(
+                command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            )
+        deadline = time.monotonic() + timeout
+        while not redis_answers(self.url):
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise ServiceError(f"redis-server on port {self.port} did not start; {self.log}:\n{_tail(self.log)}")
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        process, self.process = self.process, None
+        if process is None or process.poll() is not None:
+            return
+        process.terminate()
+        try:
+            process.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+    def restart(self) -> None:
+        """Stop and start again on the same port (empty: nothing is kept on disk)."""
+        self.stop()
+        self.start()
+
+
+def start_private_redis(dir: Path, port: int | None = None) -> RedisHandle:
+    """Start a memory-only redis-server on 127.0.0.1:``port`` (a free one when None), working in ``dir/redis``."""
+    attempts = 1 if port else 3  # a free port can be taken by someone else before redis binds it
+    for attempt in range(1, attempts + 1):
+        handle = RedisHandle(Path(dir).absolute() / "redis", port or free_port())
+        try:
+            handle.start()
+        except ServiceError:
+            if attempt == attempts:
+                raise
+            continue
+        return handle
+    raise ServiceError("redis-server did not start")
+
+
+def ensure_redis(redis_url: str, data_dir: str | Path, *, force_private: bool = False) -> tuple[str, RedisHandle | None]:
+    """A Redis URL that answers: ``redis_url`` itself (unless ``force_private``), or a private server's under
+    ``data_dir``."""
+    if force_private:
+        say(f"PRIVATE_SERVICES=1: not using Redis at {_redact(redis_url)}; using a private one in {data_dir}")
+    elif redis_answers(redis_url):
+        return redis_url, None
+    else:
+        say(f"Redis at {_redact(redis_url)} does not answer; using a private one in {data_dir}")
+    handle = start_private_redis(Path(data_dir))
+    return handle.url, handle
+
+
+# ---------------------------------------------------------------------------------------------- together
+
+# shared/config.py's defaults, read here without importing it (a test checks the two agree).
+DEFAULT_DATABASE_URL = "postgresql://postgres@127.0.0.1:5432/meterai"
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+DEFAULT_DATA_DIR = ".data"
+
+
+@dataclass(frozen=True)
+class Configured:
+    """Where the environment says the services are (the same variables and defaults as the settings)."""
+
+    database_url: str
+    redis_url: str
+    data_dir: Path
+    force_private: bool
+
+    @classmethod
+    def from_environment(cls, environ: dict[str, str] | None = None) -> "Configured":
+        environ = dict(os.environ) if environ is None else environ
+        raw = environ.get("PRIVATE_SERVICES") or "0"
+        try:
+            force_private = int(raw) != 0
+        except ValueError:
+            raise ServiceError(f"PRIVATE_SERVICES must be 0 or 1, not {raw!r}") from None
+        return cls(environ.get("DATABASE_URL") or DEFAULT_DATABASE_URL, environ.get("REDIS_URL") or DEFAULT_REDIS_URL,
+                   Path(environ.get("DATA_DIR") or DEFAULT_DATA_DIR).absolute(), force_private)
+
+
+@dataclass
+class Services:
+    """The PostgreSQL and Redis a command runs against, and the private ones it must stop afterwards."""
+
+    database_url: str
+    redis_url: str
+    data_dir: Path
+    private: list[PostgresHandle | RedisHandle] = field(default_factory=list)
+    forced_private: bool = False
+
+    def env(self) -> dict[str, str]:
+        """The process environment plus the service settings, with the venv's programs first on PATH."""
+        env = dict(os.environ)
+        env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", os.defpath)])
+        env.update(
+            DATABASE_URL=self.database_url, REDIS_URL=self.redis_url, DATA_DIR=str(self.data_dir),
+            PYTHONUNBUFFERED="1",
+        )
+        env.setdefault("DEVELOPMENT", "1")  # ./dev runs on the development defaults, knowingly
+        if self.forced_private:
+            # DATABASE_URL and REDIS_URL now name the private servers: the test fixtures must use them,
+            # not start yet another pair.
+            env["PRIVATE_SERVICES"] = "0"
+        return env
+
+    def stop(self) -> None:
+        for handle in reversed(self.private):
+            handle.stop()
+        self.private.clear()
+
+
+def ensure_services(database_url: str, redis_url: str, data_dir: Path, *, force_private: bool = False) -> Services:
+    """PostgreSQL and Redis that answer: the configured ones, or private ones under ``data_dir`` (always,
+    with ``force_private``)."""
+    database_url, pg = ensure_postgres(database_url, data_dir, force_private=force_private)
+    services = Services(database_url, redis_url, data_dir, [pg] if pg else [], forced_private=force_private)
+    try:
+        services.redis_url, redis_handle = ensure_redis(redis_url, data_dir, force_private=force_private)
+    except BaseException:
+        services.stop()
+        raise
+    if redis_handle:
+        services.private.append(redis_handle)
+    return services
