@@ -26,6 +26,8 @@ from reportlab.lib.pagesizes import A4
 from reportlab.pdfgen import canvas
 from werkzeug.serving import make_server
 
+from shared import statuscache
+from shared.broker import use_broker
 from shared.config import Settings, load_settings
 from shared.db import close_pools
 from shared.db.migrate import apply_migrations
@@ -241,6 +243,10 @@ def system(database_url, redis_server, tmp_path_factory) -> Any:
         "RATE_LIMIT_NOTIFICATIONS": "1000000/60",
     }
     settings = load_settings(env_settings)
+    # The tests call services in this process too: like every process that changes orders, it publishes
+    # through the broker and drops cached status answers.
+    use_broker(settings)
+    statuscache.configure(settings)
     # The stand-in keeps its state in its own schema ("standin") of the test database.
     env = {**os.environ, **env_settings, "PORT": str(web_port), "GATEWAY_PORT": str(gateway_port),
            "PYTHONUNBUFFERED": "1"}
@@ -260,7 +266,14 @@ TABLES = "ledger_entries, refunds, payment_notifications, payments, serials, ord
 def sys_(system: System) -> System:
     """The running system with empty tables and every process up (a test may have stopped some)."""
     system.start(*PROCESSES)
-    with system.db() as conn:
-        conn.execute(f"TRUNCATE {TABLES}")
+    for attempt in range(10):  # a worker may still be finishing the last test's work on these rows
+        try:
+            with system.db() as conn:
+                conn.execute(f"TRUNCATE {TABLES}")
+            break
+        except psycopg.errors.DeadlockDetected:
+            time.sleep(0.2 * (attempt + 1))
+    else:
+        raise RuntimeError("could not empty the tables: workers kept deadlocking with TRUNCATE")
     system.http.delete(f"{system.gateway_url}/sandbox/faults", timeout=5)
     return system

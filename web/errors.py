@@ -75,10 +75,14 @@ def register(app: Flask) -> None:
     def http_error(exc: HTTPException):
         code = (exc.name or "error").lower().replace(" ", "_")
         message = exc.description or exc.name
+        headers = {}
         if exc.code == 413:
             code, message = "too_large", "The upload is larger than this service accepts."
-        return error_response(code, message, exc.code or 500,
-                              retry_after=5 if exc.code in (429, 503) else None)
+            headers["Connection"] = "close"  # the rest of the body is unread: this connection is done
+        response = error_response(code, message, exc.code or 500,
+                                  retry_after=5 if exc.code in (429, 503) else None)
+        response.headers.update(headers)
+        return response
 
     @app.errorhandler(psycopg.DataError)
     def data_error(exc: Exception):

@@ -17,13 +17,21 @@ class BadJson(DomainError):
     code = "bad_request"
 
 
+class BodyTooLarge(DomainError):
+    """Answered before the body was read whole: the connection closes after the answer, because the
+    unread rest of the body would otherwise be taken for the client's next request."""
+
+    code = "too_large"
+    headers = {"Connection": "close"}
+
+
 def json_body(max_bytes: int) -> Any:
     """The request's JSON, at most ``max_bytes`` long (413 beyond), or :class:`BadJson` (400)."""
     if request.content_length is not None and request.content_length > max_bytes:
-        raise DomainError(f"The body is larger than {max_bytes} bytes.", code="too_large")
+        raise BodyTooLarge(f"The body is larger than {max_bytes} bytes.")
     data = request.stream.read(max_bytes + 1)
     if len(data) > max_bytes:
-        raise DomainError(f"The body is larger than {max_bytes} bytes.", code="too_large")
+        raise BodyTooLarge(f"The body is larger than {max_bytes} bytes.")
     try:
         return json.loads(data)
     except (ValueError, RecursionError):
