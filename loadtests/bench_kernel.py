@@ -229,17 +229,27 @@ def straightforward(stock_signer: object) -> Operation:
     return run
 
 
+def development_signer(data_dir: Path) -> object:
+    """The worker's signer on a development CA the tooling makes in ``data_dir`` (production only loads)."""
+    from shared.config import load_settings
+    from shared.devtools.pki import ensure_dev_pki
+    from shared.stamping.signing import signer_from_settings
+
+    settings = load_settings({}, data_dir=str(data_dir))
+    ensure_dev_pki(settings)
+    return signer_from_settings(settings)
+
+
 def kernel_operations(data_dir: Path) -> tuple[Operation, Operation, Operation]:
     """(stamp only, stamp + sign as the worker does it, the straightforward baseline)."""
     from pyhanko.sign import signers
 
     from shared.config import load_settings
     from shared.stamping import stamp_document
-    from shared.stamping.signing import pki_paths, signer_from_settings, stamp_and_sign
+    from shared.stamping.signing import pki_paths, stamp_and_sign
 
-    settings = load_settings({}, data_dir=str(data_dir))
-    signer = signer_from_settings(settings)  # makes the development PKI on first use
-    paths = pki_paths(settings)
+    signer = development_signer(data_dir)
+    paths = pki_paths(load_settings({}, data_dir=str(data_dir)))
     stock = signers.SimpleSigner.load(str(paths.key), str(paths.cert), ca_chain_files=(str(paths.ca_cert),))
 
     def stamp(document: bytes) -> bytes:
@@ -255,11 +265,10 @@ def kernel_operations(data_dir: Path) -> tuple[Operation, Operation, Operation]:
 
 def delivery_check(data_dir: Path) -> Callable[[bytes], Operation]:
     """For a source document, the worker's check of its signed file (signed once, checked every time)."""
-    from shared.config import load_settings
     from shared.stamping.delivery import check_delivery, expected_page_count
-    from shared.stamping.signing import signer_from_settings, stamp_and_sign
+    from shared.stamping.signing import stamp_and_sign
 
-    signer = signer_from_settings(load_settings({}, data_dir=str(data_dir)))
+    signer = development_signer(data_dir)
     serial, url = next_serial()
 
     def for_document(document: bytes) -> Operation:
@@ -285,11 +294,10 @@ def delivery_candidates(data_dir: Path, document: bytes) -> dict[str, tuple[Oper
     from pyhanko.sign.validation import validate_pdf_signature
     from pyhanko_certvalidator import ValidationContext
 
-    from shared.config import load_settings
     from shared.stamping.delivery import source_is_sound
-    from shared.stamping.signing import signer_from_settings, stamp_and_sign
+    from shared.stamping.signing import stamp_and_sign
 
-    signer = signer_from_settings(load_settings({}, data_dir=str(data_dir)))
+    signer = development_signer(data_dir)
     serial, url = next_serial()
     signed = stamp_and_sign(document, signer, serial=serial, verify_url=url, size=100.0, **PLACEMENT)
     ours = delivery_check(data_dir)(document)

@@ -11,13 +11,12 @@ import pytest
 
 from loadtests import bench_kernel
 from loadtests.documents import make_pdf
-from shared.config import load_settings
-from shared.stamping.signing import signer_from_settings, stamp_and_sign
+from shared.stamping.signing import stamp_and_sign
 
 
 @pytest.fixture
 def signer(tmp_path):
-    return signer_from_settings(load_settings({}, data_dir=str(tmp_path)))
+    return bench_kernel.development_signer(tmp_path)
 
 
 def test_memory_stays_flat_over_hundreds_of_stamped_and_signed_documents(signer):

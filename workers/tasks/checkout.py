@@ -10,7 +10,7 @@ from shared import jobs
 from shared.errors import TransientError
 from shared.logs import log_event
 from shared.services import checkout
-from shared.stamping.isolation import shutdown_preflight_children
+from shared.sandbox import shutdown_children as shutdown_preflight_children
 from workers.tasks.base import backoff_seconds, gateway, settings, store
 
 log = logging.getLogger(__name__)

@@ -1,11 +1,16 @@
-"""The preflight's reusable children: one child answers many documents, and every isolation property of
-a child per document still holds.
+"""The one sandbox for parsing a stranger's PDF (``shared/sandbox/``), through both of its callers: the
+preflight (a checkout worker's) and verification by upload (the web process's, under gunicorn too).
 
-A child is reused only after an accepted document; a timeout, a crash, running out of memory or any
-rejection retires it (killed and reaped), and so do its document budget and memory growth. The next
-document then gets a fresh child and the verdict it would have got anyway. A child dies with its parent:
-a test process, or a Celery pool process. Time enters these tests only as generous deadlines, never as a
-measurement: a "timeout" is made by stopping the child (``SIGSTOP``), not by a slow document.
+Each run is bounded: out of time → "too_complex" / ``VerificationTimeout`` (422), out of memory →
+"too_complex", a crash → "unreadable", no child to be had → retry later / ``VerificationBusy`` (503).
+Children are reused: one child answers many documents, and every isolation property of a child per
+document still holds. A child is reused only after a clean answer; a timeout, a crash, running out of
+memory or an unclean answer (any preflight rejection, a signature pyHanko choked on) retires it (killed
+and reaped), and so do its document budget and memory growth. The next document then gets a fresh child
+and the verdict it would have got anyway. A child holds none of its parent's descriptors and dies with
+its parent: a test process, a Celery pool process, a gunicorn worker. Time enters these tests only as
+generous deadlines, never as a measurement: a "timeout" is made by stopping the child (``SIGSTOP``) or by
+a document that takes far longer than the limit, not by comparing durations.
 """
 from __future__ import annotations
 
@@ -22,9 +27,11 @@ from typing import Iterator
 
 import pytest
 
+from shared import sandbox
 from shared.stamping import DocumentRejected, PreflightResult, isolation, preflight
 from tests.conftest import ROOT, System, WorkerProcess, make_pdf, wait_until
 from tests.test_hostile_documents import (
+    BAHASA,
     CATALOG,
     CONTENT,
     LIMITS,
@@ -32,6 +39,7 @@ from tests.test_hostile_documents import (
     children,
     exponential_page_tree,
     isolated,
+    isolated_rejection,
     no_children_left,  # noqa: F401 - a fixture
     raw_pdf,
 )
@@ -42,8 +50,8 @@ LETTER = make_pdf(pages=2)
 @pytest.fixture
 def fresh_pool(no_children_left: None) -> Iterator[None]:  # noqa: F811 - the imported fixture
     """An empty pool to start with; afterwards only idle children, then none (``no_children_left``)."""
-    isolation.shutdown_preflight_children()
-    assert isolation.preflight_children() == {}
+    sandbox.shutdown_children()
+    assert sandbox.children() == {}
     yield
 
 
@@ -92,6 +100,60 @@ def rlimits(pid: int) -> dict[str, tuple[str, str]]:
     return found
 
 
+# --- one document, bounded -------------------------------------------------------------------------
+
+def test_isolated_preflight_gives_the_in_process_verdict(no_children_left: None) -> None:
+    document = make_pdf(pages=3)
+
+    assert isolated(document, page=3) == preflight(document, **{**LIMITS, "page": 3})
+    out_of_range = isolated_rejection(document, page=4)
+    assert (out_of_range.code, out_of_range.status) == ("page_out_of_range", 422)
+    too_large = isolated_rejection(document, max_bytes=100)
+    assert (too_large.code, too_large.status) == ("too_large", 413)
+
+
+def test_preflight_over_its_time_budget_is_rejected_as_too_complex(no_children_left: None) -> None:
+    error = isolated_rejection(exponential_page_tree(), timeout_seconds=0.05)
+
+    # Left alone, this child would have answered "unreadable" seconds later: it was killed at the deadline.
+    assert error.code == "too_complex"
+
+
+def test_preflight_over_its_memory_budget_is_a_rejection_not_a_crash(no_children_left: None) -> None:
+    # 99,000 references to one fat page: flattening that page tree needs well over 100 MB.
+    fat_page = b"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 595 842] /Contents 4 0 R %s >>" % (
+        b" ".join(b"/K%d 1" % n for n in range(19)))
+    document = raw_pdf({1: CATALOG, 2: b"<< /Type /Pages /Kids [%s] /Count 99000 >>" % (b"3 0 R " * 99_000),
+                        3: fat_page, 4: CONTENT})
+
+    error = isolated_rejection(document, memory_bytes=16 << 20)
+
+    assert error.code == "too_complex"
+    assert "memori" in error.message
+    assert isolated(make_pdf(pages=2), memory_bytes=16 << 20).page_count == 2  # a letter fits easily
+
+
+class Interrupted(Exception):
+    pass
+
+
+def test_an_interrupted_wait_kills_and_reaps_the_child(no_children_left: None) -> None:
+    """Celery's soft time limit raises inside the task: the child must not outlive the wait."""
+    def interrupt(signum: int, frame: object) -> None:
+        raise Interrupted()
+
+    previous = signal.signal(signal.SIGALRM, interrupt)
+    signal.setitimer(signal.ITIMER_REAL, 0.2)
+    try:
+        with pytest.raises(Interrupted):
+            isolated(exponential_page_tree(), timeout_seconds=10)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+    # Retired on the spot, not handed back to the pool to finish that document at its leisure.
+    assert sandbox.children() == {}
+
+
 # --- reuse --------------------------------------------------------------------------------------------
 
 def test_one_child_answers_many_documents_with_the_in_process_verdicts(fresh_pool: None) -> None:
@@ -132,7 +194,7 @@ def test_a_child_holds_only_its_two_pipes_and_the_parent_leaks_no_descriptor(fre
         with pytest.raises(DocumentRejected):
             isolated(LETTER, page=5)
         isolated(LETTER)
-    isolation.shutdown_preflight_children()
+    sandbox.shutdown_children()
     assert set(open_descriptors()) <= before
 
 
@@ -254,14 +316,14 @@ def test_a_child_whose_memory_grew_is_replaced(fresh_pool: None, caplog: pytest.
     document after which the child holds any memory it didn't have at the fork retires it."""
     bound = {"child_max_growth_bytes": 1}
     documents = [LETTER, make_pdf(pages=400)] * 5
-    with caplog.at_level(logging.INFO, logger="shared.stamping.isolation"):
+    with caplog.at_level(logging.INFO, logger="shared.sandbox.pool"):
         for served, document in enumerate(documents, start=1):
             assert isolated(document, **bound) == preflight(document, **LIMITS)
             if isolation.preflight_children() == {}:
                 break
 
     assert isolation.preflight_children() == {}, "no document left any memory behind in ten"
-    retired = [line for line in caplog.text.splitlines() if "event=preflight_child_retired" in line]
+    retired = [line for line in caplog.text.splitlines() if "event=sandbox_child_retired" in line]
     assert len(retired) == 1 and "_growth" in retired[0] and f"documents={served}" in retired[0], retired
     assert_reaped(int(re.search(r"pid=(\d+)", retired[0]).group(1)))
 

@@ -1,0 +1,1 @@
+"""Development, test and demo tooling; production code never imports it."""
