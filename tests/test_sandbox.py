@@ -447,3 +447,259 @@ def test_threads_each_get_their_own_child_and_none_is_left_behind(fresh_pool: No
     for pid in orphans:
         assert_reaped(pid)
     assert set(isolation.preflight_children()).isdisjoint(orphans)
+
+
+# --- verification by upload: the same sandbox, from the web process ------------------------------------
+
+def slow_to_parse_pdf(keys: int = 200_000) -> bytes:
+    """A small, valid PDF whose catalog has ``keys`` entries: seconds of pure-Python parsing."""
+    catalog = b"<< /Type /Catalog /Pages 2 0 R " + b"".join(b"/K%d %d " % (i, i) for i in range(keys)) + b">>"
+    objects = [catalog, b"<< /Type /Pages /Kids [] /Count 0 >>"]
+    out, offsets = b"%PDF-1.7\n", []
+    for number, body in enumerate(objects, start=1):
+        offsets.append(len(out))
+        out += b"%d 0 obj\n%s\nendobj\n" % (number, body)
+    xref = len(out)
+    out += b"xref\n0 3\n0000000000 65535 f \n" + b"".join(b"%010d 00000 n \n" % o for o in offsets)
+    return out + b"trailer\n<< /Size 3 /Root 1 0 R >>\nstartxref\n%d\n%%%%EOF\n" % xref
+
+
+GARBAGE_PDF = b"%PDF-1.7\n" + b"\x00garbage" * 100
+VERIFY_SERIAL = "0123456789ABCDEFGHIJKL"
+
+
+@pytest.fixture(scope="module")
+def dev_pki(tmp_path_factory) -> Path:
+    """A data folder with the development CA in it, made by the tooling as ``./dev up`` makes it."""
+    from shared.config import load_settings
+    from shared.devtools.pki import ensure_dev_pki
+
+    data_dir = tmp_path_factory.mktemp("sandbox-pki")
+    ensure_dev_pki(load_settings({}, data_dir=str(data_dir)))
+    return data_dir
+
+
+@pytest.fixture(scope="module")
+def signed_letter(dev_pki: Path) -> bytes:
+    from shared.config import load_settings
+    from shared.stamping.signing import signer_from_settings, stamp_and_sign
+
+    signer = signer_from_settings(load_settings({}, data_dir=str(dev_pki)))
+    return stamp_and_sign(make_pdf(pages=1), signer, page=1, x=400, y=80, serial=VERIFY_SERIAL,
+                          verify_url=f"https://meterai.example.id/verify/{VERIFY_SERIAL}")
+
+
+@pytest.fixture(scope="module")
+def trust_root(dev_pki: Path) -> bytes:
+    from shared.config import load_settings
+    from shared.stamping.key_material import trust_root_der
+
+    return trust_root_der(load_settings({}, data_dir=str(dev_pki)))
+
+
+def inspected(document: bytes, trust_root: bytes, timeout: float = 20.0):
+    from shared.services.verification import inspect_isolated
+
+    return inspect_isolated(document, trust_root, timeout=timeout)
+
+
+def test_a_verification_that_runs_past_its_time_is_killed_not_waited_for(
+    fresh_pool: None, trust_root: bytes
+) -> None:
+    from shared.services.verification import VerificationTimeout
+
+    with pytest.raises(VerificationTimeout) as slow:
+        inspected(slow_to_parse_pdf(), trust_root, timeout=1.0)
+
+    # Left alone, the child would have answered seconds later; it was killed and reaped at the deadline.
+    assert slow.value.code == "verification_timeout" and slow.value.status == 422
+    assert "batas waktu" in slow.value.message
+    assert sandbox.children() == {}
+
+
+def test_verification_children_are_reused_after_clean_answers_and_retired_after_others(
+    fresh_pool: None, signed_letter: bytes, trust_root: bytes
+) -> None:
+    first = inspected(signed_letter, trust_root)
+    unsigned = inspected(make_pdf(pages=1), trust_root)
+
+    assert (first.outcome, first.serial) == ("ok", VERIFY_SERIAL)
+    assert unsigned.outcome == "not_signed"
+    [(child, answered)] = sandbox.children("inspect_signature").items()
+    assert answered == 2  # one child, both documents
+
+    assert inspected(GARBAGE_PDF, trust_root).outcome == "unreadable"  # pyHanko raised: never reused
+
+    assert_reaped(child)
+    assert sandbox.children() == {}
+    assert inspected(signed_letter, trust_root) == first  # a fresh child, the same verdict
+
+
+def test_a_verification_child_that_crashes_makes_the_document_unreadable(
+    fresh_pool: None, trust_root: bytes, caplog: pytest.LogCaptureFixture
+) -> None:
+    inspected(make_pdf(pages=1), trust_root, timeout=60.0)  # the same limits: the same child next
+    crashing = next(iter(sandbox.children("inspect_signature")))
+    wait_until(lambda: process_state(crashing) == "S", timeout=10, message="the child to wait for work")
+    crashed = threading.Event()
+
+    def crash_once_busy() -> None:
+        wait_until(lambda: process_state(crashing) in ("R", "D", None), timeout=30, interval=0.001,
+                   message="the child to start on the document")
+        os.kill(crashing, signal.SIGSEGV)
+        crashed.set()
+
+    killer = threading.Thread(target=crash_once_busy)
+    killer.start()
+    try:
+        with caplog.at_level(logging.WARNING, logger="shared.services.verification"):
+            # Under 1 MiB, so the whole document is in the pipe before the child can die reading it.
+            findings = inspected(slow_to_parse_pdf(keys=60_000), trust_root, timeout=60.0)
+    finally:
+        killer.join()
+
+    assert crashed.is_set()
+    assert findings.outcome == "unreadable"
+    assert "event=verification_child_failed" in caplog.text and "cause=signal_SIGSEGV" in caplog.text
+    assert_reaped(crashing)
+
+
+NO_DESCRIPTORS_LEFT = """
+import json, os, resource, sys
+from shared import sandbox
+from shared.errors import TransientError
+from shared.sandbox import jobs
+from shared.services.verification import VerificationBusy, inspect_isolated
+from shared.stamping.isolation import preflight_isolated
+
+document, root = open(sys.argv[1], "rb").read(), open(sys.argv[2], "rb").read()
+jobs.load("preflight")  # what a checkout worker has imported before its first document
+open_now = {int(fd) for fd in os.listdir("/proc/self/fd")}
+lowest_free = min(set(range(len(open_now) + 2)) - open_now)
+resource.setrlimit(resource.RLIMIT_NOFILE, (lowest_free, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+answers = {}
+try:
+    inspect_isolated(document, root, timeout=10)
+except VerificationBusy as exc:
+    answers["verify"] = [exc.code, exc.status]
+try:
+    preflight_isolated(document, page=1, x=400, y=80, max_bytes=2 << 20, max_pages=500,
+                       timeout_seconds=10, memory_bytes=512 << 20)
+except TransientError as exc:
+    answers["preflight"] = [exc.code, exc.status]
+answers["children"] = len(sandbox.children())
+print(json.dumps(answers))
+"""
+
+
+def test_no_child_to_be_had_is_busy_for_verification_and_retry_later_for_preflight(
+    tmp_path: Path, trust_root: bytes
+) -> None:
+    """Out of descriptors (or processes): nothing is forked, and each caller says "come back"."""
+    import json
+
+    letter, root = tmp_path / "surat.pdf", tmp_path / "root.der"
+    letter.write_bytes(make_pdf(pages=1))
+    root.write_bytes(trust_root)
+    result = subprocess.run([sys.executable, "-c", NO_DESCRIPTORS_LEFT, str(letter), str(root)], cwd=ROOT,
+                            capture_output=True, text=True, timeout=120)
+
+    assert result.returncode == 0, result.stderr
+    answers = json.loads(result.stdout.splitlines()[-1])
+    assert answers == {"verify": ["verification_busy", 503], "preflight": ["preflight_unavailable", 503],
+                       "children": 0}
+
+
+# --- under gunicorn, as the Procfile runs the web process ----------------------------------------------
+
+STANDARD_SIGNALS = (1 << 31) - 1
+
+
+def signals_caught(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("SigCgt:"):
+            return int(line.split()[1], 16)
+    raise AssertionError(f"no SigCgt for {pid}")
+
+
+@pytest.fixture
+def gunicorn_web(database_url: str, redis_server, dev_pki: Path, tmp_path: Path) -> Iterator[tuple[str, int]]:
+    """The web app under gunicorn's gthread worker, one worker process: (its URL, the arbiter's pid).
+    One verification at a time, two seconds each, so a third concurrent upload finds no slot."""
+    from shared.devenv import free_port
+
+    port = free_port()
+    env = {**os.environ, "DEVELOPMENT": "1", "DATABASE_URL": database_url, "REDIS_URL": redis_server.url,
+           "REDIS_KEY_PREFIX": f"sandbox-{uuid.uuid4().hex[:6]}:", "DATA_DIR": str(dev_pki),
+           "SECRET_KEY": "test-secret-for-the-gunicorn-sandbox-test", "RATE_LIMIT_VERIFY": "1000000/60",
+           "VERIFY_CONCURRENCY": "1", "VERIFY_TIMEOUT_SECONDS": "2", "PYTHONUNBUFFERED": "1"}
+    log = open(tmp_path / "gunicorn.log", "ab")
+    arbiter = subprocess.Popen(
+        [sys.executable, "-m", "gunicorn", "--bind", f"127.0.0.1:{port}", "--worker-class", "gthread",
+         "--workers", "1", "--threads", "4", "--timeout", "30", "web:create_app()"],
+        cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        import requests
+
+        def up() -> bool:
+            try:
+                return requests.get(f"{url}/healthz", timeout=2).status_code == 200
+            except requests.RequestException:
+                return arbiter.poll() is not None
+        wait_until(up, timeout=60, message="gunicorn to answer")
+        assert arbiter.poll() is None, (tmp_path / "gunicorn.log").read_text()
+        yield url, arbiter.pid
+    finally:
+        os.killpg(arbiter.pid, signal.SIGTERM)
+        try:
+            arbiter.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(arbiter.pid, signal.SIGKILL)
+            arbiter.wait()
+        log.close()
+
+
+def test_verification_runs_in_the_sandbox_of_a_gunicorn_gthread_worker(
+    gunicorn_web: tuple[str, int], signed_letter: bytes
+) -> None:
+    import requests
+    from concurrent.futures import ThreadPoolExecutor
+
+    url, arbiter = gunicorn_web
+
+    def verify(document: bytes) -> requests.Response:
+        return requests.post(f"{url}/api/v1/verify", files={"document": ("d.pdf", document, "application/pdf")},
+                             timeout=60)
+
+    unsigned = verify(make_pdf(pages=1))
+    assert unsigned.status_code == 200 and unsigned.json()["reason"] == "not_signed", unsigned.text
+    [worker] = children(arbiter)
+    [child] = children(worker)
+    assert process_state(child) == "S"  # idle, kept for the next upload
+    extra = {fd: target for fd, target in open_descriptors(child).items() if fd > 2}
+    assert len(extra) == 2 and all(target.startswith("pipe:") for target in extra.values()), extra
+    # gunicorn's handlers are not the child's (bits 32 and up are the C library's own, in every process)
+    assert signals_caught(worker) & STANDARD_SIGNALS and not signals_caught(child) & STANDARD_SIGNALS
+
+    genuine = verify(signed_letter)  # signed by our CA, a serial the database doesn't know
+    assert genuine.status_code == 200 and genuine.json()["reason"] == "unknown_serial", genuine.text
+
+    with ThreadPoolExecutor(max_workers=3) as pool:
+        slow = list(pool.map(verify, [slow_to_parse_pdf()] * 3))
+    statuses = sorted(response.status_code for response in slow)
+    assert set(statuses) <= {422, 503} and 422 in statuses and 503 in statuses, [r.text for r in slow]
+    for response in slow:
+        code = response.json()["error"]["code"]
+        assert code == {422: "verification_timeout", 503: "verification_busy"}[response.status_code]
+        if response.status_code == 503:
+            assert response.headers["Retry-After"]
+    wait_until(lambda: all(state == "S" for state in children(worker).values()), timeout=10,
+               message=f"only idle sandbox children (at first look: {children(worker)})")
+
+    assert verify(make_pdf(pages=1)).status_code == 200  # a clean answer: its child stays
+    idle = set(children(worker))
+    assert idle and all(process_state(pid) in ("S", "R") for pid in idle), children(worker)
+    os.kill(worker, signal.SIGKILL)  # as the OOM killer, or gunicorn's own timeout, would
+    wait_until(lambda: all(gone_or_reaped_elsewhere(pid) for pid in idle), timeout=30,
+               message="the sandbox children to die with their gunicorn worker")

@@ -5,7 +5,8 @@ except standard input, output and error and its two pipes, so it holds no databa
 listening socket at all (closing a duplicate descriptor sends nothing: the parent's connections stay
 open), and it ends with ``os._exit`` so it never runs atexit handlers or flushes inherited buffers. The
 collector is frozen, so it never finalises (say, closes) an inherited object, nor touches those pages,
-which would copy them. Signal handlers of the parent (Celery's, gunicorn's) are reset to the defaults.
+which would copy them. Every Python signal handler of the parent (Celery's, gunicorn's) is reset to the
+default.
 Threads of the parent do not exist in the child; the interpreter re-initialises its own locks after
 ``fork``, and a lock another thread held at that moment could at worst stall the child until the
 deadline, which ends that document as a timeout (and a fresh child for the next), never as a hung
@@ -40,8 +41,7 @@ from .limits import Limits, statm
 
 EXIT_FAILED = 70  # the child could not even report (EX_SOFTWARE)
 _PR_SET_PDEATHSIG = 1
-_RESET_SIGNALS = ("SIGTERM", "SIGINT", "SIGHUP", "SIGQUIT", "SIGUSR1", "SIGUSR2", "SIGALRM", "SIGCHLD",
-                  "SIGXCPU", "SIGWINCH", "SIGABRT")
+_DEFAULT_SIGNALS = (signal.SIGXCPU, signal.SIGTERM, signal.SIGINT)  # RLIMIT_CPU and a kill must end the child
 
 
 def serve(job: str, requests: int, replies: int, parent_pid: int, limits: Limits) -> NoReturn:
@@ -85,9 +85,9 @@ def _detach(parent_pid: int, keep: tuple[int, ...]) -> None:
     The death signal follows the thread that forked, which is the only one that uses this child.
     """
     gc.freeze()
-    for name in _RESET_SIGNALS:
-        if hasattr(signal, name):
-            signal.signal(getattr(signal, name), signal.SIG_DFL)
+    for number in signal.valid_signals():
+        if number in _DEFAULT_SIGNALS or (number < signal.SIGRTMIN and callable(signal.getsignal(number))):
+            signal.signal(number, signal.SIG_DFL)
     _close_inherited_descriptors(keep)
     if sys.platform.startswith("linux"):
         try:
