@@ -33,13 +33,13 @@ bench-kernel:
 	./bench
 
 bench-web:
-	$(PYTHON) -m loadtests.bench_web
+	$(PYTHON) -m loadtests.bench.web
 
 bench-overload:
-	$(PYTHON) -m loadtests.bench_overload
+	$(PYTHON) -m loadtests.bench.overload
 
 bench-e2e:
-	$(PYTHON) -m loadtests.bench_e2e
+	$(PYTHON) -m loadtests.bench.e2e
 
 bench-sweep:
-	$(PYTHON) -m loadtests.bench_sweep
+	$(PYTHON) -m loadtests.bench.sweep

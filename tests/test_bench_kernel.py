@@ -9,7 +9,7 @@ import json
 
 import pytest
 
-from loadtests import bench_kernel
+from loadtests.bench import kernel as bench_kernel
 from loadtests.documents import make_pdf
 from shared.stamping.signing import stamp_and_sign
 

@@ -1,6 +1,6 @@
 """Benchmark: the web front end against bare handlers on the same gunicorn setup.
 
-    .venv/bin/python -m loadtests.bench_web            # about 3 minutes; needs wrk (apt-get install wrk)
+    .venv/bin/python -m loadtests.bench.web            # about 3 minutes; needs wrk (apt-get install wrk)
 
 Targets (docs/benchmarks.md):
 
@@ -37,7 +37,7 @@ import psycopg
 
 from shared import devenv
 from loadtests.documents import make_pdf
-from loadtests.loadgen import multipart, run_wrk, wrk_available, wrk_script_get, wrk_script_upload
+from loadtests.bench.loadgen import multipart, run_wrk, wrk_available, wrk_script_get, wrk_script_upload
 from loadtests.stack import REPORTS, CpuMeter, Stack, gunicorn_flags, postgres_backend_pids, say, workdir_for
 
 TARGET_CREATE = 0.8
@@ -46,7 +46,7 @@ UPLOAD_BYTES = 200_000
 FIELDS = {"page": "1", "x": "400", "y": "80", "email": "pelamar@example.id"}
 
 
-# --- the baseline app (served by gunicorn as "loadtests.bench_web:baseline_app()") -----------------
+# --- the baseline app (served by gunicorn as "loadtests.bench.web:baseline_app()") -----------------
 
 def baseline_app():
     """Bare handlers: ``POST /upload`` parses the multipart upload, writes it durably and inserts one row;
@@ -125,7 +125,7 @@ def _clear(folder: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m loadtests.bench_web", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m loadtests.bench.web", description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--seconds", type=float, default=8.0, help="length of each wrk run")
     parser.add_argument("--connections", type=int, default=32)
@@ -155,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
         base_port = devenv.free_port()
         base_env = stack.env({"BENCH_DATABASE_URL": stack.database_url,
                               "BENCH_UPLOAD_DIR": str(workdir / "baseline-uploads")})
-        stack.start("baseline", f"gunicorn --bind 127.0.0.1:{base_port} {flags} 'loadtests.bench_web:baseline_app()'",
+        stack.start("baseline", f"gunicorn --bind 127.0.0.1:{base_port} {flags} 'loadtests.bench.web:baseline_app()'",
                     base_env)
         stack.wait_ready()
         _wait_http(f"http://127.0.0.1:{queue_port}/healthz")
@@ -249,7 +249,7 @@ def profile_in_process(product_env: dict, queue_env: dict, body: bytes, content_
                        ticket: str, requests_each: int) -> dict:
     """CPU per request by step, for the three endpoints, through the real app in this process."""
     from shared.config import load_settings
-    from loadtests.profiling import Spans
+    from loadtests.bench.profiling import Spans
     from web import create_app
 
     results: dict = {}
@@ -332,7 +332,7 @@ def report(rounds: list[dict], args: argparse.Namespace, workdir: Path, profiles
         print(f"{label:<38} ratio {ratio:.2f} (rounds: {', '.join(f'{v:.2f}' for v in values)})"
               f"   target ≥ {target}   {'MET' if met else 'MISSED'}")
     print(f"non-2xx answers and socket errors over all runs: {errors}")
-    out = {"benchmark": "web", "command": "python -m loadtests.bench_web " + " ".join(sys.argv[1:]),
+    out = {"benchmark": "web", "command": "python -m loadtests.bench.web " + " ".join(sys.argv[1:]),
            "when": time.strftime("%Y-%m-%d %H:%M:%S"), "settings": vars(args), "results": results,
            "rounds": rounds, "errors": errors, "cpu_breakdown": profiles}
     (workdir / "result.json").write_text(json.dumps(out, indent=2))

@@ -1,6 +1,6 @@
 """Benchmark: the isolated preflight with reused children, against a fork per document and in process.
 
-    .venv/bin/python -m loadtests.bench_preflight            # about a minute on the 2-vCPU test machine
+    .venv/bin/python -m loadtests.bench.preflight            # about a minute on the 2-vCPU test machine
 
 What a checkout task pays to check one document, three ways, on the benchmarks' 200 KB letter
 (:func:`loadtests.documents.make_pdf`), in one process that has imported what a checkout worker imports
@@ -97,7 +97,7 @@ def run(args: argparse.Namespace) -> dict[str, object]:
 
     return {
         "benchmark": "preflight",
-        "command": "python -m loadtests.bench_preflight " + " ".join(sys.argv[1:]),
+        "command": "python -m loadtests.bench.preflight " + " ".join(sys.argv[1:]),
         "when": time.strftime("%Y-%m-%d %H:%M:%S"),
         "document_bytes": len(document),
         "resident_mib": round(resident_mib(), 1),
@@ -112,7 +112,7 @@ def run(args: argparse.Namespace) -> dict[str, object]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m loadtests.bench_preflight",
+    parser = argparse.ArgumentParser(prog="python -m loadtests.bench.preflight",
                                      description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--documents", type=int, default=200, help="documents per case per round")

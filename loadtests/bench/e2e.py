@@ -1,6 +1,6 @@
 """Benchmark: stamped orders per second end to end, against the stamping kernel alone on the same cores.
 
-    .venv/bin/python -m loadtests.bench_e2e            # about 3 minutes
+    .venv/bin/python -m loadtests.bench.e2e            # about 3 minutes
 
 Target (docs/benchmarks.md): end-to-end stamped orders/second (upload → pay → stamped → downloaded)
 ≥ 0.5× the stamping kernel alone (``shared.stamping.stamp_document`` in a loop, one process per core).
@@ -33,7 +33,7 @@ from pathlib import Path
 import psycopg
 
 from loadtests.documents import make_pdf
-from loadtests.loadgen import HttpClient, multipart, percentile
+from loadtests.bench.loadgen import HttpClient, multipart, percentile
 from loadtests.stack import REPORTS, CpuMeter, Stack, postgres_backend_pids, say, workdir_for
 
 TARGET = 0.5
@@ -127,7 +127,7 @@ def per_document_ms(document: bytes, data_dir: Path, repeats: int = 15) -> dict[
         step()
         if step is steps["preflight, isolated (pooled child; CPU of both)"]:
             # Its child's CPU is counted once the child is reaped, i.e. retired: time whole rounds.
-            from loadtests.bench_preflight import one_round
+            from loadtests.bench.preflight import one_round
 
             result[name] = statistics.median(one_round(step, 50)[0] for _ in range(3))
             continue
@@ -255,7 +255,7 @@ GROUP BY 1 ORDER BY min(at - previous) IS NULL, 1
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m loadtests.bench_e2e", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m loadtests.bench.e2e", description=__doc__.split("\n\n")[0])
     # Enough closed-loop buyers to keep both cores busy: each spends about a second polling before it
     # pays, so 32 left the system idle a third of the time (15.6 orders/s at 1.35 cores busy).
     parser.add_argument("--buyers", type=int, default=96)
@@ -336,7 +336,7 @@ def main(argv: list[str] | None = None) -> int:
     print("time an order spends per step (orders stamped in the window):")
     for step, n, mean_ms, p95_ms in stages:
         print(f"  {step:<36} n={n:<5} mean {mean_ms:8.0f} ms   p95 {p95_ms:8.0f} ms")
-    out = {"benchmark": "e2e", "command": "python -m loadtests.bench_e2e " + " ".join(sys.argv[1:]),
+    out = {"benchmark": "e2e", "command": "python -m loadtests.bench.e2e " + " ".join(sys.argv[1:]),
            "when": time.strftime("%Y-%m-%d %H:%M:%S"), "settings": vars(args), "document_bytes": len(document),
            "kernel_before": kernel_before, "kernel_after": kernel_after, "kernel": kernel, "kernel_extra": extra, "per_document_cpu_ms": steps,
            "e2e_orders_per_second": e2e, "orders": len(done), "ratio": ratio, "target": TARGET, "met": met,

@@ -1,6 +1,6 @@
 """Benchmark: create-order under overload, relative to the waiting room's configured outflow.
 
-    .venv/bin/python -m loadtests.bench_overload        # about 3 minutes
+    .venv/bin/python -m loadtests.bench.overload        # about 3 minutes
 
 Targets (docs/benchmarks.md):
 
@@ -38,7 +38,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from loadtests.documents import make_pdf
-from loadtests.loadgen import Answer, HttpClient, multipart, percentile
+from loadtests.bench.loadgen import Answer, HttpClient, multipart, percentile
 from loadtests.stack import REPORTS, CpuMeter, Stack, gunicorn_flags, postgres_backend_pids, say, workdir_for
 
 TARGET_P99_RATIO = 2.0
@@ -226,7 +226,7 @@ def drained_web():
     """EXPERIMENT for ``--variant drained``, not the product: our app, except that before a 429 goes out
     the unread upload is read off the socket in 64 KiB chunks. gunicorn then keeps the connection alive
     instead of draining 64 KiB in 1 KiB reads and closing it. Served by gunicorn with the Procfile's flags
-    as ``loadtests.bench_overload:drained_web()``, to measure what that change to web/api.py would buy."""
+    as ``loadtests.bench.overload:drained_web()``, to measure what that change to web/api.py would buy."""
     from web import create_app
 
     app = create_app()
@@ -251,7 +251,7 @@ def drained_web():
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m loadtests.bench_overload", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m loadtests.bench.overload", description=__doc__.split("\n\n")[0])
     parser.add_argument("--outflow-per-minute", type=int, default=600)
     parser.add_argument("--half-seconds", type=float, default=60.0, help="length of the half-load phase")
     parser.add_argument("--seconds", type=float, default=40.0, help="length of the 3x and 10x phases")
@@ -271,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
             stack.start_procfile(["web"], overrides=overrides)
         else:
             stack.start("web", f"gunicorn --bind 127.0.0.1:{stack.web_port} {' '.join(gunicorn_flags())}"
-                        " 'loadtests.bench_overload:drained_web()'", stack.env(overrides))
+                        " 'loadtests.bench.overload:drained_web()'", stack.env(overrides))
         stack.wait_ready()
         for number, (name, factor, seconds) in enumerate(phases):
             reset_waiting_room(stack.redis_url)
@@ -315,7 +315,7 @@ def main(argv: list[str] | None = None) -> int:
           f" = {ratio:.2f}   target ≤ {TARGET_P99_RATIO}   {'MET' if checks[0]['met'] else 'MISSED'}")
     print(f"10x overload: {ten['server_errors']} 5xx, {ten['timeouts_or_connection_errors']} timeouts/connection"
           f" errors   target 0 and 0   {'MET' if checks[1]['met'] and checks[2]['met'] else 'MISSED'}")
-    out = {"benchmark": "overload", "variant": args.variant, "command": "python -m loadtests.bench_overload " + " ".join(sys.argv[1:]),
+    out = {"benchmark": "overload", "variant": args.variant, "command": "python -m loadtests.bench.overload " + " ".join(sys.argv[1:]),
            "when": time.strftime("%Y-%m-%d %H:%M:%S"), "settings": vars(args), "phases": results, "checks": checks}
     (workdir / "result.json").write_text(json.dumps(out, indent=2))
     (REPORTS / "bench").mkdir(parents=True, exist_ok=True)

@@ -1,6 +1,6 @@
 """Benchmark: the refund sweep costs what it finds, not the size of the orders table.
 
-    .venv/bin/python -m loadtests.bench_sweep           # about 3 minutes (most of it inserting 1M rows)
+    .venv/bin/python -m loadtests.bench.sweep           # about 3 minutes (most of it inserting 1M rows)
 
 Target (docs/benchmarks.md): ``shared.services.housekeeping.sweep_refunds`` moving 1,000 stuck orders to
 ``refund_pending`` among 1,000,000 settled orders takes at most 2× as long as among 10,000.
@@ -139,7 +139,7 @@ def table_sizes(url: str) -> dict[str, int]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m loadtests.bench_sweep", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m loadtests.bench.sweep", description=__doc__.split("\n\n")[0])
     parser.add_argument("--small", type=int, default=10_000, help="settled orders in the small database")
     parser.add_argument("--large", type=int, default=1_000_000, help="settled orders in the large database")
     parser.add_argument("--rounds", type=int, default=5)
@@ -190,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"refund tasks published (to the stub): {publisher.sent}")
     print("plan of the sweep's SELECT on the large database (1,000 due):")
     print("  " + plan.replace("\n", "\n  "))
-    out = {"benchmark": "sweep", "command": "python -m loadtests.bench_sweep " + " ".join(sys.argv[1:]),
+    out = {"benchmark": "sweep", "command": "python -m loadtests.bench.sweep " + " ".join(sys.argv[1:]),
            "when": time.strftime("%Y-%m-%d %H:%M:%S"), "settings": vars(args), "seconds": times,
            "medians": medians, "idle_sweep_seconds": idle, "ratio": ratio, "target": TARGET, "met": met,
            "sizes": sizes, "plan": plan}
