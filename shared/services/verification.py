@@ -93,13 +93,15 @@ class SignatureFindings:
 
 
 class VerificationTimeout(DomainError):
+    """The document could not be checked in time: its own doing (the web answers 422)."""
+
     code = "verification_timeout"
-    status = 422
 
 
 class VerificationBusy(TransientError):
+    """No slot, or no sandbox child, for another check now: come back (the web answers 503)."""
+
     code = "verification_busy"
-    status = 503
 
 
 _BUSY = "Layanan verifikasi sedang sibuk; silakan coba lagi sebentar lagi."
@@ -186,8 +188,8 @@ def _slot(settings: Settings) -> threading.BoundedSemaphore:
 def verify_document(settings: Settings, data: bytes) -> Verdict:
     """The verdict on an uploaded PDF. The caller has already capped its size and checked it is a PDF.
 
-    Raises :class:`VerificationTimeout` (422) for a document too slow to check and
-    :class:`VerificationBusy` (503) when every slot stayed taken for a few seconds.
+    Raises :class:`VerificationTimeout` for a document too slow to check and :class:`VerificationBusy`
+    when every slot stayed taken for a few seconds.
     """
     slot = _slot(settings)
     if not slot.acquire(timeout=min(5.0, settings.verify_timeout_seconds)):

@@ -65,7 +65,6 @@ class DeliveryCheckFailed(PermanentError):
     preflight). ``problem`` says what was wrong, in English, for logs; ``message`` is for the buyer."""
 
     code = "stamp_check_failed"
-    status = 422
 
     def __init__(self, problem: str, *, code: str | None = None) -> None:
         super().__init__(_BUYER_MESSAGE, code=code)

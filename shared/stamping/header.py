@@ -22,17 +22,11 @@ def _megabytes(limit: int) -> str:
 def quick_check(data: bytes, *, max_bytes: int) -> None:
     """Non-empty, at most ``max_bytes``, and a ``%PDF-`` header within the first 1024 bytes.
 
-    Raises :class:`DocumentRejected` "not_pdf" or "too_large".
+    Raises :class:`DocumentRejected` "not_pdf" or "too_large" (the web answers 415 and 413).
     """
     if not data:
-        raise DocumentRejected("not_pdf", "Berkas kosong. Unggah dokumen dalam format PDF.", status=415)
+        raise DocumentRejected("not_pdf", "Berkas kosong. Unggah dokumen dalam format PDF.")
     if len(data) > max_bytes:
-        raise DocumentRejected(
-            "too_large",
-            f"Ukuran berkas melebihi batas {_megabytes(max_bytes)} MB.",
-            status=413,
-        )
+        raise DocumentRejected("too_large", f"Ukuran berkas melebihi batas {_megabytes(max_bytes)} MB.")
     if PDF_MAGIC not in data[: HEADER_WINDOW + len(PDF_MAGIC)]:
-        raise DocumentRejected(
-            "not_pdf", "Berkas ini bukan dokumen PDF. Unggah dokumen dalam format PDF.", status=415
-        )
+        raise DocumentRejected("not_pdf", "Berkas ini bukan dokumen PDF. Unggah dokumen dalam format PDF.")

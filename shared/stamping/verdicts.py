@@ -32,22 +32,20 @@ class DocumentRejected(PermanentError):
     """The uploaded document can't be stamped as asked; ``code`` says why, ``message`` tells the buyer."""
 
     code = "document_rejected"
-    status = 422
 
-    def __init__(self, code: str, message: str, *, status: int | None = None) -> None:
-        super().__init__(message, code=code, status=status)
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message, code=code)
 
     def __reduce__(self) -> tuple[object, ...]:
         # Exceptions cross process boundaries (Celery results); the default pickling replays
         # ``args`` = (message,), which doesn't fit this constructor.
-        return (type(self), (self.code, self.message), {"status": self.status})
+        return (type(self), (self.code, self.message))
 
 
 class DocumentUnreadable(PermanentError):
     """A stored document that passed preflight can't be parsed or written now."""
 
     code = "unreadable"
-    status = 422
 
     def __init__(self, message: str = UNREADABLE_MESSAGE) -> None:
         super().__init__(message, code="unreadable")
