@@ -627,8 +627,9 @@ def signals_caught(pid: int) -> int:
 
 @pytest.fixture
 def gunicorn_web(database_url: str, redis_server, dev_pki: Path, tmp_path: Path) -> Iterator[tuple[str, int]]:
-    """The web app under gunicorn's gthread worker, one worker process: (its URL, the arbiter's pid).
-    One verification at a time, two seconds each, so a third concurrent upload finds no slot."""
+    """The web app under gunicorn's gthread worker, one worker process of four threads: (its URL, the
+    arbiter's pid). One verification at a time, two seconds each, so a third concurrent upload finds no
+    slot."""
     from shared.devenv import free_port
 
     port = free_port()
@@ -687,6 +688,9 @@ def test_verification_runs_in_the_sandbox_of_a_gunicorn_gthread_worker(
 
     genuine = verify(signed_letter)  # signed by our CA, a serial the database doesn't know
     assert genuine.status_code == 200 and genuine.json()["reason"] == "unknown_serial", genuine.text
+    with ThreadPoolExecutor(max_workers=4) as pool:  # whichever request threads take them
+        assert [r.status_code for r in pool.map(verify, [make_pdf(pages=1)] * 8)] == [200] * 8
+    assert list(children(worker)) == [child]  # one check at a time: one child, reused all along
 
     with ThreadPoolExecutor(max_workers=3) as pool:
         slow = list(pool.map(verify, [slow_to_parse_pdf()] * 3))

@@ -53,7 +53,10 @@ def serve(job: str, requests: int, replies: int, parent_pid: int, limits: Limits
         out_of_memory = protocol.failure_frame(protocol.MEMORY_FAILURE)
         _detach(parent_pid, keep=(requests, replies))
         function = jobs.load(job)  # already imported when the parent preloaded it
+        # What the job imported joins what the parent had: never collected, so the collection after
+        # each document looks only at that document's garbage.
         gc.collect()
+        gc.freeze()
         baseline: tuple[int, int] | None = statm("self") or (0, 0)
         cpu_hard, address_space_hard = _apply_lifetime_limits(limits, baseline[0])
         while True:

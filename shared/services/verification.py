@@ -15,15 +15,18 @@ bounded, so the parse and signature validation run in the sandbox (:mod:`shared.
 "inspect_signature" in :mod:`shared.stamping.inspection`): a reused child of the web process, killed
 after a wall-clock timeout, with its address space and CPU capped. This module is the web-facing side and
 stays light (no PDF or signing library): it reads the root certificate's bytes, waits on the sandbox and
-asks PostgreSQL. At most ``verify_concurrency`` checks run at once per web process, and more are told to
-come back (503) rather than queueing without bound.
+asks PostgreSQL. At most ``verify_concurrency`` checks run at once per web process, on as many threads
+and sandbox children of their own (:class:`_Checkers`), and more are told to come back (503) rather than
+queueing without bound.
 """
 from __future__ import annotations
 
 import base64
 import hashlib
 import logging
+import os
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -175,14 +178,41 @@ class Verdict:
         return body
 
 
-_slots_lock = threading.Lock()
-_slots: dict[int, threading.BoundedSemaphore] = {}
+class _Checkers:
+    """The slots and the threads that run verification's sandbox children, per web process.
+
+    At most ``verify_concurrency`` checks run at once (a slot each); more are told to come back. They run
+    on that many long-lived threads of their own rather than on the request threads: a sandbox child
+    serves only the thread that forked it (it dies with that thread), and a gunicorn ``gthread`` worker
+    hands requests to any of its threads, so children made by request threads would be one per thread,
+    each paying pyHanko's import. Here there are at most ``verify_concurrency`` children per process,
+    all reused.
+    """
+
+    def __init__(self, size: int) -> None:
+        self.slots = threading.BoundedSemaphore(size)
+        self.threads = ThreadPoolExecutor(max_workers=size, thread_name_prefix="verification")
 
 
-def _slot(settings: Settings) -> threading.BoundedSemaphore:
+_checkers_lock = threading.Lock()
+_checkers: dict[int, _Checkers] = {}
+
+
+def _checkers_for(settings: Settings) -> _Checkers:
     size = max(1, settings.verify_concurrency)
-    with _slots_lock:
-        return _slots.setdefault(size, threading.BoundedSemaphore(size))
+    with _checkers_lock:
+        if size not in _checkers:
+            _checkers[size] = _Checkers(size)
+        return _checkers[size]
+
+
+def _forget_checkers_after_fork() -> None:
+    """In a forked process the threads are gone (and a lock may be held by one): start afresh."""
+    global _checkers_lock, _checkers
+    _checkers_lock, _checkers = threading.Lock(), {}
+
+
+os.register_at_fork(after_in_child=_forget_checkers_after_fork)
 
 
 def verify_document(settings: Settings, data: bytes) -> Verdict:
@@ -191,13 +221,15 @@ def verify_document(settings: Settings, data: bytes) -> Verdict:
     Raises :class:`VerificationTimeout` for a document too slow to check and :class:`VerificationBusy`
     when every slot stayed taken for a few seconds.
     """
-    slot = _slot(settings)
-    if not slot.acquire(timeout=min(5.0, settings.verify_timeout_seconds)):
+    checkers = _checkers_for(settings)
+    if not checkers.slots.acquire(timeout=min(5.0, settings.verify_timeout_seconds)):
         raise VerificationBusy(_BUSY)
     try:
-        findings = inspect_isolated(data, trust_root_der(settings), timeout=settings.verify_timeout_seconds)
+        # The sandbox ends the check by its deadline, so the wait for this thread is bounded too.
+        findings = checkers.threads.submit(inspect_isolated, data, trust_root_der(settings),
+                                           timeout=settings.verify_timeout_seconds).result()
     finally:
-        slot.release()
+        checkers.slots.release()
     verdict = _judge(settings, findings, hashlib.sha256(data).hexdigest())
     log_event(log, "document_verified", valid=verdict.valid, reason=verdict.reason, serial=verdict.serial)
     return verdict
