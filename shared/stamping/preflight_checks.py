@@ -59,8 +59,8 @@ def _check_page_content(page: PageObject, number: int) -> None:
     kilobytes of FlateDecode that inflate to gigabytes) would pass the trial stamp, and every reader of
     the stamped document would then spend seconds and gigabytes showing it. An entry of /Contents that
     is not a stream at all (an array that contains itself, say) is not a page a reader can show either.
-    Other decoding errors are tolerated, as before: readers show what they can recover, and we copy the
-    bytes unchanged.
+    Other decoding errors are tolerated: readers show what they can recover, and we copy the bytes
+    unchanged.
     """
     try:
         contents = page.get("/Contents")
