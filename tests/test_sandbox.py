@@ -31,7 +31,6 @@ from shared import sandbox
 from shared.stamping import DocumentRejected, PreflightResult, isolation, preflight
 from tests.conftest import ROOT, System, WorkerProcess, make_pdf, wait_until
 from tests.test_hostile_documents import (
-    BAHASA,
     CATALOG,
     CONTENT,
     LIMITS,
@@ -102,7 +101,7 @@ def rlimits(pid: int) -> dict[str, tuple[str, str]]:
 
 # --- one document, bounded -------------------------------------------------------------------------
 
-def test_isolated_preflight_gives_the_in_process_verdict(no_children_left: None) -> None:
+def test_isolated_preflight_gives_the_in_process_verdict(no_children_left: None) -> None:  # noqa: F811
     document = make_pdf(pages=3)
 
     assert isolated(document, page=3) == preflight(document, **{**LIMITS, "page": 3})
@@ -112,14 +111,14 @@ def test_isolated_preflight_gives_the_in_process_verdict(no_children_left: None)
     assert too_large.code == "too_large"
 
 
-def test_preflight_over_its_time_budget_is_rejected_as_too_complex(no_children_left: None) -> None:
+def test_preflight_over_its_time_budget_is_rejected_as_too_complex(no_children_left: None) -> None:  # noqa: F811
     error = isolated_rejection(exponential_page_tree(), timeout_seconds=0.05)
 
     # Left alone, this child would have answered "unreadable" seconds later: it was killed at the deadline.
     assert error.code == "too_complex"
 
 
-def test_preflight_over_its_memory_budget_is_a_rejection_not_a_crash(no_children_left: None) -> None:
+def test_preflight_over_its_memory_budget_is_a_rejection_not_a_crash(no_children_left: None) -> None:  # noqa: F811
     # 99,000 references to one fat page: flattening that page tree needs well over 100 MB.
     fat_page = b"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 595 842] /Contents 4 0 R %s >>" % (
         b" ".join(b"/K%d 1" % n for n in range(19)))
@@ -137,7 +136,7 @@ class Interrupted(Exception):
     pass
 
 
-def test_an_interrupted_wait_kills_and_reaps_the_child(no_children_left: None) -> None:
+def test_an_interrupted_wait_kills_and_reaps_the_child(no_children_left: None) -> None:  # noqa: F811
     """Celery's soft time limit raises inside the task: the child must not outlive the wait."""
     def interrupt(signum: int, frame: object) -> None:
         raise Interrupted()

@@ -13,7 +13,6 @@ import string
 
 import pypdf
 import pypdfium2 as pdfium
-import pytest
 import zxingcpp
 from pyhanko.pdf_utils import generic
 from pyhanko.pdf_utils.incremental_writer import IncrementalPdfFileWriter
