@@ -60,8 +60,9 @@ def test_bench_command_ends_with_one_json_line_of_ratios(capsys):
     assert summary["sign_1p_over_plain"] > 0 and summary["sign_10p_over_1p"] > 0
     assert set(summary["docs_per_second"]) == {f"{kind}_{pages}" for kind in
                                                ("plain", "stamp", "sign", "straightforward", "check")
-                                               for pages in ("1p", "10p")}
+                                               for pages in ("1p", "10p")} | {"rewrite_1p"}
     assert summary["check_over_sign"]["1p"] > 0 and summary["check_over_sign"]["10p"] > 0
+    assert summary["rewrite_1p_over_sign_1p"] > 0
     assert summary["memory"]["documents"] == 60
 
 

@@ -164,7 +164,8 @@ def test_one_child_answers_many_documents_with_the_in_process_verdicts(fresh_poo
         assert list(isolation.preflight_children().values()) == [number]
 
     served_all = only_child()
-    assert process_state(served_all) == "S"  # idle, waiting for the next document
+    # Idle, waiting for the next document (it may still be on its way back to the pipe when we look).
+    wait_until(lambda: process_state(served_all) == "S", timeout=10, message="the child to wait for work")
 
 
 def open_descriptors(pid: int | str = "self") -> dict[int, str]:
@@ -369,8 +370,7 @@ def test_a_child_dies_with_its_parent(tmp_path: Path) -> None:
                               text=True)
     try:
         child = int(parent.stdout.readline())
-        assert process_state(child) == "S"
-        assert children(parent.pid) == {child: "S"}
+        wait_until(lambda: children(parent.pid) == {child: "S"}, timeout=10, message="the child to wait for work")
         os.kill(child, signal.SIGSTOP)
         wait_until(lambda: process_state(child) == "T", timeout=10, message="the child to stop")
     finally:
@@ -679,7 +679,7 @@ def test_verification_runs_in_the_sandbox_of_a_gunicorn_gthread_worker(
     assert unsigned.status_code == 200 and unsigned.json()["reason"] == "not_signed", unsigned.text
     [worker] = children(arbiter)
     [child] = children(worker)
-    assert process_state(child) == "S"  # idle, kept for the next upload
+    wait_until(lambda: process_state(child) == "S", timeout=10, message="the child to wait for the next upload")
     extra = {fd: target for fd, target in open_descriptors(child).items() if fd > 2}
     assert len(extra) == 2 and all(target.startswith("pipe:") for target in extra.values()), extra
     # gunicorn's handlers are not the child's (bits 32 and up are the C library's own, in every process)
