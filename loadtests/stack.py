@@ -171,6 +171,7 @@ class Stack:
 
     def start_procfile(self, names: Iterable[str] | None = None, overrides: dict[str, str] | None = None) -> None:
         assert self.launcher is not None
+        dev_pki({**self.env(), **(overrides or {})})
         started = self.launcher.start_all(names, env=overrides)
         say(f"started {', '.join(p.name for p in started)} (logs in {self.workdir / 'logs'})")
 
@@ -207,6 +208,15 @@ class Stack:
         for handle in reversed(self._private):
             handle.stop()
         self._private.clear()
+
+
+def dev_pki(env: dict[str, str]) -> None:
+    """The development CA for the processes about to start, made by its command (a drill imports no part
+    of the core): ``python -m shared.devtools.pki``."""
+    result = subprocess.run([sys.executable, "-m", "shared.devtools.pki"], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=120)
+    if result.returncode != 0:
+        raise RuntimeError(f"making the development CA failed:\n{result.stdout}{result.stderr}")
 
 
 def migrate(database_url: str) -> list[str]:

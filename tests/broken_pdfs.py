@@ -270,3 +270,18 @@ SIGNED_CORPUS: list[Broken] = [Broken(name, build) for name, build in [
     ("signed_xref_stream_pointing_between_objects", signed_xref_stream_pointing_between_objects),
     ("signed_with_wrong_stream_length", signed_with_wrong_stream_length),
 ]]
+
+
+def page_tree_with_a_lying_count() -> bytes:
+    """Two pages, the first under an intermediate node whose ``/Count`` says 0. Descending by ``/Count``
+    (as the kernel finds a page without loading them all) lands on the second page, while readers (and
+    qpdf) walk ``/Kids`` and show the first as page 1: a stamp on a page nobody chose. Every object is
+    where the table says, so only the re-read of the stamped page can tell (preflight's, and the
+    delivery check's)."""
+    second_text = b"BT /F1 14 Tf 72 700 Td (Lampiran) Tj ET"
+    objects = standard_objects(o2=b"<< /Type /Pages /Kids [8 0 R 9 0 R] /Count 2 >>",
+                               o3=PAGE.replace(b"/Parent 2 0 R", b"/Parent 8 0 R"))
+    objects[8] = b"<< /Type /Pages /Parent 2 0 R /Kids [3 0 R] /Count 0 >>"
+    objects[9] = PAGE.replace(b"/Contents 4 0 R", b"/Contents 10 0 R")
+    objects[10] = b"<< /Length %d >>\nstream\n%s\nendstream" % (len(second_text), second_text)
+    return classic(objects)

@@ -32,6 +32,7 @@ from shared.config import Settings, load_settings
 from shared.db import close_pools
 from shared.db.migrate import apply_migrations
 from shared.devtools.launcher import Launcher, Process
+from shared.devtools.pki import ensure_dev_pki
 from shared.devtools.services import RedisHandle, free_port, postgres_answers, start_private_postgres, start_private_redis
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -247,6 +248,7 @@ def system(database_url, redis_server, tmp_path_factory) -> Any:
     # through the broker and drops cached status answers.
     use_broker(settings)
     statuscache.configure(settings)
+    ensure_dev_pki(settings)  # the development CA, made before any process that signs or verifies starts
     # The stand-in keeps its state in its own schema ("standin") of the test database.
     env = {**os.environ, **env_settings, "PORT": str(web_port), "GATEWAY_PORT": str(gateway_port),
            "PYTHONUNBUFFERED": "1"}

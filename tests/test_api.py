@@ -126,3 +126,20 @@ def test_hostile_field_values_get_4xx_not_5xx(sys_):
                        headers={"Content-Type": "application/json"}, timeout=5)
     assert r.status_code == 403, r.text
     assert _count_orders(sys_) == 0
+
+
+def test_http_statuses_are_chosen_in_the_web_layer_from_the_code():
+    """Core exceptions carry a code and a message; web/errors.py alone maps codes to statuses."""
+    from shared import admission, orders, store
+    from shared.errors import DomainError, PermanentError, TransientError
+    from shared.stamping import DocumentRejected
+    from web.errors import status_for
+
+    assert not hasattr(DomainError("x"), "status")
+    cases = [(DocumentRejected("not_pdf", "x"), 415), (DocumentRejected("too_large", "x"), 413),
+             (DocumentRejected("page_out_of_range", "x"), 422), (orders.IdempotencyConflict("x"), 409),
+             (admission.SalesPaused("x"), 503), (admission.InvalidAdmission("x", code="ticket_used"), 410),
+             (store.StoreUnavailable("x"), 503), (TransientError("x", code="something_new"), 503),
+             (PermanentError("x", code="something_new"), 422), (DomainError("x", code="something_new"), 400)]
+    for exc, status in cases:
+        assert status_for(exc) == status, exc.code

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from shared.config import load_settings
+from shared.devtools.pki import ensure_dev_pki, ensure_pki
 from shared.errors import PermanentError
 from shared.stamping import DocumentRejected, preflight
 from shared.stamping.delivery import (
@@ -27,8 +28,8 @@ from shared.stamping.delivery import (
     source_is_sound,
 )
 from shared.stamping.isolation import preflight_isolated
-from shared.stamping.signing import PkiPaths, ensure_pki, load_signer, sign_pdf, signer_from_settings, stamp_and_sign
-from tests.broken_pdfs import CORPUS, SIGNED_CORPUS, Broken, signed_with_wrong_stream_length
+from shared.stamping.signing import PkiPaths, load_signer, sign_pdf, signer_from_settings, stamp_and_sign
+from tests.broken_pdfs import CORPUS, SIGNED_CORPUS, Broken, page_tree_with_a_lying_count, signed_with_wrong_stream_length
 from tests.broken_pdfs import subsection_number_overflows
 from tests.conftest import System, make_pdf
 
@@ -68,7 +69,9 @@ def assert_valid_for_other_readers(data: bytes, folder: Path, serial: str = SERI
 
 @pytest.fixture(scope="module")
 def signer(tmp_path_factory):
-    return signer_from_settings(load_settings({}, data_dir=str(tmp_path_factory.mktemp("delivery-pki"))))
+    settings = load_settings({}, data_dir=str(tmp_path_factory.mktemp("delivery-pki")))
+    ensure_dev_pki(settings)
+    return signer_from_settings(settings)
 
 
 def sign(document: bytes, signer, serial: str = SERIAL, **placement: float) -> bytes:
@@ -222,25 +225,47 @@ def test_a_file_only_a_repair_could_read_fails_the_check_as_a_permanent_error(si
 
 
 @needs_judges
-def test_the_check_and_the_judges_agree_on_a_signed_update_of_a_broken_stream(signer, tmp_path: Path) -> None:
-    """stamp_and_sign still produces this file (a signed document is only appended to); qpdf has to
-    recover the stream whose /Length lies, and so the check refuses it, as preflight does before."""
+def test_a_signed_document_only_a_repair_can_read_is_refused_and_the_judges_agree(signer, tmp_path: Path) -> None:
+    """Its stream's /Length lies: qpdf has to recover that stream. A signed document is only ever
+    appended to, and an update of data only a repair can follow is no delivery: the kernel refuses it
+    (a refund, if it ever got past preflight, which refuses it before payment)."""
+    from shared.stamping import DocumentUnreadable
+
     document = signed_with_wrong_stream_length()
+    assert qpdf_check(document, tmp_path)[0] != 0
+    assert not source_is_sound(document)
 
-    produced = sign(document, signer)
+    with pytest.raises(DocumentUnreadable):
+        sign(document, signer)
+    with pytest.raises(DocumentRejected) as refused:
+        isolated(document)
+    assert refused.value.code == "damaged_structure"
 
-    assert qpdf_check(produced, tmp_path)[0] != 0
-    assert "an object listed" in failure(produced, signer, page_count=1).problem
+
+def test_a_stamp_on_a_page_readers_do_not_show_there_fails_the_check(signer) -> None:
+    """The kernel finds page 1 by /Count, readers by /Kids; where they disagree, the re-read of the
+    stamped page catches it: refused before payment, and never delivered if it got past."""
+    document = page_tree_with_a_lying_count()
+    assert source_is_sound(document)
+
+    with pytest.raises(DocumentRejected) as refused:
+        isolated(document)
+    assert refused.value.code == "damaged_structure"
+    assert "paint a form" in failure(sign(document, signer), signer, page_count=2).problem
 
 
-def test_a_document_that_trips_up_pyhankos_signer_is_unreadable_not_a_crash(signer) -> None:
-    """pyHanko asserts on a page tree it can't find; stamping must end that as a permanent
-    DocumentUnreadable (refund), not as an AssertionError that the worker would retry until the deadline."""
+def test_a_signed_document_we_cannot_append_to_is_unreadable_at_stamping_not_a_crash(signer) -> None:
+    """Its page tree is marked free: neither our update (its signatures forbid a rewrite) nor any signer
+    can make a file readers accept. Stamping ends that as a permanent DocumentUnreadable (refund), not
+    as an exception the worker would retry until the deadline; preflight refuses it before payment."""
     from shared.stamping import DocumentUnreadable
     from tests.broken_pdfs import signed_with_page_tree_marked_free
 
     with pytest.raises(DocumentUnreadable):
         sign(signed_with_page_tree_marked_free(), signer)
+    with pytest.raises(DocumentRejected) as refused:
+        isolated(signed_with_page_tree_marked_free())
+    assert refused.value.code in {"unreadable", "damaged_structure"}
 
 
 def issuer_with_key(folder: Path, issuer_key) -> PkiPaths:
@@ -274,26 +299,47 @@ def issuer_with_key(folder: Path, issuer_key) -> PkiPaths:
     return paths
 
 
-def test_the_check_accepts_every_signature_our_signers_make(signer, tmp_path: Path) -> None:
-    """The fast path with an ECDSA issuer key, and pyHanko's signer (used for documents the fast path
-    leaves alone): the check must accept what the configured signer makes, or every such order would be
-    refunded."""
+def test_the_check_accepts_every_signature_a_standard_signer_makes(signer, tmp_path: Path) -> None:
+    """Our route with an ECDSA issuer key, and pyHanko's signer (the reference, with the keys it signs
+    with by other mechanisms too): the check judges the file and our issuer, not which CMS library made
+    the signature, and refuses a foreign issuer for either."""
     from cryptography.hazmat.primitives.asymmetric import ec
 
     from shared.stamping import stamp_document
-    from shared.stamping.signing import _sign_with_pyhanko
+    from tests.reference_signer import pyhanko_signer, sign_with_pyhanko
 
     document = make_pdf(pages=2)
-    ec_signer = load_signer(issuer_with_key(tmp_path / "ecdsa", ec.generate_private_key(ec.SECP256R1())))
-    assert ec_signer.template is not None and ec_signer.template.mechanism == "ecdsa"
+    ec_paths = issuer_with_key(tmp_path / "ecdsa", ec.generate_private_key(ec.SECP256R1()))
+    ec_signer = load_signer(ec_paths)
+    assert ec_signer.template.mechanism == "ecdsa"
     by_ecdsa = sign(document, ec_signer)
     check_delivery(by_ecdsa, page=1, page_count=2, serial=SERIAL, issuer=ec_signer.certificate)
 
     stamped = stamp_document(document, serial=SERIAL, verify_url="https://meterai.example.id/v", **PLACEMENT)
-    by_pyhanko = _sign_with_pyhanko(stamped, signer, serial=SERIAL)
-    check_delivery(by_pyhanko, page=1, page_count=2, serial=SERIAL, issuer=signer.certificate)
-    with pytest.raises(DeliveryCheckFailed):  # and still refuses a foreign issuer for either
-        check_delivery(by_pyhanko, page=1, page_count=2, serial=SERIAL, issuer=ec_signer.certificate)
+    by_pyhanko = sign_with_pyhanko(stamped, pyhanko_signer(ec_paths), serial=SERIAL)
+    check_delivery(by_pyhanko, page=1, page_count=2, serial=SERIAL, issuer=ec_signer.certificate)
+    with pytest.raises(DeliveryCheckFailed):
+        check_delivery(by_pyhanko, page=1, page_count=2, serial=SERIAL, issuer=signer.certificate)
+    with pytest.raises(DeliveryCheckFailed):
+        check_delivery(by_ecdsa, page=1, page_count=2, serial=SERIAL, issuer=signer.certificate)
+
+
+@needs_judges
+def test_a_document_with_earlier_updates_is_appended_to_and_other_readers_accept_it(signer, tmp_path: Path) -> None:
+    """Documents saved incrementally before (a buyer's signature, an earlier e-Meterai) end in a classic
+    table that doesn't start at object 0: still an update on top of their bytes, valid for the judges."""
+    first = sign(make_pdf(pages=2), signer)
+    other = "ZYXWVUTSRQPONMLKJIHGFE"
+
+    second = stamp_and_sign(first, signer, page=2, x=400, y=80, serial=other,
+                            verify_url=f"https://meterai.example.id/verify/{other}")
+
+    assert second.startswith(first)
+    code, report = qpdf_check(second, tmp_path)
+    assert code == 0, report
+    signatures = pdfsig_report(second, tmp_path)
+    assert signatures.count("Signature Validation: Signature is Valid.") == 2, signatures
+    check_delivery(second, page=2, page_count=2, serial=other, issuer=signer.certificate)
 
 
 # --- through the real API, workers and database ---------------------------------------------------------
@@ -327,11 +373,11 @@ def test_the_fuzzed_kind_is_paid_stamped_and_downloaded_as_a_file_readers_accept
 
 def test_a_stamp_that_fails_the_delivery_check_is_refunded_never_stamped(sys_: System) -> None:
     """The stored upload is replaced after preflight by a document the stamping kernel still stamps and
-    signs, into a file qpdf must repair (as every document of the issue's kind was, before). The worker
-    must refund it at once: no stamped file, serial voided, no retries."""
+    signs, into a file whose stamp readers show on another page than the one chosen (preflight would
+    have refused it). The worker must refund it at once: no stamped file, serial voided, no retries."""
     order_id, token, view = sys_.order_awaiting_payment()
     upload = sys_.settings.documents_path / sys_.order_row(order_id)["document_key"]
-    upload.write_bytes(signed_with_wrong_stream_length())
+    upload.write_bytes(page_tree_with_a_lying_count())
     log = sys_.process("stamping").log
     log_start = log.stat().st_size
 

@@ -66,7 +66,8 @@ def test_web_refuses_to_start_on_the_built_in_defaults():
 def test_a_copied_development_ca_is_refused_outside_development(tmp_path):
     """SIGNING_DEV_PKI=0 with the development CA's files copied to the configured paths is still the
     development CA."""
-    from shared.stamping.signing import ensure_pki, pki_paths
+    from shared.devtools.pki import ensure_pki
+    from shared.stamping.key_material import pki_paths
 
     dev = load_settings({"DEVELOPMENT": "1"}, data_dir=str(tmp_path / "dev"))
     paths = pki_paths(dev)

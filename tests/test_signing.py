@@ -1,7 +1,9 @@
 """Signing stamped documents, checked by independent validators: pyHanko's with our root as the only
-trust anchor, and poppler's ``pdfsig`` (a different implementation, NSS underneath) when installed.
+trust anchor, and poppler's ``pdfsig`` (a different implementation, NSS underneath) when installed; and
+compared with pyHanko's signer, the reference (``tests/reference_signer.py``).
 
-No services: the signer works on bytes and a folder for its key material.
+No services: the signer works on bytes and a folder for its key material, which the development tooling
+makes (``shared/devtools/pki.py``) and production only loads.
 """
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ import stat
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pypdf
@@ -26,12 +29,12 @@ from pyhanko.sign.validation.status import SignatureCoverageLevel
 from pyhanko_certvalidator import ValidationContext
 
 from shared.config import load_settings
+from shared.devtools.pki import ensure_dev_pki, ensure_pki
 from shared.errors import TransientError
 from shared.stamping import DocumentRejected, DocumentUnreadable, preflight, stamp_document
 from shared.stamping.signing import (
     PkiPaths,
     SigningUnavailable,
-    ensure_pki,
     load_signer,
     pki_paths,
     sign_pdf,
@@ -39,6 +42,7 @@ from shared.stamping.signing import (
     stamp_and_sign,
 )
 from tests.conftest import ROOT, make_pdf
+from tests.reference_signer import pyhanko_signer, sign_with_pyhanko
 
 SERIAL = "0123456789ABCDEFGHIJKL"
 OTHER_SERIAL = "ZYXWVUTSRQPONMLKJIHGFE"
@@ -56,9 +60,22 @@ def validate(data: bytes, trust_root, index: int = -1):
     return embedded, validate_pdf_signature(embedded, context)
 
 
+def development_signer(data_dir: Path, **env: str):
+    """The signer of a development machine: the tooling makes the CA, then production loads it."""
+    settings = load_settings(env, data_dir=str(data_dir))
+    ensure_dev_pki(settings)
+    return signer_from_settings(settings)
+
+
 @pytest.fixture
 def signer(tmp_path):
-    return signer_from_settings(load_settings({}, data_dir=str(tmp_path)))
+    return development_signer(tmp_path)
+
+
+@dataclass(frozen=True)
+class Buyer:
+    ca_certificate: object
+    cms_signer: object  # pyHanko's: buyers sign with their own tools
 
 
 @pytest.fixture
@@ -67,7 +84,7 @@ def buyer(tmp_path):
     folder = tmp_path / "buyer-pki"
     paths = PkiPaths(folder / "key.pem", folder / "cert.pem", folder / "ca.pem")
     ensure_pki(paths)
-    return load_signer(paths)
+    return Buyer(load_signer(paths).ca_certificate, pyhanko_signer(paths))
 
 
 def buyer_signed(buyer, document: bytes, *, certify: bool = False,
@@ -190,7 +207,7 @@ def test_a_certified_document_that_allows_form_filling_is_stamped_incrementally(
 
 def test_key_is_loaded_once_per_process(tmp_path):
     settings = load_settings({}, data_dir=str(tmp_path))
-    first = signer_from_settings(settings)
+    first = development_signer(tmp_path)
     paths = pki_paths(settings)
 
     for path in paths.all():  # were the key read per document, signing would now fail
@@ -226,10 +243,11 @@ def test_concurrent_first_runs_make_exactly_one_pki(tmp_path):
     script = (
         "import sys, time\n"
         "from shared.config import load_settings\n"
-        "from shared.stamping.signing import ensure_pki, pki_paths, signer_from_settings\n"
+        "from shared.devtools.pki import ensure_dev_pki\n"
+        "from shared.stamping.signing import signer_from_settings\n"
         "settings = load_settings({}, data_dir=sys.argv[1])\n"
         "while time.time() < float(sys.argv[2]): pass\n"
-        "created = ensure_pki(pki_paths(settings))\n"
+        "created = ensure_dev_pki(settings)\n"
         "print(created, signer_from_settings(settings).certificate.sha256.hex())\n"
     )
     start_at = time.time() + 3  # after their imports, all processes race from the same instant
@@ -245,14 +263,43 @@ def test_concurrent_first_runs_make_exactly_one_pki(tmp_path):
     assert len({fingerprint for _, fingerprint in lines}) == 1
 
 
-def test_missing_key_material_is_a_transient_error_when_development_pki_is_off(tmp_path):
-    settings = load_settings({"SIGNING_DEV_PKI": "0"}, data_dir=str(tmp_path))
+def test_production_never_makes_key_material_it_does_not_find(tmp_path):
+    """Not even with the development switch on: only the tooling makes a CA; the signer and the
+    verification's root only load."""
+    from shared.stamping.key_material import trust_root_der
+
+    settings = load_settings({"SIGNING_DEV_PKI": "1"}, data_dir=str(tmp_path))
 
     with pytest.raises(SigningUnavailable) as missing:
         signer_from_settings(settings)
+    with pytest.raises(SigningUnavailable):
+        trust_root_der(settings)
 
     assert isinstance(missing.value, TransientError)  # retried, never refunded
     assert not (tmp_path / "pki").exists()
+
+
+def test_the_tooling_makes_nothing_when_development_pki_is_off(tmp_path):
+    settings = load_settings({"SIGNING_DEV_PKI": "0"}, data_dir=str(tmp_path))
+
+    assert ensure_dev_pki(settings) is False
+
+    assert not (tmp_path / "pki").exists()
+    with pytest.raises(SigningUnavailable):
+        signer_from_settings(settings)
+
+
+def test_the_tooling_command_makes_the_development_ca_for_the_environment(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "DATA_DIR": str(tmp_path / "data")}
+    first = subprocess.run([sys.executable, "-m", "shared.devtools.pki"], cwd=ROOT, env=env,
+                           capture_output=True, text=True, timeout=120)
+    again = subprocess.run([sys.executable, "-m", "shared.devtools.pki"], cwd=ROOT, env=env,
+                           capture_output=True, text=True, timeout=120)
+
+    assert first.returncode == 0 and "made" in first.stdout, first
+    assert again.returncode == 0 and "already in place" in again.stdout, again
+    signer = signer_from_settings(load_settings({"DATA_DIR": str(tmp_path / "data")}))
+    assert signer.ca_certificate.subject.native["organization_name"] == "meterai (development)"
 
 
 def test_partial_key_material_is_reported_not_overwritten(tmp_path):
@@ -262,6 +309,8 @@ def test_partial_key_material_is_reported_not_overwritten(tmp_path):
     paths.cert.write_bytes(b"an operator's certificate")
 
     with pytest.raises(SigningUnavailable):
+        ensure_dev_pki(settings)
+    with pytest.raises(SigningUnavailable):
         signer_from_settings(settings)
 
     assert paths.cert.read_bytes() == b"an operator's certificate"
@@ -270,7 +319,7 @@ def test_partial_key_material_is_reported_not_overwritten(tmp_path):
 
 def test_a_passphrase_protected_key_needs_its_passphrase(tmp_path):
     protected = load_settings({"SIGNING_KEY_PASSPHRASE": "rahasia-negara"}, data_dir=str(tmp_path))
-    signer = signer_from_settings(protected)
+    signer = development_signer(tmp_path, SIGNING_KEY_PASSPHRASE="rahasia-negara")
     assert b"ENCRYPTED" in pki_paths(protected).key.read_bytes()
     signed = sign_pdf(stamped(make_pdf()), signer, serial=SERIAL)
     assert validate(signed, signer.ca_certificate)[1].bottom_line
@@ -392,3 +441,80 @@ def test_one_pass_refuses_what_stamping_refuses(signer):
                        verify_url="https://meterai.example.id/verify/x")
     with pytest.raises(ValueError):
         stamp_and_sign(make_pdf(), signer, page=1, x=0, y=0, serial="bad", verify_url="https://x.id/")
+
+
+# --- one route, pyHanko as the reference ----------------------------------------------------------
+
+def signer_info(data: bytes):
+    embedded = PdfFileReader(io.BytesIO(data), strict=False).embedded_signatures[-1]
+    return embedded, embedded.signed_data, embedded.signed_data["signer_infos"][0]
+
+
+def test_our_signature_is_what_pyhankos_signer_makes_for_the_same_document(tmp_path):
+    """The same stamped letter signed by our route and by pyHanko's signer with the same key: the same
+    signature dictionary, signer, algorithms, certificates and fixed signed attributes, and both validate
+    alike. Only what must differ does: the bytes signed, hence the digest and the signature value."""
+    signer = development_signer(tmp_path)
+    document = stamped(make_pdf(pages=2))
+
+    ours = sign_pdf(document, signer, serial=SERIAL)
+    reference = sign_with_pyhanko(document, pyhanko_signer(pki_paths(load_settings({}, data_dir=str(tmp_path)))),
+                                  serial=SERIAL)
+
+    (our_sig, our_data, our_info), (ref_sig, ref_data, ref_info) = signer_info(ours), signer_info(reference)
+    assert sorted(our_sig.sig_object.keys()) == sorted(ref_sig.sig_object.keys())
+    for key in ("/Type", "/Filter", "/SubFilter", "/Reason", "/Location"):
+        assert our_sig.sig_object[key] == ref_sig.sig_object[key], key
+    assert our_sig.field_name == ref_sig.field_name == f"eMeterai-{SERIAL}"
+    assert our_info["sid"].dump() == ref_info["sid"].dump()
+    assert our_info["digest_algorithm"].dump() == ref_info["digest_algorithm"].dump()
+    assert our_info["signature_algorithm"].dump() == ref_info["signature_algorithm"].dump()
+    assert sorted(c.dump() for c in our_data["certificates"]) == sorted(c.dump() for c in ref_data["certificates"])
+
+    def fixed_attributes(info) -> dict[str, bytes]:
+        return {a["type"].native: a.dump() for a in info["signed_attrs"] if a["type"].native != "message_digest"}
+
+    assert fixed_attributes(our_info) == fixed_attributes(ref_info)
+    for signed in (ours, reference):
+        _, status = validate(signed, signer.ca_certificate)
+        assert status.bottom_line and status.coverage == SignatureCoverageLevel.ENTIRE_FILE
+
+
+@pytest.mark.parametrize("key_kind", ["ed25519", "dsa"])
+def test_a_key_our_signer_cannot_use_is_refused_when_it_is_loaded(tmp_path, key_kind):
+    """Not at the first document (where every order would fail its signature): at load, with the key type
+    named and what to configure instead."""
+    from cryptography.hazmat.primitives.asymmetric import dsa, ed25519
+
+    from tests.test_delivery import issuer_with_key
+
+    key = ed25519.Ed25519PrivateKey.generate() if key_kind == "ed25519" else dsa.generate_private_key(2048)
+    paths = issuer_with_key(tmp_path / key_kind, key)
+
+    with pytest.raises(SigningUnavailable) as refused:
+        load_signer(paths)
+
+    assert "RSA" in refused.value.message and "ECDSA" in refused.value.message
+    assert "SIGNING_KEY_PATH" in refused.value.message
+    assert isinstance(refused.value, TransientError)
+
+
+def test_a_document_that_must_be_rewritten_is_normalised_first_then_stamped_as_an_update(signer):
+    """One stamp representation: the rare document that can't take an update as it is (here a broken
+    startxref) is written whole by pypdf, unstamped, and that normalised file gets the same incremental
+    stamp and signature as every other document."""
+    original = make_pdf(pages=2)
+    broken = original[:original.rindex(b"startxref")] + b"startxref\n12\n%%EOF\n"
+
+    result = stamped_and_signed(signer, broken)
+
+    normalised = result[:result.index(b"%%EOF") + len(b"%%EOF")]
+    unstamped = pypdf.PdfReader(io.BytesIO(normalised))
+    assert len(unstamped.pages) == 2
+    assert b"/MeteraiStamp" not in normalised and b"/MeteraiArt" not in normalised
+    assert SERIAL not in unstamped.pages[0].extract_text()
+    appended = result[len(normalised):]
+    assert appended.count(b"%%EOF") == 1  # stamp and signature: one update on top of the normalised file
+    assert b"/MeteraiArt" in appended and f"eMeterai-{SERIAL}".encode() in appended
+    _, status = validate(result, signer.ca_certificate)
+    assert status.bottom_line and status.coverage == SignatureCoverageLevel.ENTIRE_FILE

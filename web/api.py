@@ -14,7 +14,7 @@ from shared.errors import DomainError
 from shared.lifecycle import Status
 from shared.orders import (NewOrder, create_order, find_by_idempotency_key, get_order, get_order_with_view,
                            order_view, token_hash_matches, token_matches)
-from shared.stamping import quick_check
+from shared.stamping.header import quick_check
 from web.context import admission, settings, store
 from web.errors import error_response
 from web.limits import client_id, drain_request_body, rate_limited

@@ -15,7 +15,7 @@ from werkzeug.exceptions import RequestEntityTooLarge
 
 from shared.errors import DomainError
 from shared.services.verification import SerialRecord, Verdict, lookup_serial, verify_document
-from shared.stamping import quick_check
+from shared.stamping.header import quick_check
 from web.context import settings
 from web.errors import status_for
 from web.limits import rate_limited

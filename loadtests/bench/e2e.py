@@ -79,6 +79,10 @@ def _kernel_loop(kind: str, document: bytes, seconds: float, data_dir: str, resu
     from shared.stamping import preflight
     from shared.stamping.signing import signer_from_settings
 
+    from shared.devtools.pki import ensure_dev_pki
+
+    if kind == "stamp+sign":
+        ensure_dev_pki(load_settings({"DATA_DIR": data_dir}))
     signer = signer_from_settings(load_settings({"DATA_DIR": data_dir})) if kind == "stamp+sign" else None
     stamp_and_sign = _worker_stamp_and_sign()
 
@@ -106,6 +110,9 @@ def per_document_ms(document: bytes, data_dir: Path, repeats: int = 15) -> dict[
     from shared.stamping.isolation import preflight_isolated
     from shared.stamping.signing import signer_from_settings
 
+    from shared.devtools.pki import ensure_dev_pki
+
+    ensure_dev_pki(load_settings({"DATA_DIR": str(data_dir)}))
     signer = signer_from_settings(load_settings({"DATA_DIR": str(data_dir)}))
     stamp_and_sign = _worker_stamp_and_sign()
     steps = {

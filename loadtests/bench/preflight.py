@@ -7,7 +7,8 @@ What a checkout task pays to check one document, three ways, on the benchmarks' 
 (the Flask and Celery apps and the task modules), so a fork copies a worker-sized process:
 
 * ``in process``: :func:`shared.stamping.preflight`, no isolation at all (the floor);
-* ``pooled``: :func:`shared.stamping.isolation.preflight_isolated` as the checkout worker calls it, with
+* ``pooled``: :func:`shared.stamping.isolation.preflight_isolated` (the sandbox, ``shared/sandbox/``) as
+  the checkout worker calls it, with
   the default child budget: one child serves a whole round (forked at its start, retired at its end);
 * ``fork per document``: the same with ``child_max_documents=1``, a child per document, killed and
   reaped after its answer: what every document cost before the pool.
@@ -23,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import resource
 import statistics
 import sys
@@ -61,18 +63,19 @@ def operations(document: bytes) -> dict[str, Callable[[], object]]:
 
 def one_round(operation: Callable[[], object], documents: int) -> tuple[float, float]:
     """(CPU ms, wall ms) per document over ``documents`` documents, children reaped and counted."""
-    from shared.stamping.isolation import shutdown_preflight_children
+    from shared.sandbox import shutdown_children
 
-    shutdown_preflight_children()
+    shutdown_children()
     cpu, wall = cpu_seconds(), time.perf_counter()
     for _ in range(documents):
         operation()
-    shutdown_preflight_children()
+    shutdown_children()
     return 1000 * (cpu_seconds() - cpu) / documents, 1000 * (time.perf_counter() - wall) / documents
 
 
 def run(args: argparse.Namespace) -> dict[str, object]:
     logging.disable(logging.WARNING)  # the development secret-key warning of create_app
+    os.environ.setdefault("DEVELOPMENT", "1")  # the worker's app refuses development defaults otherwise
     import workers.make_celery  # noqa: F401 - a checkout worker's imports, so forks copy as much
 
     document = make_pdf(args.document_bytes)

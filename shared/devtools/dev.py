@@ -103,6 +103,16 @@ def announce_when_up(launcher: Launcher, settings: Settings, timeout: float = 60
     launcher.emit("dev", "  stop:             Ctrl-C (stops every process, then the private servers)")
 
 
+def _ensure_dev_pki(env: dict[str, str]) -> None:
+    """The development CA, made once here before any process that signs or verifies starts (production
+    only ever loads key material)."""
+    from shared.config import load_settings
+    from shared.devtools.pki import ensure_dev_pki
+
+    if ensure_dev_pki(load_settings(env)):
+        say(f"made a development CA under {env.get('DATA_DIR', '.data')}/pki")
+
+
 def cmd_up(args: list[str]) -> int:
     """Run the whole system: services, migrations, then the Procfile's and Procfile.dev's processes (those
     named, or all) until Ctrl-C or SIGTERM, restarting any that dies by itself."""
@@ -114,6 +124,7 @@ def cmd_up(args: list[str]) -> int:
         if not os.environ.get("SECRET_KEY"):
             env["SECRET_KEY"] = data_dir_secret_key(services.data_dir)
         env["PORT"] = os.environ.get("PORT") or str(WEB_PORT)  # the Procfile convention: PORT for web
+        _ensure_dev_pki(env)
         launcher = Launcher(env, restart=True)
         for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             signal.signal(sig, lambda *_: launcher.request_stop())

@@ -11,33 +11,38 @@ A document is genuine when all of these hold, checked in this order (the first f
    document's SHA-256 equals the one recorded when it was stamped.
 
 Uploads are hostile input. pyHanko is pure Python and its parsing time on a crafted file is not
-bounded, so the parse and signature validation run in a short-lived child process forked from a
-pre-loaded fork server (a few milliseconds per check), under a wall-clock timeout after which the child
-is killed, and with its address space capped. The web process only reads the size-capped upload, waits
-on a pipe and asks PostgreSQL; at most ``verify_concurrency`` checks run at once per web process, and
-more are told to come back (503) rather than queueing without bound.
+bounded, so the parse and signature validation run in the sandbox (:mod:`shared.sandbox`, the job
+"inspect_signature" in :mod:`shared.stamping.inspection`): a reused child of the web process, killed
+after a wall-clock timeout, with its address space and CPU capped. This module is the web-facing side and
+stays light (no PDF or signing library): it reads the root certificate's bytes, waits on the sandbox and
+asks PostgreSQL. At most ``verify_concurrency`` checks run at once per web process, on as many threads
+and sandbox children of their own (:class:`_Checkers`), and more are told to come back (503) rather than
+queueing without bound.
 """
 from __future__ import annotations
 
+import base64
 import hashlib
-import io
 import logging
-import multiprocessing
-import multiprocessing.connection
+import os
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+from shared import sandbox
 from shared.config import Settings
 from shared.db import get_pool
 from shared.errors import DomainError, TransientError
 from shared.logs import log_event
-from shared.stamping.signing import serial_from_field_name, trust_root_from_settings
+from shared.stamping.key_material import trust_root_der
 
 log = logging.getLogger(__name__)
 
-_ADDRESS_SPACE_HEADROOM = 1024 * 1024 * 1024  # what a child may allocate beyond its forked image
+_ADDRESS_SPACE_HEADROOM = 1024 * 1024 * 1024  # what one check may allocate beyond the child's own size
+_OUTCOMES = frozenset({"ok", "not_signed", "unreadable", "signature_invalid", "untrusted_signer",
+                       "modified_after_stamping"})
 
 
 @dataclass(frozen=True)
@@ -69,145 +74,63 @@ def lookup_serial(settings: Settings, serial: str) -> SerialRecord | None:
                         document_sha256=row["document_sha256"])
 
 
-# --- what the signature says (runs in the isolated child) ----------------------------------------
+# --- what the signature says (found in a sandbox child) -------------------------------------------
 
 @dataclass(frozen=True)
 class SignatureFindings:
-    """What the child process found; plain data so it crosses the process boundary."""
+    """What the sandbox child found (:func:`shared.stamping.inspection.inspect_signature`)."""
 
     # ok, or a reason: not_signed, unreadable, signature_invalid, untrusted_signer, modified_after_stamping
     outcome: str
     serial: str | None = None
     signer: str | None = None
 
-
-def inspect_signature(data: bytes, trust_root_der: bytes) -> SignatureFindings:
-    """Find our last signature in ``data`` and validate it against ``trust_root_der`` only.
-
-    Pure and in-process: call it through :func:`inspect_isolated` for anything a stranger uploaded.
-    """
-    from asn1crypto import x509 as asn1_x509
-    from pyhanko.pdf_utils.reader import PdfFileReader
-    from pyhanko.sign.validation import validate_pdf_signature
-    from pyhanko.sign.validation.status import SignatureCoverageLevel
-    from pyhanko_certvalidator import ValidationContext
-
-    try:
-        reader = PdfFileReader(io.BytesIO(data), strict=False)
-        ours = [(sig, serial_from_field_name(sig.field_name)) for sig in reader.embedded_regular_signatures]
-    except Exception:  # pyHanko raises far more than PdfReadError on hostile input
-        return SignatureFindings("unreadable")
-    ours = [(sig, serial) for sig, serial in ours if serial is not None]
-    if not ours:
-        return SignatureFindings("not_signed")
-    embedded, serial = ours[-1]  # signatures come in file order: the last covers the most
-    try:
-        subject = embedded.signer_cert.subject
-        signer = subject.native.get("common_name") or subject.human_friendly
-        context = ValidationContext(trust_roots=[asn1_x509.Certificate.load(trust_root_der)],
-                                    allow_fetching=False)
-        # Diff analysis only matters for a signature that doesn't cover the whole file, which we
-        # refuse anyway; skipping it keeps the work small and its hostile-input surface smaller.
-        status = validate_pdf_signature(embedded, context, skip_diff=True)
-    except Exception:
-        return SignatureFindings("signature_invalid", serial=serial)
-    if not (status.intact and status.valid):
-        return SignatureFindings("signature_invalid", serial=serial, signer=signer)
-    if not status.trusted:
-        return SignatureFindings("untrusted_signer", serial=serial, signer=signer)
-    if status.coverage != SignatureCoverageLevel.ENTIRE_FILE:
-        return SignatureFindings("modified_after_stamping", serial=serial, signer=signer)
-    return SignatureFindings("ok", serial=serial, signer=signer)
-
-
-def _limit_child_resources(cpu_seconds: int) -> None:
-    try:
-        import resource
-
-        with open("/proc/self/statm", "rb") as statm:
-            current = int(statm.read().split()[0]) * resource.getpagesize()
-        limit = current + _ADDRESS_SPACE_HEADROOM
-        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
-        resource.setrlimit(resource.RLIMIT_CPU, (cpu_seconds, cpu_seconds))
-    except (ImportError, OSError, ValueError):
-        pass  # not Linux: the wall-clock timeout in the parent still holds
-
-
-def _child_main(conn: multiprocessing.connection.Connection, data: bytes, trust_root_der: bytes,
-                cpu_seconds: int) -> None:
-    _limit_child_resources(cpu_seconds)
-    # pyHanko warns once per oddity; a crafted file could fill the fork server's stderr with them.
-    logging.getLogger("pyhanko").setLevel(logging.ERROR)
-    logging.getLogger("pyhanko_certvalidator").setLevel(logging.ERROR)
-    try:
-        conn.send(inspect_signature(data, trust_root_der))
-    except BaseException:  # MemoryError under the cap, or anything else: the parent reads "unreadable"
-        try:
-            conn.send(SignatureFindings("unreadable"))
-        except Exception:
-            pass
-    finally:
-        conn.close()
+    @classmethod
+    def from_answer(cls, answer: dict[str, Any]) -> SignatureFindings:
+        """The child's answer, or "unreadable" for anything that is not one of ours."""
+        outcome, serial, signer = answer.get("outcome"), answer.get("serial"), answer.get("signer")
+        if outcome not in _OUTCOMES or not isinstance(serial, (str, type(None))) \
+                or not isinstance(signer, (str, type(None))):
+            return cls("unreadable")
+        return cls(outcome, serial=serial, signer=signer)
 
 
 class VerificationTimeout(DomainError):
+    """The document could not be checked in time: its own doing (the web answers 422)."""
+
     code = "verification_timeout"
-    status = 422
 
 
 class VerificationBusy(TransientError):
+    """No slot, or no sandbox child, for another check now: come back (the web answers 503)."""
+
     code = "verification_busy"
-    status = 503
 
 
-_context_lock = threading.Lock()
-_context: multiprocessing.context.BaseContext | None = None
+_BUSY = "Layanan verifikasi sedang sibuk; silakan coba lagi sebentar lagi."
 
 
-def _fork_server() -> multiprocessing.context.BaseContext:
-    """A fork server that imports pyHanko once; each check forks from it (no threads, no sockets of ours
-    are inherited, unlike forking a web worker)."""
-    global _context
-    with _context_lock:
-        if _context is None:
-            context = multiprocessing.get_context("forkserver")
-            # "__main__" as in multiprocessing's default: the entry script (gunicorn's, say) is
-            # imported once in the server rather than once per child.
-            context.set_forkserver_preload(["__main__", __name__, "pyhanko.sign.validation",
-                                            "pyhanko.pdf_utils.reader", "pyhanko_certvalidator"])
-            _context = context
-        return _context
+def inspect_isolated(data: bytes, trust_root: bytes, *, timeout: float) -> SignatureFindings:
+    """The signature in ``data``, inspected in a sandbox child that is killed after ``timeout`` seconds.
 
-
-def inspect_isolated(data: bytes, trust_root_der: bytes, *, timeout: float) -> SignatureFindings:
-    """:func:`inspect_signature` in a child process that is killed after ``timeout`` seconds."""
-    context = _fork_server()
-    receiver, sender = context.Pipe(duplex=False)
-    child = context.Process(target=_child_main, args=(sender, data, trust_root_der, int(timeout) + 1),
-                            daemon=True)
+    ``trust_root`` is the DER of the only root trusted. Raises :class:`VerificationTimeout` when the check
+    runs out of time (or CPU) and :class:`VerificationBusy` when no child can be started; a child that
+    runs out of memory or crashes makes the document "unreadable".
+    """
+    limits = sandbox.Limits(timeout_seconds=timeout, memory_bytes=_ADDRESS_SPACE_HEADROOM)
+    arguments = {"trust_root": base64.b64encode(trust_root).decode("ascii")}
     try:
-        child.start()
-    except OSError as exc:  # out of processes or file descriptors: come back later
-        receiver.close()
-        raise VerificationBusy("Layanan verifikasi sedang sibuk; silakan coba lagi sebentar lagi.") from exc
-    finally:
-        sender.close()
-    try:
-        if not receiver.poll(timeout):
-            raise VerificationTimeout(
-                "Dokumen tidak dapat diperiksa dalam batas waktu; pastikan berkasnya dokumen e-Meterai "
-                "yang utuh.")
-        try:
-            findings = receiver.recv()
-        except EOFError:  # the child died (address-space cap, CPU limit) before answering
-            findings = SignatureFindings("unreadable")
-        return findings if isinstance(findings, SignatureFindings) else SignatureFindings("unreadable")
-    finally:
-        receiver.close()
-        if child.is_alive():
-            child.kill()
-        child.join(timeout=5)
-        child.close()
+        outcome = sandbox.run("inspect_signature", data, arguments, limits)
+    except sandbox.SandboxUnavailable as exc:  # out of processes or file descriptors: come back later
+        raise VerificationBusy(_BUSY) from exc
+    if outcome.answer is not None:
+        return SignatureFindings.from_answer(outcome.answer)
+    log_event(log, "verification_child_failed", logging.WARNING, cause=outcome.cause,
+              document_bytes=len(data), reused=outcome.reused)
+    if outcome.failure in (sandbox.TIMEOUT, sandbox.CPU):
+        raise VerificationTimeout(
+            "Dokumen tidak dapat diperiksa dalam batas waktu; pastikan berkasnya dokumen e-Meterai yang utuh.")
+    return SignatureFindings("unreadable")
 
 
 # --- the verdict ---------------------------------------------------------------------------------
@@ -255,30 +178,58 @@ class Verdict:
         return body
 
 
-_slots_lock = threading.Lock()
-_slots: dict[int, threading.BoundedSemaphore] = {}
+class _Checkers:
+    """The slots and the threads that run verification's sandbox children, per web process.
+
+    At most ``verify_concurrency`` checks run at once (a slot each); more are told to come back. They run
+    on that many long-lived threads of their own rather than on the request threads: a sandbox child
+    serves only the thread that forked it (it dies with that thread), and a gunicorn ``gthread`` worker
+    hands requests to any of its threads, so children made by request threads would be one per thread,
+    each paying pyHanko's import. Here there are at most ``verify_concurrency`` children per process,
+    all reused.
+    """
+
+    def __init__(self, size: int) -> None:
+        self.slots = threading.BoundedSemaphore(size)
+        self.threads = ThreadPoolExecutor(max_workers=size, thread_name_prefix="verification")
 
 
-def _slot(settings: Settings) -> threading.BoundedSemaphore:
+_checkers_lock = threading.Lock()
+_checkers: dict[int, _Checkers] = {}
+
+
+def _checkers_for(settings: Settings) -> _Checkers:
     size = max(1, settings.verify_concurrency)
-    with _slots_lock:
-        return _slots.setdefault(size, threading.BoundedSemaphore(size))
+    with _checkers_lock:
+        if size not in _checkers:
+            _checkers[size] = _Checkers(size)
+        return _checkers[size]
+
+
+def _forget_checkers_after_fork() -> None:
+    """In a forked process the threads are gone (and a lock may be held by one): start afresh."""
+    global _checkers_lock, _checkers
+    _checkers_lock, _checkers = threading.Lock(), {}
+
+
+os.register_at_fork(after_in_child=_forget_checkers_after_fork)
 
 
 def verify_document(settings: Settings, data: bytes) -> Verdict:
     """The verdict on an uploaded PDF. The caller has already capped its size and checked it is a PDF.
 
-    Raises :class:`VerificationTimeout` (422) for a document too slow to check and
-    :class:`VerificationBusy` (503) when every slot stayed taken for a few seconds.
+    Raises :class:`VerificationTimeout` for a document too slow to check and :class:`VerificationBusy`
+    when every slot stayed taken for a few seconds.
     """
-    slot = _slot(settings)
-    if not slot.acquire(timeout=min(5.0, settings.verify_timeout_seconds)):
-        raise VerificationBusy("Layanan verifikasi sedang sibuk; silakan coba lagi sebentar lagi.")
+    checkers = _checkers_for(settings)
+    if not checkers.slots.acquire(timeout=min(5.0, settings.verify_timeout_seconds)):
+        raise VerificationBusy(_BUSY)
     try:
-        trust_root = trust_root_from_settings(settings).dump()
-        findings = inspect_isolated(data, trust_root, timeout=settings.verify_timeout_seconds)
+        # The sandbox ends the check by its deadline, so the wait for this thread is bounded too.
+        findings = checkers.threads.submit(inspect_isolated, data, trust_root_der(settings),
+                                           timeout=settings.verify_timeout_seconds).result()
     finally:
-        slot.release()
+        checkers.slots.release()
     verdict = _judge(settings, findings, hashlib.sha256(data).hexdigest())
     log_event(log, "document_verified", valid=verdict.valid, reason=verdict.reason, serial=verdict.serial)
     return verdict

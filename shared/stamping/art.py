@@ -260,8 +260,8 @@ def _penalty(rows: list[int], width: int) -> int:
 def _qr_symbol(verify_url: str) -> tuple[int, tuple[tuple[bool, ...], ...]]:
     """(mask, modules) of the stamp's QR code.
 
-    segno tries all eight data masks module by module in Python (about 8 ms a symbol); here segno
-    encodes once with mask 0 and the eight candidates are derived with whole-row bit operations, scored
+    segno tries all eight data masks module by module in Python (the cost is in ``docs/benchmarks.md``,
+    "Kernel"); here segno encodes once with mask 0 and the eight candidates are derived with whole-row bit operations, scored
     on the finished symbol (format information included) and the lowest penalty wins. Any mask decodes
     the same; the choice only keeps scanner-confusing patterns rare. Cached for the few URLs of the
     document at hand (the kernel asks more than once per document).

@@ -17,6 +17,7 @@ import hashlib
 from dataclasses import dataclass
 
 from asn1crypto import algos, cms, core
+from asn1crypto import tsp  # noqa: F401 - registers the ESS signing-certificate-v2 attribute with cms
 from asn1crypto import x509 as asn1_x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
@@ -56,7 +57,7 @@ class CmsTemplate:
               certificate: asn1_x509.Certificate,
               chain: tuple[asn1_x509.Certificate, ...]) -> CmsTemplate | None:
         """The template for this key, or ``None`` when the key or mechanism is not one we splice
-        (RSA PKCS#1 v1.5 and ECDSA are; anything rarer goes through pyHanko)."""
+        (RSA PKCS#1 v1.5 and ECDSA are; the signer refuses other keys when it loads them)."""
         mechanism = signature_algorithm.signature_algo
         if mechanism not in _SUPPORTED or not isinstance(
                 private_key, rsa.RSAPrivateKey if mechanism == "rsassa_pkcs1v15" else ec.EllipticCurvePrivateKey):

@@ -65,7 +65,6 @@ class DeliveryCheckFailed(PermanentError):
     preflight). ``problem`` says what was wrong, in English, for logs; ``message`` is for the buyer."""
 
     code = "stamp_check_failed"
-    status = 422
 
     def __init__(self, problem: str, *, code: str | None = None) -> None:
         super().__init__(_BUYER_MESSAGE, code=code)
@@ -258,7 +257,8 @@ def _check_cms(blob: bytes, digest: Callable[[str], bytes], issuer: asn1_x509.Ce
     public_key = _public_key(issuer.dump())
     hashing = _DIGESTS[algorithm]()
     try:
-        # The fast path signs RSA PKCS#1 v1.5 or ECDSA; pyHanko's signer, for other keys, the rest.
+        # Our signer makes RSA PKCS#1 v1.5 or ECDSA; the rest is what other standard CMS signers (pyHanko's,
+        # the tests' reference) make with other keys, accepted so the check judges the file, not the key.
         if mechanism == "rsassa_pkcs1v15" and isinstance(public_key, rsa.RSAPublicKey):
             public_key.verify(signature, signed_bytes, padding.PKCS1v15(), hashing)
         elif mechanism == "ecdsa" and isinstance(public_key, ec.EllipticCurvePublicKey):

@@ -6,14 +6,14 @@ from celery.signals import worker_process_shutdown
 
 from shared import jobs
 from shared.services import checkout
-from shared.stamping.isolation import shutdown_preflight_children
+from shared.sandbox import shutdown_children
 
 
 @worker_process_shutdown.connect
-def _retire_preflight_children(**_: object) -> None:
-    """A pool process leaves with os._exit (no atexit): take its reused preflight children along
+def _retire_sandbox_children(**_: object) -> None:
+    """A pool process leaves with os._exit (no atexit): take its reused sandbox children along
     rather than leave them to the death signal and whoever adopts them."""
-    shutdown_preflight_children()
+    shutdown_children()
 
 
 def _expire(task, exc, order_id: str) -> str:

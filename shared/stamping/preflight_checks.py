@@ -3,9 +3,10 @@
 The rule from the design: a document that can't be stamped is rejected with a clear reason and no charge.
 So there are two levels:
 
-* :func:`quick_check` is cheap enough for the web front end to run inline on upload (size and PDF
-  header only), so obvious mistakes are answered at once.
-* :func:`preflight` runs in a worker process: it parses the document under pypdf's lowered limits and
+* :func:`.header.quick_check` is cheap enough for the web front end to run inline on upload (size and
+  PDF header only), so obvious mistakes are answered at once.
+* :func:`preflight` runs in a sandbox child of a checkout worker (:mod:`.isolation`, the job
+  :func:`sandbox_job`): it parses the document under pypdf's lowered limits and
   then does a full trial stamp with a placeholder serial, exactly as the paid stamping will. Whatever
   would make stamping fail after payment makes the preflight fail before it. That includes the
   delivery check's structural part (:func:`.delivery.check_structure`: qpdf re-reads the trial stamp
@@ -16,60 +17,31 @@ Every rejection is a :class:`DocumentRejected` with a machine code and a message
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict
+from typing import Any
 
 from pypdf import PageObject
 from pypdf.errors import LimitReachedError
 from pypdf.generic import ArrayObject, NullObject, StreamObject
 
-from . import delivery
-from .kernel import (
-    STAMP_SIZE,
-    DocumentRejected,
-    bounded_parsing,
-    check_stamp_fits,
-    page_count,
-    read_document,
-    select_page,
-    stamp_reader,
-    unreadable,
-    visible_box,
-)
+from shared.sandbox import Answer
 
-PDF_MAGIC = b"%PDF-"
-# Readers accept some junk before the header; we allow the same window as Acrobat (1024 bytes).
-HEADER_WINDOW = 1024
+from . import art, delivery
+from .header import quick_check
+from .kernel import stamp_reader
+from .reading import bounded_parsing, check_stamp_fits, page_count, read_document, select_page, visible_box
+from .verdicts import (
+    STAMP_SIZE,
+    TOO_BIG_MESSAGE,
+    DocumentRejected,
+    PreflightResult,
+    damaged_structure,
+    too_complex,
+    unreadable,
+)
 
 _TRIAL_SERIAL = "0" * 22
 _TRIAL_VERIFY_URL = "https://meterai.invalid/verifikasi/" + _TRIAL_SERIAL
-
-
-@dataclass(frozen=True)
-class PreflightResult:
-    page_count: int
-    page_width: float  # of the chosen page's visible box (CropBox, else MediaBox), unrotated
-    page_height: float
-
-
-def _megabytes(limit: int) -> str:
-    value = limit / (1024 * 1024)
-    return f"{value:.1f}".rstrip("0").rstrip(".").replace(".", ",")
-
-
-def quick_check(data: bytes, *, max_bytes: int) -> None:
-    """Non-empty, at most ``max_bytes``, and a ``%PDF-`` header within the first 1024 bytes."""
-    if not data:
-        raise DocumentRejected("not_pdf", "Berkas kosong. Unggah dokumen dalam format PDF.", status=415)
-    if len(data) > max_bytes:
-        raise DocumentRejected(
-            "too_large",
-            f"Ukuran berkas melebihi batas {_megabytes(max_bytes)} MB.",
-            status=413,
-        )
-    if PDF_MAGIC not in data[: HEADER_WINDOW + len(PDF_MAGIC)]:
-        raise DocumentRejected(
-            "not_pdf", "Berkas ini bukan dokumen PDF. Unggah dokumen dalam format PDF.", status=415
-        )
 
 
 def _check_page_limit(count: int, max_pages: int) -> None:
@@ -87,8 +59,8 @@ def _check_page_content(page: PageObject, number: int) -> None:
     kilobytes of FlateDecode that inflate to gigabytes) would pass the trial stamp, and every reader of
     the stamped document would then spend seconds and gigabytes showing it. An entry of /Contents that
     is not a stream at all (an array that contains itself, say) is not a page a reader can show either.
-    Other decoding errors are tolerated, as before: readers show what they can recover, and we copy the
-    bytes unchanged.
+    Other decoding errors are tolerated: readers show what they can recover, and we copy the bytes
+    unchanged.
     """
     try:
         contents = page.get("/Contents")
@@ -105,11 +77,8 @@ def _check_page_content(page: PageObject, number: int) -> None:
         try:
             stream.get_data()
         except (LimitReachedError, MemoryError) as exc:
-            raise DocumentRejected(
-                "too_complex",
-                f"Isi halaman {number} terlalu besar untuk diproses. Simpan ulang atau cetak ulang "
-                "dokumen ke PDF, lalu unggah kembali.",
-            ) from exc
+            raise too_complex(f"Isi halaman {number} terlalu besar untuk diproses. Simpan ulang atau cetak "
+                              "ulang dokumen ke PDF, lalu unggah kembali.") from exc
         except Exception:
             continue
 
@@ -152,14 +121,6 @@ def preflight(
     return PreflightResult(page_count=count, page_width=box.width, page_height=box.height)
 
 
-def damaged_structure() -> DocumentRejected:
-    return DocumentRejected(
-        "damaged_structure",
-        "Struktur dokumen PDF ini rusak sehingga dokumen bermeterai tidak akan terbaca dengan benar di "
-        "aplikasi PDF. Simpan ulang atau cetak ulang dokumen ke PDF, lalu unggah kembali.",
-    )
-
-
 def _check_trial(data: bytes, trial: bytes, *, page: int, count: int) -> None:
     """The trial stamp passes the delivery check's structural part, and qpdf sees the buyer's document
     with as many pages as pypdf does (the page they chose is the same page to both)."""
@@ -170,3 +131,37 @@ def _check_trial(data: bytes, trial: bytes, *, page: int, count: int) -> None:
         delivery.check_structure(trial, page=page, page_count=count)
     except delivery.DeliveryCheckFailed as exc:
         raise damaged_structure() from exc
+
+
+# --- in the sandbox (shared/sandbox/jobs.py names these) ------------------------------------------------
+
+def sandbox_warm() -> None:
+    """Draw the stamp art once per worker, not once per child: every fork inherits the cached art."""
+    art.static_art()
+
+
+def sandbox_job(data: bytes, arguments: dict[str, Any]) -> Answer:
+    """:func:`preflight` as a sandbox job. Only an accepted document leaves the child clean: a rejected
+    one may have driven the parser down odd paths, so its child is not reused."""
+    try:
+        result = preflight(data, **arguments)
+    except DocumentRejected as exc:
+        if _ran_out_of_memory(exc):
+            exc = too_complex(TOO_BIG_MESSAGE)
+        return Answer({"ok": False, "code": exc.code, "message": exc.message}, clean=False)
+    except RecursionError:
+        exc = unreadable()
+        return Answer({"ok": False, "code": exc.code, "message": exc.message}, clean=False)
+    return Answer({"ok": True, **asdict(result)}, clean=True)
+
+
+def _ran_out_of_memory(exc: BaseException) -> bool:
+    """pypdf turns some MemoryErrors into read errors, which the preflight reports as "unreadable"."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        if isinstance(current, MemoryError):
+            return True
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return False
