@@ -625,7 +625,7 @@ def gunicorn_web(database_url: str, redis_server, dev_pki: Path, tmp_path: Path)
     """The web app under gunicorn's gthread worker, one worker process of four threads: (its URL, the
     arbiter's pid). One verification at a time, two seconds each, so a third concurrent upload finds no
     slot."""
-    from shared.devenv import free_port
+    from shared.devtools.services import free_port
 
     port = free_port()
     env = {**os.environ, "DEVELOPMENT": "1", "DATABASE_URL": database_url, "REDIS_URL": redis_server.url,
