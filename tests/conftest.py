@@ -38,7 +38,7 @@ from shared.devtools.services import RedisHandle, free_port, postgres_answers, s
 ROOT = Path(__file__).resolve().parents[1]
 SERVER_KEY = "SB-Mid-server-test-key"
 # The Procfile's worker groups, and every process of the session's system (beat stays off).
-WORKERS = ("checkout", "payments", "refunds", "stamping", "housekeeping")
+WORKERS = ("checkout", "payments", "refunds", "stamping", "housekeeping", "reconcile")
 PROCESSES = ("web", *WORKERS, "gateway")
 
 

@@ -36,7 +36,7 @@ PRICE = 12_500
 
 # --- helpers ---------------------------------------------------------------------------------------
 
-BUT_STAMPING = ("checkout", "payments", "refunds", "housekeeping")
+BUT_STAMPING = ("checkout", "payments", "refunds", "housekeeping", "reconcile")
 
 
 @contextmanager
