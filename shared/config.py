@@ -59,13 +59,13 @@ class Settings:
     max_document_bytes: int = 2 * 1024 * 1024
     max_pages: int = 500
     stamp_size: float = 100.0
-    # Preflight runs in a child process with these bounds (shared/stamping/isolation.py): wall-clock
+    # Preflight runs in a sandbox child process with these bounds (shared/sandbox/): wall-clock
     # seconds, well under the task time limit so the task always finishes with an answer, and bytes of
     # address space on top of the worker's own. A valid 500-page document takes well under a second and
     # ~100 MB.
     preflight_timeout_seconds: float = 20.0
     preflight_memory_bytes: int = 512 * 1024 * 1024
-    # Each worker process reuses its preflight child for many accepted documents: a child is replaced
+    # Each worker process reuses its sandbox child for many accepted documents: a child is replaced
     # after this many, or once its memory has grown by more than this many bytes since it was forked
     # (and after any rejection, timeout or crash).
     preflight_child_max_documents: int = 200
@@ -166,9 +166,11 @@ class Settings:
     # Bearer token for the ops endpoints; empty disables them.
     ops_token: str = ""
 
-    # Signing stamped documents (X.509, PAdES B-B). Empty paths default to <data_dir>/pki/. With
-    # signing_dev_pki=1 a development root CA and issuer certificate are made there on first use when
-    # none of the three files exists; set it to 0 in production so missing key material is an error.
+    # Signing stamped documents (X.509, PAdES B-B; an RSA or ECDSA issuer key). Empty paths default to
+    # <data_dir>/pki/. Production only loads these files (missing ones are an error). With
+    # signing_dev_pki=1 the tooling (./dev up, the test fixtures, the drills) makes a development root CA
+    # and issuer there before the processes start, when none of the three files exists; web and workers
+    # refuse to start with it outside development.
     signing_key_path: str = ""
     signing_cert_path: str = ""
     signing_ca_cert_path: str = ""
@@ -230,7 +232,7 @@ def production_problems(settings: Settings) -> list[str]:
     if settings.secret_key == DEV_SECRET_KEY or len(settings.secret_key) < MIN_SECRET_LENGTH:
         problems.append(f"SECRET_KEY is the development key or shorter than {MIN_SECRET_LENGTH} characters")
     if settings.signing_dev_pki:
-        problems.append("SIGNING_DEV_PKI=1 would sign stamps with a development CA made on the spot: set "
+        problems.append("SIGNING_DEV_PKI=1 asks for a development CA to sign stamps: set "
                         "SIGNING_DEV_PKI=0 and the SIGNING_*_PATH files of the real issuer")
     pki = os.path.join(settings.data_dir, "pki")
     certificates = (settings.signing_cert_path or os.path.join(pki, "issuer-cert.pem"),
