@@ -150,3 +150,18 @@ def test_summary_round_trips_through_json(tmp_path):
 
     path.write_text(json.dumps(slo.load_summary_as_dict(clean_load())))
     assert slo.load_summary_from_json(path) == clean_load()
+
+
+def test_every_function_the_web_benchmark_profiles_still_exists():
+    """The front-end benchmark times named functions of the product; a rename must not break it at the
+    end of a twenty-minute run."""
+    import importlib
+
+    from loadtests.bench import web as bench_web
+
+    for target, _ in (bench_web.CREATE_SPANS + bench_web.BARE_SPANS + bench_web.STATUS_SPANS
+                      + bench_web.QUEUE_SPANS):
+        module, _, path = target.partition(":")
+        owner = importlib.import_module(module)
+        for name in path.split("."):
+            owner = getattr(owner, name)

@@ -212,13 +212,14 @@ CREATE_SPANS = [
     ("shared.orders:find_by_idempotency_key", "idempotency-key lookup (SQL)"),
     ("shared.admission:AdmissionController.admit_or_queue", "waiting room decision (Redis)"),
     ("web.api:quick_check", "PDF header check"),
+    ("shared.orders:insert_order", "INSERT order + first event (one statement)"),
     ("shared.orders:NewOrder.fingerprint", "request fingerprint (SHA-256 of the PDF)"),
     ("shared.store:FilesystemStore.put", "durable store (write, fsync, rename, fsync dir)"),
     ("web.api:create_order", "INSERT order + event, commit (psycopg)"),
     ("web.api:_new_order_from_request", "read upload, validate fields"),
     ("os:fsync", "fsync (file and folder)"),
     ("shared.jobs:publish", "Celery publish after commit (kombu → Redis)"),
-    ("web.api:access_token_for", "access token (HMAC)"),
+    ("shared.orders:new_access_token", "access token (random)"),
     ("web.api:_links", "response links (url_for)"),
 ]
 BARE_SPANS = [
@@ -232,6 +233,7 @@ STATUS_SPANS = [
     ("flask.app:Flask.__call__", "Flask/werkzeug request handling, endpoint glue"),
     ("shared.statuscache:get", "status cache (Redis GET)"),
     ("web.api:get_order_with_view", "SELECT order with payment, refund, events (one statement)"),
+    ("web.api:token_hash_matches", "token check (cached answer)"),
     ("web.api:token_matches", "token check"),
     ("web.api:order_view", "JSON view"),
 ]
