@@ -26,7 +26,7 @@ import sys
 from typing import Any
 
 from shared import statuscache
-from shared.config import Settings, get_settings
+from shared.config import Settings, UnsafeSettings, get_settings, refuse_unsafe
 from shared.errors import DomainError
 
 
@@ -85,11 +85,23 @@ def _report_columns() -> list[tuple[str, str]]:
     return list(REPORT_COLUMNS.items())
 
 
+# Commands that only read (or, migrate, set up the schema): they run wherever an operator has a database
+# URL. Every other command changes orders, money or the waiting room, so, like web and workers, it refuses
+# to run on development defaults outside development.
+READ_ONLY = frozenset({"migrate", "manual-refunds", "ledger-report"})
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s",
                         stream=sys.stderr)
     settings = get_settings()
+    if args.command not in READ_ONLY:
+        try:
+            refuse_unsafe(settings, f"CLI ({args.command})")  # it moves money and orders like a worker
+        except UnsafeSettings as exc:
+            print(exc, file=sys.stderr)
+            return 2
     statuscache.configure(settings)  # orders changed here must drop their cached status answers
     try:
         return COMMANDS[args.command](settings, args)

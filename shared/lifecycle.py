@@ -21,6 +21,7 @@ status cache — listens (:func:`add_listener`) and hears the event ids once the
 from __future__ import annotations
 
 import json
+import logging
 import secrets
 import string
 from collections.abc import Callable
@@ -33,6 +34,8 @@ from psycopg import errors as pg_errors
 from psycopg import sql
 
 from shared.db import Tx
+
+log = logging.getLogger(__name__)
 
 
 class Status(StrEnum):
@@ -82,6 +85,7 @@ class Move:
     """One allowed move and everything it does besides the status."""
 
     meaning: str
+    capture: bool = False  # books the order's own capture (the payment that pays for this order)
     serial: Serial | None = None
     lease: Lease | None = None
     # The order's own refund: (None, PENDING) opens it; any other pair moves it along.
@@ -97,10 +101,11 @@ TRANSITIONS: Mapping[tuple[Status, Status], Move] = {
     (Status.CREATED, Status.REJECTED): Move("document cannot be stamped"),
     # Checkout's retries ran out (gateway down for long) or it never ran: nothing was charged.
     (Status.CREATED, Status.EXPIRED): Move("payment could not be opened"),
-    (Status.AWAITING_PAYMENT, Status.PAID): Move("payment captured"),
+    (Status.AWAITING_PAYMENT, Status.PAID): Move("payment captured", capture=True),
     (Status.AWAITING_PAYMENT, Status.EXPIRED): Move("unpaid too long or payment failed"),
     # A capture that arrives after the order expired is refunded, never kept.
-    (Status.EXPIRED, Status.REFUND_PENDING): Move("late payment for an expired order", refund=_OPEN_REFUND),
+    (Status.EXPIRED, Status.REFUND_PENDING): Move("late payment for an expired order", capture=True,
+                                                  refund=_OPEN_REFUND),
     (Status.PAID, Status.STAMPING): Move("claimed by a stamping worker", serial=Serial.RESERVE,
                                          lease=Lease.TAKE),
     # Re-claiming an order whose lease expired (the worker died or gave up this attempt).
@@ -211,6 +216,7 @@ def past_deadline() -> Guard:
 # --- who hears about committed changes --------------------------------------------------------------
 
 _listeners: list[Callable[[Mapping[str, int]], None]] = []
+_unheard: list[bool] = []
 
 
 def add_listener(listener: Callable[[Mapping[str, int]], None]) -> None:
@@ -231,6 +237,10 @@ def _changed(tx: Tx, order_id: UUID | str, event_id: int) -> None:
 
 
 def _announce(versions: Mapping[str, int]) -> None:
+    if not _listeners and not _unheard:
+        _unheard.append(True)  # once per process: every process that changes orders configures the cache
+        log.warning("event=order_changes_unheard hint=no status cache configured in this process: cached "
+                    "answers of the orders it changes stay until they expire")
     for listener in list(_listeners):
         listener(versions)
 
@@ -284,6 +294,7 @@ def transition(
     reason: str | None = None,
     detail: Mapping[str, Any] | None = None,
     lease: tuple[str, float] | None = None,
+    capture: tuple[str, int] | None = None,
     refund_reason: str | None = None,
     refund_changes: Mapping[str, Any] | None = None,
 ) -> dict[str, Any] | None:
@@ -291,14 +302,16 @@ def transition(
     everything the move declares.
 
     ``changes`` are column values set in the same UPDATE (a value, ``None``, :data:`NOW`, :func:`after`
-    or :data:`INCREMENT`). A move that takes the lease needs ``lease=(owner, seconds)``; one that opens
-    the order's refund, ``refund_reason``; one that moves it may pass ``refund_changes`` for the refund
-    row. Returns the updated order row (with ``serial`` set by a claim), or ``None`` when the order was
+    or :data:`INCREMENT`). A move that takes the lease needs ``lease=(owner, seconds)``; one that books
+    the order's capture, ``capture=(gateway_order_id, amount)``; one that opens the order's refund,
+    ``refund_reason``; one that moves it may pass ``refund_changes`` for the refund row. Returns the updated order row (with ``serial`` set by a claim), or ``None`` when the order was
     not in ``source`` or a guard failed: someone else already moved it.
     """
     move = TRANSITIONS.get((source, target))
     if move is None:
         raise IllegalTransition(f"{source} -> {target} is not an allowed transition")
+    if move.capture and capture is None:
+        raise IllegalTransition(f"{source} -> {target} books the order's capture: pass capture=(id, amount)")
     values: dict[str, Any] = dict(changes or {})
     if move.lease is Lease.TAKE:
         if lease is None:
@@ -320,6 +333,10 @@ def transition(
     if row is None:
         return None
     _event(tx, order_id, source, target, reason or move.meaning, detail)
+    if move.capture:
+        gateway_order_id, amount = capture  # type: ignore[misc]
+        if book_capture(tx, gateway_order_id, amount, CaptureRole.ORDER) is None:
+            raise IllegalTransition(f"capture {gateway_order_id} was booked before")
     if move.serial is not None:
         _change_serial(tx, row, move.serial)
     if move.refund is not None:
@@ -415,7 +432,9 @@ def order_capture(tx: Tx, order_id: UUID | str) -> dict[str, Any] | None:
 
 
 def book_capture(tx: Tx, gateway_order_id: str, amount: int, role: CaptureRole) -> dict[str, Any] | None:
-    """Record that the gateway captured ``amount`` on this transaction, and book it, once.
+    """Record that the gateway captured ``amount`` on this transaction, and book it, once. The order's
+    own capture is booked by the move it pays for (:data:`TRANSITIONS`); call this alone for an extra
+    capture, which changes no order.
 
     A compare-and-set on the transaction's ``captured_at``: returns the payment row, or ``None`` when the
     capture was booked before (a duplicate notification, a poll racing a notification).

@@ -19,7 +19,8 @@ Correctness rules, in order of importance:
 * **Bounded staleness when Redis misses the change** (a blip exactly at commit, or a process that never
   configured the cache): every entry expires after ``status_cache_seconds``. Every process that changes
   orders configures it: the web and the workers through their app factories, the ``meterai`` CLI in its
-  ``main``; one that doesn't says so in its log, once.
+  ``main`` (configuring is what makes this module listen); for one that doesn't, :mod:`shared.lifecycle`
+  says so in its log, once.
 * **The cache never decides who may read.** The entry holds the order's access-token hashes; the token
   is checked against them as against the row, and a token the entry doesn't know is checked against
   the row (a replayed create may just have added one). And a Redis that doesn't answer just means the database
@@ -69,7 +70,6 @@ return 1
 """
 
 _state: dict[str, Any] = {}
-_warned: list[bool] = []
 
 
 def configure(settings: Settings) -> None:
@@ -85,6 +85,7 @@ def configure(settings: Settings) -> None:
                                   socket_connect_timeout=CACHE_TIMEOUT_SECONDS, retry=None)
     _state.update(client=client, prefix=f"{settings.redis_key_prefix}status:",
                   ttl=settings.status_cache_seconds, write=client.register_script(_WRITE), skip_until=0.0)
+    lifecycle.add_listener(mark_changed)
 
 
 def _client() -> tuple[redis.Redis, str] | None:
@@ -139,14 +140,7 @@ def mark_changed(versions: Mapping[str, int]) -> None:
     """Write the change markers (``versions``: order id -> newest event id, committed). Tried even while
     reads rest after a failure: this is what keeps answers fresh, and it runs once per transaction, not
     once per poll."""
-    found = (_state["client"], _state["prefix"]) if _state else None
-    if found is None:
-        if not _warned:
-            _warned.append(True)
-            log_event(log, "status_cache_not_configured", logging.WARNING,
-                      hint="orders changed by this process keep their cached status until it expires")
-        return
-    client, prefix = found
+    client, prefix = _state["client"], _state["prefix"]  # a listener only once configure() ran
     try:
         pipe = client.pipeline(transaction=False)
         for order_id, version in versions.items():
@@ -156,5 +150,3 @@ def mark_changed(versions: Mapping[str, int]) -> None:
         # The entries expire on their own within status_cache_seconds.
         log_event(log, "status_cache_not_invalidated", logging.WARNING, error=type(exc).__name__)
 
-
-lifecycle.add_listener(mark_changed)

@@ -57,16 +57,18 @@ def test_a_capture_is_booked_once_per_transaction_with_the_order_move(sys_):
     with sys_.db() as conn:
         order_id = _insert_order(conn, "awaiting_payment")
         first, second = _payment(conn, order_id, "1"), _payment(conn, order_id, "2")
+    paid = {"changes": {"refund_due_at": NOW}, "capture": (first, 12500)}
+    with pytest.raises(IllegalTransition):  # the move says it books the order's capture: it needs it
+        with transaction(sys_.settings.database_url) as tx:
+            transition(tx, order_id, Status.AWAITING_PAYMENT, Status.PAID, changes={"refund_due_at": NOW})
     with pytest.raises(RuntimeError):
         with transaction(sys_.settings.database_url) as tx:
-            book_capture(tx, first, 12500, CaptureRole.ORDER)
-            transition(tx, order_id, Status.AWAITING_PAYMENT, Status.PAID, changes={"refund_due_at": NOW})
+            transition(tx, order_id, Status.AWAITING_PAYMENT, Status.PAID, **paid)
             raise RuntimeError("crash before commit")
     assert sys_.order_row(order_id)["status"] == "awaiting_payment"
     assert sys_.query("SELECT * FROM ledger_entries WHERE order_id = %s", (order_id,)) == []
     with transaction(sys_.settings.database_url) as tx:
-        assert book_capture(tx, first, 12500, CaptureRole.ORDER) is not None
-        transition(tx, order_id, Status.AWAITING_PAYMENT, Status.PAID, changes={"refund_due_at": NOW})
+        assert transition(tx, order_id, Status.AWAITING_PAYMENT, Status.PAID, **paid) is not None
     with transaction(sys_.settings.database_url) as tx:  # a duplicate notification: booked before
         assert book_capture(tx, first, 12500, CaptureRole.ORDER) is None
         assert book_capture(tx, second, 12500, CaptureRole.EXTRA) is not None  # paid twice: its own row
@@ -191,6 +193,8 @@ def test_the_moves_say_what_happens_to_serials_leases_and_refunds():
     assert set(claims) == {(Status.PAID, Status.STAMPING), (Status.STAMPING, Status.STAMPING)}
     assert all(move.lease is Lease.TAKE for move in claims.values())
     assert TRANSITIONS[(Status.STAMPING, Status.STAMPED)].serial is Serial.USE
+    assert {key for key, move in TRANSITIONS.items() if move.capture} == {
+        (Status.AWAITING_PAYMENT, Status.PAID), (Status.EXPIRED, Status.REFUND_PENDING)}
     into_refund = {key for key in TRANSITIONS if key[1] == Status.REFUND_PENDING}
     assert all(TRANSITIONS[key].refund == (None, RefundStatus.PENDING) for key in into_refund)
     assert all(TRANSITIONS[key].serial is Serial.VOID for key in into_refund if key[0] != Status.EXPIRED)
@@ -225,8 +229,8 @@ def test_the_orders_own_refund_moves_with_the_order_or_neither_moves(sys_):
         order_id = _insert_order(conn, "expired")
         gateway_order_id = _payment(conn, order_id)
     with transaction(sys_.settings.database_url) as tx:
-        book_capture(tx, gateway_order_id, 12500, CaptureRole.ORDER)
-        transition(tx, order_id, Status.EXPIRED, Status.REFUND_PENDING, refund_reason="late_payment")
+        transition(tx, order_id, Status.EXPIRED, Status.REFUND_PENDING, refund_reason="late_payment",
+                   capture=(gateway_order_id, 12500))
     with sys_.db() as conn:  # the refund went to manual payout behind the order's back
         conn.execute("UPDATE refunds SET status = 'manual' WHERE gateway_order_id = %s", (gateway_order_id,))
     with pytest.raises(IllegalTransition):

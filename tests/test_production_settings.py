@@ -104,3 +104,14 @@ def _real_root(path) -> None:
 def test_a_setting_of_the_wrong_kind_is_named():
     with pytest.raises(ValueError, match="DEVELOPMENT='true' must be a whole number"):
         load_settings({"DEVELOPMENT": "true"})
+
+
+def test_the_cli_refuses_to_move_money_on_development_defaults_but_still_reads():
+    env = {k: v for k, v in os.environ.items() if k not in ("DEVELOPMENT", "SECRET_KEY")}
+    env["DATABASE_URL"] = "postgresql://postgres@127.0.0.1:1/nowhere"  # never reached
+    refused = subprocess.run([sys.executable, "-m", "shared.cli", "sweep-refunds"], cwd=ROOT, env=env,
+                             capture_output=True, text=True, timeout=60)
+    assert refused.returncode == 2 and "refuses to start on development defaults" in refused.stderr
+    reading = subprocess.run([sys.executable, "-m", "shared.cli", "ledger-report"], cwd=ROOT, env=env,
+                             capture_output=True, text=True, timeout=60)
+    assert "refuses to start" not in reading.stderr  # it fails for the database, not for the settings

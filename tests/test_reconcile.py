@@ -319,3 +319,25 @@ def test_a_partly_refunded_payment_goes_to_a_person_not_to_another_full_refund()
     assert refund_move(_status("partial_refund")) is RefundMove.MANUAL
     assert refund_move(_status("settlement")) is RefundMove.REFUND
     assert refund_move(_status("capture")) is RefundMove.CANCEL
+
+
+def test_a_notification_left_after_its_retries_makes_the_watch_look_again(sys_):
+    """Even a transaction whose watch had ended is asked about again: the notification said something
+    happened, and nothing else may ever ask."""
+    from shared.payments.gateway import format_gross_amount, notification_signature
+    from shared.services.notifications import accept_notification
+    from shared.services.payments import leave_notification
+
+    order_id, token, view = sys_.order_awaiting_payment()
+    gateway_order_id = view["payment"]["gateway_order_id"]
+    sys_.query("UPDATE payments SET next_poll_at = NULL, final_at = now() - interval '3 days'"
+               " WHERE gateway_order_id = %s RETURNING 1", (gateway_order_id,))
+    amount = format_gross_amount(PRICE)
+    accept_notification(sys_.settings, {
+        "order_id": gateway_order_id, "status_code": "200", "gross_amount": amount,
+        "transaction_status": "settlement", "transaction_id": "t-late",
+        "signature_key": notification_signature(gateway_order_id, "200", amount, SERVER_KEY)})
+    [note] = sys_.query("SELECT id FROM payment_notifications WHERE gateway_order_id = %s", (gateway_order_id,))
+    assert leave_notification(sys_.settings, note["id"], "gateway_unavailable") == "left_to_watch"
+    watch = _watch(sys_, gateway_order_id)
+    assert watch["final_at"] is None and watch["wait"] is not None and watch["wait"] <= timedelta(seconds=1)

@@ -1,7 +1,7 @@
 """The parent's side: this process's children, reused across documents, and how one document's run ends.
 
 **Pre-forked children.** A fork per document costs far more CPU than a check (page tables, copy-on-write
-faults and the exit of a copy of a worker-sized process; ``loadtests/bench_preflight.py``, figures in
+faults and the exit of a copy of a worker-sized process; ``loadtests/bench/preflight.py``, figures in
 ``docs/benchmarks.md``). So each process keeps a small pool of children per job, forked lazily on first
 use, each serving documents one after another over a pair of pipes. A child goes back to the pool only
 after a clean answer and only while it is healthy; it is retired (``SIGKILL`` + reap, replaced on the

@@ -148,10 +148,15 @@ def mark_paid_out(settings: Settings, identifier: str, reference: str) -> str:
                 f"{identifier} is {refund['order_status']}, not waiting for a manual refund; nothing booked.")
         paid_out = {"manual_reference": reference, "completed_at": NOW}
         if refund["capture_role"] == CaptureRole.ORDER:  # the order's own refund moves with the order
-            transition(tx, str(refund["order_id"]), Status.REFUND_MANUAL, Status.REFUNDED,
-                       reason="paid out manually", refund_changes=paid_out,
-                       detail={"manual_reference": reference, "gateway_order_id": refund["gateway_order_id"]})
+            moved = transition(tx, str(refund["order_id"]), Status.REFUND_MANUAL, Status.REFUNDED,
+                               reason="paid out manually", refund_changes=paid_out,
+                               detail={"manual_reference": reference,
+                                       "gateway_order_id": refund["gateway_order_id"]})
         else:
-            refund_transition(tx, refund["gateway_order_id"], RefundStatus.MANUAL, RefundStatus.SUCCEEDED,
-                              changes=paid_out)
+            moved = refund_transition(tx, refund["gateway_order_id"], RefundStatus.MANUAL,
+                                      RefundStatus.SUCCEEDED, changes=paid_out)
+        if moved is None:  # the order is not where its refund says it is: book nothing, say so
+            raise NotRefundManual(
+                f"{identifier}: the refund waits for a payout but its order is {refund['order_status']}; "
+                "nothing booked.")
     return "refunded"

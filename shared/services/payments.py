@@ -136,6 +136,12 @@ def leave_notification(settings: Settings, notification_id: int, error: str) -> 
     redrive must not republish it for ever."""
     with transaction(settings.database_url) as tx:
         _mark_processed(tx, notification_id, "left_to_watch")
+        # Whatever it said, the watch asks the gateway about its transaction again, from now, as if the
+        # gateway had not called it final yet (even a watch that had ended starts again).
+        tx.execute(
+            "UPDATE payments SET next_poll_at = now(), polls = 0, final_at = NULL"
+            " WHERE gateway_order_id = (SELECT gateway_order_id FROM payment_notifications WHERE id = %s)",
+            (notification_id,))
     log_event(log, "notification_left_to_watch", logging.WARNING, notification_id=notification_id, error=error)
     return "left_to_watch"
 
@@ -273,12 +279,12 @@ def _apply_capture(
                   gateway_order_id=payment["gateway_order_id"], order_status=order["status"],
                   payment_type=status.payment_type)
         return "extra_capture_refund"
-    book_capture(tx, payment["gateway_order_id"], status.gross_amount, CaptureRole.ORDER)
+    capture = (payment["gateway_order_id"], status.gross_amount)
     if target is Status.REFUND_PENDING:
-        begin_refund(tx, order_id, Status(order["status"]), reason="late_payment")
+        begin_refund(tx, order_id, Status(order["status"]), reason="late_payment", capture=capture)
         return "late_payment_refund"
     moved = transition(
-        tx, order_id, Status.AWAITING_PAYMENT, Status.PAID,
+        tx, order_id, Status.AWAITING_PAYMENT, Status.PAID, capture=capture,
         changes={"paid_at": NOW, "refund_due_at": after(settings.stamp_deadline_seconds)},
         detail={"gateway_order_id": payment["gateway_order_id"], "payment_type": status.payment_type},
     )

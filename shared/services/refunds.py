@@ -94,24 +94,28 @@ class RefundNotDone(TransientError):
 
 def begin_refund(
     tx: Tx, order_id: str, source: Status, *, reason: str, guards: tuple[Guard, ...] = (),
-    message: str | None = None,
+    message: str | None = None, capture: tuple[str, int] | None = None,
 ) -> bool:
     """``source`` → refund_pending, with the serial voided and the refund of the order's own capture
-    opened. False if the order was no longer in ``source`` (someone else moved it). ``message`` is what
-    the buyer reads."""
-    payment = order_capture(tx, order_id)
-    if payment is None:
-        raise RuntimeError(f"order {order_id} has no captured payment to refund")
+    opened (``capture=(gateway_order_id, amount)`` when the move books it: a late payment). False if the
+    order was no longer in ``source`` (someone else moved it). ``message`` is what the buyer reads."""
+    if capture is not None:
+        gateway_order_id = capture[0]
+    else:
+        payment = order_capture(tx, order_id)
+        if payment is None:
+            raise RuntimeError(f"order {order_id} has no captured payment to refund")
+        gateway_order_id = payment["gateway_order_id"]
     row = transition(
         tx, order_id, source, Status.REFUND_PENDING,
         changes={"reason_code": reason,
                  "reason_message": message or REFUND_MESSAGES.get(reason, DEFAULT_REFUND_MESSAGE)},
-        guards=guards, reason=reason, refund_reason=reason,
-        detail={"gateway_order_id": payment["gateway_order_id"]},
+        guards=guards, reason=reason, refund_reason=reason, capture=capture,
+        detail={"gateway_order_id": gateway_order_id},
     )
     if row is None:
         return False
-    jobs.enqueue_after_commit(tx, jobs.REFUND_ORDER, payment["gateway_order_id"])
+    jobs.enqueue_after_commit(tx, jobs.REFUND_ORDER, gateway_order_id)
     return True
 
 
