@@ -88,7 +88,7 @@ def _report_columns() -> list[tuple[str, str]]:
 # Commands that only read (or, migrate, set up the schema): they run wherever an operator has a database
 # URL. Every other command changes orders, money or the waiting room, so, like web and workers, it refuses
 # to run on development defaults outside development.
-READ_ONLY = frozenset({"migrate", "manual-refunds", "ledger-report"})
+READ_ONLY = frozenset({"migrate", "manual-refunds", "ledger-report", "gateway-reconcile"})
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -425,14 +425,12 @@ def test_requests_that_fail_validation_take_no_place_in_line(throttled):
 def test_long_text_fields_are_refused_before_any_pattern_runs(throttled):
     base = throttled()
     huge = "a" * 20_000 + "@" + "b" * 40_000  # took the old e-mail pattern seconds of a web thread
-    started = time.monotonic()
     r = _create(base, email=huge)
     assert r.status_code == 422 and r.json()["error"]["code"] == "field_too_long"
     r = _create(base, email="a" * 250 + "@b.id")  # short enough to read, too long for an address
     assert r.status_code == 422 and r.json()["error"]["code"] == "invalid_email"
     dotless = "a@" + "b" * 200  # the shape that backtracks in a "[^@]+\\.[^@]+" pattern
     assert _create(base, email=dotless).json()["error"]["code"] == "invalid_email"
-    assert time.monotonic() - started < 30  # a sanity bound only; the point is the 422s above
 
 
 def test_one_live_ticket_per_client(throttled):
