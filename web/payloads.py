@@ -11,6 +11,7 @@ from typing import Any
 from flask import request
 
 from shared.errors import DomainError
+from web.limits import drain_request_body
 
 
 class BadJson(DomainError):
@@ -18,19 +19,21 @@ class BadJson(DomainError):
 
 
 class BodyTooLarge(DomainError):
-    """Answered before the body was read whole: the connection closes after the answer, because the
-    unread rest of the body would otherwise be taken for the client's next request."""
-
     code = "too_large"
-    headers = {"Connection": "close"}
 
 
 def json_body(max_bytes: int) -> Any:
-    """The request's JSON, at most ``max_bytes`` long (413 beyond), or :class:`BadJson` (400)."""
+    """The request's JSON, at most ``max_bytes`` long (413 beyond), or :class:`BadJson` (400).
+
+    An oversized body is read to its end (up to the app's own limit) and dropped before the 413: a server
+    that answers a client still sending resets the connection under it, and it never sees the answer.
+    """
     if request.content_length is not None and request.content_length > max_bytes:
+        drain_request_body()
         raise BodyTooLarge(f"The body is larger than {max_bytes} bytes.")
     data = request.stream.read(max_bytes + 1)
     if len(data) > max_bytes:
+        drain_request_body()
         raise BodyTooLarge(f"The body is larger than {max_bytes} bytes.")
     try:
         return json.loads(data)

@@ -127,11 +127,6 @@ def inspect_isolated(data: bytes, trust_root: bytes, *, timeout: float) -> Signa
         return SignatureFindings.from_answer(outcome.answer)
     log_event(log, "verification_child_failed", logging.WARNING, cause=outcome.cause,
               document_bytes=len(data), reused=outcome.reused)
-    if outcome.failure in (sandbox.TIMEOUT, sandbox.CPU) and not outcome.reused:
-        # A fresh child spends part of the time importing the validator, and one forked from a busy web
-        # process may stall on a lock another thread held: not the document's fault yet. Come back (the
-        # next try finds a warm child, or a fresh one again).
-        raise VerificationBusy(_BUSY)
     if outcome.failure in (sandbox.TIMEOUT, sandbox.CPU):
         raise VerificationTimeout(
             "Dokumen tidak dapat diperiksa dalam batas waktu; pastikan berkasnya dokumen e-Meterai yang utuh.")
