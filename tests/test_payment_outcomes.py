@@ -184,15 +184,20 @@ def test_a_payment_that_slips_into_a_failing_checkout_is_refunded_and_the_rest_c
     assert sys_.gateway_record(slipped)["transaction_status"] == "refund"
     others = [row["gateway_order_id"] for row in sys_.query(
         "SELECT gateway_order_id FROM payments WHERE order_id = %s AND gateway_order_id <> %s", (order_id, slipped))]
-    # A timed-out create may have landed at the gateway after checkout cancelled what it knew of: the
-    # watch finds it still payable and cancels it (as it would at its next look; here, now).
+    # A timed-out create may land at the gateway after checkout cancelled what it knew of: the watch
+    # finds it still payable and cancels it (as it would at its next look; here, now). Every create the
+    # stand-in was sent does land (a "timeout" sleeps, then does the work): wait for all of them, so
+    # none lands after the watch has looked.
+    def landed(gateway_order_id: str) -> bool:
+        return sys_.http.get(f"{sys_.gateway_url}/sandbox/transactions/{gateway_order_id}",
+                             timeout=5).status_code == 200
+    wait_until(lambda: all(landed(g) for g in others), timeout=30, message="every create landed at the gateway")
     for gateway_order_id in others:
         due_now(sys_, gateway_order_id)
     assert cli(sys_, "reconcile", "--inline").returncode == 0
     for gateway_order_id in others:
         record = sys_.http.get(f"{sys_.gateway_url}/sandbox/transactions/{gateway_order_id}", timeout=5)
-        if record.status_code == 200:  # created at the gateway: no longer payable
-            assert record.json()["transaction_status"] == "cancel", gateway_order_id
+        assert record.json()["transaction_status"] == "cancel", gateway_order_id  # no longer payable
     assert entries(sys_, order_id) == [(slipped, "captured", PRICE), (slipped, "refunded", PRICE)]
     assert sys_.status(order_id, token)["status"] == "expired"
     balanced(sys_)
