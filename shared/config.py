@@ -6,11 +6,14 @@ explicit mapping instead of touching ``os.environ``.
 """
 from __future__ import annotations
 
+import ipaddress
 import os
+import re
 from dataclasses import dataclass, fields
 from functools import lru_cache
 from pathlib import Path
 from typing import Mapping
+from urllib.parse import urlsplit
 
 DEFAULT_DATA_DIR = ".data"
 DEV_SECRET_KEY = "meterai-dev-secret-change-me"
@@ -37,6 +40,32 @@ class Settings:
     redis_key_prefix: str = "meterai:"
     data_dir: str = DEFAULT_DATA_DIR
     document_dir: str = ""  # defaults to <data_dir>/documents
+
+    # The document store (shared/store/): empty or file:///abs/path for the filesystem (empty: DOCUMENT_DIR,
+    # or <data_dir>/documents), s3://bucket/optional/prefix for an S3-compatible server (several
+    # machines). The S3 settings below matter only then.
+    document_store_url: str = ""
+    # Empty: AWS itself. Outside development a plain-http endpoint must be on this machine (a loopback
+    # address): over the network buyers' documents and our keys' signatures would travel readable.
+    s3_endpoint_url: str = ""
+    s3_region: str = "us-east-1"
+    # Both empty: boto3's own credential chain (environment, shared files, instance/container role).
+    s3_access_key_id: str = ""
+    s3_secret_access_key: str = ""
+    # botocore's request_checksum_calculation / response_checksum_validation. "when_required" (the
+    # default) sends no new CRC checksums, which several S3-compatible servers reject; we send Content-MD5
+    # and check our own SHA-256 anyway. "when_supported" turns botocore's on.
+    s3_checksums: str = "when_required"
+    # Seconds; small, so a store that is down turns into a quick 503 "come back", not a hung request.
+    s3_connect_timeout: float = 2.0
+    s3_read_timeout: float = 10.0
+    # botocore's attempts per call (1 = no retry): our tasks retry on their own, with backoff.
+    s3_max_attempts: int = 2
+    # 1: stamped files are put with If-None-Match: * (the server refuses to overwrite). 0: for servers
+    # without conditional writes, HEAD then PUT (racy between two writers of one key).
+    s3_conditional_writes: int = 1
+    # "path", "virtual" or "auto"; empty: path-style with S3_ENDPOINT_URL, botocore's choice on AWS.
+    s3_addressing_style: str = ""
     public_base_url: str = "http://127.0.0.1:8000"
     # 1 on a developer's machine, in tests and drills (./dev, the test fixtures and the drills set it):
     # only then may the development defaults below (secret key, development CA, stand-in gateway and its
@@ -166,14 +195,19 @@ class Settings:
     # Bearer token for the ops endpoints; empty disables them.
     ops_token: str = ""
 
-    # Signing stamped documents (X.509, PAdES B-B; an RSA or ECDSA issuer key). Empty paths default to
-    # <data_dir>/pki/. Production only loads these files (missing ones are an error). With
-    # signing_dev_pki=1 the tooling (./dev up, the test fixtures, the drills) makes a development root CA
-    # and issuer there before the processes start, when none of the three files exists; web and workers
-    # refuse to start with it outside development.
+    # Signing stamped documents (X.509, PAdES B-B; an RSA or ECDSA issuer key). Each item is a file
+    # (SIGNING_*_PATH; empty paths default to <data_dir>/pki/) or PEM text in the environment
+    # (SIGNING_*_PEM, for platforms that inject secrets as variables; a path and a PEM for the same item
+    # is refused), the same on every node (shared/stamping/key_material.py). Production only loads them
+    # (missing ones are an error). With signing_dev_pki=1 the tooling (./dev up, the test fixtures, the
+    # drills) makes a development root CA and issuer there before the processes start, when none of the
+    # three files exists; web and workers refuse to start with it outside development.
     signing_key_path: str = ""
     signing_cert_path: str = ""
     signing_ca_cert_path: str = ""
+    signing_key_pem: str = ""
+    signing_cert_pem: str = ""
+    signing_ca_cert_pem: str = ""
     signing_key_passphrase: str = ""
     signing_dev_pki: int = 1
 
@@ -203,9 +237,48 @@ class Settings:
         if self.admission_abandon_seconds < 90:
             raise ValueError("ADMISSION_ABANDON_SECONDS must be at least 90 (three times the longest "
                              "Retry-After of a waiting poll), or buyers polling as told could be skipped")
+        for item in ("key", "cert", "ca_cert"):
+            if getattr(self, f"signing_{item}_path") and getattr(self, f"signing_{item}_pem").strip():
+                raise ValueError(f"SIGNING_{item.upper()}_PATH and SIGNING_{item.upper()}_PEM are both set: "
+                                 "give each item of key material once, as a file or as PEM text")
+        self._check_store()
         if self.ops_token and len(self.ops_token) < MIN_SECRET_LENGTH:
             raise ValueError(f"OPS_TOKEN must be at least {MIN_SECRET_LENGTH} characters (or empty to turn "
                              "the ops endpoints off): a short token can be guessed")
+
+    def _check_store(self) -> None:
+        location = parse_document_store_url(self.document_store_url)  # ValueError names the problem
+        if location.kind != "s3":
+            return
+        if self.s3_endpoint_url:
+            endpoint = urlsplit(self.s3_endpoint_url)
+            if endpoint.scheme not in ("http", "https") or not endpoint.hostname or endpoint.path not in (
+                    "", "/") or endpoint.query or endpoint.username:
+                raise ValueError(f"S3_ENDPOINT_URL={self.s3_endpoint_url!r} must be http(s)://host[:port], "
+                                 "without a path or credentials")
+        if self.s3_checksums not in S3_CHECKSUM_MODES:
+            raise ValueError(f"S3_CHECKSUMS must be one of {', '.join(S3_CHECKSUM_MODES)}, "
+                             f"not {self.s3_checksums!r}")
+        if not (0 < self.s3_connect_timeout <= 60 and 0 < self.s3_read_timeout <= 300):
+            raise ValueError("S3_CONNECT_TIMEOUT must be over 0 and at most 60 seconds, S3_READ_TIMEOUT over 0 "
+                             "and at most 300: a store that is down must turn into a quick 'come back'")
+        if not 1 <= self.s3_max_attempts <= 10:
+            raise ValueError("S3_MAX_ATTEMPTS must be 1 to 10 (attempts per call, the first included)")
+        if self.s3_conditional_writes not in (0, 1):
+            raise ValueError("S3_CONDITIONAL_WRITES must be 0 or 1")
+        if self.s3_addressing_style not in ("", "auto", "path", "virtual"):
+            raise ValueError("S3_ADDRESSING_STYLE must be path, virtual or auto (or empty)")
+        if bool(self.s3_access_key_id) != bool(self.s3_secret_access_key):
+            raise ValueError("S3_ACCESS_KEY_ID and S3_SECRET_ACCESS_KEY go together: set both, or neither "
+                             "(boto3's own credential chain)")
+
+    @property
+    def document_store(self) -> "StoreLocation":
+        """Where documents live, from DOCUMENT_STORE_URL (and DOCUMENT_DIR / DATA_DIR for the default)."""
+        location = parse_document_store_url(self.document_store_url)
+        if location.kind == "file" and not location.path:
+            return StoreLocation("file", path=str(self.documents_path))
+        return location
 
     @property
     def price(self) -> int:
@@ -213,6 +286,10 @@ class Settings:
 
     @property
     def documents_path(self) -> Path:
+        """The filesystem store's folder (file:// URL, else DOCUMENT_DIR, else <data_dir>/documents)."""
+        location = parse_document_store_url(self.document_store_url)
+        if location.kind == "file" and location.path:
+            return Path(location.path)
         return Path(self.document_dir or os.path.join(self.data_dir, "documents"))
 
     @property
@@ -220,6 +297,54 @@ class Settings:
         """Longer than the longest task plus the longest retry delay, so a slow task is never redelivered
         to a second worker while the first still runs it."""
         return int(self.task_time_limit_seconds + self.retry_max_seconds + 3600)
+
+
+S3_CHECKSUM_MODES = ("when_required", "when_supported")
+_BUCKET = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
+_PREFIX = re.compile(r"[A-Za-z0-9!_.*'()-]+(/[A-Za-z0-9!_.*'()-]+)*")
+
+
+@dataclass(frozen=True)
+class StoreLocation:
+    """A parsed DOCUMENT_STORE_URL: ``kind`` "file" (``path``; empty: the default folder) or "s3"
+    (``bucket``, and ``prefix``: empty or ending in "/")."""
+
+    kind: str
+    path: str = ""
+    bucket: str = ""
+    prefix: str = ""
+
+
+def parse_document_store_url(url: str) -> StoreLocation:
+    """DOCUMENT_STORE_URL as a :class:`StoreLocation`; ValueError says what is wrong with it."""
+    url = url.strip()
+    if not url:
+        return StoreLocation("file")
+    parts = urlsplit(url)
+    if parts.scheme == "file":
+        if parts.netloc not in ("", "localhost") or not parts.path.startswith("/") or parts.query:
+            raise ValueError(f"DOCUMENT_STORE_URL={url!r}: a filesystem store is file:///absolute/path")
+        return StoreLocation("file", path=parts.path)
+    if parts.scheme == "s3":
+        bucket, prefix = parts.netloc, parts.path.strip("/")
+        if not _BUCKET.fullmatch(bucket) or ".." in bucket:
+            raise ValueError(f"DOCUMENT_STORE_URL={url!r}: {bucket!r} is not an S3 bucket name (3 to 63 "
+                             "lower-case letters, digits, dots and hyphens)")
+        if parts.query or parts.fragment or (prefix and (not _PREFIX.fullmatch(prefix) or any(
+                segment in (".", "..") for segment in prefix.split("/")))):
+            raise ValueError(f"DOCUMENT_STORE_URL={url!r}: the prefix must be plain path segments "
+                             "(letters, digits, -_.!*'()), no '.' or '..', no query")
+        return StoreLocation("s3", bucket=bucket, prefix=f"{prefix}/" if prefix else "")
+    raise ValueError(f"DOCUMENT_STORE_URL={url!r} must be empty, file:///absolute/path or s3://bucket/prefix")
+
+
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def production_problems(settings: Settings) -> list[str]:
@@ -234,10 +359,10 @@ def production_problems(settings: Settings) -> list[str]:
     if settings.signing_dev_pki:
         problems.append("SIGNING_DEV_PKI=1 asks for a development CA to sign stamps: set "
                         "SIGNING_DEV_PKI=0 and the SIGNING_*_PATH files of the real issuer")
-    pki = os.path.join(settings.data_dir, "pki")
-    certificates = (settings.signing_cert_path or os.path.join(pki, "issuer-cert.pem"),
-                    settings.signing_ca_cert_path or os.path.join(pki, "ca-cert.pem"))
-    if any(_made_by_development_pki(path) for path in certificates):
+    from shared.stamping.key_material import pki_paths  # it imports this module
+
+    paths = pki_paths(settings)
+    if any(_made_by_development_pki(item) for item in (paths.cert, paths.ca_cert)):
         problems.append("the signing certificates are the development PKI's: configure the real issuer's "
                         "SIGNING_KEY_PATH, SIGNING_CERT_PATH and SIGNING_CA_CERT_PATH")
     if settings.gateway_server_key == DEV_GATEWAY_SERVER_KEY or settings.gateway_server_key.startswith(
@@ -247,15 +372,20 @@ def production_problems(settings: Settings) -> list[str]:
         problems.append("GATEWAY_URL is not https (the default is the stand-in gateway on this machine)")
     if not settings.public_base_url.startswith("https://"):
         problems.append("PUBLIC_BASE_URL is not https (every stamp's QR code points there)")
+    if settings.document_store.kind == "s3" and settings.s3_endpoint_url:
+        endpoint = urlsplit(settings.s3_endpoint_url)
+        if endpoint.scheme != "https" and not _loopback(endpoint.hostname or ""):
+            problems.append("S3_ENDPOINT_URL is plain http to another machine: buyers' documents would cross "
+                            "the network readable; use https (plain http only to a loopback address)")
     return problems
 
 
-def _made_by_development_pki(path: str) -> bool:
-    """Whether the PEM certificate at ``path`` (if there is one) is, or was issued by, the development
-    PKI: the issuer certificate is what signs, so a real root beside a development issuer is no better."""
+def _made_by_development_pki(source) -> bool:
+    """Whether the PEM certificate at ``source`` (a file or PEM text, if there is one) is, or was issued
+    by, the development PKI: the issuer certificate is what signs, so a real root beside a development
+    issuer is no better."""
     try:
-        with open(path, "rb") as pem:
-            data = pem.read()
+        data = source.read_bytes()
     except OSError:
         return False
     from cryptography import x509

@@ -5,7 +5,8 @@ that made itself a CA whenever files were missing would, on a misconfigured serv
 with a CA nobody trusts. So ``./dev up``, the test fixtures, the drills and the kernel benchmark call
 :func:`ensure_dev_pki` (or run ``python -m shared.devtools.pki``) before any process that signs or
 verifies starts. The files land where production reads them (:func:`~shared.stamping.key_material.pki_paths`:
-``SIGNING_*_PATH``, else ``<DATA_DIR>/pki/``); every certificate names the organisation
+``SIGNING_*_PATH``, else ``<DATA_DIR>/pki/``; key material given as ``SIGNING_*_PEM`` is never made);
+every certificate names the organisation
 :data:`~shared.config.DEV_PKI_ORGANIZATION`, by which production refuses a copied development root.
 
 Several processes may start together, so generation happens under an exclusive file lock and every file
@@ -129,6 +130,10 @@ def ensure_pki(paths: PkiPaths, *, passphrase: str = "") -> bool:
     """
     if all(p.exists() for p in paths.all()):
         return False
+    if len(paths.files()) < 3:  # some come from the environment (SIGNING_*_PEM): configured, never made
+        raise SigningUnavailable(
+            "Signing key material is incomplete; refusing to generate beside key material given in the "
+            "environment: missing " + ", ".join(str(p) for p in paths.all() if not p.exists()) + ".")
     lock_dir = paths.key.parent
     try:
         lock_dir.mkdir(parents=True, exist_ok=True)
