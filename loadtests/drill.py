@@ -3,6 +3,7 @@
     .venv/bin/python -m loadtests.drill --profile short     # about 2 minutes, the deadline spike
     .venv/bin/python -m loadtests.drill --profile full      # about 11 minutes (make drill-full)
     .venv/bin/python -m loadtests.drill --profile short --shape steady
+    .venv/bin/python -m loadtests.drill --profile multi     # about 4 minutes, many nodes, two killed
 
 What it does, in order:
 
@@ -18,6 +19,13 @@ What it does, in order:
    under the thresholds, downloads verified, and the invariants queried from the database;
 6. stops everything it started and drops the database (``--keep-database`` keeps it).
 
+``--profile multi`` runs the same spike, gate and audit against the system laid out as on many machines
+(:func:`start_multi`): two web nodes behind the private nginx, two stamping nodes, every other worker
+group and one beat, each a process group with its own ``DATA_DIR`` and no shared folder (documents only
+in the S3 store, the signing files made once and handed to every node by path); mid-run it SIGKILLs one
+web node and one stamping node, brings them back, and the report says when (``timeline`` in gate.json)
+and how many requests the proxy carried over to the other web node.
+
 Exit code: 0 when the gate passes, 1 when it fails, 2 when the drill could not run (e.g. Locust is not
 installed: ``pip install -e '.[load]'``).
 """
@@ -32,9 +40,21 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass(frozen=True)
+class MultiNode:
+    """The multi-node layout and its failures: ``victims`` are SIGKILLed ``kill_at`` seconds into the
+    load and brought back ``down_seconds`` later."""
+
+    web_nodes: int = 2
+    stamping_nodes: int = 2
+    kill_at: float = 45.0
+    down_seconds: float = 30.0
+    victims: tuple[str, ...] = ("web-2", "stamping-2")
 
 
 @dataclass(frozen=True)
@@ -51,6 +71,7 @@ class Profile:
     drain_window_seconds: float = 60.0
     p95_create_ms: float = 1500.0
     p95_status_ms: float = 1000.0
+    multi: MultiNode | None = None
 
     def params_for(self, shape: str) -> dict[str, Any]:
         return self.shape_params if shape == "spike" else self.steady_params
@@ -89,6 +110,26 @@ PROFILES: dict[str, Profile] = {
         faults={"duplicate_notifications": 1, "notification_jitter_ms": 300, "latency_ms": 50,
                 "error_rate": 0.02, "endpoints": ["create", "status"]},
         drain_window_seconds=180.0,
+    ),
+    # Many nodes on this one 2-core box: twice the web and stamping processes of the short drill, the
+    # same outflow and a slightly lower peak (the extra processes cost memory and some CPU). The buyers
+    # send their own X-Forwarded-For (an address of 198.18.0.0/15) as if a CDN stood in front, and nginx
+    # appends the socket's: two hops. A killed stamping node leaves its claimed orders under a lease
+    # until the lease runs out; the drill shortens the lease (above the task time limit, as the settings
+    # insist) and runs the redrive every 10 s, so its work is taken over within the drill, not an hour
+    # later. Production keeps the defaults: a lost node's orders wait at most the lease (3 minutes).
+    "multi": Profile(
+        name="multi",
+        shape="spike",
+        shape_params={"quiet_users": 3, "quiet_seconds": 10, "peak_users": 80, "ramp_seconds": 30,
+                      "hold_seconds": 80, "drain_seconds": 10},
+        steady_params={"users": 12, "ramp_seconds": 10, "hold_seconds": 110, "drain_seconds": 10},
+        settings={**_SYSTEM, "PROXY_HOPS": "2", "TASK_TIME_LIMIT_SECONDS": "30", "LEASE_SECONDS": "40",
+                  "PREFLIGHT_TIMEOUT_SECONDS": "15", "REDRIVE_INTERVAL_SECONDS": "10",
+                  "REDRIVE_GRACE_SECONDS": "10", "SWEEP_INTERVAL_SECONDS": "10"},
+        faults={"duplicate_notifications": 1},
+        drain_window_seconds=120.0,
+        multi=MultiNode(),
     ),
 }
 
@@ -135,8 +176,11 @@ def _queue_length(redis_url: str) -> int | None:
         return None
 
 
-def run_locust(stack: Any, profile: Profile, shape: str, params: Any, report: Path) -> int:
-    """Locust headless with the chosen shape; bounded by the shape's length plus a margin."""
+def run_locust(stack: Any, profile: Profile, shape: str, params: Any, report: Path,
+               on_tick: Callable[[float], set[str]] | None = None) -> int:
+    """Locust headless with the chosen shape; bounded by the shape's length plus a margin. ``on_tick``
+    is called with the seconds elapsed about every half second and returns the processes that are down
+    on purpose right now (a process that died otherwise stops the run)."""
     from loadtests import shapes
     from loadtests.stack import say
 
@@ -169,7 +213,8 @@ def run_locust(stack: Any, profile: Profile, shape: str, params: Any, report: Pa
                     except subprocess.TimeoutExpired:
                         process.kill()
                     break
-                dead = stack.dead_processes()
+                down = on_tick(elapsed) if on_tick is not None else set()
+                dead = [p for p in stack.dead_processes() if p.name not in down]
                 if dead:
                     say(f"{dead[0].name} died during the drill:\n{dead[0].tail()}")
                     process.send_signal(signal.SIGINT)
@@ -184,11 +229,81 @@ def run_locust(stack: Any, profile: Profile, shape: str, params: Any, report: Pa
                     if process.poll() is not None:
                         break
                     time.sleep(0.5)
+                    if on_tick is not None:
+                        on_tick(time.monotonic() - started)
         finally:
             if process.poll() is None:
                 process.kill()
                 process.wait()
     return process.returncode if process.returncode is not None else -1
+
+
+def start_multi(stack: Any, plan: MultiNode, overrides: dict[str, str]) -> dict[str, Any]:
+    """The system as on many machines, on this one: every node a process group with its own DATA_DIR,
+    documents in the shared store only, the signing files made once before any node starts, the web
+    nodes behind the private nginx. Returns what was laid out (for the report)."""
+    from shared.devtools.services import free_port
+    from loadtests.stack import say
+
+    store = stack.open_document_store()
+    stack.make_shared_pki(overrides)
+    web_ports = [free_port() for _ in range(plan.web_nodes)]
+    try:
+        front = stack.start_proxy(web_ports)
+        proxied = True
+    except ImportError:
+        # No private nginx yet: the buyers and the gateway talk to web-1, and only the other web nodes
+        # may be killed (a real deployment always has its proxy).
+        front, proxied = f"http://127.0.0.1:{web_ports[0]}", False
+        stack.web_port = web_ports[0]
+        overrides = {**overrides, "PROXY_HOPS": "1", "PUBLIC_BASE_URL": front,
+                     "NOTIFICATION_URL": f"{front}/api/v1/payments/notifications"}
+        say(f"no shared.devtools.proxy yet: buyers go straight to web-1 at {front}")
+    nodes = [(f"web-{i}", "web", port) for i, port in enumerate(web_ports, start=1)]
+    nodes += [(f"stamping-{i}", "stamping", None) for i in range(1, plan.stamping_nodes + 1)]
+    nodes += [(g, g, None) for g in ("checkout", "payments", "refunds", "housekeeping", "reconcile", "beat", "gateway")]
+    for name, group, port in nodes:
+        stack.start_node(group, name, overrides=overrides, port=port)
+    say(f"started {', '.join(n for n, _, _ in nodes)}; each with its own DATA_DIR under {stack.workdir / 'nodes'}")
+    return {"front": front, "proxied": proxied, "store": store, "nodes": [n for n, _, _ in nodes],
+            "overrides": overrides}
+
+
+class Chaos:
+    """Kills the plan's victims at ``kill_at`` and brings them back ``down_seconds`` later; logs when."""
+
+    def __init__(self, stack: Any, plan: MultiNode, victims: tuple[str, ...]) -> None:
+        self.stack, self.plan, self.victims = stack, plan, victims
+        self.down: set[str] = set()
+        self.timeline: list[dict[str, Any]] = []
+        self.state = "before"
+
+    def note(self, t: float, event: str, node: str) -> None:
+        from loadtests.stack import say
+
+        self.timeline.append({"t": round(t, 1), "at": time.strftime("%H:%M:%S"), "event": event, "node": node})
+        say(f"t={t:5.1f}s {event}: {node}")
+
+    def __call__(self, t: float) -> set[str]:
+        if self.state == "before" and t >= self.plan.kill_at:
+            for name in self.victims:
+                self.stack.kill(name)
+                self.down.add(name)
+                self.note(t, "SIGKILL (whole process group)", name)
+            self.state = "down"
+        elif self.state == "down" and t >= self.plan.kill_at + self.plan.down_seconds:
+            for name in self.victims:
+                self.stack.bring_back(name)
+                self.note(t, "started again", name)
+            self.state = "coming back"
+        elif self.state == "coming back":
+            for name in sorted(self.down):
+                if self.stack.launcher.up(name):
+                    self.down.discard(name)
+                    self.note(t, "up again", name)
+            if not self.down:
+                self.state = "after"
+        return set(self.down)
 
 
 def _interrupted(signum: int, frame: object) -> None:
@@ -227,14 +342,27 @@ def main(argv: list[str] | None = None) -> int:
     report.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
     signal.signal(signal.SIGTERM, _interrupted)  # so the with-block below stops what it started
+    layout: dict[str, Any] = {}
+    chaos: Chaos | None = None
     try:
         with Stack(report, label="drill", keep_database=args.keep_database) as stack:
-            stack.start_procfile(overrides=overrides)
-            stack.wait_ready()
+            if profile.multi is not None:
+                layout = start_multi(stack, profile.multi, overrides)
+                overrides = layout.pop("overrides")
+                stack.wait_ready()
+                _wait_answers(f"{layout['front']}/readyz")
+                victims = tuple(v for v in profile.multi.victims if layout["proxied"] or v != "web-1")
+                chaos = Chaos(stack, profile.multi, victims)
+            else:
+                stack.start_procfile(overrides=overrides)
+                stack.wait_ready()
             if faults:
                 requests.post(f"{stack.gateway_url}/sandbox/faults", json=faults, timeout=5).raise_for_status()
                 say(f"gateway faults: {json.dumps(faults)}")
-            run_locust(stack, profile, shape, params, report)
+            run_locust(stack, profile, shape, params, report, on_tick=chaos)
+            if chaos is not None and chaos.state != "after":
+                chaos(float("inf"))  # the run ended early: bring the victims back before the drain
+                stack.wait_ready(timeout=60)
             summary_path = report / "locust-summary.json"
             if not summary_path.exists():
                 say(f"locust wrote no summary; see {report / 'locust.out'}")
@@ -245,20 +373,126 @@ def main(argv: list[str] | None = None) -> int:
             waited = wait_for_drain(stack.database_url, drain_window, progress=say)
             invariants = read_invariants(stack.database_url, drain_seconds=waited)
             result = slo.evaluate(load, invariants, thresholds)
+            multi: dict[str, Any] = {}
+            if chaos is not None:
+                multi = {**layout, "timeline": chaos.timeline, "proxy": proxy_retries(stack),
+                         "takeovers": takeovers(stack.database_url)}
             (report / "gate.json").write_text(json.dumps({
                 **result.as_dict(), "profile": profile.name, "shape": shape, "shape_params": asdict(params),
                 "settings": overrides, "faults": faults, "thresholds": asdict(thresholds),
                 "orders_by_status": invariants.orders_by_status, "load": slo.load_summary_as_dict(load),
+                **({"multi_node": multi} if multi else {}),
             }, indent=2, sort_keys=True))
     except KeyboardInterrupt:
         say("interrupted; everything started was stopped")
         return 130
     _print_endpoints(load)
+    if chaos is not None:
+        _print_multi(multi)
     print(f"orders by status after the drain: {json.dumps(invariants.orders_by_status, sort_keys=True)}")
     print(result.render())
     print(f"report: {report} (locust-report.html, locust_stats.csv, gate.json, logs/); "
           f"drill took {time.monotonic() - started:.0f} s")
     return 0 if result.passed else 1
+
+
+def _wait_answers(url: str, timeout: float = 30.0) -> None:
+    import requests
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if requests.get(url, timeout=2).status_code == 200:
+                return
+        except requests.RequestException:
+            pass
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{url} does not answer 200 after {timeout:.0f} s")
+        time.sleep(0.2)
+
+
+# Orders whose stamping changed hands: a claim taken over after a lease ran out (the stamping node died
+# holding it), and orders stamped more than once (must be none: the commit is a CAS on one's own lease).
+TAKEOVERS_SQL = """
+SELECT (SELECT count(*) FROM order_events WHERE from_status = 'stamping' AND to_status = 'stamping') AS reclaims,
+       (SELECT count(*) FROM (SELECT order_id FROM order_events WHERE to_status = 'stamped'
+                              GROUP BY order_id HAVING count(*) > 1) d) AS stamped_twice,
+       (SELECT count(*) FROM orders WHERE status = 'stamped' AND stamp_attempts > 1) AS stamped_after_retry
+"""
+
+
+def takeovers(database_url: str) -> dict[str, int]:
+    import psycopg
+
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        reclaims, twice, retried = conn.execute(TAKEOVERS_SQL).fetchone()
+    return {"reclaimed_after_lease_expiry": int(reclaims), "stamped_twice": int(twice),
+            "stamped_after_more_than_one_attempt": int(retried)}
+
+
+def proxy_retries(stack: Any) -> dict[str, Any]:
+    """What the proxy hid from the buyers: requests it sent to a second web node after the first failed
+    (its access log lists every upstream tried, comma-separated), by the first upstream's status."""
+    proxy = getattr(stack, "proxy", None)
+    log = getattr(proxy, "access_log", None) if proxy is not None else None
+    if log is None:
+        candidates = sorted((stack.workdir / "nginx").rglob("access*.log")) if proxy is not None else []
+        log = candidates[0] if candidates else None
+    if log is None or not Path(log).exists():
+        return {"access_log": None, "retried": None}
+    retried, by_status, answered_5xx = 0, {}, 0
+    for line in Path(log).read_text(errors="replace").splitlines():
+        fields = _upstream_fields(line)
+        if fields is None:
+            continue
+        statuses, final = fields
+        if final >= 500:
+            answered_5xx += 1
+        if len(statuses) > 1:
+            retried += 1
+            by_status[statuses[0]] = by_status.get(statuses[0], 0) + 1
+    return {"access_log": str(log), "retried": retried, "first_upstream_status": by_status,
+            "answered_5xx": answered_5xx}
+
+
+def _upstream_fields(line: str) -> tuple[list[str], int] | None:
+    """(each upstream's status, the status the client got) from an access-log line that carries
+    ``upstream_status=…`` (nginx writes ``502, 202`` when it tried two) and ``status=…``; JSON lines too."""
+    import re
+
+    if line.lstrip().startswith("{"):
+        try:
+            record = json.loads(line)
+        except ValueError:
+            return None
+        upstream, status = str(record.get("upstream_status", "")), record.get("status")
+    else:
+        up = re.search(r"upstream_status=\"?([^\"]*?)\"?(?:\s+\w+=|$)", line)
+        st = re.search(r"(?:^|\s)status=\"?(\d{3})", line)
+        if up is None or st is None:
+            return None
+        upstream, status = up.group(1), st.group(1)
+    statuses = [part.strip() for part in re.split(r"[,:]", upstream) if part.strip()]
+    try:
+        return statuses, int(status)
+    except (TypeError, ValueError):
+        return None
+
+
+def _print_multi(multi: dict[str, Any]) -> None:
+    print(f"nodes: {', '.join(multi['nodes'])}; documents in the {multi['store']} store; "
+          f"front: {'nginx' if multi['proxied'] else 'web-1 directly (no proxy module yet)'} at {multi['front']}")
+    for event in multi["timeline"]:
+        print(f"  t={event['t']:6.1f}s ({event['at']})  {event['event']}: {event['node']}")
+    proxy = multi["proxy"]
+    if proxy.get("retried") is not None:
+        print(f"proxy: {proxy['retried']} requests carried over to another web node after the first failed "
+              f"(first upstream answered {json.dumps(proxy['first_upstream_status'])}), "
+              f"{proxy['answered_5xx']} answered 5xx to the client")
+    t = multi["takeovers"]
+    print(f"stamping: {t['reclaimed_after_lease_expiry']} claims taken over after a lease ran out, "
+          f"{t['stamped_after_more_than_one_attempt']} orders stamped on a later attempt, "
+          f"{t['stamped_twice']} stamped twice")
 
 
 def _print_endpoints(load: Any) -> None:

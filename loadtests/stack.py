@@ -7,6 +7,15 @@ the processes exactly as the ``Procfile`` and ``Procfile.dev`` name them, run by
 (:mod:`shared.devtools.launcher`) with restarts off, each process's output in ``<workdir>/logs/<name>.log``.
 Benchmarks can also start processes of their own (a baseline app under the same gunicorn flags).
 
+Many nodes on one machine (the multi-node drill, the scaling benchmark): :meth:`Stack.start_node`
+starts a copy of a Procfile group as a node of its own, with its own ``DATA_DIR`` under
+``<workdir>/nodes/<name>`` and nothing shared with the other nodes but what every node of a real
+deployment shares: PostgreSQL, Redis, the document store (a private SeaweedFS over S3 when
+:func:`shared.devtools.services.start_seaweedfs` exists, else a folder outside every node's data) and
+the signing key and certificates, made once up front into ``<workdir>/shared/pki`` and handed to every
+node by path (``SIGNING_*_PATH``). :meth:`Stack.start_proxy` puts the private nginx in front of the web
+nodes (:mod:`shared.devtools.proxy`), and from then on :attr:`Stack.web_url` is the proxy's.
+
 A drill is a client: this module sees the system only through its environment, HTTP and the database,
 and imports nothing of the core, web or workers (an import-linter contract says so).
 Everything started here is stopped by :meth:`Stack.close`, also when the caller is interrupted.
@@ -23,7 +32,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Any, Callable, Iterable
 
 import psycopg
 from psycopg import sql
@@ -95,7 +104,11 @@ class Stack:
     gateway_port: int = 0
     secret_key: str = field(default_factory=lambda: secrets.token_hex(16))
     launcher: Launcher | None = None
-    _private: list[PostgresHandle | RedisHandle] = field(default_factory=list)
+    # Multi-node runs: where every node's documents are (S3 settings or DOCUMENT_DIR), the proxy.
+    store_env: dict[str, str] = field(default_factory=dict)
+    store_kind: str = ""
+    proxy: Any = None
+    _private: list[Any] = field(default_factory=list)
     _database_name: str = ""
 
     # -- services -------------------------------------------------------------------------------
@@ -191,6 +204,80 @@ class Stack:
     def stop_all(self) -> None:
         if self.launcher is not None:
             self.launcher.stop_all()
+
+    # -- many nodes -----------------------------------------------------------------------------
+    @property
+    def shared_dir(self) -> Path:
+        """What every node of a deployment is handed alike (here: the signing key and certificates);
+        no node's DATA_DIR is inside it."""
+        return self.workdir / "shared"
+
+    def node_dir(self, name: str) -> Path:
+        return self.workdir / "nodes" / name / "data"
+
+    def pki_env(self) -> dict[str, str]:
+        """The signing key and certificates by path, the same files for every node."""
+        folder = self.shared_dir / "pki"
+        return {"SIGNING_KEY_PATH": str(folder / "issuer-key.pem"),
+                "SIGNING_CERT_PATH": str(folder / "issuer-cert.pem"),
+                "SIGNING_CA_CERT_PATH": str(folder / "ca-cert.pem")}
+
+    def open_document_store(self) -> str:
+        """The document store every node uses: a private SeaweedFS (S3) when the services module has
+        one, else a folder outside every node's DATA_DIR (a stand-in for a shared filesystem). Returns
+        which: ``"s3"`` or ``"filesystem"``."""
+        from shared.devtools import services
+
+        start_seaweedfs = getattr(services, "start_seaweedfs", None)
+        if start_seaweedfs is not None:
+            handle = start_seaweedfs(self.workdir / "seaweedfs")
+            self._private.append(handle)
+            self.store_env, self.store_kind = dict(handle.env()), "s3"
+            say(f"document store: SeaweedFS S3 at {handle.endpoint_url}, bucket {handle.bucket}")
+        else:
+            folder = self.shared_dir / "documents"
+            folder.mkdir(parents=True, exist_ok=True)
+            self.store_env, self.store_kind = {"DOCUMENT_DIR": str(folder)}, "filesystem"
+            say(f"document store: a folder outside every node ({folder}); no SeaweedFS service yet")
+        return self.store_kind
+
+    def make_shared_pki(self, overrides: dict[str, str] | None = None) -> None:
+        """The development CA, made once, before any node starts, where every node reads it."""
+        dev_pki({**self.env(), **(overrides or {}), **self.pki_env()})
+
+    def node_env(self, name: str, overrides: dict[str, str] | None = None) -> dict[str, str]:
+        """A node's settings on top of the stack's: its own DATA_DIR, the shared PKI and store."""
+        folder = self.node_dir(name)
+        folder.mkdir(parents=True, exist_ok=True)
+        return {**(overrides or {}), **self.pki_env(), **self.store_env, "DATA_DIR": str(folder)}
+
+    def start_node(self, group: str, name: str, *, overrides: dict[str, str] | None = None,
+                   port: int | None = None, command: str | None = None) -> Process:
+        """A copy of Procfile group ``group`` as node ``name`` (its own process group, DATA_DIR and, for
+        web, port). ``command`` replaces the Procfile's (e.g. pinned with taskset)."""
+        assert self.launcher is not None
+        return self.launcher.start(group, name=name, env=self.node_env(name, overrides), port=port,
+                                   command=command)
+
+    def start_proxy(self, web_ports: list[int]) -> str:
+        """The private nginx in front of the web nodes, on the stack's web port (so PUBLIC_BASE_URL and
+        the gateway's NOTIFICATION_URL already name it). Returns its URL."""
+        from shared.devtools.proxy import start_nginx
+
+        self.proxy = start_nginx(self.workdir / "nginx", [f"127.0.0.1:{p}" for p in web_ports], port=self.web_port)
+        self._private.append(self.proxy)
+        say(f"proxy: nginx at {self.proxy.url} over {', '.join(str(p) for p in web_ports)}")
+        return str(self.proxy.url)
+
+    def kill(self, name: str) -> None:
+        """SIGKILL node ``name``'s whole process group, as a lost machine would."""
+        if self.launcher is not None:
+            self.launcher.kill(name)
+
+    def bring_back(self, name: str) -> Process:
+        """Start a killed or stopped node again exactly as it was."""
+        assert self.launcher is not None
+        return self.launcher.start(name)
 
     # -- teardown -------------------------------------------------------------------------------
     def close(self) -> None:
