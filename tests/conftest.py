@@ -6,6 +6,11 @@ test may restart it empty), and runs web under gunicorn, one Celery worker per P
 (checkout, payments, refunds, stamping, housekeeping) and the stand-in gateway of ``Procfile.dev``, with
 restarts off, so a test can stop or kill any one of them (stamping stops while payments still flow) or
 start a copy of one with settings of its own. Beat stays off: tests run the periodic jobs themselves.
+
+The document store: the session system keeps documents on the filesystem. Tests marked
+:data:`BOTH_STORES` run twice, the second time on a second system (its own database, Redis prefix and
+processes, started at the first such test) whose store is a private SeaweedFS (a real S3-compatible
+server, :func:`seaweedfs`).
 """
 from __future__ import annotations
 
@@ -33,13 +38,19 @@ from shared.db import close_pools
 from shared.db.migrate import apply_migrations
 from shared.devtools.launcher import Launcher, Process
 from shared.devtools.pki import ensure_dev_pki
-from shared.devtools.services import RedisHandle, free_port, postgres_answers, start_private_postgres, start_private_redis
+from shared.devtools.services import (RedisHandle, SeaweedHandle, free_port, postgres_answers,
+                                      start_private_postgres, start_private_redis, start_seaweedfs)
+from shared.jobs import set_publisher
+from shared.store import DocumentStore, store_from_settings
 
 ROOT = Path(__file__).resolve().parents[1]
 SERVER_KEY = "SB-Mid-server-test-key"
 # The Procfile's worker groups, and every process of the session's system (beat stays off).
 WORKERS = ("checkout", "payments", "refunds", "stamping", "housekeeping", "reconcile")
 PROCESSES = ("web", *WORKERS, "gateway")
+STORES = ("fs", "s3")
+# Run a test against both document stores: the filesystem and a real S3-compatible server (SeaweedFS).
+BOTH_STORES = pytest.mark.parametrize("store", STORES)
 
 
 def make_pdf(pages: int = 2, text: str = "Surat Lamaran CPNS", size=A4) -> bytes:
@@ -91,7 +102,30 @@ class System:
     launcher: Launcher
     env: dict[str, str]
     tmp: Path
+    store_kind: str = "fs"
+    seaweed: SeaweedHandle | None = None
+    publisher: Any = None
     http: requests.Session = field(default_factory=requests.Session)
+
+    @property
+    def store(self) -> DocumentStore:
+        """The system's document store, as its processes see it (tests put and read through it)."""
+        if not hasattr(self, "_store"):
+            self._store = store_from_settings(self.settings)
+        return self._store
+
+    def stored_keys(self, prefix: str) -> list[str]:
+        """Keys in the store that start with ``prefix`` (e.g. ``stamped/<order>``)."""
+        if self.seaweed is None:
+            folder, _, start = prefix.rpartition("/")
+            return sorted(f"{folder}/{p.name}" for p in (self.settings.documents_path / folder).glob(f"{start}*"))
+        listed = self.seaweed.client().list_objects_v2(Bucket=self.seaweed.bucket, Prefix=prefix)
+        return sorted(item["Key"] for item in listed.get("Contents", []))
+
+    def adopt(self) -> None:
+        """Make this system the test process's: its broker to publish to, its status cache to drop."""
+        set_publisher(self.publisher)
+        statuscache.configure(self.settings)
 
     # -- processes (the Procfile's names: web, checkout, payments, refunds, stamping, housekeeping, gateway)
     def process(self, name: str) -> Process:
@@ -189,9 +223,16 @@ def _admin_url(tmp: Path, env: Any = None) -> tuple[str, Any]:
 
 
 @pytest.fixture(scope="session")
-def database_url(tmp_path_factory) -> Any:
-    tmp = tmp_path_factory.mktemp("pg")
-    admin, handle = _admin_url(tmp)
+def postgres_admin(tmp_path_factory) -> Any:
+    admin, handle = _admin_url(tmp_path_factory.mktemp("pg"))
+    yield admin
+    close_pools()
+    if handle is not None:
+        handle.stop()
+
+
+def _test_database(admin: str) -> Any:
+    """A fresh, migrated database on ``admin``'s server, dropped afterwards."""
     name = f"meterai_test_{uuid.uuid4().hex[:10]}"
     with psycopg.connect(admin, autocommit=True) as conn:
         conn.execute(f'CREATE DATABASE "{name}"')
@@ -201,8 +242,11 @@ def database_url(tmp_path_factory) -> Any:
     close_pools()
     with psycopg.connect(admin, autocommit=True) as conn:
         conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    if handle is not None:
-        handle.stop()
+
+
+@pytest.fixture(scope="session")
+def database_url(postgres_admin) -> Any:
+    yield from _test_database(postgres_admin)
 
 
 @pytest.fixture(scope="session")
@@ -212,16 +256,15 @@ def redis_server(tmp_path_factory):
     handle.stop()
 
 
-@pytest.fixture(scope="session")
-def system(database_url, redis_server, tmp_path_factory) -> Any:
-    tmp = tmp_path_factory.mktemp("system")
+def _run_system(database_url: str, redis_server: RedisHandle, tmp: Path, *, prefix: str,
+                store_env: dict[str, str], store_kind: str, seaweed: SeaweedHandle | None = None) -> Any:
     web_port, gateway_port = free_port(), free_port()
     web_url, gateway_url = f"http://127.0.0.1:{web_port}", f"http://127.0.0.1:{gateway_port}"
     env_settings = {
         "DEVELOPMENT": "1",
         "DATABASE_URL": database_url,
         "REDIS_URL": redis_server.url,
-        "REDIS_KEY_PREFIX": "meterai-test:",
+        "REDIS_KEY_PREFIX": prefix,
         "DATA_DIR": str(tmp / "data"),
         "PUBLIC_BASE_URL": web_url,
         "GATEWAY_URL": gateway_url,
@@ -242,11 +285,12 @@ def system(database_url, redis_server, tmp_path_factory) -> Any:
         "RATE_LIMIT_CREATE": "1000000/60",
         "RATE_LIMIT_VERIFY": "1000000/60",
         "RATE_LIMIT_NOTIFICATIONS": "1000000/60",
+        **store_env,
     }
     settings = load_settings(env_settings)
     # The tests call services in this process too: like every process that changes orders, it publishes
-    # through the broker and drops cached status answers.
-    use_broker(settings)
+    # through the broker and drops cached status answers (System.adopt switches between systems).
+    publisher = use_broker(settings)
     statuscache.configure(settings)
     ensure_dev_pki(settings)  # the development CA, made before any process that signs or verifies starts
     # The stand-in keeps its state in its own schema ("standin") of the test database.
@@ -256,17 +300,55 @@ def system(database_url, redis_server, tmp_path_factory) -> Any:
     try:
         launcher.start_all(PROCESSES)
         launcher.wait_ready(timeout=120)
-        yield System(settings, web_url, gateway_url, redis_server, launcher, launcher.env, tmp)
+        yield System(settings, web_url, gateway_url, redis_server, launcher, launcher.env, tmp,
+                     store_kind=store_kind, seaweed=seaweed, publisher=publisher)
     finally:
         launcher.stop_all()
+
+
+@pytest.fixture(scope="session")
+def system(database_url, redis_server, tmp_path_factory) -> Any:
+    yield from _run_system(database_url, redis_server, tmp_path_factory.mktemp("system"),
+                           prefix="meterai-test:", store_env={}, store_kind="fs")
+
+
+@pytest.fixture(scope="session")
+def seaweedfs(tmp_path_factory) -> Any:
+    """A private SeaweedFS for the session: S3 on a free loopback port, one bucket, signed requests."""
+    handle = start_seaweedfs(tmp_path_factory.mktemp("seaweedfs"))
+    yield handle
+    handle.stop()
+
+
+@pytest.fixture(scope="session")
+def system_s3(postgres_admin, redis_server, seaweedfs, tmp_path_factory) -> Any:
+    """A second system like :func:`system` whose documents live in SeaweedFS (its own database and
+    Redis prefix, so the two never see each other's orders or messages)."""
+    for database_url in _test_database(postgres_admin):
+        yield from _run_system(database_url, redis_server, tmp_path_factory.mktemp("system-s3"),
+                               prefix="meterai-test-s3:", store_env=seaweedfs.env(), store_kind="s3",
+                               seaweed=seaweedfs)
 
 
 TABLES = "ledger_entries, refunds, payment_notifications, payments, serials, order_events, orders"
 
 
 @pytest.fixture
-def sys_(system: System) -> System:
-    """The running system with empty tables and every process up (a test may have stopped some)."""
+def store() -> str:
+    """The document store a test's system uses: "fs" unless the test is marked :data:`BOTH_STORES`."""
+    return "fs"
+
+
+@pytest.fixture
+def sys_(request, store: str) -> System:
+    """The running system with empty tables and every process up (a test may have stopped some), on
+    the filesystem store, or on SeaweedFS for the "s3" run of a test marked :data:`BOTH_STORES`."""
+    if store not in STORES:
+        raise ValueError(f"unknown document store {store!r}")
+    system: System = request.getfixturevalue("system" if store == "fs" else "system_s3")
+    if system.seaweed is not None and system.seaweed.process is None:
+        system.seaweed.start()  # a test took the store away and did not bring it back
+    system.adopt()
     system.start(*PROCESSES)
     for attempt in range(10):  # a worker may still be finishing the last test's work on these rows
         try:

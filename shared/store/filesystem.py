@@ -1,46 +1,19 @@
-"""Document storage: uploads and stamped results, durable before anyone is told "accepted".
+"""The filesystem document store: one machine's folder (or a shared mount), durable before ``put`` returns.
 
-The filesystem store writes to a temporary file, fsyncs it, renames it into place and fsyncs the
-folder, so a crash right after ``put`` returns can't lose or tear a document. Workers on several hosts
-need a shared store (NFS, or an S3-compatible store behind the same interface); nothing here assumes one
-host beyond the root path.
+``put`` writes a temporary file, fsyncs it, moves it into place and fsyncs the folder, so a crash right
+after ``put`` returns can't lose or tear a document. A plain put renames (``os.replace``: an upload put
+again by a retry replaces itself); an exclusive put links (``os.link`` fails when the name exists), so a
+stamped file is never replaced by another. Workers on several hosts need a shared store: the S3 store
+(:mod:`shared.store.s3`), or a shared mount here.
 """
 from __future__ import annotations
 
+import hashlib
 import os
-import re
 import uuid
 from pathlib import Path
-from typing import Protocol
 
-from shared.errors import PermanentError, TransientError
-
-_KEY = re.compile(r"[a-z]+/[0-9a-f-]{36}(-[0-9]+)?\.pdf")
-
-
-class StoreUnavailable(TransientError):
-    code = "store_unavailable"
-
-
-class DocumentMissing(PermanentError):
-    code = "document_missing"
-
-
-class DocumentStore(Protocol):
-    def put(self, key: str, data: bytes) -> None: ...
-    def get(self, key: str) -> bytes: ...
-    def delete(self, key: str) -> None: ...
-    def writable(self) -> bool: ...
-
-
-def upload_key(order_id: uuid.UUID | str) -> str:
-    return f"uploads/{order_id}.pdf"
-
-
-def stamped_key(order_id: uuid.UUID | str, attempt: int) -> str:
-    """One file per stamping attempt: a worker that lost its lease can't overwrite the file another
-    attempt committed (the committed key is recorded on the order)."""
-    return f"stamped/{order_id}-{attempt}.pdf"
+from shared.store import DocumentExists, DocumentMissing, StoreUnavailable, check_key
 
 
 class FilesystemStore:
@@ -48,11 +21,9 @@ class FilesystemStore:
         self.root = Path(root)
 
     def _path(self, key: str) -> Path:
-        if not _KEY.fullmatch(key):  # "$" would also accept a trailing newline
-            raise ValueError(f"bad document key {key!r}")
-        return self.root / key
+        return self.root / check_key(key)
 
-    def put(self, key: str, data: bytes) -> None:
+    def put(self, key: str, data: bytes, *, exclusive: bool = False) -> None:
         path = self._path(key)
         tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
         try:
@@ -66,7 +37,16 @@ class FilesystemStore:
                 os.fsync(fd)
             finally:
                 os.close(fd)
-            os.replace(tmp, path)
+            if exclusive:
+                try:
+                    os.link(tmp, path)
+                except FileExistsError:
+                    if not self._holds(path, data):
+                        raise DocumentExists(f"document {key} already exists; not overwritten") from None
+                finally:
+                    tmp.unlink(missing_ok=True)
+            else:
+                os.replace(tmp, path)
             dir_fd = os.open(path.parent, os.O_RDONLY)
             try:
                 os.fsync(dir_fd)
@@ -78,6 +58,11 @@ class FilesystemStore:
             except OSError:
                 pass
             raise StoreUnavailable(f"document store write failed: {exc.strerror or exc}") from exc
+
+    @staticmethod
+    def _holds(path: Path, data: bytes) -> bool:
+        """Whether the file at ``path`` is ``data`` already (an exclusive put repeated with the same bytes)."""
+        return hashlib.sha256(path.read_bytes()).digest() == hashlib.sha256(data).digest()
 
     def get(self, key: str) -> bytes:
         try:
@@ -102,7 +87,3 @@ class FilesystemStore:
             return True
         except OSError:
             return False
-
-
-def store_from_settings(settings) -> DocumentStore:
-    return FilesystemStore(settings.documents_path)
