@@ -100,7 +100,7 @@ def test_verification_by_upload_takes_bigger_files_than_a_create(web_nodes, prox
                            files={"document": ("x.pdf", three_megabytes, "application/pdf")}, timeout=60)
 
     assert answer.status_code == 415, answer.text  # the node's verdict on the content, not nginx's 413
-    assert node_requests(node, "POST", "/api/v1/verify") == 1
+    wait_until(lambda: node_requests(node, "POST", "/api/v1/verify") == 1, message="the node logging it")
 
 
 def test_a_client_cannot_choose_its_address_through_the_proxy(web_nodes, proxy):
@@ -126,6 +126,8 @@ def test_both_nodes_serve_and_a_killed_node_costs_no_request(sys_: System, web_n
     nginx = proxy([first, second])
     for _ in range(10):
         assert requests.get(f"{nginx.url}/healthz", timeout=10).status_code == 200
+    wait_until(lambda: node_requests(first, "GET", "/healthz") + node_requests(second, "GET", "/healthz") == 10,
+               message="both nodes logging what they served")
     assert node_requests(first, "GET", "/healthz") > 0 and node_requests(second, "GET", "/healthz") > 0
     key = uuid.uuid4().hex
     before = create(nginx.url, key)
@@ -171,7 +173,8 @@ def test_reload_moves_requests_to_the_new_web_nodes(web_nodes, proxy):
     answers = [requests.get(f"{nginx.url}/healthz", timeout=10).status_code for _ in range(5)]
 
     assert answers == [200] * 5
-    assert node_requests(old, "GET", "/healthz") == 1 and node_requests(new, "GET", "/healthz") == 5
+    wait_until(lambda: node_requests(new, "GET", "/healthz") == 5, message="the new node logging all five")
+    assert node_requests(old, "GET", "/healthz") == 1
 
 
 def test_stopping_the_proxy_leaves_no_process(tmp_path: Path):
