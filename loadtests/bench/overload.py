@@ -20,6 +20,13 @@ can't pass for a slow server. Each phase starts with an empty waiting room.
 
 Only the web runs (gunicorn as in the Procfile, with PostgreSQL and Redis): the front end is what is
 measured, and in production workers run on other machines. Uploads are the 200 KB PDF.
+
+``--through both`` runs every phase twice on the same gunicorn in the same run, back to back: straight to
+it (the baseline), then through the private nginx rendered from ``deploy/nginx/meterai.conf``
+(:mod:`shared.devtools.proxy`), and reports proxied/direct ratios: gunicorn CPU per request (at 10x almost
+all 429s, whose 200 KB body nginx has read before gunicorn sees the request), nginx's own CPU, and the
+p99 of admitted buyers. nginx is told to trust the load generator's X-Forwarded-For (``set_real_ip_from``,
+as production would behind a load balancer), so each simulated buyer is still a client of its own.
 """
 from __future__ import annotations
 
@@ -40,6 +47,7 @@ from dataclasses import dataclass, field
 from loadtests.documents import make_pdf
 from loadtests.bench.loadgen import Answer, HttpClient, multipart, percentile
 from loadtests.stack import REPORTS, CpuMeter, Stack, gunicorn_flags, postgres_backend_pids, say, workdir_for
+from shared.devtools.proxy import start_nginx
 
 TARGET_P99_RATIO = 2.0
 FIELDS = {"page": "1", "x": "400", "y": "80", "email": "pelamar@example.id"}
@@ -209,6 +217,7 @@ def summarise(name: str, factor: float, rate: float, samples: list[Sample], cpu:
         "timeouts_or_connection_errors": sum(1 for s in samples if s.status == 0),
         "client_lag_p99_ms": ms([s.lag for s in samples], 0.99),
         "outcomes": dict(by_outcome), "cpu_seconds": cpu,
+        "cpu_ms_per_request": {group: 1000 * seconds / max(len(samples), 1) for group, seconds in cpu.items()},
     }
 
 
@@ -250,39 +259,25 @@ def drained_web():
     return app
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m loadtests.bench.overload", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--outflow-per-minute", type=int, default=600)
-    parser.add_argument("--half-seconds", type=float, default=60.0, help="length of the half-load phase")
-    parser.add_argument("--seconds", type=float, default=40.0, help="length of the 3x and 10x phases")
-    parser.add_argument("--seed", type=int, default=2024)
-    parser.add_argument("--variant", choices=["product", "drained"], default="product",
-                        help="drained: an experiment that reads the unread upload before answering 429")
-    args = parser.parse_args(argv)
-    workdir = workdir_for("bench-overload")
-    body, content_type = multipart(FIELDS, {"document": ("surat.pdf", make_pdf(200_000), "application/pdf")})
+PHASES = ("warm-up", "half load", "3x overload", "10x overload")
+
+
+def run_phases(stack: Stack, targets: dict[str, tuple[str, dict]], body: bytes, content_type: str,
+               args: argparse.Namespace) -> dict[str, list[dict]]:
+    """Every phase against each target (name: base URL and CPU groups), the targets one after the other
+    within each phase so they meet the same machine; the summaries of all but the warm-up, per target."""
     outflow = args.outflow_per_minute / 60.0
     phases = [("warm-up", 0.5, 5.0), ("half load", 0.5, args.half_seconds), ("3x overload", 3.0, args.seconds),
               ("10x overload", 10.0, args.seconds)]
-    results = []
-    with Stack(workdir, label="bench_overload") as stack:
-        overrides = {"ADMISSION_PER_MINUTE": str(args.outflow_per_minute), "PROXY_HOPS": "1"}
-        if args.variant == "product":
-            stack.start_procfile(["web"], overrides=overrides)
-        else:
-            stack.start("web", f"gunicorn --bind 127.0.0.1:{stack.web_port} {' '.join(gunicorn_flags())}"
-                        " 'loadtests.bench.overload:drained_web()'", stack.env(overrides))
-        stack.wait_ready()
-        for number, (name, factor, seconds) in enumerate(phases):
+    results: dict[str, list[dict]] = {target: [] for target in targets}
+    for number, (name, factor, seconds) in enumerate(phases):
+        for target, (base_url, cpu_groups) in targets.items():
             reset_waiting_room(stack.redis_url)
             rate = factor * outflow
-            say(f"{name}: {rate:.1f} new buyers/s for {seconds:.0f} s (outflow {outflow:.1f}/s)")
-            meter = CpuMeter({"gunicorn": lambda: stack.process_pids("web"),
-                              "load generator": lambda: [os.getpid()],
-                              "postgres": lambda: postgres_backend_pids(stack.database_url),
-                              "redis": lambda: stack.redis_pids})
+            say(f"{name} ({target}): {rate:.1f} new buyers/s for {seconds:.0f} s (outflow {outflow:.1f}/s) at {base_url}")
+            meter = CpuMeter(cpu_groups)
             meter.start()
-            phase = Phase(stack.web_url, body, content_type, rate, seconds, args.seed + number)
+            phase = Phase(base_url, body, content_type, rate, seconds, args.seed + number)
             samples = phase.run()
             summary = summarise(name, factor, rate, samples, meter.stop(), seconds)
             summary["server_closed_keepalive"] = phase.connection_closes()
@@ -293,34 +288,118 @@ def main(argv: list[str] | None = None) -> int:
                 f" client lag p99 {summary['client_lag_p99_ms']:.0f} ms;"
                 f" kept-alive connections closed by the server: {summary['server_closed_keepalive']}")
             if name != "warm-up":
-                results.append(summary)
+                results[target].append(summary)
+    return results
+
+
+def checks_for(results: list[dict], path: str) -> list[dict]:
     half, three, ten = results
     ratio = three["create_p99_ms"] / max(half["create_p99_ms"], 1e-9)
-    checks = [
-        {"target": "p99 create-order at 3x <= 2x p99 at half load", "value": ratio, "met": ratio <= TARGET_P99_RATIO},
-        {"target": "no 5xx at 10x", "value": ten["server_errors"], "met": ten["server_errors"] == 0},
-        {"target": "no timeouts or connection errors at 10x", "value": ten["timeouts_or_connection_errors"],
+    return [
+        {"path": path, "target": "p99 create-order at 3x <= 2x p99 at half load", "value": ratio,
+         "met": ratio <= TARGET_P99_RATIO},
+        {"path": path, "target": "no 5xx at 10x", "value": ten["server_errors"], "met": ten["server_errors"] == 0},
+        {"path": path, "target": "no timeouts or connection errors at 10x", "value": ten["timeouts_or_connection_errors"],
          "met": ten["timeouts_or_connection_errors"] == 0},
     ]
+
+
+def print_results(results: list[dict], checks: list[dict], path: str) -> None:
+    half, three, ten = results
     print()
+    print(f"{path}:")
     print(f"{'phase':<14} {'buyers/s':>8} {'creates':>8} {'202':>6} {'429':>6} {'p50 ms':>7} {'p99 ms':>7}"
-          f" {'202 p99':>8} {'429 p99':>8} {'polls':>6} {'5xx':>4} {'t/o':>4} {'lag p99':>8}")
+          f" {'202 p99':>8} {'429 p99':>8} {'polls':>6} {'5xx':>4} {'t/o':>4} {'lag p99':>8} {'gunicorn ms/req':>16}"
+          f" {'nginx ms/req':>13}")
     for r in results:
+        per = r["cpu_ms_per_request"]
         print(f"{r['phase']:<14} {r['arrivals_per_second']:>8.1f} {r['creates']:>8} {r['admitted']:>6} {r['queued']:>6}"
               f" {r['create_p50_ms']:>7.0f} {r['create_p99_ms']:>7.0f} {r['admitted_p99_ms']:>8.0f}"
               f" {r['queued_p99_ms']:>8.0f} {r['queue_polls']:>6} {r['server_errors']:>4}"
-              f" {r['timeouts_or_connection_errors']:>4} {r['client_lag_p99_ms']:>8.0f}")
-    print()
+              f" {r['timeouts_or_connection_errors']:>4} {r['client_lag_p99_ms']:>8.0f}"
+              f" {per.get('gunicorn', 0):>16.2f} {per.get('nginx', 0):>13.2f}")
+    ratio = checks[0]["value"]
     print(f"p99 create-order 3x / half load = {three['create_p99_ms']:.0f} / {half['create_p99_ms']:.0f} ms"
           f" = {ratio:.2f}   target ≤ {TARGET_P99_RATIO}   {'MET' if checks[0]['met'] else 'MISSED'}")
     print(f"10x overload: {ten['server_errors']} 5xx, {ten['timeouts_or_connection_errors']} timeouts/connection"
           f" errors   target 0 and 0   {'MET' if checks[1]['met'] and checks[2]['met'] else 'MISSED'}")
-    out = {"benchmark": "overload", "variant": args.variant, "command": "python -m loadtests.bench.overload " + " ".join(sys.argv[1:]),
-           "when": time.strftime("%Y-%m-%d %H:%M:%S"), "settings": vars(args), "phases": results, "checks": checks}
+
+
+def proxy_ratios(direct: list[dict], proxied: list[dict]) -> list[dict]:
+    """Proxied over direct, per phase: what putting nginx in front changes."""
+    rows = []
+    for d, p in zip(direct, proxied):
+        rows.append({
+            "phase": d["phase"],
+            "gunicorn_cpu_per_request": p["cpu_ms_per_request"]["gunicorn"] / max(d["cpu_ms_per_request"]["gunicorn"], 1e-9),
+            "gunicorn_plus_nginx_cpu_per_request": (p["cpu_ms_per_request"]["gunicorn"] + p["cpu_ms_per_request"].get("nginx", 0))
+            / max(d["cpu_ms_per_request"]["gunicorn"], 1e-9),
+            "admitted_p99": p["admitted_p99_ms"] / max(d["admitted_p99_ms"], 1e-9),
+            "create_p99": p["create_p99_ms"] / max(d["create_p99_ms"], 1e-9),
+            "queued_p99": p["queued_p99_ms"] / max(d["queued_p99_ms"], 1e-9),
+        })
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m loadtests.bench.overload", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--outflow-per-minute", type=int, default=600)
+    parser.add_argument("--half-seconds", type=float, default=60.0, help="length of the half-load phase")
+    parser.add_argument("--seconds", type=float, default=40.0, help="length of the 3x and 10x phases")
+    parser.add_argument("--seed", type=int, default=2024)
+    parser.add_argument("--variant", choices=["product", "drained"], default="product",
+                        help="drained: an experiment that reads the unread upload before answering 429")
+    parser.add_argument("--through", choices=["direct", "proxy", "both"], default="direct",
+                        help="straight to gunicorn, through the private nginx, or both in turn (ratios)")
+    parser.add_argument("--proxy-workers", type=int, default=1, help="nginx worker processes")
+    args = parser.parse_args(argv)
+    workdir = workdir_for("bench-overload")
+    body, content_type = multipart(FIELDS, {"document": ("surat.pdf", make_pdf(200_000), "application/pdf")})
+    with Stack(workdir, label="bench_overload") as stack:
+        overrides = {"ADMISSION_PER_MINUTE": str(args.outflow_per_minute), "PROXY_HOPS": "1"}
+        if args.variant == "product":
+            stack.start_procfile(["web"], overrides=overrides)
+        else:
+            stack.start("web", f"gunicorn --bind 127.0.0.1:{stack.web_port} {' '.join(gunicorn_flags())}"
+                        " 'loadtests.bench.overload:drained_web()'", stack.env(overrides))
+        stack.wait_ready()
+        cpu_groups = {"gunicorn": lambda: stack.process_pids("web"), "load generator": lambda: [os.getpid()],
+                      "postgres": lambda: postgres_backend_pids(stack.database_url),
+                      "redis": lambda: stack.redis_pids}
+        targets: dict[str, tuple[str, dict]] = {}
+        if args.through in ("direct", "both"):
+            targets["direct"] = (f"http://127.0.0.1:{stack.web_port}", cpu_groups)
+        proxy = None
+        if args.through in ("proxy", "both"):
+            proxy = start_nginx(workdir / "nginx", [f"127.0.0.1:{stack.web_port}"], trust_forwarded_from="127.0.0.1",
+                                workers=args.proxy_workers)
+            targets["proxy"] = (proxy.url, {**cpu_groups, "nginx": proxy.pids})
+        try:
+            runs = run_phases(stack, targets, body, content_type, args)
+        finally:
+            if proxy is not None:
+                proxy.stop()
+    checks = [check for path, results in runs.items() for check in checks_for(results, path)]
+    for path, results in runs.items():
+        print_results(results, [c for c in checks if c["path"] == path], path)
+    ratios = proxy_ratios(runs["direct"], runs["proxy"]) if len(runs) == 2 else []
+    if ratios:
+        print()
+        print("proxied / direct:")
+        print(f"{'phase':<14} {'gunicorn CPU/req':>17} {'gunicorn+nginx CPU/req':>23} {'202 p99':>8} {'create p99':>11}"
+              f" {'429 p99':>8}")
+        for r in ratios:
+            print(f"{r['phase']:<14} {r['gunicorn_cpu_per_request']:>17.2f} {r['gunicorn_plus_nginx_cpu_per_request']:>23.2f}"
+                  f" {r['admitted_p99']:>8.2f} {r['create_p99']:>11.2f} {r['queued_p99']:>8.2f}")
+    out = {"benchmark": "overload", "variant": args.variant, "through": args.through,
+           "command": "python -m loadtests.bench.overload " + " ".join(sys.argv[1:]),
+           "when": time.strftime("%Y-%m-%d %H:%M:%S"), "settings": vars(args),
+           "phases": runs.get("direct") or runs["proxy"], "runs": runs, "proxy_ratios": ratios, "checks": checks}
     (workdir / "result.json").write_text(json.dumps(out, indent=2))
     (REPORTS / "bench").mkdir(parents=True, exist_ok=True)
-    name = "overload.json" if args.variant == "product" else f"overload-{args.variant}.json"
-    (REPORTS / "bench" / name).write_text(json.dumps(out, indent=2))
+    name = "overload" + ("" if args.variant == "product" else f"-{args.variant}") + \
+        ("" if args.through == "direct" else f"-{args.through}")
+    (REPORTS / "bench" / f"{name}.json").write_text(json.dumps(out, indent=2))
     print(f"details: {workdir / 'result.json'}")
     return 0 if all(c["met"] for c in checks) else 1
 
