@@ -63,6 +63,20 @@ def test_web_refuses_to_start_on_the_built_in_defaults():
         assert name in result.stderr
 
 
+def test_a_production_node_without_its_key_material_refuses_to_start(tmp_path):
+    """Key material is loaded on every node from configuration, never made: a node missing it stops at
+    start-up with the names of what to set, instead of starting and retrying every stamp."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SIGNING_", "DEVELOPMENT"))}
+    env.update(PRODUCTION, DATA_DIR=str(tmp_path))
+    result = subprocess.run([sys.executable, "-c", "import web; web.create_app()"], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode != 0
+    assert "can't start without its signing key material" in result.stderr
+    for name in ("SIGNING_KEY_PATH", "SIGNING_CERT_PATH", "SIGNING_CA_CERT_PATH"):
+        assert name in result.stderr
+    assert not any(tmp_path.rglob("*")), "nothing is generated"
+
+
 def test_a_copied_development_ca_is_refused_outside_development(tmp_path):
     """SIGNING_DEV_PKI=0 with the development CA's files copied to the configured paths is still the
     development CA."""

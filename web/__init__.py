@@ -14,6 +14,7 @@ from werkzeug.middleware.proxy_fix import ProxyFix
 from shared.admission import AdmissionController
 from shared.config import Settings, get_settings, refuse_unsafe
 from shared.ratelimit import RateLimiter
+from shared.stamping.key_material import require_key_material
 from shared.store import store_from_settings
 from workers.celery_app import celery_init_app
 
@@ -22,6 +23,8 @@ def create_app(settings: Settings | None = None) -> Flask:
     settings = settings or get_settings()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     refuse_unsafe(settings, "web")  # workers start through this factory too (workers/make_celery.py)
+    if not settings.development:
+        require_key_material(settings, "web")  # loaded from configuration on every node, never made
     app = Flask(__name__)
     # Let a slightly oversized upload reach our own check (which names the limit) instead of a bare 413.
     app.config["MAX_CONTENT_LENGTH"] = settings.max_document_bytes + 256 * 1024

@@ -71,6 +71,7 @@ def celery_config(settings: Settings) -> dict:
         "task_soft_time_limit": max(1, settings.task_time_limit_seconds - 10),
         "worker_hijack_root_logger": True,
         "beat_schedule": beat_schedule(settings),
+        "beat_scheduler": "workers.beat:MemoryScheduler",  # a bare `celery beat` keeps nothing on disk either
         "include": list(TASK_MODULES),
     }
 
