@@ -31,7 +31,7 @@ from shared.stamping.isolation import preflight_isolated
 from shared.stamping.signing import PkiPaths, load_signer, sign_pdf, signer_from_settings, stamp_and_sign
 from tests.broken_pdfs import CORPUS, SIGNED_CORPUS, Broken, page_tree_with_a_lying_count, signed_with_wrong_stream_length
 from tests.broken_pdfs import subsection_number_overflows
-from tests.conftest import System, make_pdf
+from tests.conftest import BOTH_STORES, System, make_pdf
 
 SERIAL = "0123456789ABCDEFGHIJKL"
 PLACEMENT = {"page": 1, "x": 400.0, "y": 80.0}
@@ -371,13 +371,13 @@ def test_the_fuzzed_kind_is_paid_stamped_and_downloaded_as_a_file_readers_accept
     assert_valid_for_other_readers(download.content, tmp_path, serial=done["serial"])
 
 
+@BOTH_STORES
 def test_a_stamp_that_fails_the_delivery_check_is_refunded_never_stamped(sys_: System) -> None:
     """The stored upload is replaced after preflight by a document the stamping kernel still stamps and
     signs, into a file whose stamp readers show on another page than the one chosen (preflight would
     have refused it). The worker must refund it at once: no stamped file, serial voided, no retries."""
     order_id, token, view = sys_.order_awaiting_payment()
-    upload = sys_.settings.documents_path / sys_.order_row(order_id)["document_key"]
-    upload.write_bytes(page_tree_with_a_lying_count())
+    sys_.store.put(sys_.order_row(order_id)["document_key"], page_tree_with_a_lying_count())
     log = sys_.process("stamping").log
     log_start = log.stat().st_size
 
@@ -394,6 +394,6 @@ def test_a_stamp_that_fails_the_delivery_check_is_refunded_never_stamped(sys_: S
     assert done["refund"]["amount"] == 12500
     serials = sys_.query("SELECT status FROM serials WHERE order_id = %s", (order_id,))
     assert [s["status"] for s in serials] == ["voided"]
-    assert not list((sys_.settings.documents_path / "stamped").glob(f"{order_id}-*"))
+    assert sys_.stored_keys(f"stamped/{order_id}") == []
     logged = log.read_bytes()[log_start:].decode("utf-8", "replace")
     assert "event=stamp_failed_permanently" in logged and "code=stamp_check_failed" in logged, logged[-2000:]

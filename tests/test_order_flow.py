@@ -16,7 +16,7 @@ import requests
 
 from shared.payments.gateway import format_gross_amount, notification_signature
 from shared.services import housekeeping
-from tests.conftest import ROOT, SERVER_KEY, make_pdf, wait_until
+from tests.conftest import BOTH_STORES, ROOT, SERVER_KEY, make_pdf, wait_until
 from tests.pdfcheck import page_texts, pink_pixels
 
 
@@ -25,6 +25,7 @@ def ledger(sys_, order_id: str) -> dict[str, int]:
     return {row["kind"]: row["amount_idr"] for row in rows}
 
 
+@BOTH_STORES
 def test_order_is_paid_stamped_and_downloaded_over_http(sys_):
     document = make_pdf(pages=3)
     order_id, token, view = sys_.order_awaiting_payment(document, page=2, x=380, y=90)
@@ -165,7 +166,11 @@ def test_signed_notification_for_an_unpaid_order_is_confirmed_with_the_gateway(s
 
 
 def _break_stamped_store(sys_) -> None:
-    """Make writing stamped documents fail with a real OSError: the folder is replaced by a file."""
+    """Make stamping fail at the store for real: on the filesystem the stamped folder is replaced by a
+    file (writes fail with an OSError); SeaweedFS is stopped (reads and writes are refused)."""
+    if sys_.seaweed is not None:
+        sys_.seaweed.stop()
+        return
     stamped = sys_.settings.documents_path / "stamped"
     if stamped.is_dir():
         for child in stamped.iterdir():
@@ -176,6 +181,9 @@ def _break_stamped_store(sys_) -> None:
 
 
 def _repair_stamped_store(sys_) -> None:
+    if sys_.seaweed is not None:
+        sys_.seaweed.start()
+        return
     stamped = sys_.settings.documents_path / "stamped"
     if stamped.is_file():
         stamped.unlink()
@@ -185,6 +193,7 @@ def _failed_attempts(sys_, order_id: str) -> int:
     return sum(1 for e in sys_.events(order_id) if e["reason"] == "attempt failed, will retry")
 
 
+@BOTH_STORES
 def test_stamping_failure_is_retried_then_succeeds(sys_):
     order_id, token, view = sys_.order_awaiting_payment()
     _break_stamped_store(sys_)
@@ -203,6 +212,7 @@ def test_stamping_failure_is_retried_then_succeeds(sys_):
     assert ledger(sys_, order_id) == {"captured": 12500, "revenue": 12500}
 
 
+@BOTH_STORES
 def test_stamping_that_keeps_failing_is_refunded_after_the_deadline(sys_):
     order_id, token, view = sys_.order_awaiting_payment()
     gateway_order_id = view["payment"]["gateway_order_id"]
@@ -230,11 +240,11 @@ def test_stamping_that_keeps_failing_is_refunded_after_the_deadline(sys_):
     assert r.status_code == 409
 
 
+@BOTH_STORES
 def test_unreadable_document_is_refunded_without_retries(sys_):
     order_id, token, view = sys_.order_awaiting_payment()
-    # The upload passed preflight, then rotted in storage: the worker can no longer parse it.
-    upload = sys_.settings.documents_path / sys_.order_row(order_id)["document_key"]
-    upload.write_bytes(b"%PDF-1.7\n" + b"\x00garbage" * 100)
+    # The upload passed preflight, then was replaced in the store: the worker can no longer parse it.
+    sys_.store.put(sys_.order_row(order_id)["document_key"], b"%PDF-1.7\n" + b"\x00garbage" * 100)
     sys_.pay(view["payment"]["gateway_order_id"])
     done = sys_.wait_status(order_id, token, "refunded")
     row = sys_.order_row(order_id)
@@ -303,8 +313,7 @@ def test_paid_order_survives_redis_restarting_empty(sys_):
 def test_failed_stamp_paid_by_bank_transfer_goes_to_manual_refund(sys_):
     """Virtual-account payments can't be refunded by API: ops get a refund_manual order, not silence."""
     order_id, token, view = sys_.order_awaiting_payment()
-    upload = sys_.settings.documents_path / sys_.order_row(order_id)["document_key"]
-    upload.write_bytes(b"%PDF-1.7\n" + b"\x00garbage" * 100)
+    sys_.store.put(sys_.order_row(order_id)["document_key"], b"%PDF-1.7\n" + b"\x00garbage" * 100)
     sys_.pay(view["payment"]["gateway_order_id"], payment_type="bank_transfer")
     done = sys_.wait_status(order_id, token, "refund_manual")
     assert done["refund"] == {"status": "manual", "amount": 12500}

@@ -20,7 +20,7 @@ from pyhanko.pdf_utils.incremental_writer import IncrementalPdfFileWriter
 from shared.devtools.pki import ensure_pki
 from shared.stamping import stamp_document
 from shared.stamping.signing import PkiPaths, load_signer, sign_pdf, signer_from_settings
-from tests.conftest import make_pdf
+from tests.conftest import BOTH_STORES, make_pdf
 
 
 def random_serial() -> str:
@@ -60,6 +60,7 @@ def assert_invalid(response, reason: str, serial: str | None = None) -> dict:
     return body
 
 
+@BOTH_STORES
 def test_genuine_stamped_document_is_valid_with_its_serial_and_time(sys_):
     order_id, serial, document = stamped_order(sys_)
 
@@ -123,10 +124,11 @@ def test_serial_we_never_issued_is_invalid(sys_):
     assert missing.status_code == 404 and missing.json()["error"]["code"] == "unknown_serial"
 
 
+@BOTH_STORES
 def test_serial_voided_by_a_refund_is_invalid(sys_):
     order_id, token, view = sys_.order_awaiting_payment()
-    upload = sys_.settings.documents_path / sys_.order_row(order_id)["document_key"]
-    upload.write_bytes(b"%PDF-1.7\n" + b"\x00garbage" * 100)  # stamping fails for good: refund
+    # stamping fails for good: refund
+    sys_.store.put(sys_.order_row(order_id)["document_key"], b"%PDF-1.7\n" + b"\x00garbage" * 100)
     sys_.pay(view["payment"]["gateway_order_id"])
     done = sys_.wait_status(order_id, token, "refunded")
     [voided] = sys_.query("SELECT serial, status FROM serials WHERE order_id = %s", (order_id,))

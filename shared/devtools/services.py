@@ -529,7 +529,11 @@ class SeaweedHandle:
                 raise ServiceError(f"SeaweedFS exited while starting; {self.log}:\n{_tail(self.log)}")
             try:
                 client.head_bucket(Bucket=self.bucket)
-                return
+                # The filer answers before the volume server has joined the master: until a write
+                # reads back, stored documents may not (InternalError).
+                client.put_object(Bucket=self.bucket, Key=".ready-probe", Body=b"ok")
+                if client.get_object(Bucket=self.bucket, Key=".ready-probe")["Body"].read() == b"ok":
+                    return
             except ClientError as exc:
                 status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
                 if status == 404 and not created:

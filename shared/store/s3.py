@@ -208,7 +208,7 @@ def _translated(exc: BaseException, key: str | None, doing: str) -> Exception:
                                   f"give the process a role ({exc})")
     if isinstance(exc, boto.ClientError):
         code, status = _error_code(exc)
-        if key is not None and (code in _MISSING or status == 404):
+        if key is not None and code != "NoSuchBucket" and (code in _MISSING or status == 404):
             return DocumentMissing(f"{what} is missing from the store")
         if code in _BUSY or (status is not None and status >= 500 and code not in _MISCONFIGURED):
             return StoreUnavailable(f"document store {doing} failed: the S3 server answered {code or status}")

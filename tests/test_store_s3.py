@@ -1,0 +1,284 @@
+"""The document stores' promises, on the filesystem and on a real S3-compatible server (SeaweedFS).
+
+Round trips, an exclusive put that never replaces another document, integrity checked on every S3 read
+(an object changed behind the store's back is corrupt, not a document), keys limited to our own
+shapes, a store that is down answering StoreUnavailable within its timeouts, and what readiness sees.
+The settings that choose and bound the store are checked here too, and that a web process on the
+filesystem store never loads boto3.
+"""
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from shared.config import load_settings, production_problems
+from shared.devtools.services import free_port, start_seaweedfs
+from shared.store import (DocumentCorrupt, DocumentExists, DocumentMissing, FilesystemStore, S3Store,
+                          StoreMisconfigured, StoreUnavailable, stamped_key, store_from_settings, upload_key)
+from tests.conftest import BOTH_STORES, make_pdf, wait_until
+from tests.test_light_web import run_web
+
+
+def s3_store(seaweed, **overrides) -> S3Store:
+    return store_from_settings(load_settings({**seaweed.env(), "DEVELOPMENT": "1"}, **overrides))
+
+
+@pytest.fixture(params=["fs", "s3"])
+def any_store(request, tmp_path):
+    if request.param == "fs":
+        return FilesystemStore(tmp_path / "documents")
+    return s3_store(request.getfixturevalue("seaweedfs"))
+
+
+def test_a_document_comes_back_byte_for_byte(any_store) -> None:
+    document = make_pdf(pages=2)
+    key = upload_key(uuid.uuid4())
+    any_store.put(key, document)
+    any_store.put(key, document)  # an idempotent retry of the same upload
+    assert any_store.get(key) == document
+    any_store.delete(key)
+    with pytest.raises(DocumentMissing):
+        any_store.get(key)
+    any_store.delete(key)  # deleting what is gone is no error
+
+
+def test_an_exclusive_put_never_replaces_another_document(any_store) -> None:
+    key = stamped_key(uuid.uuid4(), 1)
+    first, second = make_pdf(text="attempt one"), make_pdf(text="attempt two")
+    any_store.put(key, first, exclusive=True)
+    any_store.put(key, first, exclusive=True)  # the same bytes again: a retry whose answer was lost
+    with pytest.raises(DocumentExists):
+        any_store.put(key, second, exclusive=True)
+    assert any_store.get(key) == first
+
+
+def test_only_our_own_key_shapes_name_a_document(any_store) -> None:
+    order_id = uuid.uuid4()
+    for bad in (upload_key(order_id) + "\n", f"uploads/../{order_id}.pdf", f"/etc/{order_id}.pdf",
+                f"uploads/{order_id}.pdf.tmp", "uploads/x.pdf", ""):
+        with pytest.raises(ValueError):
+            any_store.put(bad, b"x")
+        with pytest.raises(ValueError):
+            any_store.get(bad)
+
+
+def test_missing_document_is_missing_not_unavailable(any_store) -> None:
+    with pytest.raises(DocumentMissing) as caught:
+        any_store.get(upload_key(uuid.uuid4()))
+    assert not isinstance(caught.value, DocumentCorrupt)
+
+
+def test_an_object_changed_behind_the_stores_back_is_corrupt(seaweedfs) -> None:
+    store = s3_store(seaweedfs)
+    key = upload_key(uuid.uuid4())
+    store.put(key, make_pdf())
+    client = seaweedfs.client()
+    client.put_object(Bucket=seaweedfs.bucket, Key=key, Body=b"%PDF-1.7 something else")
+    with pytest.raises(DocumentCorrupt):
+        store.get(key)
+    # Another document's recorded hash copied along with it does not help either.
+    client.put_object(Bucket=seaweedfs.bucket, Key=key, Body=b"%PDF-1.7 again",
+                      Metadata={"sha256": "0" * 64})
+    with pytest.raises(DocumentCorrupt):
+        store.get(key)
+
+
+def test_the_prefix_keeps_two_deployments_apart(seaweedfs) -> None:
+    one = s3_store(seaweedfs, document_store_url=f"s3://{seaweedfs.bucket}/one")
+    two = s3_store(seaweedfs, document_store_url=f"s3://{seaweedfs.bucket}/two/deep")
+    key = upload_key(uuid.uuid4())
+    one.put(key, b"%PDF-1.7 one")
+    with pytest.raises(DocumentMissing):
+        two.get(key)
+    assert seaweedfs.client().head_object(Bucket=seaweedfs.bucket, Key=f"one/{key}")
+
+
+def test_a_store_that_is_down_is_unavailable_within_its_timeouts(tmp_path: Path) -> None:
+    seaweed = start_seaweedfs(tmp_path)
+    try:
+        store = s3_store(seaweed, s3_connect_timeout=1.0, s3_read_timeout=2.0, s3_max_attempts=2)
+        key = upload_key(uuid.uuid4())
+        store.put(key, b"%PDF-1.7 kept")
+        assert store.writable()
+        seaweed.stop()
+        for call in (lambda: store.get(key), lambda: store.put(upload_key(uuid.uuid4()), b"x"),
+                     lambda: store.put(stamped_key(uuid.uuid4(), 1), b"x", exclusive=True)):
+            with pytest.raises(StoreUnavailable) as caught:
+                call()
+            assert not isinstance(caught.value, StoreMisconfigured)
+        assert not store.writable()
+        seaweed.start()
+        assert store.get(key) == b"%PDF-1.7 kept"  # nothing was lost meanwhile
+        assert store.writable()
+    finally:
+        seaweed.stop()
+    assert seaweed.process is None
+
+
+def test_a_server_that_accepts_and_never_answers_times_out_as_unavailable() -> None:
+    """A hung store (it accepts the connection, then says nothing) costs one read timeout per attempt."""
+    import socket
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(16)
+    port = listener.getsockname()[1]
+    try:
+        store = S3Store("meterai", endpoint_url=f"http://127.0.0.1:{port}", access_key_id="k",
+                        secret_access_key="s", connect_timeout=0.5, read_timeout=0.5, max_attempts=1)
+        started = time.monotonic()
+        with pytest.raises(StoreUnavailable):
+            store.get(upload_key(uuid.uuid4()))
+        assert time.monotonic() - started < 30  # bounded by the timeouts, not hung
+    finally:
+        listener.close()
+
+
+def test_refusals_are_configuration_errors_and_readiness_says_so(seaweedfs) -> None:
+    wrong_bucket = s3_store(seaweedfs, document_store_url="s3://no-such-bucket-here")
+    with pytest.raises(StoreMisconfigured):
+        wrong_bucket.put(upload_key(uuid.uuid4()), b"x")
+    assert not wrong_bucket.writable()
+    assert "does not exist" in wrong_bucket.problem()
+    wrong_secret = s3_store(seaweedfs, s3_secret_access_key="not-the-secret")
+    with pytest.raises(StoreMisconfigured):
+        wrong_secret.get(upload_key(uuid.uuid4()))
+    assert not wrong_secret.writable()
+    assert s3_store(seaweedfs).writable() and s3_store(seaweedfs).problem() is None
+
+
+def test_without_conditional_writes_an_exclusive_put_checks_first(seaweedfs) -> None:
+    store = s3_store(seaweedfs, s3_conditional_writes=0)
+    key = stamped_key(uuid.uuid4(), 2)
+    store.put(key, b"%PDF-1.7 first", exclusive=True)
+    with pytest.raises(DocumentExists):
+        store.put(key, b"%PDF-1.7 second", exclusive=True)
+    assert store.get(key) == b"%PDF-1.7 first"
+
+
+def test_the_store_is_chosen_and_bounded_by_settings(tmp_path: Path) -> None:
+    assert isinstance(store_from_settings(load_settings({})), FilesystemStore)
+    chosen = store_from_settings(load_settings({"DOCUMENT_STORE_URL": f"file://{tmp_path}/docs"}))
+    assert isinstance(chosen, FilesystemStore) and chosen.root == tmp_path / "docs"
+    legacy = load_settings({"DOCUMENT_DIR": str(tmp_path / "old")})
+    assert store_from_settings(legacy).root == tmp_path / "old"
+    s3 = store_from_settings(load_settings({"DOCUMENT_STORE_URL": "s3://meterai-docs/prod/eu/",
+                                            "S3_ENDPOINT_URL": "https://s3.example.id"}))
+    assert isinstance(s3, S3Store) and (s3.bucket, s3.prefix) == ("meterai-docs", "prod/eu/")
+    for bad, says in [
+        ({"DOCUMENT_STORE_URL": "s3://A_Bucket"}, "bucket name"),
+        ({"DOCUMENT_STORE_URL": "s3://meterai/../x"}, "prefix"),
+        ({"DOCUMENT_STORE_URL": "file://relative/path"}, "file:///absolute/path"),
+        ({"DOCUMENT_STORE_URL": "ftp://x"}, "must be empty"),
+        ({"DOCUMENT_STORE_URL": "s3://meterai", "S3_CHECKSUMS": "always"}, "S3_CHECKSUMS"),
+        ({"DOCUMENT_STORE_URL": "s3://meterai", "S3_READ_TIMEOUT": "0"}, "S3_READ_TIMEOUT"),
+        ({"DOCUMENT_STORE_URL": "s3://meterai", "S3_MAX_ATTEMPTS": "0"}, "S3_MAX_ATTEMPTS"),
+        ({"DOCUMENT_STORE_URL": "s3://meterai", "S3_CONDITIONAL_WRITES": "2"}, "S3_CONDITIONAL_WRITES"),
+        ({"DOCUMENT_STORE_URL": "s3://meterai", "S3_ACCESS_KEY_ID": "only-the-id"}, "go together"),
+        ({"DOCUMENT_STORE_URL": "s3://meterai", "S3_ENDPOINT_URL": "127.0.0.1:9000"}, "http(s)://host"),
+        ({"DOCUMENT_STORE_URL": "s3://meterai", "S3_CONNECT_TIMEOUT": "soon"}, "a number"),
+    ]:
+        with pytest.raises(ValueError, match=says.replace("(", r"\(").replace(")", r"\)")):
+            load_settings(bad)
+
+
+def test_production_refuses_plain_http_to_a_remote_store() -> None:
+    def problems(endpoint: str) -> list[str]:
+        return [p for p in production_problems(load_settings(
+            {"DOCUMENT_STORE_URL": "s3://meterai", "S3_ENDPOINT_URL": endpoint})) if "S3_ENDPOINT_URL" in p]
+
+    assert problems("http://10.0.0.5:8333") and problems("http://s3.internal")
+    assert not problems("https://s3.internal") and not problems("http://127.0.0.1:8333")
+    assert not problems("http://[::1]:8333") and not problems("http://localhost:8333")
+
+
+def test_a_web_process_on_the_filesystem_store_never_loads_boto3(tmp_path: Path) -> None:
+    script = """
+import json, sys
+import web
+app = web.create_app()
+assert app.test_client().get("/readyz").status_code in (200, 503)
+print(json.dumps(sorted({name.split(".")[0] for name in sys.modules} & {"boto3", "botocore", "s3transfer"})))
+"""
+    assert json.loads(run_web(script, DATA_DIR=str(tmp_path / "data"))) == []
+
+
+def test_readiness_of_a_web_process_names_the_s3_store(sys_, seaweedfs) -> None:
+    """/readyz of a web process on SeaweedFS: ok, and "down" (503, Retry-After) on a bucket it can't use."""
+    port = free_port()
+    for url, expected in ((seaweedfs.document_store_url, "ok"), ("s3://no-such-bucket-here", "down")):
+        name = f"web-s3-{expected}"
+        sys_.launcher.start("web", name=name, port=port, env={**seaweedfs.env(), "DOCUMENT_STORE_URL": url})
+        try:
+            [answer] = wait_until(lambda: _ready(sys_, port), timeout=60, message="web copy answering")
+            assert answer.json()["checks"]["document_store"] == expected, answer.text
+            assert answer.status_code == (200 if expected == "ok" else 503)
+            if expected == "down":
+                assert answer.headers["Retry-After"]
+        finally:
+            sys_.launcher.stop(name)
+
+
+def _ready(sys_, port: int):
+    """[the /readyz answer] (a 503 is an answer too), or None while the copy isn't listening."""
+    try:
+        return [sys_.http.get(f"http://127.0.0.1:{port}/readyz", timeout=5)]
+    except Exception:  # noqa: BLE001 - not listening yet
+        return None
+
+
+@BOTH_STORES
+def test_a_stamped_key_taken_already_is_never_overwritten_and_the_next_attempt_stamps(sys_) -> None:
+    """Something sits under the first attempt's key already: the worker does not replace it; the
+    attempt is retried (a new attempt, a new key) and the order is stamped once, under that key."""
+    order_id, token, view = sys_.order_awaiting_payment()
+    decoy = make_pdf(text="not this order's stamp")
+    sys_.store.put(stamped_key(order_id, 1), decoy, exclusive=True)
+    sys_.pay(view["payment"]["gateway_order_id"])
+    sys_.wait_status(order_id, token, "stamped")
+    row = sys_.order_row(order_id)
+    assert row["stamp_attempts"] == 2 and row["stamped_document_key"] == stamped_key(order_id, 2)
+    assert sys_.store.get(stamped_key(order_id, 1)) == decoy
+    download = sys_.http.get(f"{sys_.web_url}/api/v1/orders/{order_id}/document",
+                             headers={"Authorization": f"Bearer {token}"}, timeout=10)
+    assert download.status_code == 200 and download.content == sys_.store.get(stamped_key(order_id, 2))
+    assert sys_.query("SELECT count(*) AS n FROM ledger_entries WHERE order_id = %s AND kind = 'revenue'",
+                      (order_id,))[0]["n"] == 1
+
+
+def test_create_with_the_store_down_answers_come_back_and_charges_nothing(sys_, tmp_path: Path) -> None:
+    """A web process whose SeaweedFS is gone: 503 store_unavailable with Retry-After, no order, no
+    payment; once the store is back the same request (same Idempotency-Key) is accepted."""
+    seaweed = start_seaweedfs(tmp_path)
+    port = free_port()
+    sys_.launcher.start("web", name="web-s3-down", port=port,
+                        env={**seaweed.env(), "S3_CONNECT_TIMEOUT": "1", "S3_MAX_ATTEMPTS": "1"})
+    try:
+        wait_until(lambda: _ready(sys_, port), timeout=60, message="web copy answering")
+        seaweed.stop()
+        key = uuid.uuid4().hex
+        document = make_pdf()
+
+        def create():
+            return sys_.http.post(f"http://127.0.0.1:{port}/api/v1/orders", headers={"Idempotency-Key": key},
+                                  data={"page": "1", "x": "400", "y": "80", "email": "down@example.id"},
+                                  files={"document": ("surat.pdf", document, "application/pdf")}, timeout=30)
+
+        refused = create()
+        assert refused.status_code == 503, refused.text
+        assert refused.json()["error"]["code"] == "store_unavailable"
+        assert int(refused.headers["Retry-After"]) > 0
+        assert sys_.query("SELECT count(*) AS n FROM orders WHERE email = 'down@example.id'")[0]["n"] == 0
+        assert sys_.query("SELECT count(*) AS n FROM payments")[0]["n"] == 0
+        seaweed.start()
+        accepted = create()
+        assert accepted.status_code == 202, accepted.text
+        [row] = sys_.query("SELECT document_key FROM orders WHERE email = 'down@example.id'")
+        assert seaweed.client().head_object(Bucket=seaweed.bucket, Key=row["document_key"])
+    finally:
+        sys_.launcher.stop("web-s3-down")
+        seaweed.stop()
