@@ -259,12 +259,14 @@ class Stack:
         return self.launcher.start(group, name=name, env=self.node_env(name, overrides), port=port,
                                    command=command)
 
-    def start_proxy(self, web_ports: list[int]) -> str:
+    def start_proxy(self, web_ports: list[int], *, trust_forwarded_from: str | None = None) -> str:
         """The private nginx in front of the web nodes, on the stack's web port (so PUBLIC_BASE_URL and
-        the gateway's NOTIFICATION_URL already name it). Returns its URL."""
+        the gateway's NOTIFICATION_URL already name it). ``trust_forwarded_from``: the address of a front
+        proxy whose X-Forwarded-For nginx believes (a drill's buyers pose as one). Returns its URL."""
         from shared.devtools.proxy import start_nginx
 
-        self.proxy = start_nginx(self.workdir / "nginx", [f"127.0.0.1:{p}" for p in web_ports], port=self.web_port)
+        self.proxy = start_nginx(self.workdir / "nginx", [f"127.0.0.1:{p}" for p in web_ports], port=self.web_port,
+                                 trust_forwarded_from=trust_forwarded_from)
         self._private.append(self.proxy)
         say(f"proxy: nginx at {self.proxy.url} over {', '.join(str(p) for p in web_ports)}")
         return str(self.proxy.url)
