@@ -34,6 +34,20 @@ class UnsafeSettings(RuntimeError):
 @dataclass(frozen=True)
 class Settings:
     database_url: str = "postgresql://postgres@127.0.0.1:5432/meterai"
+    # 1: DATABASE_URL leads to a pooler in transaction mode (PgBouncer), so psycopg never prepares
+    # statements: a prepared statement lives on one server connection, and the pooler may give the next
+    # transaction another (PgBouncer before 1.21 has no prepared-statement support at all).
+    database_pooled: int = 0
+    # Every pooled connection is replaced after DATABASE_MAX_LIFETIME_SECONDS (a moved DNS name, server
+    # memory), idle ones are closed after DATABASE_MAX_IDLE_SECONDS: keep it under the idle cut-offs of
+    # the NATs, balancers and poolers in between (PgBouncer's client_idle_timeout), so none is dropped
+    # silently under us. Either way, every connection is checked as it is handed out (shared/db).
+    database_max_lifetime_seconds: float = 30 * 60.0
+    database_max_idle_seconds: float = 300.0
+    # Where `meterai migrate` connects; empty means DATABASE_URL. Point it at PostgreSQL itself when
+    # DATABASE_URL is a pooler: a migration's DDL holds one server connection for its whole run and must
+    # not meet the pooler's query_timeout or take a slot from the traffic.
+    migrate_database_url: str = ""
     redis_url: str = "redis://127.0.0.1:6379/0"
     # Prefix for every Redis key we own (broker queues included), so several deployments or test
     # sessions can share one Redis without touching each other's keys.
@@ -232,6 +246,9 @@ class Settings:
         if not 0 <= self.status_cache_seconds <= 60:
             raise ValueError("STATUS_CACHE_SECONDS must be 0 to 60: it bounds how stale a buyer's status "
                              "can be when Redis misses a change")
+        if not 0 < self.database_max_idle_seconds < self.database_max_lifetime_seconds:
+            raise ValueError("DATABASE_MAX_IDLE_SECONDS must be above 0 and under "
+                             "DATABASE_MAX_LIFETIME_SECONDS")
         if self.stamp_deadline_seconds <= self.lease_seconds:
             raise ValueError("STAMP_DEADLINE_SECONDS must exceed LEASE_SECONDS")
         if self.admission_abandon_seconds < 90:

@@ -13,10 +13,14 @@ import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import psycopg
 from psycopg.rows import dict_row
 from psycopg_pool import ConnectionPool
+
+if TYPE_CHECKING:
+    from shared.config import Settings
 
 log = logging.getLogger(__name__)
 
@@ -24,13 +28,52 @@ _pools: dict[tuple[int, str], ConnectionPool] = {}
 _pools_lock = threading.Lock()
 
 
-# Idle connections are closed after this (down to min_size): shorter than the idle cut-offs of the NATs,
-# load balancers and poolers between us and PostgreSQL (commonly 350 s or more), so the pool closes them
-# before something in between silently drops them.
+# The defaults of DATABASE_MAX_IDLE_SECONDS and DATABASE_MAX_LIFETIME_SECONDS (shared/config.py says why).
 POOL_MAX_IDLE_SECONDS = 300.0
-# Every connection is replaced after this, so server-side memory growth and a moved DNS name (failover)
-# are picked up without restarting the process.
 POOL_MAX_LIFETIME_SECONDS = 30 * 60.0
+# psycopg's own default: a query run this many times on one connection is prepared there.
+PREPARE_THRESHOLD = 5
+
+
+@dataclass(frozen=True)
+class ConnectionOptions:
+    """How this process connects: the same for its pools and its one-off connections."""
+
+    # None: never prepare (behind a transaction-mode pooler, see DATABASE_POOLED).
+    prepare_threshold: int | None = PREPARE_THRESHOLD
+    max_lifetime: float = POOL_MAX_LIFETIME_SECONDS
+    max_idle: float = POOL_MAX_IDLE_SECONDS
+
+    @classmethod
+    def from_settings(cls, settings: "Settings") -> "ConnectionOptions":
+        return cls(prepare_threshold=None if settings.database_pooled else PREPARE_THRESHOLD,
+                   max_lifetime=settings.database_max_lifetime_seconds,
+                   max_idle=settings.database_max_idle_seconds)
+
+
+_configured: ConnectionOptions | None = None
+
+
+def configure(settings: "Settings") -> None:
+    """Connect as ``settings`` say from now on (pools made earlier keep their options)."""
+    global _configured
+    _configured = ConnectionOptions.from_settings(settings)
+
+
+def connection_options() -> ConnectionOptions:
+    """What :func:`configure` set, else what this process's environment says (``get_settings()``): web,
+    workers and the CLI all read DATABASE_POOLED from there, so no process can forget to set it."""
+    if _configured is not None:
+        return _configured
+    from shared.config import get_settings
+
+    return ConnectionOptions.from_settings(get_settings())
+
+
+def connect(conninfo: str, **kwargs) -> psycopg.Connection:
+    """A one-off connection (outside the pool) with this process's options: never prepared when pooled."""
+    kwargs.setdefault("prepare_threshold", connection_options().prepare_threshold)
+    return psycopg.connect(conninfo, **kwargs)
 
 
 def _checker() -> tuple[Callable[[psycopg.Connection], None], Callable[[ConnectionPool], None]]:
@@ -57,11 +100,15 @@ def _checker() -> tuple[Callable[[psycopg.Connection], None], Callable[[Connecti
     return check, owner.append
 
 
-def get_pool(conninfo: str, *, max_size: int = 10) -> ConnectionPool:
-    """The pool for ``conninfo`` in this process.
+def get_pool(conninfo: str, *, max_size: int = 10, options: ConnectionOptions | None = None) -> ConnectionPool:
+    """The pool for ``conninfo`` in this process, made with ``options`` (default :func:`connection_options`).
 
     Keyed by pid as well, because Celery's prefork pool forks after import: a child must never reuse
-    the parent's sockets. Connections are checked as they are handed out (see :func:`_checker`).
+    the parent's sockets. Connections are checked as they are handed out (see :func:`_checker`): the pool
+    only looks at ``max_lifetime`` when a connection comes back (psycopg-pool#584), so a connection the
+    server, the pooler or something in between dropped while idle would otherwise be handed out dead.
+    No connection keeps session state across transactions (nothing is SET, LISTENed, locked for the
+    session or prepared when pooled), so any of them may be any server connection behind a pooler.
     """
     key = (os.getpid(), conninfo)
     pool = _pools.get(key)
@@ -69,6 +116,7 @@ def get_pool(conninfo: str, *, max_size: int = 10) -> ConnectionPool:
         with _pools_lock:
             pool = _pools.get(key)
             if pool is None:
+                options = options or connection_options()
                 check, set_owner = _checker()
                 pool = ConnectionPool(
                     conninfo,
@@ -76,14 +124,15 @@ def get_pool(conninfo: str, *, max_size: int = 10) -> ConnectionPool:
                     max_size=max_size,
                     # Autocommit: a plain read is one round trip, without the BEGIN and the COMMIT
                     # psycopg would wrap it in; :func:`transaction` opens an explicit transaction.
-                    kwargs={"row_factory": dict_row, "autocommit": True},
+                    kwargs={"row_factory": dict_row, "autocommit": True,
+                            "prepare_threshold": options.prepare_threshold},
                     open=False,
                     # Waiting longer than this for a connection means "overloaded": fail fast (the web
                     # answers 503 with Retry-After) instead of piling up requests.
                     timeout=10.0,
                     check=check,
-                    max_idle=POOL_MAX_IDLE_SECONDS,
-                    max_lifetime=POOL_MAX_LIFETIME_SECONDS,
+                    max_idle=options.max_idle,
+                    max_lifetime=options.max_lifetime,
                     name=f"meterai-{os.getpid()}",
                 )
                 set_owner(pool)
