@@ -285,6 +285,7 @@ def _run_system(database_url: str, redis_server: RedisHandle, tmp: Path, *, pref
         "RATE_LIMIT_CREATE": "1000000/60",
         "RATE_LIMIT_VERIFY": "1000000/60",
         "RATE_LIMIT_NOTIFICATIONS": "1000000/60",
+        "DOCUMENT_STORE_URL": "",  # the filesystem unless store_env says otherwise, whatever the shell has
         **store_env,
     }
     settings = load_settings(env_settings)

@@ -635,8 +635,9 @@ class Services:
     database_url: str
     redis_url: str
     data_dir: Path
-    private: list[PostgresHandle | RedisHandle] = field(default_factory=list)
+    private: list[PostgresHandle | RedisHandle | SeaweedHandle] = field(default_factory=list)
     forced_private: bool = False
+    seaweed: SeaweedHandle | None = None
 
     def env(self) -> dict[str, str]:
         """The process environment plus the service settings, with the venv's programs first on PATH."""
@@ -647,6 +648,8 @@ class Services:
             PYTHONUNBUFFERED="1",
         )
         env.setdefault("DEVELOPMENT", "1")  # ./dev runs on the development defaults, knowingly
+        if self.seaweed is not None:
+            env.update(self.seaweed.env())
         if self.forced_private:
             # DATABASE_URL and REDIS_URL now name the private servers: the test fixtures must use them,
             # not start yet another pair.
@@ -659,9 +662,21 @@ class Services:
         self.private.clear()
 
 
-def ensure_services(database_url: str, redis_url: str, data_dir: Path, *, force_private: bool = False) -> Services:
+def wants_private_s3(environ: dict[str, str] | None = None) -> bool:
+    """``DOCUMENT_STORE=s3`` without a ``DOCUMENT_STORE_URL``: ./dev up runs a private SeaweedFS and points
+    the document store at it (with a URL, the store named there is used as it is)."""
+    environ = dict(os.environ) if environ is None else environ
+    kind = (environ.get("DOCUMENT_STORE") or "").strip().lower()
+    if kind not in ("", "fs", "s3"):
+        raise ServiceError(f"DOCUMENT_STORE must be fs or s3, not {kind!r}")
+    return kind == "s3" and not environ.get("DOCUMENT_STORE_URL")
+
+
+def ensure_services(database_url: str, redis_url: str, data_dir: Path, *, force_private: bool = False,
+                    private_s3: bool | None = None) -> Services:
     """PostgreSQL and Redis that answer: the configured ones, or private ones under ``data_dir`` (always,
-    with ``force_private``)."""
+    with ``force_private``); and a private SeaweedFS for the document store when ``private_s3`` (None:
+    :func:`wants_private_s3` of the environment)."""
     database_url, pg = ensure_postgres(database_url, data_dir, force_private=force_private)
     services = Services(database_url, redis_url, data_dir, [pg] if pg else [], forced_private=force_private)
     try:
@@ -671,4 +686,13 @@ def ensure_services(database_url: str, redis_url: str, data_dir: Path, *, force_
         raise
     if redis_handle:
         services.private.append(redis_handle)
+    if private_s3 if private_s3 is not None else wants_private_s3():
+        try:
+            services.seaweed = start_seaweedfs(data_dir)
+        except BaseException:
+            services.stop()
+            raise
+        services.private.append(services.seaweed)
+        say(f"documents in a private SeaweedFS: {services.seaweed.document_store_url} at "
+            f"{services.seaweed.endpoint_url} (data in {services.seaweed.dir})")
     return services
