@@ -236,11 +236,11 @@ def _gateway_reconcile(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _admission(settings: Settings, args: argparse.Namespace) -> int:
-    import redis
-
     from shared.admission import AdmissionController, Mode
+    from shared.redisconn import redis_client
 
-    controller = AdmissionController(settings, redis.Redis.from_url(settings.redis_url, socket_timeout=5))
+    controller = AdmissionController(settings, redis_client(settings.redis_url, timeout=5,
+                                                            sentinel_password=settings.redis_sentinel_password))
     if args.mode:
         import getpass
         import logging

@@ -48,7 +48,16 @@ class Settings:
     # DATABASE_URL is a pooler: a migration's DDL holds one server connection for its whole run and must
     # not meet the pooler's query_timeout or take a slot from the traffic.
     migrate_database_url: str = ""
+    # Our own Redis clients (waiting room, rate limits, status cache, CLI): redis://, rediss:// (TLS) or
+    # redis+sentinel://host1:26379,host2:26379/master-name/0 (the primary as Sentinel reports it; see
+    # shared/redisconn.py). Production Redis must run with maxmemory-policy noeviction.
     redis_url: str = "redis://127.0.0.1:6379/0"
+    # The Celery broker, in the same forms; empty: REDIS_URL. A separate server (or Sentinel master) keeps
+    # a waiting-room storm from slowing the broker.
+    broker_url: str = ""
+    # The Sentinels' own password (requirepass on the Sentinels), if they have one; the data nodes'
+    # credentials go in the URLs.
+    redis_sentinel_password: str = ""
     # Prefix for every Redis key we own (broker queues included), so several deployments or test
     # sessions can share one Redis without touching each other's keys.
     redis_key_prefix: str = "meterai:"
@@ -258,10 +267,23 @@ class Settings:
             if getattr(self, f"signing_{item}_path") and getattr(self, f"signing_{item}_pem").strip():
                 raise ValueError(f"SIGNING_{item.upper()}_PATH and SIGNING_{item.upper()}_PEM are both set: "
                                  "give each item of key material once, as a file or as PEM text")
+        self._check_redis()
         self._check_store()
         if self.ops_token and len(self.ops_token) < MIN_SECRET_LENGTH:
             raise ValueError(f"OPS_TOKEN must be at least {MIN_SECRET_LENGTH} characters (or empty to turn "
                              "the ops endpoints off): a short token can be guessed")
+
+    def _check_redis(self) -> None:
+        from shared.redisconn import parse_redis_url  # ValueError names the setting and the problem
+
+        parse_redis_url(self.redis_url, "REDIS_URL")
+        if self.broker_url:
+            parse_redis_url(self.broker_url, "BROKER_URL")
+
+    @property
+    def broker(self) -> str:
+        """The Celery broker's URL: BROKER_URL, else REDIS_URL."""
+        return self.broker_url or self.redis_url
 
     def _check_store(self) -> None:
         location = parse_document_store_url(self.document_store_url)  # ValueError names the problem

@@ -38,6 +38,7 @@ import redis
 from shared import lifecycle
 from shared.config import Settings
 from shared.logs import log_event
+from shared.redisconn import redis_client
 
 log = logging.getLogger(__name__)
 
@@ -81,8 +82,8 @@ def configure(settings: Settings) -> None:
     # redis-py's pool notices a fork and opens new sockets in the child, so Celery's prefork children
     # can share this module state. The cache is an optimisation: a Redis slower than this answers
     # "miss" (the database answers instead), and no retries.
-    client = redis.Redis.from_url(settings.redis_url, socket_timeout=CACHE_TIMEOUT_SECONDS,
-                                  socket_connect_timeout=CACHE_TIMEOUT_SECONDS, retry=None)
+    client = redis_client(settings.redis_url, timeout=CACHE_TIMEOUT_SECONDS, retries=0,
+                          sentinel_password=settings.redis_sentinel_password)
     _state.update(client=client, prefix=f"{settings.redis_key_prefix}status:",
                   ttl=settings.status_cache_seconds, write=client.register_script(_WRITE), skip_until=0.0)
     lifecycle.add_listener(mark_changed)

@@ -7,13 +7,13 @@ from __future__ import annotations
 
 import logging
 
-import redis
 from flask import Flask
 from werkzeug.middleware.proxy_fix import ProxyFix
 
 from shared.admission import AdmissionController
 from shared.config import Settings, get_settings, refuse_unsafe
 from shared.ratelimit import RateLimiter
+from shared.redisconn import eviction_policy_problem, redis_client
 from shared.stamping.key_material import require_key_material
 from shared.store import store_from_settings
 from workers.celery_app import celery_init_app
@@ -34,8 +34,13 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.extensions["meterai.settings"] = settings
     app.extensions["meterai.store"] = store_from_settings(settings)
     celery_init_app(app, settings)  # also configures the status cache (shared/statuscache.py)
-    # Short timeouts: a slow Redis must turn into a quick "come back", never a hung request.
-    client = redis.Redis.from_url(settings.redis_url, socket_timeout=0.5, socket_connect_timeout=0.5)
+    # Short timeouts: a slow Redis must turn into a quick "come back", never a hung request. One retry: a
+    # connection the server dropped, or a primary Sentinel just replaced, costs no buyer an error.
+    client = redis_client(settings.redis_url, timeout=0.5, retries=1,
+                          sentinel_password=settings.redis_sentinel_password)
+    problem = eviction_policy_problem(client)
+    if problem:
+        logging.getLogger(__name__).warning(problem)
     app.extensions["meterai.admission"] = AdmissionController(settings, client)
     app.extensions["meterai.ratelimiter"] = RateLimiter(client, settings.redis_key_prefix)
     if settings.proxy_hops > 0:

@@ -1,10 +1,10 @@
 """Liveness and readiness. ``/readyz`` names each dependency's state so ops see which one is down."""
 from __future__ import annotations
 
-import redis
 from flask import Blueprint, jsonify
 
 from shared.db import get_pool
+from shared.redisconn import redis_client
 from web.context import settings, store
 
 bp = Blueprint("health", __name__)
@@ -26,7 +26,8 @@ def _database_ok() -> bool:
 
 def _redis_ok() -> bool:
     try:
-        client = redis.Redis.from_url(settings().redis_url, socket_timeout=1, socket_connect_timeout=1)
+        client = redis_client(settings().redis_url, timeout=1, retries=0, max_connections=1,
+                              sentinel_password=settings().redis_sentinel_password)
         try:
             return bool(client.ping())
         finally:

@@ -58,6 +58,9 @@ def celery_config(settings: Settings) -> dict:
         # exiting after Celery's default 100 attempts (and taking its share of the work with it).
         "broker_connection_retry": True,
         "broker_connection_max_retries": None,
+        # A channel that fails while the consumer (re)connects, as on a Sentinel failover, is retried like a
+        # lost connection instead of ending the consumer (celery#8030, #10205: workers that stop consuming).
+        "broker_channel_error_retry": True,
         # On a lost broker connection, let running tasks finish rather than kill them mid-way (a gateway
         # call made, its result not yet written): their work lands in PostgreSQL, their message comes back
         # after the visibility timeout or from the redrive, and the task's own checks make the rerun a

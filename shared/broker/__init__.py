@@ -16,26 +16,36 @@ from kombu import Exchange, Queue
 from shared import jobs
 from shared.broker import redis_transport
 from shared.config import Settings
+from shared.redisconn import kombu_broker
 
 
 def broker_config(settings: Settings) -> dict[str, Any]:
     """Celery settings for reaching the broker and routing every task to its queue."""
+    # BROKER_URL (else REDIS_URL); a redis+sentinel:// URL becomes kombu's sentinel:// list, with the
+    # master's name in the transport options (shared/redisconn.py).
+    url, sentinel_options = kombu_broker(settings.broker, settings.redis_sentinel_password,
+                                         "BROKER_URL" if settings.broker_url else "REDIS_URL")
     return {
-        "broker_url": settings.redis_url,
+        "broker_url": url,
         # kombu's Redis transport with one repair (see shared/broker/redis_transport.py): with Celery 5.7
         # a Redis restart under running acks_late tasks could stop the worker with an AttributeError.
-        "broker_transport": redis_transport.transport_for(settings.redis_url),
+        "broker_transport": redis_transport.transport_for(url),
         # TLS for a rediss:// broker, with the server's certificate verified (kombu alone would turn
         # verification off for that scheme).
         "broker_use_ssl": ({"ssl_cert_reqs": ssl.CERT_REQUIRED}
-                           if settings.redis_url.lower().startswith("rediss://") else None),
+                           if url.lower().startswith("rediss://") else None),
         "broker_transport_options": {
             "visibility_timeout": settings.broker_visibility_timeout,
             "global_keyprefix": settings.redis_key_prefix,
             # A hung Redis must not hang a web request that publishes after commit: the redrive
-            # recovers anything not published.
+            # recovers anything not published. The same bound lets a consumer notice a primary that
+            # vanished without closing its sockets (a failover, a NAT's timeout) and reconnect.
             "socket_timeout": 2.0,
             "socket_connect_timeout": 2.0,
+            "socket_keepalive": True,
+            # kombu PINGs idle connections and drops a BRPOP whose reply is overdue by this much.
+            "health_check_interval": 10,
+            **sentinel_options,
         },
         "task_publish_retry_policy": {"max_retries": 2, "interval_start": 0, "interval_step": 0.2,
                                       "interval_max": 0.5},

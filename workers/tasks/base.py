@@ -28,7 +28,6 @@ from collections.abc import Callable
 from functools import lru_cache
 from typing import Any, ClassVar
 
-import redis
 from celery import Task
 
 from shared.admission import AdmissionController
@@ -36,6 +35,7 @@ from shared.config import Settings
 from shared.errors import PermanentError, TransientError
 from shared.logs import log_event
 from shared.payments.gateway import PaymentGateway, gateway_from_settings
+from shared.redisconn import redis_client
 from shared.store import DocumentStore, store_from_settings
 
 log = logging.getLogger("workers.tasks")
@@ -62,7 +62,7 @@ def _gateway(s: Settings, pid: int) -> PaymentGateway:
 
 @lru_cache(maxsize=4)
 def _admission(s: Settings, pid: int) -> AdmissionController:
-    client = redis.Redis.from_url(s.redis_url, socket_timeout=1, socket_connect_timeout=1)
+    client = redis_client(s.redis_url, timeout=1, sentinel_password=s.redis_sentinel_password)
     return AdmissionController(s, client)
 
 
