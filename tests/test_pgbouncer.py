@@ -1,0 +1,196 @@
+"""PostgreSQL behind a real PgBouncer (Debian 12's 1.18) in transaction mode, as production may run it.
+
+A system of its own (web under gunicorn, every Celery worker group, the stand-in gateway) whose
+DATABASE_URL leads through a private PgBouncer with DATABASE_POOLED=1: the order flow stamps, delivers and
+refunds through it; PgBouncer restarted mid-flow cuts every connection and nothing is lost; the setting is
+what keeps prepared statements away from the pooler; migrations leave no session state behind.
+"""
+from __future__ import annotations
+
+import threading
+import uuid
+from pathlib import Path
+from typing import Any, Iterator
+
+import psycopg
+import pytest
+
+from shared.config import load_settings
+from shared.db import ConnectionOptions, PREPARE_THRESHOLD, close_pool, connect, get_pool
+from shared.db.migrate import apply_migrations, migration_database_url, migration_files
+from shared.devtools.pgbouncer import PgBouncerHandle, start_pgbouncer
+from tests.conftest import _run_system, _test_database, make_pdf, wait_until
+from tests.pdfcheck import page_texts
+
+POOLED = ConnectionOptions.from_settings(load_settings({"DATABASE_POOLED": "1"}))
+
+
+@pytest.fixture(scope="module")
+def pgbouncer(postgres_admin, tmp_path_factory) -> Iterator[PgBouncerHandle]:
+    handle = start_pgbouncer(tmp_path_factory.mktemp("pgbouncer"), postgres_admin)
+    yield handle
+    handle.stop()
+
+
+def through(handle: PgBouncerHandle, database_url: str) -> str:
+    """``database_url``'s database, reached through PgBouncer."""
+    return psycopg.conninfo.make_conninfo(handle.url, dbname=psycopg.conninfo.conninfo_to_dict(database_url)["dbname"])
+
+
+@pytest.fixture(scope="module")
+def pooled_system(postgres_admin, redis_server, pgbouncer, tmp_path_factory) -> Iterator[Any]:
+    """The whole system with DATABASE_URL through PgBouncer. The stand-in gateway (development tooling)
+    keeps its state over a direct connection: it sets its schema with a startup option PgBouncer refuses."""
+    for direct_url in _test_database(postgres_admin):
+        env = {"DATABASE_POOLED": "1", "STANDIN_DATABASE_URL": direct_url}
+        for system in _run_system(through(pgbouncer, direct_url), redis_server, tmp_path_factory.mktemp("pooled"),
+                                  prefix=f"meterai-test-pgb-{uuid.uuid4().hex[:6]}:", store_env=env,
+                                  store_kind="fs"):
+            system.adopt()
+            yield system
+
+
+def ledger(system, order_id: str) -> dict[str, int]:
+    rows = system.query("SELECT kind, amount_idr FROM ledger_entries WHERE order_id = %s", (order_id,))
+    return {row["kind"]: row["amount_idr"] for row in rows}
+
+
+def transactions_through(handle: PgBouncerHandle, dbname: str) -> int:
+    """How many transactions PgBouncer has carried to ``dbname`` (its admin console's SHOW STATS)."""
+    with psycopg.connect(handle.admin_url, autocommit=True, prepare_threshold=None) as conn:
+        cursor = conn.execute("SHOW STATS")
+        names = [c.name for c in cursor.description]
+        rows = [dict(zip(names, row)) for row in cursor.fetchall()]
+    return sum(int(row["total_xact_count"]) for row in rows if row["database"] == dbname)
+
+
+def stamp_and_download(system, document: bytes) -> tuple[str, dict]:
+    order_id, token, view = system.order_awaiting_payment(document)
+    system.pay(view["payment"]["gateway_order_id"])
+    done = system.wait_status(order_id, token, "stamped", timeout=60)
+    r = system.http.get(f"{system.web_url}/api/v1/orders/{order_id}/document",
+                        headers={"Authorization": f"Bearer {token}"}, timeout=10)
+    assert r.status_code == 200 and r.headers["Content-Type"] == "application/pdf"
+    assert done["serial"] in page_texts(r.content)[0]
+    assert ledger(system, order_id) == {"captured": 12500, "revenue": 12500}
+    return order_id, done
+
+
+def test_order_flow_stamps_downloads_and_refunds_through_pgbouncer(pooled_system, pgbouncer) -> None:
+    system = pooled_system
+    dbname = psycopg.conninfo.conninfo_to_dict(system.settings.database_url)["dbname"]
+    assert system.settings.database_pooled == 1
+    before = transactions_through(pgbouncer, dbname)
+
+    _, done = stamp_and_download(system, make_pdf(pages=2))
+    assert [e["status"] for e in done["events"]] == [
+        "created", "awaiting_payment", "paid", "stamping", "stamped"]
+
+    # A refund: the upload is replaced in the store after preflight, so stamping can't read it.
+    refund_id, token, view = system.order_awaiting_payment()
+    system.store.put(system.order_row(refund_id)["document_key"], b"%PDF-1.7\n" + b"\x00garbage" * 100)
+    system.pay(view["payment"]["gateway_order_id"])
+    done = system.wait_status(refund_id, token, "refunded", timeout=60)
+    assert done["refund"] == {"status": "succeeded", "amount": 12500}
+    assert ledger(system, refund_id) == {"captured": 12500, "refunded": 12500}
+
+    # Web and workers really went through the pooler (not around it).
+    assert transactions_through(pgbouncer, dbname) > before + 10
+
+
+def test_pgbouncer_restarting_mid_flow_loses_nothing(pooled_system, pgbouncer) -> None:
+    system = pooled_system
+    waiting = [system.order_awaiting_payment() for _ in range(2)]
+    # Every process's pool now holds connections to PgBouncer; the restart cuts them all.
+    pgbouncer.restart()
+
+    # The very next requests succeed: each pool's check throws its dead connections away.
+    for order_id, token, _ in waiting:
+        assert system.status(order_id, token)["status"] == "awaiting_payment"
+    fresh = system.order_awaiting_payment()
+    for _, _, view in [*waiting, fresh]:
+        system.pay(view["payment"]["gateway_order_id"])
+    pgbouncer.restart()  # again, while notifications and stamping are under way
+    for order_id, token, _ in [*waiting, fresh]:
+        system.wait_status(order_id, token, "stamped", timeout=90)
+        assert ledger(system, order_id) == {"captured": 12500, "revenue": 12500}
+    ids = [order_id for order_id, _, _ in [*waiting, fresh]]
+    assert system.query("SELECT count(*) AS n FROM serials WHERE order_id = ANY(%s) AND status = 'used'",
+                        (ids,))[0]["n"] == 3
+    logs = "".join(path.read_text(errors="replace") for path in Path(system.tmp / "logs").glob("*.log"))
+    assert "event=db_pool_dead_connection" in logs  # the check found them, rather than a request
+    stamp_and_download(system, make_pdf(pages=1))  # and afterwards new orders flow
+
+
+def _interleave(open_connection) -> None:
+    """One client runs a query often enough for psycopg to prepare it (on the server connection PgBouncer
+    lent it), then runs it again while another client holds that server connection in a transaction, so
+    PgBouncer lends the first one a different server connection."""
+    with open_connection() as first, open_connection() as second:
+        for n in range(PREPARE_THRESHOLD + 3):
+            assert _one(first.execute("SELECT %s::int + 1", (n,))) == n + 1
+        with second.transaction():
+            second.execute("SELECT 1")  # holds the server connection the first client's statements are on
+            for n in range(3):
+                assert _one(first.execute("SELECT %s::int + 1", (n,))) == n + 1
+
+
+def _one(cursor) -> Any:
+    row = cursor.fetchone()  # a tuple, or a dict from the pool's connections
+    return next(iter(row.values())) if isinstance(row, dict) else row[0]
+
+
+def test_statements_are_never_prepared_when_pooled(pooled_system, pgbouncer) -> None:
+    url = pooled_system.settings.database_url
+    # psycopg's default prepares, and PgBouncer 1.18 sends the next use to a server that never saw it.
+    with pytest.raises(psycopg.errors.InvalidSqlStatementName, match="does not exist"):
+        _interleave(lambda: psycopg.connect(url, autocommit=True))
+    # DATABASE_POOLED=1 turns preparing off, for one-off connections and for the pool alike.
+    assert POOLED.prepare_threshold is None
+    _interleave(lambda: connect(url, autocommit=True, prepare_threshold=POOLED.prepare_threshold))
+    pool_url = psycopg.conninfo.make_conninfo(url, application_name="meterai_pool_test")  # a pool of its own
+    try:
+        pool = get_pool(pool_url, options=POOLED)
+        assert pool.kwargs["prepare_threshold"] is None
+        _interleave(pool.connection)
+    finally:
+        close_pool(pool_url)
+
+
+def test_pool_settings_come_from_the_environment() -> None:
+    options = ConnectionOptions.from_settings(load_settings({
+        "DATABASE_MAX_LIFETIME_SECONDS": "600", "DATABASE_MAX_IDLE_SECONDS": "120"}))
+    assert options == ConnectionOptions(prepare_threshold=PREPARE_THRESHOLD, max_lifetime=600.0, max_idle=120.0)
+    with pytest.raises(ValueError, match="DATABASE_MAX_IDLE_SECONDS"):
+        load_settings({"DATABASE_MAX_LIFETIME_SECONDS": "60", "DATABASE_MAX_IDLE_SECONDS": "300"})
+    direct = "postgresql://postgres@10.0.0.5:5432/meterai"
+    assert migration_database_url(load_settings({"DATABASE_URL": "postgresql://postgres@pgbouncer:6432/meterai",
+                                                 "MIGRATE_DATABASE_URL": direct})) == direct
+    assert migration_database_url(load_settings({"DATABASE_URL": direct})) == direct
+
+
+def test_migrations_through_pgbouncer_apply_once_and_leave_no_lock_behind(postgres_admin, pgbouncer) -> None:
+    name = f"meterai_test_{uuid.uuid4().hex[:10]}"
+    with psycopg.connect(postgres_admin, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    try:
+        url = psycopg.conninfo.make_conninfo(pgbouncer.url, dbname=name)
+        applied: list[list[str]] = []
+        runners = [threading.Thread(target=lambda: applied.append(apply_migrations(url))) for _ in range(2)]
+        for runner in runners:
+            runner.start()
+        for runner in runners:
+            runner.join()
+        everything = [file for file, _ in migration_files()]
+        assert sorted(applied[0] + applied[1]) == everything  # two at once: each file once
+        assert apply_migrations(url) == []
+        direct = psycopg.conninfo.make_conninfo(postgres_admin, dbname=name)
+        with psycopg.connect(direct, autocommit=True) as conn:
+            held = conn.execute("SELECT count(*) FROM pg_locks l JOIN pg_database d ON d.oid = l.database"
+                                " WHERE l.locktype = 'advisory' AND d.datname = %s", (name,)).fetchone()[0]
+            assert held == 0
+            # The search path was set for each transaction only: the server connections kept none of it.
+            assert conn.execute("SELECT count(*) FROM schema_migrations").fetchone()[0] == len(everything)
+    finally:
+        with psycopg.connect(postgres_admin, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
