@@ -1,7 +1,7 @@
 """Benchmark: the stamping stage on 1 and then 2 stamping nodes, same cores per node: does a second node
 add a node's worth of stamps, with no duplicate work and no lost leases?
 
-    .venv/bin/python -m loadtests.bench.scaling              # about 4 minutes
+    .venv/bin/python -m loadtests.bench.scaling              # about 4 minutes on an idle box
     .venv/bin/python -m loadtests.bench.scaling --no-pin     # the nodes float over the cores
 
 Each phase (1 node, 2 nodes; ``--rounds`` times, alternating) first makes ``k × --orders-per-node``
@@ -248,7 +248,7 @@ def run_phase(stack: Stack, nodes: int, per_node: int, *, concurrency: int, pin:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m loadtests.bench.scaling", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--orders-per-node", type=int, default=400, help="paid orders per stamping node per phase")
+    parser.add_argument("--orders-per-node", type=int, default=300, help="paid orders per stamping node per phase")
     parser.add_argument("--rounds", type=int, default=2, help="1-node then 2-node phases, this many times")
     parser.add_argument("--concurrency", type=int, default=1, help="Celery slots per stamping node")
     parser.add_argument("--no-pin", dest="pin", action="store_false", help="don't pin each node to a core")
@@ -261,16 +261,18 @@ def main(argv: list[str] | None = None) -> int:
     workdir = workdir_for("bench-scaling")
     body, content_type = multipart(FIELDS, {"document": ("surat.pdf", make_pdf(200_000), "application/pdf")})
     phases: list[Phase] = []
-    with Stack(workdir, label="bench_scaling") as stack:
-        store = stack.open_document_store()
-        stack.make_shared_pki(OPEN_WIDE)
-        stack.start_node("web", "web", overrides=OPEN_WIDE, port=stack.web_port)
-        for group in ("checkout", "payments", "gateway"):
-            stack.start_node(group, group, overrides=OPEN_WIDE)
-        stack.launcher.wait_ready(timeout=90)
-        say(f"ready: web, gateway, checkout, payments; documents in the {store} store; stamping nodes "
-            f"--concurrency {args.concurrency}, {'pinned to a core each' if args.pin else 'unpinned'}")
-        for round_number in range(1, args.rounds + 1):
+    # A fresh system per round (database, Redis, store, processes): the private SeaweedFS holds about
+    # half a gigabyte, and no round inherits another's tables or queues.
+    for round_number in range(1, args.rounds + 1):
+        with Stack(workdir / f"round-{round_number}", label="bench_scaling") as stack:
+            store = stack.open_document_store()
+            stack.make_shared_pki(OPEN_WIDE)
+            stack.start_node("web", "web", overrides=OPEN_WIDE, port=stack.web_port)
+            for group in ("checkout", "payments", "gateway"):
+                stack.start_node(group, group, overrides=OPEN_WIDE)
+            stack.launcher.wait_ready(timeout=90)
+            say(f"round {round_number}: web, gateway, checkout, payments ready; documents in the {store} store; "
+                f"stamping nodes --concurrency {args.concurrency}, {'pinned to a core each' if args.pin else 'unpinned'}")
             for nodes in (1, 2):
                 phases.append(run_phase(stack, nodes, args.orders_per_node, concurrency=args.concurrency,
                                         pin=args.pin, skip=args.skip, body=body, content_type=content_type,
