@@ -54,10 +54,11 @@ class ConnectionOptions:
 _configured: ConnectionOptions | None = None
 
 
-def configure(settings: "Settings") -> None:
-    """Connect as ``settings`` say from now on (pools made earlier keep their options)."""
+def configure(settings: "Settings | None") -> None:
+    """Connect as ``settings`` say from now on (None: as the environment says); pools made earlier keep
+    their options."""
     global _configured
-    _configured = ConnectionOptions.from_settings(settings)
+    _configured = None if settings is None else ConnectionOptions.from_settings(settings)
 
 
 def connection_options() -> ConnectionOptions:

@@ -24,8 +24,8 @@ from urllib.parse import quote
 import psycopg
 from psycopg.conninfo import conninfo_to_dict
 
-from shared.devtools.services import (ServiceError, _as_postgres_user, _give_to_postgres, _tail, free_port,
-                                      port_accepts)
+from shared.devtools.services import (POSTGRES_USER, ServiceError, _as_postgres_user, _give_to_postgres, _tail,
+                                      free_port, port_accepts)
 
 
 def find_pgbouncer() -> str:
@@ -71,7 +71,9 @@ class PgBouncerHandle:
         return self.dir / "pgbouncer.log"
 
     def start(self, timeout: float = 15.0) -> None:
-        command = _as_postgres_user() + [find_pgbouncer(), str(self.config)]
+        # As root, PgBouncer's own -u drops to the postgres user (runuser would sit between our signals
+        # and it, and wait two seconds before passing a SIGTERM on).
+        command = [find_pgbouncer(), *(["-u", POSTGRES_USER] if _as_postgres_user() else []), str(self.config)]
         with open(self.log, "ab") as log:
             self.process = subprocess.Popen(command, cwd=self.dir, stdin=subprocess.DEVNULL, stdout=log,
                                             stderr=subprocess.STDOUT, start_new_session=True)
