@@ -21,6 +21,7 @@ from shared.db import ConnectionOptions, PREPARE_THRESHOLD, close_pool, connect,
 from shared.db.migrate import apply_migrations, migration_database_url, migration_files
 from shared.devtools.pgbouncer import PgBouncerHandle, start_pgbouncer
 from shared.services import reconcile
+from shared.services.ledger import ledger_report
 from tests.conftest import _run_system, _test_database, make_pdf, wait_until
 from tests.pdfcheck import page_texts
 
@@ -100,6 +101,9 @@ def test_order_flow_stamps_downloads_and_refunds_through_pgbouncer(pooled_system
     assert done["refund"] == {"status": "succeeded", "amount": 12500}
     assert ledger(system, refund_id) == {"captured": 12500, "refunded": 12500}
 
+    # The ledger report streams through a server-side cursor, which lives in its transaction: fine here.
+    report = ledger_report(system.settings)
+    assert report.balanced and report.refunded >= 12500 and report.revenue >= 12500
     # Web and workers really went through the pooler (not around it).
     assert transactions_through(pgbouncer, dbname) > before + 10
 
