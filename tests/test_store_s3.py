@@ -271,3 +271,20 @@ def test_create_with_the_store_down_answers_come_back_and_charges_nothing(sys_, 
     finally:
         sys_.launcher.stop("web-s3-down")
         seaweed.stop()
+
+
+@BOTH_STORES
+def test_a_stamped_file_lost_from_the_store_is_our_error_not_the_buyers(sys_) -> None:
+    """The order says stamped but its file is gone: the download is a server error (500) naming what is
+    wrong, never a 4xx that blames the buyer's request, and the order stays stamped (nothing is guessed)."""
+    order_id, token, view = sys_.order_awaiting_payment()
+    sys_.pay(view["payment"]["gateway_order_id"])
+    sys_.wait_status(order_id, token, "stamped")
+    sys_.store.delete(sys_.order_row(order_id)["stamped_document_key"])
+
+    download = sys_.http.get(f"{sys_.web_url}/api/v1/orders/{order_id}/document",
+                             headers={"Authorization": f"Bearer {token}"}, timeout=10)
+
+    assert download.status_code == 500
+    assert download.json()["error"]["code"] == "document_missing"
+    assert sys_.order_row(order_id)["status"] == "stamped"

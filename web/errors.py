@@ -38,6 +38,8 @@ STATUS_BY_CODE: dict[str, int] = {
     "sales_paused": 503, "admission_unavailable": 503,
     # dependencies
     "store_unavailable": 503, "verification_busy": 503,
+    # our loss, not the buyer's input: a stamped file gone from the store, or not what was written
+    "document_missing": 500, "document_corrupt": 500,
 }
 # Statuses whose answer tells the client when to come back.
 _COME_BACK = frozenset({429, 503})
