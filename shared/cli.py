@@ -111,9 +111,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _migrate(settings: Settings, args: argparse.Namespace) -> int:
-    from shared.db.migrate import apply_migrations
+    from shared.db.migrate import apply_migrations, migration_database_url
 
-    print(json.dumps({"applied": apply_migrations(settings.database_url)}))
+    # The primary itself when MIGRATE_DATABASE_URL says so: web and workers may go through a pooler.
+    print(json.dumps({"applied": apply_migrations(migration_database_url(settings))}))
     return 0
 
 

@@ -105,3 +105,22 @@ def test_upgrade_books_old_money_per_transaction_and_watches_what_was_never_book
     # Until the watch asks the gateway about it, the ledger report names the one unbooked capture.
     problems = {money.order_id: problems for money, problems in report.imbalances}
     assert list(problems) == [str(stamped)] and second in problems[str(stamped)][0]
+
+
+def test_migrate_goes_to_migrate_database_url_when_set(old_database):
+    """Web and workers may reach PostgreSQL through a transaction-mode pooler; ``meterai migrate`` takes
+    its advisory lock on the primary named by MIGRATE_DATABASE_URL instead (here DATABASE_URL answers
+    nowhere, so a migration that used it would fail)."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = {**os.environ, "DEVELOPMENT": "1", "MIGRATE_DATABASE_URL": old_database,
+           "DATABASE_URL": "host=127.0.0.1 port=1 dbname=nowhere connect_timeout=1"}
+    result = subprocess.run([sys.executable, "-m", "shared.cli", "migrate"], env=env, capture_output=True,
+                            text=True, timeout=120, cwd=Path(__file__).resolve().parents[1])
+    assert result.returncode == 0, result.stderr
+    applied = json.loads(result.stdout.strip().splitlines()[-1])["applied"]
+    assert applied == [name for name, _ in migrate.migration_files()[2:]]
