@@ -248,8 +248,8 @@ def run_phase(stack: Stack, nodes: int, per_node: int, *, concurrency: int, pin:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m loadtests.bench.scaling", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--orders-per-node", type=int, default=300, help="paid orders per stamping node per phase")
-    parser.add_argument("--rounds", type=int, default=2, help="1-node then 2-node phases, this many times")
+    parser.add_argument("--orders-per-node", type=int, default=200, help="paid orders per stamping node per phase")
+    parser.add_argument("--rounds", type=int, default=3, help="1-node then 2-node phases, this many times")
     parser.add_argument("--concurrency", type=int, default=1, help="Celery slots per stamping node")
     parser.add_argument("--no-pin", dest="pin", action="store_false", help="don't pin each node to a core")
     parser.add_argument("--skip", type=int, default=10, help="each node's first stamps not counted (warm-up)")
