@@ -258,3 +258,18 @@ def test_a_client_follows_the_primary_without_any_process_restarting(sentinel_sy
     client.set(key, "after")  # the old connection was closed or answers READONLY: the retry reconnects
     assert promoted.client().get(key) == "after"
     assert client.execute_command("ROLE")[0] == b"master"
+
+
+def test_a_redis_that_may_evict_is_named_at_start(tmp_path) -> None:
+    """The web warns at start-up when Redis could drop our keys under memory pressure (its policy is the
+    operator's to set, so a warning, not a refusal)."""
+    from shared.devtools.services import start_private_redis
+
+    server = start_private_redis(tmp_path)
+    try:
+        client = redis_client(server.url, timeout=1)
+        assert eviction_policy_problem(client) is None  # Redis's own default, and what we run
+        client.config_set("maxmemory-policy", "allkeys-lru")
+        assert "allkeys-lru" in eviction_policy_problem(client) and "noeviction" in eviction_policy_problem(client)
+    finally:
+        server.stop()

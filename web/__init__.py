@@ -12,6 +12,7 @@ from werkzeug.middleware.proxy_fix import ProxyFix
 
 from shared.admission import AdmissionController
 from shared.config import Settings, get_settings, refuse_unsafe
+from shared.logs import log_event
 from shared.ratelimit import RateLimiter
 from shared.redisconn import eviction_policy_problem, redis_client
 from shared.stamping.key_material import require_key_material
@@ -40,7 +41,7 @@ def create_app(settings: Settings | None = None) -> Flask:
                           sentinel_password=settings.redis_sentinel_password)
     problem = eviction_policy_problem(client)
     if problem:
-        logging.getLogger(__name__).warning(problem)
+        log_event(logging.getLogger(__name__), "redis_may_evict", logging.WARNING, problem=problem)
     app.extensions["meterai.admission"] = AdmissionController(settings, client)
     app.extensions["meterai.ratelimiter"] = RateLimiter(client, settings.redis_key_prefix)
     if settings.proxy_hops > 0:

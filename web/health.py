@@ -1,6 +1,8 @@
 """Liveness and readiness. ``/readyz`` names each dependency's state so ops see which one is down."""
 from __future__ import annotations
 
+from functools import lru_cache
+
 from flask import Blueprint, jsonify
 
 from shared.db import get_pool
@@ -24,14 +26,16 @@ def _database_ok() -> bool:
         return False
 
 
+@lru_cache(maxsize=4)
+def _redis(url: str, sentinel_password: str):
+    """One small client per process, kept, so a probe reuses its connection; one retry, so a connection
+    Redis dropped (a restart, a failover) doesn't report Redis down once it is back."""
+    return redis_client(url, timeout=1, retries=1, max_connections=2, sentinel_password=sentinel_password)
+
+
 def _redis_ok() -> bool:
     try:
-        client = redis_client(settings().redis_url, timeout=1, retries=0, max_connections=1,
-                              sentinel_password=settings().redis_sentinel_password)
-        try:
-            return bool(client.ping())
-        finally:
-            client.close()
+        return bool(_redis(settings().redis_url, settings().redis_sentinel_password).ping())
     except Exception:  # noqa: BLE001
         return False
 
