@@ -71,12 +71,12 @@ def test_redis_brokers_use_the_repaired_transport_tls_too_with_certificates_veri
     from shared.broker import redis_transport
 
     for url, expected in [("redis://127.0.0.1:6379/0", "shared.broker.redis_transport:Transport"),
-                          ("sentinel://10.0.0.1:26379;sentinel://10.0.0.2:26379",
+                          ("redis+sentinel://10.0.0.1:26379,10.0.0.2:26379/mymaster/0",
                            "shared.broker.redis_transport:SentinelTransport"),
                           ("rediss://cache.example:6380/0", "shared.broker.redis_transport:Transport")]:
         config = celery_config(load_settings({"REDIS_URL": url}))
         assert config["broker_transport"] == expected
-        assert redis_transport.transport_for(url) == expected
+        assert redis_transport.transport_for(config["broker_url"]) == expected
         tls = url.startswith("rediss")
         assert config["broker_use_ssl"] == ({"ssl_cert_reqs": ssl.CERT_REQUIRED} if tls else None)
 

@@ -380,6 +380,8 @@ def ensure_redis(redis_url: str, data_dir: str | Path, *, force_private: bool = 
     ``data_dir``."""
     if force_private:
         say(f"PRIVATE_SERVICES=1: not using Redis at {_redact(redis_url)}; using a private one in {data_dir}")
+    elif redis_url.startswith("redis+sentinel://"):
+        return redis_url, None  # a Sentinel set is production's arrangement: used as given, never replaced
     elif redis_answers(redis_url):
         return redis_url, None
     else:
