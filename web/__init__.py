@@ -15,7 +15,7 @@ from shared.config import Settings, get_settings, refuse_unsafe
 from shared.logs import log_event
 from shared.ratelimit import RateLimiter
 from shared.redisconn import eviction_policy_problem, redis_client
-from shared.stamping.key_material import require_key_material
+from shared.stamping.key_material import ROOT_ONLY, require_key_material
 from shared.store import store_from_settings
 from workers.celery_app import celery_init_app
 
@@ -25,7 +25,9 @@ def create_app(settings: Settings | None = None) -> Flask:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     refuse_unsafe(settings, "web")  # workers start through this factory too (workers/make_celery.py)
     if not settings.development:
-        require_key_material(settings, "web")  # loaded from configuration on every node, never made
+        # Every process built here (web, and each worker through workers/make_celery.py) checks stamps
+        # against the root; a stamping worker also needs the key (checked where it starts, there).
+        require_key_material(settings, "node", needs=ROOT_ONLY)
     app = Flask(__name__)
     # Let a slightly oversized upload reach our own check (which names the limit) instead of a bare 413.
     app.config["MAX_CONTENT_LENGTH"] = settings.max_document_bytes + 256 * 1024

@@ -103,14 +103,26 @@ def pki_paths(settings: Settings) -> PkiPaths:
     )
 
 
-def key_material_problems(settings: Settings) -> list[str]:
-    """What keeps this node from loading its key material, one line per item; empty when all three are
-    there and look like PEM (or DER for a certificate). A start-up check (run it where a process starts,
-    outside development): it reads the files but parses nothing, so it stays light for the web process;
-    the signer's own load still reports a wrong passphrase or key type."""
+# What each kind of process needs: a web node checks signatures against the root (the public verify
+# page), a stamping worker signs. The issuer's private key belongs on stamping nodes only, never on the
+# internet-facing web nodes.
+SIGNING_ITEMS = ("signing key", "issuer certificate", "root certificate")
+ROOT_ONLY = ("root certificate",)
+_SETTING_NAMES = {"signing key": "SIGNING_KEY_PATH (or SIGNING_KEY_PEM)",
+                  "issuer certificate": "SIGNING_CERT_PATH (or SIGNING_CERT_PEM)",
+                  "root certificate": "SIGNING_CA_CERT_PATH (or SIGNING_CA_CERT_PEM)"}
+
+
+def key_material_problems(settings: Settings, needs: tuple[str, ...] = SIGNING_ITEMS) -> list[str]:
+    """What keeps this node from loading the key material it ``needs``, one line per item; empty when
+    each is there and looks like PEM (or DER for a certificate). A start-up check (run it where a process
+    starts, outside development): it reads the files but parses nothing, so it stays light for the web
+    process; the signer's own load still reports a wrong passphrase or key type."""
     paths, problems = pki_paths(settings), []
     for what, item in (("signing key", paths.key), ("issuer certificate", paths.cert),
                        ("root certificate", paths.ca_cert)):
+        if what not in needs:
+            continue
         try:
             data = item.read_bytes()
         except OSError as exc:
@@ -124,15 +136,15 @@ def key_material_problems(settings: Settings) -> list[str]:
     return problems
 
 
-def require_key_material(settings: Settings, role: str) -> None:
+def require_key_material(settings: Settings, role: str, needs: tuple[str, ...] = SIGNING_ITEMS) -> None:
     """:class:`SigningUnavailable` naming every problem of :func:`key_material_problems`: for the place a
-    process starts, so a node without its key fails at once instead of retrying every stamp."""
-    problems = key_material_problems(settings)
+    process starts, so a node without its key material fails at once instead of retrying every stamp."""
+    problems = key_material_problems(settings, needs)
     if problems:
         raise SigningUnavailable(
             f"meterai {role} can't start without its signing key material:\n  - " + "\n  - ".join(problems)
-            + "\nSet SIGNING_KEY_PATH, SIGNING_CERT_PATH and SIGNING_CA_CERT_PATH (or SIGNING_KEY_PEM, "
-            "SIGNING_CERT_PEM and SIGNING_CA_CERT_PEM), the same on every node.")
+            + "\nSet " + ", ".join(_SETTING_NAMES[item] for item in needs)
+            + ", the same on every node of this kind.")
 
 
 def certificate_der(data: bytes) -> bytes:
