@@ -242,6 +242,15 @@ class Settings:
 
     def __post_init__(self) -> None:
         """Refuse settings that would break an invariant quietly, at start-up rather than under load."""
+        # A comment or a stray space carried into a URL (systemd's EnvironmentFile keeps "# ..." after a
+        # value) would otherwise end up in every QR code and link, or in the address we connect to.
+        # DATABASE_URLs may be libpq "key=value key=value" strings, so only these are URLs proper.
+        for name in ("redis_url", "broker_url", "document_store_url", "s3_endpoint_url", "public_base_url",
+                     "gateway_url", "notification_url"):
+            value = getattr(self, name)
+            if any(ch.isspace() for ch in value) or "#" in value:
+                raise ValueError(f"{name.upper()} must be one URL, without spaces or '#' (a comment on the "
+                                 "same line as the setting is read as part of it): put comments on a line of their own")
         soft_limit = self.task_time_limit_seconds - 10
         if self.lease_seconds <= self.task_time_limit_seconds:
             raise ValueError("LEASE_SECONDS must exceed TASK_TIME_LIMIT_SECONDS: a running stamp must "

@@ -150,3 +150,11 @@ def test_the_cli_refuses_to_move_money_on_development_defaults_but_still_reads()
     reading = subprocess.run([sys.executable, "-m", "shared.cli", "ledger-report"], cwd=ROOT, env=env,
                              capture_output=True, text=True, timeout=60)
     assert "refuses to start" not in reading.stderr  # it fails for the database, not for the settings
+
+
+@pytest.mark.parametrize("name", ["PUBLIC_BASE_URL", "REDIS_URL", "GATEWAY_URL"])
+def test_a_comment_carried_into_a_url_is_refused(name):
+    """systemd's EnvironmentFile keeps an inline "# ..." as part of the value."""
+    value = {**PRODUCTION, "REDIS_URL": "redis://10.0.0.5:6379/0"}.get(name)
+    with pytest.raises(ValueError, match=f"{name} must be one URL"):
+        load_settings({**PRODUCTION, name: f"{value}  # every stamp's QR code points here"})
