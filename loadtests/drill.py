@@ -20,7 +20,7 @@ What it does, in order:
 6. stops everything it started and drops the database (``--keep-database`` keeps it).
 
 ``--profile multi`` runs the same spike, gate and audit against the system laid out as on many machines
-(:func:`start_multi`): two web nodes behind the private nginx, two stamping nodes, every other worker
+(:mod:`loadtests.multinode`): two web nodes behind the private nginx, two stamping nodes, every other worker
 group and one beat, each a process group with its own ``DATA_DIR`` and no shared folder (documents only
 in the S3 store, the signing files made once and handed to every node by path); mid-run it SIGKILLs one
 web node and one stamping node, brings them back, and the report says when (``timeline`` in gate.json)
@@ -42,19 +42,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from loadtests.multinode import Chaos, MultiNode
+
 ROOT = Path(__file__).resolve().parent.parent
-
-
-@dataclass(frozen=True)
-class MultiNode:
-    """The multi-node layout and its failures: ``victims`` are SIGKILLed ``kill_at`` seconds into the
-    load and brought back ``down_seconds`` later."""
-
-    web_nodes: int = 2
-    stamping_nodes: int = 2
-    kill_at: float = 50.0
-    down_seconds: float = 30.0
-    victims: tuple[str, ...] = ("web-2", "stamping-2")
 
 
 @dataclass(frozen=True)
@@ -239,98 +229,6 @@ def run_locust(stack: Any, profile: Profile, shape: str, params: Any, report: Pa
     return process.returncode if process.returncode is not None else -1
 
 
-def start_multi(stack: Any, plan: MultiNode, overrides: dict[str, str]) -> dict[str, Any]:
-    """The system as on many machines, on this one: every node a process group with its own DATA_DIR,
-    documents in the shared store only, the signing files made once before any node starts, the web
-    nodes behind the private nginx. Returns what was laid out (for the report)."""
-    from shared.devtools.services import free_port
-    from loadtests.stack import say
-
-    store = stack.open_document_store()
-    stack.make_shared_pki(overrides)
-    web_ports = [free_port() for _ in range(plan.web_nodes)]
-    try:
-        front = stack.start_proxy(web_ports, trust_forwarded_from="127.0.0.1")
-        proxied = True
-    except ImportError:
-        # No private nginx yet: the buyers and the gateway talk to web-1, and only the other web nodes
-        # may be killed (a real deployment always has its proxy).
-        front, proxied = f"http://127.0.0.1:{web_ports[0]}", False
-        stack.web_port = web_ports[0]
-        overrides = {**overrides, "PUBLIC_BASE_URL": front,
-                     "NOTIFICATION_URL": f"{front}/api/v1/payments/notifications"}
-        say(f"no shared.devtools.proxy yet: buyers go straight to web-1 at {front}")
-    nodes = [(f"web-{i}", "web", port) for i, port in enumerate(web_ports, start=1)]
-    nodes += [(f"stamping-{i}", "stamping", None) for i in range(1, plan.stamping_nodes + 1)]
-    nodes += [(g, g, None) for g in ("checkout", "payments", "refunds", "housekeeping", "reconcile", "beat", "gateway")]
-    for name, group, port in nodes:
-        stack.start_node(group, name, overrides=overrides, port=port)
-    say(f"started {', '.join(n for n, _, _ in nodes)}; each with its own DATA_DIR under {stack.workdir / 'nodes'}")
-    return {"front": front, "proxied": proxied, "store": store, "nodes": [n for n, _, _ in nodes],
-            "overrides": overrides}
-
-
-class Chaos:
-    """Kills the plan's victims at ``kill_at`` and brings them back ``down_seconds`` later; logs when."""
-
-    def __init__(self, stack: Any, plan: MultiNode, victims: tuple[str, ...]) -> None:
-        self.stack, self.plan, self.victims = stack, plan, victims
-        self.down: set[str] = set()
-        self.timeline: list[dict[str, Any]] = []
-        self.held_when_killed: list[str] = []
-        self.origin: float | None = None
-        self.state = "before"
-
-    def note(self, t: float, event: str, node: str) -> None:
-        from loadtests.stack import say
-
-        t = time.monotonic() - self.origin if self.origin is not None else t  # after any wait for a lease
-        self.timeline.append({"t": round(t, 1), "at": time.strftime("%H:%M:%S"), "event": event, "node": node})
-        say(f"t={t:5.1f}s {event}: {node}")
-
-    def holding_lease(self, name: str, patience: float = 10.0) -> list[str]:
-        """Wait (at most ``patience`` seconds) until node ``name`` holds a stamping lease, so the kill
-        lands mid-stamp and the takeover is exercised; the orders it held (none: it had no lease)."""
-        import psycopg
-
-        deadline = time.monotonic() + patience
-        with psycopg.connect(self.stack.database_url, autocommit=True) as conn:
-            while True:
-                pids = [str(pid) for pid in self.stack.process_pids(name)]
-                held = [r[0] for r in conn.execute(
-                    "SELECT id::text FROM orders WHERE status = 'stamping' AND lease_expires_at > now()"
-                    " AND split_part(lease_owner, ':', 2) = ANY(%s)", (pids,))]
-                if held or time.monotonic() > deadline:
-                    return held
-                time.sleep(0.02)
-
-    def __call__(self, t: float) -> set[str]:
-        if t != float("inf"):
-            self.origin = time.monotonic() - t
-        if self.state == "before" and t >= self.plan.kill_at:
-            for name in self.victims:
-                held = self.holding_lease(name) if name.startswith("stamping") else []
-                self.stack.kill(name)
-                self.down.add(name)
-                self.held_when_killed += held
-                self.note(t, "SIGKILL (whole process group)" + (f" holding the lease of {', '.join(held)}" if held else ""),
-                          name)
-            self.state = "down"
-        elif self.state == "down" and t >= self.plan.kill_at + self.plan.down_seconds:
-            for name in self.victims:
-                self.stack.bring_back(name)
-                self.note(t, "started again", name)
-            self.state = "coming back"
-        elif self.state == "coming back":
-            for name in sorted(self.down):
-                if self.stack.launcher.up(name):
-                    self.down.discard(name)
-                    self.note(t, "up again", name)
-            if not self.down:
-                self.state = "after"
-        return set(self.down)
-
-
 def _interrupted(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
@@ -367,6 +265,8 @@ def main(argv: list[str] | None = None) -> int:
     report.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
     signal.signal(signal.SIGTERM, _interrupted)  # so the with-block below stops what it started
+    from loadtests.multinode import order_histories, print_multi, proxy_retries, start_multi, takeovers, wait_answers
+
     layout: dict[str, Any] = {}
     chaos: Chaos | None = None
     try:
@@ -375,9 +275,8 @@ def main(argv: list[str] | None = None) -> int:
                 layout = start_multi(stack, profile.multi, overrides)
                 overrides = layout.pop("overrides")
                 stack.wait_ready()
-                _wait_answers(f"{layout['front']}/readyz")
-                victims = tuple(v for v in profile.multi.victims if layout["proxied"] or v != "web-1")
-                chaos = Chaos(stack, profile.multi, victims)
+                wait_answers(f"{layout['front']}/readyz")
+                chaos = Chaos(stack, profile.multi, profile.multi.victims)
             else:
                 stack.start_procfile(overrides=overrides)
                 stack.wait_ready()
@@ -414,130 +313,12 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     _print_endpoints(load)
     if chaos is not None:
-        _print_multi(multi)
+        print_multi(multi)
     print(f"orders by status after the drain: {json.dumps(invariants.orders_by_status, sort_keys=True)}")
     print(result.render())
     print(f"report: {report} (locust-report.html, locust_stats.csv, gate.json, logs/); "
           f"drill took {time.monotonic() - started:.0f} s")
     return 0 if result.passed else 1
-
-
-def _wait_answers(url: str, timeout: float = 30.0) -> None:
-    import requests
-
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            if requests.get(url, timeout=2).status_code == 200:
-                return
-        except requests.RequestException:
-            pass
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"{url} does not answer 200 after {timeout:.0f} s")
-        time.sleep(0.2)
-
-
-# Orders whose stamping changed hands: a claim taken over after a lease ran out (the stamping node died
-# holding it), and orders stamped more than once (must be none: the commit is a CAS on one's own lease).
-TAKEOVERS_SQL = """
-SELECT (SELECT count(*) FROM order_events WHERE from_status = 'stamping' AND to_status = 'stamping') AS reclaims,
-       (SELECT count(*) FROM (SELECT order_id FROM order_events WHERE to_status = 'stamped'
-                              GROUP BY order_id HAVING count(*) > 1) d) AS stamped_twice,
-       (SELECT count(*) FROM orders WHERE status = 'stamped' AND stamp_attempts > 1) AS stamped_after_retry
-"""
-
-
-def takeovers(database_url: str) -> dict[str, int]:
-    import psycopg
-
-    with psycopg.connect(database_url, autocommit=True) as conn:
-        reclaims, twice, retried = conn.execute(TAKEOVERS_SQL).fetchone()
-    return {"reclaimed_after_lease_expiry": int(reclaims), "stamped_twice": int(twice),
-            "stamped_after_more_than_one_attempt": int(retried)}
-
-
-def order_histories(database_url: str, order_ids: list[str]) -> dict[str, list[str]]:
-    """Each order's events (``from → to (worker) at``): what became of the orders a killed node held."""
-    import psycopg
-
-    if not order_ids:
-        return {}
-    with psycopg.connect(database_url, autocommit=True) as conn:
-        rows = conn.execute(
-            "SELECT order_id::text, coalesce(from_status, '') || ' → ' || to_status"
-            " || coalesce(' (' || (detail->>'worker') || ')', '') || ' at ' || to_char(at, 'HH24:MI:SS.MS')"
-            " FROM order_events WHERE order_id = ANY(%s::uuid[]) ORDER BY order_id, id", (order_ids,)).fetchall()
-    histories: dict[str, list[str]] = {order: [] for order in order_ids}
-    for order, line in rows:
-        histories[order].append(line)
-    return histories
-
-
-def proxy_retries(stack: Any) -> dict[str, Any]:
-    """What the proxy hid from the buyers: requests it sent to a second web node after the first failed
-    (its access log lists every upstream tried, comma-separated), by the first upstream's status."""
-    proxy = getattr(stack, "proxy", None)
-    log = getattr(proxy, "access_log", None) if proxy is not None else None
-    if log is None:
-        candidates = sorted((stack.workdir / "nginx").rglob("access*.log")) if proxy is not None else []
-        log = candidates[0] if candidates else None
-    if log is None or not Path(log).exists():
-        return {"access_log": None, "retried": None}
-    retried, by_status, answered_5xx = 0, {}, 0
-    for line in Path(log).read_text(errors="replace").splitlines():
-        fields = _upstream_fields(line)
-        if fields is None:
-            continue
-        statuses, final = fields
-        if final >= 500:
-            answered_5xx += 1
-        if len(statuses) > 1:
-            retried += 1
-            by_status[statuses[0]] = by_status.get(statuses[0], 0) + 1
-    return {"access_log": str(log), "retried": retried, "first_upstream_status": by_status,
-            "answered_5xx": answered_5xx}
-
-
-def _upstream_fields(line: str) -> tuple[list[str], int] | None:
-    """(each upstream's status, the status the client got) from an access-log line that carries
-    ``upstream_status=…`` (nginx writes ``502, 202`` when it tried two) and ``status=…``; JSON lines too."""
-    import re
-
-    if line.lstrip().startswith("{"):
-        try:
-            record = json.loads(line)
-        except ValueError:
-            return None
-        upstream, status = str(record.get("upstream_status", "")), record.get("status")
-    else:
-        up = re.search(r"upstream_status=\"?([^\"]*?)\"?(?:\s+\w+=|$)", line)
-        st = re.search(r"(?:^|\s)status=\"?(\d{3})", line)
-        if up is None or st is None:
-            return None
-        upstream, status = up.group(1), st.group(1)
-    statuses = [part.strip() for part in re.split(r"[,:]", upstream) if part.strip()]
-    try:
-        return statuses, int(status)
-    except (TypeError, ValueError):
-        return None
-
-
-def _print_multi(multi: dict[str, Any]) -> None:
-    print(f"nodes: {', '.join(multi['nodes'])}; documents in the {multi['store']} store; "
-          f"front: {'nginx' if multi['proxied'] else 'web-1 directly (no proxy module yet)'} at {multi['front']}")
-    for event in multi["timeline"]:
-        print(f"  t={event['t']:6.1f}s ({event['at']})  {event['event']}: {event['node']}")
-    proxy = multi["proxy"]
-    if proxy.get("retried") is not None:
-        print(f"proxy: {proxy['retried']} requests carried over to another web node after the first failed "
-              f"(first upstream answered {json.dumps(proxy['first_upstream_status'])}), "
-              f"{proxy['answered_5xx']} answered 5xx to the client")
-    t = multi["takeovers"]
-    print(f"stamping: {t['reclaimed_after_lease_expiry']} claims taken over after a lease ran out, "
-          f"{t['stamped_after_more_than_one_attempt']} orders stamped on a later attempt, "
-          f"{t['stamped_twice']} stamped twice")
-    for order, events in multi["killed_mid_stamp"].items():
-        print(f"order {order}, held by the killed stamping node: " + "; ".join(events[-3:]))
 
 
 def _print_endpoints(load: Any) -> None:

@@ -10,9 +10,8 @@ Benchmarks can also start processes of their own (a baseline app under the same 
 Many nodes on one machine (the multi-node drill, the scaling benchmark): :meth:`Stack.start_node`
 starts a copy of a Procfile group as a node of its own, with its own ``DATA_DIR`` under
 ``<workdir>/nodes/<name>`` and nothing shared with the other nodes but what every node of a real
-deployment shares: PostgreSQL, Redis, the document store (a private SeaweedFS over S3 when
-:func:`shared.devtools.services.start_seaweedfs` exists, else a folder outside every node's data) and
-the signing key and certificates, made once up front into ``<workdir>/shared/pki`` and handed to every
+deployment shares: PostgreSQL, Redis, the document store (a private SeaweedFS over S3,
+:meth:`Stack.open_document_store`) and the signing key and certificates, made once up front into ``<workdir>/shared/pki`` and handed to every
 node by path (``SIGNING_*_PATH``). :meth:`Stack.start_proxy` puts the private nginx in front of the web
 nodes (:mod:`shared.devtools.proxy`), and from then on :attr:`Stack.web_url` is the proxy's.
 
@@ -39,7 +38,9 @@ from psycopg import sql
 
 from shared.devtools.launcher import Launcher, Process
 from shared.devtools.procfile import ROOT, process_specs
-from shared.devtools.services import Configured, PostgresHandle, RedisHandle, ensure_postgres, free_port, start_private_redis
+from shared.devtools.proxy import start_nginx
+from shared.devtools.services import (Configured, RedisHandle, ensure_postgres, free_port, start_private_redis,
+                                      start_seaweedfs)
 
 REPORTS = ROOT / "reports"
 
@@ -223,22 +224,12 @@ class Stack:
                 "SIGNING_CA_CERT_PATH": str(folder / "ca-cert.pem")}
 
     def open_document_store(self) -> str:
-        """The document store every node uses: a private SeaweedFS (S3) when the services module has
-        one, else a folder outside every node's DATA_DIR (a stand-in for a shared filesystem). Returns
-        which: ``"s3"`` or ``"filesystem"``."""
-        from shared.devtools import services
-
-        start_seaweedfs = getattr(services, "start_seaweedfs", None)
-        if start_seaweedfs is not None:
-            handle = start_seaweedfs(self.workdir / "seaweedfs")
-            self._private.append(handle)
-            self.store_env, self.store_kind = dict(handle.env()), "s3"
-            say(f"document store: SeaweedFS S3 at {handle.endpoint_url}, bucket {handle.bucket}")
-        else:
-            folder = self.shared_dir / "documents"
-            folder.mkdir(parents=True, exist_ok=True)
-            self.store_env, self.store_kind = {"DOCUMENT_DIR": str(folder)}, "filesystem"
-            say(f"document store: a folder outside every node ({folder}); no SeaweedFS service yet")
+        """The document store every node uses: a private SeaweedFS over S3 (its settings go into every
+        node's environment). Returns the store's kind for reports."""
+        handle = start_seaweedfs(self.workdir / "seaweedfs")
+        self._private.append(handle)
+        self.store_env, self.store_kind = dict(handle.env()), "s3"
+        say(f"document store: SeaweedFS S3 at {handle.endpoint_url}, bucket {handle.bucket}")
         return self.store_kind
 
     def make_shared_pki(self, overrides: dict[str, str] | None = None) -> None:
@@ -263,8 +254,6 @@ class Stack:
         """The private nginx in front of the web nodes, on the stack's web port (so PUBLIC_BASE_URL and
         the gateway's NOTIFICATION_URL already name it). ``trust_forwarded_from``: the address of a front
         proxy whose X-Forwarded-For nginx believes (a drill's buyers pose as one). Returns its URL."""
-        from shared.devtools.proxy import start_nginx
-
         self.proxy = start_nginx(self.workdir / "nginx", [f"127.0.0.1:{p}" for p in web_ports], port=self.web_port,
                                  trust_forwarded_from=trust_forwarded_from)
         self._private.append(self.proxy)

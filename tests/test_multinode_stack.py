@@ -1,8 +1,8 @@
 """The multi-node drill's and the scaling benchmark's layout, checked without running them (each is minutes
 long: ``python -m loadtests.drill --profile multi``, ``python -m loadtests.bench.scaling``).
 
-Every node gets a data folder of its own and nothing else of its own: the signing files and the
-documents are outside every node's folder, the secret is the same; the scaling benchmark's stamping
+Every node gets a data folder of its own and nothing else of its own: the signing files are outside
+every node's folder, the store's settings and the secret are the same for all; the scaling benchmark's stamping
 node is the Procfile's, with its slots and core changed only; the drill reads the proxy's retries from
 the access-log line the shipped nginx configuration writes.
 """
@@ -12,14 +12,14 @@ import json
 import re
 from pathlib import Path
 
-from loadtests import drill
+from loadtests import drill, multinode
 from loadtests.bench.scaling import stamping_command
 from loadtests.stack import Stack, procfile_commands
 
 
-def test_each_node_has_its_own_data_folder_and_shares_only_key_material_and_documents(tmp_path: Path):
+def test_each_node_has_its_own_data_folder_and_shares_only_key_material_and_the_store(tmp_path: Path):
     stack = Stack(tmp_path)
-    stack.store_env = {"DOCUMENT_DIR": str(stack.shared_dir / "documents")}
+    stack.store_env = {"DOCUMENT_STORE_URL": "s3://meterai/documents", "S3_ENDPOINT_URL": "http://127.0.0.1:1"}
     names = ["web-1", "web-2", "stamping-1", "stamping-2", "checkout", "beat"]
     envs = {name: stack.node_env(name) for name in names}
 
@@ -28,14 +28,14 @@ def test_each_node_has_its_own_data_folder_and_shares_only_key_material_and_docu
     assert all(folder.is_dir() for folder in folders)
     for folder in folders:
         assert not any(other != folder and other.is_relative_to(folder) for other in folders)
-    shared = [Path(envs["web-1"][k]) for k in ("SIGNING_KEY_PATH", "SIGNING_CERT_PATH", "SIGNING_CA_CERT_PATH",
-                                                "DOCUMENT_DIR")]
-    for path in shared:
+    key_material = ("SIGNING_KEY_PATH", "SIGNING_CERT_PATH", "SIGNING_CA_CERT_PATH")
+    for key in key_material:
+        path = Path(envs["web-1"][key])
         assert not any(path.is_relative_to(folder) for folder in folders), f"{path} is inside a node's DATA_DIR"
-    for key in ("SIGNING_KEY_PATH", "SIGNING_CERT_PATH", "SIGNING_CA_CERT_PATH", "DOCUMENT_DIR"):
+    for key in key_material + ("DOCUMENT_STORE_URL", "S3_ENDPOINT_URL"):
         assert len({env[key] for env in envs.values()}) == 1, f"{key} differs between nodes"
     # The secret and the service URLs are the launcher's, one environment for every node.
-    assert not any("SECRET_KEY" in env or "DATABASE_URL" in env for env in envs.values())
+    assert not any("SECRET_KEY" in env or "DATABASE_URL" in env or "DOCUMENT_DIR" in env for env in envs.values())
 
 
 def test_a_node_keeps_the_callers_settings_but_never_its_own_data_folder_choice(tmp_path: Path):
@@ -67,7 +67,7 @@ def test_the_proxys_retries_are_read_from_the_shipped_access_log_format(tmp_path
     stack = Stack(tmp_path)
     stack.proxy = type("Proxy", (), {"access_log": log})()
 
-    seen = drill.proxy_retries(stack)
+    seen = multinode.proxy_retries(stack)
 
     assert seen["retried"] == 2 and seen["first_upstream_status"] == {"502": 2}
     assert seen["answered_5xx"] == 1
