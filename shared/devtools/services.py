@@ -505,7 +505,9 @@ class SeaweedHandle:
             f"-admin.port={p['admin']}", f"-admin.port.grpc={p['admin_grpc']}", "-admin.ui=false",
             "-webdav=false", "-s3.port.iceberg=0", "-s3.port.lance=0", "-master.telemetry=false",
             f"-s3.config={self._write_identity()}", "-s3.autoCreateBucket=false", f"-bucket={self.bucket}",
-            "-master.volumeSizeLimitMB=64", "-volume.max=8",
+            # 64 MB volumes keep an idle instance small; up to 64 of them (4 GB) holds a long drill's documents
+            # (volumes are created as they are needed).
+            "-master.volumeSizeLimitMB=64", "-volume.max=64",
         ]
 
     def start(self, timeout: float = 60.0) -> None:
