@@ -212,6 +212,38 @@ return -1
 """
 
 
+# Spending the admission of ticket ARGV[1] for the create identified by ARGV[2] (a digest of the buyer's
+# e-mail and Idempotency-Key), the record kept ARGV[3] seconds: 1 spent (or already spent by this same
+# create: a proxy or client retry of it must not lose the buyer the place they waited for), 0 spent by
+# another create. ``holders`` counts the requests of that create in flight, so only the last one to fail
+# gives the admission back. KEYS: spent (bitmap, this epoch), spender (hash, this ticket).
+_SPEND = """
+local by = redis.call('HGET', KEYS[2], 'by')
+if by then
+  if by ~= ARGV[2] then return 0 end
+  redis.call('HINCRBY', KEYS[2], 'holders', 1)
+  redis.call('EXPIRE', KEYS[2], tonumber(ARGV[3]))
+  return 1
+end
+if redis.call('GETBIT', KEYS[1], ARGV[1]) == 1 then return 0 end
+redis.call('SETBIT', KEYS[1], ARGV[1], 1)
+redis.call('EXPIRE', KEYS[1], tonumber(ARGV[3]))
+redis.call('HSET', KEYS[2], 'by', ARGV[2], 'holders', 1)
+redis.call('EXPIRE', KEYS[2], tonumber(ARGV[3]))
+return 1
+"""
+
+# A create that spent ticket ARGV[1]'s admission (as ARGV[2], see _SPEND) failed before making an order:
+# one holder fewer; the last one gives the admission back. Another create's spend is never undone.
+_UNSPEND = """
+if redis.call('HGET', KEYS[2], 'by') ~= ARGV[2] then return 0 end
+if redis.call('HINCRBY', KEYS[2], 'holders', -1) > 0 then return 0 end
+redis.call('DEL', KEYS[2])
+redis.call('SETBIT', KEYS[1], ARGV[1], 0)
+return 1
+"""
+
+
 def _b64(data: bytes) -> str:
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
 
@@ -247,6 +279,12 @@ class Signer:
         return claims if isinstance(claims, dict) else None
 
 
+def _spender(buyer: str, idempotency_key: str) -> str:
+    """Which create spent an admission, as the order's Idempotency-Key scope (e-mail and key) names it;
+    a digest, so Redis holds no e-mail address."""
+    return hashlib.sha256(f"{buyer}\n{idempotency_key}".encode()).hexdigest()[:32]
+
+
 class AdmissionController:
     # A queue poll may answer from what this process learnt of the line this recently instead of asking
     # Redis again. Thousands of buyers poll every few seconds at the peak; with this, each web process
@@ -269,10 +307,13 @@ class AdmissionController:
         self._client_prefix = f"{p}client:"
         self._address_prefix = f"{p}address:"
         self._spent_prefix = f"{p}spent:"
+        self._spender_prefix = f"{p}spender:"
         self._stats_prefix = f"{settings.redis_key_prefix}stats:stamped:"
         self._script = client.register_script(_ADVANCE)
         self._collect = client.register_script(_COLLECT)
         self._release = client.register_script(_RELEASE)
+        self._spend = client.register_script(_SPEND)
+        self._unspend = client.register_script(_UNSPEND)
         self._line: _Line | None = None
         self._outflow: tuple[float, int] | None = None
         self._seen: set[int] = set()
@@ -371,23 +412,24 @@ class AdmissionController:
             raise SalesPaused("Ticket sales are paused; please come back later.")
         return claims
 
-    def spend_token(self, claims: dict) -> None:
+    def spend_token(self, claims: dict, buyer: str, idempotency_key: str) -> None:
         """Single use, for the ticket's whole life: the first create to spend a ticket's admission wins;
-        any other (another token polled for the same ticket, the same token again) is refused. Spent
-        tickets are bits of one bitmap per epoch, kept as long as a ticket can live."""
-        key = self._spent_key(claims["e"])
-        pipe = self.redis.pipeline()
-        pipe.setbit(key, int(claims["n"]), 1)
-        pipe.expire(key, self.settings.ticket_seconds + self.settings.admission_token_seconds + 60)
-        previous, _ = self._call(pipe.execute)
-        if previous:
+        any other (another token polled for the same ticket, the same token again) is refused. The same
+        create again (same ``buyer`` e-mail and ``idempotency_key``: nginx retrying a POST on another node
+        after the first timed out, a client retrying a lost answer) spends it successfully again: its
+        Idempotency-Key then finds or makes the one order. Spent tickets are bits of one bitmap per
+        epoch, each with a record of the create that spent it, kept as long as a ticket can live."""
+        spent = self._call(self._spend, keys=self._spend_keys(claims),
+                           args=[int(claims["n"]), _spender(buyer, idempotency_key), self._spent_ttl()])
+        if not spent:
             raise InvalidAdmission("This admission token was already used.", code="admission_used")
 
-    def unspend_token(self, claims: dict) -> None:
+    def unspend_token(self, claims: dict, buyer: str, idempotency_key: str) -> None:
         """The create that spent this admission failed before making an order: the buyer may retry with
-        the same token. Best effort (a Redis that fails now just means queueing again)."""
+        the same token (once no other request of the same create still holds it). Best effort (a Redis
+        that fails now just means queueing again)."""
         try:
-            self.redis.setbit(self._spent_key(claims["e"]), int(claims["n"]), 0)
+            self._unspend(keys=self._spend_keys(claims), args=[int(claims["n"]), _spender(buyer, idempotency_key)])
         except redis.RedisError:
             pass
 
@@ -402,6 +444,12 @@ class AdmissionController:
     # -- internals --------------------------------------------------------------------------------
     def _spent_key(self, epoch: object) -> str:
         return f"{self._spent_prefix}{epoch}"
+
+    def _spend_keys(self, claims: dict) -> list[str]:
+        return [self._spent_key(claims["e"]), f"{self._spender_prefix}{claims['e']}:{int(claims['n'])}"]
+
+    def _spent_ttl(self) -> int:
+        return self.settings.ticket_seconds + self.settings.admission_token_seconds + 60
 
     def _recent_line(self, epoch: str | None) -> _Line:
         """The line as this process saw it within ``LINE_MAX_AGE_SECONDS``, else freshly advanced.

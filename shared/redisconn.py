@@ -6,7 +6,9 @@ default retry (three attempts with up to 10 s of backoff), could hold a buyer's 
 every client gets a bounded blocking pool (a storm waits a bounded time for a connection, then fails
 like an outage), socket timeouts, TCP keepalive and ``health_check_interval`` (an idle connection is
 PINGed before use, so one the server or a NAT dropped is noticed before a command is lost on it), and at
-most ``retries`` immediate retries on a connection error.
+most ``retries`` immediate retries on a connection error, never on a timeout: a command whose reply timed
+out may well have run (the server was slow, not gone), and running a write twice (a ticket's INCR, a
+token's spend, a rate-limit count) is worse than one quick "come back".
 
 A URL names where Redis is (``REDIS_URL`` for our own clients, ``BROKER_URL`` for Celery):
 
@@ -44,6 +46,9 @@ SCHEMES = ("redis", "rediss", SENTINEL_SCHEME)
 # An idle connection older than this is PINGed before it is used again (seconds).
 HEALTH_CHECK_INTERVAL_SECONDS = 15
 _MASTER_NAME = re.compile(r"[A-Za-z0-9._-]+")
+# What a client retries: a connection refused, reset or closed (a READONLY answer through Sentinel too,
+# which redis-py turns into one), never a TimeoutError (not a ConnectionError in redis-py).
+RETRIED_ERRORS: tuple[type[Exception], ...] = (redis.ConnectionError,)
 
 
 @dataclass(frozen=True)
@@ -127,12 +132,14 @@ def redis_client(url: str, *, timeout: float, max_connections: int = 64, retries
                  sentinel_password: str = "", name: str = "REDIS_URL") -> redis.Redis:
     """A client for ``url`` (a plain server or through Sentinel): every wait bounded by ``timeout``
     seconds (connect, each reply, a free connection from the pool), ``retries`` immediate retries on a
-    connection error or timeout (0: none, for callers that have a fallback of their own)."""
+    connection error (0: none, for callers that have a fallback of their own). A timeout is never
+    retried, for reads and writes alike: redis-py's retry can't tell them apart, and a write that timed
+    out may have happened."""
     location = parse_redis_url(url, name)
     common = dict(
         socket_timeout=timeout, socket_connect_timeout=timeout, socket_keepalive=True,
         health_check_interval=HEALTH_CHECK_INTERVAL_SECONDS,
-        retry=Retry(NoBackoff(), retries) if retries else None,
+        retry=Retry(NoBackoff(), retries, supported_errors=RETRIED_ERRORS) if retries else None,
     )
     if location.kind == "redis":
         pool = BlockingConnectionPool.from_url(location.url, max_connections=max_connections, timeout=timeout,

@@ -7,21 +7,29 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import socket
+import threading
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
+from urllib.parse import urlsplit
 
 import pytest
 import redis
 import requests
 
+from shared import admission
+from shared.config import Settings
 from shared.devtools.services import free_port, port_accepts
+from shared.redisconn import redis_client
 from tests.conftest import ServerThread, make_pdf, wait_until
 
 
 class Base(str):
-    """A throttled app's base URL, knowing its Redis key prefix."""
+    """A throttled app's base URL, knowing its Redis key prefix and its settings."""
 
     prefix: str
+    settings: Settings
 
 
 @pytest.fixture
@@ -43,6 +51,7 @@ def throttled(sys_):
         make_celery_app(sys_.settings)  # its tasks go to the shared system's workers
         base = Base(f"http://127.0.0.1:{port}")
         base.prefix = prefix
+        base.settings = settings
         return base
 
     yield start
@@ -63,7 +72,7 @@ def new_client() -> str:
 
 
 def _create(base: str, key: str | None = None, admission: str | None = None, client: str | None = None,
-            browser: str | None = None, **fields: str) -> requests.Response:
+            browser: str | None = None, document: bytes | None = None, **fields: str) -> requests.Response:
     headers = {"Idempotency-Key": key or uuid.uuid4().hex, "X-Forwarded-For": client or new_client()}
     if browser:
         headers["Client-Id"] = browser
@@ -71,7 +80,7 @@ def _create(base: str, key: str | None = None, admission: str | None = None, cli
         headers["Admission-Token"] = admission
     return requests.post(f"{base}/api/v1/orders", headers=headers,
                          data={"page": "1", "x": "400", "y": "80", "email": "a@b.id", **fields},
-                         files={"document": ("a.pdf", make_pdf(pages=1), "application/pdf")}, timeout=10)
+                         files={"document": ("a.pdf", document or make_pdf(pages=1), "application/pdf")}, timeout=10)
 
 
 def _poll(base: str, ticket: str) -> requests.Response:
@@ -505,3 +514,137 @@ def test_buyers_behind_one_address_get_places_of_their_own_up_to_a_bound(throttl
     # A fourth browser at that address (or a script inventing ids) shares the newest place.
     assert _create(base, client=office, browser="browser-tab-x").json()["queue"]["ticket"] == tabs[2]["ticket"]
     assert _create(base).json()["queue"]["position"] == 4
+
+
+# --- a create retried by nginx or by our own Redis client (issue 12 review) -----------------------------
+
+def _admission_token(base: Base) -> str:
+    """An admission token from the line (the one free place taken first)."""
+    assert _create(base).status_code == 202
+    ticket = _create(base).json()["queue"]["ticket"]
+    return wait_until(lambda: _poll(base, ticket).json().get("admission_token"), message="an admission")
+
+
+def test_a_create_retried_on_another_node_keeps_the_admission_its_first_attempt_spent(sys_, throttled):
+    """nginx retries a POST on another node when the first times out (proxy_next_upstream ...
+    non_idempotent): the first node may already have spent the admission token and frozen before making
+    the order. The retry, same token and same Idempotency-Key, must still become the order."""
+    base = throttled(admission_per_minute=600, admission_burst=1)
+    token = _admission_token(base)
+    key = f"proxy-retry-{uuid.uuid4().hex}"
+    first_node = admission.AdmissionController(base.settings, _redis(sys_))  # spends, then freezes
+    first_node.spend_token(first_node.check_token(token), "a@b.id", key)
+
+    document = make_pdf(pages=1)
+    retried = _create(base, key=key, admission=token, document=document)  # the same request, on the other node
+    assert retried.status_code == 202, retried.text
+    order_id = retried.json()["order_id"]
+    again = _create(base, key=key, admission=token, document=document)
+    assert again.json()["order_id"] == order_id  # and again: the same order
+    other = _create(base, admission=token)  # another create can't use the spent admission
+    assert other.status_code == 409 and other.json()["error"]["code"] == "admission_used"
+    assert sys_.query("SELECT count(*) AS n FROM orders WHERE idempotency_key = %s", (key,))[0]["n"] == 1
+
+
+def test_two_attempts_of_one_create_at_once_both_get_the_one_order(sys_, throttled):
+    base = throttled(admission_per_minute=600, admission_burst=1)
+    token = _admission_token(base)
+    key = f"twice-{uuid.uuid4().hex}"
+    document = make_pdf(pages=1)
+    barrier = threading.Barrier(2)
+
+    def attempt(_: int) -> requests.Response:
+        barrier.wait()
+        return _create(base, key=key, admission=token, document=document)
+
+    with ThreadPoolExecutor(2) as pool:
+        answers = list(pool.map(attempt, range(2)))
+    # 202 for the one that made it; the other replays it (202 while it is still "created", 200 after).
+    assert {r.status_code for r in answers} <= {200, 202} and 202 in {r.status_code for r in answers}, \
+        [r.text for r in answers]
+    assert len({r.json()["order_id"] for r in answers}) == 1
+    assert sys_.query("SELECT count(*) AS n FROM orders WHERE idempotency_key = %s", (key,))[0]["n"] == 1
+    assert _create(base, admission=token).json()["error"]["code"] == "admission_used"
+
+
+class LateRedis:
+    """A TCP proxy in front of Redis that passes every request on but, on a connection that sent
+    ``marker``, drops every reply from then on: a Redis that did the work and answered too late."""
+
+    def __init__(self, port: int, marker: bytes) -> None:
+        self.port, self.marker, self.sent = port, marker, 0  # requests with the marker passed on
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.address = self.listener.getsockname()
+        self.sockets: list[socket.socket] = [self.listener]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                near, _ = self.listener.accept()
+            except OSError:
+                return
+            far = socket.create_connection(("127.0.0.1", self.port))
+            self.sockets += [near, far]
+            late = threading.Event()
+            threading.Thread(target=self._requests, args=(near, far, late), daemon=True).start()
+            threading.Thread(target=self._replies, args=(far, near, late), daemon=True).start()
+
+    def _requests(self, near: socket.socket, far: socket.socket, late: threading.Event) -> None:
+        try:
+            while data := near.recv(65536):
+                if self.marker in data:
+                    self.sent += 1
+                    late.set()
+                far.sendall(data)
+        except OSError:
+            pass
+
+    @staticmethod
+    def _replies(far: socket.socket, near: socket.socket, late: threading.Event) -> None:
+        try:
+            while data := far.recv(65536):
+                if not late.is_set():
+                    near.sendall(data)
+        except OSError:
+            pass
+
+    def close(self) -> None:
+        for sock in self.sockets:
+            sock.close()
+
+
+def test_a_write_whose_reply_times_out_is_not_sent_again(sys_):
+    """Our client retries a connection error, never a timeout: a write whose reply came too late has
+    run, and running it again would count a spend twice or take a second active-checkout slot."""
+    prefix = f"meterai-adm-{uuid.uuid4().hex[:8]}:"
+    settings = dataclasses.replace(sys_.settings, redis_key_prefix=prefix, admission_per_minute=600,
+                                   admission_burst=5)
+    location = urlsplit(sys_.settings.redis_url)
+    direct = _redis(sys_)
+    for script in (admission._SPEND, admission._ADVANCE):  # loaded, so the one call is the write itself
+        direct.script_load(script)
+    late = LateRedis(location.port or 6379, prefix.encode())
+    try:
+        # As the web builds its client (web/__init__.py): 0.5 s per reply, one retry.
+        client = redis_client(f"redis://127.0.0.1:{late.address[1]}{location.path or '/0'}", timeout=0.5,
+                              retries=1)
+        controller = admission.AdmissionController(settings, client)
+        claims = {"n": 7, "e": "an-epoch"}
+        with pytest.raises(admission.AdmissionUnavailable):
+            controller.spend_token(claims, "a@b.id", "key-1")
+        with pytest.raises(admission.AdmissionUnavailable):
+            controller.admit_or_queue("10.9.9.9")
+        assert late.sent == 2  # each write went to Redis once...
+        assert direct.hget(f"{prefix}adm:spender:an-epoch:7", "holders") == b"1"  # ...and ran once
+        assert direct.zcard(f"{prefix}adm:active") == 1
+        # The buyer's retry of the same create (same Idempotency-Key) still gets its admission.
+        healthy = admission.AdmissionController(settings, redis_client(sys_.settings.redis_url, timeout=0.5))
+        healthy.spend_token(claims, "a@b.id", "key-1")
+        with pytest.raises(admission.InvalidAdmission) as used:
+            healthy.spend_token(claims, "a@b.id", "key-2")
+        assert used.value.code == "admission_used"
+    finally:
+        late.close()
+        for key in direct.scan_iter(match=f"{prefix}*"):
+            direct.delete(key)

@@ -131,7 +131,7 @@ def create_order_endpoint():
         token = request.headers.get("Admission-Token", "").strip()
         if token:
             claims = admission().check_token(token)
-            admission().spend_token(claims)
+            admission().spend_token(claims, new.email, key)
         else:
             decision = admission().admit_or_queue(client_id(), _browser_id())
             if isinstance(decision, Queued):
@@ -141,7 +141,7 @@ def create_order_endpoint():
         result = create_order(settings(), store(), new, existing=existing)
     except BaseException:
         if claims is not None:
-            admission().unspend_token(claims)
+            admission().unspend_token(claims, new.email, key)
         if admitted is not None:
             admission().release(admitted)
         raise
