@@ -1,22 +1,30 @@
 """The document stores' promises, on the filesystem and on a real S3-compatible server (SeaweedFS).
 
-Round trips, an exclusive put that never replaces another document, integrity checked on every S3 read
-(an object changed behind the store's back is corrupt, not a document), keys limited to our own
-shapes, a store that is down answering StoreUnavailable within its timeouts, and what readiness sees.
-The settings that choose and bound the store are checked here too, and that a web process on the
-filesystem store never loads boto3.
+Round trips, an exclusive put that never replaces another document, integrity checked against the
+database's digest on both stores (a file changed behind the store's back is never stamped or served),
+keys limited to our own shapes, a store that is down answering StoreUnavailable within its timeouts
+(the web's within one short attempt), what readiness sees (a store we can't write is not ready), a server
+that ignores conditional writes refused, and a node pointed at the wrong store retrying instead of
+refunding. The settings that choose and bound the store are checked here too, and that a web process on
+the filesystem store never loads boto3.
 """
 from __future__ import annotations
 
+import hashlib
+import http.client
 import json
+import socket
+import threading
 import time
 import uuid
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 
 from shared.config import load_settings, production_problems
 from shared.devtools.services import free_port, start_seaweedfs
+from shared.services import housekeeping
 from shared.store import (DocumentCorrupt, DocumentExists, DocumentMissing, FilesystemStore, S3Store,
                           StoreMisconfigured, StoreUnavailable, stamped_key, store_from_settings, upload_key)
 from tests.conftest import BOTH_STORES, make_pdf, wait_until
@@ -70,6 +78,20 @@ def test_missing_document_is_missing_not_unavailable(any_store) -> None:
     with pytest.raises(DocumentMissing) as caught:
         any_store.get(upload_key(uuid.uuid4()))
     assert not isinstance(caught.value, DocumentCorrupt)
+    assert repr(any_store) in caught.value.message  # which store missed it: the node's, for the logs
+
+
+def test_bytes_that_are_not_the_recorded_ones_are_corrupt_on_both_stores(any_store, tmp_path) -> None:
+    """The caller passes the digest PostgreSQL recorded; a file rewritten behind the store's back (on S3
+    with a matching metadata digest, which the store's own check can't tell apart) is corrupt."""
+    key = stamped_key(uuid.uuid4(), 1)
+    document, other = make_pdf(text="the buyer's"), make_pdf(text="someone else's")
+    any_store.put(key, document, exclusive=True)
+    assert any_store.get(key, sha256=hashlib.sha256(document).hexdigest()) == document
+    _rewrite(any_store, key, other)
+    assert any_store.get(key) == other  # the store alone can't tell
+    with pytest.raises(DocumentCorrupt):
+        any_store.get(key, sha256=hashlib.sha256(document).hexdigest())
 
 
 def test_an_object_changed_behind_the_stores_back_is_corrupt(seaweedfs) -> None:
@@ -136,6 +158,129 @@ def test_a_server_that_accepts_and_never_answers_times_out_as_unavailable() -> N
         assert time.monotonic() - started < 30  # bounded by the timeouts, not hung
     finally:
         listener.close()
+
+
+def _hung_listener() -> tuple[socket.socket, list[int]]:
+    """A server that accepts connections and never answers; the list counts the connections."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(16)
+    accepted: list[int] = []
+
+    def accept() -> None:
+        held = []
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            held.append(conn)
+            accepted.append(1)
+
+    threading.Thread(target=accept, daemon=True).start()
+    return listener, accepted
+
+
+def test_the_webs_store_makes_one_short_attempt_inside_the_proxys_timeout() -> None:
+    """A web put must end (503) well before nginx's proxy_read_timeout (30 s) would resend the upload
+    to another node: the web's store tries once, with short timeouts; the workers' keep their retries."""
+    listener, accepted = _hung_listener()
+    try:
+        env = {"DOCUMENT_STORE_URL": "s3://meterai", "S3_ENDPOINT_URL": f"http://127.0.0.1:{listener.getsockname()[1]}",
+               "S3_ACCESS_KEY_ID": "k", "S3_SECRET_ACCESS_KEY": "s", "S3_READ_TIMEOUT": "20",
+               "S3_CONNECT_TIMEOUT": "5", "S3_MAX_ATTEMPTS": "3"}
+        web = store_from_settings(load_settings(env), web=True)
+        worker = store_from_settings(load_settings(env))
+        assert (web.max_attempts, worker.max_attempts) == (1, 3)
+        assert web.connect_timeout + web.read_timeout <= 5 < 30 and worker.read_timeout == 20
+        with pytest.raises(StoreUnavailable):
+            web.put(upload_key(uuid.uuid4()), b"%PDF-1.7 x")
+        assert len(accepted) == 1  # one attempt, not S3_MAX_ATTEMPTS
+    finally:
+        listener.close()
+
+
+class _FaultyProxy:
+    """A real SeaweedFS behind a proxy that changes its answers (requests pass unchanged, so their
+    signatures still verify): ``ignore_conditional`` turns a 412 into 200, as a server that ignores
+    If-None-Match would answer; ``read_only`` refuses every PUT with 403, as read-only credentials get."""
+
+    def __init__(self, target: str, *, ignore_conditional: bool = False, read_only: bool = False) -> None:
+        host, port = target.split("//", 1)[1].split(":")
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args) -> None:
+                pass
+
+            def _forward(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                if proxy.read_only and self.command == "PUT":
+                    return self._answer(403, b"<Error><Code>AccessDenied</Code></Error>")
+                upstream = http.client.HTTPConnection(host, int(port), timeout=10)
+                upstream.putrequest(self.command, self.path, skip_host=True, skip_accept_encoding=True)
+                for name, value in self.headers.items():
+                    upstream.putheader(name, value)
+                upstream.endheaders(body)
+                answer = upstream.getresponse()
+                data = answer.read()
+                if proxy.ignore_conditional and self.command == "PUT" and answer.status == 412:
+                    return self._answer(200, b"", {"ETag": '"ignored"'})
+                self._answer(answer.status, data, {k: v for k, v in answer.getheaders()
+                                                   if k.lower() not in ("content-length", "transfer-encoding",
+                                                                        "connection")})
+
+            def _answer(self, status: int, data: bytes, headers: dict | None = None) -> None:
+                self.send_response(status)
+                for name, value in (headers or {}).items():
+                    self.send_header(name, value)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(data)
+
+            do_GET = do_PUT = do_HEAD = do_DELETE = do_POST = _forward
+
+        self.ignore_conditional, self.read_only = ignore_conditional, read_only
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_a_server_that_ignores_conditional_writes_is_refused_before_any_stamp_is_put(seaweedfs) -> None:
+    proxy = _FaultyProxy(seaweedfs.endpoint_url, ignore_conditional=True)
+    try:
+        store = s3_store(seaweedfs, s3_endpoint_url=proxy.url)
+        key = stamped_key(uuid.uuid4(), 1)
+        with pytest.raises(StoreMisconfigured, match="S3_CONDITIONAL_WRITES=0"):
+            store.put(key, b"%PDF-1.7 stamp", exclusive=True)
+        with pytest.raises(DocumentMissing):
+            s3_store(seaweedfs).get(key)  # refused before the stamp was put
+        # Told not to rely on conditional writes, the store checks first and works.
+        fallback = s3_store(seaweedfs, s3_endpoint_url=proxy.url, s3_conditional_writes=0)
+        fallback.put(key, b"%PDF-1.7 stamp", exclusive=True)
+        with pytest.raises(DocumentExists):
+            fallback.put(key, b"%PDF-1.7 another", exclusive=True)
+    finally:
+        proxy.close()
+    honest = s3_store(seaweedfs)  # the real server refuses the second exclusive put: the probe passes
+    honest.put(stamped_key(uuid.uuid4(), 1), b"%PDF-1.7 ok", exclusive=True)
+
+
+def test_a_store_we_can_read_but_not_write_is_not_ready(seaweedfs) -> None:
+    proxy = _FaultyProxy(seaweedfs.endpoint_url, read_only=True)
+    try:
+        store = s3_store(seaweedfs, s3_endpoint_url=proxy.url)
+        store._client().head_bucket(Bucket=seaweedfs.bucket)  # reading works: a HEAD would say "ok"
+        assert not store.writable()
+        assert store.problem()
+    finally:
+        proxy.close()
+    assert s3_store(seaweedfs).writable()
 
 
 def test_refusals_are_configuration_errors_and_readiness_says_so(seaweedfs) -> None:
@@ -288,3 +433,101 @@ def test_a_stamped_file_lost_from_the_store_is_our_error_not_the_buyers(sys_) ->
     assert download.status_code == 500
     assert download.json()["error"]["code"] == "document_missing"
     assert sys_.order_row(order_id)["status"] == "stamped"
+
+
+def _rewrite(store, key: str, data: bytes) -> None:
+    """Change a document behind the store's back: on S3 with a matching metadata digest, as a rewrite
+    by someone who knows the format would."""
+    if isinstance(store, S3Store):
+        store._client().put_object(Bucket=store.bucket, Key=store.prefix + key, Body=data,
+                                   Metadata={"sha256": hashlib.sha256(data).hexdigest()})
+    else:
+        (store.root / key).write_bytes(data)
+
+
+@BOTH_STORES
+def test_a_stamped_file_changed_behind_the_stores_back_is_never_served(sys_) -> None:
+    order_id, token, view = sys_.order_awaiting_payment()
+    sys_.pay(view["payment"]["gateway_order_id"])
+    sys_.wait_status(order_id, token, "stamped")
+    _rewrite(sys_.store, sys_.order_row(order_id)["stamped_document_key"], make_pdf(text="forged"))
+
+    download = sys_.http.get(f"{sys_.web_url}/api/v1/orders/{order_id}/document",
+                             headers={"Authorization": f"Bearer {token}"}, timeout=10)
+
+    assert download.status_code == 500 and download.json()["error"]["code"] == "document_corrupt"
+    assert b"forged" not in download.content
+    assert sys_.order_row(order_id)["status"] == "stamped"
+
+
+@BOTH_STORES
+def test_an_upload_changed_behind_the_stores_back_is_never_stamped(sys_) -> None:
+    """The bytes under the upload's key are not the buyer's: no stamp is made from them; the order is
+    refunded in full at once (invariant 1), with a reason naming our error, and its serial voided."""
+    order_id, token, view = sys_.order_awaiting_payment()
+    _rewrite(sys_.store, sys_.order_row(order_id)["document_key"], make_pdf(text="not the buyer's"))
+    sys_.pay(view["payment"]["gateway_order_id"])
+    sys_.wait_status(order_id, token, "refund_pending", "refunded")
+    row = sys_.order_row(order_id)
+    assert row["reason_code"] == "document_corrupt" and "kesalahan kami" in row["reason_message"]
+    assert row["stamped_document_key"] is None and sys_.stored_keys(f"stamped/{order_id}") == []
+    assert sys_.query("SELECT count(*) AS n FROM serials WHERE order_id = %s AND status <> 'voided'",
+                      (order_id,))[0]["n"] == 0
+
+
+@BOTH_STORES
+def test_a_stamping_node_pointed_at_an_empty_store_retries_and_never_refunds(sys_, tmp_path) -> None:
+    """Uploads are durable before the 202, so a node that can't find one has the wrong store: it says so
+    at ERROR on every attempt and retries; nothing is refunded. Pointed right, it stamps the order."""
+    wrong = (f"file://{tmp_path / 'empty-store'}" if sys_.seaweed is None
+             else f"s3://{sys_.seaweed.bucket}/not-this-deployment/")
+    sys_.stop("stamping")
+    try:
+        sys_.launcher.start("stamping", name="stamping-wrong-store", env={"DOCUMENT_STORE_URL": wrong})
+        sys_.launcher.wait_ready(["stamping-wrong-store"], timeout=90)
+        order_id, token, view = sys_.order_awaiting_payment()
+        sys_.pay(view["payment"]["gateway_order_id"])
+
+        def missed() -> list:
+            return [e for e in sys_.events(order_id)
+                    if "DocumentMissing" in str((e.get("detail") or {}).get("error", ""))]
+
+        wait_until(lambda: len(missed()) >= 3, timeout=60, message="the node to miss the upload three times")
+        assert sys_.order_row(order_id)["status"] in ("paid", "stamping")
+        assert sys_.query("SELECT count(*) AS n FROM refunds")[0]["n"] == 0
+        output = sys_.process("stamping-wrong-store").output()
+        assert b"upload_missing_from_store" in output
+        assert (b"empty-store" if sys_.seaweed is None else b"not-this-deployment") in output
+    finally:
+        sys_.launcher.stop("stamping-wrong-store")
+    # Stopped mid-attempt, the node may leave its lease behind: let it run out now instead of after
+    # LEASE_SECONDS, as it would on its own.
+    with sys_.db() as conn:
+        conn.execute("UPDATE orders SET lease_expires_at = now() - interval '1 second'"
+                     " WHERE id = %s AND status = 'stamping'", (order_id,))
+    sys_.start("stamping")
+    housekeeping.redrive(sys_.settings)  # the retries' message went with the stopped worker, or not
+    sys_.wait_status(order_id, token, "stamped", timeout=60)
+    assert sys_.query("SELECT count(*) AS n FROM refunds")[0]["n"] == 0
+
+
+def test_a_misconfigured_store_shows_buyers_only_that_it_is_unavailable(sys_, seaweedfs) -> None:
+    """The detail (bucket, key, "check the credentials") is for the logs; the buyer reads a 503
+    store_unavailable with Retry-After."""
+    port = free_port()
+    sys_.launcher.start("web", name="web-wrong-bucket", port=port,
+                        env={**seaweedfs.env(), "DOCUMENT_STORE_URL": "s3://no-such-bucket-here"})
+    try:
+        wait_until(lambda: _ready(sys_, port), timeout=60, message="web copy answering")
+        refused = sys_.http.post(f"http://127.0.0.1:{port}/api/v1/orders",
+                                 headers={"Idempotency-Key": uuid.uuid4().hex},
+                                 data={"page": "1", "x": "400", "y": "80", "email": "wrong@example.id"},
+                                 files={"document": ("surat.pdf", make_pdf(), "application/pdf")}, timeout=30)
+        assert refused.status_code == 503, refused.text
+        error = refused.json()["error"]
+        assert error["code"] == "store_unavailable" and int(refused.headers["Retry-After"]) > 0
+        for detail in ("bucket", "uploads/", "credential", "S3"):
+            assert detail not in error["message"]
+        assert b"no-such-bucket-here" in sys_.process("web-wrong-bucket").output()
+    finally:
+        sys_.launcher.stop("web-wrong-bucket")

@@ -197,11 +197,14 @@ def get_order_status(order_id: str):
 
 @bp.get("/orders/<order_id>/document")
 def download_document(order_id: str):
+    """The stamped file, only if its bytes are the ones the stamper recorded (``stamped_sha256``): a file
+    changed or lost behind the store's back is a 500 (``document_corrupt``/``document_missing``, logged
+    at ERROR by the store), nothing served, and the order stays stamped."""
     order = _authorised_order(order_id)
     if order["status"] != Status.STAMPED:
         raise DomainError(f"The document is not stamped yet (status: {order['status']}).",
                           code="not_stamped")
-    data = store().get(order["stamped_document_key"])
+    data = store().get(order["stamped_document_key"], sha256=order["stamped_sha256"])
     return Response(
         data, mimetype="application/pdf",
         headers={"Content-Disposition": f'attachment; filename="meterai-{order["serial"]}.pdf"',

@@ -2,6 +2,10 @@
 the status, chosen here from the failure's machine code (:data:`STATUS_BY_CODE`), never carried by the
 core's exceptions. A code not listed gets its kind's status: 503 for a transient failure (come back), 422
 for a permanent one (the input can't be served), 400 otherwise.
+
+Some failures are ours and their detail (an object key, "check the bucket, the credentials") is for
+operators: :data:`PUBLIC_FAILURES` gives the code and message a client sees instead, and the detail goes
+to the log at ERROR.
 """
 from __future__ import annotations
 
@@ -37,9 +41,19 @@ STATUS_BY_CODE: dict[str, int] = {
     "ticket_expired": 410, "ticket_used": 410, "ticket_abandoned": 410,
     "sales_paused": 503, "admission_unavailable": 503,
     # dependencies
-    "store_unavailable": 503, "verification_busy": 503,
+    "store_unavailable": 503, "store_misconfigured": 503, "verification_busy": 503,
     # our loss, not the buyer's input: a stamped file gone from the store, or not what was written
     "document_missing": 500, "document_corrupt": 500,
+}
+# Failures whose own message is for operators: what clients read instead (code, message).
+_STORE_DOWN = ("store_unavailable", "Document storage is briefly unavailable; please retry shortly.")
+PUBLIC_FAILURES: dict[str, tuple[str, str]] = {
+    "store_unavailable": _STORE_DOWN,
+    "store_misconfigured": _STORE_DOWN,
+    "document_missing": ("document_missing", "The stamped document cannot be read from our storage right "
+                                             "now. This is our error; please try again later."),
+    "document_corrupt": ("document_corrupt", "The stored document failed its integrity check and was not "
+                                             "served. This is our error; please contact support."),
 }
 # Statuses whose answer tells the client when to come back.
 _COME_BACK = frozenset({429, 503})
@@ -69,7 +83,11 @@ def register(app: Flask) -> None:
     @app.errorhandler(DomainError)
     def domain_error(exc: DomainError):
         status = status_for(exc)
-        response = error_response(exc.code, exc.message, status, retry_after=5 if status in _COME_BACK else None)
+        code, message = exc.code, exc.message
+        if code in PUBLIC_FAILURES:
+            log_event(log, "dependency_failure", logging.ERROR, code=code, detail=message)
+            code, message = PUBLIC_FAILURES[code]
+        response = error_response(code, message, status, retry_after=5 if status in _COME_BACK else None)
         response.headers.update(getattr(exc, "headers", {}))
         return response
 

@@ -8,7 +8,12 @@ forever, and never a web thread. A document that can't be stamped is rejected be
 A checkout that can't open a payment (the gateway stays down past every retry) ends: the order goes
 ``created → expired`` with a reason the buyer can read (:func:`give_up`), and so does any order still
 ``created`` after ``CHECKOUT_DEADLINE_SECONDS`` (:func:`shared.services.reconcile.expire_stalled_checkouts`, run by the expiry scan),
-so a lost message can't leave a buyer's page saying "being checked" for ever. A gateway transaction
+so a lost message can't leave a buyer's page saying "being checked" for ever.
+
+The upload is read against the SHA-256 recorded at acceptance. Missing is transient (it was durable
+before the 202, so this node's store is wrong; logged at ERROR and retried, then expired by the retry
+bound like any checkout that can't proceed), never "the buyer sent nothing". Bytes that differ from the
+record are not the buyer's: the order is rejected with nothing charged, named as our error. A gateway transaction
 opened for such an order meanwhile is cancelled when possible; either way it stays under the watch of
 every transaction (:mod:`shared.services.reconcile`), so a payment that slipped in is refunded.
 """
@@ -26,7 +31,7 @@ from shared.payments.gateway import GatewayRejected, PaymentGateway
 from shared.services.reconcile import expire_checkout
 from shared.stamping import DocumentRejected
 from shared.stamping.isolation import preflight_isolated
-from shared.store import DocumentMissing, DocumentStore
+from shared.store import DocumentCorrupt, DocumentMissing, DocumentStore
 
 log = logging.getLogger(__name__)
 
@@ -89,10 +94,17 @@ def prepare_order(settings: Settings, store: DocumentStore, gateway: PaymentGate
         return "skipped"
     if opened is None:
         try:
-            data = store.get(order["document_key"])
+            data = store.get(order["document_key"], sha256=order["document_sha256"])
         except DocumentMissing:
-            _reject(settings, order_id, "document_missing",
-                    "Dokumen tidak ditemukan di penyimpanan kami. Silakan unggah ulang.")
+            log_event(log, "upload_missing_from_store", logging.ERROR, order_id=order_id, store=repr(store),
+                      key=order["document_key"],
+                      detail="accepted uploads are durable before the 202: this node's store is not the one "
+                             "it was put in (DOCUMENT_STORE_URL, bucket, prefix) or it lags; retrying")
+            raise
+        except DocumentCorrupt:
+            _reject(settings, order_id, "document_corrupt",
+                    "Dokumen Anda di penyimpanan kami rusak. Ini kesalahan kami; Anda tidak dikenai biaya. "
+                    "Silakan unggah ulang.")
             return "rejected"
         try:
             preflight_isolated(data, page=order["page"], x=order["x"], y=order["y"],

@@ -4,7 +4,16 @@ The claim is a compare-and-set ``paid → stamping`` that writes a lease (worker
 reserves the serial in the same transaction; a retry of the same order re-uses that serial. The result
 commits by ``stamping → stamped`` guarded by "the lease is still mine", so a worker that lost its lease
 (it was too slow, the sweep refunded the order) can never stamp a refunded order. Transient failures
-release the lease and are retried; a permanent one (unreadable document) refunds at once. The stored
+release the lease and are retried; a permanent one (unreadable document) refunds at once.
+
+The upload is read against the SHA-256 PostgreSQL recorded when it was accepted. A missing upload is
+transient (:class:`~shared.store.DocumentMissing`): it was durable before the 202, so the miss says this
+node's store is wrong (no ``DOCUMENT_STORE_URL``, a wrong bucket or prefix, a lagging server), and a
+node so misconfigured must not refund every paid order it claims. It is logged at ERROR with the store's
+identity on every attempt and retried like any transient failure; the deadline sweep refunds an order
+that never finds it. Bytes that differ from the record (:class:`~shared.store.DocumentCorrupt`) are not
+the buyer's document: they are never stamped, and since reading again returns the same bytes, the order
+is refunded at once (invariant 1 leaves no other outcome) with a reason that names our error. The stored
 document is stamped, then signed (:mod:`shared.stamping.signing`), and its recorded SHA-256 is that of
 the signed file, which is what verification compares. Stamp and signature are one incremental update
 made in one pass (:func:`shared.stamping.signing.stamp_and_sign`).
@@ -30,9 +39,13 @@ from shared.logs import log_event
 from shared.services.refunds import begin_refund
 from shared.stamping.delivery import DeliveryCheckFailed, check_delivery, expected_page_count
 from shared.stamping.signing import stamp_and_sign, signer_from_settings
-from shared.store import DocumentStore, stamped_key
+from shared.store import DocumentCorrupt, DocumentMissing, DocumentStore, stamped_key
 
 log = logging.getLogger(__name__)
+
+# What the buyer reads when the stored upload is not their document: our error, not theirs.
+CORRUPT_UPLOAD_MESSAGE = ("Dokumen Anda di penyimpanan kami rusak, sehingga meterai tidak dibubuhkan. Ini "
+                          "kesalahan kami; dana Anda dikembalikan penuh secara otomatis. Silakan unggah ulang.")
 
 
 def verify_url(settings: Settings, serial: str) -> str:
@@ -66,7 +79,7 @@ def stamp_order(settings: Settings, store: DocumentStore, order_id: str, worker_
         return "not_claimable"
     serial = order["serial"]
     try:
-        source = store.get(order["document_key"])
+        source = store.get(order["document_key"], sha256=order["document_sha256"])
         # Signed over the whole stamped file; a missing key is SigningUnavailable (transient:
         # retried), a document that can't be stamped or signed is DocumentUnreadable (permanent: refunded).
         signer = signer_from_settings(settings)
@@ -78,10 +91,18 @@ def stamp_order(settings: Settings, store: DocumentStore, order_id: str, worker_
                        issuer=signer.certificate)
         key = stamped_key(order_id, order["stamp_attempts"])
         store.put(key, stamped, exclusive=True)  # never over another attempt's file
+    except DocumentMissing as exc:
+        log_event(log, "upload_missing_from_store", logging.ERROR, order_id=order_id, store=repr(store),
+                  key=order["document_key"], attempt=order["stamp_attempts"],
+                  detail="accepted uploads are durable before the 202: this node's store is not the one "
+                         "it was put in (DOCUMENT_STORE_URL, bucket, prefix) or it lags; retrying")
+        release(settings, order_id, worker_id, f"{type(exc).__name__}: {exc}")
+        raise
     except PermanentError as exc:
         with transaction(settings.database_url) as tx:
             begun = begin_refund(tx, order_id, Status.STAMPING, reason=exc.code,
-                                 guards=(lease_held_by(worker_id),))
+                                 guards=(lease_held_by(worker_id),),
+                                 message=CORRUPT_UPLOAD_MESSAGE if isinstance(exc, DocumentCorrupt) else None)
         log_event(log, "stamp_failed_permanently", logging.WARNING, order_id=order_id, serial=serial,
                   code=exc.code, refund=begun,
                   problem=exc.problem if isinstance(exc, DeliveryCheckFailed) else None)

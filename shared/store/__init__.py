@@ -16,13 +16,23 @@ The promises:
   (transient for the stamping worker: its retry is a new attempt, hence a new key). The same bytes again
   (a retried request whose first answer was lost) are taken as done. Uploads (``uploads/<order>.pdf``)
   are plain puts: an idempotent retry with the same bytes may put them again.
-- ``get`` returns exactly what was put: the S3 store records the SHA-256 of the bytes in the object's
-  metadata (``x-amz-meta-sha256``) and checks it on every read; a mismatch is :class:`DocumentCorrupt`,
-  treated like a missing document (the checkout rejects the order, stamping refunds it), never retried.
+- ``get(key, sha256=...)`` returns exactly what the buyer sent or the stamper wrote: the caller passes the
+  SHA-256 PostgreSQL recorded (``document_sha256``, ``stamped_sha256``) and both stores compare the bytes
+  read with it; a mismatch is :class:`DocumentCorrupt` (logged at ERROR). The S3 store also keeps the
+  digest in the object's metadata (``x-amz-meta-sha256``), checked when no digest is passed; that one
+  only catches damage, not a rewrite, since metadata can be rewritten along with the body.
+- A document we recorded after a durable put that the store does not have is :class:`DocumentMissing`:
+  **transient**, because the put was durable before anyone was told "accepted", so a miss says this
+  node's store is wrong (no ``DOCUMENT_STORE_URL`` on a stamping node reads its own empty folder; a wrong
+  bucket or prefix; a lagging server), not that the buyer sent nothing. Workers retry it boundedly and
+  the deadline sweep refunds a paid order that never finds its upload, as for any stuck order.
 - A store that is down or slow is :class:`StoreUnavailable` (transient: create answers 503 with
   Retry-After, workers retry); a store that refuses us (access denied, no such bucket, credentials) is
   :class:`StoreMisconfigured`, also transient (an operator fixes it; no order is refunded for it before
-  its deadline), and ``writable()`` (``/readyz``) reports it.
+  its deadline), and ``writable()`` (``/readyz``, a small put and delete) reports it. Buyers see only
+  ``store_unavailable``; the detail goes to the logs.
+- The web's store calls have a budget of their own (``store_from_settings(settings, web=True)``): one
+  attempt with short timeouts, well inside the proxy's read timeout, so a slow store is a quick 503.
 
 Keys are only our own shapes (``_KEY``): an order's upload and its stamped attempts.
 
@@ -34,11 +44,17 @@ no rule may expire them.
 """
 from __future__ import annotations
 
+import hashlib
+import hmac
+import logging
 import re
 import uuid
 from typing import Protocol
 
 from shared.errors import PermanentError, TransientError
+from shared.logs import log_event
+
+log = logging.getLogger(__name__)
 
 # "$" would also accept a trailing newline: callers use fullmatch.
 _KEY = re.compile(r"[a-z]+/[0-9a-f-]{36}(-[0-9]+)?\.pdf")
@@ -52,18 +68,27 @@ class StoreUnavailable(TransientError):
 
 class StoreMisconfigured(StoreUnavailable):
     """The store refuses us: access denied, no such bucket, bad credentials, a feature it lacks. Retried
-    like an outage (an operator must fix it), and shown in ``/readyz``."""
+    like an outage (an operator must fix it), and shown in ``/readyz``; buyers see ``store_unavailable``."""
 
     code = "store_misconfigured"
 
 
-class DocumentMissing(PermanentError):
+class DocumentMissing(TransientError):
+    """The store has nothing under the key. For a key we recorded after a durable put this is the node's
+    fault (wrong store, bucket or prefix; a lagging server), never the buyer's: retried, never refunded
+    or rejected for it before the order's own deadline."""
+
     code = "document_missing"
 
 
-class DocumentCorrupt(DocumentMissing):
-    """The stored bytes are not the bytes that were put (their SHA-256 differs from the recorded one):
-    as good as missing, and never worth a retry."""
+class DocumentCorrupt(PermanentError):
+    """The stored bytes are not the ones recorded (their SHA-256 differs from PostgreSQL's record): they
+    are not the buyer's document, or not the file we stamped, so nothing may be stamped from them or
+    served. Permanent, because reading again returns the same wrong bytes. Not the buyer's fault either:
+    before payment the order is rejected with nothing charged and a request to upload again; after
+    payment invariant 1 (paid ⇒ stamped or fully refunded) leaves only the refund, which is at once and
+    names our error rather than the document; a stamped file that fails the check is a 500 at download
+    and the order stays stamped (nothing is guessed)."""
 
     code = "document_corrupt"
 
@@ -76,7 +101,7 @@ class DocumentExists(TransientError):
 
 class DocumentStore(Protocol):
     def put(self, key: str, data: bytes, *, exclusive: bool = False) -> None: ...
-    def get(self, key: str) -> bytes: ...
+    def get(self, key: str, *, sha256: str | None = None) -> bytes: ...
     def delete(self, key: str) -> None: ...
     def writable(self) -> bool: ...
 
@@ -86,6 +111,18 @@ def check_key(key: str) -> str:
     if not isinstance(key, str) or not _KEY.fullmatch(key):
         raise ValueError(f"bad document key {key!r}")
     return key
+
+
+def check_digest(store: object, key: str, data: bytes, sha256: str) -> bytes:
+    """``data`` if its SHA-256 is ``sha256`` (the digest PostgreSQL recorded), else DocumentCorrupt,
+    logged at ERROR with the store's identity."""
+    actual = hashlib.sha256(data).hexdigest()
+    if not hmac.compare_digest(actual, sha256):
+        log_event(log, "document_corrupt", logging.ERROR, key=key, store=repr(store), recorded=sha256,
+                  actual=actual, bytes=len(data))
+        raise DocumentCorrupt(f"document {key} in the store is not the document recorded "
+                              "(its SHA-256 differs from the database's)")
+    return data
 
 
 def upload_key(order_id: uuid.UUID | str) -> str:
@@ -103,15 +140,17 @@ from shared.store.filesystem import FilesystemStore  # noqa: E402  (they use the
 from shared.store.s3 import S3Store  # noqa: E402
 
 
-def store_from_settings(settings) -> DocumentStore:
-    """The store ``DOCUMENT_STORE_URL`` names (validated by the settings)."""
+def store_from_settings(settings, *, web: bool = False) -> DocumentStore:
+    """The store ``DOCUMENT_STORE_URL`` names (validated by the settings). ``web=True``: the web's own
+    budget (one attempt, short timeouts: :data:`shared.store.s3.WEB_READ_TIMEOUT`), so a request never
+    outlasts the proxy's read timeout waiting for a slow store."""
     location = settings.document_store
     if location.kind == "s3":
-        return S3Store.from_settings(settings)
+        return S3Store.from_settings(settings, web=web)
     return FilesystemStore(location.path)
 
 
 __all__ = [
     "DocumentCorrupt", "DocumentExists", "DocumentMissing", "DocumentStore", "FilesystemStore", "S3Store",
-    "StoreMisconfigured", "StoreUnavailable", "check_key", "stamped_key", "store_from_settings", "upload_key",
+    "StoreMisconfigured", "StoreUnavailable", "check_digest", "check_key", "stamped_key", "store_from_settings", "upload_key",
 ]

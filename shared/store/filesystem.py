@@ -3,7 +3,8 @@
 ``put`` writes a temporary file, fsyncs it, moves it into place and fsyncs the folder, so a crash right
 after ``put`` returns can't lose or tear a document. A plain put renames (``os.replace``: an upload put
 again by a retry replaces itself); an exclusive put links (``os.link`` fails when the name exists), so a
-stamped file is never replaced by another. Workers on several hosts need a shared store: the S3 store
+stamped file is never replaced by another. ``get`` checks what it read against the SHA-256 the caller
+passes (the database's record), so a file changed behind our back is never stamped or served. Workers on several hosts need a shared store: the S3 store
 (:mod:`shared.store.s3`), or a shared mount here.
 """
 from __future__ import annotations
@@ -13,12 +14,15 @@ import os
 import uuid
 from pathlib import Path
 
-from shared.store import DocumentExists, DocumentMissing, StoreUnavailable, check_key
+from shared.store import DocumentExists, DocumentMissing, StoreUnavailable, check_digest, check_key
 
 
 class FilesystemStore:
     def __init__(self, root: Path | str) -> None:
         self.root = Path(root)
+
+    def __repr__(self) -> str:
+        return f"FilesystemStore({self.root})"
 
     def _path(self, key: str) -> Path:
         return self.root / check_key(key)
@@ -64,13 +68,14 @@ class FilesystemStore:
         """Whether the file at ``path`` is ``data`` already (an exclusive put repeated with the same bytes)."""
         return hashlib.sha256(path.read_bytes()).digest() == hashlib.sha256(data).digest()
 
-    def get(self, key: str) -> bytes:
+    def get(self, key: str, *, sha256: str | None = None) -> bytes:
         try:
-            return self._path(key).read_bytes()
+            data = self._path(key).read_bytes()
         except FileNotFoundError as exc:
-            raise DocumentMissing(f"document {key} is missing from the store") from exc
+            raise DocumentMissing(f"document {key} is missing from the store {self!r}") from exc
         except OSError as exc:
             raise StoreUnavailable(f"document store read failed: {exc.strerror or exc}") from exc
+        return data if sha256 is None else check_digest(self, key, data, sha256)
 
     def delete(self, key: str) -> None:
         try:

@@ -9,11 +9,19 @@ Objects live at ``s3://<bucket>/<prefix><key>``. What each promise of :mod:`shar
 - never overwrite a stamped file: an exclusive put sends ``If-None-Match: *``; the server answers 412
   when the key exists. A server that can't (501 NotImplemented) is a configuration error unless
   ``S3_CONDITIONAL_WRITES=0``, which falls back to HEAD-then-PUT (racy between two writers of the same
-  key; our attempt keys make that race need two workers on one attempt, which the lease forbids).
-- integrity: the SHA-256 of the bytes goes into the object's metadata (``x-amz-meta-sha256``) at put and
-  is checked on every get; an object without it, or with other bytes, is :class:`DocumentCorrupt`.
+  key; our attempt keys make that race need two workers on one attempt, which the lease forbids). Some
+  servers ignore the header silently, so before its first exclusive put each process puts a probe key
+  exclusively twice and refuses the store (:class:`StoreMisconfigured`) if the second is not refused.
+- integrity: ``get`` compares the bytes with the SHA-256 the caller passes (PostgreSQL's record); the
+  digest also goes into the object's metadata (``x-amz-meta-sha256``) at put, checked when the caller
+  passes none (damage only: a rewrite can carry its own metadata); a mismatch is :class:`DocumentCorrupt`.
 - down or slow: connect/read timeouts (``S3_CONNECT_TIMEOUT``, ``S3_READ_TIMEOUT``) and botocore's own
-  retries (``S3_MAX_ATTEMPTS`` attempts in all) bound every call; then :class:`StoreUnavailable`.
+  retries (``S3_MAX_ATTEMPTS`` attempts in all) bound every call; then :class:`StoreUnavailable`. The
+  web's store (``web=True``) makes one attempt within at most :data:`WEB_CONNECT_TIMEOUT` +
+  :data:`WEB_READ_TIMEOUT`, far inside the proxy's 30 s read timeout (a proxy that timed out would
+  resend the upload to another node while this one still writes).
+- ready: ``writable()`` puts and deletes a small probe object (short timeouts, one attempt), so
+  read-only credentials are not reported ready.
 
 boto3 is imported when the first client is made (the first call in each process), never at import, so
 a web process on the filesystem store doesn't load it. One client per process (clients are thread-safe,
@@ -26,11 +34,12 @@ import hashlib
 import logging
 import os
 import threading
+import uuid
 from typing import Any
 
 from shared.logs import log_event
 from shared.store import (DocumentCorrupt, DocumentExists, DocumentMissing, StoreMisconfigured,
-                          StoreUnavailable, check_key)
+                          StoreUnavailable, check_digest, check_key)
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +52,13 @@ _MISCONFIGURED = frozenset({
 _BUSY = frozenset({"SlowDown", "ServiceUnavailable", "InternalError", "RequestTimeout", "503", "500",
                    "ConditionalRequestConflict", "OperationAborted", "RequestTimeTooSkewed"})
 SHA256_METADATA = "sha256"
+# The web's budget per store call: one attempt, at most this long to connect and between bytes.
+WEB_CONNECT_TIMEOUT = 2.0
+WEB_READ_TIMEOUT = 3.0
+# Readiness and the conditional-write probe: short, one attempt.
+PROBE_CONNECT_TIMEOUT = 1.0
+PROBE_READ_TIMEOUT = 2.0
+PROBE_FOLDER = "probes/"
 
 
 class S3Store:
@@ -62,41 +78,53 @@ class S3Store:
         self.conditional_writes = conditional_writes
         # A custom endpoint is usually an address, not a domain buckets can be sub-domains of.
         self.addressing_style = addressing_style or ("path" if endpoint_url else "auto")
-        self._client_pid: int | None = None
-        self._client_obj: Any = None
+        self._clients: dict[str, tuple[int, Any]] = {}
         self._lock = threading.Lock()
+        self._conditional_writes_checked_pid: int | None = None
 
     @classmethod
-    def from_settings(cls, settings) -> "S3Store":
+    def from_settings(cls, settings, *, web: bool = False) -> "S3Store":
+        """The store the settings name; ``web=True``: the web's budget (one attempt, short timeouts)."""
         location = settings.document_store
+        connect, read, attempts = settings.s3_connect_timeout, settings.s3_read_timeout, settings.s3_max_attempts
+        if web:
+            connect, read, attempts = min(connect, WEB_CONNECT_TIMEOUT), min(read, WEB_READ_TIMEOUT), 1
         return cls(location.bucket, location.prefix, endpoint_url=settings.s3_endpoint_url,
                    region=settings.s3_region, access_key_id=settings.s3_access_key_id,
                    secret_access_key=settings.s3_secret_access_key, checksums=settings.s3_checksums,
-                   connect_timeout=settings.s3_connect_timeout, read_timeout=settings.s3_read_timeout,
-                   max_attempts=settings.s3_max_attempts, conditional_writes=bool(settings.s3_conditional_writes),
+                   connect_timeout=connect, read_timeout=read, max_attempts=attempts,
+                   conditional_writes=bool(settings.s3_conditional_writes),
                    addressing_style=settings.s3_addressing_style)
 
     def __repr__(self) -> str:
         return f"S3Store(s3://{self.bucket}/{self.prefix}, endpoint={self.endpoint_url or 'AWS'})"
 
     # -- the client -----------------------------------------------------------------------------------
-    def _client(self) -> Any:
+    def _client(self, purpose: str = "documents") -> Any:
+        """This process's client for ``purpose``: "documents" (the configured bounds) or "probe" (short,
+        one attempt)."""
         pid = os.getpid()
-        if self._client_pid != pid:
+        made = self._clients.get(purpose)
+        if made is None or made[0] != pid:
             with self._lock:
-                if self._client_pid != pid:
-                    self._client_obj = self._make_client()
-                    self._client_pid = pid
-        return self._client_obj
+                made = self._clients.get(purpose)
+                if made is None or made[0] != pid:
+                    made = (pid, self._make_client(probe=purpose == "probe"))
+                    self._clients[purpose] = made
+        return made[1]
 
-    def _make_client(self) -> Any:
+    def _make_client(self, *, probe: bool = False) -> Any:
         import boto3
         from botocore.config import Config
 
         access_key, secret_key = self._credentials
+        connect, read, attempts = self.connect_timeout, self.read_timeout, self.max_attempts
+        if probe:
+            connect, read, attempts = min(connect, PROBE_CONNECT_TIMEOUT), min(read, PROBE_READ_TIMEOUT), 1
         config = Config(
-            region_name=self.region, connect_timeout=self.connect_timeout, read_timeout=self.read_timeout,
-            retries={"max_attempts": self.max_attempts, "mode": "standard"},
+            region_name=self.region, connect_timeout=connect, read_timeout=read,
+            # total_max_attempts counts the first attempt; botocore reads "max_attempts" here as retries.
+            retries={"total_max_attempts": attempts, "mode": "standard"},
             request_checksum_calculation=self.checksums, response_checksum_validation=self.checksums,
             s3={"addressing_style": self.addressing_style}, max_pool_connections=32,
         )
@@ -119,6 +147,7 @@ class S3Store:
         }
         if exclusive:
             if self.conditional_writes:
+                self._check_conditional_writes()
                 request["IfNoneMatch"] = "*"
             elif self._stored_digest(key, name) is not None:
                 self._refuse_overwrite(key, name, digest)
@@ -131,11 +160,45 @@ class S3Store:
                 self._refuse_overwrite(key, name, digest)
                 return
             if exclusive and (code == "NotImplemented" or status == 501):
-                raise StoreMisconfigured(
-                    "the S3 server does not support conditional writes (If-None-Match: *), which keep a "
-                    "stamped file from ever being overwritten; use a server that does, or set "
-                    "S3_CONDITIONAL_WRITES=0 to check with HEAD before each PUT instead") from exc
+                raise StoreMisconfigured(_NO_CONDITIONAL_WRITES) from exc
             raise _translated(exc, key, "write") from exc
+
+    def _check_conditional_writes(self) -> None:
+        """Once per process, before the first exclusive put: put a probe key exclusively twice; the
+        second must be refused (412). A server that ignores ``If-None-Match`` would let a late attempt
+        overwrite a delivered stamp, so it is refused as misconfigured (unless S3_CONDITIONAL_WRITES=0)."""
+        pid = os.getpid()
+        if self._conditional_writes_checked_pid == pid:
+            return
+        name = f"{self.prefix}{PROBE_FOLDER}{uuid.uuid4()}"
+        client = self._client("probe")
+        request = {"Bucket": self.bucket, "Key": name, "Body": b"probe", "IfNoneMatch": "*"}
+        try:
+            try:
+                client.put_object(**request)
+            except Exception as exc:  # noqa: BLE001
+                code, status = _error_code(exc)
+                if code == "NotImplemented" or status == 501:
+                    raise StoreMisconfigured(_NO_CONDITIONAL_WRITES) from exc
+                raise _translated(exc, None, "conditional-write check") from exc
+            try:
+                client.put_object(**request)
+            except Exception as exc:  # noqa: BLE001
+                code, status = _error_code(exc)
+                if not (code == "PreconditionFailed" or status == 412):
+                    raise _translated(exc, None, "conditional-write check") from exc
+            else:
+                log_event(log, "store_ignores_conditional_writes", logging.ERROR, store=repr(self))
+                raise StoreMisconfigured(
+                    "the S3 server accepted a second exclusive put (If-None-Match: *) of the same key: it "
+                    "ignores conditional writes, so a stamped file could be overwritten; use a server that "
+                    "honours them, or set S3_CONDITIONAL_WRITES=0 to check with HEAD before each PUT")
+        finally:
+            try:
+                client.delete_object(Bucket=self.bucket, Key=name)
+            except Exception as exc:  # noqa: BLE001 - a leftover probe costs a few bytes
+                log_event(log, "store_probe_not_deleted", logging.WARNING, error=type(exc).__name__)
+        self._conditional_writes_checked_pid = pid
 
     def _refuse_overwrite(self, key: str, name: str, digest: str) -> None:
         """The key exists: done if it holds these very bytes (our own earlier put, whose answer was lost),
@@ -153,18 +216,24 @@ class S3Store:
             raise error from exc
         return head.get("Metadata", {}).get(SHA256_METADATA, "")
 
-    def get(self, key: str) -> bytes:
+    def get(self, key: str, *, sha256: str | None = None) -> bytes:
         name = self._object(key)
         try:
             answer = self._client().get_object(Bucket=self.bucket, Key=name)
             data = answer["Body"].read()
         except Exception as exc:  # noqa: BLE001
-            raise _translated(exc, key, "read") from exc
+            error = _translated(exc, key, "read")
+            if isinstance(error, DocumentMissing):
+                error = DocumentMissing(f"document {key} is missing from the store {self!r}")
+            raise error from exc
+        if sha256 is not None:
+            return check_digest(self, key, data, sha256)
         recorded = answer.get("Metadata", {}).get(SHA256_METADATA)
         if recorded != hashlib.sha256(data).hexdigest():
-            log_event(log, "document_corrupt", logging.ERROR, key=key, recorded=recorded, bytes=len(data))
+            log_event(log, "document_corrupt", logging.ERROR, key=key, store=repr(self), recorded=recorded,
+                      bytes=len(data))
             raise DocumentCorrupt(f"document {key} in the store is not the document that was stored "
-                                  "(its SHA-256 differs from the one recorded at upload)")
+                                  "(its SHA-256 differs from the one in its metadata)")
         return data
 
     def delete(self, key: str) -> None:
@@ -175,11 +244,18 @@ class S3Store:
             log_event(log, "document_not_deleted", logging.WARNING, key=key, error=type(exc).__name__)
 
     def problem(self) -> str | None:
-        """Why the store can't be used right now (None when it can): one HEAD of the bucket."""
+        """Why the store can't be used right now (None when it can): a small probe object put and deleted
+        (short timeouts, one attempt), so credentials that can read but not write are not "ready"."""
+        client = self._client("probe")
+        name = f"{self.prefix}{PROBE_FOLDER}{uuid.uuid4()}"
         try:
-            self._client().head_bucket(Bucket=self.bucket)
+            client.put_object(Bucket=self.bucket, Key=name, Body=b"probe")
         except Exception as exc:  # noqa: BLE001
             return _translated(exc, None, "check").message
+        try:
+            client.delete_object(Bucket=self.bucket, Key=name)
+        except Exception as exc:  # noqa: BLE001 - writing is what readiness needs; a probe left costs bytes
+            log_event(log, "store_probe_not_deleted", logging.WARNING, error=type(exc).__name__)
         return None
 
     def writable(self) -> bool:
@@ -187,6 +263,12 @@ class S3Store:
         if problem is not None:
             log_event(log, "document_store_not_ready", logging.WARNING, store=repr(self), problem=problem)
         return problem is None
+
+
+_NO_CONDITIONAL_WRITES = (
+    "the S3 server does not support conditional writes (If-None-Match: *), which keep a stamped file from "
+    "ever being overwritten; use a server that does, or set S3_CONDITIONAL_WRITES=0 to check with HEAD "
+    "before each PUT instead")
 
 
 def _error_code(exc: BaseException) -> tuple[str, int | None]:
