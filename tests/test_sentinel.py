@@ -13,6 +13,8 @@ must move to the promoted one; the workers consume after each reconnect (celery#
 """
 from __future__ import annotations
 
+import itertools
+import threading
 import time
 import uuid
 from collections import Counter
@@ -20,6 +22,7 @@ from dataclasses import dataclass
 from typing import Iterator
 
 import pytest
+import redis
 import requests
 
 from conftest import WORKERS, System, _run_system, _test_database, wait_until
@@ -151,6 +154,38 @@ def _stamped_once(sys_: System, orders: list[tuple[str, str]]) -> None:
     assert {row["id"]: (row["status"], row["stamps"]) for row in rows} == {i: ("stamped", 1) for i in ids}
 
 
+def _write_across(client, restart, restarted, old_role) -> list[tuple[str, str | None]]:
+    """Write keys of unique names through ``client`` from a thread, from before ``restart()`` until
+    after ``restarted()`` returns; each acknowledged key with what the old node said it was just after."""
+    acked: list[tuple[str, str | None]] = []
+    stop = threading.Event()
+
+    def write() -> None:
+        for n in itertools.count():
+            if stop.is_set():
+                return
+            key = f"{PREFIX}trap:{n}"
+            client.connection_pool.disconnect()  # a new connection for each write
+            try:
+                client.set(key, "1")
+            except redis.RedisError:
+                continue
+            acked.append((key, old_role()))
+
+    writer = threading.Thread(target=write, daemon=True)
+    writer.start()
+    try:
+        wait_until(lambda: acked, message="a first write")
+        restart()
+        restarted()
+        done = len(acked)
+        wait_until(lambda: len(acked) > done, message="a write after the old primary became a replica")
+    finally:
+        stop.set()
+        writer.join(timeout=30)
+    return acked
+
+
 def test_orders_survive_the_primary_being_killed_and_buyers_only_wait(sentinel_system) -> None:
     from shared.services import housekeeping
 
@@ -215,15 +250,19 @@ def test_orders_survive_the_primary_being_killed_and_buyers_only_wait(sentinel_s
     _stamped_once(sys_, orders)
     assert all(process.alive() for process in sys_.launcher.processes.values())
 
-    # The old primary comes back empty, first calling itself a master, until Sentinel makes it a
-    # replica: our clients must not have written to it (a write there would be lost in its resync).
-    sentinels.revive(old)
-    written = [f"{PREFIX}probe:{n}" for n in range(20)]
-    for key in written:
-        probe.set(key, "1")
+    # The old primary comes back empty, first calling itself a master for some seconds, until Sentinel
+    # makes it a replica: our clients must not write to it (a write there is lost in its resync). A
+    # writer runs across its restart, each write on a new connection (which asks the Sentinels again).
+    acked = _write_across(probe, lambda: sentinels.revive(old, wait=False),
+                          lambda: sentinels.wait_replica(old), lambda: sentinels.role(old))
+    keys = [key for key, _ in acked]
+    in_window = sum(role == "master" for _, role in acked)
+    assert in_window, "no write met the old primary's window as a master: this test proved nothing"
+    on_new = new.client()
+    lost = len(keys) - sum(on_new.exists(*keys[n:n + 500]) for n in range(0, len(keys), 500))
+    assert lost == 0, f"{lost} of {len(keys)} writes were acknowledged by the old primary and lost in its resync"
     later = _new_order(sys_)
     _flow(sys_, *later)
-    assert all(new.client().get(key) == "1" for key in written)
     assert sentinels.primary is new
 
     outage_answers = dict(answers)
@@ -244,7 +283,9 @@ def test_orders_survive_the_primary_being_killed_and_buyers_only_wait(sentinel_s
     _stamped_once(sys_, [*orders, later, *made])
     assert pids() == running and all(process.alive() for process in sys_.launcher.processes.values())
     print(f"\nsentinel failover: primary killed, {outage:.1f}s until the web took orders again; creates meanwhile "
-          f"{outage_answers}; after a graceful failover {dict(answers)}; test body {time.monotonic() - started:.0f}s")
+          f"{outage_answers}; after a graceful failover {dict(answers)}; across the old primary's restart {len(acked)} "
+          f"writes acknowledged, {in_window} while it called itself a master, all on the new primary; test body "
+          f"{time.monotonic() - started:.0f}s")
 
 
 def test_a_client_follows_the_primary_without_any_process_restarting(sentinel_system) -> None:

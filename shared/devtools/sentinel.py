@@ -227,12 +227,22 @@ class SentinelSet:
             return node if self._role(node) == "master" else None
         return self._wait(promoted, timeout, f"a replica of {old.name} to be promoted")
 
-    def revive(self, node: Node, timeout: float = 60.0) -> None:
-        """Start a killed data node again on its port, empty, and wait until Sentinel has made it a
-        replica of the current primary with its link up."""
+    def revive(self, node: Node, timeout: float = 60.0, *, wait: bool = True) -> None:
+        """Start a killed data node again on its port, empty (it first calls itself a master, until
+        Sentinel reconfigures it some seconds later) and, unless ``wait`` is false, wait until Sentinel
+        has made it a replica of the current primary with its link up (:meth:`wait_replica`)."""
         node.start(self._data_args(node))
+        if wait:
+            self.wait_replica(node, timeout)
+
+    def wait_replica(self, node: Node, timeout: float = 60.0) -> None:
+        """Wait until ``node`` is a replica with its link to the primary up."""
         self._wait(lambda: self._role(node) == "slave" and self._link_up(node), timeout,
                    f"{node.name} to come back as a replica")
+
+    def role(self, node: Node) -> str | None:
+        """What ``node`` says it is (ROLE: "master", "slave"), None when it doesn't answer."""
+        return self._role(node)
 
     def failover(self, timeout: float = 60.0) -> Node:
         """A graceful failover (``SENTINEL FAILOVER``: the primary is alive and is demoted to a replica);
