@@ -1,0 +1,18 @@
+"""gunicorn's settings for the web process (the Procfile's ``web:`` line reads them with ``-c``).
+
+The bind address, worker class and counts stay on the Procfile line, where the launcher and operators
+see them; this file holds what needs Python: the metrics' multiprocess directory and its upkeep.
+"""
+# Imported in the master, before any worker imports prometheus-client: the master leads the metrics group
+# (it wipes the group's directory at start, and those of web or worker nodes that are gone), and every
+# worker it forks counts into that directory (shared/metrics.py).
+from shared import metrics
+
+
+def child_exit(server, worker):
+    """A worker that exited (or was killed): its live gauges go, its counts are folded into the archive."""
+    metrics.fold_dead_processes(worker.pid)
+
+
+# --- logging (helper O2): logconfig_dict goes here -------------------------------------------------------
+# --- end logging ------------------------------------------------------------------------------------------
