@@ -21,7 +21,13 @@ The load shape is chosen by ``DRILL_SHAPE`` (``spike`` or ``steady``) and ``DRIL
 see :mod:`loadtests.shapes`. Other knobs, all optional: ``DRILL_GATEWAY_URL`` (default
 ``http://127.0.0.1:8001``), ``DRILL_PDF_BYTES`` (200000), ``DRILL_THINK_SECONDS`` ("3,10"),
 ``DRILL_POLL_SECONDS`` (1), ``DRILL_STEP_TIMEOUT_SECONDS`` (180: longest wait for a payment to open or a
-stamp), ``DRILL_QUEUE_PATIENCE_SECONDS`` (900), ``DRILL_PAYMENT_TYPE`` (qris).
+stamp), ``DRILL_QUEUE_PATIENCE_SECONDS`` (900), ``DRILL_PAYMENT_TYPE`` (qris), ``DRILL_REQUEST_LOG`` (a path:
+one JSON line per request, its end time, name, status, whether a 503 carried ``Retry-After``, and the
+order a create was answered with; the failover drill reads it).
+
+A ``503`` with ``Retry-After`` (a dependency briefly away: the waiting room failing closed, the database
+or the document store) is waited out and the same request sent again, as a client of the API is told to
+do; it is still counted by status, so a drill that allows no 503 still fails on it.
 
 ``--summary-json PATH`` writes what the run saw (per request name: counts by status code, percentiles;
 purchases started/completed; stamp checks) for the SLO gate (:mod:`loadtests.slo`). The drill
@@ -111,6 +117,11 @@ OUTCOMES = ("stamped", "refunded", "refund_manual", "rejected", "expired")
 
 # What this process saw; gevent runs one greenlet at a time, so plain counters are safe.
 status_counts: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
+unavailable_with_retry_after: dict[str, int] = defaultdict(int)
+REQUEST_LOG = os.environ.get("DRILL_REQUEST_LOG", "").strip()
+_request_log = open(f"{REQUEST_LOG}.{os.getpid()}", "a", buffering=1) if REQUEST_LOG else None
+# A dependency that stays away this long makes a buyer give up the step (counted as a failure).
+UNAVAILABLE_PATIENCE = _env_float("DRILL_UNAVAILABLE_PATIENCE_SECONDS", 120.0)
 flows: dict[str, int] = defaultdict(int)
 stamp_check_examples: list[str] = []
 _addresses = itertools.count()
@@ -125,6 +136,11 @@ def _retry_after(response: Any, default: float = 2.0) -> float:
     except (TypeError, ValueError):
         seconds = default
     return seconds * random.uniform(1.0, 1.25)
+
+
+def _come_back(response: Any) -> bool:
+    """A 503 that says when to come back: a dependency briefly away, not a break."""
+    return response.status_code == 503 and response.headers.get("Retry-After") is not None
 
 
 def _json(response: Any) -> dict[str, Any]:
@@ -153,6 +169,7 @@ class Buyer(HttpUser):
         self.address = f"198.18.{(n // 250) % 256}.{n % 250 + 1}"
         self.document = make_pdf(PDF_BYTES)
         self.last_request_at = time.monotonic()
+        self.unavailable_since: float | None = None
 
     def fresh_if_idle(self) -> None:
         """Called before each request: forget kept-alive connections idle past CLIENT_IDLE_SECONDS."""
@@ -161,6 +178,12 @@ class Buyer(HttpUser):
             self.client.close()
             flows["idle_connections_dropped"] += 1
         self.last_request_at = now
+
+    def unavailable_until(self) -> float:
+        """Until when this step waits out 503s with Retry-After (from the first of a row of them)."""
+        if self.unavailable_since is None:
+            self.unavailable_since = time.monotonic()
+        return self.unavailable_since + UNAVAILABLE_PATIENCE
 
     def context(self) -> dict[str, Any]:
         return {"buyer": self}  # so the request listener can note when this buyer's request ended
@@ -193,6 +216,7 @@ class Buyer(HttpUser):
         key = uuid.uuid4().hex
         admission_token: str | None = None
         give_up_at = time.monotonic() + QUEUE_PATIENCE
+        self.unavailable_since = None
         while time.monotonic() < give_up_at:
             headers = {"Idempotency-Key": key, "X-Forwarded-For": self.address}
             if admission_token:
@@ -218,6 +242,11 @@ class Buyer(HttpUser):
                         flows["rate_limited"] += 1
                         time.sleep(_retry_after(response))
                     continue
+                if _come_back(response) and time.monotonic() < self.unavailable_until():
+                    response.success()  # counted by status all the same
+                    flows["unavailable_waited"] += 1
+                    time.sleep(_retry_after(response))
+                    continue
                 response.failure(_brief(response))
                 if response.status_code in (403, 409, 410) and admission_token:
                     admission_token = None  # token refused: queue again
@@ -233,9 +262,14 @@ class Buyer(HttpUser):
             self.fresh_if_idle()
             with self.client.get(f"/api/v1/queue/{ticket}", name=QUEUE, catch_response=True,
                                  timeout=REQUEST_TIMEOUT) as response:
+                if _come_back(response) and time.monotonic() < self.unavailable_until():
+                    response.success()
+                    wait = _retry_after(response)
+                    continue
                 if response.status_code != 200:
                     response.failure(_brief(response))
                     return None
+                self.unavailable_since = None
                 body = _json(response)
                 if body.get("admitted") and body.get("admission_token"):
                     flows["admitted_from_queue"] += 1
@@ -252,9 +286,14 @@ class Buyer(HttpUser):
             self.fresh_if_idle()
             with self.client.get(f"/api/v1/orders/{order['order_id']}", name=STATUS, headers=headers,
                                  catch_response=True, timeout=REQUEST_TIMEOUT) as response:
+                if _come_back(response) and time.monotonic() < self.unavailable_until():
+                    response.success()
+                    time.sleep(_retry_after(response))
+                    continue
                 if response.status_code != 200:
                     response.failure(_brief(response))
                     return None
+                self.unavailable_since = None
                 view = _json(response)
             if view.get("status") in wanted:
                 return view
@@ -267,26 +306,38 @@ class Buyer(HttpUser):
             time.sleep(POLL_SECONDS)
 
     def pay(self, gateway_order_id: str) -> bool:
-        self.fresh_if_idle()
-        with self.client.post(f"{GATEWAY_URL}/sandbox/pay/{gateway_order_id}", name=PAY,
-                              json={"payment_type": PAYMENT_TYPE}, catch_response=True,
-                              timeout=REQUEST_TIMEOUT) as response:
-            if response.status_code == 200:
-                response.success()
-                flows["paid"] += 1
-                return True
-            response.failure(_brief(response))
-            return False
+        """Press "Bayar"; a buyer whose press met an error presses again (twice more, a few seconds apart)."""
+        for attempt in range(3):
+            self.fresh_if_idle()
+            with self.client.post(f"{GATEWAY_URL}/sandbox/pay/{gateway_order_id}", name=PAY,
+                                  json={"payment_type": PAYMENT_TYPE}, catch_response=True,
+                                  timeout=REQUEST_TIMEOUT) as response:
+                if response.status_code == 200:
+                    response.success()
+                    flows["paid"] += 1
+                    return True
+                response.failure(_brief(response))
+                if response.status_code and response.status_code < 500:
+                    return False
+            time.sleep(3.0)
+        return False
 
     def download_and_check(self, order: dict[str, Any], serial: str) -> None:
         headers = {"Authorization": f"Bearer {order['access_token']}"}
-        self.fresh_if_idle()
-        with self.client.get(f"/api/v1/orders/{order['order_id']}/document", name=DOWNLOAD, headers=headers,
-                             catch_response=True, timeout=REQUEST_TIMEOUT) as response:
-            if response.status_code != 200:
-                response.failure(_brief(response))
-                return
-            content = response.content
+        self.unavailable_since = None
+        while True:
+            self.fresh_if_idle()
+            with self.client.get(f"/api/v1/orders/{order['order_id']}/document", name=DOWNLOAD, headers=headers,
+                                 catch_response=True, timeout=REQUEST_TIMEOUT) as response:
+                if _come_back(response) and time.monotonic() < self.unavailable_until():
+                    response.success()
+                    time.sleep(_retry_after(response))
+                    continue
+                if response.status_code != 200:
+                    response.failure(_brief(response))
+                    return
+                content = response.content
+                break
         started = time.perf_counter()
         problem = stamp_problem(content, serial, PAGE)
         elapsed_ms = (time.perf_counter() - started) * 1000
@@ -316,7 +367,17 @@ def _count_status(request_type: str, name: str, response: Any = None, exception:
         buyer.last_request_at = time.monotonic()
     if response is None:
         return  # our own FLOW/CHECK events, not HTTP
-    status_counts[name][str(getattr(response, "status_code", 0) or 0)] += 1
+    status = getattr(response, "status_code", 0) or 0
+    status_counts[name][str(status)] += 1
+    retry_after = status == 503 and response.headers.get("Retry-After") is not None
+    if retry_after:
+        unavailable_with_retry_after[name] += 1
+    if _request_log is not None:
+        record = {"end": round(time.time(), 3), "ms": round(float(_.get("response_time") or 0)), "name": name,
+                  "status": status, "retry_after": retry_after}
+        if name == CREATE and 200 <= status < 300:
+            record["order_id"] = _json(response).get("order_id")
+        _request_log.write(json.dumps(record) + "\n")
 
 
 def summary(environment: Any) -> dict[str, Any]:
@@ -328,6 +389,7 @@ def summary(environment: Any) -> dict[str, Any]:
             "requests": entry.num_requests,
             "failures": entry.num_failures,
             "status_counts": dict(status_counts.get(name, {})),
+            "unavailable_with_retry_after": unavailable_with_retry_after.get(name, 0),
             "p50_ms": entry.get_response_time_percentile(0.50) or 0.0,
             "p95_ms": entry.get_response_time_percentile(0.95) or 0.0,
             "p99_ms": entry.get_response_time_percentile(0.99) or 0.0,

@@ -3,7 +3,8 @@
 The gate is the drill's exit code. It passes only when, over the whole run:
 
 * no request was answered 5xx and none failed to connect or timed out (the front end answers fast or
-  says "come back" with 429, never breaks);
+  says "come back" with 429, never breaks; the failover drill also allows 503 with ``Retry-After`` while
+  a dependency is away, and leaves out requests that never reach our system, the stand-in's pay button);
 * the 95th percentile latency of creating an order and of polling its status is under the thresholds
   (drill thresholds for a shared machine, not a test);
 * buyers did get stamped documents back, and every one of them carried the stamp and its serial;
@@ -43,6 +44,7 @@ class EndpointStats:
     requests: int = 0
     failures: int = 0
     status_counts: dict[str, int] = field(default_factory=dict)  # "202": 10, "0": connection errors
+    unavailable_with_retry_after: int = 0  # of the 503s, those that said when to come back
     p50_ms: float = 0.0
     p95_ms: float = 0.0
     p99_ms: float = 0.0
@@ -55,6 +57,11 @@ class EndpointStats:
     @property
     def connection_errors(self) -> int:
         return self.status_counts.get("0", 0)
+
+    @property
+    def bare_server_errors(self) -> int:
+        """5xx other than a 503 with ``Retry-After``."""
+        return self.server_errors - self.unavailable_with_retry_after
 
 
 @dataclass
@@ -78,6 +85,14 @@ class LoadSummary:
     @property
     def connection_errors(self) -> int:
         return sum(e.connection_errors for e in self.endpoints.values())
+
+    @property
+    def bare_server_errors(self) -> int:
+        return sum(e.bare_server_errors for e in self.endpoints.values())
+
+    @property
+    def unavailable_with_retry_after(self) -> int:
+        return sum(e.unavailable_with_retry_after for e in self.endpoints.values())
 
     @property
     def requests(self) -> int:
@@ -116,6 +131,11 @@ class Thresholds:
     p95_status_ms: float = 1000.0
     max_flow_timeouts: int = 0
     min_completed_flows: int = 1
+    # The failover drill: a dependency lost for a while may be answered 503 with Retry-After ("come
+    # back"); a 503 without it, any other 5xx, a connection error still fail the gate.
+    allow_unavailable_with_retry_after: bool = False
+    # Requests that don't reach our system (the stand-in gateway's pay button): counted, not judged.
+    unjudged_endpoints: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -182,13 +202,23 @@ def _p95_check(load: LoadSummary, name: str, limit: float) -> Check:
 def evaluate(load: LoadSummary, invariants: InvariantReport, thresholds: Thresholds = Thresholds()) -> GateResult:
     """Judge one drill. Every check is listed, passed or not, so a report shows the whole picture."""
     checks: list[Check] = []
-    per_endpoint = ", ".join(f"{n}: {e.server_errors}" for n, e in sorted(load.endpoints.items()) if e.server_errors)
-    checks.append(Check("no 5xx", load.server_errors == 0,
-                        f"{load.server_errors} of {load.requests} requests" + (f" ({per_endpoint})" if per_endpoint else "")))
-    per_endpoint = ", ".join(f"{n}: {e.connection_errors}" for n, e in sorted(load.endpoints.items())
-                             if e.connection_errors)
-    checks.append(Check("no connection errors or timeouts", load.connection_errors == 0,
-                        f"{load.connection_errors}" + (f" ({per_endpoint})" if per_endpoint else "")))
+    judged = {n: e for n, e in load.endpoints.items() if n not in thresholds.unjudged_endpoints}
+    total = sum(e.requests for e in judged.values())
+    if thresholds.allow_unavailable_with_retry_after:
+        bad = {n: e.bare_server_errors for n, e in sorted(judged.items()) if e.bare_server_errors}
+        allowed = sum(e.unavailable_with_retry_after for e in judged.values())
+        checks.append(Check("no 5xx but 503 with Retry-After", not bad,
+                            f"{sum(bad.values())} of {total} requests"
+                            + (f" ({', '.join(f'{n}: {c}' for n, c in bad.items())})" if bad else "")
+                            + f"; {allowed} answered 503 with Retry-After"))
+    else:
+        bad = {n: e.server_errors for n, e in sorted(judged.items()) if e.server_errors}
+        checks.append(Check("no 5xx", not bad, f"{sum(bad.values())} of {total} requests"
+                            + (f" ({', '.join(f'{n}: {c}' for n, c in bad.items())})" if bad else "")))
+    per_endpoint = ", ".join(f"{n}: {e.connection_errors}" for n, e in sorted(judged.items()) if e.connection_errors)
+    connection_errors = sum(e.connection_errors for e in judged.values())
+    checks.append(Check("no connection errors or timeouts", connection_errors == 0,
+                        f"{connection_errors}" + (f" ({per_endpoint})" if per_endpoint else "")))
     checks.append(_p95_check(load, CREATE, thresholds.p95_create_ms))
     checks.append(_p95_check(load, STATUS, thresholds.p95_status_ms))
     checks.append(Check("stamped documents delivered", load.flows_completed >= thresholds.min_completed_flows,

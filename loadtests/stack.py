@@ -142,6 +142,12 @@ class Stack:
         self.gateway_port = free_port()
         self.launcher = Launcher(self.env(), logs=self.workdir / "logs")
 
+    def redis_client(self) -> Any:
+        """A client of the stack's Redis for the drill's own look at the waiting room."""
+        import redis
+
+        return redis.Redis.from_url(self.redis_url, socket_timeout=1)
+
     @property
     def processes(self) -> dict[str, Process]:
         return self.launcher.processes if self.launcher is not None else {}
