@@ -15,4 +15,8 @@ def child_exit(server, worker):
 
 
 # --- logging (helper O2): logconfig_dict goes here -------------------------------------------------------
+# gunicorn's own error and access lines, and the app's, as JSON lines (shared/logs.py).
+import shared.logs  # noqa: E402
+
+logconfig_dict = shared.logs.gunicorn_logconfig()
 # --- end logging ------------------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ from werkzeug.middleware.proxy_fix import ProxyFix
 
 from shared.admission import AdmissionController
 from shared.config import Settings, get_settings, refuse_unsafe
-from shared.logs import log_event
+from shared.logs import configure_logging, log_event
 from shared.ratelimit import RateLimiter
 from shared.redisconn import eviction_policy_problem, redis_client
 from shared.stamping.key_material import ROOT_ONLY, require_key_material
@@ -22,7 +22,7 @@ from workers.celery_app import celery_init_app
 
 def create_app(settings: Settings | None = None) -> Flask:
     settings = settings or get_settings()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    configure_logging()
     refuse_unsafe(settings, "web")  # workers start through this factory too (workers/make_celery.py)
     if not settings.development:
         # Every process built here (web, and each worker through workers/make_celery.py) checks stamps
@@ -49,8 +49,10 @@ def create_app(settings: Settings | None = None) -> Flask:
     if settings.proxy_hops > 0:
         app.wsgi_app = ProxyFix(app.wsgi_app, x_for=settings.proxy_hops)
 
-    from web import api, errors, health, limits, notifications, openapi, ops, pages, queue, security, verify
+    from web import (api, errors, health, limits, notifications, openapi, ops, pages, queue, requestid, security,
+                     verify)
 
+    requestid.register(app)  # first: every answer, even one refused early, has an id
     errors.register(app)
     security.register(app)
     app.after_request(limits.add_rate_limit_headers)

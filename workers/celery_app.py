@@ -15,6 +15,7 @@ from flask import Flask
 from shared import jobs, statuscache
 from shared.broker import broker_config
 from shared.config import Settings
+from workers import context
 from workers.tasks.base import MeteraiTask
 
 TASK_MODULES = (
@@ -87,6 +88,7 @@ def make_celery_app(settings: Settings, flask_app: Flask | None = None) -> Celer
     app.config_from_object(celery_config(settings))
     app.conf.meterai_settings = settings
     app.set_default()
+    context.register()  # the request id in task headers and log lines; Celery's logs as JSON
     jobs.set_publisher(app)
     statuscache.configure(settings)
     return app
