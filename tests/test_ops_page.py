@@ -182,3 +182,25 @@ def test_the_page_shows_live_numbers_switches_the_mode_and_renders(sys_, ops, br
     shot = Image.open(io.BytesIO(page.screenshot(full_page=True))).convert("RGB")
     colours = shot.getcolors(maxcolors=1 << 20)
     assert colours is not None and len(colours) > 20, "the page rendered blank"
+
+
+def test_the_line_is_sampled_once_per_interval_whoever_asks(sys_):
+    import dataclasses
+    import uuid
+
+    import redis
+
+    from shared.admission import AdmissionController
+    from shared.services.opsview import record_sample
+
+    settings = dataclasses.replace(sys_.settings, redis_key_prefix=f"meterai-ops-{uuid.uuid4().hex[:8]}:")
+    client = redis.Redis.from_url(settings.redis_url)
+    controller = AdmissionController(settings, client)
+    try:
+        assert record_sample(settings, client, controller, now=1000.0)
+        assert not record_sample(settings, client, controller, now=1001.0)  # another web node, same moment
+        (raw,) = client.zrange(f"{settings.redis_key_prefix}ops:samples", 0, -1)
+        assert Sample.decode(raw).outflow == controller.outflow_per_minute()
+    finally:
+        for key in client.scan_iter(match=f"{settings.redis_key_prefix}*"):
+            client.delete(key)

@@ -159,6 +159,31 @@ def minute_history(samples: list[Sample], stamped: dict[int, int], now: float,
 
 # -- reading and writing Redis --------------------------------------------------------------------
 
+def _samples_key(settings: Settings) -> str:
+    return f"{settings.redis_key_prefix}ops:samples"
+
+
+def record_sample(settings: Settings, client: redis.Redis, admission: AdmissionController,
+                  now: float | None = None) -> bool:
+    """Keep one ``(when, head, tail, outflow)`` sample of the line, unless another process kept one
+    within :data:`SAMPLE_EVERY_SECONDS`; trims the set to the last hour. True when one was written.
+    Called by every overview, and meant for beat too (so unwatched minutes are sampled)."""
+    now = time.time() if now is None else now
+    lock = f"{settings.redis_key_prefix}ops:sample-lock"
+    if not client.set(lock, "1", nx=True, px=SAMPLE_EVERY_SECONDS * 1000 - 200):
+        return False
+    keys = admission.keys  # tail, head, …, epoch: the admission controller's own keys, read only
+    tail, head, epoch = client.mget(keys[0], keys[1], keys[6])
+    sample = Sample(now, int(head or 0), int(tail or 0), admission.outflow_per_minute(), (epoch or b"-").decode())
+    key = _samples_key(settings)
+    pipe = client.pipeline()
+    pipe.zadd(key, {sample.encode(): now})
+    pipe.zremrangebyscore(key, "-inf", now - HISTORY_SECONDS - 60)
+    pipe.expire(key, HISTORY_SECONDS * 2)
+    pipe.execute()
+    return True
+
+
 class OpsView:
     """The overview for one process: its Redis client, its admission controller, its settings."""
 
@@ -169,32 +194,15 @@ class OpsView:
         self.admission = admission
         self.store_writable = store_writable
         p = settings.redis_key_prefix
-        self.samples_key = f"{p}ops:samples"
-        self.sample_lock_key = f"{p}ops:sample-lock"
+        self.samples_key = _samples_key(settings)
         self.audit_key = f"{p}ops:audit"
-        # The admission controller's own keys and the stamping workers' per-minute counters
-        # (AdmissionController.record_stamped), read here as they are.
-        self.tail_key, self.head_key, self.active_key = admission.keys[0], admission.keys[1], admission.keys[4]
-        self.epoch_key = admission.keys[6]
+        # The stamping workers' per-minute counters (AdmissionController.record_stamped), read as they are.
         self.stamped_prefix = f"{p}stats:stamped:"
         self._store_checked: tuple[float, bool] | None = None
 
     # samples
     def record_sample(self, now: float | None = None) -> bool:
-        """Keep one ``(when, head, tail, outflow)`` sample, unless another process kept one within
-        :data:`SAMPLE_EVERY_SECONDS`; trims the set to the last hour. True when a sample was written."""
-        now = time.time() if now is None else now
-        if not self.redis.set(self.sample_lock_key, "1", nx=True, px=SAMPLE_EVERY_SECONDS * 1000 - 200):
-            return False
-        tail, head, epoch = self.redis.mget(self.tail_key, self.head_key, self.epoch_key)
-        sample = Sample(now, int(head or 0), int(tail or 0), self.admission.outflow_per_minute(),
-                        (epoch or b"-").decode())
-        pipe = self.redis.pipeline()
-        pipe.zadd(self.samples_key, {sample.encode(): now})
-        pipe.zremrangebyscore(self.samples_key, "-inf", now - HISTORY_SECONDS - 60)
-        pipe.expire(self.samples_key, HISTORY_SECONDS * 2)
-        pipe.execute()
-        return True
+        return record_sample(self.settings, self.redis, self.admission, now)
 
     def samples(self, now: float) -> list[Sample]:
         raw = self.redis.zrangebyscore(self.samples_key, now - HISTORY_SECONDS - 60, "+inf")
