@@ -32,6 +32,7 @@ from shared.stamping.signing import PkiPaths, load_signer, sign_pdf, signer_from
 from tests.broken_pdfs import CORPUS, SIGNED_CORPUS, Broken, page_tree_with_a_lying_count, signed_with_wrong_stream_length
 from tests.broken_pdfs import subsection_number_overflows
 from tests.conftest import BOTH_STORES, System, make_pdf
+from tests.test_logs import events
 
 SERIAL = "0123456789ABCDEFGHIJKL"
 PLACEMENT = {"page": 1, "x": 400.0, "y": 80.0}
@@ -396,4 +397,4 @@ def test_a_stamp_that_fails_the_delivery_check_is_refunded_never_stamped(sys_: S
     assert [s["status"] for s in serials] == ["voided"]
     assert sys_.stored_keys(f"stamped/{order_id}") == []
     logged = log.read_bytes()[log_start:].decode("utf-8", "replace")
-    assert "event=stamp_failed_permanently" in logged and "code=stamp_check_failed" in logged, logged[-2000:]
+    assert events(logged, "stamp_failed_permanently", order_id=order_id, code="stamp_check_failed"), logged[-2000:]
