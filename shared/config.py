@@ -217,6 +217,14 @@ class Settings:
     proxy_hops: int = 0
     # Bearer token for the ops endpoints; empty disables them.
     ops_token: str = ""
+    # Prometheus metrics (shared/metrics.py). A worker node serves its own on this port (0: none; each node
+    # on a machine needs its own port); web nodes serve theirs at GET /metrics (behind OPS_TOKEN). The
+    # multiprocess directory is a base (empty: <DATA_DIR>/metrics): each node counts in a folder of its
+    # own below it. shared/metrics.py reads it from the environment itself, because prometheus-client
+    # decides on multiprocess mode as it is imported.
+    metrics_port: int = 0
+    metrics_bind_host: str = "127.0.0.1"
+    prometheus_multiproc_dir: str = ""
 
     # Signing stamped documents (X.509, PAdES B-B; an RSA or ECDSA issuer key). Each item is a file
     # (SIGNING_*_PATH; empty paths default to <data_dir>/pki/) or PEM text in the environment

@@ -27,6 +27,7 @@ import fcntl
 import os
 import re
 import shutil
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -68,11 +69,27 @@ def _start_group() -> Path:
 DIRECTORY = _start_group()
 os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(DIRECTORY)
 
+from celery.signals import before_task_publish  # noqa: E402
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram  # noqa: E402
 from prometheus_client import generate_latest, multiprocess  # noqa: E402
+from prometheus_client import values as _values  # noqa: E402
+from prometheus_client.core import GaugeMetricFamily  # noqa: E402,F401 - for the scrape-time collectors
 from prometheus_client.mmap_dict import MmapedDict  # noqa: E402
 
+if not getattr(_values.ValueClass, "_multiprocess", False):
+    raise RuntimeError("prometheus_client was imported before shared.metrics: its values would stay in this "
+                       "process only; import shared.metrics first (gunicorn.conf.py does, in the master)")
+
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+# Every message carries the time it was published, so a scrape can say how old the oldest waiting one is
+# (shared/services/observe.py); kombu's Redis messages carry no time of their own.
+PUBLISHED_AT_HEADER = "meterai_published_at"
+
+
+@before_task_publish.connect(weak=False)
+def _stamp_publish_time(headers: dict | None = None, **_: object) -> None:
+    if headers is not None:
+        headers[PUBLISHED_AT_HEADER] = time.time()
 
 # -- web (web/metrics.py) ------------------------------------------------------------------------------
 HTTP_REQUESTS = Counter("meterai_http_requests_total", "HTTP requests answered, by route template, method "

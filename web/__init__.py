@@ -49,10 +49,11 @@ def create_app(settings: Settings | None = None) -> Flask:
     if settings.proxy_hops > 0:
         app.wsgi_app = ProxyFix(app.wsgi_app, x_for=settings.proxy_hops)
 
-    from web import (api, errors, health, limits, notifications, openapi, ops, pages, queue, requestid, security,
-                     verify)
+    from web import (api, errors, health, limits, metrics, notifications, openapi, ops, pages, queue, requestid,
+                     security, verify)
 
     requestid.register(app)  # first: every answer, even one refused early, has an id
+    metrics.register(app)  # next: its after-request hook runs late, timing and counting the whole answer
     errors.register(app)
     security.register(app)
     app.after_request(limits.add_rate_limit_headers)

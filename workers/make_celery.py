@@ -3,6 +3,7 @@ from celery.signals import celeryd_after_setup
 
 from shared.stamping.key_material import require_key_material
 from web import create_app
+from workers import metrics  # noqa: F401 - its Celery signals count tasks and serve METRICS_PORT
 
 flask_app = create_app()
 celery_app = flask_app.extensions["celery"]
