@@ -378,7 +378,7 @@ def test_a_stamp_that_fails_the_delivery_check_is_refunded_never_stamped(sys_: S
     signs, into a file whose stamp readers show on another page than the one chosen (preflight would
     have refused it). The worker must refund it at once: no stamped file, serial voided, no retries."""
     order_id, token, view = sys_.order_awaiting_payment()
-    sys_.store.put(sys_.order_row(order_id)["document_key"], page_tree_with_a_lying_count())
+    sys_.replace_upload(order_id, page_tree_with_a_lying_count())
     log = sys_.process("stamping").log
     log_start = log.stat().st_size
 

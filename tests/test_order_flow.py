@@ -244,7 +244,7 @@ def test_stamping_that_keeps_failing_is_refunded_after_the_deadline(sys_):
 def test_unreadable_document_is_refunded_without_retries(sys_):
     order_id, token, view = sys_.order_awaiting_payment()
     # The upload passed preflight, then was replaced in the store: the worker can no longer parse it.
-    sys_.store.put(sys_.order_row(order_id)["document_key"], b"%PDF-1.7\n" + b"\x00garbage" * 100)
+    sys_.replace_upload(order_id, b"%PDF-1.7\n" + b"\x00garbage" * 100)
     sys_.pay(view["payment"]["gateway_order_id"])
     done = sys_.wait_status(order_id, token, "refunded")
     row = sys_.order_row(order_id)
@@ -313,7 +313,7 @@ def test_paid_order_survives_redis_restarting_empty(sys_):
 def test_failed_stamp_paid_by_bank_transfer_goes_to_manual_refund(sys_):
     """Virtual-account payments can't be refunded by API: ops get a refund_manual order, not silence."""
     order_id, token, view = sys_.order_awaiting_payment()
-    sys_.store.put(sys_.order_row(order_id)["document_key"], b"%PDF-1.7\n" + b"\x00garbage" * 100)
+    sys_.replace_upload(order_id, b"%PDF-1.7\n" + b"\x00garbage" * 100)
     sys_.pay(view["payment"]["gateway_order_id"], payment_type="bank_transfer")
     done = sys_.wait_status(order_id, token, "refund_manual")
     assert done["refund"] == {"status": "manual", "amount": 12500}

@@ -128,7 +128,7 @@ def test_serial_we_never_issued_is_invalid(sys_):
 def test_serial_voided_by_a_refund_is_invalid(sys_):
     order_id, token, view = sys_.order_awaiting_payment()
     # stamping fails for good: refund
-    sys_.store.put(sys_.order_row(order_id)["document_key"], b"%PDF-1.7\n" + b"\x00garbage" * 100)
+    sys_.replace_upload(order_id, b"%PDF-1.7\n" + b"\x00garbage" * 100)
     sys_.pay(view["payment"]["gateway_order_id"])
     done = sys_.wait_status(order_id, token, "refunded")
     [voided] = sys_.query("SELECT serial, status FROM serials WHERE order_id = %s", (order_id,))

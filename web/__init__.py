@@ -35,7 +35,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     # read chunk); web.api refuses fields over 1 KiB before anything looks inside them.
     app.config["MAX_FORM_MEMORY_SIZE"] = 64 * 1024
     app.extensions["meterai.settings"] = settings
-    app.extensions["meterai.store"] = store_from_settings(settings)
+    app.extensions["meterai.store"] = store_from_settings(settings, web=True)  # a buyer waits on it: one short try
     celery_init_app(app, settings)  # also configures the status cache (shared/statuscache.py)
     # Short timeouts: a slow Redis must turn into a quick "come back", never a hung request. One retry: a
     # connection the server dropped, or a primary Sentinel just replaced, costs no buyer an error.
