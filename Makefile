@@ -4,12 +4,14 @@
 
 PYTHON ?= .venv/bin/python
 
-.PHONY: help drill-short drill-full drill-steady bench bench-kernel bench-web bench-overload bench-e2e bench-sweep
+.PHONY: help drill-short drill-full drill-steady drill-multi drill-failover bench bench-kernel bench-web bench-overload bench-e2e bench-sweep
 
 help:
 	@echo "make drill-short   deadline spike, ~2 minutes, SLO gate as exit code"
 	@echo "make drill-full    deadline spike, ~11 minutes, gateway faults on"
 	@echo "make drill-steady  a steady busy day, ~2 minutes"
+	@echo "make drill-multi   deadline spike on many nodes behind nginx, two nodes killed, ~3 minutes"
+	@echo "make drill-failover deadline spike while Redis, PostgreSQL, PgBouncer and the store are lost in turn, ~5 minutes"
 	@echo "make bench         all benchmarks (kernel, web, overload, e2e, sweep); figures go in docs/benchmarks.md"
 
 drill-short:
@@ -20,6 +22,13 @@ drill-full:
 
 drill-steady:
 	$(PYTHON) -m loadtests.drill --profile short --shape steady
+
+# Needs Debian's redis-server (Sentinel too) and pgbouncer besides PostgreSQL; SeaweedFS comes with the test extra.
+drill-multi:
+	$(PYTHON) -m loadtests.drill --profile multi
+
+drill-failover:
+	$(PYTHON) -m loadtests.drill --profile failover
 
 # Each benchmark exits non-zero when its target is missed; run them all and report every result.
 bench:
