@@ -34,6 +34,7 @@ from psycopg import errors as pg_errors
 from psycopg import sql
 
 from shared.db import Tx
+from shared.logs import current_request_id
 
 log = logging.getLogger(__name__)
 
@@ -263,10 +264,10 @@ def _event(tx: Tx, order_id: UUID | str, source: Status | None, target: Status, 
 _INSERT_ORDER = """
 WITH o AS (
     INSERT INTO orders (id, idempotency_key, request_fingerprint, access_token_hashes, email, status,
-                        amount_idr, page, x, y, document_key, document_sha256, document_bytes)
+                        amount_idr, page, x, y, document_key, document_sha256, document_bytes, request_id)
     VALUES (%(id)s, %(idempotency_key)s, %(request_fingerprint)s, %(access_token_hashes)s, %(email)s,
             'created', %(amount_idr)s, %(page)s, %(x)s, %(y)s, %(document_key)s, %(document_sha256)s,
-            %(document_bytes)s)
+            %(document_bytes)s, %(request_id)s)
     ON CONFLICT ((lower(email)), idempotency_key) DO NOTHING
     RETURNING *
 ), e AS (
@@ -280,7 +281,9 @@ SELECT * FROM o
 def insert_order(conn: Any, values: Mapping[str, Any]) -> dict[str, Any] | None:
     """A new ``created`` order and its first event, in one statement (one round trip, atomic on an
     autocommit connection); ``None`` when the buyer already has an order under this Idempotency-Key."""
-    return conn.execute(_INSERT_ORDER, {**values, "reason": CREATED_REASON}).fetchone()
+    # The create's request id, kept so later work on the order (a notification, a sweep) can carry it.
+    return conn.execute(_INSERT_ORDER, {"request_id": current_request_id(), **values,
+                                        "reason": CREATED_REASON}).fetchone()
 
 
 def transition(

@@ -53,6 +53,18 @@ def current_request_id() -> str | None:
     return REQUEST_ID.get()
 
 
+def adopt_request_id(value: str | None) -> str | None:
+    """Go on under ``value``, the id of the create that made the order this work turned out to be about
+    (a gateway notification arrives as the gateway's own request; a sweep starts as beat's), so every
+    later line, and every task published from here on, carries the order's id. Returns the id it
+    replaced, for the one line that links the two (None when nothing changed)."""
+    previous = REQUEST_ID.get()
+    if not value or value == previous:
+        return None
+    REQUEST_ID.set(value)
+    return previous
+
+
 class _Event(dict):
     """A log record's message for :func:`log_event`: the event's fields, which :class:`JsonFormatter`
     writes as JSON; a plain formatter gets the ``event=… key=value`` text from ``str()``."""

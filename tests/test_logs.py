@@ -94,21 +94,22 @@ def test_one_request_id_follows_an_order_across_web_and_workers(system: System):
     assert {line["logger"] for line in json_lines(out["checkout"]) if line.get("request_id") == request_id} \
         >= {"workers.tasks", "shared.services.checkout"}
 
-    # The payment arrives as the gateway's own request: its id (made at our edge) follows it into the
-    # payments worker and on into the stamping task that worker published.
+    # The payment arrives as the gateway's own request, under an id of its own (made at our edge); the
+    # payments worker links that id to the order's once it knows the order, and from there on (and in the
+    # stamping task it publishes) the order's id is the one on every line.
     processed = events(out["payments"], "notification_processed", order_id=order_id)
-    notified = {line["request_id"] for line in processed}
-    assert len(notified) == 1 and request_id not in notified, processed
-    (notification_id,) = notified
+    assert [line["request_id"] for line in processed] == [request_id], processed
+    notification_id = processed[0]["notification_request_id"]
+    assert notification_id and notification_id != request_id
     assert events(out["web"], "http_request", route="/api/v1/payments/notifications",
                   request_id=notification_id)
     stamped = events(out["stamping"], "stamped", order_id=order_id)
-    assert [line["request_id"] for line in stamped] == [notification_id]
+    assert [line["request_id"] for line in stamped] == [request_id]
     stamp_tasks = [line for line in events(out["stamping"], "task") if order_id in line.get("args", "")]
-    assert stamp_tasks and {line["request_id"] for line in stamp_tasks} == {notification_id}
+    assert stamp_tasks and {line["request_id"] for line in stamp_tasks} == {request_id}
     # Celery's own lines ("Task … received/succeeded") are JSON and carry it too.
     celery_lines = [line for line in json_lines(out["stamping"])
-                    if line["logger"].startswith("celery") and line.get("request_id") == notification_id]
+                    if line["logger"].startswith("celery") and line.get("request_id") == request_id]
     assert celery_lines
 
 

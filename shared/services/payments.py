@@ -32,7 +32,7 @@ from shared.config import Settings
 from shared.db import Tx, get_pool, transaction
 from shared.errors import TransientError
 from shared.lifecycle import NOW, CaptureRole, Status, after, book_capture, order_capture, transition
-from shared.logs import log_event
+from shared.logs import adopt_request_id, log_event
 from shared.payments.gateway import GatewayStatus, PaymentGateway
 from shared.services.refunds import begin_refund, refund_extra_capture
 
@@ -159,10 +159,12 @@ def process_notification(settings: Settings, gateway: PaymentGateway, notificati
             "SELECT * FROM payment_notifications WHERE id = %s", (notification_id,)
         ).fetchone()
         payment = conn.execute(
-            "SELECT * FROM payments WHERE gateway_order_id = %s", (note["gateway_order_id"],)
+            "SELECT p.*, o.request_id AS order_request_id FROM payments p JOIN orders o ON o.id = p.order_id"
+            " WHERE p.gateway_order_id = %s", (note["gateway_order_id"],)
         ).fetchone() if note else None
     if note is None or note["processed_at"] is not None:
         return "skipped"
+    notification_request_id = adopt_request_id(payment["order_request_id"] if payment else None)
     if payment is None:
         with transaction(settings.database_url) as tx:
             _mark_processed(tx, notification_id, "unknown_order")
@@ -178,7 +180,8 @@ def process_notification(settings: Settings, gateway: PaymentGateway, notificati
         _mark_processed(tx, notification_id, outcome)
     log_event(log, "notification_processed", order_id=str(payment["order_id"]),
               gateway_order_id=payment["gateway_order_id"], notified=note["transaction_status"],
-              confirmed=confirmed.transaction_status if confirmed else None, outcome=outcome)
+              confirmed=confirmed.transaction_status if confirmed else None, outcome=outcome,
+              notification_request_id=notification_request_id)
     return outcome
 
 
