@@ -22,9 +22,19 @@ FIELDS = {"page": "1", "x": "400", "y": "80", "email": "pelamar@example.id"}
 DOCUMENT = make_pdf(1)  # one document: a repeated create must send the same one
 
 
-def node_requests(node: Process, method: str, path: str) -> int:
-    """How many ``method path`` requests this node's gunicorn logged (its access log goes to its output)."""
-    return node.output().decode("utf-8", "replace").count(f'"{method} {path} HTTP/1.1"')
+def node_requests(node: Process, method: str, route: str) -> int:
+    """How many ``method route`` requests this node's gunicorn logged (its JSON access lines, event
+    ``http_request``, go to its output)."""
+    count = 0
+    for line in node.output().decode("utf-8", "replace").splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and record.get("event") == "http_request" \
+                and record.get("method") == method and record.get("route") == route:
+            count += 1
+    return count
 
 
 def access_lines(proxy: NginxHandle) -> list[dict]:
@@ -215,3 +225,16 @@ def test_no_node_answering_is_a_json_come_back_with_hsts(tmp_path: Path):
     assert answer.json()["error"]["code"] == "service_unavailable"
     assert int(answer.headers["Retry-After"]) > 0
     assert "max-age" in answer.headers["Strict-Transport-Security"]
+
+
+def test_the_proxy_names_each_request_and_a_client_cannot(web_nodes, proxy):
+    """nginx's $request_id reaches the node as X-Request-Id (echoed back by the app) and is in nginx's
+    access log; a client's own X-Request-Id is replaced, so ids in our logs are ours."""
+    [node] = web_nodes(1)
+    nginx = proxy([node])
+    answer = requests.get(f"{nginx.url}/healthz", headers={"X-Request-Id": "client-chosen-id-1234"}, timeout=10)
+    request_id = answer.headers["X-Request-Id"]
+    assert request_id != "client-chosen-id-1234" and len(request_id) == 32
+    wait_until(lambda: request_id in nginx.access_log.read_text(), message="nginx's access line")
+    logged = [json.loads(line) for line in nginx.access_log.read_text().splitlines()]
+    assert [line["path"] for line in logged if line["request_id"] == request_id] == ["/healthz"]
