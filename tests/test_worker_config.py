@@ -105,3 +105,17 @@ def test_every_task_names_its_retry_bound_and_runs_on_the_base_class(sys_):
     retried = {name for name, task in ours.items() if task.retries_setting}
     assert retried == {jobs.PREPARE_ORDER, jobs.PROCESS_NOTIFICATION, jobs.POLL_PAYMENT, jobs.EXPIRE_ORDER,
                        jobs.STAMP_ORDER, jobs.REFUND_ORDER}
+
+
+def test_a_sentinel_broker_url_survives_the_celery_commands_own_reading_of_it(monkeypatch):
+    """The `celery` command reads a BROKER_URL variable as its --broker and sets CELERY_BROKER_URL to it
+    as given: a redis+sentinel:// URL kombu can't parse. The app's connections must still be ours."""
+    from workers.celery_app import make_celery_app
+
+    ours = "redis+sentinel://127.0.0.1:26379,127.0.0.1:26380/meterai-broker/0"
+    monkeypatch.setenv("CELERY_BROKER_URL", ours)
+    app = make_celery_app(load_settings({"BROKER_URL": ours}))
+    for connection in (app.connection_for_write(), app.connection_for_read()):
+        assert connection.transport_cls == "shared.broker.redis_transport:SentinelTransport"
+        assert not connection.as_uri().startswith("redis+sentinel")
+        assert connection.transport_options["master_name"] == "meterai-broker"

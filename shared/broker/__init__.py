@@ -27,6 +27,12 @@ def broker_config(settings: Settings) -> dict[str, Any]:
                                          "BROKER_URL" if settings.broker_url else "REDIS_URL")
     return {
         "broker_url": url,
+        # Said again for reads and writes, which Celery prefers to broker_url: the `celery` command takes
+        # a BROKER_URL variable (our setting's name) as its own --broker and puts it in
+        # CELERY_BROKER_URL, which beats broker_url; for a redis+sentinel:// URL, which kombu can't read,
+        # every worker then died at start.
+        "broker_read_url": url,
+        "broker_write_url": url,
         # kombu's Redis transport with one repair (see shared/broker/redis_transport.py): with Celery 5.7
         # a Redis restart under running acks_late tasks could stop the worker with an AttributeError.
         "broker_transport": redis_transport.transport_for(url),
