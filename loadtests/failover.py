@@ -43,11 +43,10 @@ from shared.devtools.pgbouncer import PgBouncerHandle, start_pgbouncer
 from shared.devtools.sentinel import SentinelSet, start_sentinel_set
 from shared.devtools.services import PostgresHandle, create_database, free_port, start_private_postgres
 
-# BROKER_URL given apart from REDIS_URL (the same Sentinel set). Off: the ``celery`` command reads a
-# BROKER_URL variable as its own ``--broker`` and puts it in CELERY_BROKER_URL, which Celery prefers to
-# the app's converted broker_url, so a worker given a redis+sentinel:// BROKER_URL dies at start (kombu
-# can't parse the Sentinel list). The broker follows REDIS_URL meanwhile, through the same Sentinels.
-SEPARATE_BROKER_URL = False
+# BROKER_URL given apart from REDIS_URL (here the same Sentinel set), as deploy.md recommends: the drill
+# runs the production arrangement. (The celery command reads BROKER_URL as its own --broker; the broker
+# config says our URL for reads and writes too, so that can't displace it: shared/broker.)
+SEPARATE_BROKER_URL = True
 
 # The order the faults come in; names as in the report.
 FAULTS = ("redis-primary", "postgresql", "pgbouncer", "document-store")
