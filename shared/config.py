@@ -44,6 +44,9 @@ class Settings:
     # silently under us. Either way, every connection is checked as it is handed out (shared/db).
     database_max_lifetime_seconds: float = 30 * 60.0
     database_max_idle_seconds: float = 300.0
+    # How long a request or task waits for a pooled connection before it is "overloaded": the web answers
+    # 503 with Retry-After, a task retries. Short: a buyer is told to come back in seconds, not held.
+    database_pool_timeout_seconds: float = 3.0
     # Where `meterai migrate` connects; empty means DATABASE_URL. Point it at PostgreSQL itself when
     # DATABASE_URL is a pooler: a migration's DDL holds one server connection for its whole run and must
     # not meet the pooler's query_timeout or take a slot from the traffic.
@@ -272,6 +275,8 @@ class Settings:
         if not 0 <= self.status_cache_seconds <= 60:
             raise ValueError("STATUS_CACHE_SECONDS must be 0 to 60: it bounds how stale a buyer's status "
                              "can be when Redis misses a change")
+        if not 0 < self.database_pool_timeout_seconds <= 30:
+            raise ValueError("DATABASE_POOL_TIMEOUT_SECONDS must be above 0 and at most 30 (gunicorn's --timeout)")
         if not 0 < self.database_max_idle_seconds < self.database_max_lifetime_seconds:
             raise ValueError("DATABASE_MAX_IDLE_SECONDS must be above 0 and under "
                              "DATABASE_MAX_LIFETIME_SECONDS")

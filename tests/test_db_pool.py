@@ -86,3 +86,27 @@ def test_pool_closes_idle_connections_before_the_network_does_and_renews_old_one
     pool = get_pool(postgres.url)
     assert pool.max_idle == POOL_MAX_IDLE_SECONDS < 350
     assert pool.max_lifetime == POOL_MAX_LIFETIME_SECONDS > POOL_MAX_IDLE_SECONDS
+
+
+def test_waiting_for_a_connection_is_bounded_by_a_setting(postgres: Server) -> None:
+    """A request that can't get a connection is told to come back in seconds (DATABASE_POOL_TIMEOUT_SECONDS,
+    3 by default), not held for as long as the proxy would wait; the pool is made with that bound."""
+    from shared.config import load_settings
+    from shared.db import ConnectionOptions
+
+    assert load_settings({}).database_pool_timeout_seconds == 3.0
+    with pytest.raises(ValueError, match="DATABASE_POOL_TIMEOUT_SECONDS"):
+        load_settings({"DATABASE_POOL_TIMEOUT_SECONDS": "60"})
+    options = ConnectionOptions.from_settings(load_settings({"DATABASE_POOL_TIMEOUT_SECONDS": "1.5"}))
+    import psycopg
+
+    url = psycopg.conninfo.make_conninfo(postgres.url, application_name="pool-timeout")  # a pool of its own
+    try:
+        pool = get_pool(url, max_size=1, options=options)
+        assert pool.timeout == 1.5
+        with pool.connection():
+            with pytest.raises(PoolTimeout):  # the one connection is taken: the second waiter gives up
+                with pool.connection() as conn:
+                    conn.execute("SELECT 1")
+    finally:
+        close_pool(url)

@@ -43,12 +43,14 @@ class ConnectionOptions:
     prepare_threshold: int | None = PREPARE_THRESHOLD
     max_lifetime: float = POOL_MAX_LIFETIME_SECONDS
     max_idle: float = POOL_MAX_IDLE_SECONDS
+    timeout: float = 3.0
 
     @classmethod
     def from_settings(cls, settings: "Settings") -> "ConnectionOptions":
         return cls(prepare_threshold=None if settings.database_pooled else PREPARE_THRESHOLD,
                    max_lifetime=settings.database_max_lifetime_seconds,
-                   max_idle=settings.database_max_idle_seconds)
+                   max_idle=settings.database_max_idle_seconds,
+                   timeout=settings.database_pool_timeout_seconds)
 
 
 _configured: ConnectionOptions | None = None
@@ -129,8 +131,8 @@ def get_pool(conninfo: str, *, max_size: int = 10, options: ConnectionOptions | 
                             "prepare_threshold": options.prepare_threshold},
                     open=False,
                     # Waiting longer than this for a connection means "overloaded": fail fast (the web
-                    # answers 503 with Retry-After) instead of piling up requests.
-                    timeout=10.0,
+                    # answers 503 with Retry-After) instead of piling up requests (DATABASE_POOL_TIMEOUT_SECONDS).
+                    timeout=options.timeout,
                     check=check,
                     max_idle=options.max_idle,
                     max_lifetime=options.max_lifetime,
