@@ -28,6 +28,7 @@ from typing import Any
 from shared import statuscache
 from shared.config import Settings, UnsafeSettings, get_settings, refuse_unsafe
 from shared.errors import DomainError
+from shared.logs import configure_logging
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -93,8 +94,7 @@ READ_ONLY = frozenset({"migrate", "manual-refunds", "ledger-report", "gateway-re
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s",
-                        stream=sys.stderr)
+    configure_logging()  # the same JSON lines as web and workers (shared/logs.py)
     settings = get_settings()
     if args.command not in READ_ONLY:
         try:
@@ -247,7 +247,7 @@ def _admission(settings: Settings, args: argparse.Namespace) -> int:
         import logging
         import os
 
-        from shared.logs import log_event
+        from shared.logs import configure_logging, log_event
 
         before = controller.mode()
         controller.set_mode(Mode(args.mode))

@@ -11,6 +11,7 @@ import logging
 from typing import Any, Protocol
 
 from shared.db import Tx
+from shared.logs import log_event
 
 log = logging.getLogger(__name__)
 
@@ -72,8 +73,8 @@ def publish_committed(name: str, *args: Any) -> None:
     raised: the rows are safe in PostgreSQL and the periodic redrive publishes what is still due."""
     try:
         publish(name, *args)
-    except Exception:  # noqa: BLE001
-        log.exception("event=after_commit_failed")
+    except Exception as exc:  # noqa: BLE001
+        log_event(log, "after_commit_failed", logging.ERROR, task=name, error=repr(exc))
 
 
 def enqueue_after_commit(tx: Tx, name: str, *args: Any) -> None:

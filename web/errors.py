@@ -32,7 +32,7 @@ STATUS_BY_CODE: dict[str, int] = {
     "manual_reference_conflict": 409,
     "too_large": 413,
     "not_pdf": 415,
-    "invalid_field": 422, "invalid_mode": 422, "field_too_long": 422, "invalid_email": 422,
+    "invalid_field": 422, "invalid_mode": 422, "invalid_operator": 422, "field_too_long": 422, "invalid_email": 422,
     "missing_page": 422, "missing_x": 422, "missing_y": 422, "invalid_page": 422, "invalid_x": 422,
     "invalid_y": 422, "verification_timeout": 422,
     "rate_limited": 429,

@@ -19,6 +19,8 @@ import psycopg
 from psycopg.rows import dict_row
 from psycopg_pool import ConnectionPool
 
+from shared.logs import log_event
+
 if TYPE_CHECKING:
     from shared.config import Settings
 
@@ -96,7 +98,8 @@ def _checker() -> tuple[Callable[[psycopg.Connection], None], Callable[[Connecti
             ConnectionPool.check_connection(conn)
         except Exception:
             if owner:
-                log.warning("event=db_pool_dead_connection pool=%s checking_idle_connections=1", owner[0].name)
+                log_event(log, "db_pool_dead_connection", logging.WARNING, pool=owner[0].name,
+                          checking_idle_connections=1)
                 owner[0].check()
             raise
 
