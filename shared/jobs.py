@@ -29,6 +29,8 @@ RECONCILE_PAYMENTS = "meterai.housekeeping.reconcile_payments"
 EXPIRE_UNPAID = "meterai.housekeeping.expire_unpaid"
 POLL_PAYMENT = "meterai.payments.poll_payment"
 EXPIRE_ORDER = "meterai.payments.expire_order"
+# One sample of the waiting line for the ops page's last-hour chart, so minutes nobody watched are drawn.
+OPS_SAMPLE = "meterai.housekeeping.ops_sample"
 
 QUEUES: dict[str, str] = {
     PREPARE_ORDER: "checkout",
@@ -38,6 +40,7 @@ QUEUES: dict[str, str] = {
     SWEEP_REFUNDS: "housekeeping",
     REDRIVE: "housekeeping",
     RECONCILE_PAYMENTS: "housekeeping",
+    OPS_SAMPLE: "housekeeping",
     EXPIRE_UNPAID: "housekeeping",
     POLL_PAYMENT: "reconcile",
     EXPIRE_ORDER: "reconcile",

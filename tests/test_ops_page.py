@@ -204,3 +204,22 @@ def test_the_line_is_sampled_once_per_interval_whoever_asks(sys_):
     finally:
         for key in client.scan_iter(match=f"{settings.redis_key_prefix}*"):
             client.delete(key)
+
+
+def test_beat_samples_the_line_for_the_chart_even_when_nobody_watches(sys_):
+    """The chart's samples come from a periodic housekeeping task too (not only from an open page), at
+    most one per interval however many beats or pages ask."""
+    import redis
+
+    from shared import jobs
+    from shared.services.opsview import _samples_key
+
+    client = redis.Redis.from_url(sys_.settings.redis_url)
+    key = _samples_key(sys_.settings)
+    client.delete(key, f"{sys_.settings.redis_key_prefix}ops:sample-lock")
+    for _ in range(3):
+        jobs.publish(jobs.OPS_SAMPLE)
+    wait_until(lambda: client.zcard(key) >= 1, message="the housekeeping worker's sample")
+    assert client.zcard(key) == 1  # three asked within one interval: one sample
+    [raw] = client.zrange(key, 0, -1)
+    assert Sample.decode(raw) is not None

@@ -49,6 +49,12 @@ def beat_schedule(settings: Settings) -> dict[str, dict]:
             "schedule": timedelta(seconds=settings.expire_unpaid_interval_seconds),
             "options": {"queue": jobs.QUEUES[jobs.EXPIRE_UNPAID]},
         },
+        "ops-sample": {
+            "task": jobs.OPS_SAMPLE,
+            "schedule": timedelta(seconds=15),
+            # A sample that waited past its minute is worth nothing: dropped, not run late.
+            "options": {"queue": jobs.QUEUES[jobs.OPS_SAMPLE], "expires": 15},
+        },
     }
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from celery import shared_task
 
 from shared import jobs
-from shared.services import housekeeping, reconcile
+from shared.services import housekeeping, opsview, reconcile
 
 
 @shared_task(name=jobs.SWEEP_REFUNDS, bind=True)
@@ -26,3 +26,9 @@ def reconcile_payments(self) -> int:
 @shared_task(name=jobs.EXPIRE_UNPAID, bind=True)
 def expire_unpaid(self) -> int:
     return len(reconcile.expire_stalled_checkouts(self.settings)) + reconcile.schedule_expiry(self.settings)
+
+
+@shared_task(name=jobs.OPS_SAMPLE, bind=True, expires=15)
+def ops_sample(self) -> bool:
+    """At most one sample per interval across every beat and page (a Redis lock): two beats stay harmless."""
+    return opsview.record_sample(self.settings, self.admission.redis, self.admission)
