@@ -20,6 +20,11 @@ What it does, in order:
    under the thresholds, downloads verified, and the invariants queried from the database;
 6. stops everything it started and drops the database (``--keep-database`` keeps it).
 
+Throughout the run and the drain it scrapes the system's own metrics every ~10 s, as Prometheus would
+(every web node's ``/metrics`` with the stack's ``OPS_TOKEN``, every worker node's ``METRICS_PORT``), and
+keeps a few key series in ``metrics.jsonl`` beside gate.json, summarised in gate.json's ``metrics``
+(:mod:`loadtests.scrapes`).
+
 ``--profile multi`` runs the same spike, gate and audit against the system laid out as on many machines
 (:mod:`loadtests.multinode`): two web nodes behind the private nginx, two stamping nodes, every other worker
 group and one beat, each a process group with its own ``DATA_DIR`` and no shared folder (documents only
@@ -272,7 +277,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     import requests
 
-    from loadtests import shapes, slo
+    from loadtests import scrapes, shapes, slo
     from loadtests.invariants import read_invariants, wait_for_drain
     from loadtests.stack import Stack, say, workdir_for
 
@@ -323,21 +328,25 @@ def main(argv: list[str] | None = None) -> int:
             if faults:
                 requests.post(f"{stack.gateway_url}/sandbox/faults", json=faults, timeout=5).raise_for_status()
                 say(f"gateway faults: {json.dumps(faults)}")
-            run_locust(stack, profile, shape, params, report, on_tick=chaos)
-            if isinstance(chaos, Faults):
-                chaos(float("inf"))  # every fault undone before the drain
-            elif chaos is not None and chaos.state != "after":
-                chaos(float("inf"))  # the run ended early: bring the victims back before the drain
-                stack.wait_ready(timeout=60)
-            summary_path = report / "locust-summary.json"
-            if not summary_path.exists():
-                say(f"locust wrote no summary; see {report / 'locust.out'}")
-                return 2
-            load = slo.load_summary_from_json(summary_path)
-            say(f"load done: {load.requests} requests, {load.flows_completed} stamped documents downloaded; "
-                f"draining (at most {drain_window:.0f} s)")
-            waited = wait_for_drain(stack.database_url, drain_window, progress=say)
-            invariants = read_invariants(stack.database_url, drain_seconds=waited)
+            watch = scrapes.Watch(report / scrapes.FILE_NAME, lambda: scrapes.stack_targets(stack)).start()
+            try:  # scraped through the run and the drain
+                run_locust(stack, profile, shape, params, report, on_tick=chaos)
+                if isinstance(chaos, Faults):
+                    chaos(float("inf"))  # every fault undone before the drain
+                elif chaos is not None and chaos.state != "after":
+                    chaos(float("inf"))  # the run ended early: bring the victims back before the drain
+                    stack.wait_ready(timeout=60)
+                summary_path = report / "locust-summary.json"
+                if not summary_path.exists():
+                    say(f"locust wrote no summary; see {report / 'locust.out'}")
+                    return 2
+                load = slo.load_summary_from_json(summary_path)
+                say(f"load done: {load.requests} requests, {load.flows_completed} stamped documents downloaded; "
+                    f"draining (at most {drain_window:.0f} s)")
+                waited = wait_for_drain(stack.database_url, drain_window, progress=say)
+                invariants = read_invariants(stack.database_url, drain_seconds=waited)
+            finally:
+                seen = watch.stop()
             result = slo.evaluate(load, invariants, thresholds)
             multi: dict[str, Any] = {}
             failover: dict[str, Any] = {}
@@ -351,6 +360,7 @@ def main(argv: list[str] | None = None) -> int:
                 **result.as_dict(), "profile": profile.name, "shape": shape, "shape_params": asdict(params),
                 "settings": overrides, "faults": faults, "thresholds": asdict(thresholds),
                 "orders_by_status": invariants.orders_by_status, "load": slo.load_summary_as_dict(load),
+                "metrics": seen,
                 **({"multi_node": multi} if multi else {}), **({"failover": failover} if failover else {}),
             }, indent=2, sort_keys=True))
     except KeyboardInterrupt:
@@ -362,8 +372,9 @@ def main(argv: list[str] | None = None) -> int:
     elif chaos is not None:
         print_multi(multi)
     print(f"orders by status after the drain: {json.dumps(invariants.orders_by_status, sort_keys=True)}")
+    print(scrapes.render(seen))
     print(result.render())
-    print(f"report: {report} (locust-report.html, locust_stats.csv, gate.json, logs/); "
+    print(f"report: {report} (locust-report.html, locust_stats.csv, gate.json, {scrapes.FILE_NAME}, logs/); "
           f"drill took {time.monotonic() - started:.0f} s")
     return 0 if result.passed else 1
 

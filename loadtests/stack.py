@@ -36,8 +36,8 @@ from typing import Any, Callable, Iterable
 import psycopg
 from psycopg import sql
 
-from shared.devtools.launcher import Launcher, Process
-from shared.devtools.procfile import ROOT, process_specs
+from shared.devtools.launcher import CELERY_WORKER, Launcher, Process
+from shared.devtools.procfile import ROOT, process_specs, select_processes
 from shared.devtools.proxy import start_nginx
 from shared.devtools.services import (Configured, RedisHandle, ensure_postgres, free_port, start_private_redis,
                                       start_seaweedfs)
@@ -104,6 +104,8 @@ class Stack:
     web_port: int = 0
     gateway_port: int = 0
     secret_key: str = field(default_factory=lambda: secrets.token_hex(16))
+    # The ops endpoints' bearer token (the drill scrapes GET /metrics with it: loadtests/scrapes.py).
+    ops_token: str = field(default_factory=lambda: secrets.token_urlsafe(32))
     launcher: Launcher | None = None
     # Multi-node runs: where every node's documents are (S3 settings or DOCUMENT_DIR), the proxy.
     store_env: dict[str, str] = field(default_factory=dict)
@@ -178,7 +180,7 @@ class Stack:
             DATA_DIR=str(self.workdir / "data"), PORT=str(self.web_port), PUBLIC_BASE_URL=self.web_url,
             GATEWAY_URL=self.gateway_url, GATEWAY_PORT=str(self.gateway_port),
             NOTIFICATION_URL=f"{self.web_url}/api/v1/payments/notifications", SECRET_KEY=self.secret_key,
-            PYTHONUNBUFFERED="1",
+            OPS_TOKEN=self.ops_token, PYTHONUNBUFFERED="1",
         )
         env.update(overrides or {})
         return env
@@ -192,7 +194,8 @@ class Stack:
     def start_procfile(self, names: Iterable[str] | None = None, overrides: dict[str, str] | None = None) -> None:
         assert self.launcher is not None
         dev_pki({**self.env(), **(overrides or {})})
-        started = self.launcher.start_all(names, env=overrides)
+        specs = select_processes(list(self.launcher.specs.values()), list(names or []))
+        started = [self.launcher.start(spec.name, env=self.metrics_env(spec.name, overrides)) for spec in specs]
         say(f"started {', '.join(p.name for p in started)} (logs in {self.workdir / 'logs'})")
 
     def wait_ready(self, timeout: float = 90.0) -> None:
@@ -253,8 +256,17 @@ class Stack:
         """A copy of Procfile group ``group`` as node ``name`` (its own process group, DATA_DIR and, for
         web, port). ``command`` replaces the Procfile's (e.g. pinned with taskset)."""
         assert self.launcher is not None
-        return self.launcher.start(group, name=name, env=self.node_env(name, overrides), port=port,
-                                   command=command)
+        return self.launcher.start(group, name=name, env=self.metrics_env(group, self.node_env(name, overrides)),
+                                   port=port, command=command)
+
+    def metrics_env(self, group: str, overrides: dict[str, str] | None = None) -> dict[str, str]:
+        """``overrides`` plus, for a Celery worker node, a free ``METRICS_PORT`` of its own (the drill scrapes
+        it), unless the caller set one (``--set METRICS_PORT=0`` keeps them off)."""
+        env = dict(overrides or {})
+        spec = self.launcher.specs.get(group) if self.launcher is not None else None
+        if spec is not None and CELERY_WORKER.search(spec.command) and "METRICS_PORT" not in env:
+            env["METRICS_PORT"] = str(free_port())
+        return env
 
     def start_proxy(self, web_ports: list[int], *, trust_forwarded_from: str | None = None) -> str:
         """The private nginx in front of the web nodes, on the stack's web port (so PUBLIC_BASE_URL and

@@ -165,3 +165,63 @@ def test_every_function_the_web_benchmark_profiles_still_exists():
         owner = importlib.import_module(module)
         for name in path.split("."):
             owner = getattr(owner, name)
+
+
+# A web node's and a stamping node's scrape, as GET /metrics answers them (made up, in the real names).
+WEB_SCRAPE = """\
+# HELP meterai_http_requests_total HTTP requests answered, by route template, method and status.
+# TYPE meterai_http_requests_total counter
+meterai_http_requests_total{method="POST",route="/api/v1/orders",status="202"} 40.0
+meterai_http_requests_total{method="POST",route="/api/v1/orders",status="429"} 7.0
+meterai_http_requests_total{method="GET",route="/api/v1/orders/<order_id>",status="200"} 300.0
+# TYPE meterai_http_refusals_total counter
+meterai_http_refusals_total{reason="queued",status="429"} 5.0
+meterai_http_refusals_total{reason="rate_limited",status="429"} 2.0
+# TYPE meterai_queue_messages gauge
+meterai_queue_messages{queue="stamping"} %(depth)s
+meterai_queue_messages{queue="checkout"} 0.0
+# TYPE meterai_queue_oldest_message_age_seconds gauge
+meterai_queue_oldest_message_age_seconds{queue="stamping"} %(age)s
+# TYPE meterai_admission_line_length gauge
+meterai_admission_line_length %(line)s
+# TYPE meterai_admission_line_head gauge
+meterai_admission_line_head %(head)s
+# TYPE meterai_refunds_open gauge
+meterai_refunds_open{status="pending"} 1.0
+"""
+STAMPING_SCRAPE = """\
+# TYPE meterai_stamping_attempts_total counter
+meterai_stamping_attempts_total{outcome="stamped"} 30.0
+meterai_stamping_attempts_total{outcome="retry"} 2.0
+"""
+
+
+def test_the_drills_metrics_summary_keeps_the_peaks_and_the_last_totals():
+    from loadtests import scrapes
+
+    lines = []
+    for t, (depth, age, line, head) in enumerate([(3, 1.5, 10, 0), (12, 8.25, 40, 15), (2, 0.5, 5, 60)]):
+        web = scrapes.key_series(scrapes.parse_samples(WEB_SCRAPE % dict(depth=depth, age=age, line=line, head=head)))
+        stamping = scrapes.key_series(scrapes.parse_samples(STAMPING_SCRAPE))
+        # Two web nodes see the same queues and line; their request counters add up, as do the workers'.
+        lines.append({"t": 1000.0 + 10 * t, "answered": 3, "series": scrapes.merge([web, web, stamping]),
+                      "errors": {}})
+    lines.append({"t": 1040.0, "answered": 0, "series": {}, "errors": {"web": "URLError: refused"}})
+
+    summary = scrapes.summarise(lines)
+
+    assert summary["scrapes"] == 4 and summary["scrapes_with_errors"] == 1
+    assert summary["first_errors"] == ["web: URLError: refused"]
+    assert summary["peak_queue_depth"] == {"checkout": 0, "stamping": 12}
+    assert summary["max_oldest_message_age_seconds"]["stamping"] == 8.2  # rounded to 0.1 s
+    assert summary["peak_line_length"] == 40
+    assert summary["peak_admitted_per_minute"] == 270.0  # 45 admitted in the 10 s between scrapes 2 and 3
+    end = summary["at_end"]
+    assert end["create_orders"] == {"202": 80, "429": 14}  # the status poll's route is not create-order
+    assert end["refusals"] == {"429:queued": 10, "429:rate_limited": 4}
+    assert end["stamping_attempts"] == {"retry": 2, "stamped": 30}
+    assert end["refunds_open"] == {"pending": 1} and end["queue_messages"]["stamping"] == 2
+    assert "peak line 40" in scrapes.render(summary)
+    # The reader that stands in for prometheus-client's parser reads the same samples.
+    text = WEB_SCRAPE % dict(depth=1, age=2.5, line=3, head=4)
+    assert scrapes._parse_plainly(text) == scrapes.parse_samples(text)
