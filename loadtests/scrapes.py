@@ -227,9 +227,10 @@ def render(summary: dict[str, Any]) -> str:
 
     depth = max(summary["peak_queue_depth"].items(), key=lambda kv: kv[1], default=("-", 0))
     age = max(summary["max_oldest_message_age_seconds"].items(), key=lambda kv: kv[1], default=("-", 0))
+    depth, age = (depth if depth[1] else ("every queue", 0)), (age if age[1] else ("every queue", 0))
     return (f"metrics: {summary['scrapes']} scrapes ({summary['scrapes_with_errors']} with errors) in "
             f"{summary['file']}; peak line {summary['peak_line_length']}, admitted ≤{summary['peak_admitted_per_minute']}"
-            f"/min; peak queue {depth[0]}={depth[1]}, oldest message {age[1]} s ({age[0]}); create-order "
+            f"/min; peak queue depth {depth[1]} ({depth[0]}), oldest message {age[1]} s ({age[0]}); create-order "
             f"{pairs(end.get('create_orders', {}))}; refusals {pairs(end.get('refusals', {}))}; stamping "
             f"{pairs(end.get('stamping_attempts', {}))}; refunds open {pairs(end.get('refunds_open', {}))}")
 
