@@ -88,9 +88,8 @@ def statuses(sys_, order_id: str) -> list[str]:
 
 
 def make_unstampable(sys_, order_id: str) -> None:
-    """The upload rots after preflight: stamping fails for good and the order is refunded."""
-    upload = sys_.settings.documents_path / sys_.order_row(order_id)["document_key"]
-    upload.write_bytes(b"%PDF-1.7\n" + b"\x00garbage" * 100)
+    """The upload turns out unreadable after preflight: stamping fails for good and the order is refunded."""
+    sys_.replace_upload(order_id, b"%PDF-1.7\n" + b"\x00garbage" * 100)
 
 
 def notifications_settled(sys_) -> bool:

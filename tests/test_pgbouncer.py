@@ -95,7 +95,7 @@ def test_order_flow_stamps_downloads_and_refunds_through_pgbouncer(pooled_system
 
     # A refund: the upload is replaced in the store after preflight, so stamping can't read it.
     refund_id, token, view = system.order_awaiting_payment()
-    system.store.put(system.order_row(refund_id)["document_key"], b"%PDF-1.7\n" + b"\x00garbage" * 100)
+    system.replace_upload(refund_id, b"%PDF-1.7\n" + b"\x00garbage" * 100)
     system.pay(view["payment"]["gateway_order_id"])
     done = system.wait_status(refund_id, token, "refunded", timeout=60)
     assert done["refund"] == {"status": "succeeded", "amount": 12500}

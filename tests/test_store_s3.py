@@ -306,13 +306,13 @@ def test_without_conditional_writes_an_exclusive_put_checks_first(seaweedfs) -> 
 
 
 def test_the_store_is_chosen_and_bounded_by_settings(tmp_path: Path) -> None:
-    assert isinstance(store_from_settings(load_settings({})), FilesystemStore)
-    chosen = store_from_settings(load_settings({"DOCUMENT_STORE_URL": f"file://{tmp_path}/docs"}))
+    assert isinstance(store_from_settings(load_settings({})).inner, FilesystemStore)
+    chosen = store_from_settings(load_settings({"DOCUMENT_STORE_URL": f"file://{tmp_path}/docs"})).inner
     assert isinstance(chosen, FilesystemStore) and chosen.root == tmp_path / "docs"
     legacy = load_settings({"DOCUMENT_DIR": str(tmp_path / "old")})
-    assert store_from_settings(legacy).root == tmp_path / "old"
+    assert store_from_settings(legacy).inner.root == tmp_path / "old"
     s3 = store_from_settings(load_settings({"DOCUMENT_STORE_URL": "s3://meterai-docs/prod/eu/",
-                                            "S3_ENDPOINT_URL": "https://s3.example.id"}))
+                                            "S3_ENDPOINT_URL": "https://s3.example.id"})).inner
     assert isinstance(s3, S3Store) and (s3.bucket, s3.prefix) == ("meterai-docs", "prod/eu/")
     for bad, says in [
         ({"DOCUMENT_STORE_URL": "s3://A_Bucket"}, "bucket name"),
@@ -438,6 +438,7 @@ def test_a_stamped_file_lost_from_the_store_is_our_error_not_the_buyers(sys_) ->
 def _rewrite(store, key: str, data: bytes) -> None:
     """Change a document behind the store's back: on S3 with a matching metadata digest, as a rewrite
     by someone who knows the format would."""
+    store = getattr(store, "inner", store)  # behind its breaker
     if isinstance(store, S3Store):
         store._client().put_object(Bucket=store.bucket, Key=store.prefix + key, Body=data,
                                    Metadata={"sha256": hashlib.sha256(data).hexdigest()})
@@ -531,3 +532,40 @@ def test_a_misconfigured_store_shows_buyers_only_that_it_is_unavailable(sys_, se
         assert b"no-such-bucket-here" in sys_.process("web-wrong-bucket").output()
     finally:
         sys_.launcher.stop("web-wrong-bucket")
+
+
+def test_a_store_that_keeps_failing_trips_its_breaker_and_calls_fail_at_once(tmp_path: Path) -> None:
+    """DESIGN: a dependency that keeps failing trips a circuit breaker rather than piling up calls that
+    each wait out its timeouts. Five failures in a row open it: the next calls don't reach the store;
+    a missing document is an answer (the store is up); after the cool-down one probe closes it."""
+    from shared.store import GuardedStore, store_breaker
+
+    class Counting(FilesystemStore):
+        calls = 0
+
+        def get(self, key: str, *, sha256: str | None = None) -> bytes:
+            Counting.calls += 1
+            return super().get(key, sha256=sha256)
+
+    blocked = tmp_path / "not-a-folder"
+    blocked.write_bytes(b"")  # the store's root is a file: every read fails as unavailable
+    now = [0.0]
+    breaker = store_breaker()
+    breaker._clock = lambda: now[0]  # noqa: SLF001 - the cool-down, counted rather than waited
+    store = GuardedStore(Counting(blocked), breaker)
+    key = upload_key(uuid.uuid4())
+    for _ in range(5):
+        with pytest.raises(StoreUnavailable):
+            store.get(key)
+    assert Counting.calls == 5 and breaker.state == "open"
+    with pytest.raises(StoreUnavailable, match="circuit open"):
+        store.get(key)
+    assert Counting.calls == 5  # failed at once, without asking the store
+    assert store.writable() is False  # readiness still asks the store itself
+
+    blocked.unlink()
+    blocked.mkdir()
+    now[0] += breaker.cooldown_seconds
+    with pytest.raises(DocumentMissing):  # the probe: an answer, so the store is up again
+        store.get(key)
+    assert breaker.state == "closed" and Counting.calls == 6

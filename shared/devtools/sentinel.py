@@ -24,7 +24,7 @@ from pathlib import Path
 
 import redis
 
-from shared.devtools.services import ServiceError, _redis_server, _tail, free_port
+from shared.devtools.services import ServiceError, _redis_server, _tail, free_port, terminate
 
 MASTER_NAME = "meterai"
 QUORUM = 2
@@ -80,14 +80,7 @@ class Node:
 
     def stop(self) -> None:
         process, self.process = self.process, None
-        if process is None or process.poll() is not None:
-            return
-        process.terminate()
-        try:
-            process.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        terminate(process)
 
 
 class SentinelSet:

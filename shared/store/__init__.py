@@ -49,10 +49,13 @@ import hmac
 import logging
 import re
 import uuid
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from shared.errors import PermanentError, TransientError
 from shared.logs import log_event
+
+if TYPE_CHECKING:
+    from shared.breaker import Breaker
 
 log = logging.getLogger(__name__)
 
@@ -140,17 +143,62 @@ from shared.store.filesystem import FilesystemStore  # noqa: E402  (they use the
 from shared.store.s3 import S3Store  # noqa: E402
 
 
+def _store_circuit_open() -> StoreUnavailable:
+    return StoreUnavailable("The document store is unavailable (circuit open after repeated failures).")
+
+
+class GuardedStore:
+    """A store behind a circuit breaker (:class:`shared.breaker.Breaker`): after a few consecutive
+    :class:`StoreUnavailable` its calls fail at once, for a cool-down, instead of each waiting out the
+    store's timeouts; the web answers 503 ``store_unavailable`` at once, workers retry later. A missing,
+    corrupt or already-present document is an answer: the store is up. ``writable()`` (``/readyz``)
+    always asks the store itself, so readiness shows the store, not the breaker."""
+
+    def __init__(self, inner: DocumentStore, breaker: "Breaker") -> None:
+        self.inner = inner
+        self.breaker = breaker
+
+    def put(self, key: str, data: bytes, *, exclusive: bool = False) -> None:
+        self.breaker.call(lambda: self.inner.put(key, data, exclusive=exclusive))
+
+    def get(self, key: str, *, sha256: str | None = None) -> bytes:
+        return self.breaker.call(lambda: self.inner.get(key, sha256=sha256))
+
+    def delete(self, key: str) -> None:
+        self.breaker.call(lambda: self.inner.delete(key))
+
+    def writable(self) -> bool:
+        return self.inner.writable()
+
+    def __repr__(self) -> str:
+        return repr(self.inner)
+
+    def __getattr__(self, name: str):
+        # The store's own attributes (its bucket, root, budget) read through the guard.
+        return getattr(self.inner, name)
+
+
+def store_breaker(threshold: int = 5, cooldown_seconds: float = 10.0) -> "Breaker":
+    from shared.breaker import Breaker
+
+    return Breaker("document_store", failures=(StoreUnavailable,), answered=(DocumentMissing, DocumentExists, DocumentCorrupt),
+                   opened=_store_circuit_open, threshold=threshold, cooldown_seconds=cooldown_seconds)
+
+
 def store_from_settings(settings, *, web: bool = False) -> DocumentStore:
-    """The store ``DOCUMENT_STORE_URL`` names (validated by the settings). ``web=True``: the web's own
-    budget (one attempt, short timeouts: :data:`shared.store.s3.WEB_READ_TIMEOUT`), so a request never
-    outlasts the proxy's read timeout waiting for a slow store."""
+    """The store ``DOCUMENT_STORE_URL`` names (validated by the settings), behind a breaker of its own.
+    ``web=True``: the web's own budget (one attempt, short timeouts:
+    :data:`shared.store.s3.WEB_READ_TIMEOUT`), so a request never outlasts the proxy's read timeout
+    waiting for a slow store."""
     location = settings.document_store
     if location.kind == "s3":
-        return S3Store.from_settings(settings, web=web)
-    return FilesystemStore(location.path)
+        inner: DocumentStore = S3Store.from_settings(settings, web=web)
+    else:
+        inner = FilesystemStore(location.path)
+    return GuardedStore(inner, store_breaker())
 
 
 __all__ = [
-    "DocumentCorrupt", "DocumentExists", "DocumentMissing", "DocumentStore", "FilesystemStore", "S3Store",
+    "DocumentCorrupt", "DocumentExists", "DocumentMissing", "DocumentStore", "FilesystemStore", "GuardedStore", "S3Store",
     "StoreMisconfigured", "StoreUnavailable", "check_digest", "check_key", "stamped_key", "store_from_settings", "upload_key",
 ]
