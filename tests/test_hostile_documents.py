@@ -330,7 +330,9 @@ def test_preflight_over_its_time_budget_on_the_worker_ends_as_a_rejection(
     events = sys_.query("SELECT to_status FROM order_events WHERE order_id = %s ORDER BY id",
                         (hostile["order_id"],))
     assert [e["to_status"] for e in events][-1:] == ["rejected"]
-    assert "preflight_child_failed" in log.text() and "cause=timeout" in log.text()
+    from tests.test_logs import events
+
+    assert events(log.text(), "preflight_child_failed", cause="timeout")  # the worker's JSON line
 
 
 # --- the isolation itself ------------------------------------------------------------------------

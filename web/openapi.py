@@ -111,10 +111,17 @@ SPEC: dict = {
             "get": {"summary": "Waiting-room mode and outflow (ops, bearer OPS_TOKEN)", "security": BEARER,
                     "responses": {"200": {"description": "State"}, **_errors(401, 404)}},
             "post": {"summary": "Set mode: auto, queue_all or paused (ops)", "security": BEARER,
+                     "parameters": [{"name": "X-Ops-Operator", "in": "header", "required": False,
+                                     "description": "who switches, for the audit log (at most 64 of A-Z a-z 0-9 "
+                                                    "space . - _ @)", "schema": {"type": "string", "maxLength": 64}}],
                      "requestBody": {"required": True, "content": {"application/json": {"schema": {
                          "type": "object", "properties": {"mode": {"enum": ["auto", "queue_all", "paused"]}}}}}},
                      "responses": {"200": {"description": "New state"}, **_errors(401, 404, 422)}},
         },
+        "/ops/overview": {"get": {
+            "summary": "What the ops page shows: the line, stamping, refunds, dependencies, the last hour (ops)",
+            "security": BEARER,
+            "responses": {"200": {"description": "Overview (JSON)"}, **_errors(401, 404, 429)}}},
         "/healthz": {"get": {"summary": "Liveness", "responses": {"200": {"description": "Alive"}}}},
         "/readyz": {"get": {"summary": "Readiness with each dependency's state",
                             "responses": {"200": {"description": "Ready"},
