@@ -247,7 +247,7 @@ def _admission(settings: Settings, args: argparse.Namespace) -> int:
         import logging
         import os
 
-        from shared.logs import configure_logging, log_event
+        from shared.logs import log_event
 
         before = controller.mode()
         controller.set_mode(Mode(args.mode))

@@ -5,7 +5,7 @@ per node (gunicorn workers, Celery's prefork children), so each node's processes
 files in one directory and a scrape adds them up (prometheus-client's multiprocess mode).
 
 The directory: ``PROMETHEUS_MULTIPROC_DIR`` (default ``<DATA_DIR>/metrics``) is a base; each process group
-(a gunicorn master and its workers, a Celery node and its children) counts in ``group-<leader pid>``
+(a gunicorn master and its workers, a Celery node and its children) counts in ``group-<host>-<leader pid>``
 below it, so a web node and a worker node on one machine never add up each other's values, and a node
 that starts wipes its own directory and those of groups whose leader is gone (nothing piles up across
 restarts). The first process to import this module is its group's leader; processes forked from it
@@ -27,6 +27,7 @@ import fcntl
 import os
 import re
 import shutil
+import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -40,7 +41,8 @@ def _base_directory() -> Path:
         # Inherited through the environment from a process that leads a group of its own (a test
         # process starting the system, say): this process starts its own group beside it.
         return Path(given).parent
-    return Path(given or os.path.join(os.environ.get("DATA_DIR") or ".data", "metrics"))
+    # Absolute: a process that changes directory later (gunicorn --chdir) still writes here.
+    return Path(given or os.path.join(os.environ.get("DATA_DIR") or ".data", "metrics")).absolute()
 
 
 def _alive(pid: int) -> bool:
@@ -56,11 +58,16 @@ def _alive(pid: int) -> bool:
 def _start_group() -> Path:
     base = _base_directory()
     base.mkdir(parents=True, exist_ok=True)
+    # Named by host and pid: a folder shared across machines or containers (a volume, NFS) must not let
+    # one node's pid 1 take, or reap, another's; only this host's own dead groups are removed.
+    here = f"{GROUP_PREFIX}{socket.gethostname()}-"
     for other in base.glob(f"{GROUP_PREFIX}*"):
-        leader = other.name[len(GROUP_PREFIX):]
+        if not other.name.startswith(here):
+            continue
+        leader = other.name[len(here):]
         if leader.isdigit() and not _alive(int(leader)):
             shutil.rmtree(other, ignore_errors=True)
-    directory = base / f"{GROUP_PREFIX}{os.getpid()}"
+    directory = base / f"{here}{os.getpid()}"
     shutil.rmtree(directory, ignore_errors=True)  # a reused pid's leftovers
     directory.mkdir()
     return directory

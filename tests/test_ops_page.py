@@ -114,7 +114,7 @@ def test_the_overview_needs_the_token_and_a_switch_needs_a_plain_name(ops):
     assert len(body["history"]) == 60
     refused = requests.post(f"{ops}/ops/admission", json={"mode": "paused"}, timeout=5,
                             headers=_auth(**{"X-Ops-Operator": "a" * 65}))
-    assert refused.status_code == 400 and refused.json()["error"]["code"] == "invalid_operator"
+    assert refused.status_code == 422 and refused.json()["error"]["code"] == "invalid_operator"
     assert requests.get(f"{ops}/ops/admission", headers=_auth(), timeout=5).json()["mode"] == "auto"
 
 

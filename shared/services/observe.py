@@ -17,7 +17,7 @@ from typing import Any
 import redis
 
 from shared import jobs
-from shared.admission import AdmissionController
+from shared.admission import AdmissionController, AdmissionUnavailable
 from shared.config import Settings
 from shared.db import get_pool
 from shared.metrics import PUBLISHED_AT_HEADER
@@ -56,7 +56,7 @@ def snapshot(settings: Settings, client: redis.Redis, controller: AdmissionContr
     for name, part in (("queues", _queues), ("line", _line), ("breaker", _breaker)):
         try:
             result[name] = part(settings, client, controller)
-        except redis.RedisError as exc:
+        except (redis.RedisError, AdmissionUnavailable) as exc:  # the controller wraps Redis errors
             result["errors"][name] = type(exc).__name__
     try:
         result.update(_database(settings))

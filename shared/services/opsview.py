@@ -26,7 +26,7 @@ from typing import Any, Callable
 
 import redis
 
-from shared.admission import AdmissionController
+from shared.admission import AdmissionController, AdmissionUnavailable
 from shared.config import Settings
 from shared.db import get_pool
 from shared.services import observe
@@ -254,7 +254,7 @@ class OpsView:
             extras["history"] = minute_history(samples, stamped, now)
             extras["switches"] = self.recent_switches()
             extras["admitted"] = int(self.redis.zcount(self.admission.keys[4], (now - 60) * 1000, "+inf"))
-        except redis.RedisError as exc:
+        except (redis.RedisError, AdmissionUnavailable) as exc:  # the controller wraps Redis errors
             redis_ok, latency = False, None
             errors.setdefault("redis", type(exc).__name__)
         database = self._database()
