@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import io
 import os
+import tempfile
 import threading
 import time
 import uuid
@@ -42,6 +43,11 @@ from shared.devtools.services import (RedisHandle, SeaweedHandle, free_port, pos
                                       start_private_postgres, start_private_redis, start_seaweedfs)
 from shared.jobs import set_publisher
 from shared.store import DocumentStore, store_from_settings
+
+# Every process a test starts counts its metrics under one scratch folder, whichever test runs first (the
+# first import of shared.metrics, which none of the imports above makes, would otherwise decide, and a
+# test that inspects a node's data folder would find metrics files there when run on its own).
+os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", tempfile.mkdtemp(prefix="meterai-test-metrics-"))
 
 ROOT = Path(__file__).resolve().parents[1]
 SERVER_KEY = "SB-Mid-server-test-key"
@@ -113,6 +119,20 @@ class System:
         if not hasattr(self, "_store"):
             self._store = store_from_settings(self.settings)
         return self._store
+
+    def paid_orders_past_deadline(self, count: int) -> list[str]:
+        """Orders that were paid but never stamped, now past their deadline. Stamping is stopped while
+        they are paid so the test, not a race, decides their state (``sys_`` starts it again)."""
+        self.stop("stamping")
+        ids = []
+        for _ in range(count):
+            order_id, token, view = self.order_awaiting_payment()
+            self.pay(view["payment"]["gateway_order_id"])
+            self.wait_status(order_id, token, "paid")
+            ids.append(order_id)
+        self.query("UPDATE orders SET refund_due_at = now() - interval '1 second'"
+                   " WHERE status = 'paid' RETURNING id")
+        return ids
 
     def replace_upload(self, order_id: str, data: bytes) -> None:
         """Swap an order's upload for ``data`` after preflight, as if the buyer had sent it (its digest is

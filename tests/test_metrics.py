@@ -188,3 +188,18 @@ def _pdf() -> bytes:
     from tests.conftest import make_pdf
 
     return make_pdf()
+
+
+def test_a_task_that_returns_a_dict_is_counted_as_succeeded():
+    """The redrive returns counts (a dict): its outcome is "succeeded", not a handler error that loses
+    the count (a dict can't be looked up in a set of outcome words)."""
+    from shared import metrics
+    from workers import metrics as worker_metrics
+
+    class Redrive:
+        name = "meterai.housekeeping.redrive"
+
+    counter = metrics.TASKS.labels(Redrive.name, "succeeded")
+    before = counter._value.get()  # noqa: SLF001 - this process's own value
+    worker_metrics._task_ended(task_id="t-1", task=Redrive(), retval={"published": 2}, state="SUCCESS")
+    assert counter._value.get() == before + 1

@@ -58,14 +58,14 @@ def _task_ended(task_id: str | None = None, task=None, retval=None, state: str |
         metrics.TASK_DURATION.labels(name).observe(time.perf_counter() - started)
     if state == "RETRY":
         outcome = "retried"
-    elif state == "SUCCESS" and retval not in _FAILED_OUTCOMES:
+    elif state == "SUCCESS" and not (isinstance(retval, str) and retval in _FAILED_OUTCOMES):
         outcome = "succeeded"
     else:
         outcome = "failed"
     metrics.TASKS.labels(name, outcome).inc()
     if name == jobs.STAMP_ORDER:
         metrics.STAMPING_ATTEMPTS.labels(_label(retval) if state == "SUCCESS" else outcome).inc()
-    elif name == jobs.REFUND_ORDER and state == "SUCCESS" and retval in _REFUND_PATHS:
+    elif name == jobs.REFUND_ORDER and state == "SUCCESS" and isinstance(retval, str) and retval in _REFUND_PATHS:
         metrics.REFUNDS.labels(_REFUND_PATHS[retval]).inc()
     _record_process_state(task)
 
