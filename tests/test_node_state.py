@@ -43,18 +43,6 @@ def shared_env(sys_) -> dict[str, str]:
             "SIGNING_CERT_PATH": str(paths.cert), "SIGNING_CA_CERT_PATH": str(paths.ca_cert)}
 
 
-def _paid_orders_past_deadline(sys_, count: int) -> list[str]:
-    sys_.stop("stamping")  # the test, not a race, decides their state
-    ids = []
-    for _ in range(count):
-        order_id, token, view = sys_.order_awaiting_payment()
-        sys_.pay(view["payment"]["gateway_order_id"])
-        sys_.wait_status(order_id, token, "paid")
-        ids.append(order_id)
-    sys_.query("UPDATE orders SET refund_due_at = now() - interval '1 second'"
-               " WHERE status = 'paid' RETURNING id")
-    return ids
-
 
 def _sent(process, job: str) -> int:
     return process.output().count(f"Sending due task {job} ".encode())
@@ -63,7 +51,7 @@ def _sent(process, job: str) -> int:
 def test_two_beats_at_once_refund_each_order_once_and_keep_nothing_on_disk(sys_):
     """One beat is the rule; two stay harmless: with two beats (and two housekeeping workers, so their
     sweeps really overlap) every job runs twice as often, and each order is still refunded once."""
-    ids = _paid_orders_past_deadline(sys_, 4)
+    ids = sys_.paid_orders_past_deadline(4)
     often = {"SWEEP_INTERVAL_SECONDS": "0.3", "REDRIVE_INTERVAL_SECONDS": "0.3",
              "RECONCILE_INTERVAL_SECONDS": "0.3", "EXPIRE_UNPAID_INTERVAL_SECONDS": "0.3"}
     beat_dirs = [sys_.tmp / f"beat-{n}-data" for n in (1, 2)]

@@ -254,25 +254,9 @@ def test_unreadable_document_is_refunded_without_retries(sys_):
     assert ledger(sys_, order_id) == {"captured": 12500, "refunded": 12500}
 
 
-def _paid_orders_past_deadline(sys_, count: int) -> list[str]:
-    """Orders that were paid but never stamped, now past their deadline.
-
-    Stamping is stopped while they are paid so the test, not a race, decides their state.
-    """
-    sys_.stop("stamping")
-    ids = []
-    for _ in range(count):
-        order_id, token, view = sys_.order_awaiting_payment()
-        sys_.pay(view["payment"]["gateway_order_id"])
-        sys_.wait_status(order_id, token, "paid")
-        ids.append(order_id)
-    sys_.query("UPDATE orders SET refund_due_at = now() - interval '1 second'"
-               " WHERE status = 'paid' RETURNING id")
-    return ids
-
 
 def test_two_concurrent_sweeps_refund_each_order_exactly_once(sys_):
-    ids = _paid_orders_past_deadline(sys_, 12)
+    ids = sys_.paid_orders_past_deadline(12)
     env = {**sys_.env, "SWEEP_BATCH_SIZE": "2"}
     sweeps = [subprocess.Popen([sys.executable, "-m", "shared.cli", "sweep-refunds"], cwd=ROOT, env=env,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -337,7 +321,7 @@ def test_redrive_recovers_a_notification_lost_with_redis(sys_):
 
 def test_redrive_recovers_a_refund_lost_with_redis(sys_):
     """Redis restarts empty while a refund waits in its queue: the refund still happens, once."""
-    [order_id] = _paid_orders_past_deadline(sys_, 1)
+    [order_id] = sys_.paid_orders_past_deadline(1)
     sys_.stop("refunds")  # nobody runs refunds now
     assert housekeeping.sweep_refunds(sys_.settings) == 1  # publishes the refund task...
     sys_.redis.restart()  # ...which Redis then forgets
@@ -402,7 +386,7 @@ def test_concurrent_checkouts_of_one_order_open_one_payable_transaction(sys_):
 def test_refund_the_gateway_already_made_is_booked_not_sent_to_manual_payout(sys_):
     from shared.payments.gateway import MidtransGateway
 
-    [order_id] = _paid_orders_past_deadline(sys_, 1)
+    [order_id] = sys_.paid_orders_past_deadline(1)
     gateway_order_id = sys_.query("SELECT gateway_order_id FROM payments WHERE order_id = %s"
                                   " AND captured_at IS NOT NULL", (order_id,))[0]["gateway_order_id"]
     # Someone (an earlier run whose answer was lost, an operator in the gateway's dashboard) already

@@ -282,23 +282,12 @@ def test_standin_restart_keeps_its_transactions(sys_):
     balanced_ledger(sys_)
 
 
-def _paid_orders_past_deadline(sys_, count: int) -> list[str]:
-    sys_.stop("stamping")
-    ids = []
-    for _ in range(count):
-        order_id, token, view = sys_.order_awaiting_payment()
-        sys_.pay(view["payment"]["gateway_order_id"])
-        sys_.wait_status(order_id, token, "paid")
-        ids.append(order_id)
-    sys_.query("UPDATE orders SET refund_due_at = now() - interval '1 second' WHERE status = 'paid' RETURNING id")
-    return ids
-
 
 def test_dead_gateway_opens_the_breaker_without_eating_worker_slots(sys_):
     """A gateway that accepts connections and never answers: after a few timeouts per worker process
     the breaker fails every call at once, refunds wait (nothing booked), and the same workers keep
     serving other work; once the gateway is back, each refund happens exactly once."""
-    ids = _paid_orders_past_deadline(sys_, 4)
+    ids = sys_.paid_orders_past_deadline(4)
     wait_until(lambda: notifications_settled(sys_), message="notifications processed")
     hole = BlackHole()
     try:

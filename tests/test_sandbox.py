@@ -102,6 +102,22 @@ def rlimits(pid: int) -> dict[str, tuple[str, str]]:
     return found
 
 
+def crash_once_busy(pid: int) -> tuple[threading.Thread, threading.Event]:
+    """A thread that crashes the child ``pid`` (SIGSEGV) as soon as it starts on a document; the event
+    says it did."""
+    crashed = threading.Event()
+
+    def crash() -> None:
+        wait_until(lambda: process_state(pid) in ("R", "D", None), timeout=30, interval=0.001,
+                   message="the child to start on the document")
+        os.kill(pid, signal.SIGSEGV)
+        crashed.set()
+
+    killer = threading.Thread(target=crash)
+    killer.start()
+    return killer, crashed
+
+
 # --- one document, bounded -------------------------------------------------------------------------
 
 def test_isolated_preflight_gives_the_in_process_verdict(no_children_left: None) -> None:  # noqa: F811
@@ -242,17 +258,8 @@ def test_a_child_that_crashes_mid_document_is_reaped_and_the_next_document_gets_
     isolated(LETTER)
     crashing = only_child()
     wait_until(lambda: process_state(crashing) == "S", timeout=10, message="the child to wait for work")
-    crashed = threading.Event()
-
-    def crash_once_busy() -> None:
-        """The exponential page tree keeps a child busy for a second or more: crash it meanwhile."""
-        wait_until(lambda: process_state(crashing) in ("R", "D", None), timeout=30, interval=0.001,
-                   message="the child to start on the document")
-        os.kill(crashing, signal.SIGSEGV)
-        crashed.set()
-
-    killer = threading.Thread(target=crash_once_busy)
-    killer.start()
+    # The exponential page tree keeps a child busy for a second or more: crash it meanwhile.
+    killer, crashed = crash_once_busy(crashing)
     try:
         with caplog.at_level(logging.WARNING, logger="shared.stamping.isolation"):
             with pytest.raises(DocumentRejected) as caught:
@@ -547,16 +554,7 @@ def test_a_verification_child_that_crashes_makes_the_document_unreadable(
     inspected(make_pdf(pages=1), trust_root, timeout=60.0)  # the same limits: the same child next
     crashing = next(iter(sandbox.children("inspect_signature")))
     wait_until(lambda: process_state(crashing) == "S", timeout=10, message="the child to wait for work")
-    crashed = threading.Event()
-
-    def crash_once_busy() -> None:
-        wait_until(lambda: process_state(crashing) in ("R", "D", None), timeout=30, interval=0.001,
-                   message="the child to start on the document")
-        os.kill(crashing, signal.SIGSEGV)
-        crashed.set()
-
-    killer = threading.Thread(target=crash_once_busy)
-    killer.start()
+    killer, crashed = crash_once_busy(crashing)
     try:
         with caplog.at_level(logging.WARNING, logger="shared.services.verification"):
             # Under 1 MiB, so the whole document is in the pipe before the child can die reading it.
