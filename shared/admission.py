@@ -89,7 +89,7 @@ class QueueStatus:
 # ADMISSION_ABANDON_SECONDS (several of these) is taken for abandoned.
 MAX_RETRY_AFTER_SECONDS = 30
 
-# KEYS: tail, head, tokens, stamp, active, mode, epoch, seen, client, address
+# KEYS: tail, head, tokens, stamp, active, mode, epoch, seen, client, address, issued
 # ARGV: now_ms, rate_per_minute, burst, active_cap, session_ms, want_direct (1/0), member, new_epoch,
 #       abandon_ms, ticket_seconds, now_s, tickets_per_address, then the ticket numbers this process saw
 #       polling since its last call.
@@ -106,7 +106,9 @@ MAX_RETRY_AFTER_SECONDS = 30
 # Client-Id) at an address; ``address`` holds the live tickets of every client at that address, at most
 # tickets_per_address of them: beyond that, a new client at the address shares its newest ticket (so
 # junk from one address can't fill the line, and buyers behind one address still get places of their
-# own up to the bound).
+# own up to the bound). ``issued`` (ticket number -> "<n>:<issued_at s>", scored by the number) holds the
+# tickets past the head with when each was issued, trimmed as the head moves: the oldest waiter's age is
+# read from its lowest entries (shared/services/observe.py), one O(log n) step per ticket here.
 _ADVANCE = """
 local epoch = redis.call('GET', KEYS[7])
 if not epoch then
@@ -144,6 +146,7 @@ local function place()
   redis.call('SET', KEYS[9], held, 'EX', tonumber(ARGV[10]))
   redis.call('ZADD', KEYS[10], tail, held)
   redis.call('EXPIRE', KEYS[10], tonumber(ARGV[10]))
+  redis.call('ZADD', KEYS[11], tail, held)
   return tail, tonumber(ARGV[11])
 end
 if mode ~= 'auto' then
@@ -176,6 +179,7 @@ end
 if admitted > 0 or skipped > 0 then
   tokens = tokens - admitted
   redis.call('SET', KEYS[2], head)
+  redis.call('ZREMRANGEBYSCORE', KEYS[11], '-inf', head)
 end
 local outcome, n, at = 0, 0, 0
 if want_direct then
@@ -304,6 +308,7 @@ class AdmissionController:
         self.keys = [f"{p}tail", f"{p}head", f"{p}tokens", f"{p}stamp", f"{p}active", f"{p}mode", f"{p}epoch",
                      f"{p}seen"]
         self._active_key = self.keys[4]
+        self.issued_key = f"{p}issued"
         self._client_prefix = f"{p}client:"
         self._address_prefix = f"{p}address:"
         self._spent_prefix = f"{p}spent:"
@@ -484,7 +489,8 @@ class AdmissionController:
                 "1" if direct else "0", member, uuid.uuid4().hex[:12],
                 s.admission_abandon_seconds * 1000, s.ticket_seconds, int(now),
                 max(1, s.admission_tickets_per_address), *reported]
-        keys = [*self.keys, f"{self._client_prefix}{address}|{client}", f"{self._address_prefix}{address}"]
+        keys = [*self.keys, f"{self._client_prefix}{address}|{client}", f"{self._address_prefix}{address}",
+                self.issued_key]
         asked_at = time.monotonic()  # the answer is at least this fresh
         try:
             outcome, head, tail, epoch, mode, number, issued_at = self._call(self._script, keys=keys, args=args)

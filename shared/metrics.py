@@ -28,7 +28,6 @@ import os
 import re
 import shutil
 import socket
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -76,7 +75,6 @@ def _start_group() -> Path:
 DIRECTORY = _start_group()
 os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(DIRECTORY)
 
-from celery.signals import before_task_publish  # noqa: E402
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram  # noqa: E402
 from prometheus_client import generate_latest, multiprocess  # noqa: E402
 from prometheus_client import values as _values  # noqa: E402
@@ -88,15 +86,6 @@ if not getattr(_values.ValueClass, "_multiprocess", False):
                        "process only; import shared.metrics first (gunicorn.conf.py does, in the master)")
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
-# Every message carries the time it was published, so a scrape can say how old the oldest waiting one is
-# (shared/services/observe.py); kombu's Redis messages carry no time of their own.
-PUBLISHED_AT_HEADER = "meterai_published_at"
-
-
-@before_task_publish.connect(weak=False)
-def _stamp_publish_time(headers: dict | None = None, **_: object) -> None:
-    if headers is not None:
-        headers[PUBLISHED_AT_HEADER] = time.time()
 
 # -- web (web/metrics.py) ------------------------------------------------------------------------------
 HTTP_REQUESTS = Counter("meterai_http_requests_total", "HTTP requests answered, by route template, method "

@@ -506,6 +506,40 @@ def test_the_line_moves_over_tickets_nobody_polls_any_more(sys_, throttled):
     assert late.status_code == 410 and late.json()["error"]["code"] == "ticket_abandoned"
 
 
+def test_the_line_counts_only_held_tickets_and_knows_its_oldest_waiter(sys_, throttled):
+    from shared.services import observe
+
+    base = throttled(admission_per_minute=600, admission_burst=50, admission_active_checkouts=2)
+    assert _create(base).status_code == 202  # one of the two active checkouts
+    client = _redis(sys_)
+    controller = admission.AdmissionController(base.settings, client)
+    client.set(f"{base.prefix}adm:mode", "queue_all")  # hold the line still while it fills
+    time.sleep(0.3)
+    tickets = [_create(base).json()["queue"] for _ in range(4)]
+    assert [t["position"] for t in tickets] == [1, 2, 3, 4]
+    # Tickets 1 and 2 were taken long ago and never polled again; 3 was issued 90 s ago and is held;
+    # 4 was just issued.
+    now, seen, issued = time.time(), f"{base.prefix}adm:seen", controller.issued_key
+    for n, age in ((1, 500), (2, 400), (3, 90)):
+        client.zremrangebyscore(issued, n, n)
+        client.zadd(issued, {f"{n}:{int(now - age)}": n})
+        client.zadd(seen, {str(n): (now - (age if n < 3 else 1)) * 1000})
+    line = observe.snapshot(base.settings, client, controller)["line"]
+    assert line["length"] == 4 and line["waiting"] == 2
+    assert line["oldest_waiter_seconds"] == pytest.approx(90, abs=3)
+
+    # The head moves over the two abandoned tickets and admits ticket 3; what is issued behind the head is
+    # trimmed with it, and the oldest waiter is now ticket 4.
+    client.set(f"{base.prefix}adm:mode", "auto")
+    time.sleep(0.3)
+    wait_until(lambda: _poll(base, tickets[2]["ticket"]).json()["admitted"], timeout=15,
+               message="ticket 3 to be admitted")
+    line = observe.snapshot(base.settings, client, controller)["line"]
+    assert line["head"] == 3 and line["length"] == 1 and line["waiting"] == 1
+    assert line["oldest_waiter_seconds"] < 60
+    assert client.zcard(issued) == 1
+
+
 def test_buyers_behind_one_address_get_places_of_their_own_up_to_a_bound(throttled):
     base = throttled(admission_per_minute=1, admission_burst=1, admission_tickets_per_address=3)
     assert _create(base).status_code == 202

@@ -431,28 +431,33 @@ def test_data_folder_secret_key_is_tightened_and_a_broken_one_refused(tmp_path: 
         data_dir_secret_key(tmp_path)
 
 
-def test_dev_up_web_gateway_serves_with_the_data_folder_key_and_stops_on_sigterm(
+def test_dev_up_serves_with_the_data_folder_key_and_worker_metrics_and_stops_on_sigterm(
         database_url: str, redis_server, tmp_path: Path) -> None:
-    """``./dev up web gateway`` for real: both answer, both got the data folder's SECRET_KEY, and SIGTERM
-    stops everything with exit code 0."""
+    """``./dev up web gateway stamping`` for real: web and the gateway answer, the worker serves its
+    metrics on the port ./dev up gave it, all got the data folder's SECRET_KEY, and SIGTERM stops
+    everything with exit code 0."""
     import requests
 
-    web_port, gateway_port = free_port(), free_port()
+    web_port, gateway_port, metrics_port = free_port(), free_port(), free_port()
     env = {key: value for key, value in os.environ.items() if key != "SECRET_KEY"}
     env.update(DATABASE_URL=database_url, REDIS_URL=redis_server.url, DATA_DIR=str(tmp_path / "data"),
                PRIVATE_SERVICES="0", PORT=str(web_port), GATEWAY_PORT=str(gateway_port),
                GATEWAY_URL=f"http://127.0.0.1:{gateway_port}", PUBLIC_BASE_URL=f"http://127.0.0.1:{web_port}",
                NOTIFICATION_URL=f"http://127.0.0.1:{web_port}/api/v1/payments/notifications",
-               REDIS_KEY_PREFIX="meterai-dev-up-test:", DEVELOPMENT="1")
+               REDIS_KEY_PREFIX="meterai-dev-up-test:", DEVELOPMENT="1", DEV_METRICS_PORT_BASE=str(metrics_port))
     log = tmp_path / "dev-up.log"
     with open(log, "wb") as out:
-        dev = subprocess.Popen([sys.executable, "-m", "shared.devtools.dev", "up", "web", "gateway"], cwd=ROOT, env=env,
+        dev = subprocess.Popen([sys.executable, "-m", "shared.devtools.dev", "up", "web", "gateway", "stamping"],
+                               cwd=ROOT, env=env,
                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         wait_for(lambda: "everything is up" in log.read_text() or dev.poll() is not None, timeout=90)
         assert dev.poll() is None, log.read_text()
         assert requests.get(f"http://127.0.0.1:{web_port}/healthz", timeout=5).status_code == 200
         assert requests.get(f"http://127.0.0.1:{gateway_port}/sandbox/faults", timeout=5).status_code == 200
+        assert f"stamping {metrics_port}" in log.read_text()
+        scrape = requests.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5)
+        assert scrape.status_code == 200 and "meterai_" in scrape.text
         key = (tmp_path / "data" / "secret-key").read_text().strip()
         children = descendants(dev.pid)
         environs = [environ for environ in map(environ_of, children) if environ]
@@ -465,7 +470,7 @@ def test_dev_up_web_gateway_serves_with_the_data_folder_key_and_stops_on_sigterm
             os.killpg(dev.pid, signal.SIGKILL)
             dev.wait()
     assert all(gone(pid) for pid in children)
-    assert not port_accepts(web_port) and not port_accepts(gateway_port)
+    assert not port_accepts(web_port) and not port_accepts(gateway_port) and not port_accepts(metrics_port)
 
 
 def environ_of(pid: int) -> dict[str, str]:

@@ -8,12 +8,16 @@ import os
 import re
 import shutil
 import subprocess
+import sys
+import time
 
 import pytest
+import redis
 import requests
 import yaml
 
 from shared import jobs, metrics  # noqa: F401 - before prometheus_client: multiprocess mode
+from shared.broker import PUBLISHED_AT_HEADER
 from shared.devtools.services import free_port
 from tests.conftest import ROOT, wait_until
 
@@ -141,7 +145,8 @@ def _defined_metrics() -> set[str]:
             for family in describe():
                 names.add(family.name + ("_total" if family.type == "counter" else ""))
     full = {"at": 0, "errors": {}, "queues": {"stamping": {"messages": 1, "oldest_age_seconds": 1}},
-            "line": {"mode": "auto", "length": 1, "head": 1, "tail": 2, "active_checkouts": 1,
+            "line": {"mode": "auto", "length": 1, "waiting": 1, "oldest_waiter_seconds": 1, "head": 1, "tail": 2,
+                     "active_checkouts": 1,
                      "outflow_target_per_minute": 1, "stamped_last_minute": 1},
             "breaker": {"state": "closed", "processes": {}}, "orders": {"paid": 1},
             "stamping": {"oldest_paid_age_seconds": 1, "nearest_deadline_seconds": 1},
@@ -203,3 +208,51 @@ def test_a_task_that_returns_a_dict_is_counted_as_succeeded():
     before = counter._value.get()  # noqa: SLF001 - this process's own value
     worker_metrics._task_ended(task_id="t-1", task=Redrive(), retval={"published": 2}, state="SUCCESS")
     assert counter._value.get() == before + 1
+
+
+def test_a_publisher_without_the_workers_or_the_metrics_stamps_the_publish_time(system):
+    """The CLI publishes through shared.broker alone (no workers' app, no shared.metrics): its messages
+    carry the publish time too, so the oldest message's age is known whoever queued it."""
+    prefix = f"meterai-publish-time-{os.getpid()}:"
+    code = (
+        "import sys, time\n"
+        "from shared import cli, jobs\n"
+        "from shared.config import load_settings\n"
+        "settings = load_settings()\n"
+        "cli._publisher(settings)\n"
+        "jobs.publish(jobs.OPS_SAMPLE)\n"
+        "assert 'shared.metrics' not in sys.modules and 'workers' not in sys.modules, sorted(sys.modules)\n"
+    )
+    env = {**os.environ, "REDIS_KEY_PREFIX": prefix, "DATABASE_URL": system.settings.database_url,
+           "REDIS_URL": system.settings.redis_url, "BROKER_URL": system.settings.broker_url or system.settings.redis_url}
+    before = time.time()
+    subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, check=True, timeout=60)
+    client = redis.Redis.from_url(system.settings.redis_url)
+    try:
+        message = json.loads(client.lindex(f"{prefix}housekeeping", -1))
+        assert before <= message["headers"][PUBLISHED_AT_HEADER] <= time.time()
+    finally:
+        for key in client.scan_iter(match=f"{prefix}*"):
+            client.delete(key)
+
+
+def test_a_worker_metrics_port_in_use_is_said_at_error_and_the_worker_carries_on(caplog):
+    import logging
+    import socket
+    import types
+
+    from workers import metrics as worker_metrics
+
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    port = taken.getsockname()[1]
+    settings = types.SimpleNamespace(metrics_port=port, metrics_bind_host="127.0.0.1")
+    sender = types.SimpleNamespace(app=types.SimpleNamespace(conf=types.SimpleNamespace(meterai_settings=settings)))
+    try:
+        with caplog.at_level(logging.INFO, logger="workers.metrics"):
+            worker_metrics._serve(sender=sender)  # returns: the node goes on without its metrics
+    finally:
+        taken.close()
+    events = [r for r in caplog.records if isinstance(r.msg, dict) and r.msg.get("event") == "metrics_port_unavailable"]
+    assert events and events[0].levelno == logging.ERROR and events[0].msg["port"] == port

@@ -87,7 +87,7 @@ def _record_process_state(task) -> None:
         except Exception:  # noqa: BLE001 - the database's trouble shows elsewhere; never fail a task here
             pass
     # The breakers this process made (one per gateway it calls); none in a process that never called one.
-    states = [b.state for b in list(breaker._breakers.values())]  # noqa: SLF001 - read only
+    states = breaker.states()
     if not states:
         return
     worst = max(states, key=observe.BREAKER_STATES.__getitem__)
@@ -131,7 +131,14 @@ def _serve(sender=None, **_: object) -> None:
     settings = sender.app.conf.meterai_settings if sender is not None else None
     if settings is None or not settings.metrics_port:
         return
-    server = ThreadingHTTPServer((settings.metrics_bind_host, settings.metrics_port), _Handler)
+    try:
+        server = ThreadingHTTPServer((settings.metrics_bind_host, settings.metrics_port), _Handler)
+    except OSError as exc:
+        # The node still works; it only can't be watched. Said loudly, at ERROR: a scrape target that
+        # doesn't answer is also what the "no worker consuming" alert shows.
+        log_event(log, "metrics_port_unavailable", level=logging.ERROR, host=settings.metrics_bind_host,
+                  port=settings.metrics_port, error=str(exc))
+        return
     server.daemon_threads = True
     threading.Thread(target=server.serve_forever, name="metrics-http", daemon=True).start()
     log_event(log, "metrics_listening", host=settings.metrics_bind_host, port=settings.metrics_port)

@@ -4,19 +4,33 @@ Publishing is not the workers' business alone: the web publishes after commit, t
 sweeps and the redrive publish too. So the broker settings live here, in the core, and the workers' app
 (:mod:`workers.celery_app`) adds only what running tasks needs on top (:func:`broker_config`).
 :func:`use_broker` gives a process that runs no tasks (the CLI) a publisher of its own.
+
+Every message published by any process that imports this carries the time it was published
+(:data:`PUBLISHED_AT_HEADER`), so a scrape can say how old the oldest waiting one is
+(shared/services/observe.py): kombu's Redis messages carry no time of their own.
 """
 from __future__ import annotations
 
 import ssl
+import time
 from typing import Any
 
 from celery import Celery
+from celery.signals import before_task_publish
 from kombu import Exchange, Queue
 
 from shared import jobs
 from shared.broker import redis_transport
 from shared.config import Settings
 from shared.redisconn import kombu_broker
+
+PUBLISHED_AT_HEADER = "meterai_published_at"
+
+
+@before_task_publish.connect(weak=False, dispatch_uid="meterai.published_at")
+def _stamp_publish_time(headers: dict | None = None, **_: object) -> None:
+    if headers is not None:
+        headers[PUBLISHED_AT_HEADER] = time.time()
 
 
 def broker_config(settings: Settings) -> dict[str, Any]:

@@ -85,7 +85,16 @@ def data_dir_secret_key(data_dir: Path) -> str:
     return key
 
 
-def announce_when_up(launcher: Launcher, settings: Settings, timeout: float = 60.0) -> None:
+def worker_metrics_ports(launcher: Launcher, names: list[str], base: int) -> dict[str, int]:
+    """Each Celery worker group of the Procfile its own metrics port from ``base`` on, in Procfile order
+    (on one machine they can't share one; a production node sets METRICS_PORT in its environment)."""
+    workers = [name for name in names if " worker " in f" {launcher.specs[name].command} "
+               and "celery" in launcher.specs[name].command]
+    return {name: base + index for index, name in enumerate(workers)}
+
+
+def announce_when_up(launcher: Launcher, settings: Settings, ports: dict[str, int] | None = None,
+                     timeout: float = 60.0) -> None:
     """Once every process is up (web and the stand-in answer, the workers are ready), say where to go and
     how to stop."""
     names = [name for name in ("web", "gateway") if name in launcher.processes]
@@ -100,6 +109,9 @@ def announce_when_up(launcher: Launcher, settings: Settings, timeout: float = 60
         launcher.emit("dev", f"  web:              {launcher.processes['web'].url}")
     if "gateway" in names:
         launcher.emit("dev", f"  stand-in gateway: {settings.gateway_url}")
+    if ports:
+        listing = ", ".join(f"{name} {port}" for name, port in ports.items())
+        launcher.emit("dev", f"  worker metrics:   http://127.0.0.1:<port>/metrics ({listing})")
     launcher.emit("dev", "  stop:             Ctrl-C (stops every process, then the private servers)")
 
 
@@ -126,10 +138,12 @@ def cmd_up(args: list[str]) -> int:
         env["PORT"] = os.environ.get("PORT") or str(WEB_PORT)  # the Procfile convention: PORT for web
         _ensure_dev_pki(env)
         launcher = Launcher(env, restart=True)
+        ports = worker_metrics_ports(launcher, names, int(os.environ.get("DEV_METRICS_PORT_BASE") or 9101))
         for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             signal.signal(sig, lambda *_: launcher.request_stop())
-        return launcher.run(names, on_started=lambda: threading.Thread(
-            target=announce_when_up, args=(launcher, settings), daemon=True).start())
+        return launcher.run(names, env_for={name: {"METRICS_PORT": str(port)} for name, port in ports.items()},
+                            on_started=lambda: threading.Thread(
+                                target=announce_when_up, args=(launcher, settings, ports), daemon=True).start())
     finally:
         services.stop()
 

@@ -401,14 +401,16 @@ class Launcher:
                 process.popen.wait()
 
     # -- running in the foreground, restarting -------------------------------------------------------
-    def run(self, names: Iterable[str] | None = None, on_started: Callable[[], None] | None = None) -> int:
-        """``./dev up``: start the named processes (all when None), keep them up until :meth:`request_stop`
-        (then 0) or until one can't stay up (then its exit code), and stop them all either way."""
+    def run(self, names: Iterable[str] | None = None, on_started: Callable[[], None] | None = None,
+            env_for: Mapping[str, Mapping[str, str]] | None = None) -> int:
+        """``./dev up``: start the named processes (all when None), each with ``env_for[name]`` on top of
+        the common environment, keep them up until :meth:`request_stop` (then 0) or until one can't stay
+        up (then its exit code), and stop them all either way."""
         try:
             for spec in select_processes(list(self.specs.values()), names or []):
                 if self.stop_requests:
                     break
-                self.start(spec.name)
+                self.start(spec.name, env=(env_for or {}).get(spec.name))
             if on_started is not None and not self.stop_requests:
                 on_started()
             while not self.stop_requests and self.gave_up is None:

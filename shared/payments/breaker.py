@@ -39,3 +39,10 @@ def breaker_for(base_url: str, threshold: int = 5, cooldown_seconds: float = 30.
     with _breakers_lock:
         return _breakers.setdefault(
             f"{base_url} {threshold} {cooldown_seconds}", CircuitBreaker(threshold, cooldown_seconds))
+
+
+def states() -> list[str]:
+    """The state of every gateway breaker this process made (none before its first gateway call), for
+    the worker's metrics and its report to the ops page."""
+    with _breakers_lock:
+        return [b.state for b in _breakers.values()]

@@ -20,7 +20,7 @@ from shared import jobs
 from shared.admission import AdmissionController, AdmissionUnavailable
 from shared.config import Settings
 from shared.db import get_pool
-from shared.metrics import PUBLISHED_AT_HEADER
+from shared.broker import PUBLISHED_AT_HEADER
 
 # Each query matches one partial index's predicate (shared/db/migrations), so it reads only open rows.
 _OPEN_ORDERS = """
@@ -94,27 +94,59 @@ def _published_at(raw: bytes | None, default: float) -> float:
 
 def _line(settings: Settings, client: redis.Redis, controller: AdmissionController) -> dict[str, Any]:
     """The waiting line from the admission controller's own keys, read only: tickets issued (tail),
-    admitted up to (head), mode, checkouts admitted within the session window, the outflow's target and
-    the stamps of the last full minute (the measured outflow the default target follows)."""
-    tail_key, head_key, active_key, mode_key = (controller.keys[i] for i in (0, 1, 4, 5))
-    minute = int(time.time() // 60)
+    admitted up to (head), how many of those waiting still hold their ticket (polled within the abandon
+    window: the rest will be moved over, not admitted), the oldest of them, mode, checkouts admitted
+    within the session window, the outflow's target and the stamps of the last full minute (the measured
+    outflow the default target follows)."""
+    tail_key, head_key, active_key, mode_key, seen_key = (controller.keys[i] for i in (0, 1, 4, 5, 7))
+    now = time.time()
+    minute = int(now // 60)
+    live_since_ms = (now - settings.admission_abandon_seconds) * 1000
     pipe = client.pipeline(transaction=False)
     pipe.get(tail_key)
     pipe.get(head_key)
     pipe.get(mode_key)
-    pipe.zcount(active_key, (time.time() - settings.admission_session_seconds) * 1000, "+inf")
+    pipe.zcount(active_key, (now - settings.admission_session_seconds) * 1000, "+inf")
     pipe.get(f"{settings.redis_key_prefix}stats:stamped:{minute - 1}")
-    tail, head, mode, active, stamped = pipe.execute()
+    pipe.zcount(seen_key, live_since_ms, "+inf")
+    pipe.zrange(controller.issued_key, 0, OLDEST_WAITER_SCAN - 1)
+    tail, head, mode, active, stamped, waiting, lowest = pipe.execute()
     tail, head = int(tail or 0), int(head or 0)
     return {
         "mode": mode.decode() if mode else "auto",
         "length": max(0, tail - head),
+        "waiting": int(waiting),
+        "oldest_waiter_seconds": _oldest_waiter_age(client, seen_key, lowest, head, live_since_ms, now),
         "head": head,
         "tail": tail,
         "active_checkouts": int(active),
         "outflow_target_per_minute": controller.outflow_per_minute(),
         "stamped_last_minute": int(stamped or 0),
     }
+
+
+# How many of the lowest tickets past the head are looked at for the oldest live one: abandoned tickets
+# at the front are few (the head moves over them as it reaches them), so a live one is among the first.
+OLDEST_WAITER_SCAN = 200
+
+
+def _oldest_waiter_age(client: redis.Redis, seen_key: str, lowest: list[bytes], head: int,
+                       live_since_ms: float, now: float) -> float:
+    """Seconds since the lowest-numbered ticket past the head that is still held (polled within the
+    abandon window) was issued; 0 with nobody waiting. When none of the scanned ones is held, the
+    oldest scanned one answers (an upper bound, and the head will move over them shortly)."""
+    entries = []
+    for raw in lowest:
+        number, _, issued = raw.decode().partition(":")
+        if int(number) > head:
+            entries.append((number, float(issued or now)))
+    if not entries:
+        return 0.0
+    scores = client.zmscore(seen_key, [number for number, _ in entries])
+    for (_, issued), seen in zip(entries, scores):
+        if seen is not None and seen >= live_since_ms:
+            return max(0.0, now - issued)
+    return max(0.0, now - entries[0][1])
 
 
 def _breaker(settings: Settings, client: redis.Redis, _: AdmissionController) -> dict[str, Any]:

@@ -137,6 +137,17 @@ def _quantile(ordered: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))]
 
 
+def _line_now(line: dict[str, Any]) -> dict[str, Any]:
+    """The line as the admission keys say it is now: the people still holding a ticket (tickets nobody
+    polls for the abandon window are moved over, not admitted) and the oldest of them, measured from
+    its issue time; these replace the sample-based estimate of ``waits``."""
+    if not line:
+        return {"line_length": None, "tickets_past_head": None}
+    return {"line_length": line.get("waiting", line.get("length")), "tickets_past_head": line.get("length"),
+            "oldest_waiter_seconds": round(float(line.get("oldest_waiter_seconds") or 0.0), 1),
+            "oldest_waiter_before_history": False}
+
+
 def minute_history(samples: list[Sample], stamped: dict[int, int], now: float,
                    minutes: int = HISTORY_SECONDS // 60) -> list[dict[str, Any]]:
     """One point per minute of the last hour: the line's length and the outflow target at the minute's
@@ -265,11 +276,12 @@ class OpsView:
             "at": now,
             "errors": errors,
             "waiting_room": {
-                "mode": line.get("mode"), "line_length": line.get("length"),
+                "mode": line.get("mode"),
                 "active_checkouts": line.get("active_checkouts"),
                 "admitted_last_minute": extras["admitted"],
                 "outflow_per_minute": line.get("outflow_target_per_minute"),
                 **extras["waits"],
+                **_line_now(line),
             },
             "checkout": {"created": orders.get("created"), "awaiting_payment": orders.get("awaiting_payment")},
             "stamping": {
