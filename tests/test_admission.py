@@ -540,6 +540,22 @@ def test_the_line_counts_only_held_tickets_and_knows_its_oldest_waiter(sys_, thr
     assert client.zcard(issued) == 1
 
 
+def test_the_oldest_waiter_is_nobody_when_every_ticket_in_line_is_abandoned(sys_, throttled):
+    from shared.services import observe
+
+    base = throttled(admission_per_minute=600, admission_burst=50, admission_active_checkouts=1)
+    assert _create(base).status_code == 202  # the one active checkout: the head can't move
+    client = _redis(sys_)
+    controller = admission.AdmissionController(base.settings, client)
+    for _ in range(3):
+        assert _create(base).status_code == 429
+    seen = f"{base.prefix}adm:seen"
+    for n in client.zrange(seen, 0, -1):
+        client.zadd(seen, {n: (time.time() - 600) * 1000})
+    line = observe.snapshot(base.settings, client, controller)["line"]
+    assert (line["length"], line["waiting"], line["oldest_waiter_seconds"]) == (3, 0, 0.0)
+
+
 def test_buyers_behind_one_address_get_places_of_their_own_up_to_a_bound(throttled):
     base = throttled(admission_per_minute=1, admission_burst=1, admission_tickets_per_address=3)
     assert _create(base).status_code == 202

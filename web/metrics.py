@@ -147,8 +147,9 @@ class SnapshotCollector:
                          "whose holder polled within the abandon window.", line["waiting"])
             yield _gauge("meterai_admission_line_tickets", "Tickets issued past the head, abandoned ones "
                          "included (the head moves over those without admitting).", line["length"])
-            yield _gauge("meterai_admission_oldest_waiter_seconds", "Seconds since the oldest ticket still "
-                         "held in line was issued (0 when nobody waits).", line["oldest_waiter_seconds"])
+            if line["oldest_waiter_seconds"] is not None:  # None: unknown (see observe.OLDEST_WAITER_SCAN)
+                yield _gauge("meterai_admission_oldest_waiter_seconds", "Seconds since the oldest ticket still "
+                             "held in line was issued (0 when nobody waits).", line["oldest_waiter_seconds"])
             yield _gauge("meterai_admission_line_head", "The highest ticket number admitted (its rate is "
                          "the line's admissions).", line["head"])
             yield _gauge("meterai_admission_line_tail", "The highest ticket number issued (its rate is the "

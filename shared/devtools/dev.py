@@ -86,11 +86,13 @@ def data_dir_secret_key(data_dir: Path) -> str:
 
 
 def worker_metrics_ports(launcher: Launcher, names: list[str], base: int) -> dict[str, int]:
-    """Each Celery worker group of the Procfile its own metrics port from ``base`` on, in Procfile order
-    (on one machine they can't share one; a production node sets METRICS_PORT in its environment)."""
-    workers = [name for name in names if " worker " in f" {launcher.specs[name].command} "
-               and "celery" in launcher.specs[name].command]
-    return {name: base + index for index, name in enumerate(workers)}
+    """Each Celery worker group named in ``names`` its own metrics port: ``base`` plus its place among the
+    Procfile's worker groups (on one machine they can't share one; a production node sets METRICS_PORT
+    in its environment)."""
+    workers = [name for name, spec in launcher.specs.items()
+               if " worker " in f" {spec.command} " and "celery" in spec.command]
+    # Numbered over every worker group, so a group keeps its port whichever processes are started.
+    return {name: base + index for index, name in enumerate(workers) if name in names}
 
 
 def announce_when_up(launcher: Launcher, settings: Settings, ports: dict[str, int] | None = None,

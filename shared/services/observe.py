@@ -109,14 +109,13 @@ def _line(settings: Settings, client: redis.Redis, controller: AdmissionControll
     pipe.zcount(active_key, (now - settings.admission_session_seconds) * 1000, "+inf")
     pipe.get(f"{settings.redis_key_prefix}stats:stamped:{minute - 1}")
     pipe.zcount(seen_key, live_since_ms, "+inf")
-    pipe.zrange(controller.issued_key, 0, OLDEST_WAITER_SCAN - 1)
-    tail, head, mode, active, stamped, waiting, lowest = pipe.execute()
-    tail, head = int(tail or 0), int(head or 0)
+    tail, head, mode, active, stamped, waiting = pipe.execute()
+    tail, head, waiting = int(tail or 0), int(head or 0), int(waiting)
     return {
         "mode": mode.decode() if mode else "auto",
         "length": max(0, tail - head),
-        "waiting": int(waiting),
-        "oldest_waiter_seconds": _oldest_waiter_age(client, seen_key, lowest, head, live_since_ms, now),
+        "waiting": waiting,
+        "oldest_waiter_seconds": _oldest_waiter_age(client, controller, live_since_ms, waiting, now),
         "head": head,
         "tail": tail,
         "active_checkouts": int(active),
@@ -125,28 +124,43 @@ def _line(settings: Settings, client: redis.Redis, controller: AdmissionControll
     }
 
 
-# How many of the lowest tickets past the head are looked at for the oldest live one: abandoned tickets
-# at the front are few (the head moves over them as it reaches them), so a live one is among the first.
-OLDEST_WAITER_SCAN = 200
+# The oldest ticket past the head that is still held (its holder polled since ARGV[1], ms): its issue
+# time (s), 0 with none held among the first ARGV[2] tickets past the head (-1: the bound was reached, so
+# the answer is unknown, not "nobody"). Read-only and atomic, so the head can't move between the reads.
+# KEYS: head, issued, seen.
+_OLDEST_HELD = """
+local head = tonumber(redis.call('GET', KEYS[1]) or '0')
+local bound = tonumber(ARGV[2])
+local scanned = 0
+while scanned < bound do
+  local batch = redis.call('ZRANGEBYSCORE', KEYS[2], '(' .. head, '+inf', 'LIMIT', scanned, 200)
+  if #batch == 0 then return 0 end
+  for _, entry in ipairs(batch) do
+    local n, at = string.match(entry, '^(%d+):(%d+)$')
+    local seen = n and tonumber(redis.call('ZSCORE', KEYS[3], n))
+    if seen and seen >= tonumber(ARGV[1]) then return tonumber(at) end
+  end
+  scanned = scanned + #batch
+end
+return -1
+"""
+# Tickets looked at for the oldest held one: abandoned tickets pile up at the front only while the head
+# can't move (the active-checkout cap full, queue_all, paused); past this many the age is unknown.
+OLDEST_WAITER_SCAN = 2000
 
 
-def _oldest_waiter_age(client: redis.Redis, seen_key: str, lowest: list[bytes], head: int,
-                       live_since_ms: float, now: float) -> float:
-    """Seconds since the lowest-numbered ticket past the head that is still held (polled within the
-    abandon window) was issued; 0 with nobody waiting. When none of the scanned ones is held, the
-    oldest scanned one answers (an upper bound, and the head will move over them shortly)."""
-    entries = []
-    for raw in lowest:
-        number, _, issued = raw.decode().partition(":")
-        if int(number) > head:
-            entries.append((number, float(issued or now)))
-    if not entries:
+def _oldest_waiter_age(client: redis.Redis, controller: AdmissionController, live_since_ms: float,
+                       waiting: int, now: float) -> float | None:
+    """Seconds since the oldest ticket still held in line was issued; 0 with nobody waiting; None when
+    the first :data:`OLDEST_WAITER_SCAN` tickets past the head are all abandoned (unknown)."""
+    if waiting == 0:
         return 0.0
-    scores = client.zmscore(seen_key, [number for number, _ in entries])
-    for (_, issued), seen in zip(entries, scores):
-        if seen is not None and seen >= live_since_ms:
-            return max(0.0, now - issued)
-    return max(0.0, now - entries[0][1])
+    issued = int(client.register_script(_OLDEST_HELD)(
+        keys=[controller.keys[1], controller.issued_key, controller.keys[7]],
+        args=[int(live_since_ms), OLDEST_WAITER_SCAN]))
+    if issued < 0:
+        return None
+    return max(0.0, now - issued) if issued else 0.0
 
 
 def _breaker(settings: Settings, client: redis.Redis, _: AdmissionController) -> dict[str, Any]:

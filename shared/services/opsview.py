@@ -144,8 +144,9 @@ def _line_now(line: dict[str, Any]) -> dict[str, Any]:
     if not line:
         return {"line_length": None, "tickets_past_head": None}
     return {"line_length": line.get("waiting", line.get("length")), "tickets_past_head": line.get("length"),
-            "oldest_waiter_seconds": round(float(line.get("oldest_waiter_seconds") or 0.0), 1),
-            "oldest_waiter_before_history": False}
+            **({"oldest_waiter_seconds": round(float(line["oldest_waiter_seconds"]), 1),
+                "oldest_waiter_before_history": False}
+               if line.get("oldest_waiter_seconds") is not None else {})}
 
 
 def minute_history(samples: list[Sample], stamped: dict[int, int], now: float,
