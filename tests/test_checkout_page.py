@@ -1,4 +1,5 @@
-"""The buyer's checkout page in a real browser: upload, wait in line, pay, download."""
+"""The buyer's checkout page in a real browser: upload, wait in line, pay, download (on the order page
+the checkout moves to once the order exists)."""
 from __future__ import annotations
 
 import pypdf
@@ -20,7 +21,9 @@ def _checkout(page, base_url: str, tmp_path) -> None:
     page.goto(base_url + "/")
     assert "Beli e-Meterai" in page.title()
     page.set_input_files("#document", str(document))
+    page.wait_for_selector("#stage[data-ready]")  # the preview is up
     page.fill("#page", "2")
+    page.click("#manual summary")  # the typed coordinates, for those who know them
     page.fill("#x", "350")
     page.fill("#y", "120")
     page.fill("#email", "pelamar@example.id")
@@ -32,7 +35,7 @@ def test_buyer_checks_out_pays_and_downloads_in_the_browser(sys_, browser_page, 
     _checkout(page, sys_.web_url, tmp_path)
     page.wait_for_selector("text=Bayar sekarang")
     sys_.pay(_gateway_order_id(sys_))
-    page.wait_for_selector("text=Dokumen Anda sudah bermeterai")
+    page.wait_for_selector("text=Selesai: dokumen Anda sudah bermeterai", timeout=60_000)
     with page.expect_download() as download_info:
         page.click("#download")
     path = download_info.value.path()
@@ -80,6 +83,8 @@ def test_bad_input_is_explained_in_bahasa_indonesia(sys_, browser_page, tmp_path
     page.goto(sys_.web_url + "/")
     page.set_input_files("#document", str(not_pdf))
     page.fill("#email", "pelamar@example.id")
+    # The preview can't read it, and says so; the typed coordinates stay, and the server refuses it.
+    page.wait_for_selector("text=Pratinjau tidak dapat ditampilkan")
     page.click("#submit")
     page.wait_for_selector("text=Berkas ini bukan dokumen PDF")
     assert sys_.query("SELECT count(*) AS n FROM orders")[0]["n"] == 0

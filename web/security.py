@@ -29,9 +29,11 @@ def csp_nonce() -> str:
 
 
 def _page_policy(nonce: str) -> str:
+    # 'self' for scripts and workers: the checkout's preview imports pdf.js from our own static files
+    # (a module import can't carry the nonce) and pdf.js parses in a worker from the same place.
     return ("default-src 'none'; "
-            f"script-src 'nonce-{nonce}'; style-src 'nonce-{nonce}'; "
-            "img-src 'self' data: blob:; connect-src 'self'; form-action 'self'; "
+            f"script-src 'self' 'nonce-{nonce}'; worker-src 'self'; style-src 'nonce-{nonce}'; "
+            "img-src 'self' data: blob:; font-src 'self' data: blob:; connect-src 'self'; form-action 'self'; "
             "base-uri 'none'; frame-ancestors 'none'")
 
 
