@@ -25,6 +25,10 @@ SANDBOX_KEY_PREFIX = "SB-"
 # certificate naming it is refused outside development, even when copied to a configured path.
 DEV_PKI_ORGANIZATION = "meterai (development)"
 MIN_SECRET_LENGTH = 32
+# The sender of buyers' e-mails on a development machine when MAIL_FROM is unset (.invalid: no real domain
+# can receive replies to it); production must set MAIL_FROM.
+DEV_MAIL_FROM = "meterai (pengembangan) <noreply@meterai.invalid>"
+SMTP_SECURITY_MODES = ("none", "starttls", "tls")
 
 
 class UnsafeSettings(RuntimeError):
@@ -245,6 +249,23 @@ class Settings:
     signing_key_passphrase: str = ""
     signing_dev_pki: int = 1
 
+    # E-mail to buyers (shared/services/mail.py, sent by the `mail` worker group). SMTP_SECURITY: "none"
+    # (plain SMTP: a relay on this machine), "starttls" (upgrade on connect, usually port 587) or "tls"
+    # (TLS from the first byte, usually 465); certificates are verified. Outside development plain SMTP
+    # is refused to any other machine: every e-mail carries a link with an access token. The defaults
+    # are a local relay on port 25; MAIL_FROM ("Name <address>") must be set in production.
+    smtp_host: str = "127.0.0.1"
+    smtp_port: int = 25
+    smtp_username: str = ""
+    smtp_password: str = ""
+    smtp_security: str = "none"
+    # Seconds for the connection and each SMTP reply; a server slower than this is an attempt that failed.
+    smtp_timeout_seconds: float = 10.0
+    mail_from: str = ""
+    # Attempts of one e-mail after its first (across redeliveries: the outbox row counts them) before it
+    # is left `failed` and logged; with the default backoff about an hour and a half of SMTP outage.
+    mail_max_retries: int = 20
+
     # Verifying uploaded documents (POST /api/v1/verify): a size cap, a wall-clock limit for the
     # isolated child process that parses and validates, and how many run at once per web process.
     verify_max_bytes: int = 8 * 1024 * 1024
@@ -291,6 +312,7 @@ class Settings:
                                  "give each item of key material once, as a file or as PEM text")
         self._check_redis()
         self._check_store()
+        self._check_mail()
         if self.ops_token and len(self.ops_token) < MIN_SECRET_LENGTH:
             raise ValueError(f"OPS_TOKEN must be at least {MIN_SECRET_LENGTH} characters (or empty to turn "
                              "the ops endpoints off): a short token can be guessed")
@@ -301,6 +323,31 @@ class Settings:
         parse_redis_url(self.redis_url, "REDIS_URL")
         if self.broker_url:
             parse_redis_url(self.broker_url, "BROKER_URL")
+
+    def _check_mail(self) -> None:
+        if self.smtp_security not in SMTP_SECURITY_MODES:
+            raise ValueError(f"SMTP_SECURITY must be one of {', '.join(SMTP_SECURITY_MODES)}, "
+                             f"not {self.smtp_security!r}")
+        if not self.smtp_host or any(ch.isspace() for ch in self.smtp_host) or not 0 < self.smtp_port < 65536:
+            raise ValueError("SMTP_HOST must be a host name or address and SMTP_PORT 1 to 65535")
+        if bool(self.smtp_username) != bool(self.smtp_password):
+            raise ValueError("SMTP_USERNAME and SMTP_PASSWORD go together: set both, or neither")
+        if not 0 < self.smtp_timeout_seconds <= 120:
+            raise ValueError("SMTP_TIMEOUT_SECONDS must be above 0 and at most 120")
+        if self.mail_max_retries < 0:
+            raise ValueError("MAIL_MAX_RETRIES must be 0 or more")
+        if self.mail_from:
+            from email.utils import parseaddr
+
+            _, address = parseaddr(self.mail_from)
+            if "@" not in address or any(ch in self.mail_from for ch in "\r\n"):
+                raise ValueError(f"MAIL_FROM={self.mail_from!r} must be an address, e.g. "
+                                 "'meterai <noreply@example.id>'")
+
+    @property
+    def mail_sender(self) -> str:
+        """MAIL_FROM, or on a development machine the development sender."""
+        return self.mail_from or DEV_MAIL_FROM
 
     @property
     def broker(self) -> str:
@@ -438,6 +485,14 @@ def production_problems(settings: Settings) -> list[str]:
         if endpoint.scheme != "https" and not _loopback(endpoint.hostname or ""):
             problems.append("S3_ENDPOINT_URL is plain http to another machine: buyers' documents would cross "
                             "the network readable; use https (plain http only to a loopback address)")
+    if not settings.mail_from:
+        problems.append("MAIL_FROM is not set: buyers' e-mails need a sender of yours (e.g. "
+                        "'meterai <noreply@example.id>')")
+    if settings.smtp_security == "none" and not _loopback(settings.smtp_host):
+        problems.append("SMTP_SECURITY=none to another machine (SMTP_HOST): e-mails carry access links"
+                        + (" and SMTP_PASSWORD would" if settings.smtp_password else "")
+                        + " cross the network readable; use starttls or tls (plain SMTP only to a relay on "
+                        "this machine)")
     return problems
 
 

@@ -3,7 +3,8 @@
 Task names are explicit strings (as GOV.UK Notify does), so the web process can enqueue work without
 importing the worker code, and the Procfile, the routes and the tests can be checked against one table.
 Paid work (payment confirmation, stamping, refunds) has its own queues and worker processes so new
-demand, and the polling of unpaid orders, can never starve it.
+demand, and the polling of unpaid orders, can never starve it; e-mail to buyers has its own too, so an
+SMTP outage never holds up anything but e-mail.
 """
 from __future__ import annotations
 
@@ -31,6 +32,9 @@ POLL_PAYMENT = "meterai.payments.poll_payment"
 EXPIRE_ORDER = "meterai.payments.expire_order"
 # One sample of the waiting line for the ops page's last-hour chart, so minutes nobody watched are drawn.
 OPS_SAMPLE = "meterai.housekeeping.ops_sample"
+# One e-mail to a buyer (arguments: order id, kind): its own queue and workers, so an SMTP server that is
+# slow or down delays only e-mail, never stamping or refunds.
+SEND_MAIL = "meterai.mail.send_mail"
 
 QUEUES: dict[str, str] = {
     PREPARE_ORDER: "checkout",
@@ -44,6 +48,7 @@ QUEUES: dict[str, str] = {
     EXPIRE_UNPAID: "housekeeping",
     POLL_PAYMENT: "reconcile",
     EXPIRE_ORDER: "reconcile",
+    SEND_MAIL: "mail",
 }
 
 ALL_QUEUES: tuple[str, ...] = tuple(sorted(set(QUEUES.values())))

@@ -15,7 +15,10 @@ through its own small state machine (:data:`REFUND_TRANSITIONS`): the order's ow
 order, an extra capture's refund by :func:`refund_transition` alone.
 
 Every event row of an order is written here: its first (:func:`insert_order`), each move's, and the one
-event that changes no status (:func:`release_lease`). Whoever needs to know an order changed — the
+event that changes no status (:func:`release_lease`). So is every e-mail the buyer is owed: the receipt
+with the order's first row, and the message a move declares (:class:`Mail`) with the move, as a row of the
+``mail_outbox`` (one per order and kind) whose send task is published once the transaction commits
+(:mod:`shared.services.mail` sends it; the redrive re-publishes what a lost message left unsent). Whoever needs to know an order changed — the
 status cache — listens (:func:`add_listener`) and hears the event ids once the transaction commits.
 """
 from __future__ import annotations
@@ -33,6 +36,7 @@ from uuid import UUID
 from psycopg import errors as pg_errors
 from psycopg import sql
 
+from shared import jobs
 from shared.db import Tx
 from shared.logs import current_request_id
 
@@ -76,6 +80,15 @@ class Serial(StrEnum):
     VOID = "voided"       # the refund: a reserved serial is never issued again
 
 
+class Mail(StrEnum):
+    """The e-mails a buyer gets: one of each kind per order at most (``mail_outbox``)."""
+
+    RECEIPT = "receipt"              # the order was made: its page's link, what happens next
+    STAMPED = "stamped"              # the document is stamped: the serial, the link to download it
+    REFUND_MANUAL = "refund_manual"  # the gateway can't refund it: finance pays it out by hand
+    REFUNDED = "refunded"            # the money went back: amount, reason, when
+
+
 class Lease(StrEnum):
     TAKE = "take"    # lease_owner and lease_expires_at set, stamp_attempts counted
     CLEAR = "clear"  # no lease any more
@@ -92,6 +105,7 @@ class Move:
     # The order's own refund: (None, PENDING) opens it; any other pair moves it along.
     refund: tuple[RefundStatus | None, RefundStatus] | None = None
     ledger: str | None = None  # the kind of money movement booked on the order's capture
+    mail: Mail | None = None  # the e-mail the buyer is owed for this move (queued in the same transaction)
 
 
 _OPEN_REFUND = (None, RefundStatus.PENDING)
@@ -113,17 +127,21 @@ TRANSITIONS: Mapping[tuple[Status, Status], Move] = {
     (Status.STAMPING, Status.STAMPING): Move("re-claimed after the lease expired", serial=Serial.RESERVE,
                                              lease=Lease.TAKE),
     (Status.STAMPING, Status.STAMPED): Move("stamp affixed", serial=Serial.USE, lease=Lease.CLEAR,
-                                            ledger="revenue"),
+                                            ledger="revenue", mail=Mail.STAMPED),
     (Status.PAID, Status.REFUND_PENDING): Move("not stamped before the deadline", serial=Serial.VOID,
                                                lease=Lease.CLEAR, refund=_OPEN_REFUND),
     (Status.STAMPING, Status.REFUND_PENDING): Move("stamping failed for good or past the deadline",
                                                    serial=Serial.VOID, lease=Lease.CLEAR, refund=_OPEN_REFUND),
     (Status.REFUND_PENDING, Status.REFUNDED): Move("refunded by the gateway",
-                                                  refund=(RefundStatus.PENDING, RefundStatus.SUCCEEDED)),
+                                                  refund=(RefundStatus.PENDING, RefundStatus.SUCCEEDED),
+                                                  mail=Mail.REFUNDED),
+    # The buyer learns the money comes back by hand (and later, with REFUNDED, that it did).
     (Status.REFUND_PENDING, Status.REFUND_MANUAL): Move("gateway cannot refund; ops pays out",
-                                                       refund=(RefundStatus.PENDING, RefundStatus.MANUAL)),
+                                                       refund=(RefundStatus.PENDING, RefundStatus.MANUAL),
+                                                       mail=Mail.REFUND_MANUAL),
     (Status.REFUND_MANUAL, Status.REFUNDED): Move("paid out manually",
-                                                 refund=(RefundStatus.MANUAL, RefundStatus.SUCCEEDED)),
+                                                 refund=(RefundStatus.MANUAL, RefundStatus.SUCCEEDED),
+                                                 mail=Mail.REFUNDED),
 }
 
 # A refund (one per captured transaction): (from, to) -> the ledger entry it books, if any.
@@ -273,14 +291,18 @@ WITH o AS (
 ), e AS (
     INSERT INTO order_events (order_id, from_status, to_status, reason)
     SELECT id, NULL, status, %(reason)s FROM o
+), m AS (
+    INSERT INTO mail_outbox (order_id, kind) SELECT id, 'receipt' FROM o
 )
 SELECT * FROM o
 """
 
 
 def insert_order(conn: Any, values: Mapping[str, Any]) -> dict[str, Any] | None:
-    """A new ``created`` order and its first event, in one statement (one round trip, atomic on an
-    autocommit connection); ``None`` when the buyer already has an order under this Idempotency-Key."""
+    """A new ``created`` order, its first event and its receipt's outbox row, in one statement (one round
+    trip, atomic on an autocommit connection); ``None`` when the buyer already has an order under this
+    Idempotency-Key. The caller publishes the receipt's send (:data:`jobs.SEND_MAIL`) once it returns:
+    the statement has committed by then."""
     # The create's request id, kept so later work on the order (a notification, a sweep) can carry it.
     return conn.execute(_INSERT_ORDER, {"request_id": current_request_id(), **values,
                                         "reason": CREATED_REASON}).fetchone()
@@ -350,7 +372,20 @@ def transition(
             raise IllegalTransition(f"{source} -> {target} books {move.ledger}, but order {order_id} has no "
                                     "capture")
         _book(tx, order_id, capture["gateway_order_id"], move.ledger, row["amount_idr"])
+    if move.mail is not None:
+        _queue_mail(tx, order_id, move.mail)
     return row
+
+
+def _queue_mail(tx: Tx, order_id: UUID | str, kind: Mail) -> None:
+    """The buyer's e-mail for this move, in the outbox with the move; its send is published after commit.
+    A kind the order already has (REFUNDED after a manual payout found refunded) is not queued again."""
+    queued = tx.execute(
+        "INSERT INTO mail_outbox (order_id, kind) VALUES (%s, %s) ON CONFLICT (order_id, kind) DO NOTHING"
+        " RETURNING id", (str(order_id), kind.value),
+    ).fetchone()
+    if queued is not None:
+        jobs.enqueue_after_commit(tx, jobs.SEND_MAIL, str(order_id), kind.value)
 
 
 def release_lease(tx: Tx, order_id: UUID | str, owner: str, error: str) -> bool:

@@ -8,6 +8,10 @@ Access tokens are random (:func:`new_access_token`) and only their SHA-256 hashe
 the server knows, its secrets included, lets anyone compute a token from an order id. A replayed create
 can't hand the first token back (nobody has it), so it gets a fresh one for the same order; an order keeps
 its newest :data:`MAX_ACCESS_TOKENS` hashes.
+
+The e-mails a buyer gets carry a link to the order page with a token the mail worker mints for it
+(:func:`add_link_token`), kept apart (``link_token_hashes``) so replays of the create never trim a link in
+someone's mailbox away. Every check accepts either kind (:func:`order_token_hashes`).
 """
 from __future__ import annotations
 
@@ -67,8 +71,13 @@ def token_hash(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
 
+def order_token_hashes(order: dict[str, Any]) -> list[str]:
+    """Every token hash the order accepts: those handed to the creates, and those sent in its e-mails."""
+    return [*order["access_token_hashes"], *(order.get("link_token_hashes") or ())]
+
+
 def token_matches(order: dict[str, Any], token: str) -> bool:
-    return token_hash_matches(order["access_token_hashes"], token)
+    return token_hash_matches(order_token_hashes(order), token)
 
 
 def token_hash_matches(stored_hashes: list[str], token: str) -> bool:
@@ -78,6 +87,37 @@ def token_hash_matches(stored_hashes: list[str], token: str) -> bool:
     for stored in stored_hashes:
         found |= hmac.compare_digest(stored, wanted)
     return found
+
+
+# Link tokens an order keeps at most: one per e-mail kind (four), plus one for each send whose outcome was
+# in doubt (the SMTP server may have taken the message before the connection broke). The migration's
+# CHECK says the same.
+MAX_LINK_TOKENS = 16
+
+_ADD_LINK_TOKEN = f"""
+UPDATE orders SET link_token_hashes = (link_token_hashes || %(hash)s::text)[
+        greatest(1, cardinality(link_token_hashes) + 2 - {MAX_LINK_TOKENS}):]
+WHERE id = %(id)s RETURNING id
+"""
+
+
+def add_link_token(conn: Any, order_id: uuid.UUID | str) -> str:
+    """A fresh token for a link in an e-mail, stored (as its hash) before the e-mail is sent."""
+    token = new_access_token()
+    conn.execute(_ADD_LINK_TOKEN, {"hash": token_hash(token), "id": str(order_id)})
+    return token
+
+
+def drop_link_token(conn: Any, order_id: uuid.UUID | str, token: str) -> None:
+    """Forget a link token whose e-mail certainly never left (the SMTP server refused or never took it)."""
+    conn.execute("UPDATE orders SET link_token_hashes = array_remove(link_token_hashes, %s) WHERE id = %s",
+                 (token_hash(token), str(order_id)))
+
+
+def order_page_url(settings: Settings, order_id: uuid.UUID | str, token: str) -> str:
+    """The buyer's order page with its token in the fragment (``#t=``), which browsers never send to a
+    server, so the token stays out of every access log; never in a query string."""
+    return f"{settings.public_base_url.rstrip('/')}/pesanan/{order_id}#t={token}"
 
 
 @dataclass(frozen=True)
@@ -148,6 +188,7 @@ def create_order(
         assert existing is not None
         return _replay(settings, existing, new)
     jobs.publish_committed(jobs.PREPARE_ORDER, str(order_id))  # committed: the checkout may run
+    jobs.publish_committed(jobs.SEND_MAIL, str(order_id), "receipt")  # and the receipt be sent
     return Created(row, True, token)
 
 

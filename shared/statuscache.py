@@ -21,7 +21,8 @@ Correctness rules, in order of importance:
   orders configures it: the web and the workers through their app factories, the ``meterai`` CLI in its
   ``main`` (configuring is what makes this module listen); for one that doesn't, :mod:`shared.lifecycle`
   says so in its log, once.
-* **The cache never decides who may read.** The entry holds the order's access-token hashes; the token
+* **The cache never decides who may read.** The entry holds every token hash the order accepts (the
+  creates' and its e-mail links', :func:`shared.orders.order_token_hashes`); the token
   is checked against them as against the row, and a token the entry doesn't know is checked against
   the row (a replayed create may just have added one). And a Redis that doesn't answer just means the database
   answers (fail open to the source of truth): a poll never fails because of the cache.
@@ -124,7 +125,7 @@ def get(order_id: str) -> tuple[list[str], bytes] | None:
 
 def put(order_id: str, version: int, token_hashes: list[str], body: bytes) -> None:
     """Cache an answer just read from the database (``version``: its newest event id), unless the
-    order has changed since."""
+    order has changed since. ``token_hashes``: every hash the row accepts (access and link tokens)."""
     found = _client()
     if found is None or not _state["ttl"]:
         return

@@ -13,7 +13,7 @@ from shared.admission import MAX_RETRY_AFTER_SECONDS, Admitted, Queued
 from shared.errors import DomainError
 from shared.lifecycle import Status
 from shared.orders import (NewOrder, create_order, find_by_idempotency_key, get_order, get_order_with_view,
-                           order_view, token_hash_matches, token_matches)
+                           order_token_hashes, order_view, token_hash_matches, token_matches)
 from shared.stamping.header import quick_check
 from web.context import admission, settings, store
 from web.errors import error_response
@@ -191,7 +191,7 @@ def get_order_status(order_id: str):
     else:  # not cached, or a token the entry doesn't know: the row decides
         order = _authorised_order(order_id, get_order_with_view)
         body = json.dumps(order_view(order), separators=(",", ":")).encode() + b"\n"
-        statuscache.put(str(order["id"]), order["last_event_id"] or 0, order["access_token_hashes"], body)
+        statuscache.put(str(order["id"]), order["last_event_id"] or 0, order_token_hashes(order), body)
     return Response(body, mimetype="application/json", headers={"Cache-Control": "no-store"})
 
 

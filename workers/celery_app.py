@@ -24,6 +24,7 @@ TASK_MODULES = (
     "workers.tasks.stamping",
     "workers.tasks.refunds",
     "workers.tasks.housekeeping",
+    "workers.tasks.mail",
 )
 
 

@@ -2,7 +2,7 @@
 
 The sweep turns paid work that missed its deadline into refunds; the redrive re-publishes every piece of
 work the database says is due (checkouts within their deadline, notifications, stamps, every pending
-refund of a transaction), so a Redis that restarted empty loses nothing. The watch of gateway
+refund of a transaction, every e-mail not sent yet), so a Redis that restarted empty loses nothing. The watch of gateway
 transactions and the expiry scan need no redrive: a claimed row whose task was lost is simply due again
 at its next check. Both take rows with
 ``FOR UPDATE SKIP LOCKED`` in bounded batches (Warehouse's pattern): two beat processes, or a beat and a
@@ -53,6 +53,7 @@ def sweep_refunds(settings: Settings, *, batch_size: int | None = None) -> int:
     return total
 
 
+# Each query's columns are its task's arguments, in order.
 REDRIVE_QUERIES: tuple[tuple[str, str], ...] = (
     # Past the checkout deadline an order is expired by the expiry scan, never checked out again.
     (jobs.PREPARE_ORDER,
@@ -71,6 +72,14 @@ REDRIVE_QUERIES: tuple[tuple[str, str], ...] = (
     (jobs.REFUND_ORDER,
      "SELECT gateway_order_id AS id FROM refunds WHERE status = 'pending'"
      " AND requested_at < now() - make_interval(secs => %(grace)s) ORDER BY requested_at LIMIT %(limit)s"),
+    # E-mails still to send: waiting for longer than any retry's backoff (so its message was lost, and a
+    # live retry chain is never doubled) or claimed by a worker whose lease ran out (it died mid-send). A
+    # failed one stays failed.
+    (jobs.SEND_MAIL,
+     "SELECT order_id::text AS id, kind FROM mail_outbox"
+     " WHERE (status = 'pending' AND updated_at < now() - make_interval(secs => %(grace)s + %(retry_max)s))"
+     "    OR (status = 'sending' AND lease_expires_at < now())"
+     " ORDER BY updated_at LIMIT %(limit)s"),
 )
 
 
@@ -80,15 +89,15 @@ def redrive(settings: Settings, *, grace_seconds: float | None = None, limit: in
     counts: dict[str, int] = {}
     with get_pool(settings.database_url).connection() as conn:
         due = {
-            name: [row["id"] for row in conn.execute(
-                query, {"grace": grace, "limit": limit,
+            name: [tuple(row.values()) for row in conn.execute(
+                query, {"grace": grace, "limit": limit, "retry_max": settings.retry_max_seconds,
                         "checkout_deadline": settings.checkout_deadline_seconds})]
             for name, query in REDRIVE_QUERIES
         }
-    for name, ids in due.items():
-        for item in ids:
-            jobs.publish(name, item)
-        counts[name] = len(ids)
+    for name, items in due.items():
+        for args in items:
+            jobs.publish(name, *args)
+        counts[name] = len(items)
     if any(counts.values()):
         log_event(log, "redrive", **{name.rsplit(".", 1)[-1]: n for name, n in counts.items()})
     return counts

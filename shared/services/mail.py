@@ -1,0 +1,368 @@
+"""E-mails to buyers: the receipt with the order page's link, and a message when the document is stamped,
+when its refund goes to manual payout, and when the money is back.
+
+What to send is decided with the order's change: :mod:`shared.lifecycle` writes a ``mail_outbox`` row
+(one per order and kind) in the transaction that makes the order or moves it, and publishes the send
+once that commits; the redrive re-publishes any row a lost message left unsent. This module sends one
+row (:func:`send_mail`, run by the ``mail`` worker group on its own queue, so an SMTP server that is
+slow or down delays only e-mail):
+
+* **Only an unsent row is acted on, by one worker at a time.** The send claims the row first
+  (``pending → sending`` with a lease, a compare-and-set like every state change of ours); a sent or
+  failed row, or one another worker holds, is left alone, so redelivered or duplicated messages send
+  nothing more.
+* **Each e-mail's link carries a token minted for it** (:func:`shared.orders.add_link_token`): the server
+  keeps only token hashes and can't recompute one. Its hash is committed with the claim, before the
+  e-mail leaves, so the link works the moment it arrives; an attempt the SMTP server certainly never took
+  forgets its token again.
+* **SMTP gives at-least-once, and that is the best there is.** The server takes the message when it
+  answers the final ``.`` of DATA; if the connection (or this process) dies between that answer and our
+  marking the row sent, nothing can tell whether it was taken, and the only way not to lose the e-mail is
+  to send it again. SMTP has no idempotency key, so the duplicate is made recognisable instead: every
+  send of one (order, kind) carries the same ``Message-ID`` (:func:`message_id`), which mail stores and
+  clients use to fold duplicates, and the first copy's link keeps working (a send whose outcome was in
+  doubt keeps its token). The window is one SMTP reply wide.
+* **Bounded retries, then a named final state.** A failed attempt puts the row back to ``pending`` and
+  the task retries with the base task's backoff; once the row has used its attempts (``MAIL_MAX_RETRIES``
+  after the first, counted on the row so redeliveries share them) or the recipient is refused for good,
+  the row is ``failed`` and that is logged at ERROR. It never waits for ever.
+
+The texts are Bahasa Indonesia, as plain text and simple HTML (``multipart/alternative``), rendered by
+pure functions (:func:`render`) that escape every value in the HTML.
+"""
+from __future__ import annotations
+
+import html
+import logging
+import smtplib
+import ssl
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+from email.message import EmailMessage
+from email import policy
+from email.utils import format_datetime, parseaddr
+from typing import Any
+
+from shared.config import Settings
+from shared.db import transaction
+from shared.errors import TransientError
+from shared.lifecycle import Mail
+from shared.logs import log_event
+from shared.orders import add_link_token, drop_link_token, order_page_url
+
+log = logging.getLogger(__name__)
+
+# Western Indonesian Time (UTC+7, no daylight saving): the buyers' clock, whatever the server's zone.
+WIB = timezone(timedelta(hours=7), "WIB")
+
+_MONTHS = ("Januari", "Februari", "Maret", "April", "Mei", "Juni", "Juli", "Agustus", "September",
+           "Oktober", "November", "Desember")
+
+
+class MailNotSent(TransientError):
+    """This attempt did not hand the e-mail to the SMTP server: the task retries."""
+
+    code = "mail_not_sent"
+
+
+# --- what the e-mails say (pure) ----------------------------------------------------------------------
+
+def rupiah(amount: int) -> str:
+    """``Rp10.500``: the way the checkout page writes a price."""
+    return f"Rp{amount:,}".replace(",", ".")
+
+
+def wib(moment: datetime | None) -> str:
+    """``5 September 2024 pukul 14.03 WIB``."""
+    if moment is None:
+        return "-"
+    local = moment.astimezone(WIB)
+    return f"{local.day} {_MONTHS[local.month - 1]} {local.year} pukul {local:%H.%M} WIB"
+
+
+@dataclass(frozen=True)
+class Facts:
+    """What an e-mail tells, read from the database when it is sent."""
+
+    order_id: str
+    email: str
+    amount: int
+    link: str
+    serial: str | None = None
+    stamped_at: datetime | None = None
+    verify_link: str | None = None
+    refund_amount: int | None = None
+    reason: str | None = None
+    refunded_at: datetime | None = None
+    manual_since: datetime | None = None
+
+
+@dataclass(frozen=True)
+class Rendered:
+    subject: str
+    text: str
+    html: str
+
+
+_KEEP_LINK = ("Simpan e-mail ini: tautan di atas membawa Anda kembali ke pesanan ini kapan saja. Jangan "
+              "bagikan tautan ini; siapa pun yang memegangnya dapat melihat pesanan dan mengunduh dokumen Anda.")
+
+
+def _paragraphs(facts: Facts, kind: Mail) -> tuple[str, list[str], list[tuple[str, str]], str]:
+    """(subject, paragraphs before the link, (label, value) rows, link label) of one kind of e-mail."""
+    rows = [("Nomor pesanan", facts.order_id)]
+    if kind is Mail.RECEIPT:
+        rows.append(("Jumlah", f"{rupiah(facts.amount)} (meterai Rp10.000 + biaya layanan)"))
+        return ("Pesanan e-Meterai Anda diterima", [
+            "Terima kasih. Pesanan e-Meterai Anda sudah kami terima.",
+            "Langkah berikutnya: kami memeriksa dokumen Anda, lalu halaman pesanan menampilkan tombol "
+            "pembayaran. Setelah pembayaran diterima, meterai dibubuhkan dan dokumen bermeterai dapat "
+            "diunduh di halaman yang sama. Bila meterai tidak dapat dibubuhkan, dana Anda dikembalikan "
+            "penuh secara otomatis, tanpa perlu diminta.",
+        ], rows, "Buka halaman pesanan")
+    if kind is Mail.STAMPED:
+        rows += [("Nomor seri meterai", facts.serial or "-"), ("Dibubuhkan", wib(facts.stamped_at))]
+        if facts.verify_link:
+            rows.append(("Periksa keaslian", facts.verify_link))
+        return ("Dokumen Anda sudah bermeterai", [
+            "Meterai elektronik sudah dibubuhkan pada dokumen Anda dan tanda tangan digitalnya sudah "
+            "kami periksa. Unduh dokumen bermeterai melalui halaman pesanan.",
+        ], rows, "Unduh dokumen bermeterai")
+    amount = rupiah(facts.refund_amount if facts.refund_amount is not None else facts.amount)
+    if kind is Mail.REFUND_MANUAL:
+        rows += [("Jumlah pengembalian", amount), ("Alasan", facts.reason or "-"),
+                 ("Diproses manual sejak", wib(facts.manual_since))]
+        return ("Pengembalian dana Anda diproses manual", [
+            "Dana Anda akan dikembalikan penuh, tetapi metode pembayaran Anda (misalnya transfer bank / "
+            "virtual account) tidak dapat dikembalikan secara otomatis oleh penyedia pembayaran.",
+            "Tim keuangan kami akan mentransfer dana Anda secara manual. Bila kami memerlukan rekening "
+            "tujuan, kami menghubungi Anda melalui alamat e-mail ini. Anda akan menerima e-mail lagi begitu "
+            "dana dikirim; statusnya juga terlihat di halaman pesanan.",
+        ], rows, "Lihat status pesanan")
+    rows += [("Jumlah dikembalikan", amount), ("Alasan", facts.reason or "-"),
+             ("Dikembalikan pada", wib(facts.refunded_at))]
+    return ("Dana Anda sudah dikembalikan", [
+        "Dana pembayaran pesanan e-Meterai Anda sudah dikembalikan penuh.",
+        "Dana biasanya terlihat di rekening atau dompet digital Anda dalam beberapa hari kerja, tergantung "
+        "bank atau penyedia pembayaran Anda.",
+    ], rows, "Lihat status pesanan")
+
+
+def render(kind: Mail, facts: Facts) -> Rendered:
+    """The subject, plain text and HTML of one e-mail (every value escaped in the HTML)."""
+    subject, paragraphs, rows, link_label = _paragraphs(facts, kind)
+    width = max(len(label) for label, _ in rows)
+    text = "\n".join([
+        "Halo,", "",
+        *[line for p in paragraphs for line in (p, "")],
+        *[f"{label.ljust(width)} : {value}" for label, value in rows], "",
+        f"{link_label}:", facts.link, "",
+        _KEEP_LINK, "",
+        "Salam,", "meterai", "",
+        f"E-mail ini dikirim otomatis ke {facts.email} untuk pesanan Anda; mohon tidak membalasnya.",
+    ]) + "\n"
+    e = html.escape
+    body = "\n".join([
+        "<!doctype html>",
+        '<html lang="id"><head><meta charset="utf-8"><title>' + e(subject) + "</title></head>",
+        '<body style="font-family: sans-serif; line-height: 1.5; color: #222">',
+        "<p>Halo,</p>",
+        *[f"<p>{e(p)}</p>" for p in paragraphs],
+        "<table>",
+        *[f'<tr><th align="left" style="padding-right: 1em">{e(label)}</th><td>{e(value)}</td></tr>'
+          for label, value in rows],
+        "</table>",
+        f'<p><a href="{e(facts.link, quote=True)}" style="font-weight: bold">{e(link_label)}</a></p>',
+        f"<p>{e(_KEEP_LINK)}</p>",
+        "<p>Salam,<br>meterai</p>",
+        f'<p style="color: #777; font-size: small">E-mail ini dikirim otomatis ke {e(facts.email)} untuk '
+        "pesanan Anda; mohon tidak membalasnya.</p>",
+        "</body></html>",
+    ]) + "\n"
+    return Rendered(f"{subject} ({facts.order_id[:8]})", text, body)
+
+
+def message_id(settings: Settings, order_id: str, kind: Mail | str) -> str:
+    """The same ``Message-ID`` for every send of one order's e-mail of one kind, so a resend after a
+    crash is recognisably the same message."""
+    domain = parseaddr(settings.mail_sender)[1].rpartition("@")[2] or "meterai.invalid"
+    return f"<{Mail(kind).value}.{order_id}@{domain}>"
+
+
+def compose(settings: Settings, kind: Mail, facts: Facts) -> EmailMessage:
+    rendered = render(kind, facts)
+    message = EmailMessage()
+    message["Subject"] = rendered.subject
+    message["From"] = settings.mail_sender
+    message["To"] = facts.email
+    message["Date"] = format_datetime(datetime.now(timezone.utc))
+    message["Message-ID"] = message_id(settings, facts.order_id, kind)
+    message["Content-Language"] = "id"
+    message["Auto-Submitted"] = "auto-generated"  # RFC 3834: no vacation replies to it
+    message.set_content(rendered.text)
+    message.add_alternative(rendered.html, subtype="html")
+    return message
+
+
+# --- sending one row ----------------------------------------------------------------------------------
+
+_CLAIM = """
+UPDATE mail_outbox SET status = 'sending', attempts = attempts + 1, lease_owner = %(owner)s,
+       lease_expires_at = now() + make_interval(secs => %(lease)s), updated_at = now()
+WHERE order_id = %(order_id)s AND kind = %(kind)s
+  AND (status = 'pending' OR (status = 'sending' AND lease_expires_at < now()))
+RETURNING *
+"""
+
+_FACTS = """
+SELECT o.id::text AS order_id, o.email, o.amount_idr, o.serial, o.stamped_at, o.reason_message,
+       r.amount_idr AS refund_amount, r.completed_at AS refunded_at, r.manual_since
+FROM orders o
+LEFT JOIN LATERAL (  -- the refund of the order's own capture
+    SELECT rf.amount_idr, rf.completed_at, rf.manual_since FROM refunds rf
+    JOIN payments p ON p.gateway_order_id = rf.gateway_order_id AND p.capture_role = 'order'
+    WHERE rf.order_id = o.id
+) r ON true
+WHERE o.id = %s
+"""
+
+
+def lease_seconds(settings: Settings) -> float:
+    """Longer than one attempt can take (connect, EHLO, STARTTLS, AUTH, MAIL, RCPT, DATA and QUIT, each
+    bounded by the timeout), so a live send is never claimed by a second worker."""
+    return settings.smtp_timeout_seconds * 8 + 30
+
+
+def _facts(settings: Settings, row: dict[str, Any], link: str) -> Facts:
+    serial = row["serial"] if row["stamped_at"] else None
+    base = settings.public_base_url.rstrip("/")
+    return Facts(
+        order_id=row["order_id"], email=row["email"], amount=row["amount_idr"], link=link,
+        serial=serial, stamped_at=row["stamped_at"], verify_link=f"{base}/verify/{serial}" if serial else None,
+        refund_amount=row["refund_amount"], reason=row["reason_message"], refunded_at=row["refunded_at"],
+        manual_since=row["manual_since"],
+    )
+
+
+def send_mail(settings: Settings, order_id: str, kind: str, owner: str) -> str:
+    """Send the order's e-mail of ``kind`` if it is still unsent: ``sent``, ``skipped`` (sent already,
+    failed, or being sent by another worker) or ``failed`` (out of attempts, or refused for good).
+    Raises :class:`MailNotSent` when this attempt failed and another may follow."""
+    mail = Mail(kind)
+    with transaction(settings.database_url) as tx:
+        row = tx.execute(_CLAIM, {"owner": owner, "lease": lease_seconds(settings), "order_id": order_id,
+                                  "kind": mail.value}).fetchone()
+        if row is None:
+            return "skipped"
+        if row["attempts"] > settings.mail_max_retries + 1:
+            _fail(tx, row, row["last_error"] or "attempts used up")
+            return "failed"
+        facts_row = tx.execute(_FACTS, (order_id,)).fetchone()
+        token = add_link_token(tx, order_id)  # committed before the e-mail leaves: the link works at once
+    facts = _facts(settings, facts_row, order_page_url(settings, order_id, token))
+    message = compose(settings, mail, facts)
+    try:
+        deliver(settings, message)
+    except SmtpFailure as failure:
+        return _after_failure(settings, row, token, failure)
+    with transaction(settings.database_url) as tx:
+        marked = tx.execute(
+            "UPDATE mail_outbox SET status = 'sent', sent_at = now(), updated_at = now(), last_error = NULL,"
+            " lease_owner = NULL, lease_expires_at = NULL WHERE id = %s AND status = 'sending'"
+            " AND lease_owner = %s RETURNING id", (row["id"], owner)).fetchone()
+    log_event(log, "mail_sent", order_id=order_id, kind=mail.value, attempt=row["attempts"],
+              message_id=message["Message-ID"], lease_kept=marked is not None)
+    return "sent"
+
+
+def _fail(tx: Any, row: dict[str, Any], error: str) -> None:
+    tx.execute("UPDATE mail_outbox SET status = 'failed', updated_at = now(), last_error = %s,"
+               " lease_owner = NULL, lease_expires_at = NULL WHERE id = %s", (error[:500], row["id"]))
+    log_event(log, "mail_failed", logging.ERROR, order_id=str(row["order_id"]), kind=row["kind"],
+              attempts=row["attempts"], error=error[:200])
+
+
+def _after_failure(settings: Settings, row: dict[str, Any], token: str, failure: "SmtpFailure") -> str:
+    """Put the row back for the next attempt (or fail it for good); forget the link token unless the
+    server may have taken the message."""
+    order_id, error = str(row["order_id"]), str(failure)[:500]
+    with transaction(settings.database_url) as tx:
+        if not failure.in_doubt:
+            drop_link_token(tx, order_id, token)
+        if failure.permanent or row["attempts"] > settings.mail_max_retries:
+            _fail(tx, row, error)
+            return "failed"
+        tx.execute("UPDATE mail_outbox SET status = 'pending', updated_at = now(), last_error = %s,"
+                   " lease_owner = NULL, lease_expires_at = NULL WHERE id = %s AND status = 'sending'",
+                   (error, row["id"]))
+    raise MailNotSent(error)
+
+
+def give_up(settings: Settings, order_id: str, kind: str, error: str) -> None:
+    """The task's retries ran out: a row still waiting is failed (named, logged), never left pending."""
+    with transaction(settings.database_url) as tx:
+        row = tx.execute("SELECT * FROM mail_outbox WHERE order_id = %s AND kind = %s AND status = 'pending'"
+                         " FOR UPDATE", (order_id, Mail(kind).value)).fetchone()
+        if row is not None:
+            _fail(tx, row, f"retries exhausted: {error}")
+
+
+# --- SMTP ---------------------------------------------------------------------------------------------
+
+class SmtpFailure(Exception):
+    """One attempt failed. ``in_doubt``: the message may have been taken (the connection broke during
+    DATA); ``permanent``: the server refused the recipient for good (5xx)."""
+
+    def __init__(self, message: str, *, in_doubt: bool = False, permanent: bool = False) -> None:
+        super().__init__(message)
+        self.in_doubt = in_doubt
+        self.permanent = permanent
+
+
+def deliver(settings: Settings, message: EmailMessage) -> None:
+    """Hand ``message`` to the configured SMTP server (standard library smtplib; TLS certificates
+    verified). Raises :class:`SmtpFailure`; the password is never part of what is raised or logged."""
+    sender = parseaddr(settings.mail_sender)[1]
+    recipient = parseaddr(message["To"])[1]
+    context = ssl.create_default_context()
+    timeout = settings.smtp_timeout_seconds
+    data_sent = False
+    try:
+        if settings.smtp_security == "tls":
+            smtp: smtplib.SMTP = smtplib.SMTP_SSL(settings.smtp_host, settings.smtp_port, timeout=timeout,
+                                                  context=context)
+        else:
+            smtp = smtplib.SMTP(settings.smtp_host, settings.smtp_port, timeout=timeout)
+        try:
+            smtp.ehlo()
+            if settings.smtp_security == "starttls":
+                smtp.starttls(context=context)
+                smtp.ehlo()
+            if settings.smtp_username:
+                smtp.login(settings.smtp_username, settings.smtp_password)
+            code, reply = smtp.mail(sender)
+            if code != 250:
+                raise smtplib.SMTPSenderRefused(code, reply, sender)
+            code, reply = smtp.rcpt(recipient)
+            if code not in (250, 251):
+                if 500 <= code < 600:
+                    raise SmtpFailure(f"recipient refused: {code} {_text(reply)}", permanent=True)
+                raise smtplib.SMTPRecipientsRefused({recipient: (code, reply)})
+            data_sent = True
+            smtp.data(message.as_bytes(policy=policy.SMTP))
+        finally:
+            try:
+                smtp.quit()
+            except (smtplib.SMTPException, OSError):
+                smtp.close()  # the message was taken (or not) already; QUIT decides nothing
+    except SmtpFailure:
+        raise
+    except smtplib.SMTPResponseException as exc:  # the server answered no: it certainly has no copy
+        raise SmtpFailure(f"{type(exc).__name__}: {exc.smtp_code} {_text(exc.smtp_error)}") from None
+    except (smtplib.SMTPException, OSError) as exc:
+        raise SmtpFailure(f"{type(exc).__name__}: {exc}"[:300], in_doubt=data_sent) from None
+
+
+def _text(reply: bytes | str) -> str:
+    return (reply.decode("utf-8", "replace") if isinstance(reply, bytes) else str(reply))[:200]
+
