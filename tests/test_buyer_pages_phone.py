@@ -1,0 +1,82 @@
+"""Every buyer page (checkout, waiting room, order, verification) at 360 px wide: nothing wider than the
+screen, every control named for a screen reader, and a keyboard focus order that follows the page;
+the order page works as the place to come back to (reload, a missing or wrong token)."""
+from __future__ import annotations
+
+import pytest
+
+from tests.browser import browser_factory, save_screenshot  # noqa: F401 - fixture
+from tests.conftest import make_pdf
+
+UNNAMED_CONTROLS = """() => [...document.querySelectorAll('input, select, textarea, button, summary, a[href], [tabindex]')]
+  .filter((el) => el.offsetParent !== null || el.tagName === 'SUMMARY')
+  .filter((el) => {
+    const labelled = (el.labels && el.labels.length) || el.getAttribute('aria-label') || el.getAttribute('aria-labelledby');
+    return !(labelled || (el.textContent || '').trim() || el.getAttribute('title'));
+  })
+  .map((el) => el.outerHTML.slice(0, 120))"""
+
+
+def _check_phone_layout(page, name: str) -> None:
+    assert page.evaluate("() => document.documentElement.scrollWidth") <= 360, name
+    assert page.evaluate(UNNAMED_CONTROLS) == [], name
+    assert page.evaluate("() => document.documentElement.lang") == "id"
+    save_screenshot(page, f"phone-{name}", "shown")
+
+
+def test_every_buyer_page_fits_a_phone_and_names_its_controls(sys_, browser_factory, tmp_path):
+    order_id, token, _ = sys_.order_awaiting_payment()
+    page = browser_factory("phone")
+    document = tmp_path / "surat.pdf"
+    document.write_bytes(make_pdf(pages=2))
+    page.goto(sys_.web_url + "/")
+    page.set_input_files("#document", str(document))
+    page.wait_for_selector("#stage[data-ready]")
+    _check_phone_layout(page, "checkout")
+    for name, path in (("queue", "/antrian/not-a-ticket"), ("verify", "/verify"),
+                       ("verify-serial", "/verify/0123456789ABCDEFGHIJKL")):
+        page.goto(sys_.web_url + path)
+        _check_phone_layout(page, name)
+    page.goto(f"{sys_.web_url}/pesanan/{order_id}#t={token}")
+    page.wait_for_selector("#pay")
+    _check_phone_layout(page, "order")
+
+
+def test_the_checkout_focus_order_follows_the_page(sys_, browser_factory, tmp_path):
+    page = browser_factory("desktop")
+    document = tmp_path / "surat.pdf"
+    document.write_bytes(make_pdf(pages=2))
+    page.goto(sys_.web_url + "/")
+    page.set_input_files("#document", str(document))
+    page.wait_for_selector("#stage[data-ready]")
+    page.focus("#document")
+    order = []
+    for _ in range(12):
+        page.keyboard.press("Tab")
+        order.append(page.evaluate("() => document.activeElement.id || document.activeElement.tagName"))
+    wanted = ["page", "next-page", "stamp", "SUMMARY", "email", "submit"]
+    positions = [order.index(item) for item in wanted]
+    assert positions == sorted(positions), order
+
+
+def test_the_order_page_survives_a_reload_and_explains_a_broken_link(sys_, browser_factory):
+    order_id, token, _ = sys_.order_awaiting_payment()
+    page = browser_factory("phone")
+    page.goto(f"{sys_.web_url}/pesanan/{order_id}#t={token}")
+    page.wait_for_selector("#pay")
+    assert "Silakan lakukan pembayaran" in page.inner_text("#state")
+    page.reload()
+    page.wait_for_selector("#pay")
+    # "Salin tautan" copies the link with its token (the fragment), which is how one comes back.
+    page.click("#copy-link")
+    page.wait_for_selector("text=Tautan disalin")
+    assert page.evaluate("() => navigator.clipboard.readText()") == f"{sys_.web_url}/pesanan/{order_id}#t={token}"
+    page.goto(f"{sys_.web_url}/pesanan/{order_id}")
+    page.wait_for_selector("text=Tautan pesanan tidak lengkap")
+    page.goto(f"{sys_.web_url}/pesanan/{order_id}#t=not-the-token")
+    page.wait_for_selector("text=Pesanan tidak ditemukan")
+
+
+@pytest.mark.parametrize("path", ["/pesanan/not-a-uuid"])
+def test_an_order_page_address_that_is_no_order_id_is_a_404(sys_, path):
+    assert sys_.http.get(sys_.web_url + path, timeout=5).status_code == 404
