@@ -72,7 +72,9 @@ export function createPreview({ stage, canvas, stamp, pageInput, xInput, yInput,
     page = await doc.getPage(number);
     if (ticket !== loaded) { return; }
     const unscaled = page.getViewport({ scale: 1 });
-    scale = Math.min(1.5, (stage.parentElement.clientWidth || unscaled.width) / unscaled.width);
+    const wrap = stage.parentElement, padding = getComputedStyle(wrap);
+    const room = wrap.clientWidth - parseFloat(padding.paddingLeft) - parseFloat(padding.paddingRight);
+    scale = Math.min(1.5, (room > 0 ? room : unscaled.width) / unscaled.width);
     viewport = page.getViewport({ scale });
     view = page.view;
     const ratio = window.devicePixelRatio || 1;
