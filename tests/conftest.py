@@ -7,6 +7,12 @@ test may restart it empty), and runs web under gunicorn, one Celery worker per P
 restarts off, so a test can stop or kill any one of them (stamping stops while payments still flow) or
 start a copy of one with settings of its own. Beat stays off: tests run the periodic jobs themselves.
 
+E-mail: the mail workers send to one session-wide SMTP server in this process (:func:`mailbox`, a real
+aiosmtpd, :mod:`shared.devtools.smtp`); a test reads what arrived with ``sys_.mails(order_id)`` and
+``sys_.wait_mail(order_id, kind)``, and the order page link in a message with ``order_link(message)``
+(``sys_.mail_link(message)`` splits it into order id and token). A test may stop the mailbox (an SMTP
+outage); ``sys_`` starts it again.
+
 The document store: the session system keeps documents on the filesystem. Tests marked
 :data:`BOTH_STORES` run twice, the second time on a second system (its own database, Redis prefix and
 processes, started at the first such test) whose store is a private SeaweedFS (a real S3-compatible
@@ -21,6 +27,7 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass, field
+from email.message import EmailMessage
 from pathlib import Path
 from typing import Any, Callable
 
@@ -41,6 +48,7 @@ from shared.devtools.launcher import Launcher, Process
 from shared.devtools.pki import ensure_dev_pki
 from shared.devtools.services import (RedisHandle, SeaweedHandle, free_port, postgres_answers,
                                       start_private_postgres, start_private_redis, start_seaweedfs)
+from shared.devtools.smtp import Mailbox, order_link
 from shared.jobs import set_publisher
 from shared.store import DocumentStore, store_from_settings
 
@@ -52,7 +60,7 @@ os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", tempfile.mkdtemp(prefix="meter
 ROOT = Path(__file__).resolve().parents[1]
 SERVER_KEY = "SB-Mid-server-test-key"
 # The Procfile's worker groups, and every process of the session's system (beat stays off).
-WORKERS = ("checkout", "payments", "refunds", "stamping", "housekeeping", "reconcile")
+WORKERS = ("checkout", "payments", "refunds", "stamping", "housekeeping", "reconcile", "mail")
 PROCESSES = ("web", *WORKERS, "gateway")
 STORES = ("fs", "s3")
 # Run a test against both document stores: the filesystem and a real S3-compatible server (SeaweedFS).
@@ -111,6 +119,7 @@ class System:
     store_kind: str = "fs"
     seaweed: SeaweedHandle | None = None
     publisher: Any = None
+    mailbox: Mailbox | None = None
     http: requests.Session = field(default_factory=requests.Session)
 
     @property
@@ -150,6 +159,31 @@ class System:
             return sorted(f"{folder}/{p.name}" for p in (self.settings.documents_path / folder).glob(f"{start}*"))
         listed = self.seaweed.client().list_objects_v2(Bucket=self.seaweed.bucket, Prefix=prefix)
         return sorted(item["Key"] for item in listed.get("Contents", []))
+
+    # -- e-mail (the session's mailbox: what the mail workers sent) ----------------------------------
+    def mails(self, order_id: str | None = None, kind: str | None = None) -> list[EmailMessage]:
+        """Messages received for ``order_id`` (of ``kind``: receipt, stamped, refund_manual, refunded),
+        oldest first; every send of one (order, kind) carries the Message-ID ``<kind.order_id@…>``."""
+        assert self.mailbox is not None
+
+        def matches(message: EmailMessage) -> bool:
+            sent_kind, _, rest = (message["Message-ID"] or "").strip("<>").partition(".")
+            return (order_id is None or rest.split("@")[0] == order_id) and kind in (None, sent_kind)
+
+        return [m for m in self.mailbox.messages() if matches(m)]
+
+    def wait_mail(self, order_id: str, kind: str, timeout: float = 30) -> EmailMessage:
+        """The first message of ``kind`` for the order, once it has arrived."""
+        return wait_until(lambda: (self.mails(order_id, kind) or [None])[0], timeout=timeout,
+                          message=f"the {kind} e-mail of order {order_id}")
+
+    @staticmethod
+    def mail_link(message: EmailMessage) -> tuple[str, str, str]:
+        """(order page URL, order id, token) of the link in ``message`` (``…/pesanan/<id>#t=<token>``)."""
+        url = order_link(message)
+        page, _, fragment = url.partition("#")
+        assert fragment.startswith("t="), url
+        return url, page.rsplit("/", 1)[1], fragment[2:]
 
     def adopt(self) -> None:
         """Make this system the test process's: its broker to publish to, its status cache to drop."""
@@ -286,7 +320,8 @@ def redis_server(tmp_path_factory):
 
 
 def _run_system(database_url: str, redis_server: RedisHandle, tmp: Path, *, prefix: str,
-                store_env: dict[str, str], store_kind: str, seaweed: SeaweedHandle | None = None) -> Any:
+                store_env: dict[str, str], store_kind: str, seaweed: SeaweedHandle | None = None,
+                mailbox: Mailbox) -> Any:
     web_port, gateway_port = free_port(), free_port()
     web_url, gateway_url = f"http://127.0.0.1:{web_port}", f"http://127.0.0.1:{gateway_port}"
     env_settings = {
@@ -315,6 +350,11 @@ def _run_system(database_url: str, redis_server: RedisHandle, tmp: Path, *, pref
         "RATE_LIMIT_VERIFY": "1000000/60",
         "RATE_LIMIT_NOTIFICATIONS": "1000000/60",
         "DOCUMENT_STORE_URL": "",  # the filesystem unless store_env says otherwise, whatever the shell has
+        # E-mail to the session's mailbox; retries outlast a test's SMTP outage (each waits at most 1 s).
+        **mailbox.env(),
+        "MAIL_FROM": "meterai <noreply@meterai.test>",
+        "MAIL_MAX_RETRIES": "60",
+        "SMTP_TIMEOUT_SECONDS": "3",
         **store_env,
     }
     settings = load_settings(env_settings)
@@ -331,15 +371,23 @@ def _run_system(database_url: str, redis_server: RedisHandle, tmp: Path, *, pref
         launcher.start_all(PROCESSES)
         launcher.wait_ready(timeout=120)
         yield System(settings, web_url, gateway_url, redis_server, launcher, launcher.env, tmp,
-                     store_kind=store_kind, seaweed=seaweed, publisher=publisher)
+                     store_kind=store_kind, seaweed=seaweed, publisher=publisher, mailbox=mailbox)
     finally:
         launcher.stop_all()
 
 
 @pytest.fixture(scope="session")
-def system(database_url, redis_server, tmp_path_factory) -> Any:
+def mailbox() -> Any:
+    """The session's SMTP server (aiosmtpd on a free loopback port), keeping every message it receives."""
+    box = Mailbox(free_port()).start()
+    yield box
+    box.stop()
+
+
+@pytest.fixture(scope="session")
+def system(database_url, redis_server, mailbox, tmp_path_factory) -> Any:
     yield from _run_system(database_url, redis_server, tmp_path_factory.mktemp("system"),
-                           prefix="meterai-test:", store_env={}, store_kind="fs")
+                           prefix="meterai-test:", store_env={}, store_kind="fs", mailbox=mailbox)
 
 
 @pytest.fixture(scope="session")
@@ -351,16 +399,16 @@ def seaweedfs(tmp_path_factory) -> Any:
 
 
 @pytest.fixture(scope="session")
-def system_s3(postgres_admin, redis_server, seaweedfs, tmp_path_factory) -> Any:
+def system_s3(postgres_admin, redis_server, seaweedfs, mailbox, tmp_path_factory) -> Any:
     """A second system like :func:`system` whose documents live in SeaweedFS (its own database and
     Redis prefix, so the two never see each other's orders or messages)."""
     for database_url in _test_database(postgres_admin):
         yield from _run_system(database_url, redis_server, tmp_path_factory.mktemp("system-s3"),
                                prefix="meterai-test-s3:", store_env=seaweedfs.env(), store_kind="s3",
-                               seaweed=seaweedfs)
+                               seaweed=seaweedfs, mailbox=mailbox)
 
 
-TABLES = "ledger_entries, refunds, payment_notifications, payments, serials, order_events, orders"
+TABLES = "mail_outbox, ledger_entries, refunds, payment_notifications, payments, serials, order_events, orders"
 
 
 @pytest.fixture
@@ -378,6 +426,8 @@ def sys_(request, store: str) -> System:
     system: System = request.getfixturevalue("system" if store == "fs" else "system_s3")
     if system.seaweed is not None and system.seaweed.process is None:
         system.seaweed.start()  # a test took the store away and did not bring it back
+    if system.mailbox is not None and not system.mailbox.running:
+        system.mailbox.start()  # a test stopped the SMTP server
     system.adopt()
     system.start(*PROCESSES)
     for attempt in range(10):  # a worker may still be finishing the last test's work on these rows

@@ -18,6 +18,7 @@ PRODUCTION = {
     "GATEWAY_SERVER_KEY": "Mid-server-real-production-key",
     "GATEWAY_URL": "https://api.midtrans.com",
     "PUBLIC_BASE_URL": "https://meterai.example.id",
+    "MAIL_FROM": "meterai <noreply@meterai.example.id>",
 }
 
 
@@ -35,6 +36,8 @@ def test_complete_production_settings_start():
     ("GATEWAY_SERVER_KEY", "SB-Mid-server-someone-elses-sandbox", "sandbox key"),
     ("GATEWAY_URL", "http://127.0.0.1:8001", "GATEWAY_URL"),
     ("PUBLIC_BASE_URL", "http://127.0.0.1:8000", "PUBLIC_BASE_URL"),
+    ("MAIL_FROM", "", "MAIL_FROM"),
+    ("SMTP_HOST", "smtp.example.id", "SMTP_SECURITY=none to another machine"),
 ])
 def test_each_development_default_is_refused_outside_development(name, value, words):
     env = {**PRODUCTION, name: value}
@@ -158,3 +161,26 @@ def test_a_comment_carried_into_a_url_is_refused(name):
     value = {**PRODUCTION, "REDIS_URL": "redis://10.0.0.5:6379/0"}.get(name)
     with pytest.raises(ValueError, match=f"{name} must be one URL"):
         load_settings({**PRODUCTION, name: f"{value}  # every stamp's QR code points here"})
+
+
+def test_plain_smtp_is_refused_to_another_machine_and_never_shows_the_password():
+    """E-mails carry access links: plain SMTP only to a relay on this machine, TLS to any other."""
+    def problems(**env: str) -> list[str]:
+        return [p for p in production_problems(load_settings({**PRODUCTION, **env})) if "SMTP" in p]
+
+    remote = {"SMTP_HOST": "smtp.example.id", "SMTP_USERNAME": "meterai", "SMTP_PASSWORD": "s3cret-pass"}
+    [problem] = problems(**remote)
+    assert "SMTP_PASSWORD" in problem and "s3cret-pass" not in problem
+    assert problems(**remote, SMTP_SECURITY="starttls") == problems(**remote, SMTP_SECURITY="tls") == []
+    assert problems(SMTP_HOST="127.0.0.1") == problems(SMTP_HOST="localhost") == []
+
+
+@pytest.mark.parametrize("env, words", [
+    ({"SMTP_SECURITY": "ssl"}, "SMTP_SECURITY"),
+    ({"SMTP_USERNAME": "meterai"}, "SMTP_USERNAME and SMTP_PASSWORD"),
+    ({"SMTP_PORT": "0"}, "SMTP_PORT"),
+    ({"MAIL_FROM": "not an address"}, "MAIL_FROM"),
+])
+def test_mail_settings_that_cannot_work_are_refused_in_any_mode(env, words):
+    with pytest.raises(ValueError, match=words):
+        load_settings({"DEVELOPMENT": "1", **env})

@@ -27,6 +27,7 @@ if TYPE_CHECKING:
 SECRET_KEY_FILE = "secret-key"
 SECRET_KEY_MIN_LENGTH = 32
 WEB_PORT = 8000
+DEV_SMTP_PORT = 8025  # Procfile.dev's mailbox (shared/devtools/smtp.py)
 PYTEST_NO_TESTS_COLLECTED = 5
 USAGE = "usage: ./dev up [process ...]   |   ./dev test [pytest args ...]"
 
@@ -111,6 +112,9 @@ def announce_when_up(launcher: Launcher, settings: Settings, ports: dict[str, in
         launcher.emit("dev", f"  web:              {launcher.processes['web'].url}")
     if "gateway" in names:
         launcher.emit("dev", f"  stand-in gateway: {settings.gateway_url}")
+    if "mailbox" in launcher.processes:
+        launcher.emit("dev", f"  mailbox:          smtp://127.0.0.1:{launcher.env.get('SMTP_PORT')}, "
+                             f"e-mails in {Path(launcher.env.get('DATA_DIR', '.data')) / 'mail'}")
     if ports:
         listing = ", ".join(f"{name} {port}" for name, port in ports.items())
         launcher.emit("dev", f"  worker metrics:   http://127.0.0.1:<port>/metrics ({listing})")
@@ -138,6 +142,9 @@ def cmd_up(args: list[str]) -> int:
         if not os.environ.get("SECRET_KEY"):
             env["SECRET_KEY"] = data_dir_secret_key(services.data_dir)
         env["PORT"] = os.environ.get("PORT") or str(WEB_PORT)  # the Procfile convention: PORT for web
+        if not os.environ.get("SMTP_HOST"):  # e-mail goes to Procfile.dev's mailbox, unless told otherwise
+            env.update(SMTP_HOST="127.0.0.1", SMTP_PORT=os.environ.get("SMTP_PORT") or str(DEV_SMTP_PORT),
+                       SMTP_SECURITY="none", SMTP_USERNAME="", SMTP_PASSWORD="")
         _ensure_dev_pki(env)
         launcher = Launcher(env, restart=True)
         ports = worker_metrics_ports(launcher, names, int(os.environ.get("DEV_METRICS_PORT_BASE") or 9101))

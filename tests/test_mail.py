@@ -1,0 +1,244 @@
+"""E-mails to buyers (issue 14, point 3): a receipt with the order page's link when the order is made,
+a message when it is stamped (the link to download) and when it is refunded or goes to manual payout.
+
+The system's mail workers send them to a real SMTP server (the session's aiosmtpd, conftest's
+``mailbox``); the tests read what arrived and follow the links with the token from their fragment.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from datetime import datetime, timezone
+
+import redis
+import requests
+
+from conftest import make_pdf, wait_until
+from shared import jobs
+from shared.devtools.services import free_port
+from shared.devtools.smtp import body_text
+from shared.lifecycle import Mail
+from shared.services import housekeeping, manual_refunds
+from shared.services import mail as mail_service
+from shared.services.refunds import REFUND_MESSAGES
+
+
+def _get(sys_, path: str, token: str) -> requests.Response:
+    return sys_.http.get(f"{sys_.web_url}{path}", headers={"Authorization": f"Bearer {token}"}, timeout=10)
+
+
+def _outbox(sys_, order_id: str) -> dict[str, dict]:
+    return {row["kind"]: row for row in sys_.query("SELECT * FROM mail_outbox WHERE order_id = %s", (order_id,))}
+
+
+def _stamped_order(sys_) -> tuple[str, str]:
+    order_id, token, view = sys_.order_awaiting_payment()
+    sys_.pay(view["payment"]["gateway_order_id"])
+    sys_.wait_status(order_id, token, "stamped")
+    return order_id, token
+
+
+def test_the_receipt_arrives_with_a_link_that_opens_the_order(sys_):
+    r = sys_.create(email="pelamar.receipt@example.id")
+    assert r.status_code == 202, r.text
+    order_id = r.json()["order_id"]
+    message = sys_.wait_mail(order_id, "receipt")
+
+    assert message["To"] == "pelamar.receipt@example.id"
+    assert message["From"] == "meterai <noreply@meterai.test>"
+    assert message["Message-ID"] == f"<receipt.{order_id}@meterai.test>"
+    assert message.get_content_type() == "multipart/alternative"
+    assert [part.get_content_type() for part in message.iter_parts()] == ["text/plain", "text/html"]
+    text = body_text(message)
+    assert order_id in text and "Rp12.500" in text and "kapan saja" in text
+    assert "Rp12.500" in body_text(message, "html")
+
+    url, linked_order, token = sys_.mail_link(message)
+    assert url.startswith(f"{sys_.web_url}/pesanan/{order_id}#t=") and "?" not in url
+    assert linked_order == order_id and token != r.json()["access_token"]  # minted for the e-mail
+    assert f'href="{url}"' in body_text(message, "html")
+    answer = _get(sys_, f"/api/v1/orders/{order_id}", token)
+    assert answer.status_code == 200 and answer.json()["order_id"] == order_id
+    assert _get(sys_, f"/api/v1/orders/{order_id}", token + "x").status_code == 403
+    assert _outbox(sys_, order_id)["receipt"]["status"] == "sent"
+
+
+def test_the_receipt_link_outlives_replays_of_the_create(sys_):
+    """Replays of the create keep only the newest eight access tokens; the e-mail's link is kept apart."""
+    document = make_pdf()
+    r = sys_.create(document, key="replayed-key", email="replay@example.id")
+    order_id, first_token = r.json()["order_id"], r.json()["access_token"]
+    _, _, link_token = sys_.mail_link(sys_.wait_mail(order_id, "receipt"))
+    assert _get(sys_, f"/api/v1/orders/{order_id}", link_token).status_code == 200  # cached with its hashes
+    for _ in range(9):
+        assert sys_.create(document, key="replayed-key", email="replay@example.id").status_code in (200, 202)
+    # The download always asks the row (a cached status answer may still know a trimmed token briefly).
+    assert _get(sys_, f"/api/v1/orders/{order_id}/document", first_token).status_code == 403  # trimmed away
+    assert _get(sys_, f"/api/v1/orders/{order_id}/document", link_token).status_code == 409  # not stamped yet
+    assert len(sys_.mails(order_id, "receipt")) == 1  # a replay is not a new order: no second receipt
+
+
+def test_the_stamped_mail_links_to_the_download(sys_):
+    order_id, _ = _stamped_order(sys_)
+    message = sys_.wait_mail(order_id, "stamped")
+    serial = sys_.order_row(order_id)["serial"]
+    text = body_text(message)
+    assert serial in text and "WIB" in text and f"{sys_.web_url}/verify/{serial}" in text
+
+    _, _, token = sys_.mail_link(message)
+    document = _get(sys_, f"/api/v1/orders/{order_id}/document", token)
+    assert document.status_code == 200 and document.content.startswith(b"%PDF")
+    assert _get(sys_, f"/api/v1/orders/{order_id}", token).json()["serial"] == serial
+    assert {kind: row["status"] for kind, row in _outbox(sys_, order_id).items()} == \
+        {"receipt": "sent", "stamped": "sent"}
+
+
+def test_a_refunded_order_gets_the_amount_the_reason_and_when(sys_):
+    [order_id] = sys_.paid_orders_past_deadline(1)
+    assert housekeeping.sweep_refunds(sys_.settings) == 1
+    message = sys_.wait_mail(order_id, "refunded", timeout=40)
+    text = body_text(message)
+    assert "Rp12.500" in text and REFUND_MESSAGES["stamp_deadline"] in text and "WIB" in text
+    refunded_at = sys_.query("SELECT completed_at FROM refunds WHERE order_id = %s", (order_id,))[0]["completed_at"]
+    assert mail_service.wib(refunded_at) in text
+    _, _, token = sys_.mail_link(message)
+    assert _get(sys_, f"/api/v1/orders/{order_id}", token).json()["status"] == "refunded"
+    assert sys_.mails(order_id, "stamped") == []
+
+
+def test_a_manual_refund_is_announced_then_its_payout(sys_):
+    order_id, token, view = sys_.order_awaiting_payment()
+    sys_.replace_upload(order_id, b"%PDF-1.7\n" + b"\x00garbage" * 100)
+    sys_.pay(view["payment"]["gateway_order_id"], payment_type="bank_transfer")
+    sys_.wait_status(order_id, token, "refund_manual")
+    manual = body_text(sys_.wait_mail(order_id, "refund_manual"))
+    assert "Rp12.500" in manual and "manual" in manual and sys_.order_row(order_id)["reason_message"] in manual
+
+    assert manual_refunds.mark_paid_out(sys_.settings, order_id, "BCA-REF-1") == "refunded"
+    paid = body_text(sys_.wait_mail(order_id, "refunded"))
+    assert "Rp12.500" in paid and "sudah dikembalikan" in paid
+
+
+def test_an_smtp_outage_delays_only_mail_and_then_each_mail_arrives_once(sys_):
+    sys_.mailbox.stop()
+    order_id, token, view = sys_.order_awaiting_payment()
+    sys_.pay(view["payment"]["gateway_order_id"])
+    sys_.wait_status(order_id, token, "stamped")  # stamping never waits for e-mail
+    wait_until(lambda: all(row["attempts"] >= 1 and row["status"] in ("pending", "sending")
+                           for row in _outbox(sys_, order_id).values()) and len(_outbox(sys_, order_id)) == 2,
+               message="both e-mails tried and waiting")
+    assert sys_.mails(order_id) == []
+
+    sys_.mailbox.start()
+    sys_.wait_mail(order_id, "receipt", timeout=40)
+    sys_.wait_mail(order_id, "stamped", timeout=40)
+    time.sleep(2)  # any duplicate retry would have arrived by now
+    assert sorted(m["Message-ID"] for m in sys_.mails(order_id)) == sorted(
+        [f"<receipt.{order_id}@meterai.test>", f"<stamped.{order_id}@meterai.test>"])
+    outbox = _outbox(sys_, order_id)
+    assert {row["status"] for row in outbox.values()} == {"sent"}
+    # Each failed attempt certainly never reached a server: its link token was forgotten again.
+    assert len(sys_.order_row(order_id)["link_token_hashes"]) == 2
+
+
+def test_redelivered_send_tasks_send_one_mail(sys_):
+    sys_.stop("mail")
+    r = sys_.create()
+    order_id = r.json()["order_id"]
+    for _ in range(3):  # the create's own message plus three duplicates, all waiting together
+        jobs.publish(jobs.SEND_MAIL, order_id, "receipt")
+    sys_.start("mail")
+    sys_.wait_mail(order_id, "receipt")
+    jobs.publish(jobs.SEND_MAIL, order_id, "receipt")  # and once more after it was sent
+    wait_until(lambda: sys_.query("SELECT count(*) AS n FROM mail_outbox WHERE status = 'sent'")[0]["n"] == 1)
+    time.sleep(2)
+    assert len(sys_.mails(order_id, "receipt")) == 1
+    assert len(sys_.order_row(order_id)["link_token_hashes"]) == 1
+
+
+def test_a_mail_whose_message_was_lost_is_redriven(sys_):
+    sys_.stop("mail")
+    r = sys_.create()
+    order_id = r.json()["order_id"]
+    client = redis.Redis.from_url(sys_.settings.redis_url)
+    try:
+        wait_until(lambda: client.llen(f"{sys_.settings.redis_key_prefix}mail") >= 1)
+        client.delete(f"{sys_.settings.redis_key_prefix}mail")  # Redis lost it
+    finally:
+        client.close()
+    sys_.start("mail")
+    sys_.query("UPDATE mail_outbox SET updated_at = now() - interval '1 minute' WHERE order_id = %s"
+               " RETURNING id", (order_id,))
+    assert housekeeping.redrive(sys_.settings)[jobs.SEND_MAIL] == 1
+    sys_.wait_mail(order_id, "receipt")
+
+
+def test_retries_run_out_into_failed_never_pending_for_ever(sys_):
+    sys_.stop("mail")
+    order_id = sys_.create().json()["order_id"]
+    closed = dataclasses.replace(sys_.settings, smtp_port=free_port(), mail_max_retries=1)
+    outcomes = []
+    for _ in range(2):
+        try:
+            outcomes.append(mail_service.send_mail(closed, order_id, "receipt", "test-worker"))
+        except mail_service.MailNotSent:
+            outcomes.append("retry")
+    assert outcomes == ["retry", "failed"]
+    row = _outbox(sys_, order_id)["receipt"]
+    assert row["status"] == "failed" and row["attempts"] == 2 and "ConnectionRefused" in row["last_error"]
+    assert sys_.order_row(order_id)["link_token_hashes"] == []  # nothing was sent: no token left behind
+    assert mail_service.send_mail(sys_.settings, order_id, "receipt", "test-worker") == "skipped"
+    assert housekeeping.redrive(sys_.settings)[jobs.SEND_MAIL] == 0  # failed is final
+    assert sys_.mails(order_id) == []
+
+
+def test_html_is_escaped_and_the_text_is_plain():
+    facts = mail_service.Facts(
+        order_id="1b4e28ba-2fa1-11d2-883f-0016d3cca427", email='"<b>x</b>"@example.id', amount=10500,
+        link="https://meterai.example.id/pesanan/1b4e#t=a\"><script>alert(1)</script>",
+        refund_amount=10500, reason="<script>alert('x')</script> & lain-lain",
+        refunded_at=datetime(2024, 9, 5, 7, 3, tzinfo=timezone.utc))
+    rendered = mail_service.render(Mail.REFUNDED, facts)
+    assert "<script>" not in rendered.html and "<b>x</b>" not in rendered.html
+    assert "&lt;script&gt;alert(&#x27;x&#x27;)&lt;/script&gt; &amp; lain-lain" in rendered.html
+    assert 'href="https://meterai.example.id/pesanan/1b4e#t=a&quot;&gt;&lt;script&gt;' in rendered.html
+    assert "<script>alert('x')</script> & lain-lain" in rendered.text  # plain text is plain
+    assert "Rp10.500" in rendered.text and "5 September 2024 pukul 14.03 WIB" in rendered.text
+
+
+def test_the_development_mailbox_keeps_each_mail_as_a_file_and_says_so(tmp_path):
+    """``./dev up``'s mailbox (Procfile.dev): a real SMTP server writing each message to DATA_DIR/mail."""
+    import os
+    import smtplib
+    import subprocess
+    import sys
+    from email.message import EmailMessage
+
+    from conftest import ROOT
+
+    port = free_port()
+    env = {**os.environ, "DEVELOPMENT": "1", "DATA_DIR": str(tmp_path), "SMTP_PORT": str(port),
+           "PATH": os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")])}
+    command = [line.split(":", 1)[1] for line in (ROOT / "Procfile.dev").read_text().splitlines()
+               if line.startswith("mailbox:")][0]
+    log = tmp_path / "mailbox.log"
+    with open(log, "wb") as out:
+        process = subprocess.Popen(["bash", "-c", command], cwd=ROOT, env=env, stdout=out,
+                                   stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        wait_until(lambda: "development mailbox on" in log.read_text() or process.poll() is not None)
+        assert process.poll() is None, log.read_text()
+        message = EmailMessage()
+        message["From"], message["To"], message["Subject"] = "a@example.id", "b@example.id", "Coba"
+        message.set_content("Buka http://127.0.0.1:8000/pesanan/abc#t=xyz\n")
+        with smtplib.SMTP("127.0.0.1", port, timeout=5) as smtp:
+            smtp.send_message(message)
+        wait_until(lambda: list((tmp_path / "mail").glob("*.eml")))
+        wait_until(lambda: "mail to b@example.id: Coba http://127.0.0.1:8000/pesanan/abc#t=xyz" in log.read_text())
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, 15)
+        process.wait(timeout=10)
+    refused = subprocess.run([sys.executable, "-m", "shared.devtools.smtp"], cwd=ROOT, capture_output=True,
+                             env={**env, "DEVELOPMENT": "0"}, timeout=30)
+    assert refused.returncode == 2 and b"DEVELOPMENT=1" in refused.stderr
