@@ -88,3 +88,32 @@ def test_bad_input_is_explained_in_bahasa_indonesia(sys_, browser_page, tmp_path
     page.click("#submit")
     page.wait_for_selector("text=Berkas ini bukan dokumen PDF")
     assert sys_.query("SELECT count(*) AS n FROM orders")[0]["n"] == 0
+
+
+def test_a_buyer_who_closes_the_tab_in_line_keeps_the_place_on_coming_back(sys_, throttled, browser_page, tmp_path):
+    import redis
+
+    base = throttled(admission_per_minute=6, admission_burst=1)
+    from tests.test_admission import _create
+
+    assert _create(base).status_code == 202  # someone else takes the one free place
+    page = browser_page
+    _checkout(page, base, tmp_path)
+    page.wait_for_selector("text=Posisi Anda")
+    client = redis.Redis.from_url(sys_.settings.redis_url)
+    tickets = int(client.get(f"{base.prefix}adm:tail"))
+    context = page.context
+    page.close()  # the tab is gone; the place in line, the file and the choices stay in this browser
+
+    again = context.new_page()
+    again.goto(base + "/")
+    again.wait_for_selector("text=Melanjutkan antrean Anda")
+    again.wait_for_url("**/pesanan/**", timeout=90_000)  # admitted on the same ticket, the order made
+    again.wait_for_selector("#pay")
+    assert int(client.get(f"{base.prefix}adm:tail")) == tickets  # no second place in line
+    order = sys_.query("SELECT page, x, y, email FROM orders ORDER BY created_at DESC LIMIT 1")[0]
+    assert (order["page"], order["x"], order["y"], order["email"]) == (2, 350, 120, "pelamar@example.id")
+    # Once the order exists, the checkout offers the way back to it and no longer resumes a line.
+    again.goto(base + "/")
+    again.wait_for_selector("text=Buka pesanan terakhir Anda")
+    assert again.locator("#checkout").is_visible()

@@ -20,7 +20,7 @@ def checkout():
     s = settings()
     gateway = urlsplit(s.gateway_url)
     return render_template("checkout.html", price=s.price, max_mb=round(s.max_document_bytes / 2**20, 1),
-                           max_bytes=s.max_document_bytes)
+                           max_bytes=s.max_document_bytes, abandon_seconds=s.admission_abandon_seconds)
 
 
 @bp.get("/pesanan/<uuid:order_id>")
