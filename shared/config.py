@@ -263,8 +263,9 @@ class Settings:
     smtp_timeout_seconds: float = 10.0
     mail_from: str = ""
     # Attempts of one e-mail after its first (across redeliveries: the outbox row counts them) before it
-    # is left `failed` and logged; with the default backoff about an hour and a half of SMTP outage.
-    mail_max_retries: int = 20
+    # is left `failed` and logged; with the default backoff (full jitter, capped at RETRY_MAX_SECONDS)
+    # that rides out about an hour of SMTP outage on average, two at most.
+    mail_max_retries: int = 30
 
     # Verifying uploaded documents (POST /api/v1/verify): a size cap, a wall-clock limit for the
     # isolated child process that parses and validates, and how many run at once per web process.
