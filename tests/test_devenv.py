@@ -380,7 +380,6 @@ def test_procfile_names_the_production_processes_and_procfile_dev_the_stand_in_g
     assert production == ["web", "checkout", "payments", "refunds", "stamping", "housekeeping", "reconcile",
                           "mail", "beat"]
     assert "standin" not in PROCFILE.read_text()  # a production process manager never starts it
-    assert "devtools" not in PROCFILE.read_text()
     assert [spec.name for spec in parse_procfile(PROCFILE_DEV.read_text())] == ["gateway", "mailbox"]
     assert [spec.name for spec in process_specs()] == production + ["gateway", "mailbox"]
     assert [spec.name for spec in process_specs(development=None)] == production
@@ -446,7 +445,10 @@ def test_dev_up_serves_with_the_data_folder_key_and_worker_metrics_and_stops_on_
                PRIVATE_SERVICES="0", PORT=str(web_port), GATEWAY_PORT=str(gateway_port),
                GATEWAY_URL=f"http://127.0.0.1:{gateway_port}", PUBLIC_BASE_URL=f"http://127.0.0.1:{web_port}",
                NOTIFICATION_URL=f"http://127.0.0.1:{web_port}/api/v1/payments/notifications",
-               REDIS_KEY_PREFIX="meterai-dev-up-test:", DEVELOPMENT="1", DEV_METRICS_PORT_BASE=str(metrics_port))
+               REDIS_KEY_PREFIX="meterai-dev-up-test:", DEVELOPMENT="1",
+               # Worker groups are numbered over the whole Procfile: stamping's port is the free one.
+               DEV_METRICS_PORT_BASE=str(metrics_port - [s.name for s in process_specs()
+                                                         if " worker " in s.command].index("stamping")))
     log = tmp_path / "dev-up.log"
     with open(log, "wb") as out:
         dev = subprocess.Popen([sys.executable, "-m", "shared.devtools.dev", "up", "web", "gateway", "stamping"],

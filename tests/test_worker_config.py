@@ -104,7 +104,7 @@ def test_every_task_names_its_retry_bound_and_runs_on_the_base_class(sys_):
             assert isinstance(getattr(sys_.settings, task.retries_setting), int), name
     retried = {name for name, task in ours.items() if task.retries_setting}
     assert retried == {jobs.PREPARE_ORDER, jobs.PROCESS_NOTIFICATION, jobs.POLL_PAYMENT, jobs.EXPIRE_ORDER,
-                       jobs.STAMP_ORDER, jobs.REFUND_ORDER}
+                       jobs.STAMP_ORDER, jobs.REFUND_ORDER, jobs.SEND_MAIL}
 
 
 def test_a_sentinel_broker_url_survives_the_celery_commands_own_reading_of_it(monkeypatch):
