@@ -6,6 +6,7 @@ task. ``create_app`` is the app factory gunicorn and ``workers.make_celery`` bot
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 from flask import Flask
 from werkzeug.middleware.proxy_fix import ProxyFix
@@ -48,6 +49,11 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.extensions["meterai.ratelimiter"] = RateLimiter(client, settings.redis_key_prefix)
     if settings.proxy_hops > 0:
         app.wsgi_app = ProxyFix(app.wsgi_app, x_for=settings.proxy_hops)
+    if not (Path(app.static_folder or "") / "vendor" / "pdfjs" / "pdf.min.mjs").is_file():
+        # The checkout still sells (typed coordinates), but buyers can't see where the stamp goes: said at
+        # ERROR so a build that skipped `python -m shared.devtools.vendor` is noticed (docs/deploy.md).
+        log_event(logging.getLogger(__name__), "checkout_preview_missing", logging.ERROR,
+                  missing=str(Path(app.static_folder or "") / "vendor" / "pdfjs"))
 
     from web import (api, errors, health, limits, metrics, notifications, openapi, ops, pages, queue, requestid,
                      security, verify)
