@@ -119,6 +119,7 @@ class HAStack(Stack):
         (self.workdir / "data").mkdir(parents=True, exist_ok=True)
         self.web_port = free_port()
         self.gateway_port = free_port()
+        self.smtp_port = free_port()
         self.launcher = Launcher(self.env(), logs=self.workdir / "logs")
 
     def env(self, overrides: dict[str, str] | None = None) -> dict[str, str]:

@@ -142,6 +142,7 @@ class Stack:
         (self.workdir / "data").mkdir(parents=True, exist_ok=True)
         self.web_port = free_port()
         self.gateway_port = free_port()
+        self.smtp_port = free_port()  # Procfile.dev's mailbox: the mail workers send buyers' e-mails there
         self.launcher = Launcher(self.env(), logs=self.workdir / "logs")
 
     def redis_client(self) -> Any:
@@ -181,6 +182,8 @@ class Stack:
             GATEWAY_URL=self.gateway_url, GATEWAY_PORT=str(self.gateway_port),
             NOTIFICATION_URL=f"{self.web_url}/api/v1/payments/notifications", SECRET_KEY=self.secret_key,
             OPS_TOKEN=self.ops_token, PYTHONUNBUFFERED="1",
+            SMTP_HOST="127.0.0.1", SMTP_PORT=str(self.smtp_port), SMTP_SECURITY="none", SMTP_USERNAME="",
+            SMTP_PASSWORD="",
         )
         env.update(overrides or {})
         return env
