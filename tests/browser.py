@@ -19,6 +19,14 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 
 
+def _require_vendored_preview() -> None:
+    from shared.devtools import vendor
+
+    if not vendor.current():
+        pytest.fail("pdf.js is not vendored (the checkout's preview): run python -m shared.devtools.vendor "
+                    "(./dev test does)")
+
+
 def chromium_path() -> str:
     path = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
     if path is None:
@@ -32,6 +40,7 @@ def chromium_path() -> str:
 def browser_page(tmp_path):
     sync_api = pytest.importorskip("playwright.sync_api")
     path = chromium_path()
+    _require_vendored_preview()
     with sync_api.sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=path, headless=True, args=CHROMIUM_ARGS)
         context = browser.new_context(accept_downloads=True)
@@ -56,6 +65,7 @@ def browser_factory():
     """``new_page(kind)``: a fresh browser context and page for a viewport of :data:`VIEWPORTS`."""
     sync_api = pytest.importorskip("playwright.sync_api")
     path = chromium_path()
+    _require_vendored_preview()
     with sync_api.sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=path, headless=True, args=CHROMIUM_ARGS)
         contexts = []

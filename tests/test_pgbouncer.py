@@ -41,14 +41,14 @@ def through(handle: PgBouncerHandle, database_url: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def pooled_system(postgres_admin, redis_server, pgbouncer, tmp_path_factory) -> Iterator[Any]:
+def pooled_system(postgres_admin, redis_server, pgbouncer, mailbox, tmp_path_factory) -> Iterator[Any]:
     """The whole system with DATABASE_URL through PgBouncer. The stand-in gateway (development tooling)
     keeps its state over a direct connection: it sets its schema with a startup option PgBouncer refuses."""
     for direct_url in _test_database(postgres_admin):
         env = {"DATABASE_POOLED": "1", "STANDIN_DATABASE_URL": direct_url}
         for system in _run_system(through(pgbouncer, direct_url), redis_server, tmp_path_factory.mktemp("pooled"),
                                   prefix=f"meterai-test-pgb-{uuid.uuid4().hex[:6]}:", store_env=env,
-                                  store_kind="fs"):
+                                  store_kind="fs", mailbox=mailbox):
             system.adopt()
             db.configure(system.settings)  # this process calls services through PgBouncer too
             try:

@@ -205,8 +205,8 @@ def test_the_rendered_file_is_the_production_file_with_only_nodes_and_listen_cha
     assert "10.0.0.11" not in site and "listen 443" not in site and "return 301" not in site
     assert "listen 127.0.0.1:8080;" in site
     assert "proxy_request_buffering on;" in site and "proxy_set_header X-Forwarded-For $remote_addr;" in site
-    with pytest.raises(ValueError, match="no gzip directive"):
-        render_site(["127.0.0.1:8001"], 8080, gzip="on")
+    with pytest.raises(ValueError, match="no sendfile_max_chunk directive"):
+        render_site(["127.0.0.1:8001"], 8080, sendfile_max_chunk="1m")
     with pytest.raises(ValueError, match="host:port"):
         render_site(["127.0.0.1"], 8080)
 

@@ -97,7 +97,7 @@ class SentinelHandle:
 
 
 @pytest.fixture(scope="module")
-def sentinel_system(postgres_admin, tmp_path_factory) -> Iterator[tuple[System, SentinelSet]]:
+def sentinel_system(postgres_admin, mailbox, tmp_path_factory) -> Iterator[tuple[System, SentinelSet]]:
     """A system of its own on a private Sentinel set; the test process's publisher and status cache are
     given back to whoever had them before."""
     saved_publisher, saved_cache = jobs._publisher, dict(statuscache._state)
@@ -106,7 +106,7 @@ def sentinel_system(postgres_admin, tmp_path_factory) -> Iterator[tuple[System, 
         for database_url in _test_database(postgres_admin):
             for system in _run_system(database_url, SentinelHandle(sentinels),
                                       tmp_path_factory.mktemp("sentinel-system"), prefix=PREFIX, store_env={},
-                                      store_kind="fs"):
+                                      store_kind="fs", mailbox=mailbox):
                 yield system, sentinels
     finally:
         sentinels.stop()

@@ -35,6 +35,8 @@ def create_app(settings: Settings | None = None) -> Flask:
     # werkzeug holds at most this much of any text field in memory (it can't be lower than its 64 KiB
     # read chunk); web.api refuses fields over 1 KiB before anything looks inside them.
     app.config["MAX_FORM_MEMORY_SIZE"] = 64 * 1024
+    # Static files (pdf.js is 1.7 MB): a buyer's phone keeps them for an hour instead of asking per page.
+    app.config["SEND_FILE_MAX_AGE_DEFAULT"] = 3600
     app.extensions["meterai.settings"] = settings
     app.extensions["meterai.store"] = store_from_settings(settings, web=True)  # a buyer waits on it: one short try
     celery_init_app(app, settings)  # also configures the status cache (shared/statuscache.py)

@@ -18,7 +18,6 @@ bp = Blueprint("pages", __name__)
 @bp.get("/")
 def checkout():
     s = settings()
-    gateway = urlsplit(s.gateway_url)
     return render_template("checkout.html", price=s.price, max_mb=round(s.max_document_bytes / 2**20, 1),
                            max_bytes=s.max_document_bytes, abandon_seconds=s.admission_abandon_seconds)
 

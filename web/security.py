@@ -29,10 +29,10 @@ def csp_nonce() -> str:
 
 
 def _page_policy(nonce: str) -> str:
-    # 'self' for scripts and workers: the checkout's preview imports pdf.js from our own static files
-    # (a module import can't carry the nonce) and pdf.js parses in a worker from the same place.
+    # Modules imported by a nonced module script inherit its nonce (the checkout's preview imports pdf.js
+    # from our static files); pdf.js parses in a worker, which needs worker-src: our origin only.
     return ("default-src 'none'; "
-            f"script-src 'self' 'nonce-{nonce}'; worker-src 'self'; style-src 'nonce-{nonce}'; "
+            f"script-src 'nonce-{nonce}'; worker-src 'self'; style-src 'nonce-{nonce}'; "
             "img-src 'self' data: blob:; font-src 'self' data: blob:; connect-src 'self'; form-action 'self'; "
             "base-uri 'none'; frame-ancestors 'none'")
 

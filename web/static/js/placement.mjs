@@ -60,7 +60,6 @@ export function createPreview({ stage, canvas, stamp, pageInput, xInput, yInput,
     const x = clamp(Math.round(point.x), 0, Math.floor(width - STAMP_SIZE));
     const y = clamp(Math.round(point.y), 0, Math.floor(height - STAMP_SIZE));
     if (write) { xInput.value = String(x); yInput.value = String(y); }
-    stamp.setAttribute("aria-valuetext", "x " + x + " pt, y " + y + " pt dari kiri bawah halaman");
     onChange && onChange(x, y);
   }
 
@@ -106,10 +105,12 @@ export function createPreview({ stage, canvas, stamp, pageInput, xInput, yInput,
   }
 
   async function open(file) {
+    if (doc) { doc.destroy(); doc = null; }
+    viewport = null;  // until this file shows, nothing to drag and no page count to hold the input to
+    pageInput.removeAttribute("max");
+    stage.hidden = true;
     const lib = await library();
     const data = new Uint8Array(await file.arrayBuffer());
-    if (doc) { doc.destroy(); doc = null; }
-    stage.hidden = true;
     const task = lib.getDocument({ data, isEvalSupported: false, enableXfa: false,
                                    standardFontDataUrl: VENDOR + "standard_fonts/", cMapUrl: VENDOR + "cmaps/", useWorkerFetch: false,
                                    cMapPacked: true, useWasm: false });
