@@ -9,8 +9,8 @@ the server knows, its secrets included, lets anyone compute a token from an orde
 can't hand the first token back (nobody has it), so it gets a fresh one for the same order; an order keeps
 its newest :data:`MAX_ACCESS_TOKENS` hashes.
 
-The e-mails a buyer gets carry a link to the order page with a token the mail worker mints for it
-(:func:`add_link_token`), kept apart (``link_token_hashes``) so replays of the create never trim a link in
+The e-mails a buyer gets carry a link to the order page with a token the mail worker mints once per
+e-mail (:func:`add_link_token`), kept apart (``link_token_hashes``) so replays of the create never trim a link in
 someone's mailbox away. Every check accepts either kind (:func:`order_token_hashes`).
 """
 from __future__ import annotations
@@ -89,27 +89,28 @@ def token_hash_matches(stored_hashes: list[str], token: str) -> bool:
     return found
 
 
-# Link tokens an order keeps at most: one per e-mail kind (four), plus one for each send whose outcome was
-# in doubt (the SMTP server may have taken the message before the connection broke). The migration's
-# CHECK says the same.
-MAX_LINK_TOKENS = 16
+# Link tokens an order holds at most: one per kind of e-mail. The mail worker mints an outbox row's token
+# once, with its first claim, and every attempt of that row sends the same one (mail_outbox.link_token),
+# so retries, sends whose outcome was in doubt and redeliveries never add another, and nothing is ever
+# trimmed: a link that was delivered keeps working. The migration's CHECK says the same.
+MAX_LINK_TOKENS = 4
 
-_ADD_LINK_TOKEN = f"""
-UPDATE orders SET link_token_hashes = (link_token_hashes || %(hash)s::text)[
-        greatest(1, cardinality(link_token_hashes) + 2 - {MAX_LINK_TOKENS}):]
-WHERE id = %(id)s RETURNING id
+_ADD_LINK_TOKEN = """
+UPDATE orders SET link_token_hashes = link_token_hashes || %(hash)s::text WHERE id = %(id)s RETURNING id
 """
 
 
 def add_link_token(conn: Any, order_id: uuid.UUID | str) -> str:
-    """A fresh token for a link in an e-mail, stored (as its hash) before the e-mail is sent."""
+    """A fresh token for the links of one e-mail (one outbox row), stored (as its hash) before the e-mail
+    is sent; the caller keeps it on the row so every attempt of that e-mail sends the same link."""
     token = new_access_token()
     conn.execute(_ADD_LINK_TOKEN, {"hash": token_hash(token), "id": str(order_id)})
     return token
 
 
 def drop_link_token(conn: Any, order_id: uuid.UUID | str, token: str) -> None:
-    """Forget a link token whose e-mail certainly never left (the SMTP server refused or never took it)."""
+    """Forget a link token whose e-mail certainly never left (its row failed and no attempt of it may have
+    reached a server)."""
     conn.execute("UPDATE orders SET link_token_hashes = array_remove(link_token_hashes, %s) WHERE id = %s",
                  (token_hash(token), str(order_id)))
 

@@ -11,7 +11,7 @@ E-mail: the mail workers send to one session-wide SMTP server in this process (:
 aiosmtpd, :mod:`shared.devtools.smtp`); a test reads what arrived with ``sys_.mails(order_id)`` and
 ``sys_.wait_mail(order_id, kind)``, and the order page link in a message with ``order_link(message)``
 (``sys_.mail_link(message)`` splits it into order id and token). A test may stop the mailbox (an SMTP
-outage); ``sys_`` starts it again.
+outage) or make it refuse or answer late (``sys_.mailbox.fault``); ``sys_`` starts it again, well behaved.
 
 The document store: the session system keeps documents on the filesystem. Tests marked
 :data:`BOTH_STORES` run twice, the second time on a second system (its own database, Redis prefix and
@@ -426,8 +426,10 @@ def sys_(request, store: str) -> System:
     system: System = request.getfixturevalue("system" if store == "fs" else "system_s3")
     if system.seaweed is not None and system.seaweed.process is None:
         system.seaweed.start()  # a test took the store away and did not bring it back
-    if system.mailbox is not None and not system.mailbox.running:
-        system.mailbox.start()  # a test stopped the SMTP server
+    if system.mailbox is not None:
+        system.mailbox.clear_faults()  # a test made it refuse or answer late
+        if not system.mailbox.running:
+            system.mailbox.start()  # a test stopped the SMTP server
     system.adopt()
     system.start(*PROCESSES)
     for attempt in range(10):  # a worker may still be finishing the last test's work on these rows

@@ -7,9 +7,12 @@ The system's mail workers send them to a real SMTP server (the session's aiosmtp
 from __future__ import annotations
 
 import dataclasses
+import threading
 import time
+import uuid
 from datetime import datetime, timezone
 
+import pytest
 import redis
 import requests
 
@@ -17,7 +20,7 @@ from conftest import make_pdf, wait_until
 from shared import jobs
 from shared.devtools.services import free_port
 from shared.devtools.smtp import body_text
-from shared.lifecycle import Mail
+from shared.lifecycle import Mail, insert_order
 from shared.services import housekeeping, manual_refunds
 from shared.services import mail as mail_service
 from shared.services.refunds import REFUND_MESSAGES
@@ -29,6 +32,27 @@ def _get(sys_, path: str, token: str) -> requests.Response:
 
 def _outbox(sys_, order_id: str) -> dict[str, dict]:
     return {row["kind"]: row for row in sys_.query("SELECT * FROM mail_outbox WHERE order_id = %s", (order_id,))}
+
+
+def _quiet_order(sys_, email: str) -> str:
+    """An order and its receipt's outbox row with no send published: the test sends it itself (the same
+    rows a create writes; the mail workers never hear of it)."""
+    order_id = str(uuid.uuid4())
+    with sys_.db() as conn:
+        insert_order(conn, {
+            "id": order_id, "idempotency_key": uuid.uuid4().hex, "request_fingerprint": "-",
+            "access_token_hashes": ["0" * 64], "email": email, "amount_idr": sys_.settings.price, "page": 1,
+            "x": 400.0, "y": 80.0, "document_key": f"uploads/{order_id}.pdf", "document_sha256": "0" * 64,
+            "document_bytes": 1})
+    return order_id
+
+
+def _attempt(settings, order_id: str, owner: str = "test-worker") -> str:
+    """One run of the send task's service: its outcome, or "retry" when it asks for another attempt."""
+    try:
+        return mail_service.send_mail(settings, order_id, "receipt", owner)
+    except mail_service.MailNotSent:
+        return "retry"
 
 
 def _stamped_order(sys_) -> tuple[str, str]:
@@ -189,6 +213,101 @@ def test_retries_run_out_into_failed_never_pending_for_ever(sys_):
     assert sys_.order_row(order_id)["link_token_hashes"] == []  # nothing was sent: no token left behind
     assert mail_service.send_mail(sys_.settings, order_id, "receipt", "test-worker") == "skipped"
     assert housekeeping.redrive(sys_.settings)[jobs.SEND_MAIL] == 0  # failed is final
+    assert sys_.mails(order_id) == []
+
+
+def test_every_attempt_of_an_email_sends_the_one_link_minted_for_it(sys_):
+    """A relay that takes the message but answers after our timeout (in doubt, so it is sent again), one
+    that refuses for now, a worker that died holding the lease: every copy that arrived carries the same
+    link, it works, and the order holds one link token per e-mail (retries never push a delivered one
+    out)."""
+    to = "pelamar.lambat@example.id"
+    order_id = _quiet_order(sys_, to)
+    fast = dataclasses.replace(sys_.settings, smtp_timeout_seconds=0.5)
+    late = sys_.mailbox.fault("data", to=to, delay=1.5, times=3)  # taken, then answered too late
+    outcomes = [_attempt(fast, order_id) for _ in range(3)]
+    assert late.hits == 3 and _outbox(sys_, order_id)["receipt"]["maybe_delivered"]
+    sys_.mailbox.fault("rcpt", to=to, reply="451 4.3.0 Try again later")
+    outcomes.append(_attempt(fast, order_id))
+    sys_.query("UPDATE mail_outbox SET status = 'sending', lease_owner = 'a-worker-that-died',"
+               " lease_expires_at = now() - interval '1 second' WHERE order_id = %s RETURNING id", (order_id,))
+    outcomes.append(_attempt(fast, order_id))  # the lease ran out: this claim takes the row over
+    assert outcomes == ["retry", "retry", "retry", "retry", "sent"]
+
+    copies = sys_.mails(order_id, "receipt")
+    assert len(copies) == 4  # three answered late, the last one in time; one Message-ID for all
+    assert {m["Message-ID"] for m in copies} == {f"<receipt.{order_id}@meterai.test>"}
+    [token] = {sys_.mail_link(m)[2] for m in copies}
+    assert _get(sys_, f"/api/v1/orders/{order_id}", token).status_code == 200
+    assert len(sys_.order_row(order_id)["link_token_hashes"]) == len(_outbox(sys_, order_id)) == 1
+    row = _outbox(sys_, order_id)["receipt"]
+    assert row["status"] == "sent" and row["attempts"] == 5 and row["link_token"] is None  # gone once sent
+
+
+def test_a_non_ascii_address_is_refused_at_create_and_a_row_holding_one_fails_at_once(sys_):
+    """smtplib speaks ASCII (we don't rely on SMTPUTF8): the API refuses such an address, and a row that
+    holds one (made before) fails on its first attempt, named, instead of hanging in sending."""
+    refused = sys_.create(email="josé@contoh.id")
+    assert refused.status_code == 422, refused.text
+    assert refused.json()["error"]["code"] == "invalid_email" and "ASCII" in refused.json()["error"]["message"]
+
+    order_id = _quiet_order(sys_, "josé@contoh.id")
+    assert _attempt(sys_.settings, order_id) == "failed"
+    row = _outbox(sys_, order_id)["receipt"]
+    assert row["status"] == "failed" and row["attempts"] == 1 and "non-ASCII" in row["last_error"]
+    assert row["link_token"] is None and sys_.order_row(order_id)["link_token_hashes"] == []
+    assert housekeeping.redrive(sys_.settings)[jobs.SEND_MAIL] == 0
+    assert sys_.mails(order_id) == []
+
+
+@pytest.mark.parametrize("code, reply, for_good", [
+    (550, b"5.1.1 <x@example.id>: Recipient address rejected: User unknown", True),
+    (553, b"5.1.3 Bad recipient address syntax", True),
+    (550, b"Requested action not taken: mailbox unavailable", True),
+    (554, b"5.7.1 <x@example.id>: Relay access denied", False),
+    (550, b"5.7.1 Relaying denied", False),
+    (552, b"5.2.2 Mailbox full", False),
+    (554, b"Transaction failed", False),
+    (451, b"4.3.0 Try again later", False),
+    (421, b"4.7.0 Too many connections", False),
+])
+def test_only_a_refusal_of_the_mailbox_itself_is_for_good(code, reply, for_good):
+    assert mail_service.refused_for_good(code, reply) is for_good
+
+
+def test_a_relay_refusing_by_policy_is_retried_until_it_accepts(sys_):
+    """"554 5.7.1 relaying denied" is a relay misconfigured (or an outage of its policy), not a bad
+    mailbox: the system's mail worker retries until the relay accepts."""
+    to = "pelamar.relay@example.id"
+    denied = sys_.mailbox.fault("rcpt", to=to, reply=f"554 5.7.1 <{to}>: Relay access denied", times=3)
+    order_id = sys_.create(email=to).json()["order_id"]
+    message = sys_.wait_mail(order_id, "receipt")
+    assert denied.hits == 3
+    row = wait_until(lambda: (lambda r: r if r["status"] == "sent" else None)(_outbox(sys_, order_id)["receipt"]))
+    assert row["attempts"] == 4
+    assert _get(sys_, f"/api/v1/orders/{order_id}", sys_.mail_link(message)[2]).status_code == 200
+
+
+def test_a_stale_holders_failure_leaves_the_new_holders_claim_alone(sys_):
+    """Worker A hangs on a slow server past its lease; B takes the row over. A's answer, a refusal for
+    good or for now, must neither fail nor reset B's claim, nor forget the link B is sending."""
+    to = "pelamar.basi@example.id"
+    order_id = _quiet_order(sys_, to)
+    for reply in (f"550 5.1.1 <{to}>: User unknown", "451 4.3.0 Try again later"):
+        slow = sys_.mailbox.fault("rcpt", to=to, reply=reply, delay=1.0)
+        outcome: dict[str, str] = {}
+        worker_a = threading.Thread(target=lambda: outcome.update(a=_attempt(sys_.settings, order_id, "worker-a")))
+        worker_a.start()
+        wait_until(lambda: slow.hits, message="worker A waiting for the answer to RCPT")
+        sys_.query("UPDATE mail_outbox SET lease_owner = 'worker-b', attempts = attempts + 1,"
+                   " lease_expires_at = now() + interval '1 hour' WHERE order_id = %s RETURNING id", (order_id,))
+        worker_a.join(timeout=20)
+        assert outcome == {"a": "skipped"}, reply
+        row = _outbox(sys_, order_id)["receipt"]
+        assert (row["status"], row["lease_owner"], row["last_error"]) == ("sending", "worker-b", None), reply
+        assert row["link_token"] and len(sys_.order_row(order_id)["link_token_hashes"]) == 1
+        sys_.query("UPDATE mail_outbox SET status = 'pending', lease_owner = NULL WHERE order_id = %s"
+                   " RETURNING id", (order_id,))  # B is done with it: the next round's A claims it again
     assert sys_.mails(order_id) == []
 
 

@@ -71,6 +71,10 @@ def _new_order_from_request(key: str) -> NewOrder:
     email = request.form.get("email", "").strip()
     if len(email) > MAX_EMAIL_LENGTH or not _EMAIL.fullmatch(email):
         raise InvalidField("Field 'email' must be a valid e-mail address.", code="invalid_email")
+    if not email.isascii():  # plain SMTP carries ASCII addresses only (we don't depend on SMTPUTF8)
+        raise InvalidField("Field 'email' must be written in ASCII characters only: e-mail to an address "
+                           "with accents or other non-ASCII characters (such as 'josé@contoh.id') can't be "
+                           "delivered.", code="invalid_email")
     page, x, y = int(_number("page", integer=True)), _number("x"), _number("y")
     document = upload.read(settings().max_document_bytes + 1)
     quick_check(document, max_bytes=settings().max_document_bytes)

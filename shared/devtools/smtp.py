@@ -2,14 +2,16 @@
 
 The tests run one per session in their own process (:class:`Mailbox`) and read the messages the mail
 workers sent, as a buyer's mail server would have received them; a test can stop it (an SMTP outage) and
-start it again on the same port. ``python -m shared.devtools.smtp`` (``Procfile.dev``'s ``mailbox``)
-serves the same for ``./dev up``: each message is written to ``<DATA_DIR>/mail/`` as a ``.eml`` file and
+start it again on the same port, or make it misbehave for a while (:meth:`Mailbox.fault`: refuse a
+recipient, answer late). ``python -m shared.devtools.smtp`` (``Procfile.dev``'s ``mailbox``) serves the
+same for ``./dev up``: each message is written to ``<DATA_DIR>/mail/`` as a ``.eml`` file and
 summed up in one line, with the link it carries, so a developer can follow it. Development only: it
 refuses to start without ``DEVELOPMENT=1``, and production code never imports it.
 """
 from __future__ import annotations
 
 import argparse
+import asyncio
 import email
 import email.policy
 import os
@@ -19,6 +21,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from email.message import EmailMessage
 from pathlib import Path
@@ -48,13 +51,47 @@ def order_link(message: EmailMessage) -> str:
     return found.group(0)
 
 
+@dataclass
+class Fault:
+    """How the mailbox misbehaves, the next ``times`` times a message to ``to`` (any, if None) reaches
+    ``stage``: at ``"rcpt"`` it waits ``delay`` seconds, then answers ``reply`` (a refusal such as
+    ``"554 5.7.1 relaying denied"``) or accepts; at ``"data"`` a ``reply`` refuses the message, and
+    without one the message is kept and the answer comes ``delay`` seconds late (a relay that took it but
+    answered after the client's timeout). ``hits`` counts the times it acted."""
+
+    stage: str
+    to: str | None = None
+    reply: str | None = None
+    delay: float = 0.0
+    times: int = 1
+    hits: int = 0
+
+
 class _Handler:
-    def __init__(self, on_message: Callable[[bytes, str, list[str]], None]) -> None:
+    def __init__(self, on_message: Callable[[bytes, str, list[str]], None],
+                 take_fault: Callable[[str, list[str]], Fault | None]) -> None:
         self.on_message = on_message
+        self.take_fault = take_fault
+
+    async def handle_RCPT(self, server: Any, session: Any, envelope: Any, address: str,
+                          rcpt_options: list[str]) -> str:
+        fault = self.take_fault("rcpt", [address])
+        if fault is not None:
+            await asyncio.sleep(fault.delay)
+            if fault.reply:
+                return fault.reply
+        envelope.rcpt_tos.append(address)
+        envelope.rcpt_options.extend(rcpt_options)
+        return "250 OK"
 
     async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        fault = self.take_fault("data", list(envelope.rcpt_tos))
+        if fault is not None and fault.reply:
+            return fault.reply
         self.on_message(bytes(envelope.original_content or envelope.content), envelope.mail_from,
                         list(envelope.rcpt_tos))
+        if fault is not None:
+            await asyncio.sleep(fault.delay)
         return "250 Message accepted for delivery"
 
 
@@ -68,11 +105,12 @@ class Mailbox:
         self._controller: Controller | None = None
         self._lock = threading.Lock()
         self._received: list[tuple[bytes, str, list[str]]] = []
+        self._faults: list[Fault] = []
 
     # -- the server ----------------------------------------------------------------------------------
     def start(self) -> "Mailbox":
         if self._controller is None:
-            controller = Controller(_Handler(self._keep), hostname=self.host, port=self.port)
+            controller = Controller(_Handler(self._keep, self._take_fault), hostname=self.host, port=self.port)
             controller.start()
             self._controller = controller
         return self
@@ -106,6 +144,31 @@ class Mailbox:
             except ValueError:
                 link = "-"
             self.echo(f"mail to {', '.join(recipients)}: {message['Subject']} {link}")
+
+    # -- faults (tests: a relay that refuses, or answers late) -------------------------------------------
+    def fault(self, stage: str, *, to: str | None = None, reply: str | None = None, delay: float = 0.0,
+              times: int = 1) -> Fault:
+        """Misbehave as :class:`Fault` says, the next ``times`` times; returns it (its ``hits`` count)."""
+        if stage not in ("rcpt", "data"):
+            raise ValueError(f"stage must be 'rcpt' or 'data', not {stage!r}")
+        fault = Fault(stage, to, reply, delay, times)
+        with self._lock:
+            self._faults.append(fault)
+        return fault
+
+    def clear_faults(self) -> None:
+        with self._lock:
+            self._faults.clear()
+
+    def _take_fault(self, stage: str, recipients: list[str]) -> Fault | None:
+        wanted = {r.lower() for r in recipients}
+        with self._lock:
+            for fault in self._faults:
+                if fault.stage == stage and fault.hits < fault.times and (
+                        fault.to is None or fault.to.lower() in wanted):
+                    fault.hits += 1
+                    return fault
+        return None
 
     # -- what arrived ----------------------------------------------------------------------------------
     def messages(self, to: str | None = None) -> list[EmailMessage]:

@@ -11,10 +11,15 @@ slow or down delays only e-mail):
   (``pending → sending`` with a lease, a compare-and-set like every state change of ours); a sent or
   failed row, or one another worker holds, is left alone, so redelivered or duplicated messages send
   nothing more.
-* **Each e-mail's link carries a token minted for it** (:func:`shared.orders.add_link_token`): the server
-  keeps only token hashes and can't recompute one. Its hash is committed with the claim, before the
-  e-mail leaves, so the link works the moment it arrives; an attempt the SMTP server certainly never took
-  forgets its token again.
+* **Each e-mail's link carries one token, minted for it once** (:func:`shared.orders.add_link_token`):
+  the server keeps only token hashes and can't recompute one, so the row's first claim mints it, commits
+  its hash with the claim (the link works the moment the e-mail arrives) and keeps the token itself on
+  the row (``mail_outbox.link_token``) while the row is unsent. Every attempt of the row sends that same
+  link: retries, an attempt whose outcome was in doubt, a worker that died holding the lease, a
+  redelivery. An order so holds one link token per kind of e-mail at most (four), and none is ever
+  trimmed. The token leaves the row once it is sent; a row that fails with no attempt that may have
+  reached a server forgets it (hash too), one that may have been delivered keeps it, so a
+  re-queue sends the same link.
 * **SMTP gives at-least-once, and that is the best there is.** The server takes the message when it
   answers the final ``.`` of DATA; if the connection (or this process) dies between that answer and our
   marking the row sent, nothing can tell whether it was taken, and the only way not to lose the e-mail is
@@ -24,8 +29,12 @@ slow or down delays only e-mail):
   doubt keeps its token). The window is one SMTP reply wide.
 * **Bounded retries, then a named final state.** A failed attempt puts the row back to ``pending`` and
   the task retries with the base task's backoff; once the row has used its attempts (``MAIL_MAX_RETRIES``
-  after the first, counted on the row so redeliveries share them) or the recipient is refused for good,
-  the row is ``failed`` and that is logged at ERROR. It never waits for ever.
+  after the first, counted on the row so redeliveries share them) or the recipient is refused for good
+  (:func:`refused_for_good`: the mailbox itself, 5.1.x; a relay's policy refusal such as "554 5.7.1
+  relaying denied" is retried), the row is ``failed`` and that is logged at ERROR. It never waits for
+  ever.
+* **Every write after the claim is a compare-and-set on the claim** (owner and attempt): a worker whose
+  lease was taken over (it hung past the lease) can't reset, fail or mark sent the new holder's claim.
 
 The texts are Bahasa Indonesia, as plain text and simple HTML (``multipart/alternative``), rendered by
 pure functions (:func:`render`) that escape every value in the HTML.
@@ -34,6 +43,7 @@ from __future__ import annotations
 
 import html
 import logging
+import re
 import smtplib
 import ssl
 from dataclasses import dataclass
@@ -206,13 +216,19 @@ def compose(settings: Settings, kind: Mail, facts: Facts) -> EmailMessage:
 
 # --- sending one row ----------------------------------------------------------------------------------
 
+# A claim takes a pending row, or a sending one whose holder's lease ran out (it died or hung mid-send:
+# what it sent is unknown, so the row may have been delivered). attempts counts claims, and with the
+# owner it names this claim: every later write of the row is a compare-and-set on both (_HELD).
 _CLAIM = """
 UPDATE mail_outbox SET status = 'sending', attempts = attempts + 1, lease_owner = %(owner)s,
-       lease_expires_at = now() + make_interval(secs => %(lease)s), updated_at = now()
+       lease_expires_at = now() + make_interval(secs => %(lease)s), updated_at = now(),
+       maybe_delivered = maybe_delivered OR status = 'sending'
 WHERE order_id = %(order_id)s AND kind = %(kind)s
   AND (status = 'pending' OR (status = 'sending' AND lease_expires_at < now()))
 RETURNING *
 """
+# This claim still holds the row: nobody took its lease over since.
+_HELD = "id = %(id)s AND status = 'sending' AND lease_owner = %(owner)s AND attempts = %(attempts)s"
 
 _FACTS = """
 SELECT o.id::text AS order_id, o.email, o.amount_idr, o.serial, o.stamped_at, o.reason_message,
@@ -244,10 +260,14 @@ def _facts(settings: Settings, row: dict[str, Any], link: str) -> Facts:
     )
 
 
+def _held(row: dict[str, Any], owner: str) -> dict[str, Any]:
+    return {"id": row["id"], "owner": owner, "attempts": row["attempts"]}
+
+
 def send_mail(settings: Settings, order_id: str, kind: str, owner: str) -> str:
     """Send the order's e-mail of ``kind`` if it is still unsent: ``sent``, ``skipped`` (sent already,
-    failed, or being sent by another worker) or ``failed`` (out of attempts, or refused for good).
-    Raises :class:`MailNotSent` when this attempt failed and another may follow."""
+    failed, being sent by another worker, or our lease was taken over) or ``failed`` (out of attempts,
+    or refused for good). Raises :class:`MailNotSent` when this attempt failed and another may follow."""
     mail = Mail(kind)
     with transaction(settings.database_url) as tx:
         row = tx.execute(_CLAIM, {"owner": owner, "lease": lease_seconds(settings), "order_id": order_id,
@@ -255,46 +275,77 @@ def send_mail(settings: Settings, order_id: str, kind: str, owner: str) -> str:
         if row is None:
             return "skipped"
         if row["attempts"] > settings.mail_max_retries + 1:
-            _fail(tx, row, row["last_error"] or "attempts used up")
+            _fail(tx, row, row["last_error"] or "attempts used up", owner=owner)
             return "failed"
         facts_row = tx.execute(_FACTS, (order_id,)).fetchone()
-        token = add_link_token(tx, order_id)  # committed before the e-mail leaves: the link works at once
-    facts = _facts(settings, facts_row, order_page_url(settings, order_id, token))
-    message = compose(settings, mail, facts)
+        token = row["link_token"]
+        if token is None:  # the row's first claim (or its first after a re-queue): one token per e-mail
+            token = add_link_token(tx, order_id)  # committed before the e-mail leaves: the link works at once
+            tx.execute("UPDATE mail_outbox SET link_token = %s WHERE id = %s", (token, row["id"]))
     try:
+        message = compose(settings, mail, _facts(settings, facts_row, order_page_url(settings, order_id, token)))
         deliver(settings, message)
     except SmtpFailure as failure:
-        return _after_failure(settings, row, token, failure)
+        return _after_failure(settings, row, owner, failure)
+    except (UnicodeError, ValueError) as exc:  # an address or header no SMTP server can be sent
+        return _after_failure(settings, row, owner, _unsendable(exc))
     with transaction(settings.database_url) as tx:
         marked = tx.execute(
             "UPDATE mail_outbox SET status = 'sent', sent_at = now(), updated_at = now(), last_error = NULL,"
-            " lease_owner = NULL, lease_expires_at = NULL WHERE id = %s AND status = 'sending'"
-            " AND lease_owner = %s RETURNING id", (row["id"], owner)).fetchone()
+            f" lease_owner = NULL, lease_expires_at = NULL, link_token = NULL WHERE {_HELD} RETURNING id",
+            _held(row, owner)).fetchone()
     log_event(log, "mail_sent", order_id=order_id, kind=mail.value, attempt=row["attempts"],
               message_id=message["Message-ID"], lease_kept=marked is not None)
     return "sent"
 
 
-def _fail(tx: Any, row: dict[str, Any], error: str) -> None:
-    tx.execute("UPDATE mail_outbox SET status = 'failed', updated_at = now(), last_error = %s,"
-               " lease_owner = NULL, lease_expires_at = NULL WHERE id = %s", (error[:500], row["id"]))
+def _unsendable(exc: Exception) -> "SmtpFailure":
+    return SmtpFailure(f"address can't be sent over SMTP (non-ASCII or malformed): {type(exc).__name__}: "
+                       f"{exc}"[:300], permanent=True)
+
+
+def _fail(tx: Any, row: dict[str, Any], error: str, *, owner: str | None, in_doubt: bool = False) -> bool:
+    """Leave the row ``failed`` (logged at ERROR), if it is still ours: held by this claim (``owner``),
+    or, with ``owner=None``, pending (nobody holds it). Its link token is forgotten unless some attempt
+    may have delivered the e-mail; then the token stays on the row, so a re-queue sends the same link.
+    False when someone else holds the row now: it is theirs, untouched."""
+    if owner is None:
+        condition, params = "id = %(id)s AND status = 'pending'", {"id": row["id"]}
+    else:
+        condition, params = _HELD, _held(row, owner)
+    held = tx.execute(f"SELECT link_token, maybe_delivered FROM mail_outbox WHERE {condition} FOR UPDATE",
+                      params).fetchone()
+    if held is None:
+        log_event(log, "mail_lease_lost", logging.WARNING, order_id=str(row["order_id"]), kind=row["kind"],
+                  attempt=row["attempts"], error=error[:200])
+        return False
+    keep = held["maybe_delivered"] or in_doubt
+    if held["link_token"] and not keep:
+        drop_link_token(tx, row["order_id"], held["link_token"])
+    tx.execute("UPDATE mail_outbox SET status = 'failed', updated_at = now(), last_error = %s, lease_owner = NULL,"
+               " lease_expires_at = NULL, maybe_delivered = %s, link_token = %s WHERE id = %s",
+               (error[:500], keep, held["link_token"] if keep else None, row["id"]))
     log_event(log, "mail_failed", logging.ERROR, order_id=str(row["order_id"]), kind=row["kind"],
               attempts=row["attempts"], error=error[:200])
+    return True
 
 
-def _after_failure(settings: Settings, row: dict[str, Any], token: str, failure: "SmtpFailure") -> str:
-    """Put the row back for the next attempt (or fail it for good); forget the link token unless the
-    server may have taken the message."""
-    order_id, error = str(row["order_id"]), str(failure)[:500]
+def _after_failure(settings: Settings, row: dict[str, Any], owner: str, failure: "SmtpFailure") -> str:
+    """Put the row back for the next attempt (its link token stays for it), or fail it for good; a row
+    whose lease another worker took over meanwhile is left to that worker."""
+    error = str(failure)[:500]
     with transaction(settings.database_url) as tx:
-        if not failure.in_doubt:
-            drop_link_token(tx, order_id, token)
         if failure.permanent or row["attempts"] > settings.mail_max_retries:
-            _fail(tx, row, error)
-            return "failed"
-        tx.execute("UPDATE mail_outbox SET status = 'pending', updated_at = now(), last_error = %s,"
-                   " lease_owner = NULL, lease_expires_at = NULL WHERE id = %s AND status = 'sending'",
-                   (error, row["id"]))
+            return "failed" if _fail(tx, row, error, owner=owner, in_doubt=failure.in_doubt) else "skipped"
+        back = tx.execute(
+            "UPDATE mail_outbox SET status = 'pending', updated_at = now(), last_error = %(error)s,"
+            " lease_owner = NULL, lease_expires_at = NULL, maybe_delivered = maybe_delivered OR %(in_doubt)s"
+            f" WHERE {_HELD} RETURNING id", {**_held(row, owner), "error": error, "in_doubt": failure.in_doubt},
+        ).fetchone()
+    if back is None:
+        log_event(log, "mail_lease_lost", logging.WARNING, order_id=str(row["order_id"]), kind=row["kind"],
+                  attempt=row["attempts"], error=error[:200])
+        return "skipped"
     raise MailNotSent(error)
 
 
@@ -304,14 +355,15 @@ def give_up(settings: Settings, order_id: str, kind: str, error: str) -> None:
         row = tx.execute("SELECT * FROM mail_outbox WHERE order_id = %s AND kind = %s AND status = 'pending'"
                          " FOR UPDATE", (order_id, Mail(kind).value)).fetchone()
         if row is not None:
-            _fail(tx, row, f"retries exhausted: {error}")
+            _fail(tx, row, f"retries exhausted: {error}", owner=None)
 
 
 # --- SMTP ---------------------------------------------------------------------------------------------
 
 class SmtpFailure(Exception):
     """One attempt failed. ``in_doubt``: the message may have been taken (the connection broke during
-    DATA); ``permanent``: the server refused the recipient for good (5xx)."""
+    DATA); ``permanent``: no later attempt can succeed (:func:`refused_for_good`, or an address SMTP
+    can't carry)."""
 
     def __init__(self, message: str, *, in_doubt: bool = False, permanent: bool = False) -> None:
         super().__init__(message)
@@ -319,37 +371,71 @@ class SmtpFailure(Exception):
         self.permanent = permanent
 
 
+_ENHANCED = re.compile(r"^\s*([245])\.(\d{1,3})\.(\d{1,3})\b")
+
+
+def refused_for_good(code: int, reply: bytes | str) -> bool:
+    """Whether the server's refusal of a recipient (RCPT) is about the mailbox itself, so retrying can't
+    help: an enhanced status 5.1.x (bad mailbox, bad domain, bad address syntax: RFC 3463), or, without
+    an enhanced status, 550, 551 or 553. Everything else is retried: 4xx, a 5.7.x policy refusal
+    ("554 5.7.1 relaying denied" is a relay misconfigured, and would fail every e-mail while it lasts),
+    and any other 5xx (storage, network, protocol), until the row's attempts run out."""
+    if not 500 <= code < 600:
+        return False
+    enhanced = _ENHANCED.match(_text(reply))
+    if enhanced:
+        return enhanced.group(1) == "5" and enhanced.group(2) == "1"
+    return code in (550, 551, 553)
+
+
+def _connect(settings: Settings) -> smtplib.SMTP:
+    """A session with the configured server, greeted, upgraded to TLS and logged in as configured."""
+    context = ssl.create_default_context()
+    timeout = settings.smtp_timeout_seconds
+    if settings.smtp_security == "tls":
+        smtp: smtplib.SMTP = smtplib.SMTP_SSL(settings.smtp_host, settings.smtp_port, timeout=timeout,
+                                              context=context)
+    else:
+        smtp = smtplib.SMTP(settings.smtp_host, settings.smtp_port, timeout=timeout)
+    try:
+        smtp.ehlo()
+        if settings.smtp_security == "starttls":
+            smtp.starttls(context=context)
+            smtp.ehlo()
+        if settings.smtp_username:
+            smtp.login(settings.smtp_username, settings.smtp_password)
+    except BaseException:
+        smtp.close()
+        raise
+    return smtp
+
+
 def deliver(settings: Settings, message: EmailMessage) -> None:
     """Hand ``message`` to the configured SMTP server (standard library smtplib; TLS certificates
     verified). Raises :class:`SmtpFailure`; the password is never part of what is raised or logged."""
     sender = parseaddr(settings.mail_sender)[1]
     recipient = parseaddr(message["To"])[1]
-    context = ssl.create_default_context()
-    timeout = settings.smtp_timeout_seconds
     data_sent = False
     try:
-        if settings.smtp_security == "tls":
-            smtp: smtplib.SMTP = smtplib.SMTP_SSL(settings.smtp_host, settings.smtp_port, timeout=timeout,
-                                                  context=context)
-        else:
-            smtp = smtplib.SMTP(settings.smtp_host, settings.smtp_port, timeout=timeout)
+        # Addresses and message are made SMTP-ready before anything is sent: one that can't be (a
+        # non-ASCII address; the API refuses those, an older row may hold one) is refused for good.
+        content = message.as_bytes(policy=policy.SMTP)
+        sender.encode("ascii"), recipient.encode("ascii")
+    except (UnicodeError, ValueError) as exc:
+        raise _unsendable(exc) from None
+    try:
+        smtp = _connect(settings)
         try:
-            smtp.ehlo()
-            if settings.smtp_security == "starttls":
-                smtp.starttls(context=context)
-                smtp.ehlo()
-            if settings.smtp_username:
-                smtp.login(settings.smtp_username, settings.smtp_password)
             code, reply = smtp.mail(sender)
             if code != 250:
                 raise smtplib.SMTPSenderRefused(code, reply, sender)
             code, reply = smtp.rcpt(recipient)
             if code not in (250, 251):
-                if 500 <= code < 600:
+                if refused_for_good(code, reply):
                     raise SmtpFailure(f"recipient refused: {code} {_text(reply)}", permanent=True)
                 raise smtplib.SMTPRecipientsRefused({recipient: (code, reply)})
             data_sent = True
-            smtp.data(message.as_bytes(policy=policy.SMTP))
+            smtp.data(content)
         finally:
             try:
                 smtp.quit()
@@ -357,12 +443,16 @@ def deliver(settings: Settings, message: EmailMessage) -> None:
                 smtp.close()  # the message was taken (or not) already; QUIT decides nothing
     except SmtpFailure:
         raise
+    except smtplib.SMTPRecipientsRefused as exc:  # refused, not for good: a policy (5.7.x) or a 4xx
+        code, reply = next(iter(exc.recipients.values()))
+        raise SmtpFailure(f"recipient refused for now: {code} {_text(reply)}") from None
     except smtplib.SMTPResponseException as exc:  # the server answered no: it certainly has no copy
         raise SmtpFailure(f"{type(exc).__name__}: {exc.smtp_code} {_text(exc.smtp_error)}") from None
     except (smtplib.SMTPException, OSError) as exc:
         raise SmtpFailure(f"{type(exc).__name__}: {exc}"[:300], in_doubt=data_sent) from None
+    except (UnicodeError, ValueError) as exc:  # smtplib encodes commands as ASCII
+        raise SmtpFailure(_unsendable(exc).args[0], permanent=True, in_doubt=data_sent) from None
 
 
 def _text(reply: bytes | str) -> str:
     return (reply.decode("utf-8", "replace") if isinstance(reply, bytes) else str(reply))[:200]
-

@@ -6,8 +6,9 @@
 --
 -- link_token_hashes: the access tokens the mail worker mints for the links it sends (only their SHA-256
 -- hashes, like access_token_hashes). Kept apart from access_token_hashes, which replays of a create trim
--- to the newest eight, so a replay never breaks a link in a buyer's mailbox. One per e-mail (plus one
--- per send whose outcome was in doubt), bounded by the CHECK.
+-- to the newest eight, so a replay never breaks a link in a buyer's mailbox. One per e-mail: every
+-- attempt of an outbox row sends the same token (mail_outbox.link_token), so there are never more than
+-- the four kinds of e-mail, never trimmed, bounded by the CHECK.
 --
 -- Adding a column with a constant default is a catalogue change only; the CHECK is added NOT VALID (every
 -- old row holds the empty array), and the lock is given up after 3 s rather than queueing every create
@@ -16,7 +17,7 @@ SET LOCAL lock_timeout = '3s';
 ALTER TABLE orders ADD COLUMN IF NOT EXISTS link_token_hashes text[] NOT NULL DEFAULT '{}';
 ALTER TABLE orders DROP CONSTRAINT IF EXISTS orders_link_tokens_bounded;
 ALTER TABLE orders ADD CONSTRAINT orders_link_tokens_bounded
-    CHECK (cardinality(link_token_hashes) <= 16) NOT VALID;
+    CHECK (cardinality(link_token_hashes) <= 4) NOT VALID;
 
 CREATE TABLE IF NOT EXISTS mail_outbox (
     id                bigserial PRIMARY KEY,
@@ -30,6 +31,15 @@ CREATE TABLE IF NOT EXISTS mail_outbox (
     lease_owner       text,
     lease_expires_at  timestamptz,
     last_error        text,
+    -- The plaintext token of this e-mail's link, minted with the row's first claim (its hash goes into
+    -- orders.link_token_hashes in the same transaction) and sent by every attempt, so retries, in-doubt
+    -- sends and redeliveries all carry one link. Cleared once the row is sent; cleared (and its hash
+    -- dropped) when the row fails without any attempt that may have reached the server; kept on a failed
+    -- row that may have been delivered, so `meterai mail-retry` sends the link the buyer may already hold.
+    link_token        text,
+    -- An attempt's outcome was in doubt (the connection broke after DATA, or a worker died holding the
+    -- lease): the e-mail may be in the buyer's mailbox, so its link must keep working.
+    maybe_delivered   boolean NOT NULL DEFAULT false,
     created_at        timestamptz NOT NULL DEFAULT now(),
     updated_at        timestamptz NOT NULL DEFAULT now(),
     sent_at           timestamptz,
@@ -38,3 +48,5 @@ CREATE TABLE IF NOT EXISTS mail_outbox (
 -- The redrive's scan: only rows still to send.
 CREATE INDEX IF NOT EXISTS mail_outbox_unsent ON mail_outbox (updated_at)
     WHERE status IN ('pending', 'sending');
+-- The failed rows (to re-queue with `meterai mail-retry`, and counted at scrape time).
+CREATE INDEX IF NOT EXISTS mail_outbox_failed ON mail_outbox (updated_at) WHERE status = 'failed';
