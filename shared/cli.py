@@ -15,7 +15,8 @@ id of the refunded transaction), ``meterai ledger-report`` totals a period and e
 money doesn't balance, and ``meterai gateway-reconcile`` proves every capture the gateway made in a
 period has its outcome here (exit 1 if one hasn't).
 
-Ops: ``meterai admission [auto|queue_all|paused]`` shows or switches the waiting room.
+Ops: ``meterai admission [auto|queue_all|paused]`` shows or switches the waiting room; ``meterai mail-retry
+[--kind KIND] [--since WHEN]`` sends failed e-mails to buyers again once what failed them is fixed.
 """
 from __future__ import annotations
 
@@ -55,6 +56,15 @@ def _parser() -> argparse.ArgumentParser:
                       help="the order id, or the gateway order id of the refunded transaction (needed when "
                            "the order has more than one refund)")
     paid.add_argument("--reference", required=True, help="the bank transfer's reference")
+    mail_retry = sub.add_parser(
+        "mail-retry", help="send failed e-mails to buyers again (after fixing what failed them)",
+        description="Puts mail_outbox rows that failed back to pending with their attempts renewed and queues "
+                    "their sends; each keeps its Message-ID (and the link of an e-mail that may have arrived).")
+    mail_retry.add_argument("--kind", choices=["receipt", "stamped", "refund_manual", "refunded"],
+                            help="only e-mails of this kind")
+    mail_retry.add_argument("--since", metavar="WHEN",
+                            help="only rows failed from (YYYY-MM-DD or ISO date-time; WIB unless an offset is given)")
+    mail_retry.add_argument("--limit", type=int, default=None, help="at most this many e-mails")
     admission = sub.add_parser("admission", help="show the waiting room, or switch it (ops)")
     admission.add_argument("mode", nargs="?", choices=["auto", "queue_all", "paused"],
                            help="auto: admit at the outflow; queue_all: everyone new waits; paused: no sales")
@@ -236,6 +246,20 @@ def _gateway_reconcile(settings: Settings, args: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 
+def _mail_retry(settings: Settings, args: argparse.Namespace) -> int:
+    from shared.services import ledger, mail
+
+    try:
+        since = ledger.parse_bound(args.since) if args.since else None
+    except ValueError as exc:
+        print(f"meterai mail-retry: {exc}", file=sys.stderr)
+        return 2
+    _publisher(settings)
+    queued = mail.requeue_failed(settings, kind=args.kind, since=since, limit=args.limit)
+    print(json.dumps({"requeued": len(queued), "mails": [{"order_id": o, "kind": k} for o, k in queued]}))
+    return 0
+
+
 def _admission(settings: Settings, args: argparse.Namespace) -> int:
     from shared.admission import AdmissionController, Mode
     from shared.redisconn import redis_client
@@ -268,6 +292,7 @@ COMMANDS: dict[str, Any] = {
     "ledger-report": _ledger_report,
     "gateway-reconcile": _gateway_reconcile,
     "admission": _admission,
+    "mail-retry": _mail_retry,
 }
 
 

@@ -7,6 +7,9 @@ The system's mail workers send them to a real SMTP server (the session's aiosmtp
 from __future__ import annotations
 
 import dataclasses
+import json
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -16,12 +19,12 @@ import pytest
 import redis
 import requests
 
-from conftest import make_pdf, wait_until
+from conftest import ROOT, make_pdf, wait_until
 from shared import jobs
 from shared.devtools.services import free_port
 from shared.devtools.smtp import body_text
 from shared.lifecycle import Mail, insert_order
-from shared.services import housekeeping, manual_refunds
+from shared.services import housekeeping, manual_refunds, observe
 from shared.services import mail as mail_service
 from shared.services.refunds import REFUND_MESSAGES
 
@@ -53,6 +56,11 @@ def _attempt(settings, order_id: str, owner: str = "test-worker") -> str:
         return mail_service.send_mail(settings, order_id, "receipt", owner)
     except mail_service.MailNotSent:
         return "retry"
+
+
+def _cli(sys_, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "shared.cli", *args], cwd=ROOT, env=sys_.env,
+                          capture_output=True, text=True, timeout=120)
 
 
 def _stamped_order(sys_) -> tuple[str, str]:
@@ -286,6 +294,29 @@ def test_a_relay_refusing_by_policy_is_retried_until_it_accepts(sys_):
     row = wait_until(lambda: (lambda r: r if r["status"] == "sent" else None)(_outbox(sys_, order_id)["receipt"]))
     assert row["attempts"] == 4
     assert _get(sys_, f"/api/v1/orders/{order_id}", sys_.mail_link(message)[2]).status_code == 200
+
+
+def test_mail_retry_sends_failed_mails_again_and_the_scrape_counts_them(sys_):
+    to = "pelamar.salah@example.id"
+    sys_.mailbox.fault("rcpt", to=to, reply=f"550 5.1.1 <{to}>: Recipient address rejected: User unknown")
+    order_id = _quiet_order(sys_, to)
+    assert _attempt(sys_.settings, order_id) == "failed"  # the mailbox itself: for good, at once
+    row = _outbox(sys_, order_id)["receipt"]
+    assert row["attempts"] == 1 and "5.1.1" in row["last_error"] and row["link_token"] is None
+    assert sys_.order_row(order_id)["link_token_hashes"] == []  # refused at RCPT: never delivered
+    mail = observe._database(sys_.settings)["mail"]
+    assert mail["failed"] == mail["failed_last_hour"] == 1 and mail["pending"] == 0
+
+    assert mail_service.requeue_failed(sys_.settings, kind="stamped") == []  # only the kind asked for
+    # The mailbox was fixed (the fault was for one attempt): an operator sends what failed again.
+    done = _cli(sys_, "mail-retry", "--kind", "receipt", "--since", "2024-01-01")
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout) == {"requeued": 1, "mails": [{"order_id": order_id, "kind": "receipt"}]}
+    message = sys_.wait_mail(order_id, "receipt")  # sent by the system's mail worker
+    wait_until(lambda: _outbox(sys_, order_id)["receipt"]["status"] == "sent")
+    assert _get(sys_, f"/api/v1/orders/{order_id}", sys_.mail_link(message)[2]).status_code == 200
+    assert len(sys_.order_row(order_id)["link_token_hashes"]) == 1
+    assert observe._database(sys_.settings)["mail"]["failed"] == 0
 
 
 def test_a_stale_holders_failure_leaves_the_new_holders_claim_alone(sys_):

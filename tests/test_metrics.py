@@ -85,6 +85,7 @@ def test_a_real_order_moves_the_web_and_worker_counters(system, metered):
     assert {labels for name, labels in web_after if name == "meterai_queue_messages"} == {
         (("queue", q),) for q in jobs.ALL_QUEUES}
     assert ("meterai_orders", (("status", "paid"),)) in web_after
+    assert ("meterai_mail_outbox", (("status", "failed"),)) in web_after  # e-mails not sent, by status
 
     worker_after = wait_until(lambda: (lambda s: s if value(s, *stamped[:1], **stamped[1]) > value(
         worker_before, stamped[0], **stamped[1]) else None)(scrape(worker_url, token=None)), timeout=10)
@@ -150,7 +151,8 @@ def _defined_metrics() -> set[str]:
                      "outflow_target_per_minute": 1, "stamped_last_minute": 1},
             "breaker": {"state": "closed", "processes": {}}, "orders": {"paid": 1},
             "stamping": {"oldest_paid_age_seconds": 1, "nearest_deadline_seconds": 1},
-            "refunds": {"pending": {"count": 1, "oldest_age_seconds": 1}}}
+            "refunds": {"pending": {"count": 1, "oldest_age_seconds": 1}},
+            "mail": {"pending": 1, "sending": 0, "failed": 1, "failed_last_hour": 1, "oldest_unsent_age_seconds": 1}}
     names.update(family.name for family in SnapshotCollector(full).collect())
     return names
 

@@ -191,6 +191,17 @@ class SnapshotCollector:
                 oldest.add_metric([status], values["oldest_age_seconds"])
             yield pending
             yield oldest
+        if "mail" in s:
+            outbox = metrics.GaugeMetricFamily("meterai_mail_outbox", "E-mails to buyers not sent, by status "
+                                               "(pending and sending: still to send; failed: given up, until "
+                                               "`meterai mail-retry`).", labels=["status"])
+            for status in ("pending", "sending", "failed"):
+                outbox.add_metric([status], s["mail"].get(status, 0))
+            yield outbox
+            yield _gauge("meterai_mail_outbox_failed_last_hour", "E-mails to buyers that failed for good within "
+                         "the last hour.", s["mail"].get("failed_last_hour", 0))
+            yield _gauge("meterai_mail_outbox_oldest_unsent_age_seconds", "Age of the oldest e-mail still to "
+                         "send (0 when none).", s["mail"].get("oldest_unsent_age_seconds", 0))
 
 
 def _gauge(name: str, documentation: str, value: float) -> metrics.GaugeMetricFamily:

@@ -18,8 +18,8 @@ slow or down delays only e-mail):
   link: retries, an attempt whose outcome was in doubt, a worker that died holding the lease, a
   redelivery. An order so holds one link token per kind of e-mail at most (four), and none is ever
   trimmed. The token leaves the row once it is sent; a row that fails with no attempt that may have
-  reached a server forgets it (hash too), one that may have been delivered keeps it, so a
-  re-queue sends the same link.
+  reached a server forgets it (hash too), one that may have been delivered keeps it for ``meterai
+  mail-retry``.
 * **SMTP gives at-least-once, and that is the best there is.** The server takes the message when it
   answers the final ``.`` of DATA; if the connection (or this process) dies between that answer and our
   marking the row sent, nothing can tell whether it was taken, and the only way not to lose the e-mail is
@@ -32,7 +32,7 @@ slow or down delays only e-mail):
   after the first, counted on the row so redeliveries share them) or the recipient is refused for good
   (:func:`refused_for_good`: the mailbox itself, 5.1.x; a relay's policy refusal such as "554 5.7.1
   relaying denied" is retried), the row is ``failed`` and that is logged at ERROR. It never waits for
-  ever.
+  ever; ``meterai mail-retry`` (:func:`requeue_failed`) sends failed rows again once the cause is fixed.
 * **Every write after the claim is a compare-and-set on the claim** (owner and attempt): a worker whose
   lease was taken over (it hung past the lease) can't reset, fail or mark sent the new holder's claim.
 
@@ -53,6 +53,7 @@ from email import policy
 from email.utils import format_datetime, parseaddr
 from typing import Any
 
+from shared import jobs
 from shared.config import Settings
 from shared.db import transaction
 from shared.errors import TransientError
@@ -356,6 +357,27 @@ def give_up(settings: Settings, order_id: str, kind: str, error: str) -> None:
                          " FOR UPDATE", (order_id, Mail(kind).value)).fetchone()
         if row is not None:
             _fail(tx, row, f"retries exhausted: {error}", owner=None)
+
+
+def requeue_failed(settings: Settings, *, kind: str | None = None, since: datetime | None = None,
+                   limit: int | None = None) -> list[tuple[str, str]]:
+    """``meterai mail-retry``: put failed rows (of ``kind``, failed at or after ``since``) back to pending
+    with their attempts renewed, and publish their sends; (order id, kind) of each."""
+    with transaction(settings.database_url) as tx:
+        rows = tx.execute(
+            "UPDATE mail_outbox SET status = 'pending', attempts = 0, updated_at = now() WHERE id IN ("
+            " SELECT id FROM mail_outbox WHERE status = 'failed'"
+            " AND (%(kind)s::text IS NULL OR kind = %(kind)s) AND (%(since)s::timestamptz IS NULL OR updated_at >= %(since)s)"
+            " ORDER BY updated_at LIMIT %(limit)s FOR UPDATE SKIP LOCKED)"
+            " RETURNING order_id::text AS order_id, kind",
+            {"kind": Mail(kind).value if kind else None, "since": since, "limit": limit}).fetchall()
+    queued = [(row["order_id"], row["kind"]) for row in rows]
+    for order_id, mail_kind in queued:
+        jobs.publish_committed(jobs.SEND_MAIL, order_id, mail_kind)
+    if queued:
+        log_event(log, "mail_requeued", count=len(queued), kind=kind or "any",
+                  since=since.isoformat() if since else None)
+    return queued
 
 
 # --- SMTP ---------------------------------------------------------------------------------------------

@@ -1,5 +1,5 @@
 """What the system looks like right now, read at scrape time: queues, the waiting line, open orders and
-refunds, the gateway breaker, the database pool.
+refunds, e-mails to buyers not sent (waiting, failed), the gateway breaker, the database pool.
 
 One plain function, :func:`snapshot`, returns it as a dict: the web's ``/metrics`` turns it into gauges
 (web/metrics.py) and the ops page shows it. Everything here only reads, and each part is read on its own:
@@ -42,6 +42,16 @@ SELECT 'pending' AS status, count(*) AS n, extract(epoch FROM now() - min(reques
 FROM refunds WHERE status = 'pending'
 UNION ALL
 SELECT 'manual', count(*), extract(epoch FROM now() - min(requested_at)) FROM refunds WHERE status = 'manual'
+"""
+# E-mails to buyers not sent: those still to send (pending, or claimed: sending) and the age of the oldest
+# of them, through the unsent partial index; and the failed ones, all and those of the last hour, through
+# the failed one.
+_MAIL = """
+SELECT status, count(*) AS n, extract(epoch FROM now() - min(created_at)) AS oldest_age, 0 AS recent
+FROM mail_outbox WHERE status IN ('pending', 'sending') GROUP BY status
+UNION ALL
+SELECT 'failed', count(*), NULL, count(*) FILTER (WHERE updated_at > now() - interval '1 hour')
+FROM mail_outbox WHERE status = 'failed'
 """
 BREAKER_STATES = {"closed": 0, "half_open": 1, "open": 2}
 # Workers report their breakers here (workers/metrics.py): field "<host>:<pid>", value "<state> <unix time>".
@@ -182,6 +192,7 @@ def _database(settings: Settings) -> dict[str, Any]:
         orders = {row["status"]: int(row["n"]) for row in conn.execute(_OPEN_ORDERS).fetchall()}
         work = conn.execute(_STAMP_WORK).fetchone()
         refunds = {row["status"]: row for row in conn.execute(_REFUNDS).fetchall()}
+        mail = {row["status"]: row for row in conn.execute(_MAIL).fetchall()}
     stats = pool.get_stats()
     return {
         "orders": {status: orders.get(status, 0) for status in (
@@ -195,6 +206,13 @@ def _database(settings: Settings) -> dict[str, Any]:
         "refunds": {status: {"count": int(refunds[status]["n"]),
                              "oldest_age_seconds": float(refunds[status]["oldest_age"] or 0)}
                     for status in ("pending", "manual")},
+        "mail": {
+            **{status: int(mail[status]["n"]) if status in mail else 0 for status in ("pending", "sending", "failed")},
+            "failed_last_hour": int(mail["failed"]["recent"]) if "failed" in mail else 0,
+            # Since the oldest unsent e-mail was owed (its row made); 0 when every e-mail is sent or failed.
+            "oldest_unsent_age_seconds": max([float(mail[s]["oldest_age"] or 0) for s in ("pending", "sending")
+                                              if s in mail] or [0.0]),
+        },
         "pool": {"size": stats.get("pool_size", 0), "available": stats.get("pool_available", 0),
                  "in_use": max(0, stats.get("pool_size", 0) - stats.get("pool_available", 0)),
                  "waiting": stats.get("requests_waiting", 0), "errors": stats.get("requests_errors", 0)},
