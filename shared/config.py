@@ -252,9 +252,10 @@ class Settings:
     # E-mail to buyers (shared/services/mail.py, sent by the `mail` worker group). SMTP_SECURITY: "none"
     # (plain SMTP: a relay on this machine), "starttls" (upgrade on connect, usually port 587) or "tls"
     # (TLS from the first byte, usually 465); certificates are verified. Outside development plain SMTP
-    # is refused to any other machine: every e-mail carries a link with an access token. The defaults
-    # are a local relay on port 25; MAIL_FROM ("Name <address>") must be set in production.
-    smtp_host: str = "127.0.0.1"
+    # is refused to any other machine: every e-mail carries a link with an access token. Production must
+    # name its server (SMTP_HOST; 127.0.0.1 for a relay on this machine) and MAIL_FROM ("Name <address>");
+    # on a development machine an empty SMTP_HOST is 127.0.0.1 (./dev up points it at its mailbox).
+    smtp_host: str = ""
     smtp_port: int = 25
     smtp_username: str = ""
     smtp_password: str = ""
@@ -329,7 +330,7 @@ class Settings:
         if self.smtp_security not in SMTP_SECURITY_MODES:
             raise ValueError(f"SMTP_SECURITY must be one of {', '.join(SMTP_SECURITY_MODES)}, "
                              f"not {self.smtp_security!r}")
-        if not self.smtp_host or any(ch.isspace() for ch in self.smtp_host) or not 0 < self.smtp_port < 65536:
+        if any(ch.isspace() for ch in self.smtp_host) or not 0 < self.smtp_port < 65536:
             raise ValueError("SMTP_HOST must be a host name or address and SMTP_PORT 1 to 65535")
         if bool(self.smtp_username) != bool(self.smtp_password):
             raise ValueError("SMTP_USERNAME and SMTP_PASSWORD go together: set both, or neither")
@@ -344,6 +345,11 @@ class Settings:
             if "@" not in address or any(ch in self.mail_from for ch in "\r\n"):
                 raise ValueError(f"MAIL_FROM={self.mail_from!r} must be an address, e.g. "
                                  "'meterai <noreply@example.id>'")
+
+    @property
+    def smtp_server_host(self) -> str:
+        """SMTP_HOST, or (a development machine that didn't set it) this machine."""
+        return self.smtp_host or "127.0.0.1"
 
     @property
     def mail_sender(self) -> str:
@@ -489,7 +495,11 @@ def production_problems(settings: Settings) -> list[str]:
     if not settings.mail_from:
         problems.append("MAIL_FROM is not set: buyers' e-mails need a sender of yours (e.g. "
                         "'meterai <noreply@example.id>')")
-    if settings.smtp_security == "none" and not _loopback(settings.smtp_host):
+    if not settings.smtp_host:
+        problems.append("SMTP_HOST is not set: buyers' e-mails (receipts with their order links) would go to "
+                        "a relay on this machine's port 25 that may not exist, failing unseen; name the SMTP "
+                        "server (SMTP_HOST, SMTP_PORT, SMTP_SECURITY), SMTP_HOST=127.0.0.1 for a local relay")
+    elif settings.smtp_security == "none" and not _loopback(settings.smtp_host):
         problems.append("SMTP_SECURITY=none to another machine (SMTP_HOST): e-mails carry access links"
                         + (" and SMTP_PASSWORD would" if settings.smtp_password else "")
                         + " cross the network readable; use starttls or tls (plain SMTP only to a relay on "

@@ -342,6 +342,21 @@ def test_a_stale_holders_failure_leaves_the_new_holders_claim_alone(sys_):
     assert sys_.mails(order_id) == []
 
 
+def test_the_mail_worker_probes_its_smtp_server_as_it_starts(sys_):
+    """A mail worker whose SMTP server can't be reached says so at ERROR as it starts, and still runs."""
+    assert mail_service.probe(sys_.settings) is None
+    assert "ConnectionRefused" in mail_service.probe(dataclasses.replace(sys_.settings, smtp_port=free_port()))
+    wait_until(lambda: b"smtp_probe_ok" in sys_.process("mail").output())
+    copy = sys_.launcher.start("mail", name="mail-no-server", env={"SMTP_PORT": str(free_port())})
+    try:
+        sys_.launcher.wait_ready(["mail-no-server"], timeout=90)
+        line = wait_until(lambda: next((json.loads(line) for line in copy.output().splitlines()
+                                        if b"smtp_probe_failed" in line), None), timeout=20)
+        assert line["level"] == "error" and "ConnectionRefused" in line["error"] and copy.alive()
+    finally:
+        sys_.stop("mail-no-server")
+
+
 def test_html_is_escaped_and_the_text_is_plain():
     facts = mail_service.Facts(
         order_id="1b4e28ba-2fa1-11d2-883f-0016d3cca427", email='"<b>x</b>"@example.id', amount=10500,

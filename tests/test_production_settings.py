@@ -19,6 +19,7 @@ PRODUCTION = {
     "GATEWAY_URL": "https://api.midtrans.com",
     "PUBLIC_BASE_URL": "https://meterai.example.id",
     "MAIL_FROM": "meterai <noreply@meterai.example.id>",
+    "SMTP_HOST": "127.0.0.1",  # a relay on this machine, named
 }
 
 
@@ -38,6 +39,7 @@ def test_complete_production_settings_start():
     ("PUBLIC_BASE_URL", "http://127.0.0.1:8000", "PUBLIC_BASE_URL"),
     ("MAIL_FROM", "", "MAIL_FROM"),
     ("SMTP_HOST", "smtp.example.id", "SMTP_SECURITY=none to another machine"),
+    ("SMTP_HOST", "", "SMTP_HOST is not set"),
 ])
 def test_each_development_default_is_refused_outside_development(name, value, words):
     env = {**PRODUCTION, name: value}
@@ -175,8 +177,22 @@ def test_plain_smtp_is_refused_to_another_machine_and_never_shows_the_password()
     assert problems(SMTP_HOST="127.0.0.1") == problems(SMTP_HOST="localhost") == []
 
 
+def test_production_names_its_smtp_server_and_development_falls_back_to_this_machine():
+    """The built-in default used to be 127.0.0.1:25 without TLS, accepted in production: a node without a
+    relay there failed every e-mail unseen. Now production must say where mail goes."""
+    unset = {k: v for k, v in PRODUCTION.items() if k != "SMTP_HOST"}
+    [problem] = [p for p in production_problems(load_settings(unset)) if "SMTP" in p]
+    assert "SMTP_HOST is not set" in problem
+    with pytest.raises(UnsafeSettings, match="SMTP_HOST is not set"):
+        refuse_unsafe(load_settings(unset), "worker")
+    development = load_settings({"DEVELOPMENT": "1"})
+    assert development.smtp_host == "" and development.smtp_server_host == "127.0.0.1"
+    assert load_settings({**unset, "SMTP_HOST": "smtp.example.id"}).smtp_server_host == "smtp.example.id"
+
+
 @pytest.mark.parametrize("env, words", [
     ({"SMTP_SECURITY": "ssl"}, "SMTP_SECURITY"),
+    ({"SMTP_HOST": "smtp example.id"}, "SMTP_HOST"),
     ({"SMTP_USERNAME": "meterai"}, "SMTP_USERNAME and SMTP_PASSWORD"),
     ({"SMTP_PORT": "0"}, "SMTP_PORT"),
     ({"MAIL_FROM": "not an address"}, "MAIL_FROM"),

@@ -380,6 +380,31 @@ def requeue_failed(settings: Settings, *, kind: str | None = None, since: dateti
     return queued
 
 
+def probe(settings: Settings) -> str | None:
+    """Can the SMTP server be reached with these settings (connect, EHLO, STARTTLS, AUTH, NOOP)? None when
+    it can, else what went wrong (never the password). The mail workers ask once as they start."""
+    try:
+        with _connect(settings) as smtp:
+            code, reply = smtp.noop()
+            if code != 250:
+                return f"NOOP answered {code} {_text(reply)}"
+    except (smtplib.SMTPException, OSError) as exc:
+        return f"{type(exc).__name__}: {exc}"[:300]
+    return None
+
+
+def check_server(settings: Settings) -> bool:
+    """:func:`probe`, said in the log: at ERROR when the server can't be reached (every e-mail would fail
+    until it can: the settings, the relay or the network is wrong), never raised."""
+    where = {"host": settings.smtp_server_host, "port": settings.smtp_port, "security": settings.smtp_security}
+    problem = probe(settings)
+    if problem is None:
+        log_event(log, "smtp_probe_ok", **where)
+        return True
+    log_event(log, "smtp_probe_failed", logging.ERROR, **where, error=problem)
+    return False
+
+
 # --- SMTP ---------------------------------------------------------------------------------------------
 
 class SmtpFailure(Exception):
@@ -415,10 +440,10 @@ def _connect(settings: Settings) -> smtplib.SMTP:
     context = ssl.create_default_context()
     timeout = settings.smtp_timeout_seconds
     if settings.smtp_security == "tls":
-        smtp: smtplib.SMTP = smtplib.SMTP_SSL(settings.smtp_host, settings.smtp_port, timeout=timeout,
+        smtp: smtplib.SMTP = smtplib.SMTP_SSL(settings.smtp_server_host, settings.smtp_port, timeout=timeout,
                                               context=context)
     else:
-        smtp = smtplib.SMTP(settings.smtp_host, settings.smtp_port, timeout=timeout)
+        smtp = smtplib.SMTP(settings.smtp_server_host, settings.smtp_port, timeout=timeout)
     try:
         smtp.ehlo()
         if settings.smtp_security == "starttls":
