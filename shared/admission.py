@@ -85,9 +85,17 @@ class QueueStatus:
     admission_token: str | None = None
 
 
-# Retry-After a not-yet-admitted poll is told at most; a ticket that hasn't polled for
-# ADMISSION_ABANDON_SECONDS (several of these) is taken for abandoned.
+# Retry-After a queue poll is told while sales are paused (nothing moves, so no ETA to follow).
 MAX_RETRY_AFTER_SECONDS = 30
+
+
+def retry_after_seconds(eta_seconds: int, cap: int) -> int:
+    """When a not-yet-admitted buyer should ask again: a quarter of their ETA, at least 2 s, at most
+    ``cap`` (ADMISSION_MAX_RETRY_AFTER_SECONDS). Near the head that is every few seconds, so the position a
+    buyer sees is fresh when it matters; far back, where nothing a poll could say changes the wait, they
+    ask rarely, which is most of what people in line cost (docs/capacity.md). A ticket that hasn't polled
+    for ADMISSION_ABANDON_SECONDS (more than twice the cap, checked in Settings) is taken for abandoned."""
+    return min(cap, max(2, eta_seconds // 4))
 
 # KEYS: tail, head, tokens, stamp, active, mode, epoch, seen, client, address, issued
 # ARGV: now_ms, rate_per_minute, burst, active_cap, session_ms, want_direct (1/0), member, new_epoch,

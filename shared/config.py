@@ -205,10 +205,13 @@ class Settings:
     admission_token_seconds: int = 600
     ticket_seconds: int = 6 * 3600
     # A ticket that hasn't polled its place for this long is taken for abandoned: the line moves over it
-    # without spending an admission on it, and its holder, if they come back, joins again. Many times the
-    # longest Retry-After a waiting poll is given (shared/admission.py MAX_RETRY_AFTER_SECONDS, 30 s), so
-    # a buyer who polls as told, or whose phone slept a few minutes, is never skipped.
+    # without spending an admission on it, and its holder, if they come back, joins again. More than twice
+    # the longest Retry-After a waiting poll is given (below), so a buyer who polls as told is never
+    # skipped; near the head, where it matters, polls come every few seconds.
     admission_abandon_seconds: int = 300
+    # The longest Retry-After a waiting buyer is told (a quarter of their ETA up to this;
+    # shared/admission.retry_after_seconds): far back in line, polls every 2 minutes instead of every 30 s.
+    admission_max_retry_after_seconds: int = 120
     # Places in line one address may hold at once (each browser, by its Client-Id, gets its own up to
     # this; beyond it, new ones share the newest): buyers behind one carrier NAT or office address aren't
     # sent round the line again, and one address can't fill it with junk.
@@ -305,9 +308,12 @@ class Settings:
                              "DATABASE_MAX_LIFETIME_SECONDS")
         if self.stamp_deadline_seconds <= self.lease_seconds:
             raise ValueError("STAMP_DEADLINE_SECONDS must exceed LEASE_SECONDS")
-        if self.admission_abandon_seconds < 90:
-            raise ValueError("ADMISSION_ABANDON_SECONDS must be at least 90 (three times the longest "
-                             "Retry-After of a waiting poll), or buyers polling as told could be skipped")
+        if not 5 <= self.admission_max_retry_after_seconds <= 600:
+            raise ValueError("ADMISSION_MAX_RETRY_AFTER_SECONDS must be between 5 and 600")
+        if self.admission_abandon_seconds < max(90, 2 * self.admission_max_retry_after_seconds + 60):
+            raise ValueError("ADMISSION_ABANDON_SECONDS must be at least 90 and at least twice "
+                             "ADMISSION_MAX_RETRY_AFTER_SECONDS plus a minute, or buyers polling as told "
+                             "could be taken for gone and skipped")
         for item in ("key", "cert", "ca_cert"):
             if getattr(self, f"signing_{item}_path") and getattr(self, f"signing_{item}_pem").strip():
                 raise ValueError(f"SIGNING_{item.upper()}_PATH and SIGNING_{item.upper()}_PEM are both set: "

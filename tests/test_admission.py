@@ -556,6 +556,24 @@ def test_the_oldest_waiter_is_nobody_when_every_ticket_in_line_is_abandoned(sys_
     assert (line["length"], line["waiting"], line["oldest_waiter_seconds"]) == (3, 0, 0.0)
 
 
+def test_buyers_far_back_are_told_to_ask_rarely_and_buyers_near_the_head_often(throttled):
+    base = throttled(admission_per_minute=1, admission_burst=1, admission_max_retry_after_seconds=100)
+    assert _create(base).status_code == 202  # the one free place: everyone after waits a minute each
+    answers = [_create(base) for _ in range(10)]
+    assert [a.status_code for a in answers] == [429] * 10
+    told = [(a.json()["queue"]["position"], int(a.headers["Retry-After"])) for a in answers]
+    assert told[0] == (1, 15)  # ETA 60 s: ask again in a quarter of it
+    assert told[-1] == (10, 100)  # ETA 600 s: a quarter is 150 s, capped
+    polled = _poll(base, answers[-1].json()["queue"]["ticket"])
+    assert int(polled.headers["Retry-After"]) == 100
+    assert int(_poll(base, answers[0].json()["queue"]["ticket"]).headers["Retry-After"]) <= 15
+
+
+def test_the_abandon_window_must_outlast_the_longest_retry_after(sys_):
+    with pytest.raises(ValueError, match="ADMISSION_ABANDON_SECONDS"):
+        dataclasses.replace(sys_.settings, admission_max_retry_after_seconds=200, admission_abandon_seconds=300)
+
+
 def test_buyers_behind_one_address_get_places_of_their_own_up_to_a_bound(throttled):
     base = throttled(admission_per_minute=1, admission_burst=1, admission_tickets_per_address=3)
     assert _create(base).status_code == 202

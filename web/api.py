@@ -9,7 +9,7 @@ import uuid
 from flask import Blueprint, Response, jsonify, request, url_for
 
 from shared import statuscache
-from shared.admission import MAX_RETRY_AFTER_SECONDS, Admitted, Queued
+from shared.admission import Admitted, Queued, retry_after_seconds
 from shared.errors import DomainError
 from shared.lifecycle import Status
 from shared.orders import (NewOrder, create_order, find_by_idempotency_key, get_order, get_order_with_view,
@@ -105,7 +105,7 @@ def _queued_response(queued: Queued):
         "Many buyers are checking out right now; you have a place in the queue. Poll the ticket and "
         "repeat this request with the Admission-Token header once admitted.",
         429,
-        retry_after=min(MAX_RETRY_AFTER_SECONDS, max(2, queued.eta_seconds // 4)),
+        retry_after=retry_after_seconds(queued.eta_seconds, settings().admission_max_retry_after_seconds),
         queue={"ticket": queued.ticket, "position": queued.position, "eta_seconds": queued.eta_seconds,
                "status_url": url_for("queue.queue_status", ticket=queued.ticket),
                "page_url": url_for("queue.queue_page", ticket=queued.ticket)},

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 from flask import Blueprint, jsonify, render_template
 
-from shared.admission import MAX_RETRY_AFTER_SECONDS, InvalidAdmission, SalesPaused
-from web.context import admission
+from shared.admission import MAX_RETRY_AFTER_SECONDS, InvalidAdmission, SalesPaused, retry_after_seconds
+from web.context import admission, settings
 from web.errors import status_for
 
 bp = Blueprint("queue", __name__)
@@ -24,7 +24,8 @@ def queue_status(ticket: str):
     response = jsonify(body)
     response.headers["Cache-Control"] = "no-store"
     if not body["admitted"]:
-        response.headers["Retry-After"] = str(min(MAX_RETRY_AFTER_SECONDS, max(2, body["eta_seconds"] // 4)))
+        response.headers["Retry-After"] = str(retry_after_seconds(body["eta_seconds"],
+                                                                  settings().admission_max_retry_after_seconds))
     return response
 
 
@@ -37,6 +38,7 @@ def queue_page(ticket: str):
     paused = isinstance(error, SalesPaused)
     html = render_template("queue.html", ticket=ticket, status=body, error=error, paused=paused,
                            refresh=MAX_RETRY_AFTER_SECONDS if paused
-                           else min(MAX_RETRY_AFTER_SECONDS, max(3, (body or {}).get("eta_seconds", 10) // 4)))
+                           else max(3, retry_after_seconds((body or {}).get("eta_seconds", 10),
+                                                           settings().admission_max_retry_after_seconds)))
     return html, (status_for(error) if error else 200), {"Cache-Control": "no-store"}
 
