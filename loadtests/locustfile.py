@@ -257,8 +257,10 @@ class Buyer(HttpUser):
 
     def wait_in_queue(self, ticket: str, first_wait: float, give_up_at: float) -> str | None:
         wait = first_wait
-        while time.monotonic() + wait < give_up_at:
-            time.sleep(wait)
+        while time.monotonic() < give_up_at:
+            # Far back in line Retry-After is up to two minutes: sleep at most until giving up, then ask a
+            # last time (an admission granted meanwhile would otherwise hold an active slot, unused).
+            time.sleep(max(0.0, min(wait, give_up_at - time.monotonic())))
             self.fresh_if_idle()
             with self.client.get(f"/api/v1/queue/{ticket}", name=QUEUE, catch_response=True,
                                  timeout=REQUEST_TIMEOUT) as response:

@@ -15,6 +15,7 @@ someone's mailbox away. Every check accepts either kind (:func:`order_token_hash
 """
 from __future__ import annotations
 
+import base64
 import hashlib
 import hmac
 import json
@@ -89,10 +90,10 @@ def token_hash_matches(stored_hashes: list[str], token: str) -> bool:
     return found
 
 
-# Link tokens an order holds at most: one per kind of e-mail. The mail worker mints an outbox row's token
-# once, with its first claim, and every attempt of that row sends the same one (mail_outbox.link_token),
-# so retries, sends whose outcome was in doubt and redeliveries never add another, and nothing is ever
-# trimmed: a link that was delivered keeps working. The migration's CHECK says the same.
+# Link tokens an order holds at most: one per kind of e-mail. The mail worker makes an outbox row's token
+# once, with its first claim, and every attempt of that row sends the same one, so retries, sends whose
+# outcome was in doubt and redeliveries never add another, and nothing is ever trimmed: a link that was
+# delivered keeps working. The migration's CHECK says the same.
 MAX_LINK_TOKENS = 4
 
 _ADD_LINK_TOKEN = """
@@ -100,12 +101,20 @@ UPDATE orders SET link_token_hashes = link_token_hashes || %(hash)s::text WHERE 
 """
 
 
-def add_link_token(conn: Any, order_id: uuid.UUID | str) -> str:
-    """A fresh token for the links of one e-mail (one outbox row), stored (as its hash) before the e-mail
-    is sent; the caller keeps it on the row so every attempt of that e-mail sends the same link."""
-    token = new_access_token()
+def link_token(settings: Settings, order_id: uuid.UUID | str, kind: str, salt: str) -> str:
+    """The token of one e-mail's link, made from the outbox row's random ``salt`` with SECRET_KEY. Every
+    attempt of the row remakes the same token, so the row keeps only the salt: what the database (its
+    backups, its WAL) holds is no bearer credential without the key, unlike a stored token. The order
+    keeps the token's hash, like every access token's; rotating SECRET_KEY only changes the links of
+    e-mails not yet sent."""
+    digest = hmac.new(settings.secret_key.encode(), f"meterai-mail-link|{order_id}|{kind}|{salt}".encode(),
+                      hashlib.sha256).digest()
+    return base64.urlsafe_b64encode(digest).rstrip(b"=").decode()
+
+
+def add_link_token(conn: Any, order_id: uuid.UUID | str, token: str) -> None:
+    """Let ``token`` open the order (its hash stored), before the e-mail carrying it is sent."""
     conn.execute(_ADD_LINK_TOKEN, {"hash": token_hash(token), "id": str(order_id)})
-    return token
 
 
 def drop_link_token(conn: Any, order_id: uuid.UUID | str, token: str) -> None:

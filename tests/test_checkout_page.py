@@ -117,3 +117,28 @@ def test_a_buyer_who_closes_the_tab_in_line_keeps_the_place_on_coming_back(sys_,
     again.goto(base + "/")
     again.wait_for_selector("text=Buka pesanan terakhir Anda")
     assert again.locator("#checkout").is_visible()
+
+
+def test_a_create_lost_on_the_way_is_repeated_with_the_same_key(sys_, browser_page, tmp_path):
+    """The connection drops under the create: "Coba lagi" sends the same purchase again, under the same
+    Idempotency-Key (so had the server made the order, it would answer with that one: tests/test_api.py),
+    and the buyer lands on the one order."""
+    page = browser_page
+    keys = []
+
+    def drop_the_first(route):
+        keys.append(route.request.headers.get("idempotency-key"))
+        if len(keys) == 1:
+            route.abort("connectionreset")
+        else:
+            route.continue_()
+
+    page.route("**/api/v1/orders", drop_the_first)
+    _checkout(page, sys_.web_url, tmp_path)
+    page.wait_for_selector("#retry")
+    page.click("#retry")
+    page.wait_for_url("**/pesanan/**")
+    page.wait_for_selector("#pay")
+    assert len(keys) == 2 and keys[0] == keys[1] and keys[0]
+    rows = sys_.query("SELECT id FROM orders")
+    assert len(rows) == 1 and str(rows[0]["id"]) in page.url

@@ -249,7 +249,7 @@ def test_every_attempt_of_an_email_sends_the_one_link_minted_for_it(sys_):
     assert _get(sys_, f"/api/v1/orders/{order_id}", token).status_code == 200
     assert len(sys_.order_row(order_id)["link_token_hashes"]) == len(_outbox(sys_, order_id)) == 1
     row = _outbox(sys_, order_id)["receipt"]
-    assert row["status"] == "sent" and row["attempts"] == 5 and row["link_token"] is None  # gone once sent
+    assert row["status"] == "sent" and row["attempts"] == 5 and row["link_salt"] is None  # gone once sent
 
 
 def test_a_non_ascii_address_is_refused_at_create_and_a_row_holding_one_fails_at_once(sys_):
@@ -263,7 +263,7 @@ def test_a_non_ascii_address_is_refused_at_create_and_a_row_holding_one_fails_at
     assert _attempt(sys_.settings, order_id) == "failed"
     row = _outbox(sys_, order_id)["receipt"]
     assert row["status"] == "failed" and row["attempts"] == 1 and "non-ASCII" in row["last_error"]
-    assert row["link_token"] is None and sys_.order_row(order_id)["link_token_hashes"] == []
+    assert row["link_salt"] is None and sys_.order_row(order_id)["link_token_hashes"] == []
     assert housekeeping.redrive(sys_.settings)[jobs.SEND_MAIL] == 0
     assert sys_.mails(order_id) == []
 
@@ -271,7 +271,11 @@ def test_a_non_ascii_address_is_refused_at_create_and_a_row_holding_one_fails_at
 @pytest.mark.parametrize("code, reply, for_good", [
     (550, b"5.1.1 <x@example.id>: Recipient address rejected: User unknown", True),
     (553, b"5.1.3 Bad recipient address syntax", True),
-    (550, b"Requested action not taken: mailbox unavailable", True),
+    (550, b"5.1.10 Recipient address has null MX", True),
+    (550, b"Requested action not taken: mailbox unavailable", False),  # bare: retried, then failed
+    (550, b"Authentication required", False),
+    (553, b"sorry, that domain isn't in my list of allowed rcpthosts (#5.7.1)", False),
+    (550, b"5.1.8 Sender address rejected: Domain not found", False),
     (554, b"5.7.1 <x@example.id>: Relay access denied", False),
     (550, b"5.7.1 Relaying denied", False),
     (552, b"5.2.2 Mailbox full", False),
@@ -302,7 +306,7 @@ def test_mail_retry_sends_failed_mails_again_and_the_scrape_counts_them(sys_):
     order_id = _quiet_order(sys_, to)
     assert _attempt(sys_.settings, order_id) == "failed"  # the mailbox itself: for good, at once
     row = _outbox(sys_, order_id)["receipt"]
-    assert row["attempts"] == 1 and "5.1.1" in row["last_error"] and row["link_token"] is None
+    assert row["attempts"] == 1 and "5.1.1" in row["last_error"] and row["link_salt"] is None
     assert sys_.order_row(order_id)["link_token_hashes"] == []  # refused at RCPT: never delivered
     mail = observe._database(sys_.settings)["mail"]
     assert mail["failed"] == mail["failed_last_hour"] == 1 and mail["pending"] == 0
@@ -336,7 +340,7 @@ def test_a_stale_holders_failure_leaves_the_new_holders_claim_alone(sys_):
         assert outcome == {"a": "skipped"}, reply
         row = _outbox(sys_, order_id)["receipt"]
         assert (row["status"], row["lease_owner"], row["last_error"]) == ("sending", "worker-b", None), reply
-        assert row["link_token"] and len(sys_.order_row(order_id)["link_token_hashes"]) == 1
+        assert row["link_salt"] and len(sys_.order_row(order_id)["link_token_hashes"]) == 1
         sys_.query("UPDATE mail_outbox SET status = 'pending', lease_owner = NULL WHERE order_id = %s"
                    " RETURNING id", (order_id,))  # B is done with it: the next round's A claims it again
     assert sys_.mails(order_id) == []
@@ -407,3 +411,19 @@ def test_the_development_mailbox_keeps_each_mail_as_a_file_and_says_so(tmp_path)
     refused = subprocess.run([sys.executable, "-m", "shared.devtools.smtp"], cwd=ROOT, capture_output=True,
                              env={**env, "DEVELOPMENT": "0"}, timeout=30)
     assert refused.returncode == 2 and b"DEVELOPMENT=1" in refused.stderr
+
+
+def test_no_bearer_token_is_kept_in_the_outbox(sys_):
+    """A row waiting to be sent holds a salt, not its link's token: the token is made from it with
+    SECRET_KEY, so a copy of the database alone opens no order."""
+    to = "pelamar.garam@example.id"
+    order_id = _quiet_order(sys_, to)
+    sys_.mailbox.fault("rcpt", to=to, reply="451 4.3.0 Try again later")
+    assert _attempt(sys_.settings, order_id, "worker-a") == "retry"
+    row = _outbox(sys_, order_id)["receipt"]
+    assert row["link_salt"]
+    from shared.orders import link_token, token_hash
+
+    token = link_token(sys_.settings, order_id, "receipt", row["link_salt"])
+    assert token_hash(token) in sys_.order_row(order_id)["link_token_hashes"]
+    assert token_hash(row["link_salt"]) not in sys_.order_row(order_id)["link_token_hashes"]

@@ -11,15 +11,15 @@ slow or down delays only e-mail):
   (``pending → sending`` with a lease, a compare-and-set like every state change of ours); a sent or
   failed row, or one another worker holds, is left alone, so redelivered or duplicated messages send
   nothing more.
-* **Each e-mail's link carries one token, minted for it once** (:func:`shared.orders.add_link_token`):
-  the server keeps only token hashes and can't recompute one, so the row's first claim mints it, commits
-  its hash with the claim (the link works the moment the e-mail arrives) and keeps the token itself on
-  the row (``mail_outbox.link_token``) while the row is unsent. Every attempt of the row sends that same
-  link: retries, an attempt whose outcome was in doubt, a worker that died holding the lease, a
-  redelivery. An order so holds one link token per kind of e-mail at most (four), and none is ever
-  trimmed. The token leaves the row once it is sent; a row that fails with no attempt that may have
-  reached a server forgets it (hash too), one that may have been delivered keeps it for ``meterai
-  mail-retry``.
+* **Each e-mail's link carries one token, made for it once** (:func:`shared.orders.link_token`): the
+  row's first claim draws a random salt, commits the token's hash with the claim (the link works the
+  moment the e-mail arrives) and keeps only the salt on the row (``mail_outbox.link_salt``); the token is
+  the salt signed with SECRET_KEY, so no plaintext token sits in the database, its WAL or its backups.
+  Every attempt of the row sends that same link: retries, an attempt whose outcome was in doubt, a worker
+  that died holding the lease, a redelivery. An order so holds one link token per kind of e-mail at most
+  (four), and none is ever trimmed. The salt leaves the row once it is sent; a row that fails with no
+  attempt that may have reached a server forgets it (hash too), one that may have been delivered keeps it
+  for ``meterai mail-retry``.
 * **SMTP gives at-least-once, and that is the best there is.** The server takes the message when it
   answers the final ``.`` of DATA; if the connection (or this process) dies between that answer and our
   marking the row sent, nothing can tell whether it was taken, and the only way not to lose the e-mail is
@@ -44,6 +44,7 @@ from __future__ import annotations
 import html
 import logging
 import re
+import secrets
 import smtplib
 import ssl
 from dataclasses import dataclass
@@ -59,7 +60,7 @@ from shared.db import transaction
 from shared.errors import TransientError
 from shared.lifecycle import Mail
 from shared.logs import log_event
-from shared.orders import add_link_token, drop_link_token, order_page_url
+from shared.orders import add_link_token, drop_link_token, link_token, order_page_url
 
 log = logging.getLogger(__name__)
 
@@ -276,13 +277,16 @@ def send_mail(settings: Settings, order_id: str, kind: str, owner: str) -> str:
         if row is None:
             return "skipped"
         if row["attempts"] > settings.mail_max_retries + 1:
-            _fail(tx, row, row["last_error"] or "attempts used up", owner=owner)
+            _fail(settings, tx, row, row["last_error"] or "attempts used up", owner=owner)
             return "failed"
         facts_row = tx.execute(_FACTS, (order_id,)).fetchone()
-        token = row["link_token"]
-        if token is None:  # the row's first claim (or its first after a re-queue): one token per e-mail
-            token = add_link_token(tx, order_id)  # committed before the e-mail leaves: the link works at once
-            tx.execute("UPDATE mail_outbox SET link_token = %s WHERE id = %s", (token, row["id"]))
+        salt = row["link_salt"]
+        if salt is None:  # the row's first claim (or its first after a re-queue): one token per e-mail
+            salt = secrets.token_hex(16)
+            # Committed before the e-mail leaves: the link works at once.
+            add_link_token(tx, order_id, link_token(settings, order_id, mail.value, salt))
+            tx.execute("UPDATE mail_outbox SET link_salt = %s WHERE id = %s", (salt, row["id"]))
+        token = link_token(settings, order_id, mail.value, salt)
     try:
         message = compose(settings, mail, _facts(settings, facts_row, order_page_url(settings, order_id, token)))
         deliver(settings, message)
@@ -293,7 +297,7 @@ def send_mail(settings: Settings, order_id: str, kind: str, owner: str) -> str:
     with transaction(settings.database_url) as tx:
         marked = tx.execute(
             "UPDATE mail_outbox SET status = 'sent', sent_at = now(), updated_at = now(), last_error = NULL,"
-            f" lease_owner = NULL, lease_expires_at = NULL, link_token = NULL WHERE {_HELD} RETURNING id",
+            f" lease_owner = NULL, lease_expires_at = NULL, link_salt = NULL WHERE {_HELD} RETURNING id",
             _held(row, owner)).fetchone()
     log_event(log, "mail_sent", order_id=order_id, kind=mail.value, attempt=row["attempts"],
               message_id=message["Message-ID"], lease_kept=marked is not None)
@@ -305,7 +309,8 @@ def _unsendable(exc: Exception) -> "SmtpFailure":
                        f"{exc}"[:300], permanent=True)
 
 
-def _fail(tx: Any, row: dict[str, Any], error: str, *, owner: str | None, in_doubt: bool = False) -> bool:
+def _fail(settings: Settings, tx: Any, row: dict[str, Any], error: str, *, owner: str | None,
+          in_doubt: bool = False) -> bool:
     """Leave the row ``failed`` (logged at ERROR), if it is still ours: held by this claim (``owner``),
     or, with ``owner=None``, pending (nobody holds it). Its link token is forgotten unless some attempt
     may have delivered the e-mail; then the token stays on the row, so a re-queue sends the same link.
@@ -314,18 +319,18 @@ def _fail(tx: Any, row: dict[str, Any], error: str, *, owner: str | None, in_dou
         condition, params = "id = %(id)s AND status = 'pending'", {"id": row["id"]}
     else:
         condition, params = _HELD, _held(row, owner)
-    held = tx.execute(f"SELECT link_token, maybe_delivered FROM mail_outbox WHERE {condition} FOR UPDATE",
+    held = tx.execute(f"SELECT link_salt, maybe_delivered FROM mail_outbox WHERE {condition} FOR UPDATE",
                       params).fetchone()
     if held is None:
         log_event(log, "mail_lease_lost", logging.WARNING, order_id=str(row["order_id"]), kind=row["kind"],
                   attempt=row["attempts"], error=error[:200])
         return False
     keep = held["maybe_delivered"] or in_doubt
-    if held["link_token"] and not keep:
-        drop_link_token(tx, row["order_id"], held["link_token"])
+    if held["link_salt"] and not keep:
+        drop_link_token(tx, row["order_id"], link_token(settings, row["order_id"], row["kind"], held["link_salt"]))
     tx.execute("UPDATE mail_outbox SET status = 'failed', updated_at = now(), last_error = %s, lease_owner = NULL,"
-               " lease_expires_at = NULL, maybe_delivered = %s, link_token = %s WHERE id = %s",
-               (error[:500], keep, held["link_token"] if keep else None, row["id"]))
+               " lease_expires_at = NULL, maybe_delivered = %s, link_salt = %s WHERE id = %s",
+               (error[:500], keep, held["link_salt"] if keep else None, row["id"]))
     log_event(log, "mail_failed", logging.ERROR, order_id=str(row["order_id"]), kind=row["kind"],
               attempts=row["attempts"], error=error[:200])
     return True
@@ -337,7 +342,7 @@ def _after_failure(settings: Settings, row: dict[str, Any], owner: str, failure:
     error = str(failure)[:500]
     with transaction(settings.database_url) as tx:
         if failure.permanent or row["attempts"] > settings.mail_max_retries:
-            return "failed" if _fail(tx, row, error, owner=owner, in_doubt=failure.in_doubt) else "skipped"
+            return "failed" if _fail(settings, tx, row, error, owner=owner, in_doubt=failure.in_doubt) else "skipped"
         back = tx.execute(
             "UPDATE mail_outbox SET status = 'pending', updated_at = now(), last_error = %(error)s,"
             " lease_owner = NULL, lease_expires_at = NULL, maybe_delivered = maybe_delivered OR %(in_doubt)s"
@@ -356,7 +361,7 @@ def give_up(settings: Settings, order_id: str, kind: str, error: str) -> None:
         row = tx.execute("SELECT * FROM mail_outbox WHERE order_id = %s AND kind = %s AND status = 'pending'"
                          " FOR UPDATE", (order_id, Mail(kind).value)).fetchone()
         if row is not None:
-            _fail(tx, row, f"retries exhausted: {error}", owner=None)
+            _fail(settings, tx, row, f"retries exhausted: {error}", owner=None)
 
 
 def requeue_failed(settings: Settings, *, kind: str | None = None, since: datetime | None = None,
@@ -384,10 +389,16 @@ def probe(settings: Settings) -> str | None:
     """Can the SMTP server be reached with these settings (connect, EHLO, STARTTLS, AUTH, NOOP)? None when
     it can, else what went wrong (never the password). The mail workers ask once as they start."""
     try:
-        with _connect(settings) as smtp:
+        smtp = _connect(settings)
+        try:
             code, reply = smtp.noop()
-            if code != 250:
-                return f"NOOP answered {code} {_text(reply)}"
+        finally:
+            try:  # a server's odd answer to QUIT says nothing about whether it takes mail
+                smtp.quit()
+            except (smtplib.SMTPException, OSError):
+                smtp.close()
+        if code != 250:
+            return f"NOOP answered {code} {_text(reply)}"
     except (smtplib.SMTPException, OSError) as exc:
         return f"{type(exc).__name__}: {exc}"[:300]
     return None
@@ -423,16 +434,17 @@ _ENHANCED = re.compile(r"^\s*([245])\.(\d{1,3})\.(\d{1,3})\b")
 
 def refused_for_good(code: int, reply: bytes | str) -> bool:
     """Whether the server's refusal of a recipient (RCPT) is about the mailbox itself, so retrying can't
-    help: an enhanced status 5.1.x (bad mailbox, bad domain, bad address syntax: RFC 3463), or, without
-    an enhanced status, 550, 551 or 553. Everything else is retried: 4xx, a 5.7.x policy refusal
-    ("554 5.7.1 relaying denied" is a relay misconfigured, and would fail every e-mail while it lasts),
-    and any other 5xx (storage, network, protocol), until the row's attempts run out."""
+    help: an enhanced status about the recipient's address (RFC 3463: 5.1.1 to 5.1.6 and 5.1.10: bad
+    mailbox, bad system, bad syntax, ambiguous, moved, null MX). Everything else is retried until the
+    row's attempts run out: 4xx, a 5.7.x policy refusal ("554 5.7.1 relaying denied" is a relay
+    misconfigured, and would fail every e-mail while it lasts), 5.1.7/5.1.8 (our sender's address), any
+    other 5xx, and a bare 5xx without an enhanced status (relays say "550 Authentication required" or
+    "553 sorry, that domain isn't in my list of allowed rcpthosts (#5.7.1)" that way)."""
     if not 500 <= code < 600:
         return False
     enhanced = _ENHANCED.match(_text(reply))
-    if enhanced:
-        return enhanced.group(1) == "5" and enhanced.group(2) == "1"
-    return code in (550, 551, 553)
+    return bool(enhanced) and enhanced.group(1) == "5" and enhanced.group(2) == "1" \
+        and int(enhanced.group(3)) in (1, 2, 3, 4, 5, 6, 10)
 
 
 def _connect(settings: Settings) -> smtplib.SMTP:

@@ -7,7 +7,7 @@
 -- link_token_hashes: the access tokens the mail worker mints for the links it sends (only their SHA-256
 -- hashes, like access_token_hashes). Kept apart from access_token_hashes, which replays of a create trim
 -- to the newest eight, so a replay never breaks a link in a buyer's mailbox. One per e-mail: every
--- attempt of an outbox row sends the same token (mail_outbox.link_token), so there are never more than
+-- attempt of an outbox row sends the same token (made from mail_outbox.link_salt), so there are never more than
 -- the four kinds of e-mail, never trimmed, bounded by the CHECK.
 --
 -- Adding a column with a constant default is a catalogue change only; the CHECK is added NOT VALID (every
@@ -31,12 +31,13 @@ CREATE TABLE IF NOT EXISTS mail_outbox (
     lease_owner       text,
     lease_expires_at  timestamptz,
     last_error        text,
-    -- The plaintext token of this e-mail's link, minted with the row's first claim (its hash goes into
-    -- orders.link_token_hashes in the same transaction) and sent by every attempt, so retries, in-doubt
-    -- sends and redeliveries all carry one link. Cleared once the row is sent; cleared (and its hash
-    -- dropped) when the row fails without any attempt that may have reached the server; kept on a failed
-    -- row that may have been delivered, so `meterai mail-retry` sends the link the buyer may already hold.
-    link_token        text,
+    -- The random salt this e-mail's link token is made from with SECRET_KEY (shared/orders.py
+    -- link_token), drawn with the row's first claim (the token's hash goes into orders.link_token_hashes in
+    -- the same transaction), so every attempt sends one link and no bearer token is stored here. Cleared
+    -- once the row is sent; cleared (and the hash dropped) when the row fails without any attempt that may
+    -- have reached the server; kept on a failed row that may have been delivered, so `meterai mail-retry`
+    -- sends the link the buyer may already hold.
+    link_salt         text,
     -- An attempt's outcome was in doubt (the connection broke after DATA, or a worker died holding the
     -- lease): the e-mail may be in the buyer's mailbox, so its link must keep working.
     maybe_delivered   boolean NOT NULL DEFAULT false,
