@@ -93,7 +93,7 @@ def test_bad_input_is_explained_in_bahasa_indonesia(sys_, browser_page, tmp_path
 def test_a_buyer_who_closes_the_tab_in_line_keeps_the_place_on_coming_back(sys_, throttled, browser_page, tmp_path):
     import redis
 
-    base = throttled(admission_per_minute=6, admission_burst=1)
+    base = throttled(admission_per_minute=20, admission_burst=1)
     from tests.test_admission import _create
 
     assert _create(base).status_code == 202  # someone else takes the one free place

@@ -111,6 +111,10 @@ def test_the_outline_cannot_leave_the_page_and_typed_coordinates_move_it(sys_, b
     document.write_bytes(make_pdf(pages=1))
     page = browser_factory("desktop")
     open_preview(page, sys_.web_url, document)
+    # pdf.js and its worker come by addresses that name their content, so an hour's cache never mixes
+    # versions after a deploy.
+    loaded = page.evaluate("() => performance.getEntriesByType('resource').map((e) => e.name)")
+    assert any("pdf.min.mjs?v=" in url for url in loaded) and any("pdf.worker.min.mjs?v=" in url for url in loaded)
     drag_outline_to(page, 1.4, -0.5)  # far past the top-right corner
     left, top, right, bottom = outline_share(page)
     assert right == pytest.approx(1.0, abs=0.005) and top == pytest.approx(0.0, abs=0.005)

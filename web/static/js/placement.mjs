@@ -13,10 +13,12 @@ const VENDOR = "/static/vendor/pdfjs/";
 
 let pdfjs = null;
 
-async function library() {
+// ``urls``: the library's and its worker's addresses with their content hashes (the page passes them;
+// static files are cached an hour, and pdf.js refuses a worker of another version).
+async function library(urls) {
   if (!pdfjs) {
-    pdfjs = await import(VENDOR + "pdf.min.mjs");
-    pdfjs.GlobalWorkerOptions.workerSrc = VENDOR + "pdf.worker.min.mjs";
+    pdfjs = await import(urls.library || VENDOR + "pdf.min.mjs");
+    pdfjs.GlobalWorkerOptions.workerSrc = urls.worker || VENDOR + "pdf.worker.min.mjs";
   }
   return pdfjs;
 }
@@ -42,7 +44,7 @@ function clamp(value, low, high) { return Math.min(Math.max(value, low), Math.ma
  * ``stamp`` (the outline), the form's ``page``, ``x`` and ``y`` inputs, and ``onChange(text)`` to
  * announce the position. Returns an object with ``open(file)`` and ``show(pageNumber)``.
  */
-export function createPreview({ stage, canvas, stamp, pageInput, xInput, yInput, onChange, onPages }) {
+export function createPreview({ stage, canvas, stamp, pageInput, xInput, yInput, onChange, onPages, urls = {} }) {
   let doc = null, page = null, viewport = null, view = null, scale = 1;
   let left = 0, top = 0, rendering = null, loaded = 0;
 
@@ -109,7 +111,7 @@ export function createPreview({ stage, canvas, stamp, pageInput, xInput, yInput,
     viewport = null;  // until this file shows, nothing to drag and no page count to hold the input to
     pageInput.removeAttribute("max");
     stage.hidden = true;
-    const lib = await library();
+    const lib = await library(urls);
     const data = new Uint8Array(await file.arrayBuffer());
     const task = lib.getDocument({ data, isEvalSupported: false, enableXfa: false,
                                    standardFontDataUrl: VENDOR + "standard_fonts/", cMapUrl: VENDOR + "cmaps/", useWorkerFetch: false,
