@@ -98,7 +98,8 @@ def retry_after_seconds(eta_seconds: int, cap: int) -> int:
     return min(cap, max(2, eta_seconds // 4))
 
 # KEYS: tail, head, tokens, stamp, active, mode, epoch, seen, client, address, issued
-# ARGV: now_ms, rate_per_minute, burst, active_cap, session_ms, want_direct (1/0), member, new_epoch,
+# ARGV: now_ms, rate_per_minute, burst, active_cap, session_ms, want (1 direct or a place, 2 a place
+#       only, 0 neither), member, new_epoch,
 #       abandon_ms, ticket_seconds, now_s, tickets_per_address, then the ticket numbers this process saw
 #       polling since its last call.
 # Returns {outcome, head, tail, epoch, mode, ticket, issued_at} where outcome is 1 = admitted directly,
@@ -128,7 +129,7 @@ local rate = tonumber(ARGV[2])
 local burst = tonumber(ARGV[3])
 local cap = tonumber(ARGV[4])
 local session = tonumber(ARGV[5])
-local want_direct = ARGV[6] == '1'
+local want_direct = ARGV[6] ~= '0'  -- '1': admit directly if the line is empty, else a place; '2': a place
 local abandon = tonumber(ARGV[9])
 local mode = redis.call('GET', KEYS[6]) or 'auto'
 local tail = tonumber(redis.call('GET', KEYS[1]) or '0')
@@ -191,7 +192,7 @@ if admitted > 0 or skipped > 0 then
 end
 local outcome, n, at = 0, 0, 0
 if want_direct then
-  if tail == head and tokens >= 1 and room - admitted >= 1 then
+  if ARGV[6] == '1' and tail == head and tokens >= 1 and room - admitted >= 1 then
     tokens = tokens - 1
     redis.call('ZADD', KEYS[5], now, ARGV[7])
     outcome = 1
@@ -370,6 +371,24 @@ class AdmissionController:
         ticket = self.signer.sign("ticket", {"n": number, "e": line.epoch, "t": issued_at})
         return Queued(ticket=ticket, position=position, eta_seconds=self._eta(position))
 
+    def take_ticket(self, address: str, client: str = "-") -> QueueStatus | Queued:
+        """A place in line before any upload (API.md: a ticket without a document), as ``admit_or_queue``
+        gives one (the same per-client and per-address rules). When the line is empty and the outflow
+        allows, the ticket is admitted at once and the answer carries its admission token, so a buyer
+        at a quiet hour uploads right away; otherwise they wait with the ticket and upload when let in,
+        and the arrivals above the outflow cost the web a few hundred bytes each, not an upload."""
+        _, line, mode, number, issued_at = self._advance(direct=True, ticket_only=True, address=address,
+                                                         client=client)
+        if mode == Mode.PAUSED:
+            raise SalesPaused("Ticket sales are paused; please come back later.")
+        ticket = self.signer.sign("ticket", {"n": number, "e": line.epoch, "t": issued_at})
+        if number == line.head + 1:  # first in line: let the line move now rather than at the next poll
+            self._line = None
+        status = self.status(ticket)
+        if status.admitted:
+            return status
+        return Queued(ticket=ticket, position=status.position, eta_seconds=status.eta_seconds)
+
     def release(self, admitted: Admitted) -> None:
         """Give a direct admission back, its active slot and its share of the outflow: the create it was
         for did not happen. Best effort (the slot lapses with the session window anyway)."""
@@ -486,15 +505,15 @@ class AdmissionController:
     def _eta(self, position: int) -> int:
         return int(math.ceil(position * 60 / max(1, self._outflow_now())))
 
-    def _advance(self, *, direct: bool, member: str = "", address: str = "-", client: str = "-"
-                 ) -> tuple[int, _Line, Mode, int, int]:
+    def _advance(self, *, direct: bool, member: str = "", address: str = "-", client: str = "-",
+                 ticket_only: bool = False) -> tuple[int, _Line, Mode, int, int]:
         s = self.settings
         seen, self._seen = self._seen, set()
         reported = sorted(seen)[-self.MAX_SEEN_PER_CALL:]
         now = time.time()
         args = [int(now * 1000), self._outflow_now(), max(1, s.admission_burst),
                 s.admission_active_checkouts, s.admission_session_seconds * 1000,
-                "1" if direct else "0", member, uuid.uuid4().hex[:12],
+                ("2" if ticket_only else "1") if direct else "0", member, uuid.uuid4().hex[:12],
                 s.admission_abandon_seconds * 1000, s.ticket_seconds, int(now),
                 max(1, s.admission_tickets_per_address), *reported]
         keys = [*self.keys, f"{self._client_prefix}{address}|{client}", f"{self._address_prefix}{address}",

@@ -718,3 +718,44 @@ def test_a_write_whose_reply_times_out_is_not_sent_again(sys_):
         late.close()
         for key in direct.scan_iter(match=f"{prefix}*"):
             direct.delete(key)
+
+
+def _take(base: str, client: str | None = None, browser: str | None = None) -> requests.Response:
+    headers = {"X-Forwarded-For": client or new_client()}
+    if browser:
+        headers["Client-Id"] = browser
+    return requests.post(f"{base}/api/v1/queue", headers=headers, timeout=10)
+
+
+def test_a_place_in_line_before_the_upload_is_admitted_at_once_when_the_room_is_free(sys_, throttled):
+    base = throttled(admission_per_minute=600, admission_burst=5)
+    client = new_client()
+    taken = _take(base, client)
+    assert taken.status_code == 200, taken.text
+    body = taken.json()
+    assert body["admitted"] and body["admission_token"] and "Retry-After" not in taken.headers
+    created = _create(base, admission=body["admission_token"], client=client)
+    assert created.status_code == 202, created.text
+
+
+def test_above_the_outflow_a_place_in_line_costs_no_upload_and_the_upload_follows_the_turn(sys_, throttled):
+    base = throttled(admission_per_minute=30, admission_burst=1)
+    assert _create(base).status_code == 202  # the one free place
+    client = new_client()
+    taken = _take(base, client, browser="tab-0123456789")
+    assert taken.status_code == 200 and not taken.json()["admitted"], taken.text
+    queue = taken.json()
+    assert queue["position"] == 1 and int(taken.headers["Retry-After"]) >= 1
+    # The same tab asking again keeps its place; nothing was uploaded for it.
+    again = _take(base, client, browser="tab-0123456789").json()
+    assert again["ticket"] == queue["ticket"]
+    assert sys_.query("SELECT count(*) AS n FROM orders")[0]["n"] == 1
+    status = wait_until(lambda: (b := _poll(base, queue["ticket"]).json())["admitted"] and b, timeout=15,
+                        message="the ticket to be admitted")
+    created = _create(base, admission=status["admission_token"], client=client)
+    assert created.status_code == 202, created.text
+    # Paused sales take no tickets.
+    _redis(sys_).set(f"{base.prefix}adm:mode", "paused")
+    time.sleep(0.3)
+    paused = _take(base)
+    assert paused.status_code == 503 and paused.json()["error"]["code"] == "sales_paused"

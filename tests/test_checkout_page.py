@@ -51,9 +51,13 @@ def test_buyer_over_the_outflow_waits_in_line_then_is_let_in(sys_, throttled, br
 
     assert _create(base).status_code == 202  # someone else takes the one free place
     page = browser_page
+    uploads = []
+    page.on("request", lambda r: uploads.append(r.url) if r.method == "POST" and r.url.endswith("/api/v1/orders") else None)
     _checkout(page, base, tmp_path)
     page.wait_for_selector("text=Posisi Anda")
+    assert uploads == []  # in line with a ticket: the document is not sent before the buyer's turn
     page.wait_for_selector("text=Bayar sekarang", timeout=60_000)  # admitted, order created
+    assert len(uploads) == 1
     orders = sys_.query("SELECT count(*) AS n FROM orders")[0]["n"]
     assert orders == 2
 

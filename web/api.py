@@ -17,7 +17,7 @@ from shared.orders import (NewOrder, create_order, find_by_idempotency_key, get_
 from shared.stamping.header import quick_check
 from web.context import admission, settings, store
 from web.errors import error_response
-from web.limits import client_id, drain_request_body, rate_limited
+from web.limits import browser_id, client_id, drain_request_body, rate_limited
 
 bp = Blueprint("api", __name__, url_prefix="/api/v1")
 
@@ -81,15 +81,6 @@ def _new_order_from_request(key: str) -> NewOrder:
     return NewOrder(idempotency_key=key, email=email, page=page, x=x, y=y, document=document)
 
 
-_CLIENT_ID = re.compile(r"[A-Za-z0-9_-]{8,64}")
-
-
-def _browser_id() -> str:
-    """The ``Client-Id`` a browser sends to keep one place in line per tab ("-" when absent or odd)."""
-    value = request.headers.get("Client-Id", "")
-    return value if _CLIENT_ID.fullmatch(value) else "-"
-
-
 def _links(order_id: str) -> dict[str, str]:
     return {
         "self": url_for("api.get_order_status", order_id=order_id),
@@ -137,7 +128,7 @@ def create_order_endpoint():
             claims = admission().check_token(token)
             admission().spend_token(claims, new.email, key)
         else:
-            decision = admission().admit_or_queue(client_id(), _browser_id())
+            decision = admission().admit_or_queue(client_id(), browser_id())
             if isinstance(decision, Queued):
                 return _queued_response(decision)
             admitted = decision

@@ -1,6 +1,7 @@
 """Per-client rate limiting for the write endpoints, as a decorator, with RateLimit-* headers."""
 from __future__ import annotations
 
+import re
 from functools import wraps
 from typing import Callable
 
@@ -22,6 +23,15 @@ class RateLimited(DomainError):
 def client_id() -> str:
     """The socket's address, or the proxies' X-Forwarded-For when PROXY_HOPS says to trust them."""
     return request.remote_addr or "unknown"
+
+
+_CLIENT_ID = re.compile(r"[A-Za-z0-9_-]{8,64}")
+
+
+def browser_id() -> str:
+    """The ``Client-Id`` a browser sends to keep one place in line per tab ("-" when absent or odd)."""
+    value = request.headers.get("Client-Id", "")
+    return value if _CLIENT_ID.fullmatch(value) else "-"
 
 
 def drain_request_body() -> None:

@@ -1,10 +1,11 @@
 """The waiting room: where a queued buyer sees their position and ETA and collects their admission."""
 from __future__ import annotations
 
-from flask import Blueprint, jsonify, render_template
+from flask import Blueprint, jsonify, render_template, url_for
 
-from shared.admission import MAX_RETRY_AFTER_SECONDS, InvalidAdmission, SalesPaused, retry_after_seconds
+from shared.admission import MAX_RETRY_AFTER_SECONDS, InvalidAdmission, Queued, SalesPaused, retry_after_seconds
 from web.context import admission, settings
+from web.limits import browser_id, client_id, rate_limited
 from web.errors import status_for
 
 bp = Blueprint("queue", __name__)
@@ -16,6 +17,27 @@ def _status_body(ticket: str) -> dict:
     if status.admission_token:
         body["admission_token"] = status.admission_token
     return body
+
+
+@bp.post("/api/v1/queue")
+@rate_limited("ticket", "rate_limit_create")
+def take_ticket():
+    """A place in line before any upload: the checkout asks for one first and uploads only once admitted,
+    so people above the outflow cost a few hundred bytes, not a 200 KB read each. At a quiet moment the
+    answer is already admitted, with the token the create then carries."""
+    answer = admission().take_ticket(client_id(), browser_id())
+    if isinstance(answer, Queued):
+        body = {"ticket": answer.ticket, "position": answer.position, "eta_seconds": answer.eta_seconds,
+                "admitted": False, "status_url": url_for("queue.queue_status", ticket=answer.ticket),
+                "page_url": url_for("queue.queue_page", ticket=answer.ticket)}
+    else:
+        body = {"admitted": True, "admission_token": answer.admission_token, "position": 0, "eta_seconds": 0}
+    response = jsonify(body)
+    response.headers["Cache-Control"] = "no-store"
+    if not body["admitted"]:
+        response.headers["Retry-After"] = str(retry_after_seconds(body["eta_seconds"],
+                                                                  settings().admission_max_retry_after_seconds))
+    return response
 
 
 @bp.get("/api/v1/queue/<ticket>")
