@@ -103,7 +103,7 @@ def retry_after_seconds(eta_seconds: int, cap: int) -> int:
 #       abandon_ms, ticket_seconds, now_s, tickets_per_address, then the ticket numbers this process saw
 #       polling since its last call.
 # Returns {outcome, head, tail, epoch, mode, ticket, issued_at} where outcome is 1 = admitted directly,
-# 0 = not (and ``ticket``, issued at ``issued_at``, is the caller's place if want_direct was 1), 2 = mode
+# 0 = not (and ``ticket``, issued at ``issued_at``, is the caller's place if want was 1 or 2), 2 = mode
 # forbids movement. The queue's epoch comes back with every call (made here if Redis has none), so a
 # decision or a poll is one round trip.
 #
@@ -306,6 +306,9 @@ class AdmissionController:
     LINE_MAX_AGE_SECONDS = 0.2
     # The measured outflow moves by the minute; re-reading it more often only costs round trips.
     OUTFLOW_MAX_AGE_SECONDS = 5.0
+    # How long a ticket admitted at once by take_ticket holds its active-checkout slot before its create
+    # spends the token (then the whole session window): the upload follows within seconds.
+    PROVISIONAL_SLOT_SECONDS = 120
     # Polls this process saw are reported with its next advance; at most this many at once.
     MAX_SEEN_PER_CALL = 5000
 
@@ -386,6 +389,12 @@ class AdmissionController:
             self._line = None
         status = self.status(ticket)
         if status.admitted:
+            # Nothing is uploaded yet: the active-checkout slot is held only PROVISIONAL_SLOT_SECONDS
+            # unless the create spends the token (spend_token renews it), so a request without a body
+            # can't hold a checkout's place for the whole session window.
+            expires_early = (time.time() - self.settings.admission_session_seconds
+                             + self.PROVISIONAL_SLOT_SECONDS) * 1000
+            self._call(self.redis.zadd, self._active_key, {f"t{number}": int(expires_early)}, xx=True)
             return status
         return Queued(ticket=ticket, position=status.position, eta_seconds=status.eta_seconds)
 
@@ -455,6 +464,12 @@ class AdmissionController:
                            args=[int(claims["n"]), _spender(buyer, idempotency_key), self._spent_ttl()])
         if not spent:
             raise InvalidAdmission("This admission token was already used.", code="admission_used")
+        # A slot held provisionally (take_ticket's admission at once) is the checkout's for the whole
+        # session window from now on; XX: a slot that already lapsed is not made again.
+        try:
+            self.redis.zadd(self._active_key, {f"t{int(claims['n'])}": int(time.time() * 1000)}, xx=True)
+        except redis.RedisError:
+            pass  # the slot keeps its shorter life; the create goes on
 
     def unspend_token(self, claims: dict, buyer: str, idempotency_key: str) -> None:
         """The create that spent this admission failed before making an order: the buyer may retry with

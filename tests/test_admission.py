@@ -720,7 +720,7 @@ def test_a_write_whose_reply_times_out_is_not_sent_again(sys_):
             direct.delete(key)
 
 
-def _take(base: str, client: str | None = None, browser: str | None = None) -> requests.Response:
+def _take(base: str, client: str | None = None, browser: str | None = "tab-default-0001") -> requests.Response:
     headers = {"X-Forwarded-For": client or new_client()}
     if browser:
         headers["Client-Id"] = browser
@@ -734,8 +734,20 @@ def test_a_place_in_line_before_the_upload_is_admitted_at_once_when_the_room_is_
     assert taken.status_code == 200, taken.text
     body = taken.json()
     assert body["admitted"] and body["admission_token"] and "Retry-After" not in taken.headers
+    # Until the create spends it, the slot is held only briefly (a request without a body can't keep a
+    # checkout's place for the session window); the create makes it the checkout's.
+    slots = _redis(sys_).zrange(f"{base.prefix}adm:active", 0, -1, withscores=True)
+    held = [score for member, score in slots if member.startswith(b"t")]
+    session_end = (time.time() - base.settings.admission_session_seconds) * 1000
+    assert len(held) == 1 and held[0] < session_end + 130_000
     created = _create(base, admission=body["admission_token"], client=client)
     assert created.status_code == 202, created.text
+    renewed = [score for member, score in _redis(sys_).zrange(f"{base.prefix}adm:active", 0, -1, withscores=True)
+               if member.startswith(b"t")]
+    assert renewed[0] > time.time() * 1000 - 5_000
+    # A ticket request must name its tab (a custom header: no other site can send it from its visitors).
+    refused = _take(base, browser=None)
+    assert refused.status_code == 400 and refused.json()["error"]["code"] == "missing_client_id"
 
 
 def test_above_the_outflow_a_place_in_line_costs_no_upload_and_the_upload_follows_the_turn(sys_, throttled):

@@ -102,14 +102,14 @@ SPEC: dict = {
         "/api/v1/queue": {"post": {
             "summary": "A place in line before any upload (a ticket without a document); admitted at once, "
                        "with its admission token, when the line is empty and the outflow allows",
-            "parameters": [{"name": "Client-Id", "in": "header", "required": False,
+            "parameters": [{"name": "Client-Id", "in": "header", "required": True,
                             "description": "the browser tab's own id (8-64 of A-Z a-z 0-9 _ -): one place per tab",
                             "schema": {"type": "string"}}],
             "responses": {"200": _json({"type": "object", "properties": {
                 "admitted": {"type": "boolean"}, "admission_token": {"type": "string"},
                 "ticket": {"type": "string"}, "position": {"type": "integer"}, "eta_seconds": {"type": "integer"},
                 "status_url": {"type": "string"}, "page_url": {"type": "string"}}}, "A place, or the turn"),
-                **_errors(429, 503)},
+                **_errors(400, 429, 503)},
         }},
         "/api/v1/queue/{ticket}": {"get": {
             "summary": "Waiting-room position, ETA and (once admitted) the admission token",

@@ -4,9 +4,10 @@ from __future__ import annotations
 from flask import Blueprint, jsonify, render_template, url_for
 
 from shared.admission import MAX_RETRY_AFTER_SECONDS, InvalidAdmission, Queued, SalesPaused, retry_after_seconds
+from web.api import BadRequest
 from web.context import admission, settings
-from web.limits import browser_id, client_id, rate_limited
 from web.errors import status_for
+from web.limits import browser_id, client_id, rate_limited
 
 bp = Blueprint("queue", __name__)
 
@@ -25,7 +26,13 @@ def take_ticket():
     """A place in line before any upload: the checkout asks for one first and uploads only once admitted,
     so people above the outflow cost a few hundred bytes, not a 200 KB read each. At a quiet moment the
     answer is already admitted, with the token the create then carries."""
-    answer = admission().take_ticket(client_id(), browser_id())
+    tab = browser_id()
+    if tab == "-":
+        # Required: a custom header makes a browser ask before sending this from another site, so no page
+        # elsewhere can have its visitors take places in our line.
+        raise BadRequest("Header Client-Id is required: 8-64 of A-Z a-z 0-9 _ -, one per browser tab.",
+                         code="missing_client_id")
+    answer = admission().take_ticket(client_id(), tab)
     if isinstance(answer, Queued):
         body = {"ticket": answer.ticket, "position": answer.position, "eta_seconds": answer.eta_seconds,
                 "admitted": False, "status_url": url_for("queue.queue_status", ticket=answer.ticket),
