@@ -20,6 +20,16 @@ def _status_body(ticket: str) -> dict:
     return body
 
 
+def _line_answer(body: dict):
+    """A place in line as JSON, never cached, telling a buyer not yet admitted when to ask again."""
+    response = jsonify(body)
+    response.headers["Cache-Control"] = "no-store"
+    if not body["admitted"]:
+        response.headers["Retry-After"] = str(retry_after_seconds(body["eta_seconds"],
+                                                                  settings().admission_max_retry_after_seconds))
+    return response
+
+
 @bp.post("/api/v1/queue")
 @rate_limited("ticket", "rate_limit_create")
 def take_ticket():
@@ -39,23 +49,12 @@ def take_ticket():
                 "page_url": url_for("queue.queue_page", ticket=answer.ticket)}
     else:
         body = {"admitted": True, "admission_token": answer.admission_token, "position": 0, "eta_seconds": 0}
-    response = jsonify(body)
-    response.headers["Cache-Control"] = "no-store"
-    if not body["admitted"]:
-        response.headers["Retry-After"] = str(retry_after_seconds(body["eta_seconds"],
-                                                                  settings().admission_max_retry_after_seconds))
-    return response
+    return _line_answer(body)
 
 
 @bp.get("/api/v1/queue/<ticket>")
 def queue_status(ticket: str):
-    body = _status_body(ticket)
-    response = jsonify(body)
-    response.headers["Cache-Control"] = "no-store"
-    if not body["admitted"]:
-        response.headers["Retry-After"] = str(retry_after_seconds(body["eta_seconds"],
-                                                                  settings().admission_max_retry_after_seconds))
-    return response
+    return _line_answer(_status_body(ticket))
 
 
 @bp.get("/antrian/<ticket>")
