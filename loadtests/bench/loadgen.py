@@ -65,6 +65,22 @@ end
 """ + WRK_DONE
 
 
+def wrk_script_post_empty(headers: Mapping[str, str]) -> str:
+    """A POST without a body to the URL's path with fixed ``headers`` (plus a per-request client address:
+    each request is another buyer)."""
+    header_lines = "\n".join(f'  wrk.headers[{json.dumps(k)}] = {json.dumps(v)}' for k, v in headers.items())
+    return WRK_COUNTER + f"""
+function init(args)
+{header_lines}
+end
+request = function()
+  counter = counter + 1
+  wrk.headers["X-Forwarded-For"] = address()
+  return wrk.format("POST")
+end
+""" + WRK_DONE
+
+
 def wrk_script_upload(body_path: Path, content_type: str, key_prefix: str) -> str:
     """A POST of the multipart body in ``body_path`` with a fresh Idempotency-Key per request."""
     return WRK_COUNTER + f"""

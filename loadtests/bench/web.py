@@ -37,7 +37,8 @@ import psycopg
 
 from shared.devtools.services import free_port
 from loadtests.documents import make_pdf
-from loadtests.bench.loadgen import multipart, run_wrk, wrk_available, wrk_script_get, wrk_script_upload
+from loadtests.bench.loadgen import (multipart, run_wrk, wrk_available, wrk_script_get, wrk_script_post_empty,
+                                     wrk_script_upload)
 from loadtests.stack import REPORTS, CpuMeter, Stack, gunicorn_flags, postgres_backend_pids, say, workdir_for
 
 TARGET_CREATE = 0.8
@@ -183,6 +184,7 @@ def main(argv: list[str] | None = None) -> int:
         upload_baseline = wrk_script_upload(body_path, content_type, "x")
         status_script = wrk_script_get({"Authorization": f"Bearer {order['access_token']}"})
         noop_script = wrk_script_get({})
+        ticket_script = wrk_script_post_empty({"Client-Id": "bench-tab-0001"})
         rounds: list[dict] = []
         for number in range(1, args.rounds + 1):
             say(f"round {number} of {args.rounds}")
@@ -196,6 +198,11 @@ def main(argv: list[str] | None = None) -> int:
                                    status_script, **common)
             r["queue"] = _measure(stack, "web-queue", "queue poll (ours)", f"{queued}/api/v1/queue/{ticket}",
                                   noop_script, **common)
+            # A new buyer taking a place before any upload (POST /api/v1/queue), each from an address of
+            # its own while the line only grows (the trickle outflow): what an arrival above the outflow
+            # costs once the checkout asks for its ticket first.
+            r["ticket"] = _measure(stack, "web-queue", "ticket request (ours)", f"{queued}/api/v1/queue",
+                                   ticket_script, **common)
             r["noop"] = _measure(stack, "baseline", "no-op endpoint", f"{baseline}/noop", noop_script, **common)
             rounds.append(r)
         profiles = profile_in_process(stack.env(wide_open), stack.env({"ADMISSION_PER_MINUTE": "1",
@@ -320,7 +327,8 @@ def report(rounds: list[dict], args: argparse.Namespace, workdir: Path, profiles
     print()
     print(f"{'endpoint':<26} {'req/s (median)':>15} {'p99 ms':>8}   CPU ms per request (gunicorn / postgres / redis)")
     for key, label in (("create", "create-order (ours)"), ("upload", "bare upload handler"),
-                       ("status", "order status (ours)"), ("queue", "queue poll (ours)"), ("noop", "no-op endpoint")):
+                       ("status", "order status (ours)"), ("queue", "queue poll (ours)"),
+                       ("ticket", "ticket request (ours)"), ("noop", "no-op endpoint")):
         cpu = {k: statistics.median(r[key]["cpu_ms_per_request"][k] for r in rounds) for k in ("gunicorn", "postgres", "redis")}
         print(f"{label:<26} {median(key):>15.1f} {median(key, 'p99_ms'):>8.1f}   "
               f"{cpu['gunicorn']:.2f} / {cpu['postgres']:.2f} / {cpu['redis']:.2f}")
