@@ -51,8 +51,16 @@ FIELDS = {"page": "1", "x": "400", "y": "80", "email": "pelamar@example.id"}
 
 def baseline_app():
     """Bare handlers: ``POST /upload`` parses the multipart upload, writes it durably and inserts one row;
-    ``GET /noop`` answers a constant JSON body. Reads BENCH_DATABASE_URL and BENCH_UPLOAD_DIR."""
-    from flask import Flask, jsonify, request
+    ``GET /noop`` answers a constant JSON body; ``GET /download/<id>`` looks the row up and sends its file;
+    ``POST /pay/open/<id>`` opens a payment at the gateway (one outbound call), ``POST /pay/notify``
+    verifies a notification's signature and records it (one INSERT, one UPDATE). Reads
+    BENCH_DATABASE_URL, BENCH_UPLOAD_DIR and, for the payment pair, BENCH_GATEWAY_URL and BENCH_SERVER_KEY
+    (tables: :data:`BASELINE_TABLES`)."""
+    import hashlib
+    import hmac
+
+    import requests
+    from flask import Flask, jsonify, request, send_file
     from psycopg_pool import ConnectionPool
 
     app = Flask("baseline")
@@ -66,6 +74,18 @@ def baseline_app():
             pools[os.getpid()] = ConnectionPool(os.environ["BENCH_DATABASE_URL"], min_size=1, max_size=10,
                                                 kwargs={"autocommit": False}, open=True)
         return pools[os.getpid()]
+
+    sessions: dict[int, object] = {}
+
+    def gateway():  # a keep-alive session per thread, as the payments worker keeps one per process
+        import threading
+
+        key = threading.get_ident()
+        if key not in sessions:
+            session = requests.Session()
+            session.auth = (os.environ.get("BENCH_SERVER_KEY", ""), "")
+            sessions[key] = session
+        return sessions[key]
 
     @app.post("/upload")
     def upload():
@@ -95,7 +115,47 @@ def baseline_app():
     def noop():
         return jsonify({"ok": True})
 
+    # The rest of an order's bare parts (loadtests/bench/e2e.py): the download of the stamped file, and
+    # a payment round trip (one outbound call opening the payment, one signed notification recorded).
+    @app.get("/download/<name>")
+    def download(name: str):
+        with pool().connection() as conn:
+            row = conn.execute("SELECT document_key FROM bench_uploads WHERE id = %s", (name,)).fetchone()
+        if row is None:
+            return jsonify({"error": "not found"}), 404
+        return send_file(root / row[0], mimetype="application/pdf")  # wsgi.file_wrapper: sendfile
+
+    @app.post("/pay/open/<name>")
+    def pay_open(name: str):
+        answer = gateway().post(os.environ["BENCH_GATEWAY_URL"].rstrip("/") + "/snap/v1/transactions", timeout=10,
+                                json={"transaction_details": {"order_id": name, "gross_amount": 10000},
+                                      "customer_details": {"email": "pelamar@example.id"}})
+        if answer.status_code != 201:
+            return jsonify({"error": answer.text[:200]}), 502
+        return jsonify({"redirect_url": answer.json()["redirect_url"]}), 201
+
+    @app.post("/pay/notify")
+    def pay_notify():
+        body = request.get_json(force=True)
+        expected = hashlib.sha512((body["order_id"] + body["status_code"] + body["gross_amount"]
+                                   + os.environ["BENCH_SERVER_KEY"]).encode()).hexdigest()
+        if not hmac.compare_digest(expected, str(body.get("signature_key", ""))):
+            return jsonify({"error": "bad signature"}), 401
+        with pool().connection() as conn:
+            conn.execute("INSERT INTO bench_payments (order_id, body) VALUES (%s, %s)",
+                         (body["order_id"], json.dumps(body)))
+            conn.execute("UPDATE bench_uploads SET paid_at = now() WHERE id = %s", (body["order_id"],))
+        return jsonify({"ok": True})
+
     return app
+
+
+BASELINE_TABLES = (
+    "CREATE TABLE bench_uploads (id text PRIMARY KEY, document_key text NOT NULL, document_bytes integer NOT NULL,"
+    " created_at timestamptz NOT NULL DEFAULT now(), paid_at timestamptz)",
+    "CREATE TABLE bench_payments (id bigserial PRIMARY KEY, order_id text NOT NULL, body jsonb NOT NULL,"
+    " received_at timestamptz NOT NULL DEFAULT now())",
+)
 
 
 # --- the benchmark -----------------------------------------------------------------------------------
@@ -144,8 +204,8 @@ def main(argv: list[str] | None = None) -> int:
     flags = " ".join(gunicorn_flags())
     with Stack(workdir, label="bench_web") as stack:
         with psycopg.connect(stack.database_url, autocommit=True) as conn:
-            conn.execute("CREATE TABLE bench_uploads (id text PRIMARY KEY, document_key text NOT NULL,"
-                         " document_bytes integer NOT NULL, created_at timestamptz NOT NULL DEFAULT now())")
+            for statement in BASELINE_TABLES:
+                conn.execute(statement)
         wide_open = {"ADMISSION_PER_MINUTE": "100000000", "ADMISSION_BURST": "100000000",
                      "ADMISSION_ACTIVE_CHECKOUTS": "100000000", "PROXY_HOPS": "1"}
         stack.start_procfile(["web"], overrides=wide_open)
