@@ -19,4 +19,24 @@ def child_exit(server, worker):
 import shared.logs  # noqa: E402
 
 logconfig_dict = shared.logs.gunicorn_logconfig()
+
+from gunicorn.glogging import Logger as _Logger  # noqa: E402
+
+
+class AccessLogger(_Logger):
+    """gunicorn's logger, with the access line built from the few fields we keep (shared.logs.access_line)
+    instead of gunicorn's dict of every header and environ key formatted through structlog."""
+
+    def access(self, resp, req, environ, request_time):
+        if not self.access_log_enabled:
+            return
+        try:
+            line = shared.logs.access_line(resp.status, resp.headers, environ, getattr(resp, "sent", None),
+                                           request_time)
+            self.access_log.info(line, extra={shared.logs.RENDERED: True})
+        except Exception:  # noqa: BLE001 - as gunicorn's own: a broken log line never fails a request
+            self.error("access log line failed", exc_info=True)
+
+
+logger_class = AccessLogger
 # --- end logging ------------------------------------------------------------------------------------------

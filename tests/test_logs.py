@@ -222,3 +222,31 @@ def test_log_lines_are_json_whatever_the_values(system: System):
 def test_a_proxy_id_of_the_usual_forms_is_kept(system: System, value: str):
     r = requests.get(f"{system.web_url}/healthz", headers={"X-Request-Id": value}, timeout=10)
     assert r.headers["X-Request-Id"] == value
+
+
+def test_the_access_line_keeps_only_the_route_template_status_size_time_and_request_id():
+    """gunicorn's access line is built by shared.logs.access_line (gunicorn.conf.py's AccessLogger): the
+    fields of the structlog path, never the path, query, headers or client address."""
+    from datetime import timedelta
+
+    from shared.logs import ROUTE_ENVIRON, access_line
+
+    environ = {"REQUEST_METHOD": "GET", "PATH_INFO": "/api/v1/queue/SECRET-TICKET", "QUERY_STRING": "t=tok",
+               "REMOTE_ADDR": "203.0.113.9", "HTTP_AUTHORIZATION": "Bearer sekret", ROUTE_ENVIRON: "/api/v1/queue/<ticket>"}
+    line = access_line("200 OK", [("Content-Type", "application/json"), ("X-Request-Id", "abcdef0123456789")],
+                       environ, 81, timedelta(seconds=1, microseconds=234_567))
+    fields = json.loads(line)
+    assert {k: v for k, v in fields.items() if k != "timestamp"} == {
+        "level": "info", "logger": "gunicorn.access", "event": "http_request", "request_id": "abcdef0123456789",
+        "method": "GET", "route": "/api/v1/queue/<ticket>", "status": 200, "bytes": 81, "ms": 1234}
+    assert fields["timestamp"].endswith("Z") and "T" in fields["timestamp"]
+    for secret in ("SECRET-TICKET", "tok", "203.0.113.9", "sekret"):
+        assert secret not in line
+    # A route nobody matched, a forged request id, a response with no body sent yet.
+    odd = json.loads(access_line(404, [("x-request-id", "bad id\nforged")], {"REQUEST_METHOD": "POST",
+                                 ROUTE_ENVIRON: "-"}, None, timedelta(0)))
+    assert odd["route"] is None and odd["status"] == 404 and odd["bytes"] is None and "request_id" not in odd
+    # Written through the JsonFormatter as it is.
+    record = logging.LogRecord("gunicorn.access", logging.INFO, __file__, 1, line, (), None)
+    setattr(record, "meterai_rendered", True)
+    assert JsonFormatter().format(record) == line
