@@ -80,3 +80,33 @@ def test_the_order_page_survives_a_reload_and_explains_a_broken_link(sys_, brows
 @pytest.mark.parametrize("path", ["/pesanan/not-a-uuid"])
 def test_an_order_page_address_that_is_no_order_id_is_a_404(sys_, path):
     assert sys_.http.get(sys_.web_url + path, timeout=5).status_code == 404
+
+
+HIDE = """(hidden) => {
+  Object.defineProperty(document, 'hidden', { value: hidden, configurable: true });
+  Object.defineProperty(document, 'visibilityState', { value: hidden ? 'hidden' : 'visible', configurable: true });
+  document.dispatchEvent(new Event('visibilitychange'));
+}"""
+
+
+def test_an_order_page_nobody_looks_at_polls_rarely_and_at_once_when_looked_at_again(sys_, browser_factory):
+    """While the buyer pays in another tab or app the page is hidden: it asks every 30 s instead of 5, and
+    asks at once when shown again, so the paid order is what the buyer sees on coming back."""
+    order_id, token, view = sys_.order_awaiting_payment()
+    page = browser_factory("phone")
+    polls: list[float] = []
+    page.on("request", lambda r: polls.append(__import__("time").monotonic())
+            if r.url.endswith(f"/api/v1/orders/{order_id}") else None)
+    page.goto(f"{sys_.web_url}/pesanan/{order_id}#t={token}")
+    page.wait_for_selector("#pay")
+    page.evaluate(HIDE, True)
+    page.wait_for_timeout(5_600)  # the poll due during this nap has been asked: from now on, hidden
+    hidden_since = len(polls)
+    sys_.pay(view["payment"]["gateway_order_id"])
+    page.wait_for_timeout(6_000)  # a visible page would have asked again by now
+    assert len(polls) == hidden_since, "a hidden page kept the 5 s rhythm"
+    assert "Silakan lakukan pembayaran" in page.inner_text("#status-title")
+    page.evaluate(HIDE, False)
+    page.wait_for_function("() => !document.querySelector('#status-title').textContent.includes('Silakan')",
+                           timeout=2_000)  # asked at once, not at the end of the 30 s nap
+    assert len(polls) == hidden_since + 1

@@ -140,6 +140,7 @@ class Stopped(Exception):
 # The order page's polling (web/templates/order.html: POLL_SECONDS, else 2 s), and the checkout's.
 ORDER_PAGE_POLL_SECONDS = {"awaiting_payment": 5.0, "refund_pending": 10.0}
 ORDER_PAGE_DEFAULT_POLL_SECONDS = 2.0
+ORDER_PAGE_HIDDEN_POLL_SECONDS = 30.0  # HIDDEN_POLL_SECONDS: a page nobody looks at
 FINAL_STATUSES = ("stamped", "rejected", "expired", "refunded", "refund_manual")
 STATIC_REF = re.compile(r"/static/[A-Za-z0-9_./-]+(?:\?v=[A-Za-z0-9]+)?")
 
@@ -149,8 +150,10 @@ class Buyers:
     the checkout page and (a new applicant's browser: nothing cached) every static file it names, a
     place in line before the upload (``POST /api/v1/queue``, then its polls at ``Retry-After`` when not
     admitted at once), the create with the admission token, the order page and its files not yet fetched,
-    the order page's status polls (the first at once, then 5 s while awaiting payment, else 2 s), the
-    payment at the stand-in gateway ``pay_after`` seconds after the pay link shows, and the download.
+    the order page's status polls (the first at once, then 2 s, or 5 s while awaiting payment), the
+    payment at the stand-in gateway ``pay_after`` seconds after the pay link shows (meanwhile the buyer is
+    in the payment tab: the order page, hidden, asks every 30 s, and at once when they come back after
+    paying), and the download.
     Connections are kept alive up to 30 s idle, as a browser keeps them (gunicorn: --keep-alive 35)."""
 
     def __init__(self, web_url: str, gateway_url: str, body: bytes, content_type: str, count: int,
@@ -249,18 +252,22 @@ class Buyers:
             now = time.monotonic()
             if now > deadline:
                 raise TimeoutError(f"order {order['order_id']} still {view['status']}")
-            next_poll = now + ORDER_PAGE_POLL_SECONDS.get(view["status"], ORDER_PAGE_DEFAULT_POLL_SECONDS)
             if view["status"] == "awaiting_payment" and not paid:
+                # The buyer pays in another tab (or their bank's app): this page is hidden until they
+                # come back right after paying, so it asks every 30 s meanwhile and once at their return.
                 pay_due = now + self.pay_after if pay_due is None else pay_due
-                if pay_due <= next_poll:  # the buyer pays in another tab; this page polls on meanwhile
-                    self._sleep(max(0.0, pay_due - now))
-                    answer = ask("payment (at the gateway)", "POST",
-                                 f"/sandbox/pay/{view['payment']['gateway_order_id']}",
-                                 json.dumps({"payment_type": "qris"}).encode(),
-                                 {"Content-Type": "application/json"}, client=gateway)
-                    if answer.status != 200:
-                        raise RuntimeError(f"pay answered {answer.status} {answer.error}")
-                    paid = True
+                if pay_due - now > ORDER_PAGE_HIDDEN_POLL_SECONDS:
+                    self._sleep(ORDER_PAGE_HIDDEN_POLL_SECONDS)
+                    continue
+                self._sleep(max(0.0, pay_due - now))
+                answer = ask("payment (at the gateway)", "POST", f"/sandbox/pay/{view['payment']['gateway_order_id']}",
+                             json.dumps({"payment_type": "qris"}).encode(), {"Content-Type": "application/json"},
+                             client=gateway)
+                if answer.status != 200:
+                    raise RuntimeError(f"pay answered {answer.status} {answer.error}")
+                paid = True
+                continue
+            next_poll = now + ORDER_PAGE_POLL_SECONDS.get(view["status"], ORDER_PAGE_DEFAULT_POLL_SECONDS)
             self._sleep(max(0.0, next_poll - time.monotonic()))
         if view["status"] != "stamped":
             raise RuntimeError(f"order ended {view['status']}")
