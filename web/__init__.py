@@ -49,6 +49,12 @@ def create_app(settings: Settings | None = None) -> Flask:
         log_event(logging.getLogger(__name__), "redis_may_evict", logging.WARNING, problem=problem)
     app.extensions["meterai.admission"] = AdmissionController(settings, client)
     app.extensions["meterai.ratelimiter"] = RateLimiter(client, settings.redis_key_prefix)
+    from web.security import FILE_HEADERS
+    from web.staticfiles import StaticFiles
+
+    # Static files before Flask (web/staticfiles.py): a new buyer's scripts cost a dictionary lookup.
+    app.wsgi_app = StaticFiles(app.wsgi_app, app.static_folder or "", prefix=(app.static_url_path or "/static") + "/",
+                               max_age=app.config["SEND_FILE_MAX_AGE_DEFAULT"], headers=FILE_HEADERS)
     if settings.proxy_hops > 0:
         app.wsgi_app = ProxyFix(app.wsgi_app, x_for=settings.proxy_hops)
     if not (Path(app.static_folder or "") / "vendor" / "pdfjs" / "pdf.min.mjs").is_file():
