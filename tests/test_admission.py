@@ -120,6 +120,29 @@ def test_above_the_outflow_buyers_get_a_fifo_ticket_then_an_admission(throttled)
     assert again.status_code == 409 and again.json()["error"]["code"] == "admission_used"
 
 
+def test_a_queue_poll_answered_before_flask_is_the_answer_flask_gives(throttled):
+    """Queue polls skip Flask (web/queuepoll.py): same body, caching, Retry-After and headers as the
+    route's answer; anything unusual still gets the route's own answer."""
+    base = throttled(admission_per_minute=1, admission_burst=1)
+    assert _create(base).status_code == 202
+    ticket = _create(base).json()["queue"]["ticket"]
+    fast = _poll(base, ticket)
+    assert fast.status_code == 200 and fast.json() == {"admitted": False, "position": 1,
+                                                       "eta_seconds": fast.json()["eta_seconds"]}
+    assert fast.headers["Content-Type"] == "application/json" and fast.headers["Cache-Control"] == "no-store"
+    assert 2 <= int(fast.headers["Retry-After"]) <= base.settings.admission_max_retry_after_seconds
+    assert fast.headers["X-Content-Type-Options"] == "nosniff"
+    assert fast.headers["Content-Security-Policy"].startswith("default-src 'none'")
+    assert len(fast.headers["X-Request-Id"]) == 32
+    kept = requests.get(f"{base}/api/v1/queue/{ticket}", headers={"X-Request-Id": "proxy-id-0001"}, timeout=10)
+    assert kept.headers["X-Request-Id"] == "proxy-id-0001"
+    # Not the fast path's to answer: Flask's route (and its error shape) answers.
+    refused = _poll(base, "garbage")
+    assert refused.status_code == 404 and refused.json()["error"]["code"] == "invalid_ticket"
+    assert requests.post(f"{base}/api/v1/queue/{ticket}", timeout=10).status_code == 405
+    assert requests.get(f"{base}/api/v1/queue/{ticket}/x", timeout=10).status_code == 404
+
+
 def test_forged_or_tampered_tickets_and_tokens_are_refused(throttled):
     base = throttled(admission_per_minute=1, admission_burst=1)
     assert _create(base).status_code == 202  # the one free place

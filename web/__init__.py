@@ -49,12 +49,15 @@ def create_app(settings: Settings | None = None) -> Flask:
         log_event(logging.getLogger(__name__), "redis_may_evict", logging.WARNING, problem=problem)
     app.extensions["meterai.admission"] = AdmissionController(settings, client)
     app.extensions["meterai.ratelimiter"] = RateLimiter(client, settings.redis_key_prefix)
-    from web.security import FILE_HEADERS
+    from web.queuepoll import QueuePolls
+    from web.security import NON_PAGE_HEADERS
     from web.staticfiles import StaticFiles
 
-    # Static files before Flask (web/staticfiles.py): a new buyer's scripts cost a dictionary lookup.
+    # The two most frequent requests answered before Flask: a new buyer's scripts (web/staticfiles.py)
+    # and the polls of the people in line (web/queuepoll.py).
     app.wsgi_app = StaticFiles(app.wsgi_app, app.static_folder or "", prefix=(app.static_url_path or "/static") + "/",
-                               max_age=app.config["SEND_FILE_MAX_AGE_DEFAULT"], headers=FILE_HEADERS)
+                               max_age=app.config["SEND_FILE_MAX_AGE_DEFAULT"], headers=NON_PAGE_HEADERS)
+    app.wsgi_app = QueuePolls(app.wsgi_app, app, NON_PAGE_HEADERS)
     if settings.proxy_hops > 0:
         app.wsgi_app = ProxyFix(app.wsgi_app, x_for=settings.proxy_hops)
     if not (Path(app.static_folder or "") / "vendor" / "pdfjs" / "pdf.min.mjs").is_file():

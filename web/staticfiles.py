@@ -9,7 +9,7 @@ Accept-Encoding``, so a phone on mobile data downloads pdf.js as ≈ 0.5 MB and 
 per request.
 
 What the answer carries is what Flask's gave: the security headers (``web/security.py``'s policy for
-files), a request id, ``Cache-Control`` for an hour (the pages' URLs carry the content hash, ``?v=``),
+files), a request id, the access line's route and the request count (shared.metrics), ``Cache-Control`` for an hour (the pages' URLs carry the content hash, ``?v=``),
 an ETag answered with 304. Only regular files inside the folder are kept (a path that resolves
 elsewhere, a folder, a dotfile or anything missing falls through to Flask's own static route, which
 answers as it always did: 404 for anything outside the folder or missing). Files change only with a
@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
+from shared import metrics
 from shared.logs import ROUTE_ENVIRON, new_request_id, sane_request_id
 
 ROUTE = "/static/<path:filename>"
@@ -90,11 +91,13 @@ class StaticFiles:
             headers.append(("Vary", "Accept-Encoding"))
         if variant.etag in _etags(environ.get("HTTP_IF_NONE_MATCH", "")):
             start_response("304 Not Modified", headers)
+            metrics.HTTP_REQUESTS.labels(ROUTE, method, "304").inc()
             return []
         headers += [("Content-Type", entry.content_type), ("Content-Length", str(len(variant.body)))]
         if gzipped:
             headers.append(("Content-Encoding", "gzip"))
         start_response("200 OK", headers)
+        metrics.HTTP_REQUESTS.labels(ROUTE, method, "200").inc()
         return [] if method == "HEAD" else [variant.body]
 
     def _entry(self, name: str) -> _Entry | None:

@@ -1,0 +1,65 @@
+"""``GET /api/v1/queue/<ticket>``, answered before Flask.
+
+At the design peak the people in line make more requests than everyone else together (``docs/capacity.md``:
+≈ 8,000 queue polls a second against 60 orders), and a poll's own work is small: check the ticket's
+HMAC, read this process's 200 ms look at the line, maybe collect an admission. Through Flask a poll cost
+0.63 ms of CPU against a no-op endpoint's 0.56 (``loadtests.bench.web``, 2026-12-01): the framework was
+the poll. Here it is the poll's work plus one write.
+
+The answer is the one ``web/queue.py``'s ``queue_status`` gives (body, ``Cache-Control: no-store``,
+``Retry-After`` from the ETA), with the security headers, a request id, the access line's route and the
+request metrics Flask's hooks add. Anything but a normal
+answer (a ticket that isn't valid, expired, used or abandoned, sales paused, Redis away, any error)
+falls through to Flask, which asks again and answers as it always did: the waiting room's state is
+read, not changed, by a poll that isn't admitted, and collecting an admission is the last thing
+:meth:`~shared.admission.AdmissionController.status` does, so asking twice is safe.
+"""
+from __future__ import annotations
+
+import json
+import time
+from typing import Any, Callable, Iterable
+
+from shared import metrics
+from shared.admission import retry_after_seconds
+from shared.logs import ROUTE_ENVIRON, new_request_id, sane_request_id
+
+ROUTE = "/api/v1/queue/<ticket>"
+PREFIX = "/api/v1/queue/"
+
+
+class QueuePolls:
+    """WSGI middleware answering queue polls from ``flask_app``'s waiting room, before ``app``."""
+
+    def __init__(self, app: Callable, flask_app: Any, headers: dict[str, str]) -> None:
+        self.app = app
+        self.admission = flask_app.extensions["meterai.admission"]
+        self.max_retry_after = flask_app.extensions["meterai.settings"].admission_max_retry_after_seconds
+        self.headers = list(headers.items())
+
+    def __call__(self, environ: dict[str, Any], start_response: Callable) -> Iterable[bytes]:
+        path = environ.get("PATH_INFO", "")
+        if environ.get("REQUEST_METHOD") != "GET" or not path.startswith(PREFIX):
+            return self.app(environ, start_response)
+        ticket = path[len(PREFIX):]
+        if not ticket or "/" in ticket:
+            return self.app(environ, start_response)
+        started = time.perf_counter()
+        try:
+            status = self.admission.status(ticket)
+        except Exception:  # noqa: BLE001 - Flask asks again and answers it (see the module docstring)
+            return self.app(environ, start_response)
+        body = {"position": status.position, "eta_seconds": status.eta_seconds, "admitted": status.admitted}
+        if status.admission_token:
+            body["admission_token"] = status.admission_token
+        data = (json.dumps(body, separators=(",", ":"), sort_keys=True) + "\n").encode()
+        environ[ROUTE_ENVIRON] = ROUTE
+        request_id = sane_request_id(environ.get("HTTP_X_REQUEST_ID")) or new_request_id()
+        headers = [("Content-Type", "application/json"), ("Content-Length", str(len(data))),
+                   ("Cache-Control", "no-store"), ("X-Request-Id", request_id), *self.headers]
+        if not status.admitted:
+            headers.append(("Retry-After", str(retry_after_seconds(status.eta_seconds, self.max_retry_after))))
+        start_response("200 OK", headers)
+        metrics.HTTP_REQUESTS.labels(ROUTE, "GET", "200").inc()
+        metrics.HTTP_DURATION.labels(ROUTE, "GET").observe(time.perf_counter() - started)
+        return [data]
