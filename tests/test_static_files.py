@@ -76,3 +76,50 @@ def test_nothing_outside_the_folder_nor_a_folder_is_served(sys_, path):
     if answer.status == 308:
         assert answer.getheader("Location", "").endswith("/static/etc/passwd")
     assert b"import " not in body and b"root:" not in body
+
+
+def _served(folder: Path, path: str, headers: dict | None = None):
+    from werkzeug.test import Client
+    from werkzeug.wrappers import Response
+
+    from web.staticfiles import StaticFiles
+
+    behind = []
+
+    def flask_stand_in(environ, start_response):
+        behind.append(environ["PATH_INFO"])
+        return Response("not found", status=404)(environ, start_response)
+
+    answer = Client(StaticFiles(flask_stand_in, folder)).get(path, headers=headers or {})
+    return answer, behind
+
+
+def test_a_link_out_of_the_folder_a_dotfile_and_a_folder_are_left_to_flask(tmp_path):
+    folder, outside = tmp_path / "static", tmp_path / "secret.txt"
+    folder.mkdir()
+    outside.write_text("not for buyers")
+    (folder / "escape.txt").symlink_to(outside)
+    (folder / ".hidden.js").write_text("x")
+    (folder / "js").mkdir()
+    (folder / "js" / "ok.js").write_text("export const ok = 1;\n" * 100)
+    for path in ("/static/escape.txt", "/static/.hidden.js", "/static/js", "/static/js/", "/static/../secret.txt"):
+        answer, behind = _served(folder, path)
+        assert answer.status_code == 404 and behind, path
+        assert b"not for buyers" not in answer.data
+    answer, behind = _served(folder, "/static/js/ok.js")
+    assert answer.status_code == 200 and not behind and answer.data == (folder / "js" / "ok.js").read_bytes()
+
+
+@pytest.mark.parametrize("accept, gzipped", [
+    ("gzip", True), ("GZIP;Q=1", True), ("br, gzip;q=0.5", True), ("*", True), ("*;q=0, gzip", True),
+    ("gzip;q=0", False), ("gzip;Q=0.000", False), ("identity", False), ("", False), ("*;q=0", False),
+    ("gzip;q=0, *", False),
+])
+def test_gzip_only_when_the_browser_accepts_it(tmp_path, accept, gzipped):
+    (tmp_path / "a.js").write_text("export const a = 1;\n" * 200)
+    answer, _ = _served(tmp_path, "/static/a.js", {"Accept-Encoding": accept})
+    assert (answer.headers.get("Content-Encoding") == "gzip") is gzipped
+    body = gzip.decompress(answer.data) if gzipped else answer.data
+    assert body == (tmp_path / "a.js").read_bytes()
+    star, _ = _served(tmp_path, "/static/a.js", {"If-None-Match": "*"})
+    assert star.status_code == 304

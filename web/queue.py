@@ -1,13 +1,14 @@
 """The waiting room: where a queued buyer sees their position and ETA and collects their admission."""
 from __future__ import annotations
 
-from flask import Blueprint, jsonify, render_template, url_for
+from flask import Blueprint, jsonify, render_template, request, url_for
 
 from shared.admission import MAX_RETRY_AFTER_SECONDS, InvalidAdmission, Queued, SalesPaused, retry_after_seconds
 from web.api import BadRequest
 from web.context import admission, settings
 from web.errors import status_for
 from web.limits import browser_id, client_id, rate_limited
+from web.queuepoll import ANSWERED
 
 bp = Blueprint("queue", __name__)
 
@@ -54,6 +55,9 @@ def take_ticket():
 
 @bp.get("/api/v1/queue/<ticket>")
 def queue_status(ticket: str):
+    refusal = request.environ.pop(ANSWERED, None)  # the waiting room's answer to web/queuepoll.py
+    if refusal is not None:
+        raise refusal
     return _line_answer(_status_body(ticket))
 
 

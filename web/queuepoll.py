@@ -8,11 +8,13 @@ the poll. Here it is the poll's work plus one write.
 
 The answer is the one ``web/queue.py``'s ``queue_status`` gives (body, ``Cache-Control: no-store``,
 ``Retry-After`` from the ETA), with the security headers, a request id, the access line's route and the
-request metrics Flask's hooks add. Anything but a normal
-answer (a ticket that isn't valid, expired, used or abandoned, sales paused, Redis away, any error)
-falls through to Flask, which asks again and answers as it always did: the waiting room's state is
-read, not changed, by a poll that isn't admitted, and collecting an admission is the last thing
-:meth:`~shared.admission.AdmissionController.status` does, so asking twice is safe.
+request metrics Flask's hooks add. A refusal the waiting room gave (a ticket that isn't valid, expired,
+used or abandoned; sales paused; Redis away) goes to Flask with the answer already known
+(:data:`ANSWERED`): the route raises it, and its error handlers answer as they always did, without
+asking the waiting room twice (which would double the wait on a slow Redis, and the cost of every poll
+while sales are paused). Any other error falls through to Flask, which asks again: a poll that isn't
+admitted changes nothing, and collecting an admission is the last thing
+:meth:`~shared.admission.AdmissionController.status` does.
 """
 from __future__ import annotations
 
@@ -21,11 +23,13 @@ import time
 from typing import Any, Callable, Iterable
 
 from shared import metrics
-from shared.admission import retry_after_seconds
+from shared.admission import AdmissionUnavailable, InvalidAdmission, SalesPaused, retry_after_seconds
 from shared.logs import ROUTE_ENVIRON, new_request_id, sane_request_id
 
 ROUTE = "/api/v1/queue/<ticket>"
 PREFIX = "/api/v1/queue/"
+# Where the fast path leaves the waiting room's refusal for the route to raise (a WSGI environ key).
+ANSWERED = "meterai.queue_status_refusal"
 
 
 class QueuePolls:
@@ -47,6 +51,9 @@ class QueuePolls:
         started = time.perf_counter()
         try:
             status = self.admission.status(ticket)
+        except (InvalidAdmission, SalesPaused, AdmissionUnavailable) as refusal:
+            environ[ANSWERED] = refusal  # the route raises it (see the module docstring)
+            return self.app(environ, start_response)
         except Exception:  # noqa: BLE001 - Flask asks again and answers it (see the module docstring)
             return self.app(environ, start_response)
         body = {"position": status.position, "eta_seconds": status.eta_seconds, "admitted": status.admitted}

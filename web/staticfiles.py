@@ -21,6 +21,7 @@ import gzip
 import hashlib
 import mimetypes
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -50,12 +51,21 @@ class _Entry:
 
 
 def _accepts_gzip(header: str) -> bool:
+    """Whether an Accept-Encoding header allows gzip (RFC 9110 12.5.3: by name, else by ``*``; q=0 refuses)."""
+    weights: dict[str, float] = {}
     for part in header.split(","):
         coding, _, params = part.strip().partition(";")
-        if coding.strip().lower() in ("gzip", "*"):
-            q = params.strip()
-            return not (q.startswith("q=") and q[2:].strip() in ("0", "0.0", "0.00", "0.000"))
-    return False
+        q = 1.0
+        for param in params.split(";"):
+            name, _, value = param.strip().partition("=")
+            if name.strip().lower() == "q":
+                try:
+                    q = float(value)
+                except ValueError:
+                    q = 0.0
+        if coding.strip():
+            weights[coding.strip().lower()] = q
+    return weights.get("gzip", weights.get("x-gzip", weights.get("*", 0.0))) > 0
 
 
 class StaticFiles:
@@ -64,6 +74,8 @@ class StaticFiles:
     def __init__(self, app: Callable, folder: str | Path, *, prefix: str = "/static/", max_age: int = 3600,
                  headers: dict[str, str] | None = None) -> None:
         self.app = app
+        if not str(folder):
+            raise ValueError("a static folder is required")  # "" would resolve to the working directory
         self.folder = Path(folder).resolve()
         self.prefix = prefix
         self.max_age = max_age
@@ -80,6 +92,7 @@ class StaticFiles:
         if entry is None:
             return self.app(environ, start_response)
         environ[ROUTE_ENVIRON] = ROUTE
+        started = time.perf_counter()
         variant = entry.plain
         gzipped = entry.gzipped is not None and _accepts_gzip(environ.get("HTTP_ACCEPT_ENCODING", ""))
         if gzipped:
@@ -89,15 +102,16 @@ class StaticFiles:
                    ("X-Request-Id", request_id), *self.headers]
         if entry.gzipped is not None:
             headers.append(("Vary", "Accept-Encoding"))
-        if variant.etag in _etags(environ.get("HTTP_IF_NONE_MATCH", "")):
+        wanted = _etags(environ.get("HTTP_IF_NONE_MATCH", ""))
+        if variant.etag in wanted or "*" in wanted:
             start_response("304 Not Modified", headers)
-            metrics.HTTP_REQUESTS.labels(ROUTE, method, "304").inc()
+            _count(method, "304", started)
             return []
         headers += [("Content-Type", entry.content_type), ("Content-Length", str(len(variant.body)))]
         if gzipped:
             headers.append(("Content-Encoding", "gzip"))
         start_response("200 OK", headers)
-        metrics.HTTP_REQUESTS.labels(ROUTE, method, "200").inc()
+        _count(method, "200", started)
         return [] if method == "HEAD" else [variant.body]
 
     def _entry(self, name: str) -> _Entry | None:
@@ -105,8 +119,10 @@ class StaticFiles:
             return self._entries[name]
         except KeyError:
             pass
-        entry = self._load(name)
-        with self._lock:
+        with self._lock:  # one load (and gzip of pdf.js) per file, however many ask for it at first
+            if name in self._entries:
+                return self._entries[name]
+            entry = self._load(name)
             # Only files that exist are remembered: a miss is Flask's 404, and nobody can grow the dict
             # by asking for names that aren't there.
             if entry is not None:
@@ -136,6 +152,11 @@ class StaticFiles:
             if len(packed) < 0.9 * len(data):
                 gzipped = _Variant(packed, f'"{digest}-gz"')
         return _Entry(content_type, _Variant(data, f'"{digest}"'), gzipped)
+
+
+def _count(method: str, status: str, started: float) -> None:
+    metrics.HTTP_REQUESTS.labels(ROUTE, method, status).inc()
+    metrics.HTTP_DURATION.labels(ROUTE, method).observe(time.perf_counter() - started)
 
 
 def _etags(header: str) -> set[str]:

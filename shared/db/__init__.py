@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import select
 import threading
 import time
 import weakref
@@ -87,6 +88,17 @@ def connect(conninfo: str, **kwargs) -> psycopg.Connection:
 RECHECK_AFTER_SECONDS = 0.05
 
 
+def _quiet(conn: psycopg.Connection) -> bool:
+    """An open connection whose idle socket has nothing to read (no FIN, no message from the server)."""
+    if conn.closed or conn.broken:
+        return False
+    try:
+        readable, _, _ = select.select([conn.fileno()], [], [], 0)
+    except (OSError, ValueError):
+        return False
+    return not readable
+
+
 def _checker() -> tuple[Callable[[psycopg.Connection], None], Callable[[ConnectionPool], None]]:
     """A ``check`` for the pool that tests every connection it hands out, and a way to tell it its pool.
 
@@ -101,13 +113,14 @@ def _checker() -> tuple[Callable[[psycopg.Connection], None], Callable[[Connecti
     checked_at: "weakref.WeakKeyDictionary[psycopg.Connection, float]" = weakref.WeakKeyDictionary()
 
     def check(conn: psycopg.Connection) -> None:
-        # A connection handed out less than RECHECK_AFTER_SECONDS ago (the next transaction of the same
-        # task or request, a busy pool's next request) is not asked again: that round trip was a fifth of
-        # PostgreSQL's transactions per order (loadtests/bench/e2e.py). No outage is that short (the
-        # quickest seen, a PgBouncer restart, is 0.1 s), so a connection from before one is always
-        # checked; one that broke meanwhile was marked broken by psycopg and discarded on its return.
+        # A connection checked less than RECHECK_AFTER_SECONDS ago (the next transaction of the same
+        # task or request, a busy pool's next request) is not asked again with a round trip, which was a
+        # fifth of PostgreSQL's transactions per order (loadtests/bench/e2e.py), as long as its socket
+        # has nothing to read: a server, PgBouncer or proxy that closed it since (a restart, a kill)
+        # sent a FIN or a FATAL message, which makes an idle socket readable. One that broke while in
+        # use was marked broken by psycopg and discarded on its return.
         now = time.monotonic()
-        if now - checked_at.get(conn, -RECHECK_AFTER_SECONDS) < RECHECK_AFTER_SECONDS:
+        if now - checked_at.get(conn, -RECHECK_AFTER_SECONDS) < RECHECK_AFTER_SECONDS and _quiet(conn):
             return
         try:
             ConnectionPool.check_connection(conn)

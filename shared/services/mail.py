@@ -51,6 +51,7 @@ import ssl
 from functools import lru_cache
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
+from email import policy
 from email.header import Header
 from email.utils import format_datetime, formataddr, parseaddr
 from typing import Any
@@ -217,6 +218,15 @@ def _header_value(value: str) -> str:
     return value
 
 
+@lru_cache(maxsize=4)
+def _from_header(mail_sender: str) -> str:
+    """MAIL_FROM as the From header's value, folded and RFC 2047-encoded by the standard library's SMTP
+    policy as EmailMessage did (a setting: made once)."""
+    name, address = parseaddr(mail_sender)
+    address.encode("ascii")
+    return policy.SMTP.fold("From", formataddr((name, address)))[len("From: "):].rstrip("\r\n")
+
+
 def _base64_body(text: str) -> bytes:
     return base64.encodebytes(text.encode("utf-8")).replace(b"\n", b"\r\n")
 
@@ -233,8 +243,7 @@ def compose(settings: Settings, kind: Mail, facts: Facts) -> Outgoing:
     rendered = render(kind, facts)
     to = _header_value(facts.email)
     to.encode("ascii")  # UnicodeEncodeError: not sendable (see _unsendable)
-    name, address = parseaddr(_header_value(settings.mail_sender))
-    sender = formataddr((name, address), charset="utf-8")
+    sender = _from_header(_header_value(settings.mail_sender))
     identifier = message_id(settings, facts.order_id, kind)
     boundary = "=_meterai_" + secrets.token_hex(12)
     subject = Header(_header_value(rendered.subject), "utf-8" if not rendered.subject.isascii() else "us-ascii",
@@ -517,7 +526,7 @@ def deliver(settings: Settings, message: Outgoing) -> None:
     """Hand ``message`` to the configured SMTP server (standard library smtplib; TLS certificates
     verified). Raises :class:`SmtpFailure`; the password is never part of what is raised or logged."""
     sender = parseaddr(settings.mail_sender)[1]
-    recipient = message.to
+    recipient = parseaddr(message.to)[1]  # the API's address, as the To header shows it
     data_sent = False
     try:
         # Addresses are made SMTP-ready before anything is sent: one that can't be (a non-ASCII
