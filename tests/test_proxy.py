@@ -190,7 +190,7 @@ def test_reload_moves_requests_to_the_new_web_nodes(web_nodes, proxy):
 def test_stopping_the_proxy_leaves_no_process(tmp_path: Path):
     nginx = start_nginx(tmp_path / "nginx", ["127.0.0.1:9"], workers=2)
     pids = nginx.pids()
-    assert len(pids) == 3  # the master and two workers
+    assert len(nginx.worker_pids()) == 2 and len(pids) >= 3  # the master, two workers, the cache's helpers
 
     nginx.stop()
 
@@ -238,3 +238,29 @@ def test_the_proxy_names_each_request_and_a_client_cannot(web_nodes, proxy):
     wait_until(lambda: request_id in nginx.access_log.read_text(), message="nginx's access line")
     logged = [json.loads(line) for line in nginx.access_log.read_text().splitlines()]
     assert [line["path"] for line in logged if line["request_id"] == request_id] == ["/healthz"]
+
+
+def test_the_proxy_keeps_the_pages_static_files_and_nothing_else(web_nodes, proxy):
+    """A new buyer's scripts come from the proxy's cache after the first: the node serves each file (per
+    Accept-Encoding) once, while pages and API answers always reach it."""
+    import gzip
+    import re
+
+    [node] = web_nodes(1)
+    nginx = proxy([node])
+    page = requests.get(f"{nginx.url}/", timeout=10)
+    refs = sorted(set(re.findall(r"/static/[A-Za-z0-9_./-]+\?v=[0-9a-f]+", page.text)))
+    worker = next(r for r in refs if "pdf.worker" in r)
+    bodies = []
+    for _ in range(5):
+        answer = requests.get(nginx.url + worker, headers={"Accept-Encoding": "gzip"}, timeout=10, stream=True)
+        assert answer.status_code == 200 and answer.headers["Content-Encoding"] == "gzip"
+        bodies.append(answer.raw.read())
+    plain = requests.get(nginx.url + worker, headers={"Accept-Encoding": "identity"}, timeout=10)
+    assert "Content-Encoding" not in plain.headers and gzip.decompress(bodies[0]) == plain.content
+    assert len(set(bodies)) == 1
+    wait_until(lambda: node_requests(node, "GET", "/static/<path:filename>") >= 2)
+    assert node_requests(node, "GET", "/static/<path:filename>") == 2  # one per encoding, not one per buyer
+    for _ in range(3):
+        requests.get(f"{nginx.url}/", timeout=10)
+    wait_until(lambda: node_requests(node, "GET", "/") >= 4, message="every page reaches the node")

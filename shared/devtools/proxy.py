@@ -142,15 +142,30 @@ class NginxHandle:
         return self.process.pid if self.process is not None else None
 
     def pids(self) -> list[int]:
-        """The master and its workers."""
+        """The master and its children: the workers, and the static cache's manager and loader."""
         if self.process is None or self.process.poll() is not None:
             return []
         return descendants(self.process.pid, include_self=True)
 
+    def worker_pids(self) -> list[int]:
+        """The worker processes only (what serves requests; the cache's helpers come and go on their own)."""
+        found = []
+        for pid in self.pids():
+            try:
+                title = Path(f"/proc/{pid}/cmdline").read_bytes()
+            except OSError:
+                continue
+            if b"worker process" in title:
+                found.append(pid)
+        return found
+
     def _write_conf(self, upstreams: list[str]) -> None:
+        cache = self.data_dir / "cache" / "static"
+        limits = {"proxy_cache_path": f"{cache} levels=1:2 keys_zone=meterai_static:1m max_size=64m inactive=2h"
+                                      " use_temp_path=off", **self.limits}
         site = render_site(upstreams, self.port, access_log=self.access_log, error_log=self.error_log,
-                           trust_forwarded_from=self.trust_forwarded_from, **self.limits)
-        for sub in ("logs", "temp"):
+                           trust_forwarded_from=self.trust_forwarded_from, **limits)
+        for sub in ("logs", "temp", "cache/static"):
             (self.data_dir / sub).mkdir(parents=True, exist_ok=True)
         candidate = self.conf.with_suffix(".conf.new")
         candidate.write_text(render_main(self.data_dir, site, workers=self.workers))
@@ -169,7 +184,7 @@ class NginxHandle:
             self.process = subprocess.Popen(self._argv(self.conf, "-g", "daemon off;"), stdin=subprocess.DEVNULL,
                                             stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.monotonic() + timeout
-        while not (port_accepts(self.port) and len(self.pids()) > self.workers):
+        while not (port_accepts(self.port) and len(self.worker_pids()) >= self.workers):
             if self.process.poll() is not None or time.monotonic() > deadline:
                 self.stop()
                 raise ServiceError(f"nginx on port {self.port} did not start:\n{_tail(self.error_log)}")
@@ -181,12 +196,12 @@ class NginxHandle:
         left (so every request from now on sees ``upstreams``)."""
         if self.process is None or self.process.poll() is not None:
             raise ServiceError("nginx is not running")
-        old = set(self.pids()) - {self.process.pid}
+        old = set(self.worker_pids())
         self._write_conf(upstreams)
         os.kill(self.process.pid, signal.SIGHUP)
         deadline = time.monotonic() + timeout
         while True:
-            workers = set(self.pids()) - {self.process.pid}
+            workers = set(self.worker_pids())
             if workers and not workers & old and len(workers) >= self.workers:
                 return
             if self.process.poll() is not None or time.monotonic() > deadline:
