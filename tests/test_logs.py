@@ -250,3 +250,21 @@ def test_the_access_line_keeps_only_the_route_template_status_size_time_and_requ
     record = logging.LogRecord("gunicorn.access", logging.INFO, __file__, 1, line, (), None)
     setattr(record, "meterai_rendered", True)
     assert JsonFormatter().format(record) == line
+    # The same fields as the structlog path that formats gunicorn's own atoms (still used for a record
+    # with atoms: JsonFormatter._access_record), so the two can't drift apart.
+    from gunicorn.config import Config
+    from gunicorn.glogging import Logger
+
+    class Response:
+        status, headers, sent = "200 OK", [("X-Request-Id", "abcdef0123456789")], 81
+
+    class Request:
+        headers = [("AUTHORIZATION", "Bearer sekret")]
+
+    atoms = Logger(Config()).atoms(Response(), Request(), {**environ, "RAW_URI": "/x", "SERVER_PROTOCOL": "HTTP/1.1"},
+                                   timedelta(seconds=1, microseconds=234_567))
+    old = logging.LogRecord("gunicorn.access", logging.INFO, __file__, 1, "%(h)s", (), None)
+    old.args = atoms  # as gunicorn's Logger.access passes them
+    via_atoms = json.loads(JsonFormatter().format(old))
+    assert {k: v for k, v in via_atoms.items() if k != "timestamp"} == \
+        {k: v for k, v in fields.items() if k != "timestamp"}

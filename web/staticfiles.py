@@ -80,7 +80,8 @@ class StaticFiles:
         self.prefix = prefix
         self.max_age = max_age
         self.headers = list((headers or {}).items())
-        self._entries: dict[str, _Entry | None] = {}
+        self._entries: dict[str, _Entry] = {}
+        self._loading: dict[str, threading.Lock] = {}  # one per file that exists
         self._lock = threading.Lock()
 
     def __call__(self, environ: dict[str, Any], start_response: Callable) -> Iterable[bytes]:
@@ -115,29 +116,39 @@ class StaticFiles:
         return [] if method == "HEAD" else [variant.body]
 
     def _entry(self, name: str) -> _Entry | None:
-        try:
-            return self._entries[name]
-        except KeyError:
-            pass
-        with self._lock:  # one load (and gzip of pdf.js) per file, however many ask for it at first
-            if name in self._entries:
-                return self._entries[name]
-            entry = self._load(name)
-            # Only files that exist are remembered: a miss is Flask's 404, and nobody can grow the dict
-            # by asking for names that aren't there.
-            if entry is not None:
-                self._entries[name] = entry
+        entry = self._entries.get(name)
+        if entry is not None:
+            return entry
+        path = self._path(name)
+        if path is None:  # a miss is Flask's 404, and takes no lock (nor a place in any dict)
+            return None
+        with self._lock:
+            lock = self._loading.setdefault(name, threading.Lock())
+        with lock:  # one read (and one gzip of pdf.js) per file, however many ask for it at first
+            entry = self._entries.get(name)
+            if entry is None:
+                entry = self._load(path)
+                if entry is not None:
+                    self._entries[name] = entry
         return entry
 
-    def _load(self, name: str) -> _Entry | None:
+    def _path(self, name: str) -> Path | None:
+        """The regular file ``name`` names inside the folder, or None."""
         if not name or any(part.startswith(".") or part == "" for part in name.split("/")):
             return None
         try:
             path = (self.folder / name).resolve()
             if not path.is_relative_to(self.folder) or not path.is_file():
                 return None
-            data = path.read_bytes()
         except (OSError, ValueError):
+            return None
+        return path
+
+    @staticmethod
+    def _load(path: Path) -> _Entry | None:
+        try:
+            data = path.read_bytes()
+        except OSError:
             return None
         if len(data) > _MAX_CACHED_BYTES:
             return None

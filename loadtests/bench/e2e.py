@@ -540,7 +540,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=60.0, help="measurement window")
     parser.add_argument("--pay-after", type=float, default=0.0,
                         help="seconds from the pay link showing to the payment (a person takes a minute or more;"
-                             " the order page polls every 5 s meanwhile)")
+                             " the order page, hidden meanwhile, asks at 5 s and then every 30 s)")
     parser.add_argument("--bare-count", type=int, default=300, help="operations per bare part, per measurement")
     parser.add_argument("--document-bytes", type=int, default=200_000)
     parser.add_argument("--py-spy", action="store_true",

@@ -93,10 +93,11 @@ def _quiet(conn: psycopg.Connection) -> bool:
     if conn.closed or conn.broken:
         return False
     try:
-        readable, _, _ = select.select([conn.fileno()], [], [], 0)
+        poller = select.poll()  # not select(): a process may hold more than 1,024 descriptors
+        poller.register(conn.fileno(), select.POLLIN)
+        return not poller.poll(0)
     except (OSError, ValueError):
         return False
-    return not readable
 
 
 def _checker() -> tuple[Callable[[psycopg.Connection], None], Callable[[ConnectionPool], None]]:
