@@ -544,8 +544,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bare-count", type=int, default=300, help="operations per bare part, per measurement")
     parser.add_argument("--document-bytes", type=int, default=200_000)
     parser.add_argument("--py-spy", action="store_true",
-                        help="also sample every process group of ours with py-spy during the window (flame graphs"
-                             " in the run's folder; pip install -e '.[load]'; only samples holding the GIL, i.e. running Python; sampling costs the cores some CPU)")
+                        help="also sample every process group of ours with py-spy during the window: collapsed"
+                             " stacks (<group>.folded) in the run's folder, only threads holding the GIL; sampling"
+                             " costs the cores some CPU (py-spy: pip install -e '.[load]')")
     args = parser.parse_args(argv)
     workdir = workdir_for("bench-e2e")
     document = make_pdf(args.document_bytes)
