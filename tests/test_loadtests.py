@@ -225,3 +225,59 @@ def test_the_drills_metrics_summary_keeps_the_peaks_and_the_last_totals():
     # The reader that stands in for prometheus-client's parser reads the same samples.
     text = WEB_SCRAPE % dict(depth=1, age=2.5, line=3, head=4)
     assert scrapes._parse_plainly(text) == scrapes.parse_samples(text)
+
+
+def test_the_bare_parts_of_the_end_to_end_benchmark_do_what_they_say(sys_, postgres_admin, tmp_path, monkeypatch):
+    """loadtests/bench/e2e.py divides by these handlers' CPU: each must do its whole job (a durable
+    upload and its row, the stored file sent back, a payment opened at the real stand-in and a signed
+    notification recorded, a forged one refused), or the benchmark's ratio flatters us."""
+    import hashlib
+    import json
+    import uuid
+
+    import psycopg
+
+    from loadtests.bench.web import BASELINE_TABLES, baseline_app
+    from loadtests.documents import make_pdf
+    from tests.conftest import SERVER_KEY
+
+    name = f"meterai_bare_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(postgres_admin, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    url = psycopg.conninfo.make_conninfo(postgres_admin, dbname=name)
+    app = None
+    try:
+        with psycopg.connect(url, autocommit=True) as conn:
+            for statement in BASELINE_TABLES:
+                conn.execute(statement)
+        monkeypatch.setenv("BENCH_DATABASE_URL", url)
+        monkeypatch.setenv("BENCH_UPLOAD_DIR", str(tmp_path))
+        monkeypatch.setenv("BENCH_GATEWAY_URL", sys_.gateway_url)
+        monkeypatch.setenv("BENCH_SERVER_KEY", SERVER_KEY)
+        app = baseline_app()
+        client = app.test_client()
+        document = make_pdf(20_000)
+        uploaded = client.post("/upload", data={"document": (__import__("io").BytesIO(document), "surat.pdf")})
+        assert uploaded.status_code == 202
+        upload_id = uploaded.get_json()["id"]
+        assert (tmp_path / f"{upload_id}.pdf").read_bytes() == document
+        assert client.get(f"/download/{upload_id}").data == document
+        assert client.get("/download/nope").status_code == 404
+        gateway_id = f"{upload_id[:20]}-1"
+        opened = client.post(f"/pay/open/{gateway_id}")
+        assert opened.status_code == 201 and opened.get_json()["redirect_url"]
+        assert sys_.gateway_record(gateway_id)["gross_amount"] == 10000
+        note = {"order_id": upload_id, "status_code": "200", "gross_amount": "10000.00"}
+        note["signature_key"] = hashlib.sha512((upload_id + "200" + "10000.00" + SERVER_KEY).encode()).hexdigest()
+        assert client.post("/pay/notify", data=json.dumps(note), content_type="application/json").status_code == 200
+        forged = {**note, "signature_key": "0" * 128}
+        assert client.post("/pay/notify", data=json.dumps(forged), content_type="application/json").status_code == 401
+        with psycopg.connect(url) as conn:
+            assert conn.execute("SELECT count(*) FROM bench_payments").fetchone()[0] == 1
+            assert conn.execute("SELECT paid_at IS NOT NULL FROM bench_uploads WHERE id = %s",
+                                (upload_id,)).fetchone()[0]
+    finally:
+        for pool in (app.extensions["bench.pools"].values() if app is not None else ()):
+            pool.close()
+        with psycopg.connect(postgres_admin, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')

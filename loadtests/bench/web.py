@@ -75,6 +75,7 @@ def baseline_app():
                                                 kwargs={"autocommit": False}, open=True)
         return pools[os.getpid()]
 
+    app.extensions["bench.pools"] = pools  # for whoever must close them (a test dropping the database)
     sessions: dict[int, object] = {}
 
     def gateway():  # a keep-alive session per thread, as the payments worker keeps one per process
