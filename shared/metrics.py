@@ -97,6 +97,15 @@ HTTP_REFUSALS = Counter("meterai_http_refusals_total", "Answers 429 and 503, by 
                         "error code: queued, rate_limited, sales_paused, admission_unavailable, ...).",
                         ["status", "reason"])
 
+
+def record_http(route: str, method: str, status: int | str, seconds: float | None) -> None:
+    """Count one answered request (and its time, when known) by route template, method and status: the
+    Flask hook (web/metrics.py) and the answers made before Flask (web/staticfiles.py, web/queuepoll.py)."""
+    HTTP_REQUESTS.labels(route, method, str(status)).inc()
+    if seconds is not None:
+        HTTP_DURATION.labels(route, method).observe(seconds)
+
+
 # -- workers (workers/metrics.py) ----------------------------------------------------------------------
 TASKS = Counter("meterai_tasks_total", "Task runs by task name and outcome: succeeded, retried, or failed "
                 "(failed for good: a permanent failure, retries exhausted, or an exception).",

@@ -58,9 +58,7 @@ def _count(response: Response) -> Response:
     route = rule.rule if rule is not None else "unmatched"
     method = request.method if request.method in _METHODS else "other"
     status = response.status_code
-    metrics.HTTP_REQUESTS.labels(route, method, str(status)).inc()
-    if started is not None:
-        metrics.HTTP_DURATION.labels(route, method).observe(time.perf_counter() - started)
+    metrics.record_http(route, method, status, time.perf_counter() - started if started is not None else None)
     if status in (429, 503):
         metrics.HTTP_REFUSALS.labels(str(status), _reason(response)).inc()
     _record_pool()

@@ -8,26 +8,20 @@ from web.api import BadRequest
 from web.context import admission, settings
 from web.errors import status_for
 from web.limits import browser_id, client_id, rate_limited
-from web.queuepoll import ANSWERED
+from web.queuepoll import ANSWERED, line_body, line_headers
 
 bp = Blueprint("queue", __name__)
 
 
 def _status_body(ticket: str) -> dict:
-    status = admission().status(ticket)
-    body = {"position": status.position, "eta_seconds": status.eta_seconds, "admitted": status.admitted}
-    if status.admission_token:
-        body["admission_token"] = status.admission_token
-    return body
+    return line_body(admission().status(ticket))
 
 
 def _line_answer(body: dict):
-    """A place in line as JSON, never cached, telling a buyer not yet admitted when to ask again."""
+    """A place in line as JSON (the same headers as web/queuepoll.py's answer)."""
     response = jsonify(body)
-    response.headers["Cache-Control"] = "no-store"
-    if not body["admitted"]:
-        response.headers["Retry-After"] = str(retry_after_seconds(body["eta_seconds"],
-                                                                  settings().admission_max_retry_after_seconds))
+    for name, value in line_headers(body, settings().admission_max_retry_after_seconds):
+        response.headers[name] = value
     return response
 
 

@@ -23,13 +23,29 @@ import time
 from typing import Any, Callable, Iterable
 
 from shared import metrics
-from shared.admission import AdmissionUnavailable, InvalidAdmission, SalesPaused, retry_after_seconds
+from shared.admission import AdmissionUnavailable, InvalidAdmission, QueueStatus, SalesPaused, retry_after_seconds
 from shared.logs import ROUTE_ENVIRON, new_request_id, sane_request_id
 
 ROUTE = "/api/v1/queue/<ticket>"
 PREFIX = "/api/v1/queue/"
 # Where the fast path leaves the waiting room's refusal for the route to raise (a WSGI environ key).
 ANSWERED = "meterai.queue_status_refusal"
+
+
+def line_body(status: QueueStatus) -> dict:
+    """A place in line as the API answers it (API.md)."""
+    body = {"position": status.position, "eta_seconds": status.eta_seconds, "admitted": status.admitted}
+    if status.admission_token:
+        body["admission_token"] = status.admission_token
+    return body
+
+
+def line_headers(body: dict, max_retry_after: int) -> list[tuple[str, str]]:
+    """Never cached, and when not admitted yet, when to ask again (a quarter of the ETA, capped)."""
+    headers = [("Cache-Control", "no-store")]
+    if not body["admitted"]:
+        headers.append(("Retry-After", str(retry_after_seconds(body["eta_seconds"], max_retry_after))))
+    return headers
 
 
 class QueuePolls:
@@ -56,17 +72,12 @@ class QueuePolls:
             return self.app(environ, start_response)
         except Exception:  # noqa: BLE001 - Flask asks again and answers it (see the module docstring)
             return self.app(environ, start_response)
-        body = {"position": status.position, "eta_seconds": status.eta_seconds, "admitted": status.admitted}
-        if status.admission_token:
-            body["admission_token"] = status.admission_token
+        body = line_body(status)
         data = (json.dumps(body, separators=(",", ":"), sort_keys=True) + "\n").encode()
         environ[ROUTE_ENVIRON] = ROUTE
         request_id = sane_request_id(environ.get("HTTP_X_REQUEST_ID")) or new_request_id()
-        headers = [("Content-Type", "application/json"), ("Content-Length", str(len(data))),
-                   ("Cache-Control", "no-store"), ("X-Request-Id", request_id), *self.headers]
-        if not status.admitted:
-            headers.append(("Retry-After", str(retry_after_seconds(status.eta_seconds, self.max_retry_after))))
-        start_response("200 OK", headers)
-        metrics.HTTP_REQUESTS.labels(ROUTE, "GET", "200").inc()
-        metrics.HTTP_DURATION.labels(ROUTE, "GET").observe(time.perf_counter() - started)
+        start_response("200 OK", [("Content-Type", "application/json"), ("Content-Length", str(len(data))),
+                                  *line_headers(body, self.max_retry_after), ("X-Request-Id", request_id),
+                                  *self.headers])
+        metrics.record_http(ROUTE, "GET", 200, time.perf_counter() - started)
         return [data]

@@ -106,13 +106,13 @@ class StaticFiles:
         wanted = _etags(environ.get("HTTP_IF_NONE_MATCH", ""))
         if variant.etag in wanted or "*" in wanted:
             start_response("304 Not Modified", headers)
-            _count(method, "304", started)
+            metrics.record_http(ROUTE, method, 304, time.perf_counter() - started)
             return []
         headers += [("Content-Type", entry.content_type), ("Content-Length", str(len(variant.body)))]
         if gzipped:
             headers.append(("Content-Encoding", "gzip"))
         start_response("200 OK", headers)
-        _count(method, "200", started)
+        metrics.record_http(ROUTE, method, 200, time.perf_counter() - started)
         return [] if method == "HEAD" else [variant.body]
 
     def _entry(self, name: str) -> _Entry | None:
@@ -163,11 +163,6 @@ class StaticFiles:
             if len(packed) < 0.9 * len(data):
                 gzipped = _Variant(packed, f'"{digest}-gz"')
         return _Entry(content_type, _Variant(data, f'"{digest}"'), gzipped)
-
-
-def _count(method: str, status: str, started: float) -> None:
-    metrics.HTTP_REQUESTS.labels(ROUTE, method, status).inc()
-    metrics.HTTP_DURATION.labels(ROUTE, method).observe(time.perf_counter() - started)
 
 
 def _etags(header: str) -> set[str]:

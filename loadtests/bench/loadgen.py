@@ -50,8 +50,7 @@ end
 """
 
 
-def wrk_script_get(headers: Mapping[str, str]) -> str:
-    """A GET of the URL's path with fixed ``headers`` (plus a per-request client address)."""
+def _wrk_script_no_body(method: str, headers: Mapping[str, str]) -> str:
     header_lines = "\n".join(f'  wrk.headers[{json.dumps(k)}] = {json.dumps(v)}' for k, v in headers.items())
     return WRK_COUNTER + f"""
 function init(args)
@@ -60,25 +59,20 @@ end
 request = function()
   counter = counter + 1
   wrk.headers["X-Forwarded-For"] = address()
-  return wrk.format("GET")
+  return wrk.format("{method}")
 end
 """ + WRK_DONE
+
+
+def wrk_script_get(headers: Mapping[str, str]) -> str:
+    """A GET of the URL's path with fixed ``headers`` (plus a per-request client address)."""
+    return _wrk_script_no_body("GET", headers)
 
 
 def wrk_script_post_empty(headers: Mapping[str, str]) -> str:
     """A POST without a body to the URL's path with fixed ``headers`` (plus a per-request client address:
     each request is another buyer)."""
-    header_lines = "\n".join(f'  wrk.headers[{json.dumps(k)}] = {json.dumps(v)}' for k, v in headers.items())
-    return WRK_COUNTER + f"""
-function init(args)
-{header_lines}
-end
-request = function()
-  counter = counter + 1
-  wrk.headers["X-Forwarded-For"] = address()
-  return wrk.format("POST")
-end
-""" + WRK_DONE
+    return _wrk_script_no_body("POST", headers)
 
 
 def wrk_script_upload(body_path: Path, content_type: str, key_prefix: str) -> str:
