@@ -20,7 +20,7 @@ import psycopg
 import pytest
 
 from shared.config import load_settings
-from shared.devtools.dev import data_dir_secret_key, pytest_exit_code
+from shared.devtools.dev import data_dir_secret_key, pytest_args, pytest_exit_code
 from shared.devtools.launcher import Launcher, LaunchError, RestartPolicy, descendants
 from shared.devtools.procfile import PROCFILE, PROCFILE_DEV, ROOT, ProcessSpec, parse_procfile, process_specs, select_processes
 from shared.devtools.services import (
@@ -488,3 +488,28 @@ def environ_of(pid: int) -> dict[str, str]:
 @pytest.mark.parametrize(("pytest_code", "ours"), [(0, 0), (1, 1), (2, 2), (5, 1)])
 def test_no_tests_collected_is_a_failure(pytest_code: int, ours: int) -> None:
     assert pytest_exit_code(pytest_code) == ours
+
+
+@pytest.mark.parametrize(("args", "environ", "expected"), [
+    ([], {}, ["-n", "2", "--dist", "loadfile"]),
+    (["-k", "refund"], {}, ["-n", "2", "--dist", "loadfile", "-k", "refund"]),
+    (["-k", "refund"], {"TEST_WORKERS": "3"}, ["-n", "3", "--dist", "loadfile", "-k", "refund"]),
+    (["-x"], {"TEST_WORKERS": "1"}, ["-x"]),
+    (["-x"], {"TEST_WORKERS": "0"}, ["-x"]),
+    (["-n", "4"], {}, ["-n", "4"]),
+    (["-n0", "-k", "x"], {}, ["-n0", "-k", "x"]),
+    (["--numprocesses=4"], {}, ["--numprocesses=4"]),
+    (["--dist", "load"], {}, ["--dist", "load"]),
+    (["-p", "no:xdist", "tests/test_mail.py"], {}, ["-p", "no:xdist", "tests/test_mail.py"]),
+])
+def test_dev_test_runs_two_files_at_a_time_unless_told_otherwise(args, environ, expected) -> None:
+    assert pytest_args(args, environ) == expected
+
+
+def test_the_suite_under_two_workers_still_fails_when_no_test_is_collected(tmp_path) -> None:
+    """xdist keeps pytest's exit code 5 for "no tests collected", which ./dev test turns into a failure."""
+    (tmp_path / "test_nothing.py").write_text("def helper():\n    pass\n")
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                           *pytest_args([str(tmp_path)], {})], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 5, done.stdout + done.stderr
+    assert pytest_exit_code(done.returncode) == 1

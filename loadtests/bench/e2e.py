@@ -543,6 +543,9 @@ def main(argv: list[str] | None = None) -> int:
                              " the order page, hidden meanwhile, asks at 5 s and then every 30 s)")
     parser.add_argument("--bare-count", type=int, default=300, help="operations per bare part, per measurement")
     parser.add_argument("--document-bytes", type=int, default=200_000)
+    parser.add_argument("--idle", type=float, default=10.0,
+                        help="seconds the stack is measured with no buyer before they start (its fixed cost:"
+                             " beats, heartbeats, pollers), shown per order at the window's rate")
     parser.add_argument("--py-spy", action="store_true",
                         help="also sample every process group of ours with py-spy during the window: collapsed"
                              " stacks (<group>.folded) in the run's folder, only threads holding the GIL; sampling"
@@ -579,6 +582,13 @@ def main(argv: list[str] | None = None) -> int:
         others["gateway's PostgreSQL"] = lambda: postgres_backend_pids(standin_url)
         others["buyers (load generator)"] = lambda: [__import__("os").getpid()]
         meter, other_meter = CpuMeter(groups), CpuMeter(others)
+        idle_cpu: dict[str, float] = {}
+        if args.idle > 0:
+            say(f"the stack with no buyer, {args.idle:.0f} s")
+            idle_meter = CpuMeter(groups)
+            idle_meter.start()
+            time.sleep(args.idle)
+            idle_cpu = {k: v / args.idle for k, v in idle_meter.stop().items()}
         say(f"{args.buyers} buyers; warm-up {args.warmup:.0f} s, then {args.seconds:.0f} s measured")
         buyers.start()
         time.sleep(args.warmup)
@@ -642,6 +652,13 @@ def main(argv: list[str] | None = None) -> int:
     print(f"CPU ms per stamped order, our processes (total {total:.1f} ms):")
     for name, value in sorted(cpu_per_order.items(), key=lambda kv: -kv[1]):
         print(f"  {name:<26} {value:8.1f} ms  {100 * value / max(total, 1e-9):4.0f}%")
+    if idle_cpu:
+        idle_total = sum(idle_cpu.values())
+        print(f"  of which the stack's fixed cost (measured with no buyer: {1000 * idle_total:.0f} ms of CPU per s)"
+              f" at {rate:.1f} orders/s: {1000 * idle_total / max(rate, 1e-9):.1f} ms per order ("
+              + ", ".join(f"{k} {1000 * v / max(rate, 1e-9):.1f}" for k, v in
+                          sorted(idle_cpu.items(), key=lambda kv: -kv[1]) if v * 1000 / max(rate, 1e-9) >= 0.05)
+              + ")")
     print("  not ours: " + ", ".join(f"{k} {1000 * v / orders:.1f} ms" for k, v in other_cpu.items()))
     print(f"bare parts, CPU ms per order (before / after the buyers, mean; total {bare_total:.1f} ms):")
     for name in BARE_PARTS:
@@ -670,7 +687,8 @@ def main(argv: list[str] | None = None) -> int:
            "when": time.strftime("%Y-%m-%d %H:%M:%S"), "settings": vars(args), "document_bytes": len(document),
            "orders": len(done), "orders_per_second": rate, "ratio": ratio, "target": TARGET, "met": met,
            "latency_p50_s": percentile(done, 0.5), "latency_p95_s": percentile(done, 0.95),
-           "cpu_ms_per_order": cpu_per_order, "cpu_ms_per_order_not_ours": {k: 1000 * v / orders
+           "cpu_ms_per_order": cpu_per_order,
+           "idle_cpu_ms_per_second": {k: 1000 * v for k, v in idle_cpu.items()}, "cpu_ms_per_order_not_ours": {k: 1000 * v / orders
                                                                              for k, v in other_cpu.items()},
            "bare_ms": parts, "bare_before": bare_before, "bare_after": bare_after,
            "floor": {"no_op_request_ms": noop_ms, "no_op_hop_ms": hop_ms, "web_requests_per_order": web_requests,
