@@ -224,6 +224,46 @@ def test_a_claim_reserves_one_serial_that_retries_reuse_and_a_refund_voids(sys_)
     assert sys_.order_row(order_id)["lease_owner"] is None
 
 
+def test_a_drawn_serial_that_is_taken_already_is_drawn_again(sys_, monkeypatch):
+    """The reservation is one statement that reserves nothing on a collision: the claim draws again and
+    the order gets the second serial, the other order keeps its own."""
+    from shared import lifecycle
+
+    with sys_.db() as conn:
+        other, order_id = _insert_order(conn), _insert_order(conn, "awaiting_payment")
+        conn.execute("UPDATE orders SET status = 'paid', refund_due_at = now() + interval '1 hour'"
+                     " WHERE id = %s", (order_id,))
+        conn.execute("INSERT INTO serials (serial, order_id, status) VALUES ('TAKENTAKENTAKENTAKEN00', %s,"
+                     " 'reserved')", (other,))
+    drawn = iter(["TAKENTAKENTAKENTAKEN00", "FRESHFRESHFRESHFRESH00"])
+    monkeypatch.setattr(lifecycle, "new_serial", lambda: next(drawn))
+    with transaction(sys_.settings.database_url) as tx:
+        claimed = transition(tx, order_id, Status.PAID, Status.STAMPING, lease=("worker-a", 60))
+    assert claimed["serial"] == "FRESHFRESHFRESHFRESH00" == sys_.order_row(order_id)["serial"]
+    rows = sys_.query("SELECT serial, order_id::text AS order_id, status FROM serials WHERE order_id IN (%s, %s)"
+                      " ORDER BY serial", (other, order_id))
+    assert rows == [{"serial": "FRESHFRESHFRESHFRESH00", "order_id": order_id, "status": "reserved"},
+                    {"serial": "TAKENTAKENTAKENTAKEN00", "order_id": other, "status": "reserved"}]
+
+
+def test_a_move_returns_the_order_row_and_writes_its_event_with_reason_and_detail(sys_):
+    """The move and its event are one statement: the row handed back is the order's own columns, and
+    the event says what the move said."""
+    with sys_.db() as conn:
+        order_id = _insert_order(conn)
+        columns = [c.name for c in conn.execute("SELECT * FROM orders LIMIT 0").description]
+    with transaction(sys_.settings.database_url) as tx:
+        row = transition(tx, order_id, Status.CREATED, Status.AWAITING_PAYMENT, detail={"gateway_order_id": "G-1"})
+        plain = transition(tx, order_id, Status.AWAITING_PAYMENT, Status.EXPIRED, reason="unpaid")
+    assert list(row) == columns and row["status"] == "awaiting_payment" and plain["status"] == "expired"
+    events = sys_.query("SELECT from_status, to_status, reason, detail FROM order_events WHERE order_id = %s"
+                        " ORDER BY id", (order_id,))
+    assert events == [
+        {"from_status": "created", "to_status": "awaiting_payment",
+         "reason": TRANSITIONS[(Status.CREATED, Status.AWAITING_PAYMENT)].meaning, "detail": {"gateway_order_id": "G-1"}},
+        {"from_status": "awaiting_payment", "to_status": "expired", "reason": "unpaid", "detail": None}]
+
+
 def test_the_orders_own_refund_moves_with_the_order_or_neither_moves(sys_):
     with sys_.db() as conn:
         order_id = _insert_order(conn, "expired")

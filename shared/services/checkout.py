@@ -84,14 +84,13 @@ def _close_extra_transaction(gateway: PaymentGateway, order_id: str, gateway_ord
 
 def prepare_order(settings: Settings, store: DocumentStore, gateway: PaymentGateway, order_id: str) -> str:
     """created → awaiting_payment (payment opened) or → rejected (document can't be stamped)."""
-    with get_pool(settings.database_url).connection() as conn:
-        order = conn.execute("SELECT * FROM orders WHERE id = %s", (order_id,)).fetchone()
-        opened = conn.execute(
-            "SELECT gateway_order_id FROM payments WHERE order_id = %s AND token IS NOT NULL LIMIT 1",
-            (order_id,),
-        ).fetchone() if order else None
+    with get_pool(settings.database_url).connection() as conn:  # the order and its opened payment, if any
+        order = conn.execute(
+            "SELECT o.*, (SELECT gateway_order_id FROM payments WHERE order_id = o.id AND token IS NOT NULL"
+            " LIMIT 1) AS meterai_opened FROM orders o WHERE o.id = %s", (order_id,)).fetchone()
     if order is None or order["status"] != Status.CREATED:
         return "skipped"
+    opened = order.pop("meterai_opened")
     if opened is None:
         try:
             data = store.get(order["document_key"], sha256=order["document_sha256"])
@@ -141,8 +140,7 @@ def prepare_order(settings: Settings, store: DocumentStore, gateway: PaymentGate
             return "lost_race"
     else:
         with transaction(settings.database_url) as tx:
-            transition(tx, order_id, Status.CREATED, Status.AWAITING_PAYMENT,
-                       detail={"gateway_order_id": opened["gateway_order_id"]})
+            transition(tx, order_id, Status.CREATED, Status.AWAITING_PAYMENT, detail={"gateway_order_id": opened})
     log_event(log, "payment_opened", order_id=order_id)
     return "awaiting_payment"
 

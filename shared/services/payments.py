@@ -202,11 +202,11 @@ def _record_gateway_view(tx: Tx, payment: Mapping[str, Any], status: GatewayStat
 def lock_for_apply(tx: Tx, gateway_order_id: str) -> tuple[dict[str, Any], dict[str, Any]] | None:
     """The transaction's order and payment rows, locked in the one order every money path uses (the
     order first), read again under the lock: a caller's copy may be older than a concurrent apply."""
-    found = tx.execute("SELECT order_id FROM payments WHERE gateway_order_id = %s",
-                       (gateway_order_id,)).fetchone()
-    if found is None:
+    # A transaction's order never changes, so it is looked up inside the statement that locks the order.
+    order = tx.execute("SELECT * FROM orders WHERE id = (SELECT order_id FROM payments WHERE gateway_order_id = %s)"
+                       " FOR UPDATE", (gateway_order_id,)).fetchone()
+    if order is None:
         return None
-    order = tx.execute("SELECT * FROM orders WHERE id = %s FOR UPDATE", (found["order_id"],)).fetchone()
     payment = tx.execute("SELECT * FROM payments WHERE gateway_order_id = %s FOR UPDATE",
                          (gateway_order_id,)).fetchone()
     return order, payment
