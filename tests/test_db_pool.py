@@ -6,6 +6,7 @@ import os
 import pwd
 import shutil
 import tempfile
+import time
 from pathlib import Path
 from typing import Iterator
 
@@ -121,6 +122,40 @@ def test_a_connection_cut_right_after_its_check_is_not_handed_out(postgres: Serv
     for n in range(6):
         with transaction(postgres.url) as tx:
             assert tx.execute("SELECT %s::int AS n", (n,)).fetchone() == {"n": n}
+
+
+def test_a_connection_given_back_alive_is_handed_out_again_without_a_round_trip(postgres: Server, monkeypatch) -> None:
+    """Giving a connection back after its work counts as knowing it alive, as a check does: a task that
+    holds a connection longer than the window (a stamp, a gateway call) and starts its next transaction
+    right after does not pay a check's round trip; past the window from the last use it does."""
+    import shared.db
+    from psycopg_pool import ConnectionPool
+
+    checks: list[int] = []
+    real = ConnectionPool.check_connection
+    monkeypatch.setattr(ConnectionPool, "check_connection",
+                        staticmethod(lambda conn: (checks.append(1), real(conn))[1]))
+    monkeypatch.setattr(shared.db, "RECHECK_AFTER_SECONDS", 0.5)
+    pool = get_pool(postgres.url, max_size=1)
+    with pool.connection() as conn:  # handed out once: checked
+        conn.execute("SELECT 1")
+        time.sleep(0.7)  # longer than the window since that check
+        conn.execute("SELECT 1")
+    assert len(checks) == 1
+    with transaction(postgres.url) as tx:  # given back a moment ago: no check
+        tx.execute("SELECT 1")
+    assert len(checks) == 1
+    with pytest.raises(RuntimeError):  # a transaction that failed is rolled back and given back alive
+        with transaction(postgres.url) as tx:
+            tx.execute("SELECT 1")
+            raise RuntimeError("the caller's own failure")
+    with transaction(postgres.url) as tx:
+        tx.execute("SELECT 1")
+    assert len(checks) == 1
+    time.sleep(0.7)  # past the window since its last use: checked again
+    with transaction(postgres.url) as tx:
+        tx.execute("SELECT 1")
+    assert len(checks) == 2
 
 
 def test_a_server_that_stays_down_times_out_instead_of_hanging(postgres: Server) -> None:

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import psycopg
+from psycopg.pq import TransactionStatus
 from psycopg.rows import dict_row
 from psycopg_pool import ConnectionPool
 
@@ -84,8 +85,9 @@ def connect(conninfo: str, **kwargs) -> psycopg.Connection:
     return psycopg.connect(conninfo, **kwargs)
 
 
-# How long after it was last checked a connection is handed out again without a check (see _checker).
-RECHECK_AFTER_SECONDS = 0.05
+# How long after it was last known alive (checked, or given back to the pool in a clean state after its
+# work) a connection is handed out again without a check's round trip (see _checker).
+RECHECK_AFTER_SECONDS = 1.0
 
 
 def _quiet(conn: psycopg.Connection) -> bool:
@@ -100,8 +102,10 @@ def _quiet(conn: psycopg.Connection) -> bool:
         return False
 
 
-def _checker() -> tuple[Callable[[psycopg.Connection], None], Callable[[ConnectionPool], None]]:
-    """A ``check`` for the pool that tests every connection it hands out, and a way to tell it its pool.
+def _checker() -> tuple[Callable[[psycopg.Connection], None], Callable[[psycopg.Connection], None],
+                        Callable[[ConnectionPool], None]]:
+    """A ``check`` for the pool that tests every connection it hands out, a ``reset`` that notes a
+    connection given back alive, and a way to tell them their pool.
 
     Why: after PostgreSQL restarts, every idle connection in the pool is dead, and without a check each
     would fail one request (a retry, or a 503). With ``ConnectionPool.check_connection`` alone the pool
@@ -114,12 +118,15 @@ def _checker() -> tuple[Callable[[psycopg.Connection], None], Callable[[Connecti
     checked_at: "weakref.WeakKeyDictionary[psycopg.Connection, float]" = weakref.WeakKeyDictionary()
 
     def check(conn: psycopg.Connection) -> None:
-        # A connection checked less than RECHECK_AFTER_SECONDS ago (the next transaction of the same
-        # task or request, a busy pool's next request) is not asked again with a round trip, which was a
-        # fifth of PostgreSQL's transactions per order (loadtests/bench/e2e.py), as long as its socket
-        # has nothing to read: a server, PgBouncer or proxy that closed it since (a restart, a kill)
-        # sent a FIN or a FATAL message, which makes an idle socket readable. One that broke while in
-        # use was marked broken by psycopg and discarded on its return.
+        # A connection known alive less than RECHECK_AFTER_SECONDS ago (checked, or given back after a
+        # statement it ran: the next transaction of the same task or request, a busy pool's next request)
+        # is not asked again with a round trip, which was a fifth of PostgreSQL's transactions per order
+        # and 14 of the 72 statements an order sends (loadtests/bench/e2e.py), as long as its socket has
+        # nothing to read: a server, PgBouncer or proxy that closed it since (a restart, a kill) sent a FIN
+        # or a FATAL message, which makes an idle socket readable. One that broke while in use was marked
+        # broken by psycopg and discarded on its return. What the socket can't show, a peer gone without
+        # a word (a partition, a NAT that forgot the flow), happens after minutes of silence, not within
+        # a second of a working statement, and a check's round trip would hang on it just the same.
         now = time.monotonic()
         if now - checked_at.get(conn, -RECHECK_AFTER_SECONDS) < RECHECK_AFTER_SECONDS and _quiet(conn):
             return
@@ -133,7 +140,13 @@ def _checker() -> tuple[Callable[[psycopg.Connection], None], Callable[[Connecti
                 owner[0].check()
             raise
 
-    return check, owner.append
+    def returned(conn: psycopg.Connection) -> None:
+        # Called by the pool for every connection given back (after its rollback, if any): one that is
+        # open and idle has just answered its last statement, which is as good as a check.
+        if not conn.closed and conn.pgconn.transaction_status == TransactionStatus.IDLE:
+            checked_at[conn] = time.monotonic()
+
+    return check, returned, owner.append
 
 
 def get_pool(conninfo: str, *, max_size: int = 10, options: ConnectionOptions | None = None) -> ConnectionPool:
@@ -153,7 +166,7 @@ def get_pool(conninfo: str, *, max_size: int = 10, options: ConnectionOptions | 
             pool = _pools.get(key)
             if pool is None:
                 options = options or connection_options()
-                check, set_owner = _checker()
+                check, returned, set_owner = _checker()
                 pool = ConnectionPool(
                     conninfo,
                     min_size=1,
@@ -167,6 +180,7 @@ def get_pool(conninfo: str, *, max_size: int = 10, options: ConnectionOptions | 
                     # answers 503 with Retry-After) instead of piling up requests (DATABASE_POOL_TIMEOUT_SECONDS).
                     timeout=options.timeout,
                     check=check,
+                    reset=returned,
                     max_idle=options.max_idle,
                     max_lifetime=options.max_lifetime,
                     name=f"meterai-{os.getpid()}",
