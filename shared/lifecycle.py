@@ -358,12 +358,15 @@ def transition(
         "WITH moved AS (UPDATE orders SET {} WHERE {} RETURNING *),"
         " event AS (INSERT INTO order_events (order_id, from_status, to_status, reason, detail)"
         " SELECT id, %(source)s, %(target)s, %(event_reason)s, %(event_detail)s::jsonb FROM moved RETURNING id)"
-        " SELECT moved.*, event.id AS meterai_event_id FROM moved, event"
+        " SELECT moved.*, (SELECT id FROM event) AS meterai_event_id FROM moved"
     ).format(sql.SQL(", ").join(sets), sql.SQL(" AND ").join(where))
     row = tx.execute(query, params).fetchone()
     if row is None:
         return None
-    _changed(tx, order_id, row.pop("meterai_event_id"))
+    event_id = row.pop("meterai_event_id")
+    if event_id is None:  # the order moved without its event: never commit that (the caller's tx rolls back)
+        raise IllegalTransition(f"{source} -> {target} of order {order_id} wrote no event")
+    _changed(tx, order_id, event_id)
     if move.capture:
         gateway_order_id, amount = capture  # type: ignore[misc]
         if book_capture(tx, gateway_order_id, amount, CaptureRole.ORDER) is None:
@@ -454,11 +457,15 @@ UPDATE orders SET serial = chosen.serial FROM chosen WHERE orders.id = %(order_i
 """
 
 
+SERIAL_DRAWS = 10  # a 22-character random serial taken ten times in a row is not bad luck
+
+
 def _reserve_serial(tx: Tx, order_id: str) -> str:
-    while True:
+    for _ in range(SERIAL_DRAWS):
         row = tx.execute(_RESERVE_SERIAL, {"order_id": order_id, "serial": new_serial()}).fetchone()
         if row is not None:
             return row["serial"]
+    raise IllegalTransition(f"no free serial for order {order_id} in {SERIAL_DRAWS} draws")
 
 
 # --- money ------------------------------------------------------------------------------------------

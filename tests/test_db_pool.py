@@ -124,10 +124,11 @@ def test_a_connection_cut_right_after_its_check_is_not_handed_out(postgres: Serv
             assert tx.execute("SELECT %s::int AS n", (n,)).fetchone() == {"n": n}
 
 
-def test_a_connection_given_back_alive_is_handed_out_again_without_a_round_trip(postgres: Server, monkeypatch) -> None:
-    """Giving a connection back after its work counts as knowing it alive, as a check does: a task that
-    holds a connection longer than the window (a stamp, a gateway call) and starts its next transaction
-    right after does not pay a check's round trip; past the window from the last use it does."""
+def test_a_connection_whose_commit_just_answered_is_handed_out_again_without_a_round_trip(postgres: Server, monkeypatch) -> None:
+    """A COMMIT that answered vouches for the connection as a check does: a task whose transaction
+    outlasts the window (a claim, a stamp) and starts its next one right after pays no check's round trip.
+    Being given back is not enough (a read held through a slow call said nothing since its start), and
+    past the window from the last answer the check comes back."""
     import shared.db
     from psycopg_pool import ConnectionPool
 
@@ -137,25 +138,24 @@ def test_a_connection_given_back_alive_is_handed_out_again_without_a_round_trip(
                         staticmethod(lambda conn: (checks.append(1), real(conn))[1]))
     monkeypatch.setattr(shared.db, "RECHECK_AFTER_SECONDS", 0.5)
     pool = get_pool(postgres.url, max_size=1)
-    with pool.connection() as conn:  # handed out once: checked
-        conn.execute("SELECT 1")
+    with transaction(postgres.url) as tx:  # handed out: checked
+        tx.execute("SELECT 1")
         time.sleep(0.7)  # longer than the window since that check
+        tx.execute("SELECT 1")
+    assert len(checks) == 1
+    with transaction(postgres.url) as tx:  # its COMMIT answered a moment ago: no check
+        tx.execute("SELECT 1")
+    assert len(checks) == 1
+    with pool.connection() as conn:  # an autocommit read, then a slow call holding the connection
         conn.execute("SELECT 1")
-    assert len(checks) == 1
-    with transaction(postgres.url) as tx:  # given back a moment ago: no check
-        tx.execute("SELECT 1")
-    assert len(checks) == 1
-    with pytest.raises(RuntimeError):  # a transaction that failed is rolled back and given back alive
-        with transaction(postgres.url) as tx:
-            tx.execute("SELECT 1")
-            raise RuntimeError("the caller's own failure")
-    with transaction(postgres.url) as tx:
-        tx.execute("SELECT 1")
-    assert len(checks) == 1
-    time.sleep(0.7)  # past the window since its last use: checked again
-    with transaction(postgres.url) as tx:
+        time.sleep(0.7)
+    with transaction(postgres.url) as tx:  # the read's answer is older than the window: checked
         tx.execute("SELECT 1")
     assert len(checks) == 2
+    time.sleep(0.7)  # past the window since the last COMMIT: checked again
+    with transaction(postgres.url) as tx:
+        tx.execute("SELECT 1")
+    assert len(checks) == 3
 
 
 def test_a_server_that_stays_down_times_out_instead_of_hanging(postgres: Server) -> None:

@@ -20,7 +20,7 @@ import psycopg
 import pytest
 
 from shared.config import load_settings
-from shared.devtools.dev import data_dir_secret_key, pytest_args, pytest_exit_code
+from shared.devtools.dev import data_dir_secret_key, pytest_args, pytest_exit_code, workers_of
 from shared.devtools.launcher import Launcher, LaunchError, RestartPolicy, descendants
 from shared.devtools.procfile import PROCFILE, PROCFILE_DEV, ROOT, ProcessSpec, parse_procfile, process_specs, select_processes
 from shared.devtools.services import (
@@ -493,17 +493,31 @@ def test_no_tests_collected_is_a_failure(pytest_code: int, ours: int) -> None:
 @pytest.mark.parametrize(("args", "environ", "expected"), [
     ([], {}, ["-n", "2", "--dist", "loadfile"]),
     (["-k", "refund"], {}, ["-n", "2", "--dist", "loadfile", "-k", "refund"]),
+    (["-k", "no_dist"], {}, ["-n", "2", "--dist", "loadfile", "-k", "no_dist"]),
     (["-k", "refund"], {"TEST_WORKERS": "3"}, ["-n", "3", "--dist", "loadfile", "-k", "refund"]),
+    ([], {"TEST_WORKERS": "auto"}, ["-n", "auto", "--dist", "loadfile"]),
     (["-x"], {"TEST_WORKERS": "1"}, ["-x"]),
     (["-x"], {"TEST_WORKERS": "0"}, ["-x"]),
     (["-n", "4"], {}, ["-n", "4"]),
     (["-n0", "-k", "x"], {}, ["-n0", "-k", "x"]),
     (["--numprocesses=4"], {}, ["--numprocesses=4"]),
     (["--dist", "load"], {}, ["--dist", "load"]),
+    (["-d", "--tx", "2*popen"], {}, ["-d", "--tx", "2*popen"]),
     (["-p", "no:xdist", "tests/test_mail.py"], {}, ["-p", "no:xdist", "tests/test_mail.py"]),
+    (["tests/test_mail.py"], {"PYTEST_ADDOPTS": "-p no:xdist"}, ["tests/test_mail.py"]),
+    (["--pdb", "tests/test_mail.py"], {}, ["--pdb", "tests/test_mail.py"]),
+    (["--trace"], {}, ["--trace"]),
 ])
 def test_dev_test_runs_two_files_at_a_time_unless_told_otherwise(args, environ, expected) -> None:
     assert pytest_args(args, environ) == expected
+
+
+@pytest.mark.parametrize(("args", "workers"), [
+    ([], 1), (["-x"], 1), (["-n", "2", "--dist", "loadfile"], 2), (["-n3"], 3), (["--numprocesses=4"], 4),
+    (["-n", "0"], 1), (["-n", "auto"], os.cpu_count() or 1),
+])
+def test_the_workers_pytest_will_run_are_read_from_its_arguments(args, workers) -> None:
+    assert workers_of(args) == workers
 
 
 def test_the_suite_under_two_workers_still_fails_when_no_test_is_collected(tmp_path) -> None:

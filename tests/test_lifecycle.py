@@ -246,6 +246,22 @@ def test_a_drawn_serial_that_is_taken_already_is_drawn_again(sys_, monkeypatch):
                     {"serial": "TAKENTAKENTAKENTAKEN00", "order_id": other, "status": "reserved"}]
 
 
+def test_a_serial_drawn_taken_every_time_fails_the_claim_instead_of_looping(sys_, monkeypatch):
+    from shared import lifecycle
+
+    with sys_.db() as conn:
+        other, order_id = _insert_order(conn), _insert_order(conn, "awaiting_payment")
+        conn.execute("UPDATE orders SET status = 'paid', refund_due_at = now() + interval '1 hour'"
+                     " WHERE id = %s", (order_id,))
+        conn.execute("INSERT INTO serials (serial, order_id, status) VALUES ('TAKENTAKENTAKENTAKEN11', %s,"
+                     " 'reserved')", (other,))
+    monkeypatch.setattr(lifecycle, "new_serial", lambda: "TAKENTAKENTAKENTAKEN11")
+    with pytest.raises(IllegalTransition, match="no free serial"):
+        with transaction(sys_.settings.database_url) as tx:
+            transition(tx, order_id, Status.PAID, Status.STAMPING, lease=("worker-a", 60))
+    assert sys_.order_row(order_id)["status"] == "paid"  # nothing of the claim committed
+
+
 def test_a_move_returns_the_order_row_and_writes_its_event_with_reason_and_detail(sys_):
     """The move and its event are one statement: the row handed back is the order's own columns, and
     the event says what the move said."""

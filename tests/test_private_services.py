@@ -71,6 +71,28 @@ def test_private_services_makes_dev_start_its_own_servers_anyway(configured, dat
     assert not private.redis_answers(services.redis_url)
 
 
+def test_a_server_with_too_few_connections_for_the_test_workers_is_replaced_by_a_private_one(
+        configured, data_dir, monkeypatch) -> None:
+    """./dev test with two workers needs more connections than a default server's 100: a configured server
+    that allows fewer than asked is not used, a private one allowing them is; one that allows enough is."""
+    for name, value in {**configured, "DATA_DIR": str(data_dir), "PRIVATE_SERVICES": "0"}.items():
+        monkeypatch.setenv(name, value)
+    allowed = private.max_connections_of(configured["DATABASE_URL"])
+    _, services = dev._configured_services(min_connections=allowed)
+    try:
+        assert services.database_url == configured["DATABASE_URL"] and services.private == []
+    finally:
+        services.stop()
+    _, services = dev._configured_services(min_connections=allowed + 50)
+    try:
+        assert server_port(services.database_url) != server_port(configured["DATABASE_URL"])
+        assert private.max_connections_of(services.database_url) == allowed + 50
+        assert services.redis_url == configured["REDIS_URL"]  # Redis has no such limit: the configured one
+    finally:
+        services.stop()
+    assert not private.postgres_answers(services.database_url)
+
+
 def test_private_services_makes_the_test_fixtures_start_their_own_postgres(configured, data_dir) -> None:
     env = {**configured, "PRIVATE_SERVICES": "1"}
     admin, handle = _admin_url(data_dir, env)

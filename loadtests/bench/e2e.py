@@ -584,11 +584,13 @@ def main(argv: list[str] | None = None) -> int:
         meter, other_meter = CpuMeter(groups), CpuMeter(others)
         idle_cpu: dict[str, float] = {}
         if args.idle > 0:
-            say(f"the stack with no buyer, {args.idle:.0f} s")
+            say(f"the stack with no buyer, {args.idle:.0f} s (after 3 s for the bare parts' last work to settle)")
+            time.sleep(3)
             idle_meter = CpuMeter(groups)
             idle_meter.start()
+            idle_started = time.monotonic()
             time.sleep(args.idle)
-            idle_cpu = {k: v / args.idle for k, v in idle_meter.stop().items()}
+            idle_cpu = {k: v / (time.monotonic() - idle_started) for k, v in idle_meter.stop().items()}
         say(f"{args.buyers} buyers; warm-up {args.warmup:.0f} s, then {args.seconds:.0f} s measured")
         buyers.start()
         time.sleep(args.warmup)
@@ -654,7 +656,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {name:<26} {value:8.1f} ms  {100 * value / max(total, 1e-9):4.0f}%")
     if idle_cpu:
         idle_total = sum(idle_cpu.values())
-        print(f"  of which the stack's fixed cost (measured with no buyer: {1000 * idle_total:.0f} ms of CPU per s)"
+        print(f"  of which, roughly, the stack's fixed cost (with no buyer: {1000 * idle_total:.0f} ms of CPU per s)"
               f" at {rate:.1f} orders/s: {1000 * idle_total / max(rate, 1e-9):.1f} ms per order ("
               + ", ".join(f"{k} {1000 * v / max(rate, 1e-9):.1f}" for k, v in
                           sorted(idle_cpu.items(), key=lambda kv: -kv[1]) if v * 1000 / max(rate, 1e-9) >= 0.05)

@@ -19,7 +19,6 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import psycopg
-from psycopg.pq import TransactionStatus
 from psycopg.rows import dict_row
 from psycopg_pool import ConnectionPool
 
@@ -85,9 +84,13 @@ def connect(conninfo: str, **kwargs) -> psycopg.Connection:
     return psycopg.connect(conninfo, **kwargs)
 
 
-# How long after it was last known alive (checked, or given back to the pool in a clean state after its
-# work) a connection is handed out again without a check's round trip (see _checker).
-RECHECK_AFTER_SECONDS = 1.0
+# How long after it was last known alive (its check, or the COMMIT of a transaction it ran answered) a
+# connection is handed out again without a check's round trip (see _checker).
+RECHECK_AFTER_SECONDS = 0.25
+
+# When each pooled connection last answered a round trip we can vouch for: a check, or a COMMIT in
+# :func:`transaction`. Only get and set, each atomic under the GIL; a connection that goes is forgotten.
+_known_alive: "weakref.WeakKeyDictionary[psycopg.Connection, float]" = weakref.WeakKeyDictionary()
 
 
 def _quiet(conn: psycopg.Connection) -> bool:
@@ -102,10 +105,8 @@ def _quiet(conn: psycopg.Connection) -> bool:
         return False
 
 
-def _checker() -> tuple[Callable[[psycopg.Connection], None], Callable[[psycopg.Connection], None],
-                        Callable[[ConnectionPool], None]]:
-    """A ``check`` for the pool that tests every connection it hands out, a ``reset`` that notes a
-    connection given back alive, and a way to tell them their pool.
+def _checker() -> tuple[Callable[[psycopg.Connection], None], Callable[[ConnectionPool], None]]:
+    """A ``check`` for the pool that tests every connection it hands out, and a way to tell it its pool.
 
     Why: after PostgreSQL restarts, every idle connection in the pool is dead, and without a check each
     would fail one request (a retry, or a 503). With ``ConnectionPool.check_connection`` alone the pool
@@ -115,24 +116,25 @@ def _checker() -> tuple[Callable[[psycopg.Connection], None], Callable[[psycopg.
     dropped and replaced in the background); the request then gets a fresh connection.
     """
     owner: list[ConnectionPool] = []
-    checked_at: "weakref.WeakKeyDictionary[psycopg.Connection, float]" = weakref.WeakKeyDictionary()
 
     def check(conn: psycopg.Connection) -> None:
-        # A connection known alive less than RECHECK_AFTER_SECONDS ago (checked, or given back after a
-        # statement it ran: the next transaction of the same task or request, a busy pool's next request)
+        # A connection known alive less than RECHECK_AFTER_SECONDS ago (checked, or its transaction's
+        # COMMIT answered: the next transaction of the same task or request, a busy pool's next request)
         # is not asked again with a round trip, which was a fifth of PostgreSQL's transactions per order
         # and 14 of the 72 statements an order sends (loadtests/bench/e2e.py), as long as its socket has
         # nothing to read: a server, PgBouncer or proxy that closed it since (a restart, a kill) sent a FIN
         # or a FATAL message, which makes an idle socket readable. One that broke while in use was marked
-        # broken by psycopg and discarded on its return. What the socket can't show, a peer gone without
-        # a word (a partition, a NAT that forgot the flow), happens after minutes of silence, not within
-        # a second of a working statement, and a check's round trip would hang on it just the same.
+        # broken by psycopg and discarded on its return. What the socket can't show (a host gone without
+        # a word, an address taken over by a failover's new primary) costs at most the one statement that
+        # finds it, on a connection that answered within the last quarter second: the request or task
+        # fails as on any lost connection and is retried. Being given back is not enough: a connection
+        # held through a slow gateway call without a statement vouches for nothing.
         now = time.monotonic()
-        if now - checked_at.get(conn, -RECHECK_AFTER_SECONDS) < RECHECK_AFTER_SECONDS and _quiet(conn):
+        if now - _known_alive.get(conn, -RECHECK_AFTER_SECONDS) < RECHECK_AFTER_SECONDS and _quiet(conn):
             return
         try:
             ConnectionPool.check_connection(conn)
-            checked_at[conn] = now
+            _known_alive[conn] = now
         except Exception:
             if owner:
                 log_event(log, "db_pool_dead_connection", logging.WARNING, pool=owner[0].name,
@@ -140,13 +142,7 @@ def _checker() -> tuple[Callable[[psycopg.Connection], None], Callable[[psycopg.
                 owner[0].check()
             raise
 
-    def returned(conn: psycopg.Connection) -> None:
-        # Called by the pool for every connection given back (after its rollback, if any): one that is
-        # open and idle has just answered its last statement, which is as good as a check.
-        if not conn.closed and conn.pgconn.transaction_status == TransactionStatus.IDLE:
-            checked_at[conn] = time.monotonic()
-
-    return check, returned, owner.append
+    return check, owner.append
 
 
 def get_pool(conninfo: str, *, max_size: int = 10, options: ConnectionOptions | None = None) -> ConnectionPool:
@@ -166,7 +162,7 @@ def get_pool(conninfo: str, *, max_size: int = 10, options: ConnectionOptions | 
             pool = _pools.get(key)
             if pool is None:
                 options = options or connection_options()
-                check, returned, set_owner = _checker()
+                check, set_owner = _checker()
                 pool = ConnectionPool(
                     conninfo,
                     min_size=1,
@@ -180,7 +176,6 @@ def get_pool(conninfo: str, *, max_size: int = 10, options: ConnectionOptions | 
                     # answers 503 with Retry-After) instead of piling up requests (DATABASE_POOL_TIMEOUT_SECONDS).
                     timeout=options.timeout,
                     check=check,
-                    reset=returned,
                     max_idle=options.max_idle,
                     max_lifetime=options.max_lifetime,
                     name=f"meterai-{os.getpid()}",
@@ -229,6 +224,9 @@ def transaction(conninfo: str) -> Iterator[Tx]:
         tx = Tx(conn)
         with conn.transaction():
             yield tx
+        # Not a pool reset callback: with one, psycopg_pool gives every connection back from a worker
+        # thread, and a busy process's next request finds none and grows the pool to its maximum.
+        _known_alive[conn] = time.monotonic()  # its COMMIT has just answered
     for callback in tx._after_commit:
         try:
             callback()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import shlex
 import signal
 import stat
 import subprocess
@@ -32,14 +33,14 @@ PYTEST_NO_TESTS_COLLECTED = 5
 USAGE = "usage: ./dev up [process ...]   |   ./dev test [pytest args ...]"
 
 
-def _configured_services() -> tuple[Settings, Services]:
+def _configured_services(min_connections: int | None = None) -> tuple[Settings, Services]:
     from shared.config import load_settings
 
     settings = load_settings()
     data_dir = Path(settings.data_dir).absolute()
     data_dir.mkdir(parents=True, exist_ok=True)
     return settings, ensure_services(settings.database_url, settings.redis_url, data_dir,
-                                     force_private=bool(settings.private_services))
+                                     force_private=bool(settings.private_services), min_connections=min_connections)
 
 
 def _apply_migrations(database_url: str) -> None:
@@ -165,14 +166,22 @@ def pytest_exit_code(code: int) -> int:
     return code
 
 
-def _wait_forwarding_signals(process: subprocess.Popen[bytes]) -> int:
-    """Wait for pytest. Ctrl-C in the terminal reaches it directly; SIGTERM/SIGHUP to us become SIGINT to it,
-    so it stops the way it does on Ctrl-C (fixture teardown included)."""
+def _wait_forwarding_signals(process: subprocess.Popen[bytes], *, group: bool = False) -> int:
+    """Wait for pytest, so it stops the way it does on Ctrl-C (fixture teardown included). In the terminal's
+    process group (``group`` False: one process, maybe a debugger reading the terminal) Ctrl-C reaches it
+    directly and SIGTERM/SIGHUP to us become SIGINT to it; in a group of its own (xdist: the workers must
+    hear it too) Ctrl-C, SIGTERM and SIGHUP to us become SIGINT to the whole group."""
     def forward(signum: int, frame: object) -> None:
-        process.send_signal(signal.SIGINT)
+        try:
+            if group:
+                os.killpg(process.pid, signal.SIGINT)
+            else:
+                process.send_signal(signal.SIGINT)
+        except ProcessLookupError:
+            pass
 
     previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGHUP)}
-    previous[signal.SIGINT] = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    previous[signal.SIGINT] = signal.signal(signal.SIGINT, forward if group else signal.SIG_IGN)
     try:
         return process.wait()
     finally:
@@ -187,27 +196,64 @@ def _wait_forwarding_signals(process: subprocess.Popen[bytes]) -> int:
 # worker makes its own session fixtures (database, private Redis, the Procfile's processes): nothing is
 # shared between them but the PostgreSQL server, on which every database has a name of its own.
 TEST_WORKERS_DEFAULT = 2
+# PostgreSQL connections one worker's systems may hold at once (two systems of the Procfile's processes,
+# each process with its own pool, plus the tests' own): one worker nearly fills a default server's 100.
+TEST_CONNECTIONS_PER_WORKER = 100
+# Arguments after which one process is wanted (a debugger), or that choose the distribution themselves.
+_ONE_PROCESS = ("--pdb", "--trace", "--looponfail", "-f")
+_DISTRIBUTION = ("-n", "--numprocesses", "-d", "--tx", "--dist", "--maxprocesses")
+
+
+def _xdist_off(args: list[str], environ: Mapping[str, str]) -> bool:
+    words = [*args, *shlex.split(environ.get("PYTEST_ADDOPTS", ""))]
+    return any(a in ("no:xdist", "-pno:xdist") for a in words) or any(a.startswith(_ONE_PROCESS) for a in words)
 
 
 def pytest_args(args: list[str], environ: Mapping[str, str] = os.environ) -> list[str]:
     """pytest's arguments for ``./dev test ARGS``: ARGS, run on TEST_WORKERS xdist workers (default
-    :data:`TEST_WORKERS_DEFAULT`; 0 or 1: in this process, one test at a time) unless ARGS choose the
-    distribution themselves (``-n``, ``--numprocesses``, ``--dist``, ``-p no:xdist``)."""
-    chosen = any(a.startswith(("-n", "--numprocesses", "--dist")) or a in ("no:xdist", "-pno:xdist") for a in args)
-    workers = int(environ.get("TEST_WORKERS") or TEST_WORKERS_DEFAULT)
-    if chosen or workers <= 1:
+    :data:`TEST_WORKERS_DEFAULT`, ``auto``: one per core; 0 or 1: in this process, one test at a time)
+    unless ARGS (or PYTEST_ADDOPTS) choose the distribution themselves (``-n``, ``--numprocesses``,
+    ``--dist``, ``-d``/``--tx``), turn xdist off (``-p no:xdist``) or want one process (``--pdb``,
+    ``--trace``)."""
+    if _xdist_off(args, environ) or any(a.startswith(_DISTRIBUTION) for a in args):
         return list(args)
-    return ["-n", str(workers), "--dist", "loadfile", *args]
+    workers = (environ.get("TEST_WORKERS") or str(TEST_WORKERS_DEFAULT)).strip().lower()
+    if workers != "auto" and int(workers) <= 1:
+        return list(args)
+    return ["-n", workers, "--dist", "loadfile", *args]
+
+
+def workers_of(args: list[str]) -> int:
+    """How many xdist workers pytest will run for these arguments (1: none)."""
+    for i, arg in enumerate(args):
+        value = None
+        if arg in ("-n", "--numprocesses") and i + 1 < len(args):
+            value = args[i + 1]
+        elif arg.startswith("--numprocesses="):
+            value = arg.split("=", 1)[1]
+        elif arg.startswith("-n") and len(arg) > 2:
+            value = arg[2:]
+        if value is not None:
+            if value in ("auto", "logical"):
+                return os.cpu_count() or 1
+            return max(1, int(value)) if value.isdigit() else 1
+    return 1
 
 
 def cmd_test(args: list[str]) -> int:
     """Run the test suite. The database in DATABASE_URL is only the tests' way into the server: they create
-    and drop databases of their own there (and start their own private redis-server)."""
-    _, services = _configured_services()
+    and drop databases of their own there (and start their own private redis-server). A server that allows
+    too few connections for the workers (a default one has 100) is replaced by a private one that allows
+    enough, rather than failing tests at random with "too many clients"."""
+    args = pytest_args(args)
+    workers = workers_of(args)
+    _, services = _configured_services(TEST_CONNECTIONS_PER_WORKER * workers + 50 if workers > 1 else None)
     try:
-        process = subprocess.Popen([sys.executable, "-m", "pytest", *pytest_args(args)], cwd=ROOT,
-                                   env=services.env())
-        return pytest_exit_code(_wait_forwarding_signals(process))
+        # With xdist, a process group of its own, so a stop reaches the workers too (each tears its
+        # systems down): Ctrl-C and SIGTERM/SIGHUP to us become SIGINT to the whole group.
+        process = subprocess.Popen([sys.executable, "-m", "pytest", *args], cwd=ROOT, env=services.env(),
+                                   process_group=0 if workers > 1 else None)
+        return pytest_exit_code(_wait_forwarding_signals(process, group=workers > 1))
     finally:
         services.stop()
 

@@ -248,11 +248,12 @@ def _prepare_cluster_dirs(dir: Path) -> tuple[Path, Path]:
     return cluster, log
 
 
-def start_private_postgres(dir: Path, port: int | None = None) -> PostgresHandle:
+def start_private_postgres(dir: Path, port: int | None = None, *, max_connections: int | None = None) -> PostgresHandle:
     """Start (initialising on first use) a PostgreSQL cluster in ``dir/postgres``, logging to ``dir/postgres.log``.
 
     Listens on 127.0.0.1:``port`` (a free one when None) with trust auth; its unix socket stays inside the
-    cluster folder. A cluster already running there is reused and left running by ``stop()``.
+    cluster folder; ``max_connections`` raises the server's limit (PostgreSQL's default is 100). A cluster
+    already running there is reused and left running by ``stop()``.
     """
     dir = Path(dir).absolute()
     cluster, log = _prepare_cluster_dirs(dir)
@@ -263,6 +264,8 @@ def start_private_postgres(dir: Path, port: int | None = None) -> PostgresHandle
         return PostgresHandle(cluster, running, owned=False)
     port = port or free_port()
     options = f"-p {port} -k {shlex.quote(str(cluster))} -c listen_addresses=127.0.0.1"
+    if max_connections:
+        options += f" -c max_connections={int(max_connections)}"
     result = _run_pg(
         [find_pg_bin("pg_ctl"), "start", "-w", "-t", "60", "-D", str(cluster), "-l", str(log), "-o", options],
         cluster,
@@ -274,21 +277,32 @@ def start_private_postgres(dir: Path, port: int | None = None) -> PostgresHandle
     return PostgresHandle(cluster, port)
 
 
+def max_connections_of(database_url: str) -> int:
+    """The server's ``max_connections``."""
+    import psycopg
+
+    with psycopg.connect(psycopg.conninfo.make_conninfo(database_url, dbname="postgres"), autocommit=True,
+                         connect_timeout=3) as conn:
+        return int(conn.execute("SHOW max_connections").fetchone()[0])
+
+
 def ensure_postgres(
-    database_url: str, data_dir: str | Path, *, force_private: bool = False
+    database_url: str, data_dir: str | Path, *, force_private: bool = False, min_connections: int | None = None
 ) -> tuple[str, PostgresHandle | None]:
     """A PostgreSQL URL that answers, with its database created: ``database_url`` itself if its server answers
-    (and ``force_private`` is off), else one on a private server under ``data_dir`` (whose handle is returned
-    so the caller can stop it)."""
+    (and ``force_private`` is off, and it allows ``min_connections`` when that is given), else one on a
+    private server under ``data_dir`` (whose handle is returned so the caller can stop it) allowing them."""
     if force_private:
         say(f"PRIVATE_SERVICES=1: not using PostgreSQL at {_redact(database_url)}; using a private one in {data_dir}")
     else:
         problem = _postgres_problem(database_url)
+        if problem is None and min_connections and (allowed := max_connections_of(database_url)) < min_connections:
+            problem = f"it allows {allowed} connections, this needs {min_connections}"
         if problem is None:
             create_database(database_url)
             return database_url, None
-        say(f"PostgreSQL at {_redact(database_url)} does not answer ({problem}); using a private one in {data_dir}")
-    handle = start_private_postgres(Path(data_dir))
+        say(f"PostgreSQL at {_redact(database_url)} won't do ({problem}); using a private one in {data_dir}")
+    handle = start_private_postgres(Path(data_dir), max_connections=min_connections)
     url = handle.database_url(database_name(database_url) or "meterai")
     try:
         create_database(url)
@@ -682,11 +696,13 @@ def wants_private_s3(environ: dict[str, str] | None = None) -> bool:
 
 
 def ensure_services(database_url: str, redis_url: str, data_dir: Path, *, force_private: bool = False,
-                    private_s3: bool | None = None) -> Services:
+                    private_s3: bool | None = None, min_connections: int | None = None) -> Services:
     """PostgreSQL and Redis that answer: the configured ones, or private ones under ``data_dir`` (always,
-    with ``force_private``); and a private SeaweedFS for the document store when ``private_s3`` (None:
-    :func:`wants_private_s3` of the environment)."""
-    database_url, pg = ensure_postgres(database_url, data_dir, force_private=force_private)
+    with ``force_private``; PostgreSQL also when the configured one allows fewer than ``min_connections``);
+    and a private SeaweedFS for the document store when ``private_s3`` (None: :func:`wants_private_s3` of
+    the environment)."""
+    database_url, pg = ensure_postgres(database_url, data_dir, force_private=force_private,
+                                       min_connections=min_connections)
     services = Services(database_url, redis_url, data_dir, [pg] if pg else [], forced_private=force_private)
     try:
         services.redis_url, redis_handle = ensure_redis(redis_url, data_dir, force_private=force_private)
