@@ -456,8 +456,7 @@ def _redis(sys_) -> redis.Redis:
 
 def test_a_spent_ticket_stays_spent_for_its_whole_life(sys_, throttled):
     base = throttled(admission_per_minute=600, admission_burst=1)
-    assert _create(base).status_code == 202  # the one free place
-    ticket = _create(base).json()["queue"]["ticket"]
+    ticket = _queued(base).json()["queue"]["ticket"]  # after the free place is taken
     token = wait_until(lambda: _poll(base, ticket).json().get("admission_token"), message="an admission")
     second_token = _poll(base, ticket).json()["admission_token"]  # polled again before spending
     assert _create(base, admission=token).status_code == 202
@@ -640,10 +639,20 @@ def test_buyers_behind_one_address_get_places_of_their_own_up_to_a_bound(throttl
 
 # --- a create retried by nginx or by our own Redis client (issue 12 review) -----------------------------
 
+def _queued(base: Base) -> requests.Response:
+    """The answer of the first create put in line. Creates until one is: at a fast outflow the free place
+    can come back between two creates on a busy machine (at 600/min, one every 100 ms): a count, not a clock."""
+    for _ in range(50):
+        answer = _create(base)
+        if answer.status_code != 202:
+            break
+    assert answer.status_code == 429, answer.text
+    return answer
+
+
 def _admission_token(base: Base) -> str:
-    """An admission token from the line (the one free place taken first)."""
-    assert _create(base).status_code == 202
-    ticket = _create(base).json()["queue"]["ticket"]
+    """An admission token from the line."""
+    ticket = _queued(base).json()["queue"]["ticket"]
     return wait_until(lambda: _poll(base, ticket).json().get("admission_token"), message="an admission")
 
 
