@@ -277,6 +277,11 @@ class Settings:
     verify_timeout_seconds: float = 5.0
     verify_concurrency: int = 2
 
+    # The settings given (lower-case names: those the environment or the caller set, empty values
+    # excepted), so production can tell a server it was told to use from the built-in default that points
+    # at this machine (:func:`production_problems`). Not a setting itself: never read from the environment.
+    given: frozenset = frozenset()
+
     def __post_init__(self) -> None:
         """Refuse settings that would break an invariant quietly, at start-up rather than under load."""
         # A comment or a stray space carried into a URL (systemd's EnvironmentFile keeps "# ..." after a
@@ -475,6 +480,13 @@ def production_problems(settings: Settings) -> list[str]:
     development machine can still print what production would refuse.
     """
     problems = []
+    # The defaults are this machine's servers: a node started without its settings would take orders into
+    # a database and a Redis of its own, which the other nodes (workers, beat, the other web nodes) never
+    # see. Named even when they are this machine's, so that is a decision, not an accident.
+    for name, what in (("database_url", "PostgreSQL"), ("redis_url", "Redis")):
+        if name not in settings.given:
+            problems.append(f"{name.upper()} is not set: the built-in default is a {what} on this machine "
+                            f"({_redact_url(getattr(settings, name))}); name the one every node shares, even if it is that one")
     if settings.secret_key == DEV_SECRET_KEY or len(settings.secret_key) < MIN_SECRET_LENGTH:
         problems.append(f"SECRET_KEY is the development key or shorter than {MIN_SECRET_LENGTH} characters")
     if settings.signing_dev_pki:
@@ -511,6 +523,13 @@ def production_problems(settings: Settings) -> list[str]:
                         + " cross the network readable; use starttls or tls (plain SMTP only to a relay on "
                         "this machine)")
     return problems
+
+
+def _redact_url(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.password:
+        return url.replace(f":{parts.password}@", ":***@")
+    return url
 
 
 def _made_by_development_pki(source) -> bool:
@@ -557,6 +576,8 @@ def load_settings(env: Mapping[str, str] | None = None, **overrides: object) -> 
     env = os.environ if env is None else env
     values: dict[str, object] = {}
     for f in fields(Settings):
+        if f.name == "given":
+            continue
         raw = env.get(f.name.upper())
         if raw is not None and raw != "":
             kind = type(f.default) if f.default is not None else str
@@ -566,6 +587,7 @@ def load_settings(env: Mapping[str, str] | None = None, **overrides: object) -> 
                 what = "a whole number (0 or 1 for a switch)" if kind is int else "a number"
                 raise ValueError(f"{f.name.upper()}={raw!r} must be {what}") from None
     values.update(overrides)
+    values.setdefault("given", frozenset(name for name in values if name != "given"))
     return Settings(**values)
 
 

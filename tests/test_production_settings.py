@@ -13,6 +13,8 @@ from shared.config import UnsafeSettings, load_settings, production_problems, re
 ROOT = Path(__file__).resolve().parents[1]
 
 PRODUCTION = {
+    "DATABASE_URL": "postgresql://meterai@db.internal:5432/meterai",
+    "REDIS_URL": "redis://redis.internal:6379/0",
     "SECRET_KEY": "k" * 40,
     "SIGNING_DEV_PKI": "0",
     "GATEWAY_SERVER_KEY": "Mid-server-real-production-key",
@@ -40,6 +42,8 @@ def test_complete_production_settings_start():
     ("MAIL_FROM", "", "MAIL_FROM"),
     ("SMTP_HOST", "smtp.example.id", "SMTP_SECURITY=none to another machine"),
     ("SMTP_HOST", "", "SMTP_HOST is not set"),
+    ("DATABASE_URL", "", "DATABASE_URL is not set"),
+    ("REDIS_URL", "", "REDIS_URL is not set"),
 ])
 def test_each_development_default_is_refused_outside_development(name, value, words):
     env = {**PRODUCTION, name: value}
@@ -200,3 +204,13 @@ def test_production_names_its_smtp_server_and_development_falls_back_to_this_mac
 def test_mail_settings_that_cannot_work_are_refused_in_any_mode(env, words):
     with pytest.raises(ValueError, match=words):
         load_settings({"DEVELOPMENT": "1", **env})
+
+
+def test_this_machines_servers_named_on_purpose_are_accepted():
+    """The built-in defaults are refused because nobody chose them; the same addresses, set, are a choice."""
+    env = {**PRODUCTION, "DATABASE_URL": "postgresql://postgres@127.0.0.1:5432/meterai",
+           "REDIS_URL": "redis://127.0.0.1:6379/0"}
+    assert production_problems(load_settings(env)) == []
+    assert production_problems(load_settings({**env, "REDIS_URL": ""})) == [
+        "REDIS_URL is not set: the built-in default is a Redis on this machine (redis://127.0.0.1:6379/0); name the "
+        "one every node shares, even if it is that one"]
