@@ -224,17 +224,22 @@ def test_a_claim_reserves_one_serial_that_retries_reuse_and_a_refund_voids(sys_)
     assert sys_.order_row(order_id)["lease_owner"] is None
 
 
+def _paid_order_beside_one_holding(sys_, serial: str) -> tuple[str, str]:
+    """(another order holding ``serial`` reserved, a paid order to claim)."""
+    with sys_.db() as conn:
+        other, order_id = _insert_order(conn), _insert_order(conn, "awaiting_payment")
+        conn.execute("UPDATE orders SET status = 'paid', refund_due_at = now() + interval '1 hour'"
+                     " WHERE id = %s", (order_id,))
+        conn.execute("INSERT INTO serials (serial, order_id, status) VALUES (%s, %s, 'reserved')", (serial, other))
+    return other, order_id
+
+
 def test_a_drawn_serial_that_is_taken_already_is_drawn_again(sys_, monkeypatch):
     """The reservation is one statement that reserves nothing on a collision: the claim draws again and
     the order gets the second serial, the other order keeps its own."""
     from shared import lifecycle
 
-    with sys_.db() as conn:
-        other, order_id = _insert_order(conn), _insert_order(conn, "awaiting_payment")
-        conn.execute("UPDATE orders SET status = 'paid', refund_due_at = now() + interval '1 hour'"
-                     " WHERE id = %s", (order_id,))
-        conn.execute("INSERT INTO serials (serial, order_id, status) VALUES ('TAKENTAKENTAKENTAKEN00', %s,"
-                     " 'reserved')", (other,))
+    other, order_id = _paid_order_beside_one_holding(sys_, "TAKENTAKENTAKENTAKEN00")
     drawn = iter(["TAKENTAKENTAKENTAKEN00", "FRESHFRESHFRESHFRESH00"])
     monkeypatch.setattr(lifecycle, "new_serial", lambda: next(drawn))
     with transaction(sys_.settings.database_url) as tx:
@@ -249,12 +254,7 @@ def test_a_drawn_serial_that_is_taken_already_is_drawn_again(sys_, monkeypatch):
 def test_a_serial_drawn_taken_every_time_fails_the_claim_instead_of_looping(sys_, monkeypatch):
     from shared import lifecycle
 
-    with sys_.db() as conn:
-        other, order_id = _insert_order(conn), _insert_order(conn, "awaiting_payment")
-        conn.execute("UPDATE orders SET status = 'paid', refund_due_at = now() + interval '1 hour'"
-                     " WHERE id = %s", (order_id,))
-        conn.execute("INSERT INTO serials (serial, order_id, status) VALUES ('TAKENTAKENTAKENTAKEN11', %s,"
-                     " 'reserved')", (other,))
+    _, order_id = _paid_order_beside_one_holding(sys_, "TAKENTAKENTAKENTAKEN11")
     monkeypatch.setattr(lifecycle, "new_serial", lambda: "TAKENTAKENTAKENTAKEN11")
     with pytest.raises(IllegalTransition, match="no free serial"):
         with transaction(sys_.settings.database_url) as tx:
