@@ -483,8 +483,9 @@ def production_problems(settings: Settings) -> list[str]:
     # The defaults are this machine's servers: a node started without its settings would take orders into
     # a database and a Redis of its own, which the other nodes (workers, beat, the other web nodes) never
     # see. Named even when they are this machine's, so that is a decision, not an accident.
+    defaults = {f.name: f.default for f in fields(Settings)}
     for name, what in (("database_url", "PostgreSQL"), ("redis_url", "Redis")):
-        if name not in settings.given:
+        if name not in settings.given and getattr(settings, name) == defaults[name]:
             problems.append(f"{name.upper()} is not set: the built-in default is a {what} on this machine "
                             f"({_redact_url(getattr(settings, name))}); name the one every node shares, even if it is that one")
     if settings.secret_key == DEV_SECRET_KEY or len(settings.secret_key) < MIN_SECRET_LENGTH:
@@ -579,7 +580,8 @@ def load_settings(env: Mapping[str, str] | None = None, **overrides: object) -> 
         if f.name == "given":
             continue
         raw = env.get(f.name.upper())
-        if raw is not None and raw != "":
+        raw = raw.strip() if raw is not None else None
+        if raw:  # empty or blank: the default
             kind = type(f.default) if f.default is not None else str
             try:
                 values[f.name] = _coerce(raw.strip(), kind)

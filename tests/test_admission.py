@@ -455,7 +455,7 @@ def _redis(sys_) -> redis.Redis:
 
 
 def test_a_spent_ticket_stays_spent_for_its_whole_life(sys_, throttled):
-    base = throttled(admission_per_minute=600, admission_burst=1)
+    base = throttled(admission_per_minute=60, admission_burst=1)  # a second create is queued for a second
     ticket = _queued(base).json()["queue"]["ticket"]  # after the free place is taken
     token = wait_until(lambda: _poll(base, ticket).json().get("admission_token"), message="an admission")
     second_token = _poll(base, ticket).json()["admission_token"]  # polled again before spending
@@ -640,8 +640,9 @@ def test_buyers_behind_one_address_get_places_of_their_own_up_to_a_bound(throttl
 # --- a create retried by nginx or by our own Redis client (issue 12 review) -----------------------------
 
 def _queued(base: Base) -> requests.Response:
-    """The answer of the first create put in line. Creates until one is: at a fast outflow the free place
-    can come back between two creates on a busy machine (at 600/min, one every 100 ms): a count, not a clock."""
+    """The answer of the first create put in line, after the free place is taken. Creates until one is
+    (a count, not a clock): at 60/min a place comes back every second, which a busy machine may take
+    between two creates."""
     for _ in range(50):
         answer = _create(base)
         if answer.status_code != 202:
@@ -660,7 +661,7 @@ def test_a_create_retried_on_another_node_keeps_the_admission_its_first_attempt_
     """nginx retries a POST on another node when the first times out (proxy_next_upstream ...
     non_idempotent): the first node may already have spent the admission token and frozen before making
     the order. The retry, same token and same Idempotency-Key, must still become the order."""
-    base = throttled(admission_per_minute=600, admission_burst=1)
+    base = throttled(admission_per_minute=60, admission_burst=1)  # a second create is queued for a second
     token = _admission_token(base)
     key = f"proxy-retry-{uuid.uuid4().hex}"
     first_node = admission.AdmissionController(base.settings, _redis(sys_))  # spends, then freezes
@@ -678,7 +679,7 @@ def test_a_create_retried_on_another_node_keeps_the_admission_its_first_attempt_
 
 
 def test_two_attempts_of_one_create_at_once_both_get_the_one_order(sys_, throttled):
-    base = throttled(admission_per_minute=600, admission_burst=1)
+    base = throttled(admission_per_minute=60, admission_burst=1)  # a second create is queued for a second
     token = _admission_token(base)
     key = f"twice-{uuid.uuid4().hex}"
     document = make_pdf(pages=1)

@@ -156,6 +156,15 @@ def test_a_connection_whose_commit_just_answered_is_handed_out_again_without_a_r
     with transaction(postgres.url) as tx:
         tx.execute("SELECT 1")
     assert len(checks) == 3
+    with pytest.raises(RuntimeError):  # a transaction that outlasts the window and fails (rolled back)...
+        with transaction(postgres.url) as tx:
+            tx.execute("SELECT 1")
+            time.sleep(0.7)
+            raise RuntimeError("the caller's own failure")
+    assert len(checks) == 3
+    with transaction(postgres.url) as tx:  # ...vouches for nothing: its check is older than the window
+        tx.execute("SELECT 1")
+    assert len(checks) == 4
 
 
 def test_a_server_that_stays_down_times_out_instead_of_hanging(postgres: Server) -> None:

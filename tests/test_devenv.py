@@ -507,6 +507,8 @@ def test_no_tests_collected_is_a_failure(pytest_code: int, ours: int) -> None:
     (["tests/test_mail.py"], {"PYTEST_ADDOPTS": "-p no:xdist"}, ["tests/test_mail.py"]),
     (["--pdb", "tests/test_mail.py"], {}, ["--pdb", "tests/test_mail.py"]),
     (["--trace"], {}, ["--trace"]),
+    (["--trace-config"], {}, ["-n", "2", "--dist", "loadfile", "--trace-config"]),
+    ([], {"PYTEST_ADDOPTS": "-n 4"}, []),
 ])
 def test_dev_test_runs_two_files_at_a_time_unless_told_otherwise(args, environ, expected) -> None:
     assert pytest_args(args, environ) == expected
@@ -514,10 +516,18 @@ def test_dev_test_runs_two_files_at_a_time_unless_told_otherwise(args, environ, 
 
 @pytest.mark.parametrize(("args", "workers"), [
     ([], 1), (["-x"], 1), (["-n", "2", "--dist", "loadfile"], 2), (["-n3"], 3), (["--numprocesses=4"], 4),
-    (["-n", "0"], 1), (["-n", "auto"], os.cpu_count() or 1),
+    (["-n", "0"], 1), (["-d", "--tx", "3*popen"], 3), (["-n", "2", "-p", "no:xdist"], 1),
 ])
 def test_the_workers_pytest_will_run_are_read_from_its_arguments(args, workers) -> None:
-    assert workers_of(args) == workers
+    assert workers_of(args, {}) == workers
+    assert workers_of([], {"PYTEST_ADDOPTS": " ".join(args)}) == workers
+
+
+def test_a_test_workers_setting_that_is_no_number_is_refused() -> None:
+    from shared.devtools.services import ServiceError
+
+    with pytest.raises(ServiceError, match="TEST_WORKERS"):
+        pytest_args([], {"TEST_WORKERS": "two"})
 
 
 def test_the_suite_under_two_workers_still_fails_when_no_test_is_collected(tmp_path) -> None:

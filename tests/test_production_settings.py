@@ -214,3 +214,14 @@ def test_this_machines_servers_named_on_purpose_are_accepted():
     assert production_problems(load_settings({**env, "REDIS_URL": ""})) == [
         "REDIS_URL is not set: the built-in default is a Redis on this machine (redis://127.0.0.1:6379/0); name the "
         "one every node shares, even if it is that one"]
+
+
+def test_a_blank_database_url_is_the_default_and_refused_a_server_set_in_code_is_not():
+    """A blank value is no setting (libpq would read it as this machine's socket); settings made in code
+    (dataclasses.replace) with a server of their own are not taken for the default."""
+    import dataclasses
+
+    assert any("DATABASE_URL is not set" in p for p in production_problems(load_settings({**PRODUCTION, "DATABASE_URL": "   "})))
+    made = dataclasses.replace(load_settings({k: v for k, v in PRODUCTION.items() if k != "DATABASE_URL"}),
+                               database_url="postgresql://meterai@db.internal/meterai")
+    assert not [p for p in production_problems(made) if "DATABASE_URL" in p]

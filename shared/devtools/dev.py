@@ -200,13 +200,16 @@ TEST_WORKERS_DEFAULT = 2
 # each process with its own pool, plus the tests' own): one worker nearly fills a default server's 100.
 TEST_CONNECTIONS_PER_WORKER = 100
 # Arguments after which one process is wanted (a debugger), or that choose the distribution themselves.
-_ONE_PROCESS = ("--pdb", "--trace", "--looponfail", "-f")
+_ONE_PROCESS = ("--pdb", "--trace", "--looponfail", "-f", "no:xdist", "-pno:xdist")
 _DISTRIBUTION = ("-n", "--numprocesses", "-d", "--tx", "--dist", "--maxprocesses")
 
 
-def _xdist_off(args: list[str], environ: Mapping[str, str]) -> bool:
-    words = [*args, *shlex.split(environ.get("PYTEST_ADDOPTS", ""))]
-    return any(a in ("no:xdist", "-pno:xdist") for a in words) or any(a.startswith(_ONE_PROCESS) for a in words)
+def _words(args: list[str], environ: Mapping[str, str]) -> list[str]:
+    return [*shlex.split(environ.get("PYTEST_ADDOPTS", "")), *args]
+
+
+def _xdist_off(words: list[str]) -> bool:
+    return any(a in _ONE_PROCESS or a.startswith("--pdbcls=") for a in words)
 
 
 def pytest_args(args: list[str], environ: Mapping[str, str] = os.environ) -> list[str]:
@@ -215,29 +218,42 @@ def pytest_args(args: list[str], environ: Mapping[str, str] = os.environ) -> lis
     unless ARGS (or PYTEST_ADDOPTS) choose the distribution themselves (``-n``, ``--numprocesses``,
     ``--dist``, ``-d``/``--tx``), turn xdist off (``-p no:xdist``) or want one process (``--pdb``,
     ``--trace``)."""
-    if _xdist_off(args, environ) or any(a.startswith(_DISTRIBUTION) for a in args):
+    words = _words(args, environ)
+    if _xdist_off(words) or any(a.startswith(_DISTRIBUTION) for a in words):
         return list(args)
     workers = (environ.get("TEST_WORKERS") or str(TEST_WORKERS_DEFAULT)).strip().lower()
+    if workers != "auto" and not workers.isdigit():
+        raise ServiceError(f"TEST_WORKERS={workers!r} must be a whole number or auto")
     if workers != "auto" and int(workers) <= 1:
         return list(args)
     return ["-n", workers, "--dist", "loadfile", *args]
 
 
-def workers_of(args: list[str]) -> int:
-    """How many xdist workers pytest will run for these arguments (1: none)."""
-    for i, arg in enumerate(args):
+def workers_of(args: list[str], environ: Mapping[str, str] = os.environ) -> int:
+    """How many xdist workers pytest will run for these arguments and PYTEST_ADDOPTS (1: none), at
+    least: for ``auto`` the machine's CPUs (xdist may count physical cores, fewer), and ``--tx N*popen``."""
+    words = _words(args, environ)
+    if _xdist_off(words):
+        return 1
+    count = 1
+    for i, arg in enumerate(words):
         value = None
-        if arg in ("-n", "--numprocesses") and i + 1 < len(args):
-            value = args[i + 1]
-        elif arg.startswith("--numprocesses="):
+        if arg in ("-n", "--numprocesses", "--tx") and i + 1 < len(words):
+            value = words[i + 1]
+        elif arg.startswith(("--numprocesses=", "--tx=")):
             value = arg.split("=", 1)[1]
         elif arg.startswith("-n") and len(arg) > 2:
             value = arg[2:]
-        if value is not None:
-            if value in ("auto", "logical"):
-                return os.cpu_count() or 1
-            return max(1, int(value)) if value.isdigit() else 1
-    return 1
+        if value is None:
+            continue
+        if arg.startswith("--tx"):
+            times, _, kind = value.partition("*")
+            count = int(times) if kind and times.isdigit() else 1
+        elif value in ("auto", "logical"):
+            count = os.cpu_count() or 1
+        else:
+            count = max(1, int(value)) if value.isdigit() else 1
+    return count
 
 
 def cmd_test(args: list[str]) -> int:
@@ -248,6 +264,7 @@ def cmd_test(args: list[str]) -> int:
     args = pytest_args(args)
     workers = workers_of(args)
     _, services = _configured_services(TEST_CONNECTIONS_PER_WORKER * workers + 50 if workers > 1 else None)
+    process: subprocess.Popen[bytes] | None = None
     try:
         # With xdist, a process group of its own, so a stop reaches the workers too (each tears its
         # systems down): Ctrl-C and SIGTERM/SIGHUP to us become SIGINT to the whole group.
@@ -255,6 +272,12 @@ def cmd_test(args: list[str]) -> int:
                                    process_group=0 if workers > 1 else None)
         return pytest_exit_code(_wait_forwarding_signals(process, group=workers > 1))
     finally:
+        if process is not None and process.poll() is None:  # we were stopped before we could wait for it
+            try:
+                os.killpg(process.pid, signal.SIGINT) if workers > 1 else process.send_signal(signal.SIGINT)
+                process.wait(timeout=120)
+            except (ProcessLookupError, subprocess.TimeoutExpired):
+                pass
         services.stop()
 
 

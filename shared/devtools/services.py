@@ -261,7 +261,11 @@ def start_private_postgres(dir: Path, port: int | None = None, *, max_connection
         _initdb(cluster)
     running = _running_cluster_port(cluster)
     if running is not None:
-        return PostgresHandle(cluster, running, owned=False)
+        handle = PostgresHandle(cluster, running, owned=False)
+        if max_connections and (allowed := max_connections_of(handle.database_url("postgres"))) < max_connections:
+            raise ServiceError(f"the PostgreSQL already running in {cluster} allows {allowed} connections, "
+                               f"{max_connections} are needed: stop it (pg_ctl stop -D {cluster}) and run again")
+        return handle
     port = port or free_port()
     options = f"-p {port} -k {shlex.quote(str(cluster))} -c listen_addresses=127.0.0.1"
     if max_connections:
@@ -296,8 +300,14 @@ def ensure_postgres(
         say(f"PRIVATE_SERVICES=1: not using PostgreSQL at {_redact(database_url)}; using a private one in {data_dir}")
     else:
         problem = _postgres_problem(database_url)
-        if problem is None and min_connections and (allowed := max_connections_of(database_url)) < min_connections:
-            problem = f"it allows {allowed} connections, this needs {min_connections}"
+        if problem is None and min_connections:
+            try:
+                allowed = max_connections_of(database_url)
+            except Exception as exc:  # noqa: BLE001 - it answered a moment ago: saturated, or gone
+                problem = f"can't read its max_connections: {type(exc).__name__}: {exc}"
+            else:
+                if allowed < min_connections:
+                    problem = f"it allows {allowed} connections, this needs {min_connections}"
         if problem is None:
             create_database(database_url)
             return database_url, None
