@@ -9,7 +9,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from functools import lru_cache
 from pathlib import Path
 from typing import Mapping
@@ -280,7 +280,7 @@ class Settings:
     # The settings given (lower-case names: those the environment or the caller set, empty values
     # excepted), so production can tell a server it was told to use from the built-in default that points
     # at this machine (:func:`production_problems`). Not a setting itself: never read from the environment.
-    given: frozenset = frozenset()
+    given: frozenset = field(default=frozenset(), repr=False, compare=False)
 
     def __post_init__(self) -> None:
         """Refuse settings that would break an invariant quietly, at start-up rather than under load."""
