@@ -214,8 +214,11 @@ def test_unpaid_order_is_expired_at_the_gateway_first(sys_):
     waiting_since(sys_, order_id, timedelta(hours=25))
     result = cli(sys_, "expire-unpaid", "--inline")
 
-    assert json.loads(result.stdout) == {"checked": 1, "outcomes": {"expired": 1},
-                                         "checkouts_expired": 0}, result.stderr
+    # The gateway also notifies its expiry, and the payments worker may apply that first: then this
+    # run finds the order moved already ("no_change"). Either way it is expired once, as below.
+    summary = json.loads(result.stdout)
+    assert summary in ({"checked": 1, "outcomes": {"expired": 1}, "checkouts_expired": 0},
+                       {"checked": 1, "outcomes": {"no_change": 1}, "checkouts_expired": 0}), result.stderr
     view = sys_.status(order_id, token)
     assert view["status"] == "expired" and view["reason"]["code"] == "payment_expire"
     assert "Anda tidak dikenai biaya" in view["reason"]["message"]
