@@ -487,7 +487,7 @@ def production_problems(settings: Settings) -> list[str]:
     for name, what in (("database_url", "PostgreSQL"), ("redis_url", "Redis")):
         if name not in settings.given and getattr(settings, name) == defaults[name]:
             problems.append(f"{name.upper()} is not set: the built-in default is a {what} on this machine "
-                            f"({_redact_url(getattr(settings, name))}); name the one every node shares, even if it is that one")
+                            f"({defaults[name]}); name the one every node shares, even if it is that one")
     if settings.secret_key == DEV_SECRET_KEY or len(settings.secret_key) < MIN_SECRET_LENGTH:
         problems.append(f"SECRET_KEY is the development key or shorter than {MIN_SECRET_LENGTH} characters")
     if settings.signing_dev_pki:
@@ -524,13 +524,6 @@ def production_problems(settings: Settings) -> list[str]:
                         + " cross the network readable; use starttls or tls (plain SMTP only to a relay on "
                         "this machine)")
     return problems
-
-
-def _redact_url(url: str) -> str:
-    parts = urlsplit(url)
-    if parts.password:
-        return url.replace(f":{parts.password}@", ":***@")
-    return url
 
 
 def _made_by_development_pki(source) -> bool:
@@ -584,7 +577,7 @@ def load_settings(env: Mapping[str, str] | None = None, **overrides: object) -> 
         if raw:  # empty or blank: the default
             kind = type(f.default) if f.default is not None else str
             try:
-                values[f.name] = _coerce(raw.strip(), kind)
+                values[f.name] = _coerce(raw, kind)
             except ValueError:
                 what = "a whole number (0 or 1 for a switch)" if kind is int else "a number"
                 raise ValueError(f"{f.name.upper()}={raw!r} must be {what}") from None

@@ -268,8 +268,9 @@ def compose(settings: Settings, kind: Mail, facts: Facts) -> Outgoing:
 # owner it names this claim: every later write of the row is a compare-and-set on both (_HELD).
 #
 # The claim also reads what the e-mail tells (the facts_ columns, :func:`_facts`) in the same statement:
-# one round trip fewer per e-mail. The facts are read as of the statement's start, which is what a read
-# right after the claim saw too: the claim changes only the outbox row.
+# one round trip fewer per e-mail. The facts are read as of the statement's start (before any wait for
+# the outbox row's lock), which is enough: the change that queued an e-mail committed its facts with the
+# outbox row, so a claim that sees the row sees them.
 _CLAIM = """
 WITH claimed AS (
     UPDATE mail_outbox SET status = 'sending', attempts = attempts + 1, lease_owner = %(owner)s,
