@@ -43,8 +43,10 @@ def start_multi(stack: Any, plan: MultiNode, overrides: dict[str, str]) -> dict[
     store = stack.open_document_store()
     stack.make_shared_pki(overrides)
     web_ports = [free_port() for _ in range(plan.web_nodes)]
-    front = stack.start_proxy(web_ports, trust_forwarded_from="127.0.0.1")
+    polls_port = free_port()
+    front = stack.start_proxy(web_ports, trust_forwarded_from="127.0.0.1", polls_ports=[polls_port])
     nodes = [(f"web-{i}", "web", port) for i, port in enumerate(web_ports, start=1)]
+    nodes += [("polls-1", "polls", polls_port)]
     nodes += [(f"stamping-{i}", "stamping", None) for i in range(1, plan.stamping_nodes + 1)]
     nodes += [(g, g, None) for g in ("checkout", "payments", "refunds", "housekeeping", "reconcile", "beat", "gateway")]
     for name, group, port in nodes:

@@ -102,6 +102,7 @@ class Stack:
     database_url: str = ""
     redis_url: str = ""
     web_port: int = 0
+    polls_port: int = 0
     gateway_port: int = 0
     secret_key: str = field(default_factory=lambda: secrets.token_hex(16))
     # The ops endpoints' bearer token (the drill scrapes GET /metrics with it: loadtests/scrapes.py).
@@ -141,6 +142,7 @@ class Stack:
         self.redis_url = redis_handle.url
         (self.workdir / "data").mkdir(parents=True, exist_ok=True)
         self.web_port = free_port()
+        self.polls_port = free_port()  # the Procfile's poll server (web/pollserver.py)
         self.gateway_port = free_port()
         self.smtp_port = free_port()  # Procfile.dev's mailbox: the mail workers send buyers' e-mails there
         self.launcher = Launcher(self.env(), logs=self.workdir / "logs")
@@ -178,7 +180,7 @@ class Stack:
         env.update(
             DEVELOPMENT="1",
             DATABASE_URL=self.database_url, REDIS_URL=self.redis_url, REDIS_KEY_PREFIX="meterai:",
-            DATA_DIR=str(self.workdir / "data"), PORT=str(self.web_port), PUBLIC_BASE_URL=self.web_url,
+            DATA_DIR=str(self.workdir / "data"), PORT=str(self.web_port), POLLS_PORT=str(self.polls_port), PUBLIC_BASE_URL=self.web_url,
             GATEWAY_URL=self.gateway_url, GATEWAY_PORT=str(self.gateway_port),
             NOTIFICATION_URL=f"{self.web_url}/api/v1/payments/notifications", SECRET_KEY=self.secret_key,
             OPS_TOKEN=self.ops_token, PYTHONUNBUFFERED="1",
@@ -271,14 +273,18 @@ class Stack:
             env["METRICS_PORT"] = str(free_port())
         return env
 
-    def start_proxy(self, web_ports: list[int], *, trust_forwarded_from: str | None = None) -> str:
+    def start_proxy(self, web_ports: list[int], *, trust_forwarded_from: str | None = None,
+                    polls_ports: list[int] | None = None) -> str:
         """The private nginx in front of the web nodes, on the stack's web port (so PUBLIC_BASE_URL and
         the gateway's NOTIFICATION_URL already name it). ``trust_forwarded_from``: the address of a front
-        proxy whose X-Forwarded-For nginx believes (a drill's buyers pose as one). Returns its URL."""
+        proxy whose X-Forwarded-For nginx believes (a drill's buyers pose as one). ``polls_ports``: poll
+        servers (web/pollserver.py) for the place-in-line reads. Returns its URL."""
         self.proxy = start_nginx(self.workdir / "nginx", [f"127.0.0.1:{p}" for p in web_ports], port=self.web_port,
-                                 trust_forwarded_from=trust_forwarded_from)
+                                 trust_forwarded_from=trust_forwarded_from,
+                                 polls=[f"127.0.0.1:{p}" for p in polls_ports or []])
         self._private.append(self.proxy)
-        say(f"proxy: nginx at {self.proxy.url} over {', '.join(str(p) for p in web_ports)}")
+        say(f"proxy: nginx at {self.proxy.url} over {', '.join(str(p) for p in web_ports)}"
+            + (f", polls to {', '.join(str(p) for p in polls_ports)}" if polls_ports else ""))
         return str(self.proxy.url)
 
     def kill(self, name: str) -> None:

@@ -409,18 +409,18 @@ class AdmissionController:
         except redis.RedisError:
             pass
 
-    def status(self, ticket: str) -> QueueStatus:
+    def _ticket_claims(self, ticket: str) -> dict:
         claims = self.signer.verify("ticket", ticket)
         if claims is None or not isinstance(claims.get("n"), int):
             raise InvalidAdmission("This queue ticket is not valid.", code="invalid_ticket")
         if time.time() - claims.get("t", 0) > self.settings.ticket_seconds:
             raise InvalidAdmission("This queue ticket has expired; please start again.",
                                    code="ticket_expired")
-        number = int(claims["n"])
-        line = self._recent_line(claims.get("e"))
-        if claims.get("e") != line.epoch:
-            raise InvalidAdmission("This queue ticket has expired; please start again.",
-                                   code="ticket_expired")
+        return claims
+
+    def _waiting(self, number: int, line: _Line) -> QueueStatus | None:
+        """The answer for ticket ``number`` while it waits behind ``line``'s head; None once it is at the head
+        (collecting the admission is the caller's)."""
         self._seen.add(number)  # reported with this process's next advance: its holder is still here
         if line.mode == Mode.PAUSED:  # the ticket keeps its place; nobody is let in meanwhile
             raise SalesPaused("Ticket sales are paused; your place in the queue is kept. Please check "
@@ -428,6 +428,36 @@ class AdmissionController:
         position = max(0, number - line.head)
         if position > 0:
             return QueueStatus(position=position, eta_seconds=self._eta(position), admitted=False)
+        return None
+
+    def status_if_known(self, ticket: str) -> QueueStatus | None:
+        """:meth:`status` when it can be answered without a Redis round trip, else None (ask :meth:`status`).
+
+        For a server that answers polls on an event loop (web/pollserver.py): most polls are a ticket still
+        waiting behind a line this process saw within ``LINE_MAX_AGE_SECONDS`` and an outflow it read within
+        ``OUTFLOW_MAX_AGE_SECONDS``, which need only the ticket's HMAC; the rest (a stale look at the line,
+        another epoch, the head reached) wait on Redis and belong on a thread. Raises as :meth:`status`
+        does for a ticket that isn't valid or expired, and while sales are paused."""
+        claims = self._ticket_claims(ticket)
+        line, outflow, now = self._line, self._outflow, time.monotonic()
+        if (line is None or line.epoch != claims.get("e") or now - line.at > self.LINE_MAX_AGE_SECONDS
+                or outflow is None or now - outflow[0] >= self.OUTFLOW_MAX_AGE_SECONDS):
+            return None
+        number = int(claims["n"])
+        if number <= line.head and line.mode != Mode.PAUSED:
+            return None  # at the head: the admission is collected in Redis
+        return self._waiting(number, line)
+
+    def status(self, ticket: str) -> QueueStatus:
+        claims = self._ticket_claims(ticket)
+        number = int(claims["n"])
+        line = self._recent_line(claims.get("e"))
+        if claims.get("e") != line.epoch:
+            raise InvalidAdmission("This queue ticket has expired; please start again.",
+                                   code="ticket_expired")
+        waiting = self._waiting(number, line)
+        if waiting is not None:
+            return waiting
         collected = self._call(self._collect, keys=[self._spent_key(claims["e"]), self._active_key],
                                args=[number, int(time.time() * 1000)])
         if collected == 0:

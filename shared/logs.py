@@ -172,7 +172,8 @@ def _access_record(record: logging.LogRecord) -> logging.LogRecord:
 RENDERED = "meterai_rendered"
 
 
-def access_line(status: Any, headers: Any, environ: Mapping[str, Any], sent: Any, request_time: Any) -> str:
+def access_line(status: Any, headers: Any, environ: Mapping[str, Any], sent: Any, request_time: Any,
+                logger: str = "gunicorn.access") -> str:
     """gunicorn's access line with the fields of :func:`_access_record`, rendered straight to JSON.
 
     Every request writes one, and gunicorn's own path (a dict of every header and environ key, then
@@ -188,7 +189,7 @@ def access_line(status: Any, headers: Any, environ: Mapping[str, Any], sent: Any
     route = environ.get(ROUTE_ENVIRON)
     line: dict[str, Any] = {
         "timestamp": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ"), "level": "info",
-        "logger": "gunicorn.access", "event": "http_request"}
+        "logger": logger, "event": "http_request"}
     if request_id:
         line["request_id"] = request_id
     line.update(method=environ.get("REQUEST_METHOD"), route=route if route and route != "-" else None,

@@ -28,6 +28,7 @@ if TYPE_CHECKING:
 SECRET_KEY_FILE = "secret-key"
 SECRET_KEY_MIN_LENGTH = 32
 WEB_PORT = 8000
+POLLS_PORT = 8001  # the poll server (web/pollserver.py); without the proxy, web answers polls too
 DEV_SMTP_PORT = 8025  # Procfile.dev's mailbox (shared/devtools/smtp.py)
 PYTEST_NO_TESTS_COLLECTED = 5
 USAGE = "usage: ./dev up [process ...]   |   ./dev test [pytest args ...]"
@@ -111,6 +112,9 @@ def announce_when_up(launcher: Launcher, settings: Settings, ports: dict[str, in
     launcher.emit("dev", "everything is up")
     if "web" in names:
         launcher.emit("dev", f"  web:              {launcher.processes['web'].url}")
+    if "polls" in launcher.processes:
+        launcher.emit("dev", f"  poll server:      {launcher.processes['polls'].url}/api/v1/queue/<ticket> "
+                             "(the proxy's target for place-in-line reads; web answers them too)")
     if "gateway" in names:
         launcher.emit("dev", f"  stand-in gateway: {settings.gateway_url}")
     if "mailbox" in launcher.processes:
@@ -143,6 +147,7 @@ def cmd_up(args: list[str]) -> int:
         if not os.environ.get("SECRET_KEY"):
             env["SECRET_KEY"] = data_dir_secret_key(services.data_dir)
         env["PORT"] = os.environ.get("PORT") or str(WEB_PORT)  # the Procfile convention: PORT for web
+        env["POLLS_PORT"] = os.environ.get("POLLS_PORT") or str(POLLS_PORT)
         if not os.environ.get("SMTP_HOST"):  # e-mail goes to Procfile.dev's mailbox, unless told otherwise
             env.update(SMTP_HOST="127.0.0.1", SMTP_PORT=os.environ.get("SMTP_PORT") or str(DEV_SMTP_PORT),
                        SMTP_SECURITY="none", SMTP_USERNAME="", SMTP_PASSWORD="")

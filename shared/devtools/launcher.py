@@ -36,7 +36,8 @@ from shared.devtools.procfile import ROOT, ProcessSpec, UnknownProcess, process_
 
 STOP_GRACE_SECONDS = 10.0
 # Process groups that answer HTTP when ready: the variable that holds their port, and the path to ask.
-HTTP_READY: dict[str, tuple[str, str]] = {"web": ("PORT", "/readyz"), "gateway": ("GATEWAY_PORT", "/sandbox/faults")}
+HTTP_READY: dict[str, tuple[str, str]] = {"web": ("PORT", "/readyz"), "polls": ("POLLS_PORT", "/healthz"),
+                                           "gateway": ("GATEWAY_PORT", "/sandbox/faults")}
 # What a Celery worker logs once it consumes its queues.
 CELERY_READY = re.compile(rb"\bready\.")
 CELERY_WORKER = re.compile(r"\bcelery\b.*\bworker\b")

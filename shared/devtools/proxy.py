@@ -29,6 +29,7 @@ TEMPLATE = ROOT / "deploy" / "nginx" / "meterai.conf"
 UPSTREAM_OPTIONS = "max_fails=3 fail_timeout=10s"
 _NODES = re.compile(r"^([ \t]*)# web nodes: begin.*?\n.*?^[ \t]*# web nodes: end[^\n]*\n", re.M | re.S)
 _LISTEN = re.compile(r"^([ \t]*)# listen: begin[^\n]*\n.*?^[ \t]*# listen: end[^\n]*\n", re.M | re.S)
+_POLLS = re.compile(r"^([ \t]*)# poll servers: begin.*?\n.*?^[ \t]*# poll servers: end[^\n]*\n", re.M | re.S)
 _REDIRECT = re.compile(r"^# redirect: begin[^\n]*\n.*?^# redirect: end[^\n]*\n", re.M | re.S)
 _UPSTREAM = re.compile(r"^[A-Za-z0-9.\-\[\]:]+:\d+$")
 _DIRECTIVE_NAME = re.compile(r"^[a-z_0-9]+$")
@@ -52,8 +53,12 @@ def _check_upstreams(upstreams: list[str]) -> list[str]:
 
 def render_site(upstreams: list[str], port: int, *, template: Path = TEMPLATE,
                 access_log: Path | None = None, error_log: Path | None = None,
-                trust_forwarded_from: str | None = None, **limits: str | int) -> str:
+                trust_forwarded_from: str | None = None, polls: list[str] | None = None,
+                **limits: str | int) -> str:
     """The production site file with ``upstreams`` as its web nodes, listening on 127.0.0.1:``port``.
+
+    ``polls``: the poll servers (web/pollserver.py) the place-in-line reads go to, with the web nodes as
+    their backups, as in production; none (the default), and the web nodes answer them as before.
 
     ``limits`` replaces the value of every occurrence of a directive the file already has (for example
     ``proxy_read_timeout="2s"``, ``client_max_body_size="1m"``); a directive the file doesn't have is an
@@ -65,13 +70,19 @@ def render_site(upstreams: list[str], port: int, *, template: Path = TEMPLATE,
     text = template.read_text()
     nodes = "".join(f"    server {u} {UPSTREAM_OPTIONS};\n" for u in _check_upstreams(upstreams))
     text, found_nodes = _NODES.subn(lambda m: nodes, text, count=1)
+    if polls:
+        poll_lines = "".join(f"    server {u} {UPSTREAM_OPTIONS};\n" for u in _check_upstreams(polls)) + "".join(
+            f"    server {u} backup;\n" for u in upstreams)
+    else:
+        poll_lines = nodes
+    text, found_polls = _POLLS.subn(lambda m: poll_lines, text, count=1)
     listen = f"    listen 127.0.0.1:{port};\n"
     if trust_forwarded_from:
         listen += (f"    set_real_ip_from {trust_forwarded_from};\n    real_ip_header X-Forwarded-For;\n")
     text, found_listen = _LISTEN.subn(lambda m: listen, text, count=1)
     text, found_redirect = _REDIRECT.subn("", text, count=1)
-    if not (found_nodes and found_listen and found_redirect):
-        raise ValueError(f"{template} lost its 'web nodes', 'listen' or 'redirect' markers")
+    if not (found_nodes and found_polls and found_listen and found_redirect):
+        raise ValueError(f"{template} lost its 'web nodes', 'poll servers', 'listen' or 'redirect' markers")
     overrides: dict[str, str] = {name: str(value) for name, value in limits.items()}
     if access_log is not None:
         overrides["access_log"] = f"{access_log} meterai_json"
@@ -119,6 +130,7 @@ class NginxHandle:
     limits: dict[str, str | int] = field(default_factory=dict)
     trust_forwarded_from: str | None = None
     workers: int = 1
+    polls: list[str] = field(default_factory=list)  # poll servers (web/pollserver.py), the web nodes their backups
     process: subprocess.Popen[bytes] | None = field(default=None, repr=False)
 
     @property
@@ -164,7 +176,7 @@ class NginxHandle:
         limits = {"proxy_cache_path": f"{cache} levels=1:2 keys_zone=meterai_static:1m max_size=64m inactive=2h"
                                       " use_temp_path=off", **self.limits}
         site = render_site(upstreams, self.port, access_log=self.access_log, error_log=self.error_log,
-                           trust_forwarded_from=self.trust_forwarded_from, **limits)
+                           trust_forwarded_from=self.trust_forwarded_from, polls=self.polls, **limits)
         for sub in ("logs", "temp", "cache/static"):
             (self.data_dir / sub).mkdir(parents=True, exist_ok=True)
         candidate = self.conf.with_suffix(".conf.new")
@@ -254,16 +266,18 @@ def _tail(path: Path, lines: int = 20) -> str:
 
 
 def start_nginx(data_dir: Path, upstreams: list[str], *, port: int | None = None,
-                trust_forwarded_from: str | None = None, workers: int = 1, **limits: str | int) -> NginxHandle:
+                trust_forwarded_from: str | None = None, workers: int = 1, polls: list[str] | None = None,
+                **limits: str | int) -> NginxHandle:
     """Start a private nginx on 127.0.0.1:``port`` (a free one when None) in front of ``upstreams``
-    (``host:port`` of each gunicorn node), with its files under ``data_dir``. ``limits`` overrides
+    (``host:port`` of each gunicorn node), with its files under ``data_dir``. ``polls``: poll servers
+    (web/pollserver.py) for the place-in-line reads, the web nodes their backups. ``limits`` overrides
     directives of the production file (see :func:`render_site`)."""
     data_dir = Path(data_dir).absolute()
     data_dir.mkdir(parents=True, exist_ok=True)
     attempts = 1 if port else 3  # a free port can be taken by someone else before nginx binds it
     for attempt in range(1, attempts + 1):
         handle = NginxHandle(data_dir, port or free_port(), _check_upstreams(upstreams), dict(limits),
-                             trust_forwarded_from, workers)
+                             trust_forwarded_from, workers, list(polls or []))
         try:
             handle.start()
         except ServiceError:

@@ -1,0 +1,359 @@
+"""The poll server (web/pollserver.py): the Procfile's ``polls`` process, started by the launcher against the
+shared system's Redis, answering places in line as the web does; its HTTP, its metrics and access lines;
+and behind the production proxy (deploy/nginx/meterai.conf), which sends it the place-in-line reads and
+falls back to the web nodes while it is down.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+import redis
+import requests
+
+from shared.admission import AdmissionController, Mode, Signer
+from shared.devtools.launcher import Process
+from shared.devtools.proxy import start_nginx
+from shared.devtools.services import free_port
+from shared.redisconn import redis_client
+from tests.conftest import System, wait_until
+
+QUEUE = "/api/v1/queue"
+# Headers that name the request or the moment, not the answer.
+PER_REQUEST = {"x-request-id", "date", "server", "connection", "keep-alive"}
+
+
+class Line:
+    """A waiting room of its own (key prefix), its web node and poll server on the same settings."""
+
+    def __init__(self, sys_: System, web: Process, polls: Process, env: dict[str, str]) -> None:
+        self.sys, self.web, self.polls, self.env = sys_, web, polls, env
+        self.web_url, self.polls_url = f"http://127.0.0.1:{web.port}", f"http://127.0.0.1:{polls.port}"
+        self.prefix = env["REDIS_KEY_PREFIX"]
+
+    def ticket(self, n: int) -> dict:
+        answer = requests.post(f"{self.web_url}{QUEUE}", headers={"Client-Id": f"buyer-{uuid.uuid4().hex[:12]}",
+                                                                 "X-Forwarded-For": f"10.9.{n >> 8 & 255}.{n & 255}"},
+                               timeout=10)
+        assert answer.status_code == 200, answer.text
+        return answer.json()
+
+    def waiting_ticket(self) -> str:
+        """A ticket that waits (the first of an empty line is admitted at once)."""
+        for n in range(100, 110):
+            answer = self.ticket(n)
+            if not answer["admitted"]:
+                return answer["ticket"]
+        raise AssertionError("every ticket was admitted at once")
+
+    def room(self) -> AdmissionController:
+        from shared.config import load_settings
+
+        settings = load_settings({**self.sys.env, **self.env})
+        return AdmissionController(settings, redis_client(settings.redis_url, timeout=1))
+
+    def polls_log(self) -> list[dict]:
+        lines = []
+        for line in self.polls.output().decode("utf-8", "replace").splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(record, dict):
+                lines.append(record)
+        return lines
+
+
+@pytest.fixture
+def line(sys_: System):
+    """``line(ADMISSION_PER_MINUTE="1", ...)``: a web node and a poll server on a waiting room of their own."""
+    started: list[str] = []
+    prefixes: list[str] = []
+
+    def start(**env: str) -> Line:
+        tag = uuid.uuid4().hex[:6]
+        prefix = f"meterai-polls-{tag}:"
+        prefixes.append(prefix)
+        env = {"REDIS_KEY_PREFIX": prefix, "ADMISSION_PER_MINUTE": "1", "ADMISSION_BURST": "1",
+               "PROXY_HOPS": "1", **env}
+        web = sys_.launcher.start("web", name=f"web-{tag}", port=free_port(), env=env)
+        polls = sys_.launcher.start("polls", name=f"polls-{tag}", port=free_port(), env=env)
+        started.extend([web.name, polls.name])
+        sys_.launcher.wait_ready([web.name, polls.name], timeout=90)
+        return Line(sys_, web, polls, env)
+
+    yield start
+    sys_.launcher.stop(*started)
+    client = redis.Redis.from_url(sys_.settings.redis_url)
+    for prefix in prefixes:
+        for key in client.scan_iter(match=f"{prefix}*"):
+            client.delete(key)
+
+
+def _same_answer(a: requests.Response, b: requests.Response) -> None:
+    assert a.status_code == b.status_code, (a.text, b.text)
+    names = lambda r: {k.lower() for k in r.headers} - PER_REQUEST  # noqa: E731
+    assert names(a) == names(b), (dict(a.headers), dict(b.headers))
+    for name in names(a) - {"content-length", "retry-after"}:
+        assert a.headers[name] == b.headers[name], name
+    assert a.headers["X-Request-Id"] and b.headers["X-Request-Id"]
+
+
+def test_a_place_in_line_from_the_poll_server_is_the_one_the_web_gives(line):
+    room = line(ADMISSION_PER_MINUTE="1", ADMISSION_BURST="1")
+    first = room.ticket(1)  # admitted at once: the line was empty
+    waiting = [room.ticket(n) for n in range(2, 5)]
+    assert first["admitted"] is True and all(not w["admitted"] for w in waiting)
+    for n, ticket in enumerate(w["ticket"] for w in waiting):
+        web = requests.get(f"{room.web_url}{QUEUE}/{ticket}", timeout=10)
+        polls = requests.get(f"{room.polls_url}{QUEUE}/{ticket}", timeout=10)
+        _same_answer(web, polls)
+        assert web.json() == polls.json()  # one outflow a minute: the head can't have moved between
+        assert polls.json()["position"] == n + 1 and polls.json()["admitted"] is False
+        assert polls.headers["Retry-After"] == web.headers["Retry-After"]
+        assert polls.headers["Cache-Control"] == "no-store"
+    # Refusals in the web's error shape, status and headers: not a ticket, forged, expired, another epoch.
+    settings = room.room().settings
+    signer = Signer(settings.secret_key)
+    epoch = redis.Redis.from_url(settings.redis_url).get(f"{room.prefix}adm:epoch").decode()
+    refusals = {
+        "garbage": 404,
+        waiting[0]["ticket"][:-2] + "xx": 404,
+        signer.sign("ticket", {"n": 3, "e": epoch, "t": 0}): 410,
+        signer.sign("ticket", {"n": 3, "e": "another", "t": int(time.time())}): 410,
+    }
+    for ticket, status in refusals.items():
+        web = requests.get(f"{room.web_url}{QUEUE}/{ticket}", timeout=10)
+        polls = requests.get(f"{room.polls_url}{QUEUE}/{ticket}", timeout=10)
+        _same_answer(web, polls)
+        assert polls.status_code == status and polls.json() == web.json()
+    # Paths and methods that are not a place in line.
+    for method, path in (("POST", f"{QUEUE}/{waiting[0]['ticket']}"), ("GET", f"{QUEUE}/a/b"), ("GET", "/nothing")):
+        polls = requests.request(method, f"{room.polls_url}{path}", timeout=10)
+        web = requests.request(method, f"{room.web_url}{path}", timeout=10)
+        assert polls.status_code == web.status_code and polls.json()["error"]["code"] == web.json()["error"]["code"]
+
+
+def test_sales_paused_and_the_turn_come_from_the_poll_server_as_from_the_web(line):
+    room = line(ADMISSION_PER_MINUTE="60", ADMISSION_BURST="1")
+    room.ticket(1)
+    ticket = room.ticket(2)["ticket"]
+    controller = room.room()
+    controller.set_mode(Mode.PAUSED)
+    try:
+        def paused(url: str) -> list[requests.Response]:
+            answer = requests.get(f"{url}{QUEUE}/{ticket}", timeout=10)
+            # (A list: a 503 Response is falsy.) Each process's look at the line is 200 ms old at most.
+            return [answer] if answer.status_code == 503 else []
+
+        [web], [polls] = wait_until(lambda: paused(room.web_url)), wait_until(lambda: paused(room.polls_url))
+        _same_answer(web, polls)
+        assert polls.json() == web.json() and polls.json()["error"]["code"] == "sales_paused"
+        assert polls.headers["Retry-After"] == "5"
+    finally:
+        controller.set_mode(Mode.AUTO)
+    # Its turn, collected at the poll server: a token the web takes for a create (checked, not spent).
+    admitted = wait_until(lambda: (a := requests.get(f"{room.polls_url}{QUEUE}/{ticket}", timeout=10).json())
+                          .get("admitted") and a, timeout=30, message="the ticket's turn")
+    assert admitted["position"] == 0 and admitted["admission_token"]
+    assert controller.check_token(admitted["admission_token"])["n"] == 2
+    again = requests.get(f"{room.polls_url}{QUEUE}/{ticket}", timeout=10)
+    assert again.status_code == 200 and "Retry-After" not in again.headers
+
+
+def test_most_polls_need_no_round_trip_to_redis_and_one_that_does_waits_off_the_event_loop(sys_):
+    """The waiting room answers a ticket behind a fresh look at the line from memory; a poll that needs
+    Redis runs on a thread, so a Redis that doesn't answer delays that poll, not the others."""
+    from shared.config import load_settings
+
+    prefix = f"meterai-polls-{uuid.uuid4().hex[:6]}:"
+    settings = load_settings({**sys_.env, "REDIS_KEY_PREFIX": prefix, "ADMISSION_PER_MINUTE": "1",
+                              "ADMISSION_BURST": "1"})
+    room = AdmissionController(settings, redis_client(settings.redis_url, timeout=1))
+    room.take_ticket("10.8.0.1", "buyer-first-one")
+    ticket = room.take_ticket("10.8.0.2", "buyer-second-one").ticket
+    fresh = AdmissionController(settings, redis_client(settings.redis_url, timeout=1))
+    assert fresh.status_if_known(ticket) is None  # nothing seen yet: ask Redis
+    fresh.status(ticket)
+    calls: list[object] = []
+    script = fresh._script
+    fresh._script = lambda *a, **k: calls.append(a) or script(*a, **k)  # type: ignore[method-assign]
+    known = fresh.status_if_known(ticket)
+    assert known is not None and known.position == 1 and calls == []
+    with pytest.raises(Exception) as refused:
+        fresh.status_if_known("garbage")
+    assert getattr(refused.value, "code", None) == "invalid_ticket"
+
+    # A "Redis" that accepts connections and never answers.
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(64)
+    held: list[socket.socket] = []
+    threading.Thread(target=lambda: [held.append(silent.accept()[0]) for _ in range(64)], daemon=True).start()
+    port = free_port()
+    name = f"polls-silent-{uuid.uuid4().hex[:6]}"
+    polls = sys_.launcher.start("polls", name=name, port=port, env={
+        "REDIS_URL": f"redis://127.0.0.1:{silent.getsockname()[1]}/0", "REDIS_KEY_PREFIX": prefix})
+    try:
+        sys_.launcher.wait_ready([name], timeout=60)
+        order: list[str] = []
+
+        def poll() -> None:
+            answer = requests.get(f"http://127.0.0.1:{port}{QUEUE}/{ticket}", timeout=30)
+            order.append(f"poll {answer.status_code} {answer.json()['error']['code']}")
+
+        waiting = threading.Thread(target=poll)
+        waiting.start()
+        wait_until(lambda: len(held) >= 1, message="the poll's thread connecting to the silent Redis")
+        health = requests.get(f"http://127.0.0.1:{port}/healthz", timeout=10)
+        order.append(f"healthz {health.status_code}")
+        waiting.join(timeout=30)
+        assert order == ["healthz 200", "poll 503 admission_unavailable"]
+    finally:
+        sys_.launcher.stop(name)
+        silent.close()
+        for connection in held:
+            connection.close()
+    assert polls.popen is not None and polls.popen.returncode == 0  # SIGTERM: a clean stop
+
+
+def _exchange(port: int, data: bytes, timeout: float = 10.0) -> bytes:
+    """Send raw bytes, read until the server closes the connection."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as connection:
+        connection.sendall(data)
+        received = b""
+        while chunk := connection.recv(65536):
+            received += chunk
+        return received
+
+
+def test_the_poll_server_speaks_http_carefully(line):
+    room = line()
+    ticket = room.waiting_ticket()
+    port = room.polls.port
+    assert port
+    # Pipelined requests answered in order, the last one closing the connection.
+    poll = f"GET {QUEUE}/{ticket} HTTP/1.1\r\nHost: x\r\nX-Request-Id: pipelined-{{}}\r\n\r\n"
+    raw = _exchange(port, ("".join(poll.format(i) for i in range(5))
+                           + "GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").encode())
+    answers = raw.split(b"HTTP/1.1 ")[1:]
+    assert [a.split(b" ", 1)[0] for a in answers] == [b"200"] * 6
+    assert [a.split(b"X-Request-Id: ")[1].split(b"\r\n")[0] for a in answers[:5]] == [
+        f"pipelined-{i}".encode() for i in range(5)]
+    assert b"Connection: close" in answers[-1]
+    # HTTP/1.0 closes unless asked; HEAD has the headers and no body.
+    raw = _exchange(port, f"HEAD {QUEUE}/{ticket} HTTP/1.0\r\n\r\n".encode())
+    head, _, body = raw.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.0 200") and body == b"" and b"Content-Length: " in head
+    # A body, a broken request line, an oversized head: refused in JSON, then the connection closes.
+    for request, status in ((f"GET {QUEUE}/{ticket} HTTP/1.1\r\nContent-Length: 5\r\n\r\nhello", b"400"),
+                            ("BROKEN\r\n\r\n", b"400"),
+                            ("GET / HTTP/2.0\r\n\r\n", b"400"),
+                            (f"GET {QUEUE}/{ticket} HTTP/1.1\r\nX-Big: {'a' * 20000}\r\n\r\n", b"431")):
+        raw = _exchange(port, request.encode())
+        assert raw.startswith(b"HTTP/1.1 " + status), raw[:200]
+        assert json.loads(raw.partition(b"\r\n\r\n")[2])["error"]["code"] in ("bad_request",
+                                                                               "request_header_fields_too_large")
+        assert raw.count(b"\r\nContent-Type: ") == 1  # one answer, then closed
+    # Every request counted in an access line: route template (never the ticket), status, request id.
+    lines = [r for r in room.polls_log() if r.get("event") == "http_request"]
+    ids = {r.get("request_id") for r in lines}
+    assert {f"pipelined-{i}" for i in range(5)} <= ids
+    assert all(ticket not in json.dumps(r) for r in lines)
+    assert {r["route"] for r in lines} >= {"/api/v1/queue/<ticket>", "/healthz"}
+
+
+def test_an_idle_connection_is_closed_after_the_keep_alive(sys_):
+    name, port = f"polls-idle-{uuid.uuid4().hex[:6]}", free_port()
+    sys_.launcher.start("polls", name=name, port=port,
+                        command="python -m web.pollserver --bind 127.0.0.1:${POLLS_PORT} --keep-alive 1")
+    try:
+        sys_.launcher.wait_ready([name], timeout=60)
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as connection:
+            connection.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            first = connection.recv(65536)
+            assert first.startswith(b"HTTP/1.1 200")
+            assert connection.recv(65536) == b""  # closed by the server once idle, not by us
+    finally:
+        sys_.launcher.stop(name)
+
+
+def test_the_poll_server_counts_its_requests_for_prometheus_behind_the_ops_token(line):
+    room = line(OPS_TOKEN="ops-token-for-the-polls-test-0123456789")
+    ticket = room.waiting_ticket()
+    for _ in range(3):
+        assert requests.get(f"{room.polls_url}{QUEUE}/{ticket}", timeout=10).status_code == 200
+    requests.get(f"{room.polls_url}{QUEUE}/garbage", timeout=10)
+    assert requests.get(f"{room.polls_url}/metrics", timeout=10).status_code == 401
+    assert requests.get(f"{room.polls_url}/metrics", headers={"Authorization": "Bearer wrong"},
+                        timeout=10).status_code == 401
+    scrape = requests.get(f"{room.polls_url}/metrics", timeout=10,
+                          headers={"Authorization": "Bearer ops-token-for-the-polls-test-0123456789"})
+    assert scrape.status_code == 200 and scrape.headers["Content-Type"].startswith("text/plain")
+    text = scrape.text
+    assert 'meterai_http_requests_total{method="GET",route="/api/v1/queue/<ticket>",status="200"} 3.0' in text
+    assert 'meterai_http_requests_total{method="GET",route="/api/v1/queue/<ticket>",status="404"} 1.0' in text
+    assert "meterai_http_request_duration_seconds_bucket" in text
+
+
+def test_without_an_ops_token_the_poll_servers_metrics_are_not_there(line):
+    room = line(OPS_TOKEN="")
+    assert requests.get(f"{room.polls_url}/metrics", timeout=10).status_code == 404
+
+
+def test_the_proxy_sends_place_in_line_reads_to_the_poll_server_and_to_the_web_while_it_is_down(line, tmp_path):
+    room = line(ADMISSION_PER_MINUTE="1", ADMISSION_BURST="1")
+    nginx = start_nginx(tmp_path / "nginx", [f"127.0.0.1:{room.web.port}"], polls=[f"127.0.0.1:{room.polls.port}"])
+    try:
+        def upstreams(method: str, path_prefix: str) -> list[str]:
+            lines = [json.loads(x) for x in nginx.access_log.read_text().splitlines() if x.strip()]
+            return [x["upstream"] for x in lines if x["method"] == method and x["path"].startswith(path_prefix)]
+
+        headers = {"Client-Id": "buyer-through-the-proxy"}
+        taken = requests.post(f"{nginx.url}{QUEUE}", headers=headers, timeout=10)
+        assert taken.status_code == 200
+        second = requests.post(f"{nginx.url}{QUEUE}", headers={"Client-Id": "buyer-through-the-proxy-2"}, timeout=10)
+        ticket = second.json()["ticket"]
+        for _ in range(3):
+            answer = requests.get(f"{nginx.url}{QUEUE}/{ticket}", timeout=10)
+            assert answer.status_code == 200 and answer.json()["position"] == 1
+        assert requests.head(f"{nginx.url}{QUEUE}/{ticket}", timeout=10).status_code == 200
+        wait_until(lambda: len(upstreams("HEAD", f"{QUEUE}/")) == 1, message="nginx logging")
+        polls_address, web_address = f"127.0.0.1:{room.polls.port}", f"127.0.0.1:{room.web.port}"
+        assert set(upstreams("GET", f"{QUEUE}/")) | set(upstreams("HEAD", f"{QUEUE}/")) == {polls_address}
+        assert set(upstreams("POST", QUEUE)) == {web_address}
+        # A POST under the prefix is the web's (its 405, as before).
+        assert requests.post(f"{nginx.url}{QUEUE}/{ticket}", timeout=10).status_code == 405
+        assert upstreams("POST", f"{QUEUE}/") == [web_address]
+        # The poll server down: nobody in line sees an error, the web answers.
+        room.sys.launcher.kill(room.polls.name)
+        for _ in range(5):
+            answer = requests.get(f"{nginx.url}{QUEUE}/{ticket}", timeout=10)
+            assert answer.status_code == 200 and answer.json()["position"] == 1
+        assert upstreams("GET", f"{QUEUE}/")[-1] == web_address
+        # Back up: polls go to it again (once nginx tries it after its fail_timeout).
+        room.sys.launcher.start(room.polls.name)
+        room.sys.launcher.wait_ready([room.polls.name], timeout=60)
+        wait_until(lambda: requests.get(f"{nginx.url}{QUEUE}/{ticket}", timeout=10) and
+                   upstreams("GET", f"{QUEUE}/")[-1] == polls_address, timeout=30, interval=0.5,
+                   message="polls back on the poll server")
+    finally:
+        nginx.stop()
+
+
+def test_the_site_file_lists_poll_servers_with_the_web_nodes_as_their_backups():
+    from shared.devtools.proxy import render_site
+
+    site = render_site(["127.0.0.1:8000"], 8080, polls=["127.0.0.1:8001"])
+    polls = site.split("upstream meterai_polls {", 1)[1].split("}", 1)[0]
+    assert "server 127.0.0.1:8001 max_fails=3 fail_timeout=10s;" in polls
+    assert "server 127.0.0.1:8000 backup;" in polls
+    without = render_site(["127.0.0.1:8000"], 8080).split("upstream meterai_polls {", 1)[1].split("}", 1)[0]
+    assert "server 127.0.0.1:8000 max_fails=3 fail_timeout=10s;" in without and "backup" not in without
