@@ -377,7 +377,7 @@ def test_the_services_defaults_are_the_settings_defaults() -> None:
 
 def test_procfile_names_the_production_processes_and_procfile_dev_the_stand_in_gateway() -> None:
     production = [spec.name for spec in parse_procfile(PROCFILE.read_text())]
-    assert production == ["web", "checkout", "payments", "refunds", "stamping", "housekeeping", "reconcile",
+    assert production == ["web", "polls", "checkout", "payments", "refunds", "stamping", "housekeeping", "reconcile",
                           "mail", "beat"]
     assert "standin" not in PROCFILE.read_text()  # a production process manager never starts it
     assert [spec.name for spec in parse_procfile(PROCFILE_DEV.read_text())] == ["gateway", "mailbox"]

@@ -6,7 +6,9 @@ Targets (docs/benchmarks.md):
 
 * create-order (a 200 KB PDF upload) ≥ 0.8× a bare handler that only parses the upload, stores it
   durably (temporary file, fsync, rename, fsync of the folder) and inserts one row;
-* status polls and queue polls ≥ 0.5× a no-op endpoint.
+* status polls and queue polls ≥ 0.5× a no-op endpoint;
+* and, with no target, what a queue poll costs on the poll server (web/pollserver.py) against gunicorn's
+  fast path, on the same waiting room (the CPU per request the capacity model's queue polls use).
 
 The bare handler and the no-op endpoint are a tiny Flask app in this file (:func:`baseline_app`), served
 by gunicorn with exactly the Procfile's web flags (gthread, same workers and threads). Our own web runs
@@ -214,6 +216,10 @@ def main(argv: list[str] | None = None) -> int:
         queue_env = stack.env({"ADMISSION_PER_MINUTE": "1", "ADMISSION_BURST": "1", "PROXY_HOPS": "1",
                                "PORT": str(queue_port), "REDIS_KEY_PREFIX": "meterai-queued:"})
         stack.start("web-queue", f"gunicorn --bind 127.0.0.1:{queue_port} {flags} 'web:create_app()'", queue_env)
+        # The same waiting room's polls answered by the Procfile's poll server (web/pollserver.py).
+        polls_port = free_port()
+        stack.start("polls-queue", f"python -m web.pollserver --bind 127.0.0.1:{polls_port}",
+                    {**queue_env, "POLLS_PORT": str(polls_port)})
         base_port = free_port()
         base_env = stack.env({"BENCH_DATABASE_URL": stack.database_url,
                               "BENCH_UPLOAD_DIR": str(workdir / "baseline-uploads")})
@@ -221,6 +227,7 @@ def main(argv: list[str] | None = None) -> int:
                     base_env)
         stack.wait_ready()
         _wait_http(f"http://127.0.0.1:{queue_port}/healthz")
+        _wait_http(f"http://127.0.0.1:{polls_port}/healthz")
         _wait_http(f"http://127.0.0.1:{base_port}/noop")
         product, queued, baseline = stack.web_url, f"http://127.0.0.1:{queue_port}", f"http://127.0.0.1:{base_port}"
 
@@ -259,6 +266,8 @@ def main(argv: list[str] | None = None) -> int:
                                    status_script, **common)
             r["queue"] = _measure(stack, "web-queue", "queue poll (ours)", f"{queued}/api/v1/queue/{ticket}",
                                   noop_script, **common)
+            r["pollserver"] = _measure(stack, "polls-queue", "queue poll (poll server)",
+                                       f"http://127.0.0.1:{polls_port}/api/v1/queue/{ticket}", noop_script, **common)
             # A new buyer taking a place before any upload (POST /api/v1/queue), each from an address of
             # its own while the line only grows (the trickle outflow): what an arrival above the outflow
             # costs once the checkout asks for its ticket first.
@@ -389,6 +398,7 @@ def report(rounds: list[dict], args: argparse.Namespace, workdir: Path, profiles
     print(f"{'endpoint':<26} {'req/s (median)':>15} {'p99 ms':>8}   CPU ms per request (gunicorn / postgres / redis)")
     for key, label in (("create", "create-order (ours)"), ("upload", "bare upload handler"),
                        ("status", "order status (ours)"), ("queue", "queue poll (ours)"),
+                       ("pollserver", "queue poll (poll server)"),
                        ("ticket", "ticket request (ours)"), ("noop", "no-op endpoint")):
         cpu = {k: statistics.median(r[key]["cpu_ms_per_request"][k] for r in rounds) for k in ("gunicorn", "postgres", "redis")}
         print(f"{label:<26} {median(key):>15.1f} {median(key, 'p99_ms'):>8.1f}   "
@@ -402,6 +412,14 @@ def report(rounds: list[dict], args: argparse.Namespace, workdir: Path, profiles
         results.append({"comparison": label, "ratio": ratio, "per_round": values, "target": target, "met": met})
         print(f"{label:<38} ratio {ratio:.2f} (rounds: {', '.join(f'{v:.2f}' for v in values)})"
               f"   target ≥ {target}   {'MET' if met else 'MISSED'}")
+    if all("pollserver" in r for r in rounds):
+        per_round = [r["queue"]["cpu_ms_per_request"]["gunicorn"] / r["pollserver"]["cpu_ms_per_request"]["gunicorn"]
+                     for r in rounds]
+        cheaper = statistics.median(per_round)
+        results.append({"comparison": "queue poll: gunicorn CPU / poll server CPU", "ratio": cheaper,
+                        "per_round": per_round, "target": None, "met": True})
+        print(f"{'queue poll, gunicorn / poll server CPU':<38} ratio {cheaper:.2f} "
+              f"(rounds: {', '.join(f'{v:.2f}' for v in per_round)})   (the poll server's saving; no target)")
     print(f"non-2xx answers and socket errors over all runs: {errors}")
     out = {"benchmark": "web", "command": "python -m loadtests.bench.web " + " ".join(sys.argv[1:]),
            "when": time.strftime("%Y-%m-%d %H:%M:%S"), "settings": vars(args), "results": results,
