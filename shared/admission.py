@@ -418,16 +418,18 @@ class AdmissionController:
                                    code="ticket_expired")
         return claims
 
-    def _waiting(self, number: int, line: _Line) -> QueueStatus | None:
+    def _waiting(self, number: int, line: _Line, outflow: int | None = None) -> QueueStatus | None:
         """The answer for ticket ``number`` while it waits behind ``line``'s head; None once it is at the head
-        (collecting the admission is the caller's)."""
+        (collecting the admission is the caller's). ``outflow``: the rate to compute the ETA with (else
+        this process's, read again from Redis when it is stale)."""
         self._seen.add(number)  # reported with this process's next advance: its holder is still here
         if line.mode == Mode.PAUSED:  # the ticket keeps its place; nobody is let in meanwhile
             raise SalesPaused("Ticket sales are paused; your place in the queue is kept. Please check "
                               "again later.")
         position = max(0, number - line.head)
         if position > 0:
-            return QueueStatus(position=position, eta_seconds=self._eta(position), admitted=False)
+            eta = self._eta(position) if outflow is None else int(math.ceil(position * 60 / max(1, outflow)))
+            return QueueStatus(position=position, eta_seconds=eta, admitted=False)
         return None
 
     def status_if_known(self, ticket: str) -> QueueStatus | None:
@@ -446,7 +448,7 @@ class AdmissionController:
         number = int(claims["n"])
         if number <= line.head and line.mode != Mode.PAUSED:
             return None  # at the head: the admission is collected in Redis
-        return self._waiting(number, line)
+        return self._waiting(number, line, outflow[1])  # the rate just checked: no read of Redis here
 
     def status(self, ticket: str) -> QueueStatus:
         claims = self._ticket_claims(ticket)

@@ -168,59 +168,125 @@ def test_sales_paused_and_the_turn_come_from_the_poll_server_as_from_the_web(lin
     assert again.status_code == 200 and "Retry-After" not in again.headers
 
 
-def test_most_polls_need_no_round_trip_to_redis_and_one_that_does_waits_off_the_event_loop(sys_):
-    """The waiting room answers a ticket behind a fresh look at the line from memory; a poll that needs
-    Redis runs on a thread, so a Redis that doesn't answer delays that poll, not the others."""
+class _NoRedis:
+    """A Redis client any use of which fails the test: the answer had to come from memory."""
+
+    def __getattr__(self, name: str):
+        raise AssertionError(f"Redis was asked ({name})")
+
+
+class _SilentRedis:
+    """A "Redis" that accepts connections and never answers."""
+
+    def __init__(self) -> None:
+        self.socket = socket.socket()
+        self.socket.bind(("127.0.0.1", 0))
+        self.socket.listen(256)
+        self.socket.settimeout(0.2)
+        self.held: list[socket.socket] = []
+        self.open = True
+        self.thread = threading.Thread(target=self._accept, daemon=True)
+        self.thread.start()
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.socket.getsockname()[1]}/0"
+
+    def _accept(self) -> None:
+        while self.open:
+            try:
+                self.held.append(self.socket.accept()[0])
+            except OSError:
+                continue
+
+    def close(self) -> None:
+        self.open = False
+        self.thread.join(timeout=5)
+        self.socket.close()
+        for connection in self.held:
+            connection.close()
+
+
+@pytest.fixture
+def silent_redis():
+    silent = _SilentRedis()
+    yield silent
+    silent.close()
+
+
+def test_a_poll_behind_a_fresh_look_at_the_line_is_answered_from_memory(sys_):
     from shared.config import load_settings
 
     prefix = f"meterai-polls-{uuid.uuid4().hex[:6]}:"
     settings = load_settings({**sys_.env, "REDIS_KEY_PREFIX": prefix, "ADMISSION_PER_MINUTE": "1",
                               "ADMISSION_BURST": "1"})
+    client = redis_client(settings.redis_url, timeout=1)
+    try:
+        room = AdmissionController(settings, client)
+        room.take_ticket("10.8.0.1", "buyer-first-one")
+        ticket = room.take_ticket("10.8.0.2", "buyer-second-one").ticket
+        fresh = AdmissionController(settings, redis_client(settings.redis_url, timeout=1))
+        assert fresh.status_if_known(ticket) is None  # nothing seen yet: ask Redis
+        asked = fresh.status(ticket)
+        fresh.LINE_MAX_AGE_SECONDS = fresh.OUTFLOW_MAX_AGE_SECONDS = 3600.0  # no clock in this test
+        fresh.redis = fresh._script = fresh._collect = _NoRedis()  # type: ignore[assignment]
+        known = fresh.status_if_known(ticket)
+        assert known == asked and known.position == 1 and not known.admitted
+        with pytest.raises(Exception) as refused:
+            fresh.status_if_known("garbage")
+        assert getattr(refused.value, "code", None) == "invalid_ticket"
+        # Another epoch, or a stale look: not answered from memory.
+        fresh.LINE_MAX_AGE_SECONDS = 0.0
+        assert fresh.status_if_known(ticket) is None
+    finally:
+        for key in client.scan_iter(match=f"{prefix}*"):
+            client.delete(key)
+
+
+def _ticket_for(sys_: System, prefix: str) -> str:
+    from shared.config import load_settings
+
+    settings = load_settings({**sys_.env, "REDIS_KEY_PREFIX": prefix, "ADMISSION_PER_MINUTE": "1",
+                              "ADMISSION_BURST": "1"})
     room = AdmissionController(settings, redis_client(settings.redis_url, timeout=1))
     room.take_ticket("10.8.0.1", "buyer-first-one")
-    ticket = room.take_ticket("10.8.0.2", "buyer-second-one").ticket
-    fresh = AdmissionController(settings, redis_client(settings.redis_url, timeout=1))
-    assert fresh.status_if_known(ticket) is None  # nothing seen yet: ask Redis
-    fresh.status(ticket)
-    calls: list[object] = []
-    script = fresh._script
-    fresh._script = lambda *a, **k: calls.append(a) or script(*a, **k)  # type: ignore[method-assign]
-    known = fresh.status_if_known(ticket)
-    assert known is not None and known.position == 1 and calls == []
-    with pytest.raises(Exception) as refused:
-        fresh.status_if_known("garbage")
-    assert getattr(refused.value, "code", None) == "invalid_ticket"
+    return room.take_ticket("10.8.0.2", "buyer-second-one").ticket
 
-    # A "Redis" that accepts connections and never answers.
-    silent = socket.socket()
-    silent.bind(("127.0.0.1", 0))
-    silent.listen(64)
-    held: list[socket.socket] = []
-    threading.Thread(target=lambda: [held.append(silent.accept()[0]) for _ in range(64)], daemon=True).start()
-    port = free_port()
-    name = f"polls-silent-{uuid.uuid4().hex[:6]}"
-    polls = sys_.launcher.start("polls", name=name, port=port, env={
-        "REDIS_URL": f"redis://127.0.0.1:{silent.getsockname()[1]}/0", "REDIS_KEY_PREFIX": prefix})
+
+def test_a_poll_waiting_on_redis_holds_up_neither_the_others_nor_more_than_a_few_threads(sys_, silent_redis):
+    """A Redis that doesn't answer delays the polls that need it (each then answered 503, as the web would),
+    never /healthz; beyond --max-thread-polls, a poll is answered 503 at once instead of queueing."""
+    prefix = f"meterai-polls-{uuid.uuid4().hex[:6]}:"
+    ticket = _ticket_for(sys_, prefix)
+    name, port = f"polls-silent-{uuid.uuid4().hex[:6]}", free_port()
+    polls = sys_.launcher.start("polls", name=name, port=port, env={"REDIS_URL": silent_redis.url,
+                                                                   "REDIS_KEY_PREFIX": prefix},
+                                command="python -m web.pollserver --bind 127.0.0.1:${POLLS_PORT} --threads 1 "
+                                        "--max-thread-polls 1")
     try:
         sys_.launcher.wait_ready([name], timeout=60)
         order: list[str] = []
+        lock = threading.Lock()
 
-        def poll() -> None:
+        def poll(label: str) -> None:
             answer = requests.get(f"http://127.0.0.1:{port}{QUEUE}/{ticket}", timeout=30)
-            order.append(f"poll {answer.status_code} {answer.json()['error']['code']}")
+            with lock:
+                order.append(f"{label} {answer.status_code} {answer.json()['error']['code']}")
 
-        waiting = threading.Thread(target=poll)
-        waiting.start()
-        wait_until(lambda: len(held) >= 1, message="the poll's thread connecting to the silent Redis")
+        first = threading.Thread(target=poll, args=("first",))
+        first.start()
+        wait_until(lambda: len(silent_redis.held) >= 1, message="the first poll's thread reaching Redis")
         health = requests.get(f"http://127.0.0.1:{port}/healthz", timeout=10)
-        order.append(f"healthz {health.status_code}")
-        waiting.join(timeout=30)
-        assert order == ["healthz 200", "poll 503 admission_unavailable"]
+        with lock:
+            order.append(f"healthz {health.status_code}")
+        poll("second")  # the one thread is taken: refused at once
+        first.join(timeout=30)
+        assert order == ["healthz 200", "second 503 admission_unavailable", "first 503 admission_unavailable"]
     finally:
         sys_.launcher.stop(name)
-        silent.close()
-        for connection in held:
-            connection.close()
+        client = redis.Redis.from_url(sys_.settings.redis_url)
+        for key in client.scan_iter(match=f"{prefix}*"):
+            client.delete(key)
     assert polls.popen is not None and polls.popen.returncode == 0  # SIGTERM: a clean stop
 
 
@@ -252,8 +318,8 @@ def test_the_poll_server_speaks_http_carefully(line):
     raw = _exchange(port, f"HEAD {QUEUE}/{ticket} HTTP/1.0\r\n\r\n".encode())
     head, _, body = raw.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.0 200") and body == b"" and b"Content-Length: " in head
-    # A body, a broken request line, an oversized head: refused in JSON, then the connection closes.
-    for request, status in ((f"GET {QUEUE}/{ticket} HTTP/1.1\r\nContent-Length: 5\r\n\r\nhello", b"400"),
+    # A body too big to skip, a broken request line, an oversized head: refused in JSON, then closed.
+    for request, status in ((f"GET {QUEUE}/{ticket} HTTP/1.1\r\nContent-Length: 9999999\r\n\r\nhello", b"400"),
                             ("BROKEN\r\n\r\n", b"400"),
                             ("GET / HTTP/2.0\r\n\r\n", b"400"),
                             (f"GET {QUEUE}/{ticket} HTTP/1.1\r\nX-Big: {'a' * 20000}\r\n\r\n", b"431")):
@@ -262,6 +328,40 @@ def test_the_poll_server_speaks_http_carefully(line):
         assert json.loads(raw.partition(b"\r\n\r\n")[2])["error"]["code"] in ("bad_request",
                                                                                "request_header_fields_too_large")
         assert raw.count(b"\r\nContent-Type: ") == 1  # one answer, then closed
+    # Refused as ambiguous (nginx never sends these; a client reaching the port directly might).
+    for request in (f"GET {QUEUE}/{ticket} HTTP/1.1\r\nContent-Length: 0\r\nContent-Length: 5\r\n\r\nhello",
+                    f"GET {QUEUE}/{ticket} HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+                    f"GET {QUEUE}/{ticket} HTTP/1.1\r\nHost: a\nX: b\r\n\r\n",
+                    f"get {QUEUE}/{ticket} HTTP/1.1\r\n\r\n",
+                    f"GET {QUEUE}/{ticket} HTTP/1.1\r\nBad\tName: x\r\n\r\n"):
+        raw = _exchange(port, request.encode())
+        assert raw.startswith(b"HTTP/1.1 400"), (request, raw[:200])
+        assert raw.count(b"\r\nContent-Type: ") == 1
+    # A GET's body is read and ignored: the request after it is answered, the body never taken for one.
+    body = b"GET /nothing HTTP/1.1\r\n\r\n"
+    raw = _exchange(port, f"GET {QUEUE}/{ticket} HTTP/1.1\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body
+                    + b"GET /healthz HTTP/1.1\r\nConnection: close\r\n\r\n")
+    assert [a.split(b" ", 1)[0] for a in raw.split(b"HTTP/1.1 ")[1:]] == [b"200", b"200"], raw
+    # Many more pipelined requests than are parsed ahead (MAX_PIPELINED): all answered, in order.
+    from web.pollserver import MAX_PIPELINED
+
+    count = 3 * MAX_PIPELINED
+    raw = _exchange(port, ("".join(f"GET {QUEUE}/{ticket} HTTP/1.1\r\nX-Request-Id: many-{i:04d}\r\n\r\n"
+                                   for i in range(count)) + "GET /healthz HTTP/1.1\r\nConnection: close\r\n\r\n").encode())
+    ids = [a.split(b"X-Request-Id: ")[1].split(b"\r\n")[0].decode() for a in raw.split(b"HTTP/1.1 200 ")[1:]]
+    assert ids[:count] == [f"many-{i:04d}" for i in range(count)] and len(ids) == count + 1
+    # A client that half-closes after its requests still gets their answers.
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as connection:
+        connection.sendall(f"GET {QUEUE}/{ticket} HTTP/1.1\r\n\r\nGET /healthz HTTP/1.1\r\n\r\n".encode())
+        connection.shutdown(socket.SHUT_WR)
+        received = b""
+        while chunk := connection.recv(65536):
+            received += chunk
+    assert received.count(b"HTTP/1.1 200 ") == 2
+    # HEAD as the web answers it.
+    web, polls = (requests.head(f"{url}{QUEUE}/{ticket}", timeout=10) for url in (room.web_url, room.polls_url))
+    _same_answer(web, polls)
+    assert polls.content == b"" and polls.headers["Content-Length"] == web.headers["Content-Length"]
     # Every request counted in an access line: route template (never the ticket), status, request id.
     lines = [r for r in room.polls_log() if r.get("event") == "http_request"]
     ids = {r.get("request_id") for r in lines}
@@ -277,12 +377,60 @@ def test_an_idle_connection_is_closed_after_the_keep_alive(sys_):
     try:
         sys_.launcher.wait_ready([name], timeout=60)
         with socket.create_connection(("127.0.0.1", port), timeout=30) as connection:
-            connection.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
-            first = connection.recv(65536)
-            assert first.startswith(b"HTTP/1.1 200")
-            assert connection.recv(65536) == b""  # closed by the server once idle, not by us
+            for _ in range(2):  # kept open between requests...
+                connection.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+                assert connection.recv(65536).startswith(b"HTTP/1.1 200")
+            assert connection.recv(65536) == b""  # ...and closed by the server once idle, not by us
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as connection:
+            connection.sendall(b"GET /healthz HTTP/1.1\r\nHost")  # a head that never ends
+            assert connection.recv(65536) == b""
     finally:
         sys_.launcher.stop(name)
+
+
+def test_an_answer_that_fails_is_a_500_and_the_connection_closes_never_a_hang(sys_):
+    """Whatever raises while an answer is made (in the loop or on a thread: a broken metrics file, a full
+    disk) gives that request a 500 and closes the connection; the server goes on."""
+    import asyncio
+    from concurrent.futures import ThreadPoolExecutor
+
+    from shared.config import load_settings
+    from web.pollserver import Connection, PollServer
+
+    settings = load_settings(sys_.env)
+
+    class Failing(PollServer):
+        def answer(self, request, gone=None):
+            if request.path == "/fails-here":
+                raise OSError("no space left on device")
+            if request.path == "/fails-on-a-thread":
+                async def later() -> bytes:
+                    raise OSError("no space left on device")
+                return later()
+            return super().answer(request, gone)
+
+    loop = asyncio.new_event_loop()
+    executor = ThreadPoolExecutor(1)
+    server = Failing(settings, AdmissionController(settings, redis_client(settings.redis_url, timeout=1)), executor)
+    connections: set = set()
+    listener = loop.run_until_complete(loop.create_server(lambda: Connection(server, 30.0, connections),
+                                                          "127.0.0.1", 0))
+    port = listener.sockets[0].getsockname()[1]
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    try:
+        for path in ("/fails-here", "/fails-on-a-thread"):
+            raw = _exchange(port, f"GET {path} HTTP/1.1\r\n\r\nGET /healthz HTTP/1.1\r\n\r\n".encode())
+            assert raw.startswith(b"HTTP/1.1 500") and b"Connection: close" in raw, raw[:300]
+            assert json.loads(raw.partition(b"\r\n\r\n")[2])["error"]["code"] == "internal_error"
+            assert raw.count(b"HTTP/1.1 ") == 1  # closed after it: the pipelined request is not answered
+        assert _exchange(port, b"GET /healthz HTTP/1.1\r\nConnection: close\r\n\r\n").startswith(b"HTTP/1.1 200")
+    finally:
+        loop.call_soon_threadsafe(listener.close)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(timeout=10)
+        loop.close()
+        executor.shutdown()
 
 
 def test_the_poll_server_counts_its_requests_for_prometheus_behind_the_ops_token(line):

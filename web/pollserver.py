@@ -8,35 +8,41 @@ request for 0.008 ms). The proxy sends these polls here (``deploy/nginx/meterai.
 /api/v1/queue/``) and falls back to the web nodes, which answer the same request the same way
 (web/queuepoll.py), when no poll server answers.
 
-The answers are the web's, byte for byte apart from the request id: a place in line (body,
-``Cache-Control: no-store``, ``Retry-After`` from the ETA), a refusal with the web's error shape and status
-(web/errors.py), the security headers of every non-page answer, ``X-Request-Id`` (the proxy's, or one
-made here); each request counted in the same metrics and written as the same access line. What it
+The answers are the web's, byte for byte apart from the request id and the date: a place in line (body,
+``Cache-Control: no-store``, ``Retry-After`` from the ETA), a refusal with the web's error shape and
+status (web/errors.py), the security headers of every non-page answer, ``X-Request-Id`` (the proxy's, or
+one made here); each request counted in the same metrics and written as the same access line. What it
 serves besides: ``GET /healthz`` (the process answers) and ``GET /metrics`` (its own counters; bearer
-``OPS_TOKEN`` as on the web, 404 while unset). Anything else is a JSON 404 or 405: the proxy never
-sends it other requests.
+``OPS_TOKEN`` as on the web, 404 while unset, wrong tokens limited per client as there). Anything else
+is a JSON 404 or 405: the proxy never sends it other requests.
 
 The event loop never waits on Redis: a poll it can answer from the look at the line
 (:meth:`~shared.admission.AdmissionController.status_if_known`) is answered in the loop; one that needs
 Redis (the look is stale, the ticket has reached the head and collects its admission) runs the web's own
-:meth:`~shared.admission.AdmissionController.status` on one of ``--threads`` threads, so a slow Redis
-delays only those polls, each by at most the client's 0.5 s timeout. Requests on one connection are
-answered in order (HTTP/1.1 pipelining); a connection sends no more than :data:`MAX_PIPELINED` requests
-ahead of its answers before the server stops reading it.
+:meth:`~shared.admission.AdmissionController.status` on one of ``--threads`` threads. At most
+:data:`MAX_THREAD_POLLS` such polls wait at once: while Redis is slow or away every poll needs it, and
+beyond that bound a poll is answered ``503 admission_unavailable`` at once (what the thread would say
+after its timeouts) instead of queueing without end.
 
-HTTP it speaks: HTTP/1.0 and 1.1, keep-alive (closed after ``--keep-alive`` idle seconds, longer than the
-proxy's 30 s upstream keepalive, as gunicorn's ``--keep-alive 35``), request heads up to
-:data:`MAX_HEAD_BYTES`; a request with a body, a malformed head or an oversized one is answered 400 or
-431 and the connection closed (nothing of a body is ever read as the next request).
+HTTP it speaks, strictly (it sits behind nginx, which re-frames every request; anything ambiguous is
+refused rather than guessed): HTTP/1.0 and 1.1, keep-alive (closed after ``--keep-alive`` idle seconds,
+longer than the proxy's 30 s upstream keepalive, as gunicorn's ``--keep-alive 35``), pipelining (answers
+in order; at most :data:`MAX_PIPELINED` requests parsed ahead of their answers, and nothing read while
+the client doesn't take its answers), request heads up to :data:`MAX_HEAD_BYTES` arriving within
+:data:`HEAD_SECONDS`. A ``Content-Length`` body (a GET may carry one) is read and ignored; a repeated
+``Content-Length``, any ``Transfer-Encoding``, a CR or LF inside a line, a header name that isn't a
+token, or an oversized head is answered 400 or 431 and the connection closed.
 
-    python -m web.pollserver [--bind HOST:PORT] [--threads 8] [--keep-alive 35]
+    python -m web.pollserver [--bind HOST:PORT] [--threads 8] [--keep-alive 35] [--no-access-log]
 
-Several processes may listen on one port (``SO_REUSEPORT``): one per core, as gunicorn runs one worker
-per core.
+One process is one core; at ≈ 0.1 ms a poll one poll server per web node is ample for the design peak
+(docs/capacity.md).
 """
 from __future__ import annotations
 
-from shared import metrics  # first: this process leads its metrics group (shared/metrics.py)
+# Before prometheus-client is imported: this process leads its own metrics group (shared/metrics.py).
+# (``python -m web.pollserver`` imports the ``web`` package first; nothing there imports prometheus-client.)
+from shared import metrics  # noqa: I001
 
 import argparse
 import asyncio
@@ -57,26 +63,32 @@ from urllib.parse import unquote
 from shared.admission import AdmissionController, AdmissionUnavailable, InvalidAdmission, QueueStatus, SalesPaused
 from shared.config import Settings, get_settings, refuse_unsafe
 from shared.errors import DomainError
-from shared.logs import RENDERED, ROUTE_ENVIRON, access_line, configure_logging, log_event, new_request_id, sane_request_id
+from shared.logs import ROUTE_ENVIRON, access_line, configure_logging, log_event, new_request_id, sane_request_id
 from shared.redisconn import redis_client
 from web.errors import status_for
 from web.queuepoll import PREFIX, ROUTE, line_body, line_headers
 from web.security import NON_PAGE_HEADERS
 
 log = logging.getLogger(__name__)
-access_log = logging.getLogger("meterai.polls.access")
 
 MAX_HEAD_BYTES = 16 * 1024
+MAX_BODY_BYTES = 64 * 1024  # a body a GET may carry, read and ignored; beyond it the connection is refused
 MAX_PIPELINED = 32
-_REASONS = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 404: "Not Found", 405: "Method Not Allowed",
-            410: "Gone", 403: "Forbidden", 409: "Conflict", 431: "Request Header Fields Too Large",
-            500: "Internal Server Error", 503: "Service Unavailable"}
+HEAD_SECONDS = 10.0  # a request head must arrive whole within this (a client trickling bytes is let go)
+MAX_THREAD_POLLS = 256  # polls waiting on Redis at once (see the module docstring)
+_REASONS = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 403: "Forbidden", 404: "Not Found",
+            405: "Method Not Allowed", 409: "Conflict", 410: "Gone", 429: "Too Many Requests",
+            431: "Request Header Fields Too Large", 500: "Internal Server Error", 503: "Service Unavailable"}
 # Statuses whose answer tells the client when to come back (web/errors.py's, with its 5 s).
 _COME_BACK = frozenset({429, 503})
-_SECURITY = [(name, value) for name, value in NON_PAGE_HEADERS.items()]
+_SECURITY = list(NON_PAGE_HEADERS.items())
+_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+_TOKEN = frozenset(b"!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
 _NOT_FOUND = ("not_found", "The requested URL was not found on the server. If you entered the URL manually "
                            "please check your spelling and try again.")
 _METHOD_NOT_ALLOWED = ("method_not_allowed", "The method is not allowed for the requested URL.")
+_UNAVAILABLE = AdmissionUnavailable("The waiting room is briefly unavailable; please retry shortly.")
+_INTERNAL = ("internal_error", "Something went wrong on our side; please retry.")
 
 
 def _json(body: dict) -> bytes:
@@ -98,14 +110,20 @@ class _Date:
 
 
 class Request:
-    __slots__ = ("method", "path", "version", "headers", "keep_alive", "started", "failure")
+    __slots__ = ("method", "path", "version", "headers", "keep_alive", "started", "failure", "client", "body")
 
     def __init__(self, method: str, path: str, version: str, headers: dict[str, str], keep_alive: bool,
-                 failure: tuple[int, str] | None = None) -> None:
+                 failure: tuple[int, str] | None = None, body: int = 0) -> None:
         self.method, self.path, self.version, self.headers = method, path, version, headers
         self.keep_alive = keep_alive
         self.started = time.perf_counter()
         self.failure = failure  # (status, message): a head that could not be taken, answered and closed
+        self.client = "-"
+        self.body = body  # bytes of body that follow the head (read and ignored)
+
+    @classmethod
+    def refused(cls, status: int, message: str) -> "Request":
+        return cls("other", "", "HTTP/1.1", {}, False, (status, message))
 
 
 class BadRequest(Exception):
@@ -114,55 +132,79 @@ class BadRequest(Exception):
         self.status = status
 
 
+def _is_token(text: bytes) -> bool:
+    return bool(text) and all(byte in _TOKEN for byte in text)
+
+
 def parse_head(head: bytes) -> Request:
     """One request head (without its blank line) as a :class:`Request`; :class:`BadRequest` when it isn't
-    one this server may answer."""
-    try:
-        text = head.decode("latin-1")
-    except UnicodeDecodeError:  # pragma: no cover - latin-1 decodes every byte
-        raise BadRequest(400, "The request could not be read.") from None
-    lines = text.split("\r\n")
-    parts = lines[0].split(" ")
-    if len(parts) != 3 or not parts[0].isalpha() or not parts[1].startswith("/"):
+    one this server may answer (strictly: see the module docstring)."""
+    lines = head.split(b"\r\n")
+    for line in lines:
+        if b"\n" in line or b"\r" in line or b"\0" in line:
+            raise BadRequest(400, "Lines must end in CRLF.")
+    parts = lines[0].split(b" ")
+    if len(parts) != 3 or not _is_token(parts[0]) or not parts[0].isupper() or len(parts[0]) > 20 \
+            or not parts[1].startswith(b"/"):
         raise BadRequest(400, "The request line could not be read.")
-    method, target, version = parts
+    method, target, version = (part.decode("latin-1") for part in parts)
     if version not in ("HTTP/1.1", "HTTP/1.0"):
         raise BadRequest(400, "Only HTTP/1.0 and HTTP/1.1 are spoken here.")
     headers: dict[str, str] = {}
     for line in lines[1:]:
-        name, colon, value = line.partition(":")
-        if not colon or not name or name != name.strip() or " " in name:
+        name, colon, value = line.partition(b":")
+        if not colon or not _is_token(name):
             raise BadRequest(400, "A header line could not be read.")
-        headers[name.lower()] = value.strip()
-    if headers.get("transfer-encoding") or headers.get("content-length", "0") != "0":
-        # No request here has a body; reading one as the next request would let a client smuggle one.
+        key = name.decode("latin-1").lower()
+        if key in ("content-length", "transfer-encoding") and key in headers:
+            raise BadRequest(400, f"A repeated {key} header is refused.")
+        headers[key] = value.strip(b" \t").decode("latin-1")
+    if "transfer-encoding" in headers:
+        raise BadRequest(400, "These requests carry no chunked body.")
+    length = headers.get("content-length", "0")
+    if not length.isdigit() or not length.isascii():
+        raise BadRequest(400, "Content-Length is not a number.")
+    if int(length) > MAX_BODY_BYTES:
         raise BadRequest(400, "These requests carry no body.")
     connection = headers.get("connection", "").lower()
     keep_alive = "keep-alive" in connection if version == "HTTP/1.0" else "close" not in connection
     path = unquote(target.partition("?")[0])
-    return Request(method.upper(), path, version, headers, keep_alive)
+    return Request(method, path, version, headers, keep_alive, body=int(length))
 
 
 class PollServer:
     """What answers a request: a place in line, a refusal, health or metrics. The protocol (below) feeds it
-    requests and writes what it returns; a poll that needs Redis comes back as a coroutine to await."""
+    requests and writes what it returns; one that needs a thread (Redis, a scrape) comes back as a
+    coroutine to await."""
 
     def __init__(self, settings: Settings, admission: AdmissionController, executor: ThreadPoolExecutor,
-                 *, access_lines: bool = True) -> None:
+                 *, access_lines: bool = True, stream: Any = None, limiter: Any = None) -> None:
         self.settings = settings
         self.admission = admission
         self.executor = executor
+        self.limiter = limiter
         self.max_retry_after = settings.admission_max_retry_after_seconds
         self.access_lines = access_lines
+        self.stream = stream if stream is not None else sys.stderr
         self.date = _Date()
+        self.thread_polls = 0  # polls on or waiting for a thread now
+        self.max_thread_polls = MAX_THREAD_POLLS
+        self._lines: list[str] = []
+        self._counted: dict[tuple[str, str, int], tuple[Any, Any]] = {}
 
     # -- answers --------------------------------------------------------------------------------------
-    def answer(self, request: Request) -> bytes | Any:
-        """The whole answer (bytes), or a coroutine that makes it (a poll that needs Redis, a scrape)."""
+    def answer(self, request: Request, gone: Any = None) -> bytes | Any:
+        """The whole answer (bytes), or a coroutine that makes it (a poll that needs Redis, a scrape).
+        ``gone()`` says whether the client left meanwhile (a poll on a thread then isn't asked)."""
+        if request.failure is not None:
+            status, message = request.failure
+            code = "request_header_fields_too_large" if status == 431 else "bad_request"
+            return self._error(request, "unmatched", status, code, message)
         path = request.path
         if path.startswith(PREFIX) and len(path) > len(PREFIX) and "/" not in path[len(PREFIX):]:
             if request.method not in ("GET", "HEAD"):
-                return self._error(request, ROUTE, 405, *_METHOD_NOT_ALLOWED, extra=[("Allow", "GET, HEAD")])
+                # As Flask answers it: its 405 is raised before any route, so unmatched.
+                return self._error(request, "unmatched", 405, *_METHOD_NOT_ALLOWED)
             ticket = path[len(PREFIX):]
             try:
                 status = self.admission.status_if_known(ticket)
@@ -171,7 +213,9 @@ class PollServer:
             except Exception:  # noqa: BLE001 - the thread's full status() answers it, as it would on the web
                 status = None
             if status is None:
-                return self._poll_on_thread(request, ticket)
+                if self.thread_polls >= self.max_thread_polls:
+                    return self._refusal(request, _UNAVAILABLE)
+                return self._poll_on_thread(request, ticket, gone)
             return self._line(request, status)
         if path == "/healthz" and request.method in ("GET", "HEAD"):
             return self._respond(request, "/healthz", 200, _json({"status": "ok"}), [])
@@ -179,16 +223,38 @@ class PollServer:
             return self._scrape(request)
         return self._error(request, "unmatched", 404, *_NOT_FOUND)
 
-    async def _poll_on_thread(self, request: Request, ticket: str) -> bytes:
-        loop = asyncio.get_running_loop()
+    def fail(self, request: Request, exc: BaseException) -> bytes:
+        """A 500 for a request whose answer raised (the connection is closed after it)."""
+        log_event(log, "unhandled_error", logging.ERROR, error=type(exc).__name__)
+        log.error("unhandled error", exc_info=exc)
+        request.keep_alive = False
         try:
-            status = await loop.run_in_executor(self.executor, self.admission.status, ticket)
+            return self._error(request, "unmatched", 500, *_INTERNAL)
+        except Exception:  # noqa: BLE001 - the metrics or the log line failing too: a bare answer
+            body = _json({"error": {"code": _INTERNAL[0], "message": _INTERNAL[1]}})
+            return (f"{request.version} 500 Internal Server Error\r\nContent-Type: application/json\r\n"
+                    f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode() + body
+
+    def _status_unless_gone(self, ticket: str, gone: Any) -> QueueStatus | None:
+        if gone is not None and gone():
+            return None  # the client left while this waited for a thread: nothing to ask Redis for
+        return self.admission.status(ticket)
+
+    async def _poll_on_thread(self, request: Request, ticket: str, gone: Any) -> bytes:
+        loop = asyncio.get_running_loop()
+        self.thread_polls += 1
+        try:
+            status = await loop.run_in_executor(self.executor, self._status_unless_gone, ticket, gone)
         except (InvalidAdmission, SalesPaused, AdmissionUnavailable) as refusal:
             return self._refusal(request, refusal)
         except Exception as exc:  # noqa: BLE001 - as web/errors.py's last handler
             log_event(log, "unhandled_error", logging.ERROR, error=type(exc).__name__)
             log.error("unhandled error", exc_info=exc)
-            return self._error(request, ROUTE, 500, "internal_error", "Something went wrong on our side; please retry.")
+            return self._error(request, ROUTE, 500, *_INTERNAL)
+        finally:
+            self.thread_polls -= 1
+        if status is None:
+            return b""  # nobody to answer
         return self._line(request, status)
 
     def _line(self, request: Request, status: QueueStatus) -> bytes:
@@ -201,7 +267,8 @@ class PollServer:
 
     def _error(self, request: Request, route: str, status: int, code: str, message: str,
                extra: list[tuple[str, str]] | None = None) -> bytes:
-        headers = [("Retry-After", "5")] if status in _COME_BACK else []
+        headers = [("Retry-After", "5")] if status in _COME_BACK and not any(
+            name == "Retry-After" for name, _ in extra or []) else []
         answer = self._respond(request, route, status, _json({"error": {"code": code, "message": message}}),
                                [*headers, *(extra or [])])
         if status in _COME_BACK:
@@ -214,11 +281,22 @@ class PollServer:
             return self._error(request, "/metrics", 404, "not_found", "Not found.")
         header = request.headers.get("authorization", "")
         given = header[len("Bearer "):].strip() if header.startswith("Bearer ") else ""
+        loop = asyncio.get_running_loop()
         if not given or not hmac.compare_digest(given.encode(), expected.encode()):
-            log_event(log, "ops_token_refused", logging.WARNING, path=request.path)
+            # As the web's: ten wrong tokens per client in ten minutes, then 429 (web/metrics.py).
+            if self.limiter is not None:
+                from shared.ratelimit import Limit
+
+                decision = await loop.run_in_executor(self.executor, self.limiter.hit, "ops_auth",
+                                                      request.client, Limit.parse("10/600"))
+                if decision is not None and not decision.allowed:
+                    return self._error(request, "/metrics", 429, "rate_limited",
+                                       "Too many requests from this client; slow down and retry later.",
+                                       extra=list(decision.headers().items()))
+            log_event(log, "ops_token_refused", logging.WARNING, client=request.client, path=request.path)
             return self._error(request, "/metrics", 401, "unauthorized",
                                "Send the ops token as 'Authorization: Bearer <token>'.")
-        body = await asyncio.get_running_loop().run_in_executor(self.executor, metrics.exposition)
+        body = await loop.run_in_executor(self.executor, metrics.exposition)
         return self._respond(request, "/metrics", 200, body, [], content_type=metrics.CONTENT_TYPE)
 
     def _respond(self, request: Request, route: str, status: int, body: bytes, headers: list[tuple[str, str]],
@@ -233,134 +311,257 @@ class PollServer:
         head = f"{request.version} {status} {_REASONS.get(status, 'Unknown')}\r\n" + "".join(
             f"{name}: {value}\r\n" for name, value in all_headers) + "\r\n"
         elapsed = time.perf_counter() - request.started
-        method = request.method if request.method in ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE",
-                                                      "OPTIONS") else "other"
-        metrics.record_http(route, method, status, elapsed)
+        method = request.method if request.method in _METHODS else "other"
+        self._count(route, method, status, elapsed)
         if self.access_lines:
-            line = access_line(status, all_headers, {"REQUEST_METHOD": request.method, ROUTE_ENVIRON: route},
-                               0 if request.method == "HEAD" else len(body),
-                               timedelta(seconds=elapsed), logger="meterai.polls.access")
-            access_log.info(line, extra={RENDERED: True})
+            self._access_line(access_line(
+                status, all_headers, {"REQUEST_METHOD": method, ROUTE_ENVIRON: route},
+                0 if request.method == "HEAD" else len(body), timedelta(seconds=elapsed),
+                logger="meterai.polls.access"))
         return head.encode("latin-1") + (b"" if request.method == "HEAD" else body)
 
-    def bad_request(self, request: Request) -> bytes:
-        """The answer to a head that could not be taken (the connection is closed after it)."""
-        status, message = request.failure or (400, "The request could not be read.")
-        code = "request_header_fields_too_large" if status == 431 else "bad_request"
-        return self._error(request, "unmatched", status, code, message)
+    def _count(self, route: str, method: str, status: int, seconds: float) -> None:
+        """As :func:`shared.metrics.record_http`, with each (route, method, status)'s series looked up once:
+        the label lookup was a tenth of a poll's work."""
+        key = (route, method, status)
+        series = self._counted.get(key)
+        if series is None:
+            series = self._counted[key] = (metrics.HTTP_REQUESTS.labels(route, method, str(status)),
+                                           metrics.HTTP_DURATION.labels(route, method))
+        series[0].inc()
+        series[1].observe(seconds)
+
+    def _access_line(self, line: str) -> None:
+        """The line goes out with the others of this turn of the event loop, in one write: under load
+        dozens of polls are answered per turn, and a write each was a quarter of a poll's cost
+        (``loadtests.bench.web``). The lines are JSON already, as gunicorn.conf.py's AccessLogger writes
+        them, so no logging handler is involved. Outside a running loop, written at once."""
+        self._lines.append(line)
+        if len(self._lines) > 1:
+            return
+        try:
+            asyncio.get_running_loop().call_soon(self.flush_lines)
+        except RuntimeError:
+            self.flush_lines()
+
+    def flush_lines(self) -> None:
+        lines, self._lines = self._lines, []
+        if not lines:
+            return
+        try:
+            self.stream.write("\n".join(lines) + "\n")
+            self.stream.flush()
+        except (OSError, ValueError):  # a closed or broken stderr never fails a request
+            pass
 
 
 class Connection(asyncio.Protocol):
-    """One client connection: request heads parsed as they arrive, answered in order."""
+    """One client connection: request heads parsed as they arrive, answered in order.
+
+    Reading stops (``pause_reading``) while :data:`MAX_PIPELINED` requests wait for their answers, while
+    an answer is being made on a thread behind which more are buffered, or while the client doesn't take
+    what was written (``pause_writing``); it resumes when those clear. So neither the parsed requests nor
+    the unsent answers of one connection grow without bound."""
 
     def __init__(self, server: PollServer, keep_alive: float, connections: set) -> None:
         self.server = server
         self.keep_alive = keep_alive
         self.connections = connections
-        self.buffer = b""
+        self.buffer = bytearray()
+        self.skip = 0  # body bytes still to read and ignore
         self.pending: deque[Request] = deque()
         self.busy = False  # an answer is being made off the loop: later requests wait their turn
-        self.reading = True  # False after a last request (Connection: close, or one that failed)
+        self.reading = True  # False after a last request (Connection: close, one refused, the client's EOF)
         self.closing = False
-        self.paused = False
+        self.paused_reading = False
+        self.write_paused = False
         self.transport: asyncio.Transport | None = None
-        self.idle_timer: asyncio.TimerHandle | None = None
+        self.timer: asyncio.TimerHandle | None = None
+        self.timer_for_head = False
+        self.client = "-"
+        self.task: asyncio.Task | None = None
 
+    # -- asyncio's callbacks --------------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+        peer = transport.get_extra_info("peername")
+        self.client = str(peer[0]) if isinstance(peer, tuple) and peer else "-"
         self.connections.add(self)
-        self._arm_idle()
+        self._arm_timer()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.connections.discard(self)
         self.closing = True
         self.pending.clear()
-        if self.idle_timer is not None:
-            self.idle_timer.cancel()
+        self._cancel_timer()
+
+    def eof_received(self) -> bool:
+        """The client sent all it will (a half-close): answer what it asked, then close."""
+        self.reading = False
+        self._drain()
+        return True  # keep the transport open for the answers
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+        self._flow()
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        self._drain()
 
     def data_received(self, data: bytes) -> None:
         if not self.reading or self.closing:
             return
         self.buffer += data
-        while self.reading:
+        self._parse()
+        self._drain()
+
+    # -- the work ------------------------------------------------------------------------------------
+    def _parse(self) -> None:
+        """Take the complete requests from the buffer, at most MAX_PIPELINED waiting at a time."""
+        buffer = self.buffer
+        offset = 0
+        while self.reading and len(self.pending) < MAX_PIPELINED:
+            if self.skip:
+                taken = min(self.skip, len(buffer) - offset)
+                offset += taken
+                self.skip -= taken
+                if self.skip:
+                    break
             # Blank lines before a request line are allowed (RFC 9112 2.2): a client's stray CRLF.
-            self.buffer = self.buffer.lstrip(b"\r\n")
-            end = self.buffer.find(b"\r\n\r\n")
-            if end < 0 and len(self.buffer) <= MAX_HEAD_BYTES:
+            while buffer.startswith(b"\r\n", offset):
+                offset += 2
+            end = buffer.find(b"\r\n\r\n", offset, offset + MAX_HEAD_BYTES + 4)
+            if end < 0:
+                if len(buffer) - offset > MAX_HEAD_BYTES:
+                    self._last(Request.refused(431, "The request's headers are too large."))
                 break
-            if end < 0 or end > MAX_HEAD_BYTES:
-                self._last(Request("GET", "", "HTTP/1.1", {}, False, (431, "The request's headers are too large.")))
-                break
-            head, self.buffer = self.buffer[:end], self.buffer[end + 4:]
+            head = bytes(buffer[offset:end])
+            offset = end + 4
             try:
                 request = parse_head(head)
             except BadRequest as exc:
-                request = Request("GET", "", "HTTP/1.1", {}, False, (exc.status, str(exc)))
+                request = Request.refused(exc.status, str(exc))
+            request.client = self.client
+            self.skip = request.body
             if request.keep_alive and request.failure is None:
                 self.pending.append(request)
             else:
                 self._last(request)
-        if len(self.pending) >= MAX_PIPELINED and not self.paused and self.transport is not None:
-            self.paused = True
-            self.transport.pause_reading()
-        self._drain()
+        if self.reading:
+            del buffer[:offset]
 
     def _last(self, request: Request) -> None:
         """The last request this connection gets answered: nothing after it is read."""
         self.pending.append(request)
         self.reading = False
-        self.buffer = b""
+        self.buffer = bytearray()
+        self.skip = 0
+
+    def _gone(self) -> bool:
+        return self.closing
 
     def _drain(self) -> None:
-        if self.idle_timer is not None:
-            self.idle_timer.cancel()
-            self.idle_timer = None
-        while self.pending and not self.busy and not self.closing:
+        while self.pending and not self.busy and not self.closing and not self.write_paused:
             request = self.pending.popleft()
-            answer = self.server.bad_request(request) if request.failure else self.server.answer(request)
+            try:
+                answer = self.server.answer(request, self._gone)
+            except Exception as exc:  # noqa: BLE001 - one request's failure is a 500, not a dead connection
+                answer = self.server.fail(request, exc)
             if isinstance(answer, bytes):
                 self._write(request, answer)
             else:
                 self.busy = True
-                asyncio.ensure_future(self._finish(request, answer))
+                self.task = asyncio.ensure_future(self._finish(request, answer))
+                break
+        if self.reading and not self.busy and not self.write_paused and len(self.pending) < MAX_PIPELINED \
+                and self.buffer and not self.closing:
+            self._parse()  # requests left in the buffer when the pipeline was full
+            if self.pending and not self.busy:
+                self._drain()
                 return
-        if self.paused and len(self.pending) < MAX_PIPELINED // 2 and not self.closing and self.transport:
-            self.paused = False
-            self.transport.resume_reading()
-        if not self.pending and not self.busy:
-            self._arm_idle()
+        self._flow()
+        if not self.closing and not self.pending and not self.busy and not self.reading:
+            self._close()  # the last request answered (or the client half-closed and all is answered)
+            return
+        self._arm_timer()
 
     async def _finish(self, request: Request, answer: Any) -> None:
         try:
             data = await answer
+        except Exception as exc:  # noqa: BLE001 - a 500 and the connection closed, never a hang
+            data = self.server.fail(request, exc)
         finally:
             self.busy = False
+            self.task = None
         if not self.closing:
-            self._write(request, data)
+            if data:
+                self._write(request, data)
             self._drain()
 
     def _write(self, request: Request, data: bytes) -> None:
         assert self.transport is not None
         self.transport.write(data)
         if not request.keep_alive or request.failure is not None:
-            self.closing = True
+            self._close()
+
+    def _close(self) -> None:
+        self.closing = True
+        self.reading = False
+        self._cancel_timer()
+        if self.transport is not None:
             self.transport.close()
 
-    def _arm_idle(self) -> None:
+    def _flow(self) -> None:
+        """Read only while this connection can take more: see the class docstring."""
+        if self.transport is None or self.closing:
+            return
+        full = self.write_paused or len(self.pending) >= MAX_PIPELINED or (self.busy and bool(self.buffer))
+        if full and not self.paused_reading:
+            self.paused_reading = True
+            self.transport.pause_reading()
+        elif not full and self.paused_reading:
+            self.paused_reading = False
+            self.transport.resume_reading()
+
+    # -- time limits -----------------------------------------------------------------------------------
+    def _arm_timer(self) -> None:
+        """Idle between requests: closed after ``keep_alive`` seconds. A head begun: it has HEAD_SECONDS (or
+        ``keep_alive``, if shorter) from its first byte (more bytes don't extend that). Busy: no limit of ours (the thread's own timeouts)."""
         if self.closing or self.transport is None:
             return
-        self.idle_timer = asyncio.get_running_loop().call_later(self.keep_alive, self._idle)
+        if self.pending or self.busy:
+            self._cancel_timer()
+            return
+        if self.buffer or self.skip:
+            if self.timer is not None and self.timer_for_head:
+                return  # the head's deadline stands
+            self._cancel_timer()
+            self.timer_for_head = True
+            self.timer = asyncio.get_running_loop().call_later(min(HEAD_SECONDS, self.keep_alive), self._expired)
+            return
+        self._cancel_timer()
+        self.timer_for_head = False
+        self.timer = asyncio.get_running_loop().call_later(self.keep_alive, self._expired)
 
-    def _idle(self) -> None:
-        self.idle_timer = None
-        self.close_when_idle()
+    def _cancel_timer(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        self.timer_for_head = False
+
+    def _expired(self) -> None:
+        self.timer = None
+        if not self.pending and not self.busy:
+            self._close()
 
     def close_when_idle(self) -> bool:
-        """Close now if nothing is in flight (True); a busy connection closes after its last answer."""
+        """At shutdown: close now if nothing is in flight (True); a busy connection closes after its
+        answers (nothing more is read)."""
+        self.reading = False
         if self.pending or self.busy or self.transport is None or self.closing:
             return self.closing
-        self.closing = True
-        self.transport.close()
+        self._close()
         return True
 
 
@@ -372,24 +573,27 @@ def _bind(value: str) -> tuple[str, int]:
 
 
 async def serve(settings: Settings, host: str, port: int, *, threads: int = 8, keep_alive: float = 35.0,
-                grace: float = 10.0, ready: "asyncio.Future | None" = None) -> None:
+                grace: float = 10.0, access_lines: bool = True, max_thread_polls: int = MAX_THREAD_POLLS) -> None:
     """Listen on ``host:port`` until SIGTERM or SIGINT, then stop taking connections, let answers in
     flight finish (at most ``grace`` seconds) and return."""
+    from shared.ratelimit import RateLimiter
+
     client = redis_client(settings.redis_url, timeout=0.5, retries=1,
                           sentinel_password=settings.redis_sentinel_password)
     admission = AdmissionController(settings, client)
     executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="poll")
-    server = PollServer(settings, admission, executor)
+    server = PollServer(settings, admission, executor, access_lines=access_lines,
+                        limiter=RateLimiter(client, settings.redis_key_prefix))
+    server.max_thread_polls = max_thread_polls
     connections: set[Connection] = set()
     loop = asyncio.get_running_loop()
     listener = await loop.create_server(lambda: Connection(server, keep_alive, connections), host, port,
-                                        reuse_port=True, backlog=1024)
+                                        backlog=1024)
     stop = asyncio.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
-    log_event(log, "polls_listening", host=host, port=port, threads=threads, pid=os.getpid())
-    if ready is not None:
-        ready.set_result(listener)
+    log_event(log, "polls_listening", host=host, port=port, threads=threads, pid=os.getpid(),
+              access_lines=access_lines)
     try:
         await stop.wait()
     finally:
@@ -403,28 +607,37 @@ async def serve(settings: Settings, host: str, port: int, *, threads: int = 8, k
             if connection.transport is not None:
                 connection.transport.abort()
         executor.shutdown(wait=False, cancel_futures=True)
+        server.flush_lines()
         client.close()
         log_event(log, "polls_stopped", pid=os.getpid())
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m web.pollserver", description=__doc__.split("\n\n")[0])
-    default_bind = f"{os.environ.get('BIND_HOST') or '127.0.0.1'}:{os.environ.get('POLLS_PORT') or 8001}"
-    parser.add_argument("--bind", type=_bind, default=_bind(default_bind), help=f"HOST:PORT (default {default_bind})")
+    default_bind = f"{os.environ.get('BIND_HOST') or '127.0.0.1'}:{os.environ.get('POLLS_PORT') or DEFAULT_PORT}"
+    parser.add_argument("--bind", type=_bind, default=default_bind, help=f"HOST:PORT (default {default_bind})")
     parser.add_argument("--threads", type=int, default=8, help="threads for polls that wait on Redis (default 8)")
     parser.add_argument("--keep-alive", type=float, default=35.0, help="idle seconds before a connection closes")
+    parser.add_argument("--max-thread-polls", type=int, default=MAX_THREAD_POLLS,
+                        help=f"polls waiting on Redis at once before the next is answered 503 (default {MAX_THREAD_POLLS})")
+    parser.add_argument("--no-access-log", action="store_true",
+                        help="no access line per request (the proxy's access log has one for each)")
     args = parser.parse_args(argv)
     configure_logging()
     settings = get_settings()
     refuse_unsafe(settings, "polls")
     host, port = args.bind
     try:
-        asyncio.run(serve(settings, host, port, threads=max(1, args.threads), keep_alive=args.keep_alive))
+        asyncio.run(serve(settings, host, port, threads=max(1, args.threads), keep_alive=args.keep_alive,
+                          access_lines=not args.no_access_log, max_thread_polls=max(1, args.max_thread_polls)))
     except OSError as exc:
         log_event(log, "polls_bind_failed", logging.ERROR, host=host, port=port, error=str(exc))
         return 1
     return 0
 
+
+# The Procfile's port for the poll server (POLLS_PORT); 8001 is the stand-in gateway's in development.
+DEFAULT_PORT = 8002
 
 if __name__ == "__main__":
     sys.exit(main())

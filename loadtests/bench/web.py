@@ -220,6 +220,9 @@ def main(argv: list[str] | None = None) -> int:
         polls_port = free_port()
         stack.start("polls-queue", f"python -m web.pollserver --bind 127.0.0.1:{polls_port}",
                     {**queue_env, "POLLS_PORT": str(polls_port)})
+        quiet_port = free_port()  # the same without its access lines (the proxy logs every request too)
+        stack.start("polls-quiet", f"python -m web.pollserver --bind 127.0.0.1:{quiet_port} --no-access-log",
+                    {**queue_env, "POLLS_PORT": str(quiet_port)})
         base_port = free_port()
         base_env = stack.env({"BENCH_DATABASE_URL": stack.database_url,
                               "BENCH_UPLOAD_DIR": str(workdir / "baseline-uploads")})
@@ -228,6 +231,7 @@ def main(argv: list[str] | None = None) -> int:
         stack.wait_ready()
         _wait_http(f"http://127.0.0.1:{queue_port}/healthz")
         _wait_http(f"http://127.0.0.1:{polls_port}/healthz")
+        _wait_http(f"http://127.0.0.1:{quiet_port}/healthz")
         _wait_http(f"http://127.0.0.1:{base_port}/noop")
         product, queued, baseline = stack.web_url, f"http://127.0.0.1:{queue_port}", f"http://127.0.0.1:{base_port}"
 
@@ -268,6 +272,8 @@ def main(argv: list[str] | None = None) -> int:
                                   noop_script, **common)
             r["pollserver"] = _measure(stack, "polls-queue", "queue poll (poll server)",
                                        f"http://127.0.0.1:{polls_port}/api/v1/queue/{ticket}", noop_script, **common)
+            r["pollquiet"] = _measure(stack, "polls-quiet", "queue poll (poll server, no access lines)",
+                                      f"http://127.0.0.1:{quiet_port}/api/v1/queue/{ticket}", noop_script, **common)
             # A new buyer taking a place before any upload (POST /api/v1/queue), each from an address of
             # its own while the line only grows (the trickle outflow): what an arrival above the outflow
             # costs once the checkout asks for its ticket first.
@@ -398,7 +404,7 @@ def report(rounds: list[dict], args: argparse.Namespace, workdir: Path, profiles
     print(f"{'endpoint':<26} {'req/s (median)':>15} {'p99 ms':>8}   CPU ms per request (gunicorn / postgres / redis)")
     for key, label in (("create", "create-order (ours)"), ("upload", "bare upload handler"),
                        ("status", "order status (ours)"), ("queue", "queue poll (ours)"),
-                       ("pollserver", "queue poll (poll server)"),
+                       ("pollserver", "queue poll (poll server)"), ("pollquiet", "  ... no access lines"),
                        ("ticket", "ticket request (ours)"), ("noop", "no-op endpoint")):
         cpu = {k: statistics.median(r[key]["cpu_ms_per_request"][k] for r in rounds) for k in ("gunicorn", "postgres", "redis")}
         print(f"{label:<26} {median(key):>15.1f} {median(key, 'p99_ms'):>8.1f}   "

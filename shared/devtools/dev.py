@@ -28,7 +28,7 @@ if TYPE_CHECKING:
 SECRET_KEY_FILE = "secret-key"
 SECRET_KEY_MIN_LENGTH = 32
 WEB_PORT = 8000
-POLLS_PORT = 8001  # the poll server (web/pollserver.py); without the proxy, web answers polls too
+POLLS_PORT = 8002  # the poll server (web/pollserver.py); without the proxy, web answers polls too
 DEV_SMTP_PORT = 8025  # Procfile.dev's mailbox (shared/devtools/smtp.py)
 PYTEST_NO_TESTS_COLLECTED = 5
 USAGE = "usage: ./dev up [process ...]   |   ./dev test [pytest args ...]"
@@ -86,6 +86,22 @@ def data_dir_secret_key(data_dir: Path) -> str:
         raise ServiceError(f"{path} holds no usable key (shorter than {SECRET_KEY_MIN_LENGTH} characters); "
                            "delete it and ./dev up makes a new one (buyer tokens signed with the old one stop working)")
     return key
+
+
+def port_clash(env: dict[str, str], settings: Settings) -> str | None:
+    """Two of ``./dev up``'s listeners given one port (say POLLS_PORT=8001, the stand-in gateway's): the
+    second would restart for ever while the first answers the other's requests. What clashes, or None."""
+    ports = {"PORT (web)": env.get("PORT"), "POLLS_PORT (poll server)": env.get("POLLS_PORT"),
+             "GATEWAY_PORT (stand-in gateway)": env.get("GATEWAY_PORT") or str(settings.gateway_port),
+             "SMTP_PORT (mailbox)": env.get("SMTP_PORT") if env.get("SMTP_HOST") == "127.0.0.1" else None}
+    seen: dict[str, str] = {}
+    for name, port in ports.items():
+        if not port:
+            continue
+        if port in seen:
+            return f"{seen[port]} and {name} are both {port}: give one of them another port"
+        seen[port] = name
+    return None
 
 
 def worker_metrics_ports(launcher: Launcher, names: list[str], base: int) -> dict[str, int]:
@@ -152,6 +168,9 @@ def cmd_up(args: list[str]) -> int:
             env.update(SMTP_HOST="127.0.0.1", SMTP_PORT=os.environ.get("SMTP_PORT") or str(DEV_SMTP_PORT),
                        SMTP_SECURITY="none", SMTP_USERNAME="", SMTP_PASSWORD="")
         _ensure_dev_pki(env)
+        clash = port_clash(env, settings)
+        if clash:
+            raise ServiceError(clash)
         launcher = Launcher(env, restart=True)
         ports = worker_metrics_ports(launcher, names, int(os.environ.get("DEV_METRICS_PORT_BASE") or 9101))
         for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
