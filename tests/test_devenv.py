@@ -20,7 +20,7 @@ import psycopg
 import pytest
 
 from shared.config import load_settings
-from shared.devtools.dev import data_dir_secret_key, pytest_args, pytest_exit_code, workers_of
+from shared.devtools.dev import data_dir_secret_key, port_clash, pytest_args, pytest_exit_code, workers_of
 from shared.devtools.launcher import Launcher, LaunchError, RestartPolicy, descendants
 from shared.devtools.procfile import PROCFILE, PROCFILE_DEV, ROOT, ProcessSpec, parse_procfile, process_specs, select_processes
 from shared.devtools.services import (
@@ -537,3 +537,16 @@ def test_the_suite_under_two_workers_still_fails_when_no_test_is_collected(tmp_p
                            *pytest_args([str(tmp_path)], {})], cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert done.returncode == 5, done.stdout + done.stderr
     assert pytest_exit_code(done.returncode) == 1
+
+
+def test_dev_up_refuses_two_of_its_listeners_on_one_port() -> None:
+    """The poll server's port was once the stand-in gateway's: the second restarts for ever while the first
+    answers the other's requests (payments reaching the poll server's 404s)."""
+    settings = load_settings({})
+    assert port_clash({"PORT": "8000", "POLLS_PORT": "8002"}, settings) is None
+    clash = port_clash({"PORT": "8000", "POLLS_PORT": "8001"}, settings)
+    assert clash and "POLLS_PORT" in clash and "GATEWAY_PORT" in clash and "8001" in clash
+    assert port_clash({"PORT": "8025", "POLLS_PORT": "8002", "SMTP_HOST": "127.0.0.1", "SMTP_PORT": "8025"},
+                      settings)
+    assert port_clash({"PORT": "8025", "POLLS_PORT": "8002", "SMTP_HOST": "smtp.example.id", "SMTP_PORT": "8025"},
+                      settings) is None  # a mail server elsewhere listens on no port of ours
