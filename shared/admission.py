@@ -432,18 +432,19 @@ class AdmissionController:
             return QueueStatus(position=position, eta_seconds=eta, admitted=False)
         return None
 
-    def status_if_known(self, ticket: str) -> QueueStatus | None:
+    def status_if_known(self, ticket: str, slack: float = 0.0) -> QueueStatus | None:
         """:meth:`status` when it can be answered without a Redis round trip, else None (ask :meth:`status`).
 
         For a server that answers polls on an event loop (web/pollserver.py): most polls are a ticket still
         waiting behind a line this process saw within ``LINE_MAX_AGE_SECONDS`` and an outflow it read within
         ``OUTFLOW_MAX_AGE_SECONDS``, which need only the ticket's HMAC; the rest (a stale look at the line,
-        another epoch, the head reached) wait on Redis and belong on a thread. Raises as :meth:`status`
-        does for a ticket that isn't valid or expired, and while sales are paused."""
+        another epoch, the head reached) wait on Redis and belong on a thread. ``slack`` seconds more of
+        age are accepted (the poll server's answer while a fresher look is already being fetched). Raises
+        as :meth:`status` does for a ticket that isn't valid or expired, and while sales are paused."""
         claims = self._ticket_claims(ticket)
         line, outflow, now = self._line, self._outflow, time.monotonic()
-        if (line is None or line.epoch != claims.get("e") or now - line.at > self.LINE_MAX_AGE_SECONDS
-                or outflow is None or now - outflow[0] >= self.OUTFLOW_MAX_AGE_SECONDS):
+        if (line is None or line.epoch != claims.get("e") or now - line.at > self.LINE_MAX_AGE_SECONDS + slack
+                or outflow is None or now - outflow[0] >= self.OUTFLOW_MAX_AGE_SECONDS + slack):
             return None
         number = int(claims["n"])
         if number <= line.head and line.mode != Mode.PAUSED:

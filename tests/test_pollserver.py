@@ -235,12 +235,19 @@ def test_a_poll_behind_a_fresh_look_at_the_line_is_answered_from_memory(sys_):
         with pytest.raises(Exception) as refused:
             fresh.status_if_known("garbage")
         assert getattr(refused.value, "code", None) == "invalid_ticket"
-        # Another epoch, or a stale look: not answered from memory.
+        # At the head (its admission is collected in Redis), another epoch, a stale look: not from memory.
+        signer = Signer(settings.secret_key)
+        claims = signer.verify("ticket", ticket)
+        at_head = signer.sign("ticket", {**claims, "n": 1})
+        elsewhere = signer.sign("ticket", {**claims, "e": "another-epoch"})
+        assert fresh.status_if_known(at_head) is None and fresh.status_if_known(elsewhere) is None
         fresh.LINE_MAX_AGE_SECONDS = 0.0
         assert fresh.status_if_known(ticket) is None
+        assert fresh.status_if_known(ticket, slack=3600.0) == asked  # unless an older look is accepted
     finally:
         for key in client.scan_iter(match=f"{prefix}*"):
             client.delete(key)
+        client.close()
 
 
 def _ticket_for(sys_: System, prefix: str) -> str:
@@ -248,45 +255,70 @@ def _ticket_for(sys_: System, prefix: str) -> str:
 
     settings = load_settings({**sys_.env, "REDIS_KEY_PREFIX": prefix, "ADMISSION_PER_MINUTE": "1",
                               "ADMISSION_BURST": "1"})
-    room = AdmissionController(settings, redis_client(settings.redis_url, timeout=1))
-    room.take_ticket("10.8.0.1", "buyer-first-one")
-    return room.take_ticket("10.8.0.2", "buyer-second-one").ticket
+    client = redis_client(settings.redis_url, timeout=1)
+    try:
+        room = AdmissionController(settings, client)
+        room.take_ticket("10.8.0.1", "buyer-first-one")
+        return room.take_ticket("10.8.0.2", "buyer-second-one").ticket
+    finally:
+        client.close()
 
 
 def test_a_poll_waiting_on_redis_holds_up_neither_the_others_nor_more_than_a_few_threads(sys_, silent_redis):
     """A Redis that doesn't answer delays the polls that need it (each then answered 503, as the web would),
-    never /healthz; beyond --max-thread-polls, a poll is answered 503 at once instead of queueing."""
+    never /healthz; beyond --max-thread-polls a poll is answered 503 at once instead of queueing, even
+    when many arrive in the same turn of the event loop."""
+    import selectors
+
     prefix = f"meterai-polls-{uuid.uuid4().hex[:6]}:"
     ticket = _ticket_for(sys_, prefix)
     name, port = f"polls-silent-{uuid.uuid4().hex[:6]}", free_port()
     polls = sys_.launcher.start("polls", name=name, port=port, env={"REDIS_URL": silent_redis.url,
                                                                    "REDIS_KEY_PREFIX": prefix},
                                 command="python -m web.pollserver --bind 127.0.0.1:${POLLS_PORT} --threads 1 "
-                                        "--max-thread-polls 1")
+                                        "--max-thread-polls 1 --redis-timeout 30")
     try:
         sys_.launcher.wait_ready([name], timeout=60)
-        order: list[str] = []
-        lock = threading.Lock()
-
-        def poll(label: str) -> None:
-            answer = requests.get(f"http://127.0.0.1:{port}{QUEUE}/{ticket}", timeout=30)
-            with lock:
-                order.append(f"{label} {answer.status_code} {answer.json()['error']['code']}")
-
-        first = threading.Thread(target=poll, args=("first",))
-        first.start()
-        wait_until(lambda: len(silent_redis.held) >= 1, message="the first poll's thread reaching Redis")
+        # Five polls sent at once on five connections: one waits on Redis, four are refused at once.
+        connections = [socket.create_connection(("127.0.0.1", port), timeout=60) for _ in range(5)]
+        request = f"GET {QUEUE}/{ticket} HTTP/1.1\r\nConnection: close\r\n\r\n".encode()
+        for connection in connections:
+            connection.sendall(request)
+        wait_until(lambda: len(silent_redis.held) >= 1, message="a poll's thread reaching Redis")
         health = requests.get(f"http://127.0.0.1:{port}/healthz", timeout=10)
-        with lock:
-            order.append(f"healthz {health.status_code}")
-        poll("second")  # the one thread is taken: refused at once
-        first.join(timeout=30)
-        assert order == ["healthz 200", "second 503 admission_unavailable", "first 503 admission_unavailable"]
+        assert health.status_code == 200  # the event loop is free meanwhile
+        selector = selectors.DefaultSelector()
+        for connection in connections:
+            selector.register(connection, selectors.EVENT_READ)
+
+        def read_answers(count: int) -> list[bytes]:
+            answers = []
+            while len(answers) < count:
+                ready = selector.select(timeout=20)
+                assert ready, f"only {len(answers)} of {count} answers came"
+                for key, _ in ready:
+                    data = b""
+                    while chunk := key.fileobj.recv(65536):
+                        data += chunk
+                    selector.unregister(key.fileobj)
+                    answers.append(data)
+            return answers
+
+        refused = read_answers(4)
+        assert all(a.startswith(b"HTTP/1.1 503") and b"admission_unavailable" in a for a in refused)
+        assert selector.select(timeout=0) == []  # the fifth still waits on the silent Redis (30 s timeout)
+        assert len(silent_redis.held) == 1  # one poll went to Redis, not five
+        silent_redis.close()  # Redis goes away: the waiting poll is answered as the web would
+        [last] = read_answers(1)
+        assert last.startswith(b"HTTP/1.1 503") and b"admission_unavailable" in last
+        for connection in connections:
+            connection.close()
     finally:
         sys_.launcher.stop(name)
         client = redis.Redis.from_url(sys_.settings.redis_url)
         for key in client.scan_iter(match=f"{prefix}*"):
             client.delete(key)
+        client.close()
     assert polls.popen is not None and polls.popen.returncode == 0  # SIGTERM: a clean stop
 
 
@@ -322,7 +354,7 @@ def test_the_poll_server_speaks_http_carefully(line):
     for request, status in ((f"GET {QUEUE}/{ticket} HTTP/1.1\r\nContent-Length: 9999999\r\n\r\nhello", b"400"),
                             ("BROKEN\r\n\r\n", b"400"),
                             ("GET / HTTP/2.0\r\n\r\n", b"400"),
-                            (f"GET {QUEUE}/{ticket} HTTP/1.1\r\nX-Big: {'a' * 20000}\r\n\r\n", b"431")):
+                            (f"GET {QUEUE}/{ticket} HTTP/1.1\r\nX-Big: {'a' * 50000}\r\n\r\n", b"431")):
         raw = _exchange(port, request.encode())
         assert raw.startswith(b"HTTP/1.1 " + status), raw[:200]
         assert json.loads(raw.partition(b"\r\n\r\n")[2])["error"]["code"] in ("bad_request",
@@ -333,10 +365,15 @@ def test_the_poll_server_speaks_http_carefully(line):
                     f"GET {QUEUE}/{ticket} HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
                     f"GET {QUEUE}/{ticket} HTTP/1.1\r\nHost: a\nX: b\r\n\r\n",
                     f"get {QUEUE}/{ticket} HTTP/1.1\r\n\r\n",
-                    f"GET {QUEUE}/{ticket} HTTP/1.1\r\nBad\tName: x\r\n\r\n"):
+                    f"GET {QUEUE}/{ticket} HTTP/1.1\r\nBad\tName: x\r\n\r\n",
+                    f"GET {QUEUE}/{ticket} HTTP/1.1\r\nContent-Length: {'9' * 5000}\r\n\r\n"):
         raw = _exchange(port, request.encode())
         assert raw.startswith(b"HTTP/1.1 400"), (request, raw[:200])
         assert raw.count(b"\r\nContent-Type: ") == 1
+    # Big headers (a browser's cookies, as nginx passes them: up to 4 × 8 KiB) are a normal request.
+    raw = _exchange(port, f"GET {QUEUE}/{ticket} HTTP/1.1\r\nCookie: {'c' * 8000}\r\nX-More: {'m' * 20000}\r\n"
+                          f"Connection: close\r\n\r\n".encode())
+    assert raw.startswith(b"HTTP/1.1 200"), raw[:200]
     # A GET's body is read and ignored: the request after it is answered, the body never taken for one.
     body = b"GET /nothing HTTP/1.1\r\n\r\n"
     raw = _exchange(port, f"GET {QUEUE}/{ticket} HTTP/1.1\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body
@@ -370,10 +407,11 @@ def test_the_poll_server_speaks_http_carefully(line):
     assert {r["route"] for r in lines} >= {"/api/v1/queue/<ticket>", "/healthz"}
 
 
-def test_an_idle_connection_is_closed_after_the_keep_alive(sys_):
+def test_idle_connections_and_heads_that_never_end_are_let_go(sys_):
     name, port = f"polls-idle-{uuid.uuid4().hex[:6]}", free_port()
     sys_.launcher.start("polls", name=name, port=port,
-                        command="python -m web.pollserver --bind 127.0.0.1:${POLLS_PORT} --keep-alive 1")
+                        command="python -m web.pollserver --bind 127.0.0.1:${POLLS_PORT} --keep-alive 2 "
+                                "--head-seconds 0.5")
     try:
         sys_.launcher.wait_ready([name], timeout=60)
         with socket.create_connection(("127.0.0.1", port), timeout=30) as connection:
@@ -381,9 +419,23 @@ def test_an_idle_connection_is_closed_after_the_keep_alive(sys_):
                 connection.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
                 assert connection.recv(65536).startswith(b"HTTP/1.1 200")
             assert connection.recv(65536) == b""  # ...and closed by the server once idle, not by us
-        with socket.create_connection(("127.0.0.1", port), timeout=30) as connection:
-            connection.sendall(b"GET /healthz HTTP/1.1\r\nHost")  # a head that never ends
-            assert connection.recv(65536) == b""
+        # A head trickled a byte at a time, or stray CRLFs, faster than the head's deadline: more bytes
+        # don't extend it (if they did, the connection would live as long as the trickle, 20 s here).
+        for trickle in (b"GET /healthz HTTP/1.1\r\nX-Slow: " + b"a" * 200, b"\r\n" * 100):
+            with socket.create_connection(("127.0.0.1", port), timeout=30) as connection:
+                connection.settimeout(0.2)
+                closed = False
+                for n in range(len(trickle)):
+                    try:
+                        connection.sendall(trickle[n:n + 1])
+                        closed = connection.recv(65536) == b""
+                    except TimeoutError:
+                        continue
+                    except (BrokenPipeError, ConnectionResetError):
+                        closed = True
+                    if closed:
+                        break
+                assert closed, trickle[:20]
     finally:
         sys_.launcher.stop(name)
 
@@ -494,6 +546,15 @@ def test_the_proxy_sends_place_in_line_reads_to_the_poll_server_and_to_the_web_w
                    message="polls back on the poll server")
     finally:
         nginx.stop()
+    # Every poll server down (more of them than the server block's 3 tries): still the web's answer.
+    dead = [f"127.0.0.1:{free_port()}" for _ in range(4)]
+    nginx = start_nginx(tmp_path / "nginx-dead", [f"127.0.0.1:{room.web.port}"], polls=dead)
+    try:
+        for _ in range(3):
+            answer = requests.get(f"{nginx.url}{QUEUE}/{ticket}", timeout=30)
+            assert answer.status_code == 200 and answer.json()["position"] == 1
+    finally:
+        nginx.stop()
 
 
 def test_the_site_file_lists_poll_servers_with_the_web_nodes_as_their_backups():
@@ -502,6 +563,64 @@ def test_the_site_file_lists_poll_servers_with_the_web_nodes_as_their_backups():
     site = render_site(["127.0.0.1:8000"], 8080, polls=["127.0.0.1:8001"])
     polls = site.split("upstream meterai_polls {", 1)[1].split("}", 1)[0]
     assert "server 127.0.0.1:8001 max_fails=3 fail_timeout=10s;" in polls
-    assert "server 127.0.0.1:8000 backup;" in polls
+    assert "server 127.0.0.1:8000 max_fails=3 fail_timeout=10s backup;" in polls
     without = render_site(["127.0.0.1:8000"], 8080).split("upstream meterai_polls {", 1)[1].split("}", 1)[0]
     assert "server 127.0.0.1:8000 max_fails=3 fail_timeout=10s;" in without and "backup" not in without
+
+
+class _Transport:
+    """The transport side of one connection, as asyncio hands it to the protocol (no socket)."""
+
+    def __init__(self) -> None:
+        self.written: list[bytes] = []
+        self.reading, self.closed, self.aborted = True, False, False
+
+    def get_extra_info(self, name: str, default=None):
+        return ("127.0.0.1", 40000) if name == "peername" else default
+
+    def write(self, data: bytes) -> None:
+        self.written.append(data)
+
+    def pause_reading(self) -> None:
+        self.reading = False
+
+    def resume_reading(self) -> None:
+        self.reading = True
+
+    def close(self) -> None:
+        self.closed = True
+
+    def abort(self) -> None:
+        self.aborted = True
+
+
+def test_a_client_that_stops_reading_its_answers_is_not_read_from_and_is_let_go(sys_):
+    """When the socket's send buffer is full asyncio pauses writing: the connection then reads no more
+    requests, parses no more than MAX_PIPELINED ahead, and is dropped after the keep-alive if the client
+    never takes its answers."""
+    import asyncio
+    from concurrent.futures import ThreadPoolExecutor
+
+    from shared.config import load_settings
+    from web.pollserver import MAX_PIPELINED, Connection, PollServer
+
+    settings = load_settings(sys_.env)
+    client = redis_client(settings.redis_url, timeout=1)
+
+    async def scenario() -> tuple[_Transport, int, int]:
+        server = PollServer(settings, AdmissionController(settings, client), ThreadPoolExecutor(1),
+                            access_lines=False)
+        connection, transport = Connection(server, 0.3, set()), _Transport()
+        connection.connection_made(transport)  # type: ignore[arg-type]
+        connection.pause_writing()  # the client's receive window is full
+        connection.data_received(b"GET /healthz HTTP/1.1\r\n\r\n" * (3 * MAX_PIPELINED))
+        parsed, reading = len(connection.pending), transport.reading
+        await asyncio.sleep(1.0)  # past the keep-alive, the client still not reading
+        return transport, parsed, reading
+
+    try:
+        transport, parsed, reading = asyncio.run(scenario())
+    finally:
+        client.close()
+    assert parsed == MAX_PIPELINED and not reading and transport.written == []
+    assert transport.aborted

@@ -34,6 +34,7 @@ the client doesn't take its answers), request heads up to :data:`MAX_HEAD_BYTES`
 token, or an oversized head is answered 400 or 431 and the connection closed.
 
     python -m web.pollserver [--bind HOST:PORT] [--threads 8] [--keep-alive 35] [--no-access-log]
+                             [--head-seconds 10] [--redis-timeout 0.5] [--max-thread-polls 256]
 
 One process is one core; at ≈ 0.1 ms a poll one poll server per web node is ample for the design peak
 (docs/capacity.md).
@@ -71,11 +72,15 @@ from web.security import NON_PAGE_HEADERS
 
 log = logging.getLogger(__name__)
 
-MAX_HEAD_BYTES = 16 * 1024
+# nginx passes a client's headers of up to 4 × 8 KiB (large_client_header_buffers) and adds its own.
+MAX_HEAD_BYTES = 40 * 1024
 MAX_BODY_BYTES = 64 * 1024  # a body a GET may carry, read and ignored; beyond it the connection is refused
 MAX_PIPELINED = 32
 HEAD_SECONDS = 10.0  # a request head must arrive whole within this (a client trickling bytes is let go)
 MAX_THREAD_POLLS = 256  # polls waiting on Redis at once (see the module docstring)
+# While a poll on a thread is fetching a fresh look at the line, other polls are answered from the last
+# look if it is at most this much older than LINE_MAX_AGE_SECONDS (one refresh at a time, not one per poll).
+REFRESH_SLACK_SECONDS = 1.0
 _REASONS = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 403: "Forbidden", 404: "Not Found",
             405: "Method Not Allowed", 409: "Conflict", 410: "Gone", 429: "Too Many Requests",
             431: "Request Header Fields Too Large", 500: "Internal Server Error", 503: "Service Unavailable"}
@@ -162,7 +167,7 @@ def parse_head(head: bytes) -> Request:
     if "transfer-encoding" in headers:
         raise BadRequest(400, "These requests carry no chunked body.")
     length = headers.get("content-length", "0")
-    if not length.isdigit() or not length.isascii():
+    if not length.isdigit() or not length.isascii() or len(length) > 12:
         raise BadRequest(400, "Content-Length is not a number.")
     if int(length) > MAX_BODY_BYTES:
         raise BadRequest(400, "These requests carry no body.")
@@ -208,6 +213,10 @@ class PollServer:
             ticket = path[len(PREFIX):]
             try:
                 status = self.admission.status_if_known(ticket)
+                if status is None and self.thread_polls:
+                    # A poll on a thread is refreshing the look at the line (status() does when it is
+                    # stale): the last look, a little older, answers this one meanwhile.
+                    status = self.admission.status_if_known(ticket, slack=REFRESH_SLACK_SECONDS)
             except (InvalidAdmission, SalesPaused) as refusal:
                 return self._refusal(request, refusal)
             except Exception:  # noqa: BLE001 - the thread's full status() answers it, as it would on the web
@@ -215,6 +224,7 @@ class PollServer:
             if status is None:
                 if self.thread_polls >= self.max_thread_polls:
                     return self._refusal(request, _UNAVAILABLE)
+                self.thread_polls += 1  # counted now, not when the coroutine first runs a turn later
                 return self._poll_on_thread(request, ticket, gone)
             return self._line(request, status)
         if path == "/healthz" and request.method in ("GET", "HEAD"):
@@ -241,8 +251,8 @@ class PollServer:
         return self.admission.status(ticket)
 
     async def _poll_on_thread(self, request: Request, ticket: str, gone: Any) -> bytes:
+        """(``thread_polls`` was counted by :meth:`answer`; given back here.)"""
         loop = asyncio.get_running_loop()
-        self.thread_polls += 1
         try:
             status = await loop.run_in_executor(self.executor, self._status_unless_gone, ticket, gone)
         except (InvalidAdmission, SalesPaused, AdmissionUnavailable) as refusal:
@@ -363,9 +373,11 @@ class Connection(asyncio.Protocol):
     what was written (``pause_writing``); it resumes when those clear. So neither the parsed requests nor
     the unsent answers of one connection grow without bound."""
 
-    def __init__(self, server: PollServer, keep_alive: float, connections: set) -> None:
+    def __init__(self, server: PollServer, keep_alive: float, connections: set,
+                 head_seconds: float = HEAD_SECONDS) -> None:
         self.server = server
         self.keep_alive = keep_alive
+        self.head_seconds = head_seconds
         self.connections = connections
         self.buffer = bytearray()
         self.skip = 0  # body bytes still to read and ignore
@@ -377,7 +389,7 @@ class Connection(asyncio.Protocol):
         self.write_paused = False
         self.transport: asyncio.Transport | None = None
         self.timer: asyncio.TimerHandle | None = None
-        self.timer_for_head = False
+        self.timer_kind = ""  # "idle", "head" or "write" (see _arm_timer)
         self.client = "-"
         self.task: asyncio.Task | None = None
 
@@ -404,6 +416,7 @@ class Connection(asyncio.Protocol):
     def pause_writing(self) -> None:
         self.write_paused = True
         self._flow()
+        self._arm_timer()
 
     def resume_writing(self) -> None:
         self.write_paused = False
@@ -428,8 +441,10 @@ class Connection(asyncio.Protocol):
                 self.skip -= taken
                 if self.skip:
                     break
-            # Blank lines before a request line are allowed (RFC 9112 2.2): a client's stray CRLF.
-            while buffer.startswith(b"\r\n", offset):
+            # Blank lines before a request line are allowed (RFC 9112 2.2): a client's stray CRLF. One
+            # with nothing after it stays in the buffer, a head begun: CRLFs can't keep a connection idle
+            # for ever.
+            while buffer.startswith(b"\r\n", offset) and len(buffer) > offset + 2:
                 offset += 2
             end = buffer.find(b"\r\n\r\n", offset, offset + MAX_HEAD_BYTES + 4)
             if end < 0:
@@ -459,6 +474,9 @@ class Connection(asyncio.Protocol):
         self.skip = 0
 
     def _gone(self) -> bool:
+        """Whether a poll waiting for a thread still has anyone to answer: not after a reset or our own
+        close. A client's FIN is not taken as gone (it may be a half-close awaiting its answers), so a
+        poll nginx gave up on still asks Redis once: bounded by the thread-poll cap."""
         return self.closing
 
     def _drain(self) -> None:
@@ -526,34 +544,50 @@ class Connection(asyncio.Protocol):
 
     # -- time limits -----------------------------------------------------------------------------------
     def _arm_timer(self) -> None:
-        """Idle between requests: closed after ``keep_alive`` seconds. A head begun: it has HEAD_SECONDS (or
-        ``keep_alive``, if shorter) from its first byte (more bytes don't extend that). Busy: no limit of ours (the thread's own timeouts)."""
+        """One deadline at a time. The client not taking its answers (writes paused): ``keep_alive``
+        seconds, then the connection is dropped. Idle between requests: closed after ``keep_alive``
+        seconds. A head begun: ``head_seconds`` (at most ``keep_alive``) from its first byte; more bytes
+        don't extend it. Answers in flight: no limit of ours (a thread poll has Redis's timeouts)."""
         if self.closing or self.transport is None:
+            return
+        loop = asyncio.get_running_loop()
+        if self.write_paused:
+            if self.timer is None or self.timer_kind != "write":
+                self._cancel_timer()
+                self.timer_kind = "write"
+                self.timer = loop.call_later(self.keep_alive, self._stuck)
             return
         if self.pending or self.busy:
             self._cancel_timer()
             return
         if self.buffer or self.skip:
-            if self.timer is not None and self.timer_for_head:
+            if self.timer is not None and self.timer_kind == "head":
                 return  # the head's deadline stands
             self._cancel_timer()
-            self.timer_for_head = True
-            self.timer = asyncio.get_running_loop().call_later(min(HEAD_SECONDS, self.keep_alive), self._expired)
+            self.timer_kind = "head"
+            self.timer = loop.call_later(min(self.head_seconds, self.keep_alive), self._expired)
             return
         self._cancel_timer()
-        self.timer_for_head = False
-        self.timer = asyncio.get_running_loop().call_later(self.keep_alive, self._expired)
+        self.timer_kind = "idle"
+        self.timer = loop.call_later(self.keep_alive, self._expired)
 
     def _cancel_timer(self) -> None:
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
-        self.timer_for_head = False
+        self.timer_kind = ""
 
     def _expired(self) -> None:
-        self.timer = None
+        self.timer, self.timer_kind = None, ""
         if not self.pending and not self.busy:
             self._close()
+
+    def _stuck(self) -> None:
+        """A client that stopped reading its answers: let it go, answers unsent."""
+        self.timer, self.timer_kind = None, ""
+        if self.write_paused and self.transport is not None and not self.closing:
+            self.closing, self.reading = True, False
+            self.transport.abort()
 
     def close_when_idle(self) -> bool:
         """At shutdown: close now if nothing is in flight (True); a busy connection closes after its
@@ -573,12 +607,14 @@ def _bind(value: str) -> tuple[str, int]:
 
 
 async def serve(settings: Settings, host: str, port: int, *, threads: int = 8, keep_alive: float = 35.0,
-                grace: float = 10.0, access_lines: bool = True, max_thread_polls: int = MAX_THREAD_POLLS) -> None:
+                grace: float = 10.0, access_lines: bool = True, max_thread_polls: int = MAX_THREAD_POLLS,
+                head_seconds: float = HEAD_SECONDS, redis_timeout: float = 0.5) -> None:
     """Listen on ``host:port`` until SIGTERM or SIGINT, then stop taking connections, let answers in
     flight finish (at most ``grace`` seconds) and return."""
     from shared.ratelimit import RateLimiter
 
-    client = redis_client(settings.redis_url, timeout=0.5, retries=1,
+    # As the web's (web/__init__.py): a slow Redis is a quick "come back", never a hung poll.
+    client = redis_client(settings.redis_url, timeout=redis_timeout, retries=1,
                           sentinel_password=settings.redis_sentinel_password)
     admission = AdmissionController(settings, client)
     executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="poll")
@@ -587,8 +623,8 @@ async def serve(settings: Settings, host: str, port: int, *, threads: int = 8, k
     server.max_thread_polls = max_thread_polls
     connections: set[Connection] = set()
     loop = asyncio.get_running_loop()
-    listener = await loop.create_server(lambda: Connection(server, keep_alive, connections), host, port,
-                                        backlog=1024)
+    listener = await loop.create_server(lambda: Connection(server, keep_alive, connections, head_seconds),
+                                        host, port, backlog=1024)
     stop = asyncio.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
@@ -618,6 +654,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bind", type=_bind, default=default_bind, help=f"HOST:PORT (default {default_bind})")
     parser.add_argument("--threads", type=int, default=8, help="threads for polls that wait on Redis (default 8)")
     parser.add_argument("--keep-alive", type=float, default=35.0, help="idle seconds before a connection closes")
+    parser.add_argument("--head-seconds", type=float, default=HEAD_SECONDS,
+                        help=f"time for a request head to arrive whole (default {HEAD_SECONDS:g})")
+    parser.add_argument("--redis-timeout", type=float, default=0.5,
+                        help="seconds a Redis call may take before the poll is answered 503 (default 0.5)")
     parser.add_argument("--max-thread-polls", type=int, default=MAX_THREAD_POLLS,
                         help=f"polls waiting on Redis at once before the next is answered 503 (default {MAX_THREAD_POLLS})")
     parser.add_argument("--no-access-log", action="store_true",
@@ -629,7 +669,8 @@ def main(argv: list[str] | None = None) -> int:
     host, port = args.bind
     try:
         asyncio.run(serve(settings, host, port, threads=max(1, args.threads), keep_alive=args.keep_alive,
-                          access_lines=not args.no_access_log, max_thread_polls=max(1, args.max_thread_polls)))
+                          access_lines=not args.no_access_log, max_thread_polls=max(1, args.max_thread_polls),
+                          head_seconds=args.head_seconds, redis_timeout=args.redis_timeout))
     except OSError as exc:
         log_event(log, "polls_bind_failed", logging.ERROR, host=host, port=port, error=str(exc))
         return 1

@@ -72,7 +72,7 @@ def render_site(upstreams: list[str], port: int, *, template: Path = TEMPLATE,
     text, found_nodes = _NODES.subn(lambda m: nodes, text, count=1)
     if polls:
         poll_lines = "".join(f"    server {u} {UPSTREAM_OPTIONS};\n" for u in _check_upstreams(polls)) + "".join(
-            f"    server {u} backup;\n" for u in upstreams)
+            f"    server {u} {UPSTREAM_OPTIONS} backup;\n" for u in upstreams)
     else:
         poll_lines = nodes
     text, found_polls = _POLLS.subn(lambda m: poll_lines, text, count=1)
