@@ -19,6 +19,7 @@ import redis
 import requests
 
 from shared.admission import AdmissionController, Mode, Signer
+from shared.config import Settings
 from shared.devtools.launcher import Process
 from shared.devtools.proxy import start_nginx
 from shared.devtools.services import free_port
@@ -37,6 +38,7 @@ class Line:
         self.sys, self.web, self.polls, self.env = sys_, web, polls, env
         self.web_url, self.polls_url = f"http://127.0.0.1:{web.port}", f"http://127.0.0.1:{polls.port}"
         self.prefix = env["REDIS_KEY_PREFIX"]
+        self.clients: list = []
 
     def ticket(self, n: int) -> dict:
         answer = requests.post(f"{self.web_url}{QUEUE}", headers={"Client-Id": f"buyer-{uuid.uuid4().hex[:12]}",
@@ -57,7 +59,9 @@ class Line:
         from shared.config import load_settings
 
         settings = load_settings({**self.sys.env, **self.env})
-        return AdmissionController(settings, redis_client(settings.redis_url, timeout=1))
+        client = redis_client(settings.redis_url, timeout=1)
+        self.clients.append(client)  # closed with the fixture
+        return AdmissionController(settings, client)
 
     def polls_log(self) -> list[dict]:
         lines = []
@@ -76,6 +80,7 @@ def line(sys_: System):
     """``line(ADMISSION_PER_MINUTE="1", ...)``: a web node and a poll server on a waiting room of their own."""
     started: list[str] = []
     prefixes: list[str] = []
+    lines: list[Line] = []
 
     def start(**env: str) -> Line:
         tag = uuid.uuid4().hex[:6]
@@ -87,14 +92,16 @@ def line(sys_: System):
         polls = sys_.launcher.start("polls", name=f"polls-{tag}", port=free_port(), env=env)
         started.extend([web.name, polls.name])
         sys_.launcher.wait_ready([web.name, polls.name], timeout=90)
-        return Line(sys_, web, polls, env)
+        lines.append(Line(sys_, web, polls, env))
+        return lines[-1]
 
     yield start
     sys_.launcher.stop(*started)
-    client = redis.Redis.from_url(sys_.settings.redis_url)
+    for line_ in lines:
+        for client in line_.clients:
+            client.close()
     for prefix in prefixes:
-        for key in client.scan_iter(match=f"{prefix}*"):
-            client.delete(key)
+        _forget(sys_, prefix)
 
 
 def _same_answer(a: requests.Response, b: requests.Response) -> None:
@@ -214,18 +221,34 @@ def silent_redis():
     silent.close()
 
 
-def test_a_poll_behind_a_fresh_look_at_the_line_is_answered_from_memory(sys_):
+def _line_of_two(sys_: System, prefix: str) -> tuple[Settings, str]:
+    """A waiting room of its own (one a minute): the first ticket admitted at once, the second's returned."""
     from shared.config import load_settings
 
-    prefix = f"meterai-polls-{uuid.uuid4().hex[:6]}:"
     settings = load_settings({**sys_.env, "REDIS_KEY_PREFIX": prefix, "ADMISSION_PER_MINUTE": "1",
                               "ADMISSION_BURST": "1"})
     client = redis_client(settings.redis_url, timeout=1)
     try:
         room = AdmissionController(settings, client)
         room.take_ticket("10.8.0.1", "buyer-first-one")
-        ticket = room.take_ticket("10.8.0.2", "buyer-second-one").ticket
-        fresh = AdmissionController(settings, redis_client(settings.redis_url, timeout=1))
+        return settings, room.take_ticket("10.8.0.2", "buyer-second-one").ticket
+    finally:
+        client.close()
+
+
+def _forget(sys_: System, prefix: str) -> None:
+    client = redis.Redis.from_url(sys_.settings.redis_url)
+    for key in client.scan_iter(match=f"{prefix}*"):
+        client.delete(key)
+    client.close()
+
+
+def test_a_poll_behind_a_fresh_look_at_the_line_is_answered_from_memory(sys_):
+    prefix = f"meterai-polls-{uuid.uuid4().hex[:6]}:"
+    settings, ticket = _line_of_two(sys_, prefix)
+    client = redis_client(settings.redis_url, timeout=1)
+    try:
+        fresh = AdmissionController(settings, client)
         assert fresh.status_if_known(ticket) is None  # nothing seen yet: ask Redis
         asked = fresh.status(ticket)
         fresh.LINE_MAX_AGE_SECONDS = fresh.OUTFLOW_MAX_AGE_SECONDS = 3600.0  # no clock in this test
@@ -245,23 +268,8 @@ def test_a_poll_behind_a_fresh_look_at_the_line_is_answered_from_memory(sys_):
         assert fresh.status_if_known(ticket) is None
         assert fresh.status_if_known(ticket, slack=3600.0) == asked  # unless an older look is accepted
     finally:
-        for key in client.scan_iter(match=f"{prefix}*"):
-            client.delete(key)
         client.close()
-
-
-def _ticket_for(sys_: System, prefix: str) -> str:
-    from shared.config import load_settings
-
-    settings = load_settings({**sys_.env, "REDIS_KEY_PREFIX": prefix, "ADMISSION_PER_MINUTE": "1",
-                              "ADMISSION_BURST": "1"})
-    client = redis_client(settings.redis_url, timeout=1)
-    try:
-        room = AdmissionController(settings, client)
-        room.take_ticket("10.8.0.1", "buyer-first-one")
-        return room.take_ticket("10.8.0.2", "buyer-second-one").ticket
-    finally:
-        client.close()
+        _forget(sys_, prefix)
 
 
 def test_a_poll_waiting_on_redis_holds_up_neither_the_others_nor_more_than_a_few_threads(sys_, silent_redis):
@@ -271,7 +279,7 @@ def test_a_poll_waiting_on_redis_holds_up_neither_the_others_nor_more_than_a_few
     import selectors
 
     prefix = f"meterai-polls-{uuid.uuid4().hex[:6]}:"
-    ticket = _ticket_for(sys_, prefix)
+    _, ticket = _line_of_two(sys_, prefix)
     name, port = f"polls-silent-{uuid.uuid4().hex[:6]}", free_port()
     polls = sys_.launcher.start("polls", name=name, port=port, env={"REDIS_URL": silent_redis.url,
                                                                    "REDIS_KEY_PREFIX": prefix},
@@ -315,10 +323,7 @@ def test_a_poll_waiting_on_redis_holds_up_neither_the_others_nor_more_than_a_few
             connection.close()
     finally:
         sys_.launcher.stop(name)
-        client = redis.Redis.from_url(sys_.settings.redis_url)
-        for key in client.scan_iter(match=f"{prefix}*"):
-            client.delete(key)
-        client.close()
+        _forget(sys_, prefix)
     assert polls.popen is not None and polls.popen.returncode == 0  # SIGTERM: a clean stop
 
 
