@@ -598,6 +598,11 @@ class _Transport:
     def abort(self) -> None:
         self.aborted = True
 
+    def get_write_buffer_size(self) -> int:
+        return sum(len(data) for data in self.written) if self.unsent else 0
+
+    unsent = False  # True: nothing written is taken by the client (asyncio keeps it in its buffer)
+
 
 def test_a_client_that_stops_reading_its_answers_is_not_read_from_and_is_let_go(sys_):
     """When the socket's send buffer is full asyncio pauses writing: the connection then reads no more
@@ -629,3 +634,60 @@ def test_a_client_that_stops_reading_its_answers_is_not_read_from_and_is_let_go(
         client.close()
     assert parsed == MAX_PIPELINED and not reading and transport.written == []
     assert transport.aborted
+
+
+def test_a_connection_closed_with_answers_the_client_never_took_is_dropped_after_the_keep_alive(sys_):
+    """asyncio's close() waits for the write buffer to empty; below its high-water mark writing never
+    pauses, so a client that doesn't read would hold the connection for ever without a deadline."""
+    import asyncio
+    from concurrent.futures import ThreadPoolExecutor
+
+    from shared.config import load_settings
+    from web.pollserver import Connection, PollServer
+
+    settings = load_settings(sys_.env)
+    client = redis_client(settings.redis_url, timeout=1)
+
+    async def scenario() -> _Transport:
+        server = PollServer(settings, AdmissionController(settings, client), ThreadPoolExecutor(1),
+                            access_lines=False)
+        connection, transport = Connection(server, 0.3, set()), _Transport()
+        transport.unsent = True
+        connection.connection_made(transport)  # type: ignore[arg-type]
+        connection.data_received(b"GET /healthz HTTP/1.1\r\n\r\n" * 3 + b"GET /healthz HTTP/1.1\r\nConnection: close\r\n\r\n")
+        assert len(transport.written) == 4 and transport.closed and not transport.aborted
+        await asyncio.sleep(1.0)
+        return transport
+
+    try:
+        transport = asyncio.run(scenario())
+    finally:
+        client.close()
+    assert transport.aborted
+
+
+def test_the_cap_on_polls_waiting_for_redis_holds_within_one_turn_of_the_event_loop(sys_):
+    """Many connections readable at once: each poll that needs Redis is counted as it is sent to a thread,
+    so the 257th in the same turn is refused, not queued."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from shared.config import load_settings
+    from web.pollserver import MAX_THREAD_POLLS, PollServer, parse_head
+
+    class Unknown:
+        """A waiting room that has not seen the line yet: every poll needs Redis."""
+
+        def status_if_known(self, ticket, slack=0.0):
+            return None
+
+    settings = load_settings(sys_.env)
+    server = PollServer(settings, Unknown(), ThreadPoolExecutor(1), access_lines=False)  # type: ignore[arg-type]
+    head = f"GET {QUEUE}/some-ticket HTTP/1.1".encode()
+    answers = [server.answer(parse_head(head)) for _ in range(MAX_THREAD_POLLS + 10)]
+    waiting = [a for a in answers if not isinstance(a, bytes)]
+    refused = [a for a in answers if isinstance(a, bytes)]
+    for coroutine in waiting:
+        coroutine.close()  # never run: nothing to wait for here
+    assert len(waiting) == MAX_THREAD_POLLS and server.thread_polls == MAX_THREAD_POLLS
+    assert len(refused) == 10 and all(a.startswith(b"HTTP/1.1 503") and b"admission_unavailable" in a
+                                      for a in refused)

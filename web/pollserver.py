@@ -214,8 +214,11 @@ class PollServer:
             try:
                 status = self.admission.status_if_known(ticket)
                 if status is None and self.thread_polls:
-                    # A poll on a thread is refreshing the look at the line (status() does when it is
-                    # stale): the last look, a little older, answers this one meanwhile.
+                    # Polls are on threads, and the one sent there when the look went stale is fetching
+                    # a fresh one (status() does): the last look, up to REFRESH_SLACK_SECONDS older,
+                    # answers this poll meanwhile. (The thread polls may also be others: a ticket at the
+                    # head, a slow Redis. Either way no answer is from a look over 1.2 s old, and a
+                    # ticket at the head or of another epoch still goes to a thread.)
                     status = self.admission.status_if_known(ticket, slack=REFRESH_SLACK_SECONDS)
             except (InvalidAdmission, SalesPaused) as refusal:
                 return self._refusal(request, refusal)
@@ -380,6 +383,7 @@ class Connection(asyncio.Protocol):
         self.head_seconds = head_seconds
         self.connections = connections
         self.buffer = bytearray()
+        self.scanned = 0  # how far the buffer was searched for a head's end without finding one
         self.skip = 0  # body bytes still to read and ignore
         self.pending: deque[Request] = deque()
         self.busy = False  # an answer is being made off the loop: later requests wait their turn
@@ -446,11 +450,15 @@ class Connection(asyncio.Protocol):
             # for ever.
             while buffer.startswith(b"\r\n", offset) and len(buffer) > offset + 2:
                 offset += 2
-            end = buffer.find(b"\r\n\r\n", offset, offset + MAX_HEAD_BYTES + 4)
+            # Searched from where the last search stopped (less the 3 bytes a split CRLFCRLF may span):
+            # a head arriving in many small reads is scanned once, not once per read.
+            end = buffer.find(b"\r\n\r\n", max(offset, self.scanned - 3), offset + MAX_HEAD_BYTES + 4)
             if end < 0:
+                self.scanned = len(buffer)
                 if len(buffer) - offset > MAX_HEAD_BYTES:
                     self._last(Request.refused(431, "The request's headers are too large."))
                 break
+            self.scanned = 0
             head = bytes(buffer[offset:end])
             offset = end + 4
             try:
@@ -465,12 +473,14 @@ class Connection(asyncio.Protocol):
                 self._last(request)
         if self.reading:
             del buffer[:offset]
+            self.scanned = max(0, self.scanned - offset)
 
     def _last(self, request: Request) -> None:
         """The last request this connection gets answered: nothing after it is read."""
         self.pending.append(request)
         self.reading = False
         self.buffer = bytearray()
+        self.scanned = 0
         self.skip = 0
 
     def _gone(self) -> bool:
@@ -529,6 +539,11 @@ class Connection(asyncio.Protocol):
         self._cancel_timer()
         if self.transport is not None:
             self.transport.close()
+            # asyncio closes only once what was written is sent: a client that doesn't read it (below the
+            # write buffer's high-water mark, so writing never paused) gets keep_alive seconds more.
+            if self.transport.get_write_buffer_size():
+                self.timer_kind = "closing"
+                self.timer = asyncio.get_running_loop().call_later(self.keep_alive, self.transport.abort)
 
     def _flow(self) -> None:
         """Read only while this connection can take more: see the class docstring."""
