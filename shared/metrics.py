@@ -97,6 +97,10 @@ HTTP_REFUSALS = Counter("meterai_http_refusals_total", "Answers 429 and 503, by 
                         "error code: queued, rate_limited, sales_paused, admission_unavailable, ...).",
                         ["status", "reason"])
 
+QUEUE_POLLS = Counter("meterai_queue_polls_total", "Waiting-line polls (GET /api/v1/queue/<ticket>) by the "
+                      "server that answered: polls (web/pollserver.py, where the proxy sends them) or web "
+                      "(its fallback: a poll server down or unreachable).", ["server"])
+
 
 def record_http(route: str, method: str, status: int | str, seconds: float | None) -> None:
     """Count one answered request (and its time, when known) by route template, method and status: the

@@ -506,6 +506,13 @@ def test_the_poll_server_counts_its_requests_for_prometheus_behind_the_ops_token
     assert 'meterai_http_requests_total{method="GET",route="/api/v1/queue/<ticket>",status="200"} 3.0' in text
     assert 'meterai_http_requests_total{method="GET",route="/api/v1/queue/<ticket>",status="404"} 1.0' in text
     assert "meterai_http_request_duration_seconds_bucket" in text
+    # Which server answered the line's polls (the LinePollsAnsweredByTheWeb alert): the poll server's 4
+    # here, the web's own when a poll reaches it (what the proxy does only while no poll server answers).
+    assert 'meterai_queue_polls_total{server="polls"} 4.0' in text
+    assert requests.get(f"{room.web_url}{QUEUE}/{ticket}", timeout=10).status_code == 200
+    web = requests.get(f"{room.web_url}/metrics", timeout=10,
+                       headers={"Authorization": "Bearer ops-token-for-the-polls-test-0123456789"}).text
+    assert 'meterai_queue_polls_total{server="web"} 1.0' in web and 'server="polls"' not in web
 
 
 def test_without_an_ops_token_the_poll_servers_metrics_are_not_there(line):

@@ -196,6 +196,7 @@ class PollServer:
         self.max_thread_polls = MAX_THREAD_POLLS
         self._lines: list[str] = []
         self._counted: dict[tuple[str, str, int], tuple[Any, Any]] = {}
+        self.answered_here = metrics.QUEUE_POLLS.labels("polls")
 
     # -- answers --------------------------------------------------------------------------------------
     def answer(self, request: Request, gone: Any = None) -> bytes | Any:
@@ -211,6 +212,7 @@ class PollServer:
                 # As Flask answers it: its 405 is raised before any route, so unmatched.
                 return self._error(request, "unmatched", 405, *_METHOD_NOT_ALLOWED)
             ticket = path[len(PREFIX):]
+            self.answered_here.inc()
             try:
                 status = self.admission.status_if_known(ticket)
                 if status is None and self.thread_polls:

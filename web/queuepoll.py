@@ -56,6 +56,7 @@ class QueuePolls:
         self.admission = flask_app.extensions["meterai.admission"]
         self.max_retry_after = flask_app.extensions["meterai.settings"].admission_max_retry_after_seconds
         self.headers = list(headers.items())
+        self.answered_here = metrics.QUEUE_POLLS.labels("web")
 
     def __call__(self, environ: dict[str, Any], start_response: Callable) -> Iterable[bytes]:
         path = environ.get("PATH_INFO", "")
@@ -64,6 +65,7 @@ class QueuePolls:
         ticket = path[len(PREFIX):]
         if not ticket or "/" in ticket:
             return self.app(environ, start_response)
+        self.answered_here.inc()  # a poll the proxy would have sent to a poll server (docs/deploy.md)
         started = time.perf_counter()
         try:
             status = self.admission.status(ticket)
