@@ -171,8 +171,8 @@ def parse_head(head: bytes) -> Request:
         raise BadRequest(400, "Content-Length is not a number.")
     if int(length) > MAX_BODY_BYTES:
         raise BadRequest(400, "These requests carry no body.")
-    connection = headers.get("connection", "").lower()
-    keep_alive = "keep-alive" in connection if version == "HTTP/1.0" else "close" not in connection
+    options = {option.strip() for option in headers.get("connection", "").lower().split(",")}
+    keep_alive = "keep-alive" in options if version == "HTTP/1.0" else "close" not in options
     path = unquote(target.partition("?")[0])
     return Request(method, path, version, headers, keep_alive, body=int(length))
 
