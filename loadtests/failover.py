@@ -41,7 +41,7 @@ from loadtests.stack import Stack, migrate, say
 from shared.devtools.launcher import Launcher
 from shared.devtools.pgbouncer import PgBouncerHandle, start_pgbouncer
 from shared.devtools.sentinel import SentinelSet, start_sentinel_set
-from shared.devtools.services import PostgresHandle, create_database, free_port, start_private_postgres
+from shared.devtools.services import PostgresHandle, create_database, start_private_postgres
 
 # BROKER_URL given apart from REDIS_URL (here the same Sentinel set), as deploy.md recommends: the drill
 # runs the production arrangement. (The celery command reads BROKER_URL as its own --broker; the broker
@@ -117,9 +117,7 @@ class HAStack(Stack):
         say(f"Redis: primary port {self.sentinels.primary.port}, replica, 3 Sentinels: {self.redis_url}")
         self.open_document_store()
         (self.workdir / "data").mkdir(parents=True, exist_ok=True)
-        self.web_port = free_port()
-        self.gateway_port = free_port()
-        self.smtp_port = free_port()
+        self.take_ports()
         self.launcher = Launcher(self.env(), logs=self.workdir / "logs")
 
     def env(self, overrides: dict[str, str] | None = None) -> dict[str, str]:

@@ -141,11 +141,15 @@ class Stack:
         self._private.append(redis_handle)
         self.redis_url = redis_handle.url
         (self.workdir / "data").mkdir(parents=True, exist_ok=True)
+        self.take_ports()
+        self.launcher = Launcher(self.env(), logs=self.workdir / "logs")
+
+    def take_ports(self) -> None:
+        """A free port for each listening process of the Procfiles (every stack on this box has its own)."""
         self.web_port = free_port()
         self.polls_port = free_port()  # the Procfile's poll server (web/pollserver.py)
         self.gateway_port = free_port()
         self.smtp_port = free_port()  # Procfile.dev's mailbox: the mail workers send buyers' e-mails there
-        self.launcher = Launcher(self.env(), logs=self.workdir / "logs")
 
     def redis_client(self) -> Any:
         """A client of the stack's Redis for the drill's own look at the waiting room."""
