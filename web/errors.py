@@ -56,7 +56,7 @@ PUBLIC_FAILURES: dict[str, tuple[str, str]] = {
                                              "served. This is our error; please contact support."),
 }
 # Statuses whose answer tells the client when to come back.
-_COME_BACK = frozenset({429, 503})
+COME_BACK = frozenset({429, 503})
 
 
 def status_for(exc: DomainError) -> int:
@@ -87,7 +87,7 @@ def register(app: Flask) -> None:
         if code in PUBLIC_FAILURES:
             log_event(log, "dependency_failure", logging.ERROR, code=code, detail=message)
             code, message = PUBLIC_FAILURES[code]
-        response = error_response(code, message, status, retry_after=5 if status in _COME_BACK else None)
+        response = error_response(code, message, status, retry_after=5 if status in COME_BACK else None)
         response.headers.update(getattr(exc, "headers", {}))
         return response
 

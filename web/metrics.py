@@ -15,7 +15,6 @@ latency by route and method; every 429 and 503 also by its reason (the error cod
 """
 from __future__ import annotations
 
-import hmac
 import logging
 import threading
 import time
@@ -29,6 +28,7 @@ from shared.logs import log_event
 from shared.services import observe
 from web.context import admission, settings
 from web.limits import client_id, enforce_limit
+from web.security import OPS_TOKEN_ATTEMPTS, bearer_token_matches
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +38,6 @@ bp = Blueprint("metrics", __name__)
 SNAPSHOT_MAX_AGE_SECONDS = 5.0
 # This process's pool is copied into the pool gauges at most this often (seconds).
 POOL_RECORD_SECONDS = 1.0
-_METHODS = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"})
 
 
 def register(app: Flask) -> None:
@@ -56,7 +55,7 @@ def _count(response: Response) -> Response:
     started = g.pop("metrics_started", None)
     rule = request.url_rule
     route = rule.rule if rule is not None else "unmatched"
-    method = request.method if request.method in _METHODS else "other"
+    method = request.method if request.method in metrics.HTTP_METHODS else "other"
     status = response.status_code
     metrics.record_http(route, method, status, time.perf_counter() - started if started is not None else None)
     if status in (429, 503):
@@ -93,10 +92,8 @@ def scrape():
     expected = settings().ops_token
     if not expected:
         raise DomainError("Not found.", code="not_found")
-    header = request.headers.get("Authorization", "")
-    given = header[len("Bearer "):].strip() if header.startswith("Bearer ") else ""
-    if not given or not hmac.compare_digest(given.encode(), expected.encode()):
-        enforce_limit("ops_auth", "10/600")
+    if not bearer_token_matches(request.headers.get("Authorization", ""), expected):
+        enforce_limit("ops_auth", OPS_TOKEN_ATTEMPTS)
         log_event(log, "ops_token_refused", logging.WARNING, client=client_id(), path=request.path)
         raise DomainError("Send the ops token as 'Authorization: Bearer <token>'.", code="unauthorized")
     return Response(metrics.exposition(SnapshotCollector(_snapshot())), mimetype=metrics.CONTENT_TYPE)

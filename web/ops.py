@@ -23,7 +23,6 @@ view of the log, not the record.
 """
 from __future__ import annotations
 
-import hmac
 import logging
 import time
 
@@ -37,13 +36,14 @@ from shared.services.opsview import PACE_PER_MINUTE, OpsView, sanitised_operator
 from web.context import admission, settings, store
 from web.limits import client_id, enforce_limit
 from web.payloads import json_body
+from web.security import OPS_TOKEN_ATTEMPTS, bearer_token_matches
 
 log = logging.getLogger(__name__)
 
 bp = Blueprint("ops", __name__, url_prefix="/ops")
 
 # Wrong ops tokens a client may try per window before it is refused outright (count/seconds).
-FAILED_ATTEMPTS = "10/600"
+FAILED_ATTEMPTS = OPS_TOKEN_ATTEMPTS
 # The operator's name, as they typed it on the page (or any client sends it): for the audit log.
 OPERATOR_HEADER = "X-Ops-Operator"
 # How often the page asks for a fresh overview.
@@ -57,9 +57,7 @@ def require_ops_token():
         raise DomainError("Not found.", code="not_found")
     if request.endpoint == "ops.page":
         return  # the shell: no data in it, the token is asked for by its script
-    header = request.headers.get("Authorization", "")
-    given = header[len("Bearer "):].strip() if header.startswith("Bearer ") else ""
-    if not given or not hmac.compare_digest(given.encode(), expected.encode()):
+    if not bearer_token_matches(request.headers.get("Authorization", ""), expected):
         enforce_limit("ops_auth", FAILED_ATTEMPTS)
         log_event(log, "ops_token_refused", logging.WARNING, client=client_id(), path=request.path)
         raise DomainError("Send the ops token as 'Authorization: Bearer <token>'.", code="unauthorized")

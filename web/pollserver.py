@@ -47,8 +47,6 @@ from shared import metrics  # noqa: I001
 
 import argparse
 import asyncio
-import hmac
-import json
 import logging
 import os
 import signal
@@ -66,9 +64,11 @@ from shared.config import Settings, get_settings, refuse_unsafe
 from shared.errors import DomainError
 from shared.logs import ROUTE_ENVIRON, access_line, configure_logging, log_event, new_request_id, sane_request_id
 from shared.redisconn import redis_client
-from web.errors import status_for
-from web.queuepoll import PREFIX, ROUTE, line_body, line_headers
-from web.security import NON_PAGE_HEADERS
+from werkzeug.exceptions import MethodNotAllowed, NotFound
+
+from web.errors import COME_BACK, status_for
+from web.queuepoll import PREFIX, ROUTE, json_bytes, line_body, line_headers
+from web.security import NON_PAGE_HEADERS, OPS_TOKEN_ATTEMPTS, bearer_token_matches
 
 log = logging.getLogger(__name__)
 
@@ -84,21 +84,19 @@ REFRESH_SLACK_SECONDS = 1.0
 _REASONS = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 403: "Forbidden", 404: "Not Found",
             405: "Method Not Allowed", 409: "Conflict", 410: "Gone", 429: "Too Many Requests",
             431: "Request Header Fields Too Large", 500: "Internal Server Error", 503: "Service Unavailable"}
-# Statuses whose answer tells the client when to come back (web/errors.py's, with its 5 s).
-_COME_BACK = frozenset({429, 503})
 _SECURITY = list(NON_PAGE_HEADERS.items())
-_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
-_TOKEN = frozenset(b"!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
-_NOT_FOUND = ("not_found", "The requested URL was not found on the server. If you entered the URL manually "
-                           "please check your spelling and try again.")
-_METHOD_NOT_ALLOWED = ("method_not_allowed", "The method is not allowed for the requested URL.")
+_TOKEN = b"!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
+# As web/errors.py's http_error names werkzeug's (the code is the name in snake case).
+_NOT_FOUND = ("not_found", NotFound.description)
+_METHOD_NOT_ALLOWED = ("method_not_allowed", MethodNotAllowed.description)
 _UNAVAILABLE = AdmissionUnavailable("The waiting room is briefly unavailable; please retry shortly.")
 _INTERNAL = ("internal_error", "Something went wrong on our side; please retry.")
 
 
-def _json(body: dict) -> bytes:
-    """As Flask's ``jsonify`` writes it outside debug mode: compact, keys sorted, ASCII, a newline."""
-    return (json.dumps(body, separators=(",", ":"), sort_keys=True) + "\n").encode()
+def _log_unhandled(exc: BaseException) -> None:
+    """As web/errors.py's last handler logs it: the event at ERROR, then the traceback."""
+    log_event(log, "unhandled_error", logging.ERROR, error=type(exc).__name__)
+    log.error("unhandled error", exc_info=exc)
 
 
 class _Date:
@@ -138,7 +136,7 @@ class BadRequest(Exception):
 
 
 def _is_token(text: bytes) -> bool:
-    return bool(text) and all(byte in _TOKEN for byte in text)
+    return bool(text) and not text.translate(None, _TOKEN)  # nothing left once the token bytes are deleted
 
 
 def parse_head(head: bytes) -> Request:
@@ -195,7 +193,6 @@ class PollServer:
         self.thread_polls = 0  # polls on or waiting for a thread now
         self.max_thread_polls = MAX_THREAD_POLLS
         self._lines: list[str] = []
-        self._counted: dict[tuple[str, str, int], tuple[Any, Any]] = {}
         self.answered_here = metrics.QUEUE_POLLS.labels("polls")
 
     # -- answers --------------------------------------------------------------------------------------
@@ -233,20 +230,19 @@ class PollServer:
                 return self._poll_on_thread(request, ticket, gone)
             return self._line(request, status)
         if path == "/healthz" and request.method in ("GET", "HEAD"):
-            return self._respond(request, "/healthz", 200, _json({"status": "ok"}), [])
+            return self._respond(request, "/healthz", 200, json_bytes({"status": "ok"}), [])
         if path == "/metrics" and request.method in ("GET", "HEAD"):
             return self._scrape(request)
         return self._error(request, "unmatched", 404, *_NOT_FOUND)
 
     def fail(self, request: Request, exc: BaseException) -> bytes:
         """A 500 for a request whose answer raised (the connection is closed after it)."""
-        log_event(log, "unhandled_error", logging.ERROR, error=type(exc).__name__)
-        log.error("unhandled error", exc_info=exc)
+        _log_unhandled(exc)
         request.keep_alive = False
         try:
             return self._error(request, "unmatched", 500, *_INTERNAL)
         except Exception:  # noqa: BLE001 - the metrics or the log line failing too: a bare answer
-            body = _json({"error": {"code": _INTERNAL[0], "message": _INTERNAL[1]}})
+            body = json_bytes({"error": {"code": _INTERNAL[0], "message": _INTERNAL[1]}})
             return (f"{request.version} 500 Internal Server Error\r\nContent-Type: application/json\r\n"
                     f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode() + body
 
@@ -263,8 +259,7 @@ class PollServer:
         except (InvalidAdmission, SalesPaused, AdmissionUnavailable) as refusal:
             return self._refusal(request, refusal)
         except Exception as exc:  # noqa: BLE001 - as web/errors.py's last handler
-            log_event(log, "unhandled_error", logging.ERROR, error=type(exc).__name__)
-            log.error("unhandled error", exc_info=exc)
+            _log_unhandled(exc)
             return self._error(request, ROUTE, 500, *_INTERNAL)
         finally:
             self.thread_polls -= 1
@@ -274,7 +269,7 @@ class PollServer:
 
     def _line(self, request: Request, status: QueueStatus) -> bytes:
         body = line_body(status)
-        return self._respond(request, ROUTE, 200, _json(body), line_headers(body, self.max_retry_after))
+        return self._respond(request, ROUTE, 200, json_bytes(body), line_headers(body, self.max_retry_after))
 
     def _refusal(self, request: Request, refusal: DomainError) -> bytes:
         return self._error(request, ROUTE, status_for(refusal), refusal.code, refusal.message,
@@ -282,11 +277,11 @@ class PollServer:
 
     def _error(self, request: Request, route: str, status: int, code: str, message: str,
                extra: list[tuple[str, str]] | None = None) -> bytes:
-        headers = [("Retry-After", "5")] if status in _COME_BACK and not any(
+        headers = [("Retry-After", "5")] if status in COME_BACK and not any(
             name == "Retry-After" for name, _ in extra or []) else []
-        answer = self._respond(request, route, status, _json({"error": {"code": code, "message": message}}),
+        answer = self._respond(request, route, status, json_bytes({"error": {"code": code, "message": message}}),
                                [*headers, *(extra or [])])
-        if status in _COME_BACK:
+        if status in COME_BACK:
             metrics.HTTP_REFUSALS.labels(str(status), code).inc()
         return answer
 
@@ -294,16 +289,14 @@ class PollServer:
         expected = self.settings.ops_token
         if not expected:
             return self._error(request, "/metrics", 404, "not_found", "Not found.")
-        header = request.headers.get("authorization", "")
-        given = header[len("Bearer "):].strip() if header.startswith("Bearer ") else ""
         loop = asyncio.get_running_loop()
-        if not given or not hmac.compare_digest(given.encode(), expected.encode()):
+        if not bearer_token_matches(request.headers.get("authorization", ""), expected):
             # As the web's: ten wrong tokens per client in ten minutes, then 429 (web/metrics.py).
             if self.limiter is not None:
                 from shared.ratelimit import Limit
 
                 decision = await loop.run_in_executor(self.executor, self.limiter.hit, "ops_auth",
-                                                      request.client, Limit.parse("10/600"))
+                                                      request.client, Limit.parse(OPS_TOKEN_ATTEMPTS))
                 if decision is not None and not decision.allowed:
                     return self._error(request, "/metrics", 429, "rate_limited",
                                        "Too many requests from this client; slow down and retry later.",
@@ -326,25 +319,14 @@ class PollServer:
         head = f"{request.version} {status} {_REASONS.get(status, 'Unknown')}\r\n" + "".join(
             f"{name}: {value}\r\n" for name, value in all_headers) + "\r\n"
         elapsed = time.perf_counter() - request.started
-        method = request.method if request.method in _METHODS else "other"
-        self._count(route, method, status, elapsed)
+        method = request.method if request.method in metrics.HTTP_METHODS else "other"
+        metrics.record_http(route, method, status, elapsed)
         if self.access_lines:
             self._access_line(access_line(
                 status, all_headers, {"REQUEST_METHOD": method, ROUTE_ENVIRON: route},
                 0 if request.method == "HEAD" else len(body), timedelta(seconds=elapsed),
                 logger="meterai.polls.access"))
         return head.encode("latin-1") + (b"" if request.method == "HEAD" else body)
-
-    def _count(self, route: str, method: str, status: int, seconds: float) -> None:
-        """As :func:`shared.metrics.record_http`, with each (route, method, status)'s series looked up once:
-        the label lookup was a tenth of a poll's work."""
-        key = (route, method, status)
-        series = self._counted.get(key)
-        if series is None:
-            series = self._counted[key] = (metrics.HTTP_REQUESTS.labels(route, method, str(status)),
-                                           metrics.HTTP_DURATION.labels(route, method))
-        series[0].inc()
-        series[1].observe(seconds)
 
     def _access_line(self, line: str) -> None:
         """The line goes out with the others of this turn of the event loop, in one write: under load

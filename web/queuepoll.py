@@ -32,6 +32,11 @@ PREFIX = "/api/v1/queue/"
 ANSWERED = "meterai.queue_status_refusal"
 
 
+def json_bytes(body: dict) -> bytes:
+    """As Flask's ``jsonify`` writes it outside debug mode: compact, keys sorted, ASCII, a newline."""
+    return (json.dumps(body, separators=(",", ":"), sort_keys=True) + "\n").encode()
+
+
 def line_body(status: QueueStatus) -> dict:
     """A place in line as the API answers it (API.md)."""
     body = {"position": status.position, "eta_seconds": status.eta_seconds, "admitted": status.admitted}
@@ -75,7 +80,7 @@ class QueuePolls:
         except Exception:  # noqa: BLE001 - Flask asks again and answers it (see the module docstring)
             return self.app(environ, start_response)
         body = line_body(status)
-        data = (json.dumps(body, separators=(",", ":"), sort_keys=True) + "\n").encode()
+        data = json_bytes(body)
         environ[ROUTE_ENVIRON] = ROUTE
         request_id = sane_request_id(environ.get("HTTP_X_REQUEST_ID")) or new_request_id()
         start_response("200 OK", [("Content-Type", "application/json"), ("Content-Length", str(len(data))),

@@ -7,6 +7,7 @@ injected without it doesn't run.
 """
 from __future__ import annotations
 
+import hmac
 import secrets
 
 from flask import Flask, Response, g
@@ -21,6 +22,18 @@ _API_POLICY = "default-src 'none'; frame-ancestors 'none'; base-uri 'none'"
 # What an answer that isn't a page carries when it is made before Flask (web/staticfiles.py,
 # web/queuepoll.py), as this module's hook would add.
 NON_PAGE_HEADERS = {**_COMMON, "Content-Security-Policy": _API_POLICY}
+
+
+# Wrong ops tokens a client may send in its window before it is answered 429 (web/ops.py, web/metrics.py,
+# web/pollserver.py): the token can't be guessed online.
+OPS_TOKEN_ATTEMPTS = "10/600"
+
+
+def bearer_token_matches(authorization: str, expected: str) -> bool:
+    """Whether an ``Authorization: Bearer <token>`` header carries ``expected`` (compared in constant time;
+    an empty expected token matches nothing)."""
+    given = authorization[len("Bearer "):].strip() if authorization.startswith("Bearer ") else ""
+    return bool(expected and given) and hmac.compare_digest(given.encode(), expected.encode())
 
 
 def csp_nonce() -> str:
