@@ -23,6 +23,7 @@ import logging
 import os
 import random
 import socket
+import threading
 import time
 from collections.abc import Callable
 from functools import lru_cache
@@ -37,6 +38,7 @@ from shared.logs import log_event
 from shared.payments.gateway import PaymentGateway, gateway_from_settings
 from shared.redisconn import redis_client
 from shared.store import DocumentStore, store_from_settings
+from workers import watchdog
 
 log = logging.getLogger("workers.tasks")
 
@@ -55,8 +57,10 @@ def _store(s: Settings) -> DocumentStore:
     return store_from_settings(s)
 
 
-@lru_cache(maxsize=4)
-def _gateway(s: Settings, pid: int) -> PaymentGateway:
+@lru_cache(maxsize=64)
+def _gateway(s: Settings, pid: int, thread: int) -> PaymentGateway:
+    """One per thread as well as per process: a ``requests.Session`` is not documented as thread-safe,
+    and the threads pool's slots are long-lived threads (the circuit breaker is shared per process)."""
     return gateway_from_settings(s)
 
 
@@ -96,7 +100,7 @@ class MeteraiTask(Task):
 
     @property
     def gateway(self) -> PaymentGateway:
-        return _gateway(self.settings, os.getpid())
+        return _gateway(self.settings, os.getpid(), threading.get_ident())
 
     @property
     def admission(self) -> AdmissionController:
@@ -113,10 +117,11 @@ class MeteraiTask(Task):
 
     # -- the policy ----------------------------------------------------------------------------------
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        if self.flask_app is None:
-            return self._attempt(args, kwargs)
-        with self.flask_app.app_context():
-            return self._attempt(args, kwargs)
+        with watchdog.watching(self):  # the time limits, where the pool doesn't enforce them (threads)
+            if self.flask_app is None:
+                return self._attempt(args, kwargs)
+            with self.flask_app.app_context():
+                return self._attempt(args, kwargs)
 
     def _attempt(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         started = time.monotonic()
