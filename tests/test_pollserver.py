@@ -543,12 +543,16 @@ def test_the_proxy_sends_place_in_line_reads_to_the_poll_server_and_to_the_web_w
         assert set(upstreams("POST", QUEUE)) == {web_address}
         # A POST under the prefix is the web's (its 405, as before).
         assert requests.post(f"{nginx.url}{QUEUE}/{ticket}", timeout=10).status_code == 405
+        # nginx writes its access line after the answer: wait for it rather than race it.
+        wait_until(lambda: len(upstreams("POST", f"{QUEUE}/")) == 1, message="nginx logging the POST")
         assert upstreams("POST", f"{QUEUE}/") == [web_address]
         # The poll server down: nobody in line sees an error, the web answers.
         room.sys.launcher.kill(room.polls.name)
+        before = len(upstreams("GET", f"{QUEUE}/"))
         for _ in range(5):
             answer = requests.get(f"{nginx.url}{QUEUE}/{ticket}", timeout=10)
             assert answer.status_code == 200 and answer.json()["position"] == 1
+        wait_until(lambda: len(upstreams("GET", f"{QUEUE}/")) == before + 5, message="nginx logging the GETs")
         assert upstreams("GET", f"{QUEUE}/")[-1] == web_address
         # Back up: polls go to it again (once nginx tries it after its fail_timeout).
         room.sys.launcher.start(room.polls.name)
