@@ -702,3 +702,15 @@ def test_the_cap_on_polls_waiting_for_redis_holds_within_one_turn_of_the_event_l
     assert len(waiting) == MAX_THREAD_POLLS and server.thread_polls == MAX_THREAD_POLLS
     assert len(refused) == 10 and all(a.startswith(b"HTTP/1.1 503") and b"admission_unavailable" in a
                                       for a in refused)
+
+
+def test_the_poll_server_refuses_port_0(capsys):
+    """Port 0 would listen where neither the proxy nor a readiness check looks: refused at the command
+    line, before anything starts."""
+    from web.pollserver import main
+
+    for bad in ("127.0.0.1:0", "127.0.0.1:65536", "127.0.0.1:", "8002"):
+        with pytest.raises(SystemExit) as exited:
+            main(["--bind", bad])
+        assert exited.value.code == 2, bad
+    assert "port must be 1-65535" in capsys.readouterr().err

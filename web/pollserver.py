@@ -599,9 +599,14 @@ class Connection(asyncio.Protocol):
 
 
 def _bind(value: str) -> tuple[str, int]:
+    """HOST:PORT with a real port: 0 would listen on whatever port the kernel picks, where neither the
+    proxy nor the launcher's readiness check would ever look (how a drill once ran without its poll
+    server, unnoticed)."""
     host, _, port = value.rpartition(":")
     if not host or not port.isdigit():
         raise argparse.ArgumentTypeError(f"not HOST:PORT: {value!r}")
+    if not 0 < int(port) < 65536:
+        raise argparse.ArgumentTypeError(f"port must be 1-65535, not {port} (set POLLS_PORT or --bind HOST:PORT)")
     return host.strip("[]"), int(port)
 
 
@@ -627,8 +632,9 @@ async def serve(settings: Settings, host: str, port: int, *, threads: int = 8, k
     stop = asyncio.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
-    log_event(log, "polls_listening", host=host, port=port, threads=threads, pid=os.getpid(),
-              access_lines=access_lines)
+    bound = sorted({sock.getsockname()[1] for sock in listener.sockets or ()})
+    log_event(log, "polls_listening", host=host, port=bound[0] if len(bound) == 1 else bound, threads=threads,
+              pid=os.getpid(), access_lines=access_lines)
     try:
         await stop.wait()
     finally:
