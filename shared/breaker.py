@@ -40,7 +40,7 @@ class Breaker:
         self._lock = threading.Lock()
         self._failures = 0
         self._opened_at: float | None = None
-        self._probing = False
+        self._probing: int | None = None  # the thread making the half-open probe
 
     @property
     def state(self) -> str:
@@ -52,19 +52,24 @@ class Breaker:
             return "open"
 
     def call(self, fn: Callable[[], T]) -> T:
-        probe = self._admit()
+        # The probe is ended by whoever holds it, whatever interrupts it (on Celery's threads pool a soft
+        # time limit is raised wherever the thread happens to be: inside _admit too, workers/watchdog.py),
+        # so an interrupted probe can never leave the breaker open for the whole process.
         try:
-            result = fn()
-        except self.failures:
-            self._record_failure()
-            raise
-        except self.answered:
-            self._record_success()
-            raise
+            self._admit()
+            try:
+                result = fn()
+            except self.failures:
+                self._record_failure()
+                raise
+            except self.answered:
+                self._record_success()
+                raise
         finally:
-            if probe:
+            if self._probing == threading.get_ident():
                 with self._lock:
-                    self._probing = False
+                    if self._probing == threading.get_ident():
+                        self._probing = None
         self._record_success()
         return result
 
@@ -74,8 +79,8 @@ class Breaker:
             if self._opened_at is None:
                 return False
             waited = self._clock() - self._opened_at
-            if waited >= self.cooldown_seconds and not self._probing:
-                self._probing = True
+            if waited >= self.cooldown_seconds and self._probing is None:
+                self._probing = threading.get_ident()
                 return True
         raise self.opened()
 

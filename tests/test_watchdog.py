@@ -1,8 +1,10 @@
 """The threads pool's time limits (workers/watchdog.py): in-process, the soft limit lands in the task's
-thread; through a real worker run with the Procfile's mail command (``--pool
-threads``), a task past its soft limit ends with SoftTimeLimitExceeded and the worker carries on, and a
-task stuck past its hard limit ends the process: its message acknowledged (as prefork acks a task that hit
-its hard limit), the other message it held back at the front of the queue, exit code 70.
+thread, and one landing after the attempt finished doesn't change its outcome; through real workers run
+with the Procfile's commands (``--pool threads``), a task past its soft limit ends with
+SoftTimeLimitExceeded and the worker carries on, and a task stuck past its hard limit ends the process:
+its message removed (as prefork acks a task that hit its hard limit), the others it held back at the
+consuming end of the queue in the order received (none taken again by the dying process's own waiting
+BRPOP), exit code 70.
 """
 from __future__ import annotations
 
@@ -45,44 +47,129 @@ def test_limits_prefer_the_message_header_then_the_task() -> None:
     assert watchdog.limits(task) == (120, 2)
 
 
-def test_the_soft_limit_lands_in_the_running_thread_and_the_hard_limit_is_reported() -> None:
-    outcome: dict[str, object] = {}
-    registered = threading.Event()
+@pytest.fixture
+def tasks():
+    """Tasks on our base class (MeteraiTask.__call__ registers them with the watchdog), called in-process."""
+    from celery import Celery
+
+    from workers.tasks.base import MeteraiTask
+
+    app = Celery("watchdog-test", set_as_current=False, task_cls=MeteraiTask)
+    app.conf.meterai_settings = None
+    yield app
+    app.close()
+
+
+def _in_thread(fn) -> tuple[threading.Thread, list[object]]:
+    outcome: list[object] = []
 
     def run() -> None:
         try:
-            with watchdog.watching(_fake_task(hard=60, soft=0.05)):
-                registered.set()
-                while True:  # Python code: the asynchronous exception is checked between bytecodes
-                    time.sleep(0.01)
-        except SoftTimeLimitExceeded:
-            outcome["soft"] = True
+            outcome.append(("returned", fn()))
+        except BaseException as exc:  # noqa: BLE001
+            outcome.append(("raised", type(exc).__name__))
 
     thread = threading.Thread(target=run)
     thread.start()
+    return thread, outcome
+
+
+def test_the_soft_limit_lands_in_the_running_thread_and_the_hard_limit_is_reported(tasks) -> None:
+    registered = threading.Event()
+
+    @tasks.task(bind=True, soft_time_limit=0.05, time_limit=60)
+    def busy(self) -> str:
+        registered.set()
+        while True:  # Python code: the asynchronous exception is checked between bytecodes
+            time.sleep(0.01)
+
+    thread, outcome = _in_thread(busy)
     registered.wait(5)
     wait_until(lambda: (watchdog.check(), not thread.is_alive())[1], timeout=10,
                message="the soft limit to end the task")
-    assert outcome == {"soft": True}
+    assert outcome == [("raised", "SoftTimeLimitExceeded")]
     assert not watchdog._running
 
     # Past its hard limit, an entry is handed back for the process to end (the caller does it).
-    stuck = threading.Event()
-    release = threading.Event()
+    stuck, release = threading.Event(), threading.Event()
 
-    def hang() -> None:
-        with watchdog.watching(_fake_task(hard=0.01, soft=None)):
-            stuck.set()
-            release.wait(10)
+    @tasks.task(bind=True, time_limit=0.01)
+    def hang(self) -> str:
+        stuck.set()
+        release.wait(10)
+        return "done"
 
-    thread = threading.Thread(target=hang)
-    thread.start()
+    thread, outcome = _in_thread(hang)
     stuck.wait(5)
     time.sleep(0.05)
     overdue = watchdog.check()
     release.set()
     thread.join(5)
-    assert [entry.task for entry in overdue] == ["tests.fake"]
+    assert [entry.task for entry in overdue] == [hang.name]
+    assert outcome == [("returned", "done")] and not watchdog._running
+
+
+def test_a_soft_limit_landing_after_the_attempt_leaves_its_outcome(tasks) -> None:
+    """Raised just as the attempt ended (here: while its thread waits for the watchdog's lock to leave):
+    it lands in the leaving, which is caught and done again, so the result stands and nothing is left
+    registered or pending."""
+    entered, proceed = threading.Event(), threading.Event()
+
+    @tasks.task(bind=True, soft_time_limit=60, time_limit=120)
+    def quick(self) -> str:
+        entered.set()
+        proceed.wait(10)
+        return "stamped"
+
+    thread, outcome = _in_thread(quick)
+    entered.wait(5)
+    with watchdog._lock:  # the thread's leave() waits here, its attempt over
+        proceed.set()
+        wait_until(lambda: any(frame.f_code.co_name == "leave" for frame in _frames(thread)), timeout=5,
+                   message="the task to be leaving")
+        entry = watchdog._running[thread.ident]
+        entry.softened = True
+        watchdog._set_async_exc(thread.ident, SoftTimeLimitExceeded)
+    thread.join(5)
+    assert outcome == [("returned", "stamped")]
+    assert not watchdog._running
+
+    # And without the retry in MeteraiTask.__call__ it would have been the task's exception: the same
+    # landing, through a bare leave(), raises.
+    caught: list[str] = []
+    entered.clear()
+    proceed.clear()
+
+    def bare() -> None:
+        watchdog.enter(quick)
+        entered.set()
+        proceed.wait(10)
+        try:
+            watchdog.leave()
+        except SoftTimeLimitExceeded:
+            caught.append("raised")
+            watchdog.leave()
+
+    thread = threading.Thread(target=bare)
+    thread.start()
+    entered.wait(5)
+    with watchdog._lock:
+        proceed.set()
+        wait_until(lambda: any(frame.f_code.co_name == "leave" for frame in _frames(thread)), timeout=5,
+                   message="the bare leave to wait")
+        watchdog._running[thread.ident].softened = True
+        watchdog._set_async_exc(thread.ident, SoftTimeLimitExceeded)
+    thread.join(5)
+    assert caught == ["raised"] and not watchdog._running
+
+
+def _frames(thread: threading.Thread):
+    import sys
+
+    frame = sys._current_frames().get(thread.ident)
+    while frame is not None:
+        yield frame
+        frame = frame.f_back
 
 
 # -- a real worker ------------------------------------------------------------------------------------
@@ -95,14 +182,14 @@ def broker(tmp_path: Path) -> Iterator[RedisHandle]:
     handle.stop()
 
 
-def _start_mail_worker(broker: RedisHandle, tmp_path: Path) -> Worker:
+def _start_worker(broker: RedisHandle, tmp_path: Path, group: str) -> Worker:
     (tmp_path / "markers").mkdir(exist_ok=True)
     env = {
         **os.environ, "DEVELOPMENT": "1", "REDIS_URL": broker.url, "REDIS_KEY_PREFIX": PREFIX,
         "DATA_DIR": str(tmp_path / "data"), "BROKER_TEST_MARKERS": str(tmp_path / "markers"),
         "PYTHONUNBUFFERED": "1", "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), str(ROOT)]),
     }
-    command = procfile_worker_command("mail")
+    command = procfile_worker_command(group)
     assert command[command.index("--pool") + 1] == "threads", command
     log = tmp_path / "worker.log"
     with open(log, "ab") as out:
@@ -116,11 +203,15 @@ def _start_mail_worker(broker: RedisHandle, tmp_path: Path) -> Worker:
 
 
 @pytest.fixture
-def mail_worker(broker: RedisHandle, tmp_path: Path) -> Iterator[Worker]:
-    worker = _start_mail_worker(broker, tmp_path)
-    try:
-        yield worker
-    finally:
+def start_worker(broker: RedisHandle, tmp_path: Path) -> Iterator:
+    started: list[Worker] = []
+
+    def start(group: str) -> Worker:
+        started.append(_start_worker(broker, tmp_path, group))
+        return started[-1]
+
+    yield start
+    for worker in started:
         if worker.process.poll() is None:
             os.killpg(worker.process.pid, signal.SIGTERM)
             try:
@@ -137,9 +228,10 @@ def sender(broker: RedisHandle, tmp_path: Path) -> Iterator[Sender]:
     publisher.close()
 
 
-def _send(sender: Sender, task: str, seconds: float, *, hard: float, soft: float) -> tuple[str, str]:
+def _send(sender: Sender, task: str, seconds: float, *, hard: float, soft: float,
+          queue: str = QUEUE) -> tuple[str, str]:
     name = uuid.uuid4().hex[:8]
-    result = sender.app.send_task(task, args=[name, seconds], queue=QUEUE, time_limit=hard,
+    result = sender.app.send_task(task, args=[name, seconds], queue=queue, time_limit=hard,
                                   soft_time_limit=soft)
     return name, result.id
 
@@ -155,40 +247,56 @@ def _events(log: str) -> list[dict]:
     return found
 
 
-def _queued_ids(client: redis.Redis) -> list[str]:
-    """Task ids in the mail queue, the next to be consumed first (kombu LPUSHes, BRPOPs the right end)."""
-    return [json.loads(raw)["headers"]["id"] for raw in reversed(client.lrange(f"{PREFIX}{QUEUE}", 0, -1))]
+def _queued_ids(client: redis.Redis, queue: str) -> list[str]:
+    """Task ids in ``queue``, the next to be consumed first (kombu LPUSHes, BRPOPs the right end)."""
+    return [json.loads(raw)["headers"]["id"] for raw in reversed(client.lrange(f"{PREFIX}{queue}", 0, -1))]
 
 
-def test_a_task_past_its_soft_limit_ends_and_the_worker_carries_on(mail_worker: Worker, sender: Sender) -> None:
+def test_a_task_past_its_soft_limit_ends_and_the_worker_carries_on(
+        broker: RedisHandle, start_worker, sender: Sender) -> None:
+    mail_worker = start_worker("mail")
+    client = redis.Redis.from_url(broker.url)
     name, _ = _send(sender, BUSY_TASK, 30, hard=30, soft=1)
     wait_until(lambda: (sender.markers / f"{name}.soft").exists() or not mail_worker.alive(), timeout=20,
                message="the soft limit to land in the task")
     assert mail_worker.alive()
     assert not (sender.markers / f"{name}.done").exists()
     wait_until(lambda: b"task_soft_time_limit" in mail_worker.output(), timeout=10, message="the log line")
-    # The thread's exception ended the task, not Celery's bookkeeping: the same slot runs the next one.
-    quick, _ = _send(sender, SLEEP_TASK, 0, hard=30, soft=20)
-    wait_until(lambda: sender.done(quick), timeout=20, message="the next task to run")
+    # The exception ended the task, not Celery's bookkeeping: its message is acknowledged (a failure, as
+    # prefork's soft limit ends one), and both slots go on running tasks.
+    quick = [_send(sender, SLEEP_TASK, 0.5, hard=30, soft=20)[0] for _ in range(4)]
+    wait_until(lambda: all(sender.done(one) for one in quick), timeout=30, message="the next tasks to run")
+    wait_until(lambda: client.hlen(f"{PREFIX}unacked") == 0, timeout=10, message="every message acknowledged")
     assert mail_worker.alive()
+    assert _queued_ids(client, QUEUE) == []
+    client.close()
 
 
-def test_a_task_stuck_past_its_hard_limit_ends_the_process_and_the_other_message_goes_back(
-        broker: RedisHandle, mail_worker: Worker, sender: Sender) -> None:
+def test_a_task_stuck_past_its_hard_limit_ends_the_process_and_the_others_go_back(
+        broker: RedisHandle, start_worker, sender: Sender) -> None:
+    """On the reconcile line (4 threads): with a slot free, a BRPOP waits at Redis the whole time, and the
+    messages put back must not be taken again by the dying process."""
+    worker = start_worker("reconcile")
     client = redis.Redis.from_url(broker.url)
-    stuck, stuck_id = _send(sender, SLEEP_TASK, 60, hard=4, soft=3)  # time.sleep: one C call, no soft landing
+    stuck, stuck_id = _send(sender, SLEEP_TASK, 60, hard=4, soft=3, queue="reconcile")  # one C call
     wait_until(lambda: sender.started(stuck), timeout=20, message="the stuck task to start")
-    other, other_id = _send(sender, SLEEP_TASK, 30, hard=60, soft=50)
-    wait_until(lambda: sender.started(other), timeout=20, message="the other task to start on the second thread")
+    others = []
+    for _ in range(2):
+        name, task_id = _send(sender, SLEEP_TASK, 30, hard=60, soft=50, queue="reconcile")
+        wait_until(lambda: sender.started(name), timeout=20, message="another task to start")
+        others.append(task_id)
 
-    code = mail_worker.process.wait(timeout=30)
-    log = mail_worker.output().decode(errors="replace")
+    code = worker.process.wait(timeout=30)
+    log = worker.output().decode(errors="replace")
     assert code == watchdog.EXIT_CODE, log[-3000:]
-    assert "task_hard_time_limit" in log and stuck_id in log, log[-3000:]
+    hard = [event for event in _events(log) if event.get("event") == "task_hard_time_limit"]
+    assert [event["task_id"] for event in hard] == [stuck_id], log[-3000:]
     exiting = [event for event in _events(log) if event.get("event") == "worker_exiting"]
-    assert len(exiting) == 1 and exiting[0]["acked"] == 1 and exiting[0]["restored"] == 1, log[-3000:]
-    # The stuck one is done with (acknowledged: no crash loop); the other is first in line again.
-    assert _queued_ids(client) == [other_id]
+    assert len(exiting) == 1 and exiting[0]["removed"] == 1 and exiting[0]["restored"] == 2, log[-3000:]
+    # The stuck one is done with (no crash loop); the others are next, first received first, ahead of
+    # anything published since.
+    late = sender.app.send_task(SLEEP_TASK, args=["late", 0], queue="reconcile").id
+    assert _queued_ids(client, "reconcile") == [*others, late]
     assert client.hlen(f"{PREFIX}unacked") == 0
-    assert not sender.done(stuck) and not sender.done(other)
+    assert not sender.done(stuck)
     client.close()

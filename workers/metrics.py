@@ -9,9 +9,12 @@ Redis for the web's scrape and the ops page (shared/services/observe.py), at mos
 :data:`BREAKER_REPORT_SECONDS` unless one changed.
 
 The node's main process serves ``GET /metrics`` on ``METRICS_BIND_HOST:METRICS_PORT`` (0: off) for all
-its prefork children, which count in the node's multiprocess directory (shared/metrics.py). It listens on
-an internal address only: a worker node has no public listener. A child that starts folds in the files of
-children that are gone.
+its prefork children, which count in the node's multiprocess directory (shared/metrics.py); on the
+threads pool (payments, reconcile, mail) the main process runs the tasks and counts them itself. It
+listens on an internal address only: a worker node has no public listener. A prefork child that starts
+folds in the files of children that are gone. A threads-pool node its watchdog ended (a task past its
+hard time limit, workers/watchdog.py) starts with its counts at zero, as any restarted node does: the
+watchdog's ``task_hard_time_limit`` log line at CRITICAL is the record of it.
 """
 from __future__ import annotations
 

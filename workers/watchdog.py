@@ -2,54 +2,57 @@
 
 Why: the I/O-bound groups (payments, reconcile, mail) spend their tasks waiting on the gateway, the SMTP
 server or PostgreSQL, and the prefork pool's parent costs each of their tasks more CPU than the threads
-pool does (receiving, pickling to a child and back, acking: ≈ 0.4 ms a hop, ≈ 2 of the 11.7 ms the mail
-group cost an order; docs/benchmarks.md). But every group relies on ``task_time_limit`` to end a task that
-hangs (a socket with no timeout, a lock never granted), and only prefork enforces it. The watchdog gives
-the threads pool the same two limits, with prefork's outcomes:
+pool does (receiving, pickling to a child and back, acking: a no-op hop's worker side 0.99 → 0.66 ms,
+``loadtests.bench.celery_hop``; docs/benchmarks.md). But every group relies on ``task_time_limit`` to end
+a task that hangs (a socket with no timeout, a lock never granted), and only prefork enforces it. The
+watchdog enforces the same two limits:
 
 * **Soft limit**: :class:`~celery.exceptions.SoftTimeLimitExceeded` is raised in the task's thread
-  (``PyThreadState_SetAsyncExc``), as prefork raises it in its child from a signal. The task ends as a
-  failure the way prefork's does; ours retry or give up by their own rules. A thread blocked inside one C
-  call (a read without a timeout) only sees it when that call returns, hence:
-* **Hard limit**: a thread can't be killed, so the process ends, as prefork kills its child. First the
-  hung task's message is acknowledged (prefork acks a task that hit its hard limit, with
-  ``task_acks_on_failure_or_timeout``: its work is in PostgreSQL, and the redrive takes it up from there,
-  so a message that always hangs can't crash the node in a loop), and every other message this process
-  holds goes back to its queue at the front (prefork's ``reject_on_worker_lost``: those tasks were only
-  ended because their process had to go). Then ``os._exit`` with :data:`EXIT_CODE`, the process manager
-  starts it again (systemd ``Restart=always``, the development launcher). If Redis can't be reached for
-  that, the messages come back after the visibility timeout and the redrive publishes their work anyway.
+  (``PyThreadState_SetAsyncExc``), as prefork raises it in its child from a signal; the task ends as a
+  failure the way prefork's does, and ours retry or give up by their own rules. A thread blocked inside
+  one C call (a read without a timeout) only sees it when that call returns, hence:
+* **Hard limit**: a thread can't be killed, so the process ends (prefork kills only the child: here every
+  task of the node ends with it, which is why only groups whose tasks are idempotent and mostly waiting
+  run on threads). In order: the process stops taking messages (its consumer's ``can_consume`` is shut
+  and a BRPOP already waiting at Redis is let run out, so nothing put back below is taken again by this
+  dying process); the hung task's message is removed (prefork acks a task that hit its hard limit, with
+  ``task_acks_on_failure_or_timeout``: its work is in PostgreSQL and the redrive takes it up, so a message
+  that always hangs can't crash the node in a loop); every other message it holds goes back to the
+  consuming end of its queue in the order received (prefork's ``reject_on_worker_lost``: those tasks were
+  ended only because their process had to go); then ``os._exit`` with :data:`EXIT_CODE`, and the process
+  manager starts it again (systemd ``Restart=always``, the development launcher). A deadline thread ends
+  the process after :data:`GIVE_BACK_SECONDS` whatever happens; what couldn't be put back comes back after
+  the visibility timeout, and the redrive publishes its work from PostgreSQL anyway.
+
+The watchdog never goes through :mod:`logging`: a soft limit raised in a thread just as it took a log
+handler's lock leaves that lock taken, and a watchdog waiting on it would enforce nothing. Its lines are
+written straight to stderr, in the JSON shape of every other line.
 
 Started by :func:`start` on ``worker_ready`` for the threads and solo pools only. Tasks register
-themselves in :meth:`workers.tasks.base.MeteraiTask.__call__` (:func:`watching`); with no watchdog
-running that costs a dictionary entry.
+themselves in :meth:`workers.tasks.base.MeteraiTask.__call__` (:func:`enter`, :func:`leave`); where no
+watchdog runs (prefork) the entry is all it costs.
 """
 from __future__ import annotations
 
 import ctypes
-import logging
+import json
 import os
-import sys
 import threading
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Iterator
+from datetime import datetime, timezone
+from typing import Any
 
 from celery.concurrency.solo import TaskPool as SoloPool
 from celery.concurrency.thread import TaskPool as ThreadPool
 from celery.exceptions import SoftTimeLimitExceeded
 from celery.signals import worker_ready
 
-from shared.logs import log_event
-
-log = logging.getLogger(__name__)
-
 # How often the watchdog looks: a limit is enforced within this much of its due time.
 CHECK_SECONDS = 0.25
 # What a process ended by the hard limit exits with (EX_SOFTWARE): the process manager starts it again.
 EXIT_CODE = 70
-# How long the last acknowledgements and restores may take before the process ends regardless.
+# How long stopping the consumer and giving the messages back may take before the process ends regardless.
 GIVE_BACK_SECONDS = 5.0
 
 
@@ -67,6 +70,17 @@ class _Running:
 _lock = threading.Lock()
 _running: dict[int, _Running] = {}
 _started = threading.Event()
+_consumer: list[Any] = []  # the worker's Consumer, once ready: its task channel holds our messages
+
+
+def _say(level: str, event: str, **fields: Any) -> None:
+    """One log line, straight to stderr (see the module docstring: never through logging's locks)."""
+    line = {"timestamp": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ"), "level": level,
+            "logger": __name__, "event": event, **fields}
+    try:
+        os.write(2, (json.dumps(line, default=str) + "\n").encode())
+    except OSError:
+        pass
 
 
 def _set_async_exc(thread: int, exc: type[BaseException] | None) -> int:
@@ -82,104 +96,112 @@ def limits(task: Any) -> tuple[float | None, float | None]:
             soft if soft is not None else task.soft_time_limit)
 
 
-@contextmanager
-def watching(task: Any) -> Iterator[None]:
-    """Run a task's attempt under the watchdog's limits. Always registered (a dictionary entry), so a
-    task that began just before the watchdog started is still watched; where none runs (prefork) the
-    entry is all it costs."""
+def enter(task: Any) -> None:
+    """Watch this thread's attempt of ``task`` under its limits. Always registered (a dictionary entry),
+    so a task that began just before the watchdog started is still watched. The caller ends it with
+    :func:`leave` in a ``finally``, retried while a late soft limit interrupts it
+    (:meth:`workers.tasks.base.MeteraiTask.__call__`)."""
     hard, soft = limits(task)
     now = time.monotonic()
     entry = _Running(threading.get_ident(), task.name, task.request.id, now,
                      now + soft if soft else None, now + hard if hard else None)
     with _lock:
         _running[entry.thread] = entry
-    try:
-        yield
-    finally:
-        with _lock:
-            _running.pop(entry.thread, None)
-            if entry.softened:
-                # Raised too late to land inside the task: it must not land in Celery's bookkeeping.
-                _set_async_exc(entry.thread, None)
+
+
+def leave() -> None:
+    """The attempt on this thread is over. A soft limit raised just before can land in here (at this
+    function's first line, or as the lock is taken): the caller catches it and calls again, which is why
+    this works from the thread alone and may be called twice. Once the entry is gone the watchdog can't
+    raise for it any more; one it raised and that hasn't landed is taken back."""
+    thread = threading.get_ident()
+    with _lock:
+        entry = _running.pop(thread, None)
+    if entry is not None and entry.softened:
+        _set_async_exc(thread, None)
 
 
 def check(now: float | None = None) -> list[_Running]:
     """One look: soften what passed its soft limit; return what passed its hard limit."""
     now = time.monotonic() if now is None else now
-    overdue = []
-    with _lock:
+    overdue, softened = [], []
+    with _lock:  # only the registry and the raise under the lock: nothing here may wait
         for entry in _running.values():
             if entry.hard_at is not None and now >= entry.hard_at:
                 overdue.append(entry)
             elif entry.soft_at is not None and now >= entry.soft_at and not entry.softened:
                 entry.softened = True
                 _set_async_exc(entry.thread, SoftTimeLimitExceeded)
-                log_event(log, "task_soft_time_limit", logging.ERROR, task=entry.task, task_id=entry.task_id,
-                          seconds=round(now - entry.started, 1))
+                softened.append(entry)
+    for entry in softened:
+        _say("error", "task_soft_time_limit", task=entry.task, task_id=entry.task_id,
+             seconds=round(now - entry.started, 1))
     return overdue
 
 
-def _messages() -> dict[str | None, Any]:
-    """Task id -> message, for every message this process received and hasn't finished."""
-    from celery.worker import state
-
-    found = {}
-    for request in list(state.reserved_requests) + list(state.active_requests):
-        message = getattr(request, "message", None)
-        if message is not None and getattr(message, "channel", None) is not None:
-            found[request.id] = message
-    return found
+def _task_channel() -> Any:
+    consumer = _consumer[0] if _consumer else None
+    task_consumer = getattr(consumer, "task_consumer", None)
+    return getattr(task_consumer, "channel", None)
 
 
-def give_back(hung: list[_Running]) -> tuple[int, int]:
-    """Acknowledge the hung tasks' messages and put back every other one this process holds: (acked,
-    restored)."""
-    messages = _messages()
-    tags = {messages[entry.task_id].delivery_tag for entry in hung if entry.task_id in messages}
-    acked = restored = 0
-    for channel in {message.channel for message in messages.values()}:
-        qos = channel.qos
-        for tag in list(qos._delivered):  # kombu keeps no public list of a channel's unacked messages
-            if tag in tags:
-                qos.ack(tag)
-                acked += 1
-            else:
-                qos.restore_by_tag(tag, leftmost=True)
-                restored += 1
-    return acked, restored
+def stop_consuming(channel: Any) -> None:
+    """No more messages for this process: its poller asks ``can_consume`` before every BRPOP; one
+    already waiting at Redis returns within ``brpop_timeout`` (whatever it brings is held, so given back
+    below)."""
+    channel.qos.can_consume = lambda: False
+    time.sleep(getattr(channel, "brpop_timeout", 1) + 0.5)
+
+
+def give_back(channel: Any, hung: list[_Running]) -> tuple[int, int]:
+    """Remove the hung tasks' messages, put every other one this process holds back at the consuming end
+    of its queue, first received first again: (removed, restored)."""
+    qos = channel.qos
+    hung_ids = {entry.task_id for entry in hung}
+    acked = set(qos._dirty)  # acknowledged in Redis already, not yet dropped from _delivered
+    held = [(tag, message) for tag, message in list(qos._delivered.items()) if tag not in acked]
+    removed = restored = 0
+    for tag, message in held:
+        if (getattr(message, "headers", None) or {}).get("id") in hung_ids:
+            qos._remove_from_indices(tag).execute()
+            removed += 1
+    for tag, message in reversed(held):  # each RPUSH goes in front of the last: the first ends up first
+        if (getattr(message, "headers", None) or {}).get("id") not in hung_ids:
+            qos.restore_by_tag(tag, leftmost=False)
+            restored += 1
+    return removed, restored
 
 
 def _end_process(hung: list[_Running]) -> None:
+    # Whatever happens below, the process ends in time.
+    threading.Timer(GIVE_BACK_SECONDS, os._exit, args=(EXIT_CODE,)).start()
     now = time.monotonic()
     for entry in hung:
-        log_event(log, "task_hard_time_limit", logging.CRITICAL, task=entry.task, task_id=entry.task_id,
-                  seconds=round(now - entry.started, 1), detail="ending the worker process")
+        _say("critical", "task_hard_time_limit", task=entry.task, task_id=entry.task_id,
+             seconds=round(now - entry.started, 1), detail="ending the worker process")
     outcome: dict[str, Any] = {}
-
-    def _give_back() -> None:
-        try:
-            outcome["acked"], outcome["restored"] = give_back(hung)
-        except Exception as exc:  # noqa: BLE001 - the visibility timeout and the redrive remain
-            outcome["error"] = repr(exc)
-
-    helper = threading.Thread(target=_give_back, name="watchdog-give-back", daemon=True)
-    helper.start()
-    helper.join(GIVE_BACK_SECONDS)
-    log_event(log, "worker_exiting", logging.CRITICAL, reason="task_hard_time_limit", code=EXIT_CODE,
-              **(outcome or {"error": "timed out"}))
-    for handler in logging.getLogger().handlers:
-        try:
-            handler.flush()
-        except Exception:  # noqa: BLE001
-            pass
-    sys.stderr.flush()
-    os._exit(EXIT_CODE)
+    try:
+        channel = _task_channel()
+        if channel is None:
+            outcome["error"] = "no consumer channel"
+        else:
+            stop_consuming(channel)
+            outcome["removed"], outcome["restored"] = give_back(channel, hung)
+    except BaseException as exc:  # noqa: BLE001 - the visibility timeout and the redrive remain
+        outcome["error"] = repr(exc)
+    finally:
+        _say("critical", "worker_exiting", reason="task_hard_time_limit", code=EXIT_CODE, **outcome)
+        os._exit(EXIT_CODE)
 
 
 def _watch() -> None:
     while True:
         time.sleep(CHECK_SECONDS)
-        hung = check()
+        try:
+            hung = check()
+        except Exception as exc:  # noqa: BLE001 - the watchdog must outlive any one look
+            _say("error", "task_watchdog_error", error=repr(exc))
+            continue
         if hung:
             _end_process(hung)
 
@@ -198,5 +220,6 @@ def start() -> bool:
 def _on_worker_ready(sender: Any = None, **_: Any) -> None:
     pool = getattr(sender, "pool", None)
     if isinstance(pool, (ThreadPool, SoloPool)):
+        _consumer[:] = [sender]
         start()
-        log_event(log, "task_watchdog_started", pool=type(pool).__module__.rsplit(".", 1)[-1])
+        _say("info", "task_watchdog_started", pool=type(pool).__module__.rsplit(".", 1)[-1])

@@ -30,6 +30,7 @@ from functools import lru_cache
 from typing import Any, ClassVar
 
 from celery import Task
+from celery.exceptions import SoftTimeLimitExceeded
 
 from shared.admission import AdmissionController
 from shared.config import Settings
@@ -117,11 +118,21 @@ class MeteraiTask(Task):
 
     # -- the policy ----------------------------------------------------------------------------------
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        with watchdog.watching(self):  # the time limits, where the pool doesn't enforce them (threads)
+        try:
+            watchdog.enter(self)  # the time limits, where the pool doesn't enforce them (threads)
             if self.flask_app is None:
                 return self._attempt(args, kwargs)
             with self.flask_app.app_context():
                 return self._attempt(args, kwargs)
+        finally:
+            while True:
+                try:
+                    watchdog.leave()
+                    break
+                except SoftTimeLimitExceeded:
+                    # The soft limit landed after the attempt had ended (workers/watchdog.py): too late
+                    # to end anything, so the attempt's own outcome stands.
+                    pass
 
     def _attempt(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         started = time.monotonic()
