@@ -127,7 +127,7 @@ def test_a_soft_limit_landing_after_the_attempt_leaves_its_outcome(tasks) -> Non
         proceed.set()
         wait_until(lambda: any(frame.f_code.co_name == "leave" for frame in _frames(thread)), timeout=5,
                    message="the task to be leaving")
-        entry = watchdog._running[thread.ident]
+        entry = watchdog._running[thread.ident][-1]
         entry.softened = True
         watchdog._set_async_exc(thread.ident, SoftTimeLimitExceeded)
     thread.join(5)
@@ -157,10 +157,29 @@ def test_a_soft_limit_landing_after_the_attempt_leaves_its_outcome(tasks) -> Non
         proceed.set()
         wait_until(lambda: any(frame.f_code.co_name == "leave" for frame in _frames(thread)), timeout=5,
                    message="the bare leave to wait")
-        watchdog._running[thread.ident].softened = True
+        watchdog._running[thread.ident][-1].softened = True
         watchdog._set_async_exc(thread.ident, SoftTimeLimitExceeded)
     thread.join(5)
     assert caught == ["raised"] and not watchdog._running
+
+
+def test_a_nested_attempt_leaves_the_outer_one_watched(tasks) -> None:
+    seen: list[list[str]] = []
+
+    @tasks.task(bind=True, time_limit=60)
+    def inner(self) -> str:
+        return "inner"
+
+    @tasks.task(bind=True, time_limit=0.01)
+    def outer(self) -> str:
+        inner()  # called directly, on this thread
+        time.sleep(0.05)
+        seen.append([entry.task for entry in watchdog.check()])
+        return "outer"
+
+    assert outer() == "outer"
+    assert seen == [[outer.name]]  # still watched (and past its hard limit) after the inner one left
+    assert not watchdog._running
 
 
 def _frames(thread: threading.Thread):
@@ -272,31 +291,57 @@ def test_a_task_past_its_soft_limit_ends_and_the_worker_carries_on(
     client.close()
 
 
-def test_a_task_stuck_past_its_hard_limit_ends_the_process_and_the_others_go_back(
-        broker: RedisHandle, start_worker, sender: Sender) -> None:
-    """On the reconcile line (4 threads): with a slot free, a BRPOP waits at Redis the whole time, and the
-    messages put back must not be taken again by the dying process."""
-    worker = start_worker("reconcile")
-    client = redis.Redis.from_url(broker.url)
+def _stuck_and_others(sender: Sender, others: int) -> tuple[str, str, list[str]]:
     stuck, stuck_id = _send(sender, SLEEP_TASK, 60, hard=4, soft=3, queue="reconcile")  # one C call
     wait_until(lambda: sender.started(stuck), timeout=20, message="the stuck task to start")
-    others = []
-    for _ in range(2):
+    ids = []
+    for _ in range(others):
         name, task_id = _send(sender, SLEEP_TASK, 30, hard=60, soft=50, queue="reconcile")
         wait_until(lambda: sender.started(name), timeout=20, message="another task to start")
-        others.append(task_id)
+        ids.append(task_id)
+    return stuck, stuck_id, ids
 
+
+def _exited(worker: Worker, stuck_id: str) -> dict:
     code = worker.process.wait(timeout=30)
     log = worker.output().decode(errors="replace")
     assert code == watchdog.EXIT_CODE, log[-3000:]
     hard = [event for event in _events(log) if event.get("event") == "task_hard_time_limit"]
     assert [event["task_id"] for event in hard] == [stuck_id], log[-3000:]
     exiting = [event for event in _events(log) if event.get("event") == "worker_exiting"]
-    assert len(exiting) == 1 and exiting[0]["removed"] == 1 and exiting[0]["restored"] == 2, log[-3000:]
-    # The stuck one is done with (no crash loop); the others are next, first received first, ahead of
-    # anything published since.
-    late = sender.app.send_task(SLEEP_TASK, args=["late", 0], queue="reconcile").id
-    assert _queued_ids(client, "reconcile") == [*others, late]
-    assert client.hlen(f"{PREFIX}unacked") == 0
+    assert len(exiting) == 1 and "error" not in exiting[0] and "brpop" not in exiting[0], log[-3000:]
+    return exiting[0]
+
+
+def test_a_task_stuck_past_its_hard_limit_ends_the_process_and_nothing_is_lost(
+        broker: RedisHandle, start_worker, sender: Sender) -> None:
+    """On the reconcile line (4 threads) with slots free, a BRPOP waits at Redis the whole time: neither
+    the messages put back nor one published while the process stops may be taken by it and lost."""
+    worker = start_worker("reconcile")
+    client = redis.Redis.from_url(broker.url)
+    stuck, stuck_id, others = _stuck_and_others(sender, 2)
+    wait_until(lambda: b"task_hard_time_limit" in worker.output(), timeout=20, message="the hard limit")
+    during = sender.app.send_task(SLEEP_TASK, args=["during", 30], queue="reconcile").id  # as it stops
+    exiting = _exited(worker, stuck_id)
+    assert exiting["removed"] == 1 and exiting["restored"] in (2, 3), exiting
+    # Held (its BRPOP read, then put back after the others) or still waiting: either way next after them.
+    assert _queued_ids(client, "reconcile") == [*others, during]
+    assert client.hlen(f"{PREFIX}unacked") == 0  # the stuck one is done with: no crash loop
     assert not sender.done(stuck)
+    client.close()
+
+
+def test_the_messages_put_back_are_next_in_line_in_the_order_received(
+        broker: RedisHandle, start_worker, sender: Sender) -> None:
+    """Every slot busy, so a message published meanwhile waits in the queue: the ones put back go ahead
+    of it, first received first."""
+    worker = start_worker("reconcile")
+    client = redis.Redis.from_url(broker.url)
+    stuck, stuck_id, others = _stuck_and_others(sender, 3)
+    waiting = sender.app.send_task(SLEEP_TASK, args=["waiting", 0], queue="reconcile").id
+    wait_until(lambda: _queued_ids(client, "reconcile") == [waiting], timeout=5, message="one message waiting")
+    exiting = _exited(worker, stuck_id)
+    assert exiting["removed"] == 1 and exiting["restored"] == 3, exiting
+    assert _queued_ids(client, "reconcile") == [*others, waiting]
+    assert client.hlen(f"{PREFIX}unacked") == 0
     client.close()

@@ -13,16 +13,17 @@ watchdog enforces the same two limits:
   one C call (a read without a timeout) only sees it when that call returns, hence:
 * **Hard limit**: a thread can't be killed, so the process ends (prefork kills only the child: here every
   task of the node ends with it, which is why only groups whose tasks are idempotent and mostly waiting
-  run on threads). In order: the process stops taking messages (its consumer's ``can_consume`` is shut
-  and a BRPOP already waiting at Redis is let run out, so nothing put back below is taken again by this
-  dying process); the hung task's message is removed (prefork acks a task that hit its hard limit, with
-  ``task_acks_on_failure_or_timeout``: its work is in PostgreSQL and the redrive takes it up, so a message
-  that always hangs can't crash the node in a loop); every other message it holds goes back to the
-  consuming end of its queue in the order received (prefork's ``reject_on_worker_lost``: those tasks were
-  ended only because their process had to go); then ``os._exit`` with :data:`EXIT_CODE`, and the process
-  manager starts it again (systemd ``Restart=always``, the development launcher). A deadline thread ends
-  the process after :data:`GIVE_BACK_SECONDS` whatever happens; what couldn't be put back comes back after
-  the visibility timeout, and the redrive publishes its work from PostgreSQL anyway.
+  run on threads). In order: the process stops taking messages (no new BRPOP; one already waiting at
+  Redis is let finish and read, so a message it brings is held rather than lost with the process); the
+  hung task's message is removed from the unacknowledged index (prefork acks a task that hit its hard
+  limit, with ``task_acks_on_failure_or_timeout``: its work is in PostgreSQL and the redrive takes it up,
+  so a message that always hangs can't crash the node in a loop); every other message it holds goes back
+  to the consuming end of its queue in the order received (as kombu gives back a closing channel's: those
+  tasks were ended only because their process had to go, and run again, idempotently, elsewhere); then
+  ``os._exit`` with :data:`EXIT_CODE`, and the process manager starts it again (systemd
+  ``Restart=always``, the development launcher). A deadline thread ends the process in any case a few
+  seconds later; what couldn't be put back comes back after the visibility timeout, and the redrive
+  publishes its work from PostgreSQL anyway.
 
 The watchdog never goes through :mod:`logging`: a soft limit raised in a thread just as it took a log
 handler's lock leaves that lock taken, and a watchdog waiting on it would enforce nothing. Its lines are
@@ -52,8 +53,9 @@ from celery.signals import worker_ready
 CHECK_SECONDS = 0.25
 # What a process ended by the hard limit exits with (EX_SOFTWARE): the process manager starts it again.
 EXIT_CODE = 70
-# How long stopping the consumer and giving the messages back may take before the process ends regardless.
-GIVE_BACK_SECONDS = 5.0
+# How long giving the messages back may take, after the last BRPOP (brpop_timeout + 1 s), before the
+# process ends regardless.
+GIVE_BACK_SECONDS = 4.0
 
 
 @dataclass
@@ -61,6 +63,7 @@ class _Running:
     thread: int
     task: str
     task_id: str | None
+    delivery_tag: Any  # its message's, looked up as it starts (the channel it came on may be gone by then)
     started: float
     soft_at: float | None
     hard_at: float | None
@@ -68,7 +71,7 @@ class _Running:
 
 
 _lock = threading.Lock()
-_running: dict[int, _Running] = {}
+_running: dict[int, list[_Running]] = {}  # thread -> its attempts, innermost last
 _started = threading.Event()
 _consumer: list[Any] = []  # the worker's Consumer, once ready: its task channel holds our messages
 
@@ -89,34 +92,46 @@ def _set_async_exc(thread: int, exc: type[BaseException] | None) -> int:
 
 
 def limits(task: Any) -> tuple[float | None, float | None]:
-    """(hard, soft) seconds for this run of ``task``, as Celery's Request reads them: the message's own
-    ``timelimit`` header first, then the task's (which Celery fills from ``task_time_limit``)."""
+    """(hard, soft) seconds for this run of ``task``, as Celery's Request and prefork pool read them: the
+    message's own ``timelimit`` header first, then the task's (which Celery fills from
+    ``task_time_limit``); a 0 or missing value falls back to the next."""
     hard, soft = getattr(task.request, "timelimit", None) or (None, None)
-    return (hard if hard is not None else task.time_limit,
-            soft if soft is not None else task.soft_time_limit)
+    return hard or task.time_limit, soft or task.soft_time_limit
+
+
+def _delivery_tag(task_id: str | None) -> Any:
+    from celery.worker import state
+
+    request = state.requests.get(task_id) if task_id else None  # a dict read: safe beside the consumer
+    message = getattr(request, "message", None)
+    return getattr(message, "delivery_tag", None)
 
 
 def enter(task: Any) -> None:
     """Watch this thread's attempt of ``task`` under its limits. Always registered (a dictionary entry),
     so a task that began just before the watchdog started is still watched. The caller ends it with
     :func:`leave` in a ``finally``, retried while a late soft limit interrupts it
-    (:meth:`workers.tasks.base.MeteraiTask.__call__`)."""
+    (:meth:`workers.tasks.base.MeteraiTask.__call__`). Nested attempts on one thread (a task calling
+    another directly) stack: the inner one's leaving never unwatches the outer."""
     hard, soft = limits(task)
     now = time.monotonic()
-    entry = _Running(threading.get_ident(), task.name, task.request.id, now,
+    entry = _Running(threading.get_ident(), task.name, task.request.id, _delivery_tag(task.request.id), now,
                      now + soft if soft else None, now + hard if hard else None)
     with _lock:
-        _running[entry.thread] = entry
+        _running.setdefault(entry.thread, []).append(entry)
 
 
 def leave() -> None:
-    """The attempt on this thread is over. A soft limit raised just before can land in here (at this
-    function's first line, or as the lock is taken): the caller catches it and calls again, which is why
-    this works from the thread alone and may be called twice. Once the entry is gone the watchdog can't
+    """The innermost attempt on this thread is over. A soft limit raised just before can land in here (at
+    this function's first line, or as the lock is taken): the caller catches it and calls again, so this
+    works from the thread alone and leaves nothing half done. Once the entry is gone the watchdog can't
     raise for it any more; one it raised and that hasn't landed is taken back."""
     thread = threading.get_ident()
     with _lock:
-        entry = _running.pop(thread, None)
+        stack = _running.get(thread)
+        entry = stack.pop() if stack else None
+        if not stack:
+            _running.pop(thread, None)
     if entry is not None and entry.softened:
         _set_async_exc(thread, None)
 
@@ -126,7 +141,7 @@ def check(now: float | None = None) -> list[_Running]:
     now = time.monotonic() if now is None else now
     overdue, softened = [], []
     with _lock:  # only the registry and the raise under the lock: nothing here may wait
-        for entry in _running.values():
+        for entry in (entry for stack in _running.values() for entry in stack):
             if entry.hard_at is not None and now >= entry.hard_at:
                 overdue.append(entry)
             elif entry.soft_at is not None and now >= entry.soft_at and not entry.softened:
@@ -145,47 +160,58 @@ def _task_channel() -> Any:
     return getattr(task_consumer, "channel", None)
 
 
-def stop_consuming(channel: Any) -> None:
-    """No more messages for this process: its poller asks ``can_consume`` before every BRPOP; one
-    already waiting at Redis returns within ``brpop_timeout`` (whatever it brings is held, so given back
-    below)."""
-    channel.qos.can_consume = lambda: False
-    time.sleep(getattr(channel, "brpop_timeout", 1) + 0.5)
+def stop_consuming(channel: Any) -> bool:
+    """No more messages for this process, and none lost on the way: no new BRPOP is sent (the channel's
+    ``_brpop_start`` does nothing from now on), and one already waiting at Redis is let finish and be
+    read by the event loop as usual (credit forced, or kombu would leave a paused BRPOP's reply unread:
+    a message Redis popped for it would be lost with the process), so whatever it brings is held, and
+    given back below. True once no BRPOP is in flight (within ``brpop_timeout`` and a second)."""
+    channel._brpop_start = lambda *args, **kwargs: None
+    channel.qos.can_consume = lambda: True
+    deadline = time.monotonic() + _brpop_timeout(channel) + 1.0
+    while channel._in_poll and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return not channel._in_poll
+
+
+def _brpop_timeout(channel: Any) -> float:
+    return float(getattr(channel, "brpop_timeout", 1) or 1)
 
 
 def give_back(channel: Any, hung: list[_Running]) -> tuple[int, int]:
-    """Remove the hung tasks' messages, put every other one this process holds back at the consuming end
-    of its queue, first received first again: (removed, restored)."""
+    """Remove the hung tasks' messages from the unacknowledged index (shared by every channel: one that
+    came on a channel since closed is found too), put every other message this process holds back at
+    the consuming end of its queue, first received first again: (removed, restored)."""
     qos = channel.qos
+    hung_tags = {entry.delivery_tag for entry in hung if entry.delivery_tag is not None}
     hung_ids = {entry.task_id for entry in hung}
+    for tag in hung_tags:
+        qos._remove_from_indices(tag).execute()
     acked = set(qos._dirty)  # acknowledged in Redis already, not yet dropped from _delivered
-    held = [(tag, message) for tag, message in list(qos._delivered.items()) if tag not in acked]
-    removed = restored = 0
-    for tag, message in held:
-        if (getattr(message, "headers", None) or {}).get("id") in hung_ids:
-            qos._remove_from_indices(tag).execute()
-            removed += 1
-    for tag, message in reversed(held):  # each RPUSH goes in front of the last: the first ends up first
-        if (getattr(message, "headers", None) or {}).get("id") not in hung_ids:
-            qos.restore_by_tag(tag, leftmost=False)
-            restored += 1
-    return removed, restored
+    held = [(tag, message) for tag, message in list(qos._delivered.items())
+            if tag not in acked and tag not in hung_tags
+            and (getattr(message, "headers", None) or {}).get("id") not in hung_ids]
+    for tag, _ in reversed(held):  # each RPUSH goes in front of the last: the first received ends up first
+        qos.restore_by_tag(tag, leftmost=False)
+    return len(hung_tags), len(held)
 
 
 def _end_process(hung: list[_Running]) -> None:
-    # Whatever happens below, the process ends in time.
-    threading.Timer(GIVE_BACK_SECONDS, os._exit, args=(EXIT_CODE,)).start()
+    channel = _task_channel()
+    # Whatever happens below, the process ends in time: the give-back's own bound and a margin.
+    limit = (_brpop_timeout(channel) if channel is not None else 1.0) + 1.0 + GIVE_BACK_SECONDS
+    threading.Timer(limit, os._exit, args=(EXIT_CODE,)).start()
     now = time.monotonic()
     for entry in hung:
         _say("critical", "task_hard_time_limit", task=entry.task, task_id=entry.task_id,
              seconds=round(now - entry.started, 1), detail="ending the worker process")
     outcome: dict[str, Any] = {}
     try:
-        channel = _task_channel()
         if channel is None:
-            outcome["error"] = "no consumer channel"
+            outcome["error"] = "no consumer channel (reconnecting?)"
         else:
-            stop_consuming(channel)
+            if not stop_consuming(channel):
+                outcome["brpop"] = "unread"  # the event loop didn't read it: the redrive covers its message
             outcome["removed"], outcome["restored"] = give_back(channel, hung)
     except BaseException as exc:  # noqa: BLE001 - the visibility timeout and the redrive remain
         outcome["error"] = repr(exc)
