@@ -41,6 +41,7 @@ class Breaker:
         self._failures = 0
         self._opened_at: float | None = None
         self._probing: int | None = None  # the thread making the half-open probe
+        self._probe_since = 0.0
 
     @property
     def state(self) -> str:
@@ -79,8 +80,11 @@ class Breaker:
             if self._opened_at is None:
                 return False
             waited = self._clock() - self._opened_at
-            if waited >= self.cooldown_seconds and self._probing is None:
-                self._probing = threading.get_ident()
+            # A probe out for a whole cool-down was abandoned (its thread interrupted where even the
+            # finally below couldn't end it): the next caller probes instead.
+            abandoned = self._probing is not None and self._clock() - self._probe_since >= self.cooldown_seconds
+            if waited >= self.cooldown_seconds and (self._probing is None or abandoned):
+                self._probing, self._probe_since = threading.get_ident(), self._clock()
                 return True
         raise self.opened()
 

@@ -202,6 +202,27 @@ def _ours(handler: logging.Handler) -> bool:
     return isinstance(handler.formatter, JsonFormatter)
 
 
+class StreamHandler(logging.StreamHandler):
+    """logging's StreamHandler, its lock taken with ``with``. Python 3.11's ``Handler.handle`` and
+    ``StreamHandler.flush`` take it with ``acquire()`` and only then enter their ``try``: an asynchronous
+    exception landing between the two (on Celery's threads pool a soft time limit is one,
+    workers/watchdog.py) would leave the lock taken, and every other thread of the process, the worker's
+    event loop included, would wait on its next log line for ever. A ``with`` block can't be left that
+    way."""
+
+    def handle(self, record: logging.LogRecord) -> Any:
+        accepted = self.filter(record)
+        if accepted:
+            with self.lock:  # type: ignore[union-attr] - createLock() made it
+                self.emit(record)
+        return accepted
+
+    def flush(self) -> None:
+        with self.lock:  # type: ignore[union-attr]
+            if self.stream and hasattr(self.stream, "flush"):
+                self.stream.flush()
+
+
 def configure_logging(level: int | str = logging.INFO) -> None:
     """Every record of this process as a JSON line on stderr. Idempotent: called by ``create_app``, by
     Celery's logging setup in each worker process and beat, by the CLI. Like ``basicConfig``, it leaves a
@@ -211,7 +232,7 @@ def configure_logging(level: int | str = logging.INFO) -> None:
     if root.handlers and not any(_ours(h) for h in root.handlers):
         return
     if not root.handlers:
-        handler = logging.StreamHandler(sys.stderr)
+        handler = StreamHandler(sys.stderr)
         handler.setFormatter(JsonFormatter())
         root.addHandler(handler)
     root.setLevel(logging.getLevelName(level.upper()) if isinstance(level, str) else level)

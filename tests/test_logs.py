@@ -268,3 +268,52 @@ def test_the_access_line_keeps_only_the_route_template_status_size_time_and_requ
     via_atoms = json.loads(JsonFormatter().format(old))
     assert {k: v for k, v in via_atoms.items() if k != "timestamp"} == \
         {k: v for k, v in fields.items() if k != "timestamp"}
+
+
+def test_the_workers_handler_takes_its_lock_only_in_a_with_block():
+    """Python 3.11's ``Handler.handle`` and ``StreamHandler.flush`` call ``lock.acquire()`` and only then
+    enter their ``try``: an asynchronous exception (a threads-pool task's soft time limit,
+    workers/watchdog.py) landing between the two leaves the lock taken, and every other thread waits on
+    its next line for ever. A ``with`` block (the C-level ``__enter__``) can't be left that way, so the
+    handler every process of ours logs through (shared.logs.StreamHandler) takes it no other way."""
+    import io
+
+    from shared.logs import StreamHandler, configure_logging
+
+    class Recording:
+        def __init__(self, lock) -> None:
+            self.lock, self.calls = lock, []
+
+        def acquire(self, *args):
+            self.calls.append("acquire")
+            return self.lock.acquire(*args)
+
+        def release(self):
+            self.calls.append("release")
+            self.lock.release()
+
+        def __enter__(self):
+            self.calls.append("with")
+            return self.lock.__enter__()
+
+        def __exit__(self, *exc):
+            return self.lock.__exit__(*exc)
+
+    for handler_class, expected in ((StreamHandler, ["with", "with"]), (logging.StreamHandler, None)):
+        handler = handler_class(io.StringIO())
+        handler.lock = Recording(handler.lock)
+        handler.handle(logging.LogRecord("t", logging.INFO, __file__, 1, "line", None, None))
+        if expected is None:  # the standard library's, to show the test tells them apart
+            assert "acquire" in handler.lock.calls
+        else:
+            assert handler.lock.calls == expected  # handle, then emit's flush
+
+    root = logging.getLogger()
+    saved, level = root.handlers[:], root.level
+    root.handlers[:] = []
+    try:
+        configure_logging()
+        assert [type(h) for h in root.handlers] == [StreamHandler]
+    finally:
+        root.handlers[:] = saved
+        root.setLevel(level)

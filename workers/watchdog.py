@@ -29,7 +29,7 @@ The watchdog never goes through :mod:`logging`: a soft limit raised in a thread 
 handler's lock leaves that lock taken, and a watchdog waiting on it would enforce nothing. Its lines are
 written straight to stderr, in the JSON shape of every other line.
 
-Started by :func:`start` on ``worker_ready`` for the threads and solo pools only. Tasks register
+Started by :func:`start` on ``worker_ready`` for the threads pool only. Tasks register
 themselves in :meth:`workers.tasks.base.MeteraiTask.__call__` (:func:`enter`, :func:`leave`); where no
 watchdog runs (prefork) the entry is all it costs.
 """
@@ -44,7 +44,6 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
-from celery.concurrency.solo import TaskPool as SoloPool
 from celery.concurrency.thread import TaskPool as ThreadPool
 from celery.exceptions import SoftTimeLimitExceeded
 from celery.signals import worker_ready
@@ -107,33 +106,36 @@ def _delivery_tag(task_id: str | None) -> Any:
     return getattr(message, "delivery_tag", None)
 
 
-def enter(task: Any) -> None:
-    """Watch this thread's attempt of ``task`` under its limits. Always registered (a dictionary entry),
-    so a task that began just before the watchdog started is still watched. The caller ends it with
-    :func:`leave` in a ``finally``, retried while a late soft limit interrupts it
-    (:meth:`workers.tasks.base.MeteraiTask.__call__`). Nested attempts on one thread (a task calling
-    another directly) stack: the inner one's leaving never unwatches the outer."""
+def enter(task: Any) -> _Running:
+    """Watch this thread's attempt of ``task`` under its limits, until :func:`leave` with what this
+    returns. Always registered (a dictionary entry), so a task that began just before the watchdog
+    started is still watched. Nested attempts on one thread (a task calling another directly) stack, and
+    each leaves only its own entry."""
     hard, soft = limits(task)
     now = time.monotonic()
     entry = _Running(threading.get_ident(), task.name, task.request.id, _delivery_tag(task.request.id), now,
                      now + soft if soft else None, now + hard if hard else None)
     with _lock:
         _running.setdefault(entry.thread, []).append(entry)
+    return entry
 
 
-def leave() -> None:
-    """The innermost attempt on this thread is over. A soft limit raised just before can land in here (at
-    this function's first line, or as the lock is taken): the caller catches it and calls again, so this
-    works from the thread alone and leaves nothing half done. Once the entry is gone the watchdog can't
-    raise for it any more; one it raised and that hasn't landed is taken back."""
-    thread = threading.get_ident()
+def leave(entry: _Running | None) -> None:
+    """``entry``'s attempt is over (``None``: it never registered). A soft limit raised just before can
+    land in here (at this function's first line, or as the lock is taken): the caller catches it and
+    calls again (:meth:`workers.tasks.base.MeteraiTask.__call__`), so this removes exactly ``entry`` and
+    is a no-op the second time. Once the entry is gone the watchdog can't raise for it any more; one it
+    raised and that hasn't landed is taken back."""
+    if entry is None:
+        return
     with _lock:
-        stack = _running.get(thread)
-        entry = stack.pop() if stack else None
+        stack = _running.get(entry.thread, [])
+        if any(other is entry for other in stack):
+            stack[:] = [other for other in stack if other is not entry]
         if not stack:
-            _running.pop(thread, None)
-    if entry is not None and entry.softened:
-        _set_async_exc(thread, None)
+            _running.pop(entry.thread, None)
+    if entry.softened:
+        _set_async_exc(entry.thread, None)
 
 
 def check(now: float | None = None) -> list[_Running]:
@@ -165,13 +167,22 @@ def stop_consuming(channel: Any) -> bool:
     ``_brpop_start`` does nothing from now on), and one already waiting at Redis is let finish and be
     read by the event loop as usual (credit forced, or kombu would leave a paused BRPOP's reply unread:
     a message Redis popped for it would be lost with the process), so whatever it brings is held, and
-    given back below. True once no BRPOP is in flight (within ``brpop_timeout`` and a second)."""
+    given back below. True once no BRPOP has been in flight for a tenth of a second (the loop may have
+    looked the method up just before it was replaced: that BRPOP shows within microseconds), within
+    ``brpop_timeout`` and two seconds (a paused one resumes at the loop's next tick)."""
     channel._brpop_start = lambda *args, **kwargs: None
     channel.qos.can_consume = lambda: True
-    deadline = time.monotonic() + _brpop_timeout(channel) + 1.0
-    while channel._in_poll and time.monotonic() < deadline:
-        time.sleep(0.02)
-    return not channel._in_poll
+    deadline = time.monotonic() + _brpop_timeout(channel) + 2.0
+    quiet_since = None
+    while time.monotonic() < deadline:
+        if channel._in_poll:
+            quiet_since = None
+        elif quiet_since is None:
+            quiet_since = time.monotonic()
+        elif time.monotonic() - quiet_since >= 0.1:
+            return True
+        time.sleep(0.01)
+    return False
 
 
 def _brpop_timeout(channel: Any) -> float:
@@ -181,32 +192,38 @@ def _brpop_timeout(channel: Any) -> float:
 def give_back(channel: Any, hung: list[_Running]) -> tuple[int, int]:
     """Remove the hung tasks' messages from the unacknowledged index (shared by every channel: one that
     came on a channel since closed is found too), put every other message this process holds back at
-    the consuming end of its queue, first received first again: (removed, restored)."""
+    the consuming end of its queue, first received first again: (removed, restored: at most that many,
+    a task that finished meanwhile has nothing to put back)."""
     qos = channel.qos
     hung_tags = {entry.delivery_tag for entry in hung if entry.delivery_tag is not None}
     hung_ids = {entry.task_id for entry in hung}
     for tag in hung_tags:
         qos._remove_from_indices(tag).execute()
-    acked = set(qos._dirty)  # acknowledged in Redis already, not yet dropped from _delivered
-    held = [(tag, message) for tag, message in list(qos._delivered.items())
-            if tag not in acked and tag not in hung_tags
-            and (getattr(message, "headers", None) or {}).get("id") not in hung_ids]
-    for tag, _ in reversed(held):  # each RPUSH goes in front of the last: the first received ends up first
-        qos.restore_by_tag(tag, leftmost=False)
-    return len(hung_tags), len(held)
+    done: set[Any] = set(hung_tags)
+    restored = 0
+    for _ in range(2):  # a second look for anything received while the first was put back
+        acked = set(qos._dirty)  # acknowledged in Redis already, not yet dropped from _delivered
+        held = [tag for tag, message in list(qos._delivered.items())
+                if tag not in acked and tag not in done
+                and (getattr(message, "headers", None) or {}).get("id") not in hung_ids]
+        for tag in reversed(held):  # each RPUSH goes in front of the last: the first received ends up first
+            qos.restore_by_tag(tag, leftmost=False)
+        done.update(held)
+        restored += len(held)
+    return len(hung_tags), restored
 
 
 def _end_process(hung: list[_Running]) -> None:
-    channel = _task_channel()
-    # Whatever happens below, the process ends in time: the give-back's own bound and a margin.
-    limit = (_brpop_timeout(channel) if channel is not None else 1.0) + 1.0 + GIVE_BACK_SECONDS
-    threading.Timer(limit, os._exit, args=(EXIT_CODE,)).start()
-    now = time.monotonic()
-    for entry in hung:
-        _say("critical", "task_hard_time_limit", task=entry.task, task_id=entry.task_id,
-             seconds=round(now - entry.started, 1), detail="ending the worker process")
     outcome: dict[str, Any] = {}
     try:
+        channel = _task_channel()
+        # Whatever happens below, the process ends in time: the give-back's own bound and a margin.
+        limit = (_brpop_timeout(channel) if channel is not None else 1.0) + 2.0 + GIVE_BACK_SECONDS
+        threading.Timer(limit, os._exit, args=(EXIT_CODE,)).start()
+        now = time.monotonic()
+        for entry in hung:
+            _say("critical", "task_hard_time_limit", task=entry.task, task_id=entry.task_id,
+                 seconds=round(now - entry.started, 1), detail="ending the worker process")
         if channel is None:
             outcome["error"] = "no consumer channel (reconnecting?)"
         else:
@@ -245,7 +262,7 @@ def start() -> bool:
 @worker_ready.connect(weak=False, dispatch_uid="meterai.watchdog")
 def _on_worker_ready(sender: Any = None, **_: Any) -> None:
     pool = getattr(sender, "pool", None)
-    if isinstance(pool, (ThreadPool, SoloPool)):
+    if isinstance(pool, ThreadPool):  # (solo runs tasks inside the event loop's own read: not for it)
         _consumer[:] = [sender]
         start()
         _say("info", "task_watchdog_started", pool=type(pool).__module__.rsplit(".", 1)[-1])

@@ -118,8 +118,9 @@ class MeteraiTask(Task):
 
     # -- the policy ----------------------------------------------------------------------------------
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        watched = None
         try:
-            watchdog.enter(self)  # the time limits, where the pool doesn't enforce them (threads)
+            watched = watchdog.enter(self)  # the time limits, where the pool doesn't enforce them (threads)
             if self.flask_app is None:
                 return self._attempt(args, kwargs)
             with self.flask_app.app_context():
@@ -127,7 +128,7 @@ class MeteraiTask(Task):
         finally:
             while True:
                 try:
-                    watchdog.leave()
+                    watchdog.leave(watched)
                     break
                 except SoftTimeLimitExceeded:
                     # The soft limit landed after the attempt had ended (workers/watchdog.py): too late
