@@ -19,6 +19,9 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
+# Longer than any call through a breaker can last (their timeouts) and than a task's hard time limit.
+PROBE_ABANDONED_SECONDS = 300.0
+
 
 class Breaker:
     """Closed: calls go through. After ``threshold`` consecutive ``failures`` it opens and every call
@@ -55,7 +58,8 @@ class Breaker:
     def call(self, fn: Callable[[], T]) -> T:
         # The probe is ended by whoever holds it, whatever interrupts it (on Celery's threads pool a soft
         # time limit is raised wherever the thread happens to be: inside _admit too, workers/watchdog.py),
-        # so an interrupted probe can never leave the breaker open for the whole process.
+        # so an interrupted probe can't leave the breaker open for the whole process. A success is
+        # recorded before the probe ends, so no second probe slips in as the breaker closes.
         try:
             self._admit()
             try:
@@ -66,12 +70,13 @@ class Breaker:
             except self.answered:
                 self._record_success()
                 raise
+            else:
+                self._record_success()
         finally:
             if self._probing == threading.get_ident():
                 with self._lock:
                     if self._probing == threading.get_ident():
                         self._probing = None
-        self._record_success()
         return result
 
     def _admit(self) -> bool:
@@ -80,9 +85,11 @@ class Breaker:
             if self._opened_at is None:
                 return False
             waited = self._clock() - self._opened_at
-            # A probe out for a whole cool-down was abandoned (its thread interrupted where even the
-            # finally below couldn't end it): the next caller probes instead.
-            abandoned = self._probing is not None and self._clock() - self._probe_since >= self.cooldown_seconds
+            # A probe out for PROBE_ABANDONED_SECONDS was abandoned (its thread interrupted where even the
+            # finally above couldn't end it: no call of ours takes that long, a task's hard time limit is
+            # shorter): the next caller probes instead.
+            abandoned = (self._probing is not None
+                         and self._clock() - self._probe_since >= max(self.cooldown_seconds, PROBE_ABANDONED_SECONDS))
             if waited >= self.cooldown_seconds and (self._probing is None or abandoned):
                 self._probing, self._probe_since = threading.get_ident(), self._clock()
                 return True

@@ -212,10 +212,22 @@ class StreamHandler(logging.StreamHandler):
 
     def handle(self, record: logging.LogRecord) -> Any:
         accepted = self.filter(record)
+        if isinstance(accepted, logging.LogRecord):  # Python 3.12+: a filter may hand back a record
+            record = accepted
         if accepted:
             with self.lock:  # type: ignore[union-attr] - createLock() made it
                 self.emit(record)
         return accepted
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        """A soft time limit that lands while a line is written is the task's, not the line's: let it
+        through (``emit`` catches every Exception and would have swallowed it, leaving the task to run
+        on to its hard limit)."""
+        from celery.exceptions import SoftTimeLimitExceeded
+
+        if isinstance(sys.exc_info()[1], SoftTimeLimitExceeded):
+            raise  # noqa: PLE0704 - re-raises the exception being handled
+        super().handleError(record)
 
     def flush(self) -> None:
         with self.lock:  # type: ignore[union-attr]

@@ -93,3 +93,19 @@ def test_one_probe_at_a_time_across_threads() -> None:
     thread.join(5)
     assert outcome == ["up"] and breaker.state == "closed"
     assert breaker.call(lambda: "after") == "after"
+
+
+def test_a_slow_probe_is_not_taken_for_abandoned_but_one_left_for_good_is() -> None:
+    from shared.breaker import PROBE_ABANDONED_SECONDS
+
+    clock = [0.0]
+    breaker = _breaker(clock)
+    _fail(breaker)
+    clock[0] = 11.0
+    assert breaker._admit() is True  # a probe goes out, and its thread never comes back to end it
+    clock[0] = 11.0 + 60  # slow, several cool-downs: still the only probe
+    with pytest.raises(Open):
+        breaker.call(lambda: "second")
+    clock[0] = 11.0 + PROBE_ABANDONED_SECONDS  # left for good: the next caller probes
+    assert breaker.call(lambda: "up") == "up"
+    assert breaker.state == "closed"

@@ -317,3 +317,32 @@ def test_the_workers_handler_takes_its_lock_only_in_a_with_block():
     finally:
         root.handlers[:] = saved
         root.setLevel(level)
+
+
+def test_a_soft_time_limit_landing_in_a_log_line_is_not_swallowed():
+    """``StreamHandler.emit`` catches every Exception and hands it to ``handleError``; a soft time limit
+    landing there belongs to the task (workers/watchdog.py), so ours lets it through while other write
+    errors stay logging's business (reported, not raised)."""
+    from celery.exceptions import SoftTimeLimitExceeded
+
+    from shared.logs import StreamHandler
+
+    class Failing:
+        def __init__(self, exc: BaseException) -> None:
+            self.exc = exc
+
+        def write(self, text: str) -> None:
+            raise self.exc
+
+        def flush(self) -> None:
+            pass
+
+    record = logging.LogRecord("t", logging.INFO, __file__, 1, "line", None, None)
+    with pytest.raises(SoftTimeLimitExceeded):
+        StreamHandler(Failing(SoftTimeLimitExceeded())).handle(record)
+    raised = logging.raiseExceptions
+    logging.raiseExceptions = False  # as in production: a failed write is not the caller's exception
+    try:
+        StreamHandler(Failing(OSError("disk full"))).handle(record)
+    finally:
+        logging.raiseExceptions = raised

@@ -141,7 +141,8 @@ def test_a_soft_limit_landing_after_the_attempt_leaves_its_outcome(tasks) -> Non
     proceed.clear()
 
     def bare() -> None:
-        entry = watchdog.enter(quick)
+        entry = watchdog.entry_for(quick)
+        watchdog.enter(entry)
         entered.set()
         proceed.wait(10)
         try:
@@ -182,6 +183,24 @@ def test_a_nested_attempt_leaves_the_outer_one_watched(tasks) -> None:
     assert not watchdog._running
 
 
+def test_an_entry_left_behind_never_ends_the_node(tasks) -> None:
+    """An entry whose attempt is over but which stayed registered (an asynchronous exception where no
+    code could remove it) is dropped when it falls due, not taken for a hung task."""
+    @tasks.task(bind=True, time_limit=0.01)
+    def gone(self) -> str:
+        return "done"
+
+    def leave_it_behind() -> None:
+        watchdog.enter(watchdog.entry_for(gone))  # and never leave
+
+    thread = threading.Thread(target=leave_it_behind)
+    thread.start()
+    thread.join(5)
+    time.sleep(0.05)
+    assert watchdog.check() == []
+    assert not watchdog._running
+
+
 def _frames(thread: threading.Thread):
     import sys
 
@@ -201,9 +220,9 @@ def broker(tmp_path: Path) -> Iterator[RedisHandle]:
     handle.stop()
 
 
-def _start_worker(broker: RedisHandle, tmp_path: Path, group: str, **extra: str) -> Worker:
+def _start_worker(broker: RedisHandle, tmp_path: Path, group: str) -> Worker:
     (tmp_path / "markers").mkdir(exist_ok=True)
-    env = {**extra,
+    env = {
         **os.environ, "DEVELOPMENT": "1", "REDIS_URL": broker.url, "REDIS_KEY_PREFIX": PREFIX,
         "DATA_DIR": str(tmp_path / "data"), "BROKER_TEST_MARKERS": str(tmp_path / "markers"),
         "PYTHONUNBUFFERED": "1", "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), str(ROOT)]),
@@ -225,8 +244,8 @@ def _start_worker(broker: RedisHandle, tmp_path: Path, group: str, **extra: str)
 def start_worker(broker: RedisHandle, tmp_path: Path) -> Iterator:
     started: list[Worker] = []
 
-    def start(group: str, **extra: str) -> Worker:
-        started.append(_start_worker(broker, tmp_path, group, **extra))
+    def start(group: str) -> Worker:
+        started.append(_start_worker(broker, tmp_path, group))
         return started[-1]
 
     yield start

@@ -38,6 +38,7 @@ from __future__ import annotations
 import ctypes
 import json
 import os
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -52,7 +53,7 @@ from celery.signals import worker_ready
 CHECK_SECONDS = 0.25
 # What a process ended by the hard limit exits with (EX_SOFTWARE): the process manager starts it again.
 EXIT_CODE = 70
-# How long giving the messages back may take, after the last BRPOP (brpop_timeout + 1 s), before the
+# How long giving the messages back may take, after the last BRPOP (brpop_timeout + 2 s), before the
 # process ends regardless.
 GIVE_BACK_SECONDS = 4.0
 
@@ -106,18 +107,23 @@ def _delivery_tag(task_id: str | None) -> Any:
     return getattr(message, "delivery_tag", None)
 
 
-def enter(task: Any) -> _Running:
-    """Watch this thread's attempt of ``task`` under its limits, until :func:`leave` with what this
-    returns. Always registered (a dictionary entry), so a task that began just before the watchdog
-    started is still watched. Nested attempts on one thread (a task calling another directly) stack, and
-    each leaves only its own entry."""
+def entry_for(task: Any) -> _Running:
+    """This thread's attempt of ``task`` with its deadlines, not yet watched (:func:`enter` does that).
+    Two steps, so the caller holds the entry before it is registered: an asynchronous exception landing
+    as it is registered can then never leave it registered with nobody to remove it (a stale entry would
+    in time read as a task past its hard limit and end a healthy node)."""
     hard, soft = limits(task)
     now = time.monotonic()
-    entry = _Running(threading.get_ident(), task.name, task.request.id, _delivery_tag(task.request.id), now,
-                     now + soft if soft else None, now + hard if hard else None)
+    return _Running(threading.get_ident(), task.name, task.request.id, _delivery_tag(task.request.id), now,
+                    now + soft if soft else None, now + hard if hard else None)
+
+
+def enter(entry: _Running) -> None:
+    """Watch ``entry`` until :func:`leave`. Always registered (a dictionary entry), so a task that began
+    just before the watchdog started is still watched. Nested attempts on one thread (a task calling
+    another directly) stack, and each leaves only its own entry."""
     with _lock:
         _running.setdefault(entry.thread, []).append(entry)
-    return entry
 
 
 def leave(entry: _Running | None) -> None:
@@ -153,7 +159,27 @@ def check(now: float | None = None) -> list[_Running]:
     for entry in softened:
         _say("error", "task_soft_time_limit", task=entry.task, task_id=entry.task_id,
              seconds=round(now - entry.started, 1))
-    return overdue
+    live = [entry for entry in overdue if _still_running(entry)]
+    for entry in overdue:
+        if entry not in live:  # its thread left the attempt without leave(): never a reason to end the node
+            with _lock:
+                stack = _running.get(entry.thread, [])
+                stack[:] = [other for other in stack if other is not entry]
+                if not stack:
+                    _running.pop(entry.thread, None)
+            _say("error", "task_watchdog_stale_entry", task=entry.task, task_id=entry.task_id)
+    return live
+
+
+def _still_running(entry: _Running) -> bool:
+    """Whether ``entry``'s thread is still inside the attempt that registered it: a frame of its stack
+    holds ``entry`` in a local (``MeteraiTask.__call__``'s ``watched``)."""
+    frame = sys._current_frames().get(entry.thread)
+    while frame is not None:
+        if any(value is entry for value in frame.f_locals.values()):
+            return True
+        frame = frame.f_back
+    return False
 
 
 def _task_channel() -> Any:

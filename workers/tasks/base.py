@@ -118,9 +118,9 @@ class MeteraiTask(Task):
 
     # -- the policy ----------------------------------------------------------------------------------
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        watched = None
+        watched = watchdog.entry_for(self)  # the time limits, where the pool doesn't enforce them (threads)
         try:
-            watched = watchdog.enter(self)  # the time limits, where the pool doesn't enforce them (threads)
+            watchdog.enter(watched)
             if self.flask_app is None:
                 return self._attempt(args, kwargs)
             with self.flask_app.app_context():
