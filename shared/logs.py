@@ -223,9 +223,8 @@ class StreamHandler(logging.StreamHandler):
         """A soft time limit that lands while a line is written is the task's, not the line's: let it
         through (``emit`` catches every Exception and would have swallowed it, leaving the task to run
         on to its hard limit)."""
-        from celery.exceptions import SoftTimeLimitExceeded
-
-        if isinstance(sys.exc_info()[1], SoftTimeLimitExceeded):
+        exceptions = sys.modules.get("celery.exceptions")  # not loaded: no such exception can exist
+        if exceptions is not None and isinstance(sys.exc_info()[1], exceptions.SoftTimeLimitExceeded):
             raise  # noqa: PLE0704 - re-raises the exception being handled
         super().handleError(record)
 

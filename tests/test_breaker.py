@@ -102,10 +102,13 @@ def test_a_slow_probe_is_not_taken_for_abandoned_but_one_left_for_good_is() -> N
     breaker = _breaker(clock)
     _fail(breaker)
     clock[0] = 11.0
-    assert breaker._admit() is True  # a probe goes out, and its thread never comes back to end it
-    clock[0] = 11.0 + 60  # slow, several cool-downs: still the only probe
-    with pytest.raises(Open):
-        breaker.call(lambda: "second")
+    prober = threading.Thread(target=breaker._admit)  # a probe goes out on another thread, which never
+    prober.start()                                    # comes back to end it
+    prober.join(5)
+    for waited in (60, PROBE_ABANDONED_SECONDS - 1):  # slow, several cool-downs: still the only probe
+        clock[0] = 11.0 + waited
+        with pytest.raises(Open):
+            breaker.call(lambda: "second")
     clock[0] = 11.0 + PROBE_ABANDONED_SECONDS  # left for good: the next caller probes
     assert breaker.call(lambda: "up") == "up"
     assert breaker.state == "closed"

@@ -341,7 +341,7 @@ def test_a_soft_time_limit_landing_in_a_log_line_is_not_swallowed():
     with pytest.raises(SoftTimeLimitExceeded):
         StreamHandler(Failing(SoftTimeLimitExceeded())).handle(record)
     raised = logging.raiseExceptions
-    logging.raiseExceptions = False  # as in production: a failed write is not the caller's exception
+    logging.raiseExceptions = False  # report, don't raise: a failed write is not the caller's exception
     try:
         StreamHandler(Failing(OSError("disk full"))).handle(record)
     finally:

@@ -29,7 +29,17 @@ from shared.devtools.services import RedisHandle, start_private_redis
 from test_broker_restart import Sender, Worker, procfile_worker_command
 from workers import watchdog
 
-PREFIX = "meterai-restart-test:"  # the Sender's and the worker's key prefix
+PREFIX = "meterai-restart-test:"
+
+
+@pytest.fixture(autouse=True)
+def _no_entries_left():
+    """Each test starts and ends with nothing registered: one that fails can't spill into the next."""
+    watchdog._running.clear()
+    yield
+    leftover = dict(watchdog._running)
+    watchdog._running.clear()
+    assert not leftover, leftover  # the Sender's and the worker's key prefix
 QUEUE = "mail"  # the Procfile's mail group runs on the threads pool
 
 
@@ -183,21 +193,72 @@ def test_a_nested_attempt_leaves_the_outer_one_watched(tasks) -> None:
     assert not watchdog._running
 
 
-def test_an_entry_left_behind_never_ends_the_node(tasks) -> None:
+def test_an_entry_left_behind_never_ends_the_node_nor_interrupts_its_thread(tasks) -> None:
     """An entry whose attempt is over but which stayed registered (an asynchronous exception where no
-    code could remove it) is dropped when it falls due, not taken for a hung task."""
+    code could remove it) is dropped when its limits fall due: not taken for a hung task, and its soft
+    limit not raised into whatever its thread runs now."""
     @tasks.task(bind=True, time_limit=0.01)
     def gone(self) -> str:
         return "done"
 
-    def leave_it_behind() -> None:
-        watchdog.enter(watchdog.entry_for(gone))  # and never leave
+    @tasks.task(bind=True, soft_time_limit=0.01, time_limit=60)
+    def gone_soft(self) -> str:
+        return "done"
 
-    thread = threading.Thread(target=leave_it_behind)
+    left, proceed = threading.Event(), threading.Event()
+    outcome: list[str] = []
+
+    def leave_them_behind() -> None:
+        def attempt(task) -> None:
+            watchdog.enter(watchdog.entry_for(task))  # and never leave
+
+        attempt(gone)
+        attempt(gone_soft)
+        left.set()
+        try:
+            while not proceed.is_set():  # other work on the same thread: Python code, interruptible
+                time.sleep(0.01)
+            outcome.append("carried on")
+        except SoftTimeLimitExceeded:
+            outcome.append("interrupted")
+
+    thread = threading.Thread(target=leave_them_behind)
     thread.start()
-    thread.join(5)
+    left.wait(5)
     time.sleep(0.05)
     assert watchdog.check() == []
+    assert not watchdog._running
+    proceed.set()
+    thread.join(5)
+    assert outcome == ["carried on"]
+
+
+def test_an_enclosing_attempts_soft_limit_landing_in_a_nested_leave_reaches_it(tasks) -> None:
+    entered, proceed = threading.Event(), threading.Event()
+    outer_entry: list = []
+
+    @tasks.task(bind=True, soft_time_limit=60, time_limit=120)
+    def inner(self) -> str:
+        entered.set()
+        proceed.wait(10)
+        return "inner"
+
+    @tasks.task(bind=True, soft_time_limit=60, time_limit=120)
+    def outer(self) -> str:
+        outer_entry.append(watchdog._running[threading.get_ident()][-1])
+        inner()
+        return "outer finished"  # must not: its soft limit landed in inner's leave
+
+    thread, outcome = _in_thread(outer)
+    entered.wait(5)
+    with watchdog._lock:  # inner's leave() waits here
+        proceed.set()
+        wait_until(lambda: any(frame.f_code.co_name == "leave" for frame in _frames(thread)), timeout=5,
+                   message="the inner attempt to be leaving")
+        outer_entry[0].softened = True  # the outer attempt's soft limit, raised now
+        watchdog._set_async_exc(thread.ident, SoftTimeLimitExceeded)
+    thread.join(5)
+    assert outcome == [("raised", "SoftTimeLimitExceeded")]
     assert not watchdog._running
 
 

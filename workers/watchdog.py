@@ -58,7 +58,7 @@ EXIT_CODE = 70
 GIVE_BACK_SECONDS = 4.0
 
 
-@dataclass
+@dataclass(eq=False)
 class _Running:
     thread: int
     task: str
@@ -68,6 +68,7 @@ class _Running:
     soft_at: float | None
     hard_at: float | None
     softened: bool = False
+    frame: Any = None  # the attempt's frame (MeteraiTask.__call__'s): the entry is live while it runs
 
 
 _lock = threading.Lock()
@@ -115,7 +116,7 @@ def entry_for(task: Any) -> _Running:
     hard, soft = limits(task)
     now = time.monotonic()
     return _Running(threading.get_ident(), task.name, task.request.id, _delivery_tag(task.request.id), now,
-                    now + soft if soft else None, now + hard if hard else None)
+                    now + soft if soft else None, now + hard if hard else None, frame=sys._getframe(1))
 
 
 def enter(entry: _Running) -> None:
@@ -135,48 +136,59 @@ def leave(entry: _Running | None) -> None:
     if entry is None:
         return
     with _lock:
-        stack = _running.get(entry.thread, [])
-        if any(other is entry for other in stack):
-            stack[:] = [other for other in stack if other is not entry]
-        if not stack:
-            _running.pop(entry.thread, None)
+        _drop(entry)
+    entry.frame = None
     if entry.softened:
         _set_async_exc(entry.thread, None)
 
 
+def _drop(entry: _Running) -> bool:
+    """Unregister ``entry`` (under ``_lock``); whether it was registered."""
+    stack = _running.get(entry.thread, [])
+    found = any(other is entry for other in stack)
+    if found:
+        stack[:] = [other for other in stack if other is not entry]
+    if not stack:
+        _running.pop(entry.thread, None)
+    return found
+
+
 def check(now: float | None = None) -> list[_Running]:
-    """One look: soften what passed its soft limit; return what passed its hard limit."""
+    """One look: soften what passed its soft limit; return what passed its hard limit. An entry whose
+    thread has left its attempt without leaving it (an exception where nothing could remove it) is
+    dropped instead: raising in that thread would hit whatever it runs now, and ending the node for it
+    would end a healthy one."""
     now = time.monotonic() if now is None else now
-    overdue, softened = [], []
-    with _lock:  # only the registry and the raise under the lock: nothing here may wait
-        for entry in (entry for stack in _running.values() for entry in stack):
-            if entry.hard_at is not None and now >= entry.hard_at:
+    overdue, softened, stale = [], [], []
+    with _lock:  # only the registry, a look at the thread's frames and the raise: nothing here waits
+        frames = sys._current_frames()
+        for entry in [entry for stack in _running.values() for entry in stack]:
+            due_hard = entry.hard_at is not None and now >= entry.hard_at
+            due_soft = entry.soft_at is not None and now >= entry.soft_at and not entry.softened
+            if not (due_hard or due_soft):
+                continue
+            if not _still_running(entry, frames.get(entry.thread)):
+                _drop(entry)
+                stale.append(entry)
+            elif due_hard:
                 overdue.append(entry)
-            elif entry.soft_at is not None and now >= entry.soft_at and not entry.softened:
+            else:
                 entry.softened = True
                 _set_async_exc(entry.thread, SoftTimeLimitExceeded)
                 softened.append(entry)
     for entry in softened:
         _say("error", "task_soft_time_limit", task=entry.task, task_id=entry.task_id,
              seconds=round(now - entry.started, 1))
-    live = [entry for entry in overdue if _still_running(entry)]
-    for entry in overdue:
-        if entry not in live:  # its thread left the attempt without leave(): never a reason to end the node
-            with _lock:
-                stack = _running.get(entry.thread, [])
-                stack[:] = [other for other in stack if other is not entry]
-                if not stack:
-                    _running.pop(entry.thread, None)
-            _say("error", "task_watchdog_stale_entry", task=entry.task, task_id=entry.task_id)
-    return live
+    for entry in stale:
+        _say("error", "task_watchdog_stale_entry", task=entry.task, task_id=entry.task_id)
+    return overdue
 
 
-def _still_running(entry: _Running) -> bool:
-    """Whether ``entry``'s thread is still inside the attempt that registered it: a frame of its stack
-    holds ``entry`` in a local (``MeteraiTask.__call__``'s ``watched``)."""
-    frame = sys._current_frames().get(entry.thread)
+def _still_running(entry: _Running, frame: Any) -> bool:
+    """Whether the attempt that registered ``entry`` is still on its thread's stack (``frame``: the
+    thread's current frame): identity of frame objects only, nothing of the thread's is read or changed."""
     while frame is not None:
-        if any(value is entry for value in frame.f_locals.values()):
+        if frame is entry.frame:
             return True
         frame = frame.f_back
     return False

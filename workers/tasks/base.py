@@ -126,14 +126,19 @@ class MeteraiTask(Task):
             with self.flask_app.app_context():
                 return self._attempt(args, kwargs)
         finally:
+            outer_limit = None
             while True:
                 try:
                     watchdog.leave(watched)
                     break
-                except SoftTimeLimitExceeded:
-                    # The soft limit landed after the attempt had ended (workers/watchdog.py): too late
-                    # to end anything, so the attempt's own outcome stands.
-                    pass
+                except SoftTimeLimitExceeded as exc:
+                    # This attempt's soft limit, landing after it had ended (workers/watchdog.py): too
+                    # late to end anything, so its own outcome stands. An enclosing attempt's (a task
+                    # called directly from another) is that one's to take: raised once this one has left.
+                    if not watched.softened:
+                        outer_limit = exc
+            if outer_limit is not None:
+                raise outer_limit
 
     def _attempt(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         started = time.monotonic()
