@@ -9,6 +9,14 @@ from shared import jobs
 from workers.celery_app import make_celery_app
 
 
+def _clean_up(client: redis.Redis, prefix: str, app, system) -> None:
+    for key in client.scan_iter(match=f"{prefix}*"):
+        client.delete(key)
+    client.close()
+    app.close()
+    make_celery_app(system.settings)  # restore the session's publisher
+
+
 def test_each_task_lands_in_exactly_its_own_queue(system):
     # A key prefix no worker listens on, so the messages stay put for us to count.
     settings = dataclasses.replace(system.settings, redis_key_prefix="meterai-routing-test:")
@@ -26,11 +34,7 @@ def test_each_task_lands_in_exactly_its_own_queue(system):
             assert sum(lengths.values()) == 1, (name, lengths)
             client.delete(f"{settings.redis_key_prefix}{queue}")
     finally:
-        for key in client.scan_iter(match=f"{settings.redis_key_prefix}*"):
-            client.delete(key)
-        client.close()
-        app.close()
-        make_celery_app(system.settings)  # restore the session's publisher
+        _clean_up(client, settings.redis_key_prefix, app, system)
 
 
 def test_our_publish_lands_in_its_queue_with_nothing_declared(system):
@@ -59,8 +63,4 @@ def test_our_publish_lands_in_its_queue_with_nothing_declared(system):
         # No binding table was written: nothing was declared.
         assert not [key for key in client.scan_iter(match=f"{settings.redis_key_prefix}*") if b"binding" in key]
     finally:
-        for key in client.scan_iter(match=f"{settings.redis_key_prefix}*"):
-            client.delete(key)
-        client.close()
-        app.close()
-        make_celery_app(system.settings)  # restore the session's publisher
+        _clean_up(client, settings.redis_key_prefix, app, system)

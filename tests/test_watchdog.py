@@ -25,8 +25,8 @@ from celery.exceptions import SoftTimeLimitExceeded
 
 from broker_restart_app import BUSY_TASK, SLEEP_TASK
 from conftest import ROOT, wait_until
-from shared.devtools.services import RedisHandle, start_private_redis
-from test_broker_restart import Sender, Worker, procfile_worker_command
+from shared.devtools.services import RedisHandle
+from test_broker_restart import Sender, Worker, broker, procfile_worker_command, sender  # noqa: F401 - fixtures
 from workers import watchdog
 
 PREFIX = "meterai-restart-test:"
@@ -274,13 +274,6 @@ def _frames(thread: threading.Thread):
 # -- a real worker ------------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def broker(tmp_path: Path) -> Iterator[RedisHandle]:
-    handle = start_private_redis(tmp_path)
-    yield handle
-    handle.stop()
-
-
 def _start_worker(broker: RedisHandle, tmp_path: Path, group: str) -> Worker:
     (tmp_path / "markers").mkdir(exist_ok=True)
     env = {
@@ -318,13 +311,6 @@ def start_worker(broker: RedisHandle, tmp_path: Path) -> Iterator:
             except subprocess.TimeoutExpired:
                 os.killpg(worker.process.pid, signal.SIGKILL)
                 worker.process.wait()
-
-
-@pytest.fixture
-def sender(broker: RedisHandle, tmp_path: Path) -> Iterator[Sender]:
-    publisher = Sender(broker, tmp_path / "markers")
-    yield publisher
-    publisher.close()
 
 
 def _send(sender: Sender, task: str, seconds: float, *, hard: float, soft: float,
