@@ -25,6 +25,10 @@ watchdog enforces the same two limits:
   seconds later; what couldn't be put back comes back after the visibility timeout, and the redrive
   publishes its work from PostgreSQL anyway.
 
+An entry counts only while the attempt that registered it is on its thread's stack (its frame, by
+identity): one left behind by an exception where nothing could remove it is dropped when its limits fall
+due, never raised into whatever the thread runs now, never a reason to end the node.
+
 The watchdog never goes through :mod:`logging`: a soft limit raised in a thread just as it took a log
 handler's lock leaves that lock taken, and a watchdog waiting on it would enforce nothing. Its lines are
 written straight to stderr, in the JSON shape of every other line.
