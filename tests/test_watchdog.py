@@ -133,14 +133,7 @@ def test_a_soft_limit_landing_after_the_attempt_leaves_its_outcome(tasks) -> Non
 
     thread, outcome = _in_thread(quick)
     entered.wait(5)
-    with watchdog._lock:  # the thread's leave() waits here, its attempt over
-        proceed.set()
-        wait_until(lambda: any(frame.f_code.co_name == "leave" for frame in _frames(thread)), timeout=5,
-                   message="the task to be leaving")
-        entry = watchdog._running[thread.ident][-1]
-        entry.softened = True
-        watchdog._set_async_exc(thread.ident, SoftTimeLimitExceeded)
-    thread.join(5)
+    _soften_while_leaving(thread, proceed, lambda: watchdog._running[thread.ident][-1])
     assert outcome == [("returned", "stamped")]
     assert not watchdog._running
 
@@ -164,13 +157,7 @@ def test_a_soft_limit_landing_after_the_attempt_leaves_its_outcome(tasks) -> Non
     thread = threading.Thread(target=bare)
     thread.start()
     entered.wait(5)
-    with watchdog._lock:
-        proceed.set()
-        wait_until(lambda: any(frame.f_code.co_name == "leave" for frame in _frames(thread)), timeout=5,
-                   message="the bare leave to wait")
-        watchdog._running[thread.ident][-1].softened = True
-        watchdog._set_async_exc(thread.ident, SoftTimeLimitExceeded)
-    thread.join(5)
+    _soften_while_leaving(thread, proceed, lambda: watchdog._running[thread.ident][-1])
     assert caught == ["raised"] and not watchdog._running
 
 
@@ -251,15 +238,21 @@ def test_an_enclosing_attempts_soft_limit_landing_in_a_nested_leave_reaches_it(t
 
     thread, outcome = _in_thread(outer)
     entered.wait(5)
-    with watchdog._lock:  # inner's leave() waits here
-        proceed.set()
-        wait_until(lambda: any(frame.f_code.co_name == "leave" for frame in _frames(thread)), timeout=5,
-                   message="the inner attempt to be leaving")
-        outer_entry[0].softened = True  # the outer attempt's soft limit, raised now
-        watchdog._set_async_exc(thread.ident, SoftTimeLimitExceeded)
-    thread.join(5)
+    _soften_while_leaving(thread, proceed, lambda: outer_entry[0])  # the outer attempt's soft limit
     assert outcome == [("raised", "SoftTimeLimitExceeded")]
     assert not watchdog._running
+
+
+def _soften_while_leaving(thread: threading.Thread, proceed: threading.Event, entry) -> None:
+    """Let ``thread`` go on to leave its attempt and hold it in ``leave()`` (on the watchdog's lock), then
+    raise ``entry()``'s soft limit as the watchdog would, so it lands in the leaving; wait for the thread."""
+    with watchdog._lock:
+        proceed.set()
+        wait_until(lambda: any(frame.f_code.co_name == "leave" for frame in _frames(thread)), timeout=5,
+                   message="the attempt to be leaving")
+        entry().softened = True
+        watchdog._set_async_exc(thread.ident, SoftTimeLimitExceeded)
+    thread.join(5)
 
 
 def _frames(thread: threading.Thread):

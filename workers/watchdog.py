@@ -165,12 +165,13 @@ def check(now: float | None = None) -> list[_Running]:
     now = time.monotonic() if now is None else now
     overdue, softened, stale = [], [], []
     with _lock:  # only the registry, a look at the thread's frames and the raise: nothing here waits
-        frames = sys._current_frames()
+        frames = None  # the threads' stacks, looked at only when something falls due
         for entry in [entry for stack in _running.values() for entry in stack]:
             due_hard = entry.hard_at is not None and now >= entry.hard_at
             due_soft = entry.soft_at is not None and now >= entry.soft_at and not entry.softened
             if not (due_hard or due_soft):
                 continue
+            frames = sys._current_frames() if frames is None else frames
             if not _still_running(entry, frames.get(entry.thread)):
                 _drop(entry)
                 stale.append(entry)
