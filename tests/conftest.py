@@ -143,6 +143,19 @@ class System:
                    " WHERE status = 'paid' RETURNING id")
         return ids
 
+    def sweep_one(self, order_id: str) -> None:
+        """Sweep until the sweep takes ``order_id`` (the only order due): a sweep skips a row another
+        transaction holds (``SKIP LOCKED``), and a gateway notification's apply (a settlement, a repeated
+        copy of the capture) can hold the order's row just then; the next sweep takes it."""
+        from shared.services import housekeeping
+
+        def taken() -> bool:
+            return housekeeping.sweep_refunds(self.settings) == 1 or self.order_row(order_id)["status"] not in (
+                "paid", "stamping")
+
+        wait_until(taken, timeout=10, interval=0.05, message=f"the sweep to take {order_id}")
+        assert self.order_row(order_id)["status"] not in ("paid", "stamping")
+
     def replace_upload(self, order_id: str, data: bytes) -> None:
         """Swap an order's upload for ``data`` after preflight, as if the buyer had sent it (its digest is
         recorded too, so the worker meets these bytes, not a store that lost the buyer's)."""

@@ -127,7 +127,7 @@ def test_the_stamped_mail_links_to_the_download(sys_):
 
 def test_a_refunded_order_gets_the_amount_the_reason_and_when(sys_):
     [order_id] = sys_.paid_orders_past_deadline(1)
-    assert housekeeping.sweep_refunds(sys_.settings) == 1
+    sys_.sweep_one(order_id)
     message = sys_.wait_mail(order_id, "refunded", timeout=40)
     text = body_text(message)
     assert "Rp12.500" in text and REFUND_MESSAGES["stamp_deadline"] in text and "WIB" in text

@@ -323,7 +323,7 @@ def test_redrive_recovers_a_refund_lost_with_redis(sys_):
     """Redis restarts empty while a refund waits in its queue: the refund still happens, once."""
     [order_id] = sys_.paid_orders_past_deadline(1)
     sys_.stop("refunds")  # nobody runs refunds now
-    assert housekeeping.sweep_refunds(sys_.settings) == 1  # publishes the refund task...
+    sys_.sweep_one(order_id)  # publishes the refund task...
     sys_.redis.restart()  # ...which Redis then forgets
     sys_.start("refunds")
     assert sys_.order_row(order_id)["status"] == "refund_pending"
@@ -393,7 +393,7 @@ def test_refund_the_gateway_already_made_is_booked_not_sent_to_manual_payout(sys
     # refunded it under another key: our refund call is refused as "already refunded".
     gateway = MidtransGateway(sys_.gateway_url, SERVER_KEY, timeout=5)
     assert gateway.refund(gateway_order_id, refund_key="dashboard-1", amount=12500, reason="ops").refunded
-    assert housekeeping.sweep_refunds(sys_.settings) == 1
+    sys_.sweep_one(order_id)
     wait_until(lambda: sys_.order_row(order_id)["status"] in ("refunded", "refund_manual"),
                message="refund outcome")
     assert sys_.order_row(order_id)["status"] == "refunded"
