@@ -17,6 +17,7 @@ import email.policy
 import os
 import re
 import signal
+import ssl
 import sys
 import threading
 import time
@@ -54,8 +55,9 @@ def order_link(message: EmailMessage) -> str:
 @dataclass
 class Fault:
     """How the mailbox misbehaves, the next ``times`` times a message to ``to`` (any, if None) reaches
-    ``stage``: at ``"rcpt"`` it waits ``delay`` seconds, then answers ``reply`` (a refusal such as
-    ``"554 5.7.1 relaying denied"``) or accepts; at ``"data"`` a ``reply`` refuses the message, and
+    ``stage``: at ``"mail"`` (``to`` must be None: no recipient is known yet) and at ``"rcpt"`` it waits
+    ``delay`` seconds, then answers ``reply`` (a refusal such as ``"554 5.7.1 relaying denied"``, or a
+    ``"421"`` closing the session) or accepts; at ``"data"`` a ``reply`` refuses the message, and
     without one the message is kept and the answer comes ``delay`` seconds late (a relay that took it but
     answered after the client's timeout). ``hits`` counts the times it acted."""
 
@@ -68,10 +70,21 @@ class Fault:
 
 
 class _Handler:
-    def __init__(self, on_message: Callable[[bytes, str, list[str]], None],
+    def __init__(self, on_message: Callable[[bytes, str, list[str], tuple[str, int]], None],
                  take_fault: Callable[[str, list[str]], Fault | None]) -> None:
         self.on_message = on_message
         self.take_fault = take_fault
+
+    async def handle_MAIL(self, server: Any, session: Any, envelope: Any, address: str,
+                          mail_options: list[str]) -> str:
+        fault = self.take_fault("mail", [])
+        if fault is not None:
+            await asyncio.sleep(fault.delay)
+            if fault.reply:
+                return fault.reply
+        envelope.mail_from = address
+        envelope.mail_options.extend(mail_options)
+        return "250 OK"
 
     async def handle_RCPT(self, server: Any, session: Any, envelope: Any, address: str,
                           rcpt_options: list[str]) -> str:
@@ -89,7 +102,7 @@ class _Handler:
         if fault is not None and fault.reply:
             return fault.reply
         self.on_message(bytes(envelope.original_content or envelope.content), envelope.mail_from,
-                        list(envelope.rcpt_tos))
+                        list(envelope.rcpt_tos), tuple(session.peer[:2]))
         if fault is not None:
             await asyncio.sleep(fault.delay)
         return "250 Message accepted for delivery"
@@ -100,17 +113,21 @@ class Mailbox:
     each there as a ``.eml``). :meth:`stop` and :meth:`start` again keep the port and the messages."""
 
     def __init__(self, port: int, host: str = "127.0.0.1", folder: Path | None = None,
-                 echo: Callable[[str], None] | None = None) -> None:
+                 echo: Callable[[str], None] | None = None, tls_context: ssl.SSLContext | None = None) -> None:
         self.host, self.port, self.folder, self.echo = host, port, folder, echo
+        self.tls_context = tls_context  # offers STARTTLS with it (and then requires it) when given
         self._controller: Controller | None = None
         self._lock = threading.Lock()
         self._received: list[tuple[bytes, str, list[str]]] = []
+        self._peers: list[tuple[str, int]] = []  # the client address each message came from, in order
         self._faults: list[Fault] = []
 
     # -- the server ----------------------------------------------------------------------------------
     def start(self) -> "Mailbox":
         if self._controller is None:
-            controller = Controller(_Handler(self._keep, self._take_fault), hostname=self.host, port=self.port)
+            tls = {"tls_context": self.tls_context, "require_starttls": True} if self.tls_context else {}
+            controller = Controller(_Handler(self._keep, self._take_fault), hostname=self.host, port=self.port,
+                                    **tls)
             controller.start()
             self._controller = controller
         return self
@@ -129,9 +146,10 @@ class Mailbox:
         return {"SMTP_HOST": self.host, "SMTP_PORT": str(self.port), "SMTP_SECURITY": "none",
                 "SMTP_USERNAME": "", "SMTP_PASSWORD": ""}
 
-    def _keep(self, raw: bytes, sender: str, recipients: list[str]) -> None:
+    def _keep(self, raw: bytes, sender: str, recipients: list[str], peer: tuple[str, int] = ("", 0)) -> None:
         with self._lock:
             self._received.append((raw, sender, recipients))
+            self._peers.append(peer)
             count = len(self._received)
         message = parse(raw)
         if self.folder is not None:
@@ -149,8 +167,8 @@ class Mailbox:
     def fault(self, stage: str, *, to: str | None = None, reply: str | None = None, delay: float = 0.0,
               times: int = 1) -> Fault:
         """Misbehave as :class:`Fault` says, the next ``times`` times; returns it (its ``hits`` count)."""
-        if stage not in ("rcpt", "data"):
-            raise ValueError(f"stage must be 'rcpt' or 'data', not {stage!r}")
+        if stage not in ("mail", "rcpt", "data"):
+            raise ValueError(f"stage must be 'mail', 'rcpt' or 'data', not {stage!r}")
         fault = Fault(stage, to, reply, delay, times)
         with self._lock:
             self._faults.append(fault)
@@ -178,9 +196,16 @@ class Mailbox:
         return [parse(raw) for raw, _, recipients in received
                 if to is None or to.lower() in (r.lower() for r in recipients)]
 
+    def peers(self) -> list[tuple[str, int]]:
+        """The client address (host, port) each message so far came in on, oldest first: messages
+        that share one came on one SMTP session."""
+        with self._lock:
+            return list(self._peers)
+
     def clear(self) -> None:
         with self._lock:
             self._received.clear()
+            self._peers.clear()
 
     def wait_for(self, predicate: Callable[[list[EmailMessage]], Any], timeout: float = 30.0,
                  message: str = "mail") -> Any:

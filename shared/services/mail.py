@@ -44,10 +44,13 @@ from __future__ import annotations
 import base64
 import html
 import logging
+import os
 import re
 import secrets
 import smtplib
 import ssl
+import threading
+import time
 from functools import lru_cache
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
@@ -442,10 +445,7 @@ def probe(settings: Settings) -> str | None:
         try:
             code, reply = smtp.noop()
         finally:
-            try:  # a server's odd answer to QUIT says nothing about whether it takes mail
-                smtp.quit()
-            except (smtplib.SMTPException, OSError):
-                smtp.close()
+            _end(smtp)
         if code != 250:
             return f"NOOP answered {code} {_text(reply)}"
     except (smtplib.SMTPException, OSError) as exc:
@@ -526,9 +526,88 @@ def _connect(settings: Settings) -> smtplib.SMTP:
     return smtp
 
 
+# One SMTP session per thread is kept between e-mails (RFC 5321 lets a client send one mail after another
+# on a session): a session's connect, EHLO (STARTTLS, its handshake and the EHLO again, AUTH) and QUIT
+# are paid once per SESSION_MAX_MESSAGES e-mails instead of once per e-mail (loadtests/bench/smtp.py).
+# A session idle for SESSION_IDLE_SECONDS is ended rather than reused: servers end idle clients (RFC 5321
+# 4.5.3.2.7 suggests 5 minutes; relays often use less), and one that ended it meanwhile is noticed when
+# MAIL gets no answer, before anything of the e-mail was sent, so it is sent on a new session.
+SESSION_MAX_MESSAGES = 100
+SESSION_IDLE_SECONDS = 30.0
+
+
+class _KeptSession(threading.local):
+    smtp: smtplib.SMTP | None = None
+    key: tuple[Any, ...] = ()
+    pid: int = 0
+    sent: int = 0
+    idle_since: float = 0.0
+
+
+_kept = _KeptSession()
+
+
+def _session_key(settings: Settings) -> tuple[Any, ...]:
+    return (settings.smtp_server_host, settings.smtp_port, settings.smtp_security, settings.smtp_username,
+            settings.smtp_password, settings.smtp_timeout_seconds)
+
+
+def _end(smtp: smtplib.SMTP) -> None:
+    try:  # a server's odd answer to QUIT decides nothing: each e-mail was taken (or not) already
+        smtp.quit()
+    except (smtplib.SMTPException, OSError):
+        smtp.close()
+
+
+def _take_session(settings: Settings) -> tuple[smtplib.SMTP, bool]:
+    """This thread's kept session if it is still fit for these settings, else a new one; and whether it
+    was kept (a kept session may have been ended by the server since)."""
+    smtp, _kept.smtp = _kept.smtp, None
+    if smtp is not None:
+        if _kept.pid != os.getpid():
+            smtp.close()  # a session from before a fork is the parent's: drop our copy, say nothing on it
+        elif _kept.key == _session_key(settings) and time.monotonic() - _kept.idle_since < SESSION_IDLE_SECONDS:
+            return smtp, True
+        else:
+            _end(smtp)
+    _kept.sent = 0
+    return _connect(settings), False
+
+
+def _keep_session(settings: Settings, smtp: smtplib.SMTP) -> None:
+    """After a message the server took: keep the session for this thread's next e-mail, or end it."""
+    _kept.sent += 1
+    if _kept.sent >= SESSION_MAX_MESSAGES:
+        _end(smtp)
+        return
+    _kept.smtp, _kept.key, _kept.pid, _kept.idle_since = smtp, _session_key(settings), os.getpid(), time.monotonic()
+
+
+def _open_transaction(settings: Settings, sender: str) -> tuple[smtplib.SMTP, int, bytes]:
+    """A session that has answered our MAIL: a kept one, or a new one when the server ended the kept one
+    (no answer, or 421 "closing the channel"; nothing of the e-mail was sent on it yet)."""
+    while True:
+        smtp, kept = _take_session(settings)
+        try:
+            code, reply = smtp.mail(sender)
+        except (smtplib.SMTPServerDisconnected, OSError):
+            smtp.close()
+            if kept:
+                continue
+            raise
+        except BaseException:
+            smtp.close()
+            raise
+        if code == 421 and kept:
+            smtp.close()
+            continue
+        return smtp, code, reply
+
+
 def deliver(settings: Settings, message: Outgoing) -> None:
     """Hand ``message`` to the configured SMTP server (standard library smtplib; TLS certificates
-    verified). Raises :class:`SmtpFailure`; the password is never part of what is raised or logged."""
+    verified), on this thread's kept session when it has one. Raises :class:`SmtpFailure`; the password
+    is never part of what is raised or logged."""
     sender = parseaddr(settings.mail_sender)[1]
     recipient = parseaddr(message.to)[1]  # the API's address, as the To header shows it
     data_sent = False
@@ -540,9 +619,9 @@ def deliver(settings: Settings, message: Outgoing) -> None:
     except (UnicodeError, ValueError) as exc:
         raise _unsendable(exc) from None
     try:
-        smtp = _connect(settings)
+        smtp, code, reply = _open_transaction(settings, sender)
+        taken = False
         try:
-            code, reply = smtp.mail(sender)
             if code != 250:
                 raise smtplib.SMTPSenderRefused(code, reply, sender)
             code, reply = smtp.rcpt(recipient)
@@ -552,11 +631,14 @@ def deliver(settings: Settings, message: Outgoing) -> None:
                 raise smtplib.SMTPRecipientsRefused({recipient: (code, reply)})
             data_sent = True
             smtp.data(content)
+            taken = True
         finally:
-            try:
-                smtp.quit()
-            except (smtplib.SMTPException, OSError):
-                smtp.close()  # the message was taken (or not) already; QUIT decides nothing
+            # Only a session whose last message was taken is kept: after any refusal or error its state
+            # (an open transaction, a reply not read) is not worth knowing.
+            if taken:
+                _keep_session(settings, smtp)
+            else:
+                _end(smtp)
     except SmtpFailure:
         raise
     except smtplib.SMTPRecipientsRefused as exc:  # refused, not for good: a policy (5.7.x) or a 4xx

@@ -1,0 +1,191 @@
+"""The mail worker keeps one SMTP session per thread between e-mails (``shared/services/mail.py``:
+SESSION_MAX_MESSAGES, SESSION_IDLE_SECONDS), against a real aiosmtpd mailbox: in the clear and over
+STARTTLS with the server's certificate verified. What must hold: each e-mail arrives once, a session the
+server ended (or answered 421) is replaced before anything of the e-mail was sent on it, and a session is
+reused only after a message it carried was taken."""
+from __future__ import annotations
+
+import dataclasses
+import ssl
+import threading
+
+import pytest
+
+from shared.config import load_settings
+from shared.devtools.services import free_port
+from shared.devtools.smtp import Mailbox
+from shared.devtools.tlscert import make_server_cert
+from shared.lifecycle import Mail
+from shared.services import mail
+
+FACTS = mail.Facts(order_id="1b4e28ba-2fa1-11d2-883f-0016d3cca427", email="pelamar@example.id", amount=10900,
+                   link="https://meterai.example.id/pesanan/1b4e28ba#t=abc")
+
+
+def _drop_kept_session() -> None:
+    if mail._kept.smtp is not None:
+        mail._end(mail._kept.smtp)
+        mail._kept.smtp = None
+
+
+@pytest.fixture(autouse=True)
+def fresh_session():
+    """Each test starts with no session kept on this thread (and leaves none behind)."""
+    _drop_kept_session()
+    yield
+    _drop_kept_session()
+
+
+@pytest.fixture
+def box():
+    mailbox = Mailbox(free_port()).start()
+    yield mailbox
+    mailbox.stop()
+
+
+def _settings(port: int, security: str = "none"):
+    return dataclasses.replace(load_settings({"DEVELOPMENT": "1"}), smtp_host="127.0.0.1", smtp_port=port,
+                               smtp_security=security)
+
+
+def _message(to: str = "pelamar@example.id") -> mail.Outgoing:
+    return mail.compose(_settings(25), Mail.RECEIPT, dataclasses.replace(FACTS, email=to))
+
+
+def _sessions(peers: list[tuple[str, int]]) -> list[int]:
+    """Each message's session, numbered in order of first use: [0, 0, 1] is two on one session, then one."""
+    numbers: dict[tuple[str, int], int] = {}
+    return [numbers.setdefault(peer, len(numbers)) for peer in peers]
+
+
+def test_one_session_carries_a_threads_emails_one_after_another(box):
+    settings = _settings(box.port)
+    for _ in range(3):
+        mail.deliver(settings, _message())
+    assert len(box.messages()) == 3
+    assert _sessions(box.peers()) == [0, 0, 0]
+
+
+def test_each_thread_has_a_session_of_its_own(box):
+    settings = _settings(box.port)
+    errors: list[BaseException] = []
+
+    def send_two() -> None:
+        try:
+            for _ in range(2):
+                mail.deliver(settings, _message())
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+        finally:
+            _drop_kept_session()
+
+    threads = [threading.Thread(target=send_two) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    assert not errors
+    peers = box.peers()
+    assert len(peers) == 4 and len(set(peers)) == 2 and all(peers.count(peer) == 2 for peer in peers)
+
+
+def test_a_session_the_server_ended_is_replaced_and_the_email_arrives_once(box):
+    settings = _settings(box.port)
+    mail.deliver(settings, _message())
+    box.stop()  # the server goes away (a restart, an idle timeout): our kept session is dead
+    box.start()
+    mail.deliver(settings, _message("kedua@example.id"))
+    assert [m["To"] for m in box.messages()] == ["pelamar@example.id", "kedua@example.id"]
+    assert _sessions(box.peers()) == [0, 1]
+
+
+def test_a_421_to_mail_on_a_kept_session_starts_a_new_one(box):
+    settings = _settings(box.port)
+    mail.deliver(settings, _message())
+    closing = box.fault("mail", reply="421 4.4.2 mailbox.test closing idle connection")
+    mail.deliver(settings, _message("kedua@example.id"))
+    assert closing.hits == 1
+    assert [m["To"] for m in box.messages()] == ["pelamar@example.id", "kedua@example.id"]
+    assert _sessions(box.peers()) == [0, 1]
+
+
+def test_a_421_on_a_new_session_is_a_failed_attempt_not_a_loop(box):
+    settings = _settings(box.port)
+    closing = box.fault("mail", reply="421 4.3.2 service shutting down", times=5)
+    with pytest.raises(mail.SmtpFailure, match="421") as failed:
+        mail.deliver(settings, _message())
+    assert closing.hits == 1 and not failed.value.in_doubt and not failed.value.permanent
+    assert box.messages() == [] and mail._kept.smtp is None
+
+
+def test_a_session_idle_too_long_is_ended_not_reused(box, monkeypatch):
+    monkeypatch.setattr(mail, "SESSION_IDLE_SECONDS", 0.0)
+    settings = _settings(box.port)
+    mail.deliver(settings, _message())
+    mail.deliver(settings, _message())
+    assert _sessions(box.peers()) == [0, 1]
+
+
+def test_a_session_ends_after_its_share_of_messages(box, monkeypatch):
+    monkeypatch.setattr(mail, "SESSION_MAX_MESSAGES", 2)
+    settings = _settings(box.port)
+    for _ in range(5):
+        mail.deliver(settings, _message())
+    assert _sessions(box.peers()) == [0, 0, 1, 1, 2]
+
+
+def test_other_settings_get_another_session(box):
+    mail.deliver(_settings(box.port), _message())
+    mail.deliver(dataclasses.replace(_settings(box.port), smtp_timeout_seconds=3.0), _message())
+    assert _sessions(box.peers()) == [0, 1]
+
+
+def test_after_a_refusal_the_next_email_starts_a_new_session(box):
+    settings = _settings(box.port)
+    mail.deliver(settings, _message())
+    box.fault("rcpt", to="ditolak@example.id", reply="554 5.7.1 relaying denied")
+    with pytest.raises(mail.SmtpFailure, match="554"):
+        mail.deliver(settings, _message("ditolak@example.id"))
+    assert mail._kept.smtp is None  # a session left mid-transaction is never kept
+    mail.deliver(settings, _message())
+    assert _sessions(box.peers()) == [0, 1]
+
+
+@pytest.fixture
+def tls_box(tmp_path, monkeypatch):
+    """A mailbox that offers STARTTLS and requires it, its certificate from a CA made for the test, which
+    the client trusts (SSL_CERT_FILE, as an operator's CA bundle would be)."""
+    cert = make_server_cert(tmp_path / "tls")
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert.cert, cert.key)
+    monkeypatch.setenv("SSL_CERT_FILE", str(cert.ca))
+    mail._tls_context.cache_clear()
+    mailbox = Mailbox(free_port(), tls_context=context).start()
+    yield mailbox
+    mailbox.stop()
+    _drop_kept_session()
+    monkeypatch.undo()
+    mail._tls_context.cache_clear()
+
+
+def test_starttls_with_the_certificate_verified_and_the_session_kept(tls_box):
+    settings = _settings(tls_box.port, "starttls")
+    for _ in range(2):
+        mail.deliver(settings, _message())
+    assert len(tls_box.messages()) == 2 and _sessions(tls_box.peers()) == [0, 0]
+    assert mail.probe(settings) is None
+
+
+def test_a_server_certificate_from_an_unknown_ca_is_refused(tls_box, tmp_path, monkeypatch):
+    stranger = make_server_cert(tmp_path / "other")
+    monkeypatch.setenv("SSL_CERT_FILE", str(stranger.ca))
+    mail._tls_context.cache_clear()
+    with pytest.raises(mail.SmtpFailure, match="CERTIFICATE_VERIFY_FAILED") as failed:
+        mail.deliver(_settings(tls_box.port, "starttls"), _message())
+    assert not failed.value.in_doubt and tls_box.messages() == []
+
+
+def test_a_server_requiring_starttls_refuses_a_client_in_the_clear(tls_box):
+    with pytest.raises(mail.SmtpFailure, match="530"):
+        mail.deliver(_settings(tls_box.port, "none"), _message())
+    assert tls_box.messages() == []
