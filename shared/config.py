@@ -265,6 +265,9 @@ class Settings:
     smtp_security: str = "none"
     # Seconds for the connection and each SMTP reply; a server slower than this is an attempt that failed.
     smtp_timeout_seconds: float = 10.0
+    # E-mails one SMTP session carries before it is ended (each mail worker thread keeps its session
+    # between e-mails, ending it after 30 s idle); 1 is a session per e-mail, for a relay that wants it.
+    smtp_session_messages: int = 100
     mail_from: str = ""
     # Attempts of one e-mail after its first (across redeliveries: the outbox row counts them) before it
     # is left `failed` and logged; with the default backoff (full jitter, capped at RETRY_MAX_SECONDS)
@@ -347,6 +350,8 @@ class Settings:
             raise ValueError("SMTP_USERNAME and SMTP_PASSWORD go together: set both, or neither")
         if not 0 < self.smtp_timeout_seconds <= 120:
             raise ValueError("SMTP_TIMEOUT_SECONDS must be above 0 and at most 120")
+        if not 1 <= self.smtp_session_messages <= 10_000:
+            raise ValueError("SMTP_SESSION_MESSAGES must be 1 to 10000 (1: a session per e-mail)")
         if self.mail_max_retries < 0:
             raise ValueError("MAIL_MAX_RETRIES must be 0 or more")
         if self.mail_from:

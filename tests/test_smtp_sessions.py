@@ -1,5 +1,5 @@
 """The mail worker keeps one SMTP session per thread between e-mails (``shared/services/mail.py``:
-SESSION_MAX_MESSAGES, SESSION_IDLE_SECONDS), against a real aiosmtpd mailbox: in the clear and over
+SMTP_SESSION_MESSAGES, SESSION_IDLE_SECONDS), against a real aiosmtpd mailbox: in the clear and over
 STARTTLS with the server's certificate verified. What must hold: each e-mail arrives once, a session the
 server ended (or answered 421) is replaced before anything of the e-mail was sent on it, and a session is
 reused only after a message it carried was taken."""
@@ -126,12 +126,23 @@ def test_a_session_idle_too_long_is_ended_not_reused(box, monkeypatch):
     assert _sessions(box.peers()) == [0, 1]
 
 
-def test_a_session_ends_after_its_share_of_messages(box, monkeypatch):
-    monkeypatch.setattr(mail, "SESSION_MAX_MESSAGES", 2)
-    settings = _settings(box.port)
+def test_a_session_ends_after_its_share_of_messages(box):
+    settings = dataclasses.replace(_settings(box.port), smtp_session_messages=2)
     for _ in range(5):
         mail.deliver(settings, _message())
     assert _sessions(box.peers()) == [0, 0, 1, 1, 2]
+    one_each = dataclasses.replace(settings, smtp_session_messages=1)  # the relay wants a session per e-mail
+    box.clear()
+    for _ in range(2):
+        mail.deliver(one_each, _message())
+    assert _sessions(box.peers()) == [0, 1] and mail._kept.smtp is None
+
+
+def test_the_share_of_messages_is_checked_as_settings_load():
+    assert load_settings({"DEVELOPMENT": "1", "SMTP_SESSION_MESSAGES": "1"}).smtp_session_messages == 1
+    for wrong in ("0", "10001"):
+        with pytest.raises(ValueError, match="SMTP_SESSION_MESSAGES"):
+            load_settings({"DEVELOPMENT": "1", "SMTP_SESSION_MESSAGES": wrong})
 
 
 def test_other_settings_get_another_session(box):
