@@ -35,6 +35,9 @@ class UnsafeSettings(RuntimeError):
     """The settings would run production on a development default; the message lists every problem."""
 
 
+_RATE_LIMIT = re.compile(r"[0-9]{1,9}(/[1-9][0-9]{0,6})?")  # what shared.ratelimit.Limit.parse reads
+
+
 @dataclass(frozen=True)
 class Settings:
     database_url: str = "postgresql://postgres@127.0.0.1:5432/meterai"
@@ -326,6 +329,11 @@ class Settings:
             if getattr(self, f"signing_{item}_path") and getattr(self, f"signing_{item}_pem").strip():
                 raise ValueError(f"SIGNING_{item.upper()}_PATH and SIGNING_{item.upper()}_PEM are both set: "
                                  "give each item of key material once, as a file or as PEM text")
+        for name in ("rate_limit_create", "rate_limit_verify", "rate_limit_notifications"):
+            # Checked here, or a typo ("20/minute") is a 500 on every request it guards.
+            if not _RATE_LIMIT.fullmatch(getattr(self, name)) or int(getattr(self, name).partition("/")[0]) < 1:
+                raise ValueError(f"{name.upper()} must be <count>/<seconds> (e.g. 20/60) with a count of at "
+                                 f"least 1, not {getattr(self, name)!r}")
         self._check_redis()
         self._check_store()
         self._check_mail()

@@ -833,3 +833,14 @@ def test_above_the_outflow_a_place_in_line_costs_no_upload_and_the_upload_follow
     time.sleep(0.3)
     paused = _take(base)
     assert paused.status_code == 503 and paused.json()["error"]["code"] == "sales_paused"
+
+
+@pytest.mark.parametrize("setting", ["rate_limit_create", "rate_limit_verify", "rate_limit_notifications"])
+@pytest.mark.parametrize("wrong", ["20/minute", "0/60", "20/0", "-1/60", "20 / 60", "20/60/60", "1e3/60"])
+def test_a_rate_limit_that_cannot_be_read_is_refused_as_settings_load(setting: str, wrong: str):
+    """Read only when a request comes: a typo would otherwise be a 500 on every request it guards."""
+    from shared.config import load_settings
+
+    with pytest.raises(ValueError, match=setting.upper()):
+        load_settings({"DEVELOPMENT": "1", setting.upper(): wrong})
+    assert getattr(load_settings({"DEVELOPMENT": "1", setting.upper(): "20"}), setting) == "20"
