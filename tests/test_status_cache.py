@@ -109,3 +109,58 @@ def test_a_stamping_attempt_given_back_shows_at_once_and_only_by_its_holder(sys_
     after = sys_.status(order_id, token)["events"]
     assert len(after) == len(before) + 1 and after[-1]["status"] == "stamping"
     assert len(sys_.events(order_id)) == len(after)
+
+
+def test_a_poll_the_cache_answers_skips_flask_with_the_answer_flask_gives(sys_, monkeypatch):
+    """Status polls the cache can answer skip Flask (web/statuspoll.py): the same body and headers as the
+    route's own answer; everything else goes to the route, which never asks Redis again for that poll."""
+    from flask import Flask
+    from werkzeug.test import Client
+
+    from web import create_app
+    from web.statuspoll import StatusPolls
+
+    order_id, token, _ = sys_.order_awaiting_payment()
+    sys_.status(order_id, token)  # cached now
+    app = create_app(sys_.settings)
+    fast_path = app.wsgi_app
+    while not isinstance(fast_path, StatusPolls):
+        fast_path = fast_path.app
+    behind, calls = fast_path.app, []
+    fast_path.app = lambda environ, start_response: calls.append(environ["PATH_INFO"]) or behind(environ, start_response)
+    asked: list[str] = []
+    lookup = statuscache.get
+    monkeypatch.setattr(statuscache, "get", lambda order: asked.append(order) or lookup(order))
+    url, auth = f"/api/v1/orders/{order_id}", {"Authorization": f"Bearer {token}"}
+    through_flask = Client(lambda environ, start_response: Flask.wsgi_app(app, environ, start_response))
+
+    fast, slow = Client(app).get(url, headers=auth), through_flask.get(url, headers=auth)
+    assert calls == [] and fast.status_code == slow.status_code == 200 and fast.data == slow.data
+    assert fast.get_json()["status"] == "awaiting_payment"
+    differ = {"X-Request-Id"}
+    assert {k: v for k, v in fast.headers.items() if k not in differ} == \
+        {k: v for k, v in slow.headers.items() if k not in differ}
+    assert len(fast.headers["X-Request-Id"]) == 32
+    assert Client(app).get(url, headers={**auth, "X-Request-Id": "proxy-id-0001"}).headers["X-Request-Id"] == \
+        "proxy-id-0001"
+
+    # A miss: the route reads the row (and caches it), asking Redis once for the poll, not twice.
+    redis.Redis.from_url(sys_.settings.redis_url).delete(f"{sys_.settings.redis_key_prefix}status:{order_id}")
+    asked.clear()
+    missed = Client(app).get(url, headers=auth)
+    assert missed.status_code == 200 and missed.data == fast.data
+    assert calls == [url] and asked == [order_id] and _entry(sys_, order_id) is not None
+    # A token the entry doesn't know: the row decides (403 here), asked once too.
+    calls.clear(), asked.clear()
+    wrong = Client(app).get(url, headers={"Authorization": "Bearer not-the-token"})
+    assert wrong.status_code == 403 and wrong.get_json()["error"]["code"] == "forbidden"
+    assert calls == [url] and asked == [order_id]
+    # Not the fast path's: no token (401), an id that isn't canonical (the route reads the row: the cache
+    # holds canonical ids only), the download; no lookup of the fast path's (the route's own, for the
+    # 401 and the HEAD, as before it).
+    calls.clear(), asked.clear()
+    assert Client(app).get(url).status_code == 401
+    assert Client(app).get(f"/api/v1/orders/{order_id.upper()}", headers=auth).data == fast.data
+    assert Client(app).get(f"{url}/document", headers=auth).status_code == 409
+    assert Client(app).head(url, headers=auth).status_code == 200
+    assert len(calls) == 4 and asked == [order_id, order_id]

@@ -52,11 +52,14 @@ def create_app(settings: Settings | None = None) -> Flask:
     from web.queuepoll import QueuePolls
     from web.security import NON_PAGE_HEADERS
     from web.staticfiles import StaticFiles
+    from web.statuspoll import StatusPolls
 
-    # The two most frequent requests answered before Flask: a new buyer's scripts (web/staticfiles.py)
-    # and the polls of the people in line (web/queuepoll.py).
+    # The most frequent requests answered before Flask: a new buyer's scripts (web/staticfiles.py), the
+    # polls of the people in line (web/queuepoll.py) and the order page's polls the status cache answers
+    # (web/statuspoll.py).
     app.wsgi_app = StaticFiles(app.wsgi_app, app.static_folder or "", prefix=(app.static_url_path or "/static") + "/",
                                max_age=app.config["SEND_FILE_MAX_AGE_DEFAULT"], headers=NON_PAGE_HEADERS)
+    app.wsgi_app = StatusPolls(app.wsgi_app, NON_PAGE_HEADERS)
     app.wsgi_app = QueuePolls(app.wsgi_app, app, NON_PAGE_HEADERS)
     if settings.proxy_hops > 0:
         app.wsgi_app = ProxyFix(app.wsgi_app, x_for=settings.proxy_hops)

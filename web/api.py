@@ -18,6 +18,7 @@ from shared.stamping.header import quick_check
 from web.context import admission, settings, store
 from web.errors import error_response
 from web.limits import browser_id, client_id, drain_request_body, rate_limited
+from web.statuspoll import LOOKED_UP, bearer
 
 bp = Blueprint("api", __name__, url_prefix="/api/v1")
 
@@ -155,11 +156,11 @@ def create_order_endpoint():
 
 
 def _bearer_token() -> str:
-    header = request.headers.get("Authorization", "")
-    if not header.startswith("Bearer ") or not header[7:].strip():
+    token = bearer(request.headers.get("Authorization", ""))
+    if token is None:
         raise DomainError("Send the order's access token as 'Authorization: Bearer <token>'.",
                           code="unauthorized")
-    return header[7:].strip()
+    return token
 
 
 def _authorised_order(order_id: str, load=get_order) -> dict:
@@ -180,7 +181,10 @@ def _authorised_order(order_id: str, load=get_order) -> dict:
 def get_order_status(order_id: str):
     """The hottest read of a surge: answered from the status cache when it can (shared/statuscache.py),
     with the same 401/403/404 rules as from the database."""
-    cached = statuscache.get(order_id) if _UUID.fullmatch(order_id) else None
+    if LOOKED_UP in request.environ:  # web/statuspoll.py asked the cache already: not twice
+        cached = request.environ.pop(LOOKED_UP)
+    else:
+        cached = statuscache.get(order_id) if _UUID.fullmatch(order_id) else None
     if cached is not None and token_hash_matches(cached[0], _bearer_token()):
         body = cached[1]
     else:  # not cached, or a token the entry doesn't know: the row decides
