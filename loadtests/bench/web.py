@@ -314,7 +314,9 @@ BARE_SPANS = [
 ]
 STATUS_SPANS = [
     ("flask.app:Flask.__call__", "Flask/werkzeug request handling, endpoint glue"),
+    ("web.statuspoll:StatusPolls.__call__", "fast path before Flask (web/statuspoll.py)"),
     ("shared.statuscache:get", "status cache (Redis GET)"),
+    ("web.statuspoll:token_hash_matches", "token check (fast path)"),
     ("web.api:get_order_with_view", "SELECT order with payment, refund, events (one statement)"),
     ("web.api:token_hash_matches", "token check (cached answer)"),
     ("web.api:token_matches", "token check"),
