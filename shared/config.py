@@ -268,8 +268,8 @@ class Settings:
     smtp_security: str = "none"
     # Seconds for the connection and each SMTP reply; a server slower than this is an attempt that failed.
     smtp_timeout_seconds: float = 10.0
-    # E-mails one SMTP session carries before it is ended (each mail worker thread keeps its session
-    # between e-mails, ending it after 30 s idle); 1 is a session per e-mail, for a relay that wants it.
+    # E-mails one SMTP session carries before it is closed (each mail worker thread keeps its session
+    # between e-mails, and doesn't reuse one idle over 30 s); 1 is a session per e-mail, for a relay that wants it.
     smtp_session_messages: int = 100
     mail_from: str = ""
     # Attempts of one e-mail after its first (across redeliveries: the outbox row counts them) before it

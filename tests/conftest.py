@@ -139,19 +139,22 @@ class System:
             self.pay(view["payment"]["gateway_order_id"])
             self.wait_status(order_id, token, "paid")
             ids.append(order_id)
+        # Every notification applied first: an apply holds its order's row, which a sweep then skips.
+        wait_until(lambda: not self.query("SELECT 1 FROM payment_notifications WHERE processed_at IS NULL"),
+                   message="the payment notifications applied")
         self.query("UPDATE orders SET refund_due_at = now() - interval '1 second'"
                    " WHERE status = 'paid' RETURNING id")
         return ids
 
     def sweep_one(self, order_id: str) -> None:
-        """Sweep until the sweep takes ``order_id`` (the only order due): a sweep skips a row another
+        """Sweep until the sweep has taken ``order_id`` (judged by its status): a sweep skips a row another
         transaction holds (``SKIP LOCKED``), and a gateway notification's apply (a settlement, a repeated
         copy of the capture) can hold the order's row just then; the next sweep takes it."""
         from shared.services import housekeeping
 
         def taken() -> bool:
-            return housekeeping.sweep_refunds(self.settings) == 1 or self.order_row(order_id)["status"] not in (
-                "paid", "stamping")
+            housekeeping.sweep_refunds(self.settings)
+            return self.order_row(order_id)["status"] not in ("paid", "stamping")
 
         wait_until(taken, timeout=10, interval=0.05, message=f"the sweep to take {order_id}")
         assert self.order_row(order_id)["status"] not in ("paid", "stamping")

@@ -69,11 +69,13 @@ def test_one_session_carries_a_threads_emails_one_after_another(box):
 def test_each_thread_has_a_session_of_its_own(box):
     settings = _settings(box.port)
     errors: list[BaseException] = []
+    both_sent_once = threading.Barrier(2, timeout=30)  # both sessions are alive at once
 
     def send_two() -> None:
         try:
-            for _ in range(2):
-                mail.deliver(settings, _message())
+            mail.deliver(settings, _message())
+            both_sent_once.wait()
+            mail.deliver(settings, _message())
         except BaseException as exc:  # noqa: BLE001 - reported below
             errors.append(exc)
         finally:
@@ -200,3 +202,37 @@ def test_a_server_requiring_starttls_refuses_a_client_in_the_clear(tls_box):
     with pytest.raises(mail.SmtpFailure, match="530"):
         mail.deliver(_settings(tls_box.port, "none"), _message())
     assert tls_box.messages() == []
+
+
+@pytest.mark.parametrize("reply", ["451 4.7.1 greylisted, try again later", "554 5.7.1 message refused as spam",
+                                   "552 5.3.4 message too big"])
+def test_a_refusal_at_the_end_of_data_is_a_failed_attempt_not_a_delivery(box, reply):
+    """smtplib returns (does not raise) the answer to DATA's final dot: a refusal there is no delivery."""
+    settings = _settings(box.port)
+    mail.deliver(settings, _message())  # a session is kept
+    refused = box.fault("data", reply=reply)
+    with pytest.raises(mail.SmtpFailure, match=reply.split()[0]) as failed:
+        mail.deliver(settings, _message("kedua@example.id"))
+    assert refused.hits == 1 and not failed.value.in_doubt and not failed.value.permanent
+    assert [m["To"] for m in box.messages()] == ["pelamar@example.id"] and mail._kept.smtp is None
+    mail.deliver(settings, _message("kedua@example.id"))  # the retry: on a new session
+    assert [m["To"] for m in box.messages()] == ["pelamar@example.id", "kedua@example.id"]
+    assert _sessions(box.peers()) == [0, 1]
+
+
+def test_a_session_interrupted_mid_data_is_closed_not_kept_nor_quit(box, monkeypatch):
+    """A soft time limit (or any exception) during DATA leaves the session in an unknown state: closed
+    without a QUIT that could wait out a timeout, never kept."""
+    settings = _settings(box.port)
+    mail.deliver(settings, _message())
+    kept = mail._kept.smtp
+    quits: list[object] = []
+    monkeypatch.setattr(type(kept), "quit", lambda self: quits.append(self))
+
+    def interrupted(self, content):  # noqa: ANN001
+        raise KeyboardInterrupt("a soft time limit, as the watchdog raises it")
+
+    monkeypatch.setattr(type(kept), "data", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        mail.deliver(settings, _message("kedua@example.id"))
+    assert quits == [] and mail._kept.smtp is None and kept.sock is None

@@ -20,7 +20,7 @@ _COMMON = {
 # JSON and files: nothing in them may load or run anything, nor be framed.
 _API_POLICY = "default-src 'none'; frame-ancestors 'none'; base-uri 'none'"
 # What an answer that isn't a page carries when it is made before Flask (web/staticfiles.py,
-# web/queuepoll.py), as this module's hook would add.
+# web/queuepoll.py, web/statuspoll.py), as this module's hook would add.
 NON_PAGE_HEADERS = {**_COMMON, "Content-Security-Policy": _API_POLICY}
 
 

@@ -53,10 +53,15 @@ class StatusPolls:
         if token is None or not _UUID.fullmatch(order_id):
             return self.app(environ, start_response)  # the route's 401 or 404 (or another route)
         started = time.perf_counter()
-        cached = statuscache.get(order_id)
-        if cached is None or not token_hash_matches(cached[0], token):
+        try:
+            cached = statuscache.get(order_id)
+            usable = cached is not None and token_hash_matches(cached[0], token)
+        except Exception:  # noqa: BLE001 - the route asks again and answers (or fails) as it always did
+            return self.app(environ, start_response)
+        if not usable:
             environ[LOOKED_UP] = cached
             return self.app(environ, start_response)
+        assert cached is not None
         body = cached[1]
         environ[ROUTE_ENVIRON] = ROUTE
         request_id = sane_request_id(environ.get("HTTP_X_REQUEST_ID")) or new_request_id()

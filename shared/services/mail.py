@@ -49,6 +49,7 @@ import re
 import secrets
 import smtplib
 import ssl
+import sys
 import threading
 import time
 from functools import lru_cache
@@ -569,7 +570,7 @@ def _take_session(settings: Settings) -> tuple[smtplib.SMTP, bool]:
         elif _kept.key == _session_key(settings) and time.monotonic() - _kept.idle_since < SESSION_IDLE_SECONDS:
             return smtp, True
         else:
-            _end(smtp)
+            smtp.close()  # no QUIT: a server gone silent meanwhile would cost this e-mail a whole timeout
     _kept.sent = 0
     return _connect(settings), False
 
@@ -578,7 +579,7 @@ def _keep_session(settings: Settings, smtp: smtplib.SMTP) -> None:
     """After a message the server took: keep the session for this thread's next e-mail, or end it."""
     _kept.sent += 1
     if _kept.sent >= settings.smtp_session_messages:
-        _end(smtp)
+        smtp.close()  # no QUIT: its answer decides nothing, and the row is not marked sent yet
         return
     _kept.smtp, _kept.key, _kept.pid, _kept.idle_since = smtp, _session_key(settings), os.getpid(), time.monotonic()
 
@@ -602,6 +603,11 @@ def _open_transaction(settings: Settings, sender: str) -> tuple[smtplib.SMTP, in
             smtp.close()
             continue
         return smtp, code, reply
+
+
+def _answered(exc: BaseException | None) -> bool:
+    """Whether the session failed on a coherent answer of the server's (a refusal), so a QUIT is in step."""
+    return isinstance(exc, smtplib.SMTPResponseException) or (isinstance(exc, SmtpFailure) and not exc.in_doubt)
 
 
 def deliver(settings: Settings, message: Outgoing) -> None:
@@ -630,15 +636,23 @@ def deliver(settings: Settings, message: Outgoing) -> None:
                     raise SmtpFailure(f"recipient refused: {code} {_text(reply)}", permanent=True)
                 raise smtplib.SMTPRecipientsRefused({recipient: (code, reply)})
             data_sent = True
-            smtp.data(content)
+            # smtplib raises only when DATA itself is refused; the answer to the final "." is returned.
+            code, reply = smtp.data(content)
+            if code == -1:  # no readable answer: the server may have taken it
+                raise SmtpFailure(f"DATA answered unreadably: {_text(reply)}", in_doubt=True)
+            if code != 250:  # refused at the end of DATA (greylisting, a filter, size): certainly not taken
+                raise smtplib.SMTPDataError(code, reply)
             taken = True
         finally:
-            # Only a session whose last message was taken is kept: after any refusal or error its state
-            # (an open transaction, a reply not read) is not worth knowing.
+            # Only a session whose last message was taken is kept. After a refusal the session is ended
+            # with QUIT; after anything else (a timeout, a soft time limit mid-DATA) its state is unknown
+            # and a QUIT could wait out a whole timeout: the socket is just closed.
             if taken:
                 _keep_session(settings, smtp)
-            else:
+            elif _answered(sys.exc_info()[1]):
                 _end(smtp)
+            else:
+                smtp.close()
     except SmtpFailure:
         raise
     except smtplib.SMTPRecipientsRefused as exc:  # refused, not for good: a policy (5.7.x) or a 4xx
