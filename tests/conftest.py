@@ -365,6 +365,9 @@ def _run_system(database_url: str, redis_server: RedisHandle, tmp: Path, *, pref
         "RATE_LIMIT_CREATE": "1000000/60",
         "RATE_LIMIT_VERIFY": "1000000/60",
         "RATE_LIMIT_NOTIFICATIONS": "1000000/60",
+        # A genuine document's check takes well under a second, but on a loaded 2-core box with two test
+        # workers one took over 5 s (the default) once; the timeout's own tests set theirs (test_sandbox).
+        "VERIFY_TIMEOUT_SECONDS": "20",
         "DOCUMENT_STORE_URL": "",  # the filesystem unless store_env says otherwise, whatever the shell has
         # E-mail to the session's mailbox; retries outlast a test's SMTP outage (each waits at most 1 s).
         **mailbox.env(),
