@@ -18,12 +18,10 @@ from shared.stamping.header import quick_check
 from web.context import admission, settings, store
 from web.errors import error_response
 from web.limits import browser_id, client_id, drain_request_body, rate_limited
-from web.statuspoll import LOOKED_UP, bearer
+from web.statuspoll import CANONICAL_UUID, LOOKED_UP, bearer
 
 bp = Blueprint("api", __name__, url_prefix="/api/v1")
 
-# Canonical lower-case UUIDs only: the form our links use, and the only keys the status cache holds.
-_UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
 _IDEMPOTENCY_KEY = re.compile(r"[\x21-\x7e]{1,64}")
 # Linear by construction: each domain label ends at its own dot, so no part of the address can be
 # matched two ways (a pattern like "[^@]+\.[^@]+" backtracks quadratically on a long dotless field). The
@@ -184,7 +182,7 @@ def get_order_status(order_id: str):
     if LOOKED_UP in request.environ:  # web/statuspoll.py asked the cache already: not twice
         cached = request.environ.pop(LOOKED_UP)
     else:
-        cached = statuscache.get(order_id) if _UUID.fullmatch(order_id) else None
+        cached = statuscache.get(order_id) if CANONICAL_UUID.fullmatch(order_id) else None
     if cached is not None and token_hash_matches(cached[0], _bearer_token()):
         body = cached[1]
     else:  # not cached, or a token the entry doesn't know: the row decides

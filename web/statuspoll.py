@@ -27,7 +27,8 @@ ROUTE = "/api/v1/orders/<order_id>"
 PREFIX = "/api/v1/orders/"
 # Where the fast path leaves the cache's answer (a hit it could not use, or None: a miss) for the route.
 LOOKED_UP = "meterai.status_cache_lookup"
-_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+# Canonical lower-case UUIDs only: the form our links use, and the only keys the status cache holds.
+CANONICAL_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 
 
 def bearer(header: str) -> str | None:
@@ -50,7 +51,7 @@ class StatusPolls:
             return self.app(environ, start_response)
         order_id = path[len(PREFIX):]
         token = bearer(environ.get("HTTP_AUTHORIZATION", ""))
-        if token is None or not _UUID.fullmatch(order_id):
+        if token is None or not CANONICAL_UUID.fullmatch(order_id):
             return self.app(environ, start_response)  # the route's 401 or 404 (or another route)
         started = time.perf_counter()
         try:
