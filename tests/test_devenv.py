@@ -305,6 +305,42 @@ def test_copies_of_a_group_run_under_their_own_names_and_ports_and_stop_or_die_a
     assert (tmp_path / "logs" / "web-2.log").exists()
 
 
+# A node like Celery's prefork one: its main process, on SIGTERM, waits for the child doing the work in hand,
+# and the child, like a pool child, dies of a SIGTERM of its own.
+WARM_NODE = (
+    "import os, signal, subprocess, sys, time\n"
+    "child = subprocess.Popen([sys.executable, '-c', 'import time, sys; open(sys.argv[1], \"w\").write(\"started\"); "
+    "time.sleep(1.5); open(sys.argv[1], \"w\").write(\"finished\")', os.environ['OUT']])\n"
+    "signal.signal(signal.SIGTERM, lambda *a: sys.exit(child.wait()))\n"
+    "while True: time.sleep(1)\n"
+)
+
+
+def test_stop_lets_the_main_process_finish_the_work_in_hand_then_clears_its_group(tmp_path: Path) -> None:
+    """SIGTERM goes to the main process alone (systemd's KillMode=mixed, as docs/deploy.md runs it): a
+    group-wide SIGTERM killed a prefork node's pool child mid-task (a stamping lease left held, the order
+    stuck until it ran out). A wrapper that doesn't pass SIGTERM on (bash running two commands) still stops
+    at once: what is left in its group gets SIGTERM when the main process has ended."""
+    out = tmp_path / "work"
+    node = ProcessSpec("node", f"{shlex.quote(sys.executable)} -c {shlex.quote(WARM_NODE)}")
+    wrapper = ProcessSpec("wrapper", "sleep 300; true")
+    launcher = Launcher({**os.environ, "OUT": str(out)}, specs=[node, wrapper], logs=tmp_path / "logs", grace=8)
+    try:
+        launcher.start("node")
+        launcher.start("wrapper")
+        wait_for(lambda: out.exists(), timeout=30)
+        members = descendants(launcher.processes["wrapper"].pid, include_self=True)
+        assert len(members) == 2  # bash and its sleep
+        launcher.stop("node", "wrapper")
+        assert out.read_text() == "finished"  # the child was not cut short
+        assert all(gone(pid) for pid in members)
+        launcher_log = tmp_path / "logs" / "launcher.log"
+        # Nothing waited out the grace period to be killed.
+        assert not launcher_log.exists() or "still running" not in launcher_log.read_text()
+    finally:
+        launcher.stop_all()
+
+
 def test_restart_on_death_is_switchable_per_process(tmp_path: Path) -> None:
     """Off by default for tests and drills (a killed process stays dead), on for a process that asks:
     killed, it is brought back; stopped on purpose, it is not."""

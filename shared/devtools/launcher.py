@@ -197,6 +197,26 @@ def _killpg(process: Process, sig: signal.Signals) -> None:
         pass
 
 
+def _kill_main(process: Process, sig: signal.Signals) -> None:
+    if process.popen is None:
+        return
+    try:
+        os.kill(process.popen.pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _group_alive(process: Process) -> bool:
+    """Whether anything is left in the process's group (its main process already reaped or not)."""
+    if process.popen is None:
+        return False
+    try:
+        os.killpg(process.popen.pid, 0)
+    except (ProcessLookupError, PermissionError):
+        return False
+    return True
+
+
 # ---------------------------------------------------------------------------------------------- launcher
 
 
@@ -350,19 +370,32 @@ class Launcher:
 
     # -- stopping --------------------------------------------------------------------------------
     def stop(self, *names: str) -> None:
-        """Stop these processes on purpose: SIGTERM to each group, SIGKILL to what is left after the grace
-        period (at once on a further stop request), and they stay down until started again."""
+        """Stop these processes on purpose, as systemd's ``KillMode=mixed`` does (docs/deploy.md): SIGTERM
+        to each main process only, SIGTERM to what is left in its group once it has ended, SIGKILL to
+        what is left after the grace period (at once on a further stop request); they stay down until
+        started again.
+
+        The main process alone first, because a group's SIGTERM reaches a Celery prefork node's pool
+        children too, and they die of it at once (Celery resets SIGTERM in them): the task in hand was cut
+        short with its stamping lease held, instead of finishing in the node's warm shutdown."""
         with self._lock:
             processes = [self.processes[name] for name in names if name in self.processes]
             for process in processes:
                 process.wanted, process.restart_at = False, None
                 if process.alive():
-                    _killpg(process, signal.SIGTERM)
+                    _kill_main(process, signal.SIGTERM)
         requests_before = self.stop_requests
         deadline = time.monotonic() + self.grace
-        while any(p.alive() for p in processes):
+        termed: set[str] = set()
+        while True:
+            for process in processes:
+                if not process.alive() and process.name not in termed:
+                    termed.add(process.name)
+                    _killpg(process, signal.SIGTERM)  # a wrapper's children, a leftover of the main process
+            if not any(p.alive() or _group_alive(p) for p in processes):
+                break
             if time.monotonic() > deadline or self.stop_requests > requests_before:
-                stubborn = [p.name for p in processes if p.alive()]
+                stubborn = [p.name for p in processes if p.alive() or _group_alive(p)]
                 self.emit("dev", f"killing {', '.join(stubborn)} (still running)")
                 break
             time.sleep(0.05)
