@@ -236,3 +236,15 @@ def test_a_session_interrupted_mid_data_is_closed_not_kept_nor_quit(box, monkeyp
     with pytest.raises(KeyboardInterrupt):
         mail.deliver(settings, _message("kedua@example.id"))
     assert quits == [] and mail._kept.smtp is None and kept.sock is None
+
+
+@pytest.mark.parametrize("timeout, limit", [(10.0, 120), (30.0, 120), (5.0, 600)])
+def test_the_sending_lease_outlasts_any_attempt(timeout, limit):
+    """A second worker claims a 'sending' row only when its lease ran out, and then sends the e-mail again:
+    the lease must outlast an attempt's every SMTP step (the kept session's unanswered MAIL among them) and
+    the hard time limit that ends an attempt trickling past them."""
+    settings = load_settings({"SMTP_TIMEOUT_SECONDS": str(timeout), "TASK_TIME_LIMIT_SECONDS": str(limit),
+                              "LEASE_SECONDS": str(limit + 60)})
+    steps = 9  # MAIL on the dead kept session, connect, EHLO, STARTTLS, EHLO, AUTH, MAIL, RCPT, DATA
+    assert mail.lease_seconds(settings) > steps * timeout
+    assert mail.lease_seconds(settings) > limit

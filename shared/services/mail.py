@@ -299,9 +299,12 @@ LEFT JOIN LATERAL (  -- the refund of the order's own capture
 _HELD = "id = %(id)s AND status = 'sending' AND lease_owner = %(owner)s AND attempts = %(attempts)s"
 
 def lease_seconds(settings: Settings) -> float:
-    """Longer than one attempt can take (connect, EHLO, STARTTLS, AUTH, MAIL, RCPT, DATA and QUIT, each
-    bounded by the timeout), so a live send is never claimed by a second worker."""
-    return settings.smtp_timeout_seconds * 8 + 30
+    """Longer than one attempt can take, so a live send is never claimed by a second worker (which would
+    send the e-mail twice): its SMTP steps (a kept session's MAIL that the dead session never answers, then
+    connect, EHLO, STARTTLS, EHLO, AUTH, MAIL, RCPT, DATA; each bounded by the timeout), and in any case
+    the task's hard time limit, which ends an attempt that trickles past that (the watchdog ends its
+    process)."""
+    return max(settings.smtp_timeout_seconds * 9, settings.task_time_limit_seconds) + 30
 
 
 def _facts(settings: Settings, row: dict[str, Any], link: str) -> Facts:
