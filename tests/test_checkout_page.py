@@ -106,6 +106,9 @@ def test_a_buyer_who_closes_the_tab_in_line_keeps_the_place_on_coming_back(sys_,
     page = browser_page
     _checkout(page, base, tmp_path)
     page.wait_for_selector("text=Posisi Anda")
+    # The place is remembered without holding up the line (the file into IndexedDB, then the note in
+    # localStorage): a tab closed before that ends starts afresh; the buyer here closes it after.
+    page.wait_for_function("() => localStorage.getItem('meterai-waiting') !== null")
     client = redis.Redis.from_url(sys_.settings.redis_url)
     tickets = int(client.get(f"{base.prefix}adm:tail"))
     context = page.context
