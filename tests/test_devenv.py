@@ -429,6 +429,16 @@ def test_the_drills_start_what_dev_up_starts() -> None:
     assert "shared.devtools.standin" in procfile_commands()["gateway"]
 
 
+def test_every_procfile_line_is_one_command_bash_replaces_itself_with() -> None:
+    """A stop's SIGTERM goes to the main process (launcher.py, docs/deploy.md's KillMode=mixed): a line
+    bash has to stay around for (``&&``, ``;``, a pipe) would make bash the main process, and the group's
+    SIGTERM would reach a prefork node's children mid-task."""
+    for spec in process_specs():
+        lexer = shlex.shlex(spec.command, posix=True, punctuation_chars=True)
+        operators = [token for token in lexer if token and set(token) <= set("&;|()<>")]
+        assert operators == [], (spec.name, operators)
+
+
 def test_a_process_in_both_procfiles_is_refused(tmp_path: Path) -> None:
     (tmp_path / "Procfile").write_text("web: gunicorn app\n")
     (tmp_path / "Procfile.dev").write_text("# dev only\nweb: flask run\n")

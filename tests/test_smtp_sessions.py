@@ -241,10 +241,10 @@ def test_a_session_interrupted_mid_data_is_closed_not_kept_nor_quit(box, monkeyp
 @pytest.mark.parametrize("timeout, limit", [(10.0, 120), (30.0, 120), (5.0, 600)])
 def test_the_sending_lease_outlasts_any_attempt(timeout, limit):
     """A second worker claims a 'sending' row only when its lease ran out, and then sends the e-mail again:
-    the lease must outlast an attempt's every SMTP step (the kept session's unanswered MAIL among them) and
-    the hard time limit that ends an attempt trickling past them."""
+    the lease must outlast the hard time limit that ends an attempt (the old 8 timeouts + 30 s was 110 s
+    against the default 120 s limit, and didn't count the kept session's unanswered MAIL)."""
     settings = load_settings({"SMTP_TIMEOUT_SECONDS": str(timeout), "TASK_TIME_LIMIT_SECONDS": str(limit),
                               "LEASE_SECONDS": str(limit + 60)})
-    steps = 9  # MAIL on the dead kept session, connect, EHLO, STARTTLS, EHLO, AUTH, MAIL, RCPT, DATA
-    assert mail.lease_seconds(settings) > steps * timeout
-    assert mail.lease_seconds(settings) > limit
+    # The hard limit ends an attempt (the watchdog ends its process within a few seconds of it): by then
+    # it has waited out at most limit // timeout timeouts, whatever the steps.
+    assert mail.lease_seconds(settings) >= limit + 20

@@ -12,6 +12,12 @@ and ``PS`` set to its name (foreman's convention; the Procfile names Celery node
 share a node name). Its output goes to ``<logs>/<name>.log``, or, without a log folder, to one stream with
 a ``name |`` prefix per line.
 
+Stopping is systemd's ``KillMode=mixed``: SIGTERM to the main process (Celery's warm shutdown, gunicorn's
+graceful stop), to the rest of the group once it ended, SIGKILL after the grace. So a Procfile line is one
+simple command, which bash replaces itself with; a compound one (``cd x && celery …``) leaves bash as the
+main process, which dies of the SIGTERM at once, and the group's SIGTERM then reaches a prefork node's
+pool children mid-task.
+
 "Up" is alive and ready: web and the stand-in gateway answer HTTP on their port, a Celery worker has logged
 its "ready." line since it started, anything else is up while it runs.
 
