@@ -25,8 +25,10 @@ WORKER_GROUPS = ("checkout", "payments", "stamping")
 
 
 def json_lines(text: str) -> list[dict[str, Any]]:
-    """Every log line of ``text`` that is a JSON object (a worker's start-up banner is not a log line)."""
-    return [json.loads(line) for line in text.splitlines() if line.startswith("{")]
+    """Every log line of ``text`` that is a JSON object (a worker's start-up banner is not a log line);
+    complete lines only: the output is read while the processes write, so the last line may be half."""
+    complete = text[:text.rfind("\n") + 1]
+    return [json.loads(line) for line in complete.splitlines() if line.startswith("{")]
 
 
 def events(text: str, event: str, **fields: Any) -> list[dict[str, Any]]:
