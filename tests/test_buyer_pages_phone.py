@@ -104,10 +104,10 @@ def test_an_order_page_nobody_looks_at_polls_rarely_and_at_once_when_looked_at_a
 
     status_url = f"**/api/v1/orders/{order_id}"
 
-    def polls_after(forward: str) -> None:  # the poll's answer has come back: the next wait has begun
+    def polls_after(forward: str) -> None:  # the poll's answer has come back and the next wait has begun
         with page.expect_response(status_url, timeout=5_000):
             page.clock.fast_forward(forward)
-        page.wait_for_timeout(100)
+        page.wait_for_function("() => document.documentElement.dataset.nextPoll !== undefined")
 
     def quiet_after(forward: str) -> bool:
         before = len(polls)

@@ -98,7 +98,13 @@ def test_one_request_id_follows_an_order_across_web_and_workers(system: System):
     view = system.wait_status(order_id, token, "awaiting_payment")
     system.pay(view["payment"]["gateway_order_id"])
     system.wait_status(order_id, token, "stamped")
-    wait_until(lambda: stamping_logged(out, order_id), message="the stamping task's lines")
+    # Each worker writes its lines after its own commit (the task's line after the task returns), so the
+    # order can move on before they are out.
+    wait_until(lambda: stamping_logged(out, order_id)
+               and events(out["checkout"], "payment_opened", order_id=order_id)
+               and [line for line in events(out["checkout"], "task") if order_id in line.get("args", "")]
+               and events(out["payments"], "notification_processed", order_id=order_id),
+               message="every worker's lines for the order")
 
     # The create: gunicorn's access line and every checkout line for the order carry the proxy's id.
     created = events(out["web"], "http_request", route="/api/v1/orders", method="POST")

@@ -12,6 +12,7 @@ import threading
 
 import pypdf
 import pytest
+import redis
 import requests
 
 from shared.payments.gateway import format_gross_amount, notification_signature
@@ -278,11 +279,23 @@ def test_two_concurrent_sweeps_refund_each_order_exactly_once(sys_):
     assert housekeeping.sweep_refunds(sys_.settings) == 0  # a third run finds nothing
 
 
+def _queued(sys_, queue: str) -> int:
+    """Messages waiting in ``queue`` (its Redis list, under the system's key prefix)."""
+    client = redis.Redis.from_url(sys_.settings.redis_url)
+    try:
+        return client.llen(f"{sys_.settings.redis_key_prefix}{queue}")
+    finally:
+        client.close()
+
+
 def test_paid_order_survives_redis_restarting_empty(sys_):
     sys_.stop("stamping")
     order_id, token, view = sys_.order_awaiting_payment()
     sys_.pay(view["payment"]["gateway_order_id"])
     sys_.wait_status(order_id, token, "paid")
+    # The stamping message is published after the commit that made the order paid: wait until it is
+    # queued, so the restart is what loses it (a publish retried into the new Redis would not be lost).
+    wait_until(lambda: _queued(sys_, "stamping"), message="the stamping message queued")
     sys_.redis.restart()  # no persistence: the queued stamping message is gone
     sys_.start("stamping")
     assert sys_.status(order_id, token)["status"] == "paid"
@@ -311,6 +324,7 @@ def test_redrive_recovers_a_notification_lost_with_redis(sys_):
     sys_.stop("payments")  # nobody processes payments now
     sys_.pay(view["payment"]["gateway_order_id"])
     wait_until(lambda: sys_.query("SELECT 1 FROM payment_notifications"), message="notification stored")
+    wait_until(lambda: _queued(sys_, "payments"), message="the notification's message queued")  # after the INSERT
     sys_.redis.restart()
     sys_.start("payments")
     assert sys_.status(order_id, token)["status"] == "awaiting_payment"
