@@ -204,12 +204,9 @@ def _killpg(process: Process, sig: signal.Signals) -> None:
 
 
 def _kill_main(process: Process, sig: signal.Signals) -> None:
-    if process.popen is None:
-        return
-    try:
-        os.kill(process.popen.pid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass
+    """Popen's own send_signal: it signals nothing once the process is reaped (its pid may be another's)."""
+    if process.popen is not None:
+        process.popen.send_signal(sig)
 
 
 def _group_alive(process: Process) -> bool:
