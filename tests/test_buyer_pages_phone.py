@@ -107,7 +107,7 @@ def test_an_order_page_nobody_looks_at_polls_rarely_and_at_once_when_looked_at_a
     def polls_after(forward: str) -> None:  # the poll's answer has come back and the next wait has begun
         with page.expect_response(status_url, timeout=5_000):
             page.clock.fast_forward(forward)
-        page.wait_for_function("() => document.documentElement.dataset.nextPoll !== undefined")
+        page.wait_for_function("() => document.documentElement.dataset.nextPoll !== undefined", timeout=10_000)
 
     def quiet_after(forward: str) -> bool:
         before = len(polls)

@@ -5,7 +5,9 @@ PostgreSQL, Redis) and asserts the outcome in the database and in the delivered 
 """
 from __future__ import annotations
 
+import base64
 import io
+import json
 import subprocess
 import sys
 import threading
@@ -279,11 +281,14 @@ def test_two_concurrent_sweeps_refund_each_order_exactly_once(sys_):
     assert housekeeping.sweep_refunds(sys_.settings) == 0  # a third run finds nothing
 
 
-def _queued(sys_, queue: str) -> int:
-    """Messages waiting in ``queue`` (its Redis list, under the system's key prefix)."""
+def _queued(sys_, queue: str, argument: object) -> bool:
+    """Whether a task message with ``argument`` among its arguments waits in ``queue``: its Redis list
+    under the system's key prefix, each message kombu's JSON whose base64 body is Celery's
+    ``[args, kwargs, embed]``."""
     client = redis.Redis.from_url(sys_.settings.redis_url)
     try:
-        return client.llen(f"{sys_.settings.redis_key_prefix}{queue}")
+        return any(argument in json.loads(base64.b64decode(json.loads(raw)["body"]))[0]
+                   for raw in client.lrange(f"{sys_.settings.redis_key_prefix}{queue}", 0, -1))
     finally:
         client.close()
 
@@ -295,7 +300,7 @@ def test_paid_order_survives_redis_restarting_empty(sys_):
     sys_.wait_status(order_id, token, "paid")
     # The stamping message is published after the commit that made the order paid: wait until it is
     # queued, so the restart is what loses it (a publish retried into the new Redis would not be lost).
-    wait_until(lambda: _queued(sys_, "stamping"), message="the stamping message queued")
+    wait_until(lambda: _queued(sys_, "stamping", order_id), message="the stamping message queued")
     sys_.redis.restart()  # no persistence: the queued stamping message is gone
     sys_.start("stamping")
     assert sys_.status(order_id, token)["status"] == "paid"
@@ -323,8 +328,9 @@ def test_redrive_recovers_a_notification_lost_with_redis(sys_):
     order_id, token, view = sys_.order_awaiting_payment()
     sys_.stop("payments")  # nobody processes payments now
     sys_.pay(view["payment"]["gateway_order_id"])
-    wait_until(lambda: sys_.query("SELECT 1 FROM payment_notifications"), message="notification stored")
-    wait_until(lambda: _queued(sys_, "payments"), message="the notification's message queued")  # after the INSERT
+    [stored] = wait_until(lambda: sys_.query("SELECT id FROM payment_notifications"), message="notification stored")
+    wait_until(lambda: _queued(sys_, "payments", stored["id"]),  # published after the INSERT
+               message="the notification's message queued")
     sys_.redis.restart()
     sys_.start("payments")
     assert sys_.status(order_id, token)["status"] == "awaiting_payment"
