@@ -52,18 +52,20 @@ class Outputs:
         return {name: self[name] for name in self.system.launcher.processes}
 
 
+def task_lines(text: str, order_id: str) -> list[dict[str, Any]]:
+    """The per-attempt "task" lines of the tasks run for ``order_id`` (its id among their arguments)."""
+    return [line for line in events(text, "task") if order_id in (line.get("args") or "")]
+
+
 def stamping_logged(out: Outputs, order_id: str) -> bool:
     """Whether the stamping node has written all it writes for the order's stamp: the stamped line comes
     from inside the task, the task's own line and Celery's "succeeded" after it returns (so an order can
     read as stamped before they are in the output). Both later lines carry the stamped line's request id."""
-    lines = json_lines(out["stamping"])
-    ids = {line.get("request_id") for line in lines
-           if line.get("event") == "stamped" and line.get("order_id") == order_id}
-    ids.discard(None)
-    return bool(ids) and any(
-        line.get("event") == "task" and order_id in (line.get("args") or "") for line in lines) and any(
+    text = out["stamping"]
+    ids = {line.get("request_id") for line in events(text, "stamped", order_id=order_id)} - {None}
+    return bool(ids) and bool(task_lines(text, order_id)) and any(
         line["logger"].startswith("celery") and "succeeded" in str(line.get("event", ""))
-        and line.get("request_id") in ids for line in lines)
+        and line.get("request_id") in ids for line in json_lines(text))
 
 
 def _create(base: str, document: bytes, headers: dict[str, str] | None = None) -> requests.Response:
@@ -102,7 +104,7 @@ def test_one_request_id_follows_an_order_across_web_and_workers(system: System):
     # order can move on before they are out.
     wait_until(lambda: stamping_logged(out, order_id)
                and events(out["checkout"], "payment_opened", order_id=order_id)
-               and [line for line in events(out["checkout"], "task") if order_id in line.get("args", "")]
+               and task_lines(out["checkout"], order_id)
                and events(out["payments"], "notification_processed", order_id=order_id),
                message="every worker's lines for the order")
 
@@ -111,7 +113,7 @@ def test_one_request_id_follows_an_order_across_web_and_workers(system: System):
     assert [line["request_id"] for line in created if line["status"] == 202] == [request_id], created
     opened = events(out["checkout"], "payment_opened", order_id=order_id)
     assert [line["request_id"] for line in opened] == [request_id]
-    attempts = [line for line in events(out["checkout"], "task") if order_id in line.get("args", "")]
+    attempts = task_lines(out["checkout"], order_id)
     assert attempts and {line["request_id"] for line in attempts} == {request_id}  # the per-attempt line
     assert {line["logger"] for line in json_lines(out["checkout"]) if line.get("request_id") == request_id} \
         >= {"workers.tasks", "shared.services.checkout"}
@@ -127,7 +129,7 @@ def test_one_request_id_follows_an_order_across_web_and_workers(system: System):
                   request_id=notification_id)
     stamped = events(out["stamping"], "stamped", order_id=order_id)
     assert [line["request_id"] for line in stamped] == [request_id]
-    stamp_tasks = [line for line in events(out["stamping"], "task") if order_id in line.get("args", "")]
+    stamp_tasks = task_lines(out["stamping"], order_id)
     assert stamp_tasks and {line["request_id"] for line in stamp_tasks} == {request_id}
     # Celery's own lines ("Task … received/succeeded") are JSON and carry it too.
     celery_lines = [line for line in json_lines(out["stamping"])

@@ -395,10 +395,10 @@ class Launcher:
                 if not process.alive() and process.name not in termed:
                     termed.add(process.name)
                     _killpg(process, signal.SIGTERM)  # a wrapper's children, a leftover of the main process
-            if not any(p.alive() or _group_alive(p) for p in processes):
+            if not any(_group_alive(p) for p in processes):  # the main process is in its group
                 break
             if time.monotonic() > deadline or self.stop_requests > requests_before:
-                stubborn = [p.name for p in processes if p.alive() or _group_alive(p)]
+                stubborn = [p.name for p in processes if _group_alive(p)]
                 self.emit("dev", f"killing {', '.join(stubborn)} (still running)")
                 break
             time.sleep(0.05)
