@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import uuid
 
 import requests
 
@@ -82,6 +83,50 @@ def test_every_answer_carries_the_security_headers(sys_):
     nonce = re.search(r"script-src 'nonce-([^']+)'", policy).group(1)
     assert re.search(f'<script[^>]* nonce="{nonce}">', page.text) and "unsafe-inline" not in policy
     assert api.headers["Content-Security-Policy"].startswith("default-src 'none'")
+
+
+def _nonces(response) -> tuple[str, set[str]]:
+    policy = response.headers["Content-Security-Policy"]
+    return (re.search(r"script-src 'nonce-([^']+)'", policy).group(1),
+            set(re.findall(r' nonce="([^"]*)"', response.text)))
+
+
+def test_a_kept_page_gets_a_fresh_nonce_and_its_own_order_each_time_and_reads_as_rendered(sys_):
+    """The buyer pages are rendered once per process and kept (web/pages.py ``_page``): each answer
+    must still carry a nonce of its own, in its header and every tag, and the order it was asked for."""
+    from flask import g
+
+    from web import create_app
+
+    first, second = uuid.uuid4(), uuid.uuid4()
+    answers = [sys_.http.get(f"{sys_.web_url}{path}", timeout=5)
+               for path in ("/", "/", f"/pesanan/{first}", f"/pesanan/{second}", f"/pesanan/{first}")]
+    seen = []
+    for answer in answers:
+        assert answer.status_code == 200 and answer.headers["Content-Type"].startswith("text/html")
+        header, tags = _nonces(answer)
+        assert tags == {header}, (header, tags)
+        seen.append(header)
+        assert "pagenonce" not in answer.text and "00000000-0000-4000-8000-" not in answer.text
+    assert len(set(seen)) == len(seen)  # none reused
+    checkout_a, checkout_b, order_first, order_second, order_again = (a.text for a in answers)
+    assert checkout_a.replace(seen[0], "N") == checkout_b.replace(seen[1], "N")
+    assert str(first) in order_first and str(second) not in order_first
+    assert str(second) in order_second and str(first) not in order_second
+    assert order_first.replace(seen[2], "N") == order_again.replace(seen[4], "N")
+    # What is kept is what Jinja renders for that request: made, reused, and rendered afresh (template
+    # auto-reload on, as in debug) give one page; the served ones are that page with their own nonce.
+    app = create_app(sys_.settings)
+    for path, served, nonce in (("/", checkout_a, seen[0]), (f"/pesanan/{first}", order_first, seen[2])):
+        pages = []
+        for reload in (False, False, True):
+            app.jinja_env.auto_reload = reload
+            with app.test_request_context(path):
+                g.csp_nonce = "N"
+                endpoint, args = app.url_map.bind("localhost").match(path)
+                pages.append(app.view_functions[endpoint](**args))
+        assert pages[0] == pages[1] == pages[2] == served.replace(nonce, "N")
+    assert len(app.extensions["meterai.pages"]) == 2  # one kept copy per page, reused
 
 
 def test_the_checkout_page_links_only_to_an_https_or_the_gateway_payment_page(sys_, browser_page, tmp_path):
