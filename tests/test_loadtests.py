@@ -167,6 +167,23 @@ def test_every_function_the_web_benchmark_profiles_still_exists():
             owner = getattr(owner, name)
 
 
+def test_the_web_benchmark_with_no_wrk_rounds_reports_its_breakdown_alone(tmp_path, capsys):
+    """``--rounds 0 --profile-requests N`` (the in-process breakdown, as docs/benchmarks.md runs it) has
+    no rounds to take medians of: it writes the breakdown beside the run and leaves web.json alone."""
+    import argparse
+    import json
+
+    from loadtests.bench import web as bench_web
+
+    kept = bench_web.REPORTS / "bench" / "web.json"
+    before = kept.read_bytes() if kept.exists() else None
+    profiles = {"no-op endpoint": {"total": 0.1}}
+    assert bench_web.report([], argparse.Namespace(rounds=0), tmp_path, profiles) == 0
+    assert json.loads((tmp_path / "result.json").read_text())["cpu_breakdown"] == profiles
+    assert (kept.read_bytes() if kept.exists() else None) == before
+    assert "in-process breakdown only" in capsys.readouterr().out
+
+
 # A web node's and a stamping node's scrape, as GET /metrics answers them (made up, in the real names).
 WEB_SCRAPE = """\
 # HELP meterai_http_requests_total HTTP requests answered, by route template, method and status.

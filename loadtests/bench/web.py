@@ -401,6 +401,12 @@ def report(rounds: list[dict], args: argparse.Namespace, workdir: Path, profiles
         ("order status poll vs no-op", "status", "noop", TARGET_POLL),
         ("queue poll vs no-op", "queue", "noop", TARGET_POLL),
     ]
+    if not rounds:  # --rounds 0: the in-process breakdown alone, kept beside its run (web.json keeps the last ratios)
+        out = {"benchmark": "web", "command": "python -m loadtests.bench.web " + " ".join(sys.argv[1:]),
+               "when": time.strftime("%Y-%m-%d %H:%M:%S"), "settings": vars(args), "cpu_breakdown": profiles}
+        (workdir / "result.json").write_text(json.dumps(out, indent=2))
+        print(f"no wrk rounds: the in-process breakdown only; details: {workdir / 'result.json'}")
+        return 0
     errors = sum(r[k]["non_2xx"] + r[k]["socket_errors"] for r in rounds for k in r)
     print()
     print(f"{'endpoint':<26} {'req/s (median)':>15} {'p99 ms':>8}   CPU ms per request (gunicorn / postgres / redis)")
