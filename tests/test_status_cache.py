@@ -155,12 +155,12 @@ def test_a_poll_the_cache_answers_skips_flask_with_the_answer_flask_gives(sys_, 
     wrong = Client(app).get(url, headers={"Authorization": "Bearer not-the-token"})
     assert wrong.status_code == 403 and wrong.get_json()["error"]["code"] == "forbidden"
     assert calls == [url] and asked == [order_id]
-    # Not the fast path's: no token (401), an id that isn't canonical (the route reads the row: the cache
-    # holds canonical ids only), the download; no lookup of the fast path's (the route's own, for the
-    # 401 and the HEAD, as before it).
+    # Not the fast path's: no token (401, without a look in Redis), an id that isn't canonical (the route
+    # reads the row: the cache holds canonical ids only), the download; no lookup of the fast path's (the
+    # route's own, for the HEAD, as before it).
     calls.clear(), asked.clear()
     assert Client(app).get(url).status_code == 401
     assert Client(app).get(f"/api/v1/orders/{order_id.upper()}", headers=auth).data == fast.data
     assert Client(app).get(f"{url}/document", headers=auth).status_code == 409
     assert Client(app).head(url, headers=auth).status_code == 200
-    assert len(calls) == 4 and asked == [order_id, order_id]
+    assert len(calls) == 4 and asked == [order_id]

@@ -181,8 +181,11 @@ def get_order_status(order_id: str):
     with the same 401/403/404 rules as from the database."""
     if LOOKED_UP in request.environ:  # web/statuspoll.py asked the cache already: not twice
         cached = request.environ.pop(LOOKED_UP)
+    elif CANONICAL_UUID.fullmatch(order_id):
+        _bearer_token()  # no token, no look in Redis: the 401 the row would give
+        cached = statuscache.get(order_id)
     else:
-        cached = statuscache.get(order_id) if CANONICAL_UUID.fullmatch(order_id) else None
+        cached = None
     if cached is not None and token_hash_matches(cached[0], _bearer_token()):
         body = cached[1]
     else:  # not cached, or a token the entry doesn't know: the row decides
