@@ -114,7 +114,8 @@ def test_latency_and_5xx_during_status_confirmation_are_retried_then_applied_onc
 
     injected = sys_.http.get(f"{sys_.gateway_url}/sandbox/faults", timeout=5).json()["injected"]
     assert injected == {"error": 3, "timeout": 0}  # the confirmation really failed three times
-    [note] = sys_.query("SELECT outcome, processed_at FROM payment_notifications")  # 3 copies, 1 stored
+    [note] = sys_.query("SELECT outcome, processed_at FROM payment_notifications WHERE gateway_order_id = %s",
+                        (gateway_order_id,))  # 3 copies, 1 stored
     assert note["outcome"] == "paid"
     assert statuses(sys_, order_id).count("paid") == 1 and done["serial"]
     assert ledger(sys_, order_id) == {"captured": PRICE, "revenue": PRICE}
@@ -137,7 +138,8 @@ def test_stale_and_duplicate_notifications_after_settlement_change_nothing(sys_)
                message="every copy delivered")
     wait_until(lambda: notifications_settled(sys_), message="notifications processed")
 
-    outcomes = sorted(r["outcome"] for r in sys_.query("SELECT outcome FROM payment_notifications"))
+    outcomes = sorted(r["outcome"] for r in sys_.query(
+        "SELECT outcome FROM payment_notifications WHERE gateway_order_id = %s", (gateway_order_id,)))
     assert outcomes == ["duplicate", "duplicate", "paid"]  # each distinct body once; confirmed: settled
     assert statuses(sys_, order_id) == history
     assert sys_.status(order_id, token)["status"] == "stamped"

@@ -104,7 +104,8 @@ def test_dropped_notification_is_picked_up_by_reconcile(sys_):
 
     assert result.returncode == 0 and json.loads(result.stdout) == {"queued": 1}, result.stderr
     sys_.wait_status(order_id, token, "stamped")
-    assert sys_.query("SELECT count(*) AS n FROM payment_notifications")[0]["n"] == 0  # none ever came
+    assert sys_.query("SELECT count(*) AS n FROM payment_notifications WHERE gateway_order_id = %s",
+                      (gateway_order_id,))[0]["n"] == 0  # none ever came
     assert ledger(sys_, order_id) == {"captured": PRICE, "revenue": PRICE}
     [payment] = sys_.query("SELECT polls, final_at FROM payments WHERE gateway_order_id = %s", (gateway_order_id,))
     assert payment["polls"] == 1 and payment["final_at"] is not None  # settlement is final
@@ -225,7 +226,8 @@ def test_unpaid_order_is_expired_at_the_gateway_first(sys_):
     assert sys_.gateway_record(gateway_order_id)["transaction_status"] == "expire"
     late = sys_.http.post(f"{sys_.gateway_url}/sandbox/pay/{gateway_order_id}", json={}, timeout=5)
     assert late.status_code == 409  # the link is dead: nobody can pay for an expired order
-    wait_until(lambda: sys_.query("SELECT outcome FROM payment_notifications WHERE processed_at IS NOT NULL"),
+    wait_until(lambda: sys_.query("SELECT outcome FROM payment_notifications WHERE processed_at IS NOT NULL"
+                                  " AND gateway_order_id = %s", (gateway_order_id,)),
                message="the gateway's expire notification processed")
     assert [e["to_status"] for e in sys_.events(order_id)].count("expired") == 1
     assert ledger(sys_, order_id) == {}
