@@ -160,7 +160,7 @@ def test_every_function_the_web_benchmark_profiles_still_exists():
     from loadtests.bench import web as bench_web
 
     for target, _ in (bench_web.CREATE_SPANS + bench_web.BARE_SPANS + bench_web.STATUS_SPANS
-                      + bench_web.QUEUE_SPANS):
+                      + bench_web.QUEUE_SPANS + bench_web.PAGE_SPANS):
         module, _, path = target.partition(":")
         owner = importlib.import_module(module)
         for name in path.split("."):

@@ -20,7 +20,7 @@ from shared.config import load_settings
 from shared.db import ConnectionOptions, PREPARE_THRESHOLD, close_pool, connect, get_pool
 from shared.db.migrate import apply_migrations, migration_database_url, migration_files
 from shared.devtools.pgbouncer import PgBouncerHandle, start_pgbouncer
-from shared.services import reconcile
+from shared.services import housekeeping, reconcile
 from shared.services.ledger import ledger_report
 from tests.conftest import _run_system, _test_database, make_pdf, wait_until
 from tests.pdfcheck import page_texts
@@ -121,8 +121,10 @@ def test_pgbouncer_restarting_mid_flow_loses_nothing(pooled_system, pgbouncer) -
     for _, _, view in [*waiting, fresh]:
         system.pay(view["payment"]["gateway_order_id"])
     pgbouncer.restart()  # again, while notifications and stamping are under way
-    # A notification that met the pooler down (its retries spent) is what the payment watch is for:
-    # do what beat does, with the watch's clock moved instead of waited for.
+    # A notification that met the pooler down (its retries spent) is what the payment watch is for, and
+    # a payment whose COMMIT went through as the pooler cut the connection (the task saw an error, its
+    # stamping message was never published) is the redrive's: do what beat does, with the watch's clock
+    # moved and the redrive's grace shortened instead of waited for (this system runs no beat).
     ids = [order_id for order_id, _, _ in [*waiting, fresh]]
 
     def all_stamped() -> bool:
@@ -132,6 +134,7 @@ def test_pgbouncer_restarting_mid_flow_loses_nothing(pooled_system, pgbouncer) -
         system.query("UPDATE payments SET next_poll_at = now() WHERE order_id = ANY(%s) AND captured_at IS NULL"
                      " RETURNING 1", (ids,))
         reconcile.schedule_watch(system.settings)
+        housekeeping.redrive(system.settings, grace_seconds=2)
         return False
 
     wait_until(all_stamped, timeout=90, interval=1.0, message="every paid order stamped")

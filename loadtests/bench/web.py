@@ -322,6 +322,11 @@ STATUS_SPANS = [
     ("web.api:token_matches", "token check"),
     ("web.api:order_view", "JSON view"),
 ]
+PAGE_SPANS = [
+    ("flask.app:Flask.__call__", "Flask/werkzeug request handling, endpoint glue"),
+    ("web.pages:_page", "the page: kept copy, nonce and order id replaced (web/pages.py)"),
+    ("web.pages:render_template", "Jinja render (the first answer, or debug)"),
+]
 QUEUE_SPANS = [
     ("flask.app:Flask.__call__", "Flask/werkzeug request handling, endpoint glue"),
     ("shared.admission:Signer.verify", "ticket signature check (HMAC)"),
@@ -334,7 +339,7 @@ QUEUE_SPANS = [
 
 def profile_in_process(product_env: dict, queue_env: dict, body: bytes, content_type: str, order: dict,
                        ticket: str, requests_each: int) -> dict:
-    """CPU per request by step, for the three endpoints, through the real app in this process."""
+    """CPU per request by step, for each endpoint named, through the real app in this process."""
     from shared.config import load_settings
     from loadtests.bench.profiling import Spans
     from web import create_app
@@ -354,6 +359,8 @@ def profile_in_process(product_env: dict, queue_env: dict, body: bytes, content_
         "order-status": (product, STATUS_SPANS, lambda c, i: c.get(
             f"/api/v1/orders/{order['order_id']}", headers={"Authorization": f"Bearer {order['access_token']}"})),
         "queue-status": (queued, QUEUE_SPANS, lambda c, i: c.get(f"/api/v1/queue/{ticket}")),
+        "checkout page": (product, PAGE_SPANS, lambda c, i: c.get("/")),
+        "order page": (product, PAGE_SPANS, lambda c, i: c.get(f"/pesanan/{order['order_id']}")),
         "bare upload handler": (bare, BARE_SPANS, lambda c, i: c.post("/upload", data=body, headers={
             "Content-Type": content_type})),
         "no-op endpoint": (bare, BARE_SPANS[:1], lambda c, i: c.get("/noop")),
