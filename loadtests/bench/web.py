@@ -348,6 +348,9 @@ def profile_in_process(product_env: dict, queue_env: dict, body: bytes, content_
     if requests_each <= 0:
         return results
     product = create_app(load_settings(product_env)).test_client()
+    afresh_app = create_app(load_settings(product_env))
+    afresh_app.jinja_env.auto_reload = True  # as in debug: each page rendered by Jinja, not kept (web/pages.py)
+    afresh = afresh_app.test_client()
     queued = create_app(load_settings(queue_env)).test_client()
     os.environ.update(BENCH_DATABASE_URL=product_env["DATABASE_URL"],
                       BENCH_UPLOAD_DIR=str(Path(product_env["DATA_DIR"]) / "profile-uploads"))
@@ -361,6 +364,8 @@ def profile_in_process(product_env: dict, queue_env: dict, body: bytes, content_
         "queue-status": (queued, QUEUE_SPANS, lambda c, i: c.get(f"/api/v1/queue/{ticket}")),
         "checkout page": (product, PAGE_SPANS, lambda c, i: c.get("/")),
         "order page": (product, PAGE_SPANS, lambda c, i: c.get(f"/pesanan/{order['order_id']}")),
+        "checkout page, rendered afresh": (afresh, PAGE_SPANS, lambda c, i: c.get("/")),
+        "order page, rendered afresh": (afresh, PAGE_SPANS, lambda c, i: c.get(f"/pesanan/{order['order_id']}")),
         "bare upload handler": (bare, BARE_SPANS, lambda c, i: c.post("/upload", data=body, headers={
             "Content-Type": content_type})),
         "no-op endpoint": (bare, BARE_SPANS[:1], lambda c, i: c.get("/noop")),
