@@ -129,6 +129,15 @@ def test_a_kept_page_gets_a_fresh_nonce_and_its_own_order_each_time_and_reads_as
                 pages.append(app.view_functions[endpoint](**args))
         assert pages[0] == pages[1] == pages[2] == served.replace(nonce, "N")
     assert len(app.extensions["meterai.pages"]) == 2  # one kept copy per page, reused
+    # Script roots named at will (SCRIPT_NAME from a trusted peer) don't grow the kept pages past their cap;
+    # the pages past it are rendered as before.
+    app.jinja_env.auto_reload = False
+    client = app.test_client()
+    for n in range(20):
+        answer = client.get("/", base_url=f"http://localhost/root{n}/")
+        header, tags = _nonces(answer)
+        assert answer.status_code == 200 and tags == {header} and f'/root{n}/api/v1/orders' in answer.text
+    assert len(app.extensions["meterai.pages"]) == 8
 
 
 def test_the_checkout_page_links_only_to_an_https_or_the_gateway_payment_page(sys_, browser_page, tmp_path):

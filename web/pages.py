@@ -40,6 +40,9 @@ def static_url(filename: str) -> str:
 # it reads the same escaped for HTML or as JSON). Neither can occur in a template by chance.
 _NONCE_MARK = "pagenonce" + secrets.token_hex(8)
 _ORDER_MARK = "00000000-0000-4000-8000-" + secrets.token_hex(6)
+# Kept copies per process: the two pages under the script root or two (SCRIPT_NAME can come from a
+# trusted peer's header); past that, pages are rendered as before, not kept.
+_KEPT_MAX = 8
 
 
 def _page(template: str, *, order_id: str | None = None, **context) -> str:
@@ -58,6 +61,8 @@ def _page(template: str, *, order_id: str | None = None, **context) -> str:
     kept = app.extensions.setdefault("meterai.pages", {})
     key = (template, request.script_root, tuple(sorted(context.items())))
     page = kept.get(key)
+    if page is None and len(kept) >= _KEPT_MAX:  # a client naming script roots at will keeps nothing more
+        return render_template(template, order_id=order_id, **context)
     if page is None:
         nonce = g.get("csp_nonce")
         g.csp_nonce = _NONCE_MARK
