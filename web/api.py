@@ -179,15 +179,13 @@ def _authorised_order(order_id: str, load=get_order) -> dict:
 def get_order_status(order_id: str):
     """The hottest read of a surge: answered from the status cache when it can (shared/statuscache.py),
     with the same 401/403/404 rules as from the database."""
-    token = None
+    cached = None
     if LOOKED_UP in request.environ:  # web/statuspoll.py asked the cache already: not twice
         cached = request.environ.pop(LOOKED_UP)
     elif CANONICAL_UUID.fullmatch(order_id):
-        token = _bearer_token()  # no token, no look in Redis: the 401 the row would give
+        _bearer_token()  # no token, no look in Redis: the 401 the row would give
         cached = statuscache.get(order_id)
-    else:
-        cached = None
-    if cached is not None and token_hash_matches(cached[0], token or _bearer_token()):
+    if cached is not None and token_hash_matches(cached[0], _bearer_token()):
         body = cached[1]
     else:  # not cached, or a token the entry doesn't know: the row decides
         order = _authorised_order(order_id, get_order_with_view)

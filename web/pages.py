@@ -52,16 +52,15 @@ def _page(template: str, *, order_id: str | None = None, **context) -> str:
     The two buyer pages are the same for every buyer but those two values (their data comes from the
     API), and rendering one through Jinja was about half of what the web spends on it
     (docs/benchmarks.md, "2026-12-03"). The kept copy is keyed by its context and the request's script
-    root (the only part of a request ``url_for`` reads for these relative links); with template auto-reload on (debug)
-    every response is rendered afresh, so an edited template shows at once.
+    root (the only part of a request ``url_for`` reads for these relative links); with template
+    auto-reload on (debug) every response is rendered afresh, so an edited template shows at once, and
+    so is every page past the cap (a client naming script roots at will keeps nothing more).
     """
     app = current_app
-    if app.debug or app.jinja_env.auto_reload:
-        return render_template(template, order_id=order_id, **context)
     kept = app.extensions.setdefault("meterai.pages", {})
     key = (template, request.script_root, tuple(sorted(context.items())))
     page = kept.get(key)
-    if page is None and len(kept) >= _KEPT_MAX:  # a client naming script roots at will keeps nothing more
+    if app.debug or app.jinja_env.auto_reload or (page is None and len(kept) >= _KEPT_MAX):
         return render_template(template, order_id=order_id, **context)
     if page is None:
         nonce = g.get("csp_nonce")

@@ -413,10 +413,10 @@ def report(rounds: list[dict], args: argparse.Namespace, workdir: Path, profiles
         ("order status poll vs no-op", "status", "noop", TARGET_POLL),
         ("queue poll vs no-op", "queue", "noop", TARGET_POLL),
     ]
+    run = {"benchmark": "web", "command": "python -m loadtests.bench.web " + " ".join(sys.argv[1:]),
+           "when": time.strftime("%Y-%m-%d %H:%M:%S"), "settings": vars(args)}
     if not rounds:  # --rounds 0: the in-process breakdown alone, kept beside its run (web.json keeps the last ratios)
-        out = {"benchmark": "web", "command": "python -m loadtests.bench.web " + " ".join(sys.argv[1:]),
-               "when": time.strftime("%Y-%m-%d %H:%M:%S"), "settings": vars(args), "cpu_breakdown": profiles}
-        (workdir / "result.json").write_text(json.dumps(out, indent=2))
+        (workdir / "result.json").write_text(json.dumps({**run, "cpu_breakdown": profiles}, indent=2))
         print(f"no wrk rounds: the in-process breakdown only; details: {workdir / 'result.json'}")
         return 0
     errors = sum(r[k]["non_2xx"] + r[k]["socket_errors"] for r in rounds for k in r)
@@ -447,9 +447,7 @@ def report(rounds: list[dict], args: argparse.Namespace, workdir: Path, profiles
         print(f"{'queue poll, gunicorn / poll server CPU':<38} ratio {cheaper:.2f} "
               f"(rounds: {', '.join(f'{v:.2f}' for v in per_round)})   (the poll server's saving; no target)")
     print(f"non-2xx answers and socket errors over all runs: {errors}")
-    out = {"benchmark": "web", "command": "python -m loadtests.bench.web " + " ".join(sys.argv[1:]),
-           "when": time.strftime("%Y-%m-%d %H:%M:%S"), "settings": vars(args), "results": results,
-           "rounds": rounds, "errors": errors, "cpu_breakdown": profiles}
+    out = {**run, "results": results, "rounds": rounds, "errors": errors, "cpu_breakdown": profiles}
     (workdir / "result.json").write_text(json.dumps(out, indent=2))
     (REPORTS / "bench").mkdir(parents=True, exist_ok=True)
     (REPORTS / "bench" / "web.json").write_text(json.dumps(out, indent=2))
