@@ -7,6 +7,7 @@ what keeps prepared statements away from the pooler; migrations leave no session
 """
 from __future__ import annotations
 
+import json
 import threading
 import uuid
 from pathlib import Path
@@ -146,6 +147,53 @@ def test_pgbouncer_restarting_mid_flow_loses_nothing(pooled_system, pgbouncer) -
     logs = "".join(path.read_text(errors="replace") for path in Path(system.tmp / "logs").glob("*.log"))
     assert "db_pool_dead_connection" in logs  # the check found them, rather than a request
     stamp_and_download(system, make_pdf(pages=1))  # and afterwards new orders flow
+
+
+def test_a_task_that_meets_the_database_away_retries_and_finishes_once_it_is_back(pooled_system, pgbouncer) -> None:
+    """The payments task takes its notification while PgBouncer is down: the lost database is retried
+    with backoff like any dependency away (not a failed message left for the redrive a minute later), and
+    once the pooler is back the same message's retry books the payment and the order is stamped. This
+    system runs no beat: neither the redrive nor the payment watch can do it instead."""
+    system = pooled_system
+    order_id, token, view = system.order_awaiting_payment()
+    gateway_order_id = view["payment"]["gateway_order_id"]
+    system.stop("payments")
+    try:
+        system.pay(gateway_order_id)
+        wait_until(lambda: system.query("SELECT count(*) AS n FROM payment_notifications"
+                                        " WHERE gateway_order_id = %s", (gateway_order_id,))[0]["n"] >= 1,
+                   timeout=30, message="the notification stored, its task queued")
+        pgbouncer.stop()
+        system.start("payments")
+        worker = system.process("payments")
+
+        def retried() -> bool:
+            return any(line.get("outcome") == "retry" and line.get("error") in ("PoolTimeout", "OperationalError")
+                       for line in task_lines(worker))
+
+        wait_until(retried, timeout=60, interval=0.2, message="the task retrying while the database is away")
+    finally:
+        if pgbouncer.process is None:
+            pgbouncer.start()
+    done = system.wait_status(order_id, token, "stamped", timeout=60)
+    assert [e["status"] for e in done["events"]] == [
+        "created", "awaiting_payment", "paid", "stamping", "stamped"]
+    assert ledger(system, order_id) == {"captured": 12500, "revenue": 12500}
+    outcomes = [line["outcome"] for line in task_lines(worker)]
+    assert outcomes[-1] == "paid" and set(outcomes[:-1]) == {"retry"}, outcomes
+
+
+def task_lines(process) -> list[dict[str, Any]]:
+    """The process's ``event=task`` log lines since its start (JSON lines)."""
+    lines = []
+    for text in process.output().decode(errors="replace").splitlines():
+        try:
+            line = json.loads(text)
+        except ValueError:
+            continue
+        if isinstance(line, dict) and line.get("event") == "task":
+            lines.append(line)
+    return lines
 
 
 def _interleave(open_connection) -> None:

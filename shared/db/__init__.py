@@ -218,15 +218,38 @@ class Tx:
 
 @contextmanager
 def transaction(conninfo: str) -> Iterator[Tx]:
-    """Run a block in one transaction; publish its after-commit work only if it committed."""
+    """Run a block in one transaction; publish its after-commit work only if it committed, or if whether
+    it did can't be known.
+
+    A connection lost *during* the COMMIT (a pooler or server restart, a network cut) leaves the outcome
+    unknown: the server may have committed and the answer been lost. The work it made due is published
+    then too, and the error raised: every follow-up task reads its rows first and does nothing when they
+    don't say it is due (an order not paid isn't stamped, an e-mail not in the outbox isn't sent), so a
+    message too many is harmless, while a commit that went through without its message would wait for the
+    redrive (a payment captured, its stamping a minute late). The caller sees the error and retries
+    (a task) or answers 503 (the web): repeating a step is safe, every step being idempotent.
+    """
     pool = get_pool(conninfo)
     with pool.connection() as conn:
         tx = Tx(conn)
-        with conn.transaction():
-            yield tx
+        body_done = False
+        try:
+            with conn.transaction():
+                yield tx
+                body_done = True
+        except psycopg.OperationalError as exc:
+            if body_done and conn.broken:
+                log_event(log, "commit_outcome_unknown", logging.WARNING, error=type(exc).__name__,
+                          follow_ups=len(tx._after_commit))
+                _run_after_commit(tx)
+            raise
         # Not a pool reset callback: with one, psycopg_pool gives every connection back from a worker
         # thread, and a busy process's next request finds none and grows the pool to its maximum.
         _known_alive[conn] = time.monotonic()  # its COMMIT has just answered
+    _run_after_commit(tx)
+
+
+def _run_after_commit(tx: Tx) -> None:
     for callback in tx._after_commit:
         try:
             callback()

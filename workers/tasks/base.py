@@ -13,6 +13,13 @@ its task does. The rules:
   task's ``exhausted`` hook gives its final outcome (checkout expires the order through the state
   machine; a refund stays pending for the redrive; a poll waits for its next check) and that outcome is
   returned: the message is done, nothing is retried for ever.
+* **The database unavailable** (``psycopg.OperationalError``: a connection lost or refused, the pool
+  timing out, a pooler or server restarting, a serialization failure) is retried the same way, within the
+  same bound, but its running out ends the message as ``database_unavailable`` without the ``exhausted`` hook:
+  that final outcome (an order expired, an e-mail failed) is the answer to the work failing, not to the
+  database being away, and it would need the database itself. The rows still say the work is due, so
+  the redrive publishes it again once PostgreSQL answers. (A COMMIT cut off mid-way raises this too, with
+  its follow-ups already published: ``shared.db.transaction``.)
 * **Permanent failures** are never retried: they are logged and the task ends (``failed``).
 * **One structured log line per attempt** (``event=task``: name, attempt, outcome, duration), and every
   task runs inside the Flask app context when the Celery app was made for a Flask app.
@@ -29,6 +36,7 @@ from collections.abc import Callable
 from functools import lru_cache
 from typing import Any, ClassVar
 
+import psycopg
 from celery import Task
 from celery.exceptions import SoftTimeLimitExceeded
 
@@ -148,6 +156,13 @@ class MeteraiTask(Task):
         except PermanentError as exc:
             log_event(log, "task", logging.ERROR, **fields, outcome="failed", error=exc.code, ms=_ms(started))
             return "failed"
+        except psycopg.OperationalError as exc:
+            if self.attempt > self.retry_limit:
+                log_event(log, "task", logging.ERROR, **fields, outcome="database_unavailable",
+                          error=type(exc).__name__, detail=f"database unavailable: {str(exc)[:160]}",
+                          ms=_ms(started))
+                return "database_unavailable"
+            self._retry_later(exc, type(exc).__name__, fields, started)
         except self.transient as exc:
             error = getattr(exc, "code", None) or type(exc).__name__
             if self.attempt > self.retry_limit:
@@ -155,14 +170,17 @@ class MeteraiTask(Task):
                 log_event(log, "task", logging.ERROR, **fields, outcome=outcome, error=error,
                           detail="retries exhausted", ms=_ms(started))
                 return outcome
-            delay = backoff_seconds(self.request.retries, self.settings.retry_base_seconds,
-                                    self.settings.retry_max_seconds)
-            log_event(log, "task", logging.WARNING, **fields, outcome="retry", error=error,
-                      detail=str(exc)[:200], retry_in=round(delay, 2), ms=_ms(started))
-            raise self.retry(exc=exc, countdown=delay)
+            self._retry_later(exc, error, fields, started)
         log_event(log, "task", **fields, outcome=outcome if isinstance(outcome, str) else "done",
                   ms=_ms(started))
         return outcome
+
+    def _retry_later(self, exc: BaseException, error: str, fields: dict[str, Any], started: float) -> None:
+        delay = backoff_seconds(self.request.retries, self.settings.retry_base_seconds,
+                                self.settings.retry_max_seconds)
+        log_event(log, "task", logging.WARNING, **fields, outcome="retry", error=error,
+                  detail=str(exc)[:200], retry_in=round(delay, 2), ms=_ms(started))
+        raise self.retry(exc=exc, countdown=delay)
 
 
 def _ms(started: float) -> int:

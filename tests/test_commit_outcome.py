@@ -1,0 +1,165 @@
+"""A connection lost during COMMIT: the commit may have gone through, so its follow-ups are published.
+
+A TCP proxy of our own sits between the pool and the real PostgreSQL and cuts the connection at a chosen
+moment: after the server has answered the COMMIT (committed, the answer lost, as a pooler restarting or
+a network cut can do) or before a statement of the body reaches the server (nothing committed).
+"""
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+import uuid
+from collections.abc import Iterator
+
+import psycopg
+import pytest
+
+from shared.db import close_pool, transaction
+
+
+class CuttingProxy:
+    """Forwards TCP to PostgreSQL; armed, it drops a connection at the COMMIT's answer or at the next
+    statement a client sends."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self.upstream = (host, port)
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.mode: str | None = None  # "commit_answer", "next_statement" or None
+        self.cuts = 0
+        self._lock = threading.Lock()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            server = socket.create_connection(self.upstream)
+            state = {"drop_answer": False}
+            threading.Thread(target=self._upstream, args=(client, server, state), daemon=True).start()
+            threading.Thread(target=self._downstream, args=(server, client, state), daemon=True).start()
+
+    def _cut(self, *socks: socket.socket) -> None:
+        with self._lock:
+            self.mode = None
+            self.cuts += 1
+        for sock in socks:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            sock.close()
+
+    def _upstream(self, client: socket.socket, server: socket.socket, state: dict) -> None:
+        try:
+            while data := client.recv(65536):
+                if self.mode == "next_statement" and data[:1] in (b"Q", b"P"):
+                    self._cut(client, server)  # never reaches the server
+                    return
+                if self.mode == "commit_answer" and b"COMMIT\x00" in data:
+                    state["drop_answer"] = True  # before the server can answer
+                server.sendall(data)
+        except OSError:
+            pass
+
+    def _downstream(self, server: socket.socket, client: socket.socket, state: dict) -> None:
+        try:
+            while data := server.recv(65536):
+                if state["drop_answer"]:
+                    self._cut(client, server)  # the server has committed and answered; the client never hears
+                    return
+                client.sendall(data)
+        except OSError:
+            pass
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+@pytest.fixture
+def cut(database_url) -> Iterator[tuple[CuttingProxy, str]]:
+    params = psycopg.conninfo.conninfo_to_dict(database_url)
+    proxy = CuttingProxy(params.get("host") or "127.0.0.1", int(params.get("port") or 5432))
+    # In the clear, so the proxy can see the COMMIT go by.
+    url = psycopg.conninfo.make_conninfo(database_url, host="127.0.0.1", port=proxy.port, sslmode="disable")
+    table = f"commit_outcome_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        conn.execute(f"CREATE TABLE {table} (id int PRIMARY KEY)")
+    proxy.table = table  # type: ignore[attr-defined]
+    try:
+        yield proxy, url
+    finally:
+        close_pool(url)
+        proxy.close()
+        with psycopg.connect(database_url, autocommit=True) as conn:
+            conn.execute(f"DROP TABLE {table}")
+
+
+def _rows(database_url: str, table: str) -> list[int]:
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        return [row[0] for row in conn.execute(f"SELECT id FROM {table} ORDER BY id")]
+
+
+def test_a_commit_whose_answer_was_lost_publishes_its_follow_ups_and_raises(cut, database_url, caplog) -> None:
+    proxy, url = cut
+    published: list[int] = []
+    with transaction(url) as tx:  # the pool's connection made and vouched for through the proxy
+        tx.execute("SELECT 1")
+    proxy.mode = "commit_answer"
+    with caplog.at_level(logging.WARNING, logger="shared.db"):
+        with pytest.raises(psycopg.OperationalError):
+            with transaction(url) as tx:
+                tx.execute(f"INSERT INTO {proxy.table} VALUES (1)")
+                tx.after_commit(lambda: published.append(1))
+    assert proxy.cuts == 1
+    # It did commit, and its follow-up went out although the caller was told it failed.
+    assert _rows(database_url, proxy.table) == [1]
+    assert published == [1]
+    assert "event=commit_outcome_unknown" in caplog.text
+    # The pool threw the broken connection away: the next transaction works.
+    with transaction(url) as tx:
+        tx.execute(f"INSERT INTO {proxy.table} VALUES (2)")
+        tx.after_commit(lambda: published.append(2))
+    assert _rows(database_url, proxy.table) == [1, 2] and published == [1, 2]
+
+
+def test_a_connection_lost_before_the_commit_publishes_nothing(cut, database_url) -> None:
+    proxy, url = cut
+    published: list[int] = []
+    with transaction(url) as tx:
+        tx.execute("SELECT 1")
+    with pytest.raises(psycopg.OperationalError):
+        with transaction(url) as tx:
+            tx.execute(f"INSERT INTO {proxy.table} VALUES (1)")
+            tx.after_commit(lambda: published.append(1))
+            proxy.mode = "next_statement"
+            tx.execute("SELECT 1")  # the body's statement fails: the transaction certainly did not commit
+    assert proxy.cuts == 1
+    assert _rows(database_url, proxy.table) == [] and published == []
+
+
+def test_an_error_the_server_answers_at_commit_publishes_nothing(cut, database_url) -> None:
+    """A serialization failure is an OperationalError too, raised here by the COMMIT itself (write skew
+    between two serializable transactions, the other committed first), but the server answered it over
+    an intact connection: the transaction certainly rolled back, so nothing is published."""
+    proxy, url = cut
+    published: list[int] = []
+    with psycopg.connect(database_url, autocommit=True) as other:
+        with pytest.raises(psycopg.errors.SerializationFailure) as raised:
+            with transaction(url) as tx:
+                tx.after_commit(lambda: published.append(1))
+                tx.execute("SET TRANSACTION ISOLATION LEVEL SERIALIZABLE")
+                other.execute("BEGIN ISOLATION LEVEL SERIALIZABLE")
+                tx.execute(f"SELECT count(*) FROM {proxy.table} WHERE id = 1")
+                other.execute(f"SELECT count(*) FROM {proxy.table} WHERE id = 2")
+                tx.execute(f"INSERT INTO {proxy.table} VALUES (2)")
+                other.execute(f"INSERT INTO {proxy.table} VALUES (1)")
+                other.execute("COMMIT")
+                body_ended = True
+    assert body_ended, "the failure must come from the COMMIT, not from a statement of the body"
+    assert "commit" in str(raised.value.diag.message_detail or "").lower()
+    assert published == [] and proxy.cuts == 0
+    assert _rows(database_url, proxy.table) == [1]
