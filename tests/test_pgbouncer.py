@@ -122,10 +122,10 @@ def test_pgbouncer_restarting_mid_flow_loses_nothing(pooled_system, pgbouncer) -
     for _, _, view in [*waiting, fresh]:
         system.pay(view["payment"]["gateway_order_id"])
     pgbouncer.restart()  # again, while notifications and stamping are under way
-    # A notification that met the pooler down (its retries spent) is what the payment watch is for, and
-    # a payment whose COMMIT went through as the pooler cut the connection (the task saw an error, its
-    # stamping message was never published) is the redrive's: do what beat does, with the watch's clock
-    # moved and the redrive's grace shortened instead of waited for (this system runs no beat).
+    # A task that meets the pooler down retries, and a COMMIT cut off publishes its follow-ups anyway (the
+    # tests above). What is left to beat in production (a notification the gateway sends again later,
+    # the web's autocommit statements whose answer was lost) is done here as beat would: the watch's
+    # clock moved and the redrive's grace shortened instead of waited for (this system runs no beat).
     ids = [order_id for order_id, _, _ in [*waiting, fresh]]
 
     def all_stamped() -> bool:
