@@ -25,6 +25,8 @@ from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
 
+import psycopg
+
 from shared import jobs
 from shared.config import Settings
 from shared.db import get_pool
@@ -186,20 +188,35 @@ def create_order(
     # One statement, so one round trip and atomic on its own (the pool's connections are autocommit):
     # the order and its first event, or (a concurrent create under the same key won) neither.
     with get_pool(settings.database_url).connection() as conn:
-        row = insert_order(conn, {
-            "id": str(order_id), "idempotency_key": new.idempotency_key,
-            "request_fingerprint": new.fingerprint(), "access_token_hashes": [token_hash(token)],
-            "email": new.email, "amount_idr": settings.price, "page": new.page, "x": new.x, "y": new.y,
-            "document_key": key, "document_sha256": new.document_sha256, "document_bytes": len(new.document),
-        })
+        try:
+            row = insert_order(conn, {
+                "id": str(order_id), "idempotency_key": new.idempotency_key,
+                "request_fingerprint": new.fingerprint(), "access_token_hashes": [token_hash(token)],
+                "email": new.email, "amount_idr": settings.price, "page": new.page, "x": new.x, "y": new.y,
+                "document_key": key, "document_sha256": new.document_sha256,
+                "document_bytes": len(new.document),
+            })
+        except psycopg.OperationalError:
+            if conn.broken:
+                # The connection was lost with the statement sent: it may have committed, the answer lost
+                # (shared.db.transaction says why its follow-ups go out anyway). The buyer is answered 503
+                # and sends the same Idempotency-Key again, which finds the order if it is there.
+                _queue_checkout(order_id)
+            raise
     if row is None:  # lost a race with a concurrent create under the same key
         store.delete(key)
         existing = find_by_idempotency_key(settings, new.email, new.idempotency_key)
         assert existing is not None
         return _replay(settings, existing, new)
+    _queue_checkout(order_id)
+    return Created(row, True, token)
+
+
+def _queue_checkout(order_id: uuid.UUID) -> None:
+    """A created order's follow-ups, for committed rows: both tasks read their rows first (an order that
+    isn't there is skipped, so is a receipt not in the outbox)."""
     jobs.publish_committed(jobs.PREPARE_ORDER, str(order_id))  # committed: the checkout may run
     jobs.publish_committed(jobs.SEND_MAIL, str(order_id), "receipt")  # and the receipt be sent
-    return Created(row, True, token)
 
 
 def get_order(settings: Settings, order_id: uuid.UUID | str) -> dict[str, Any] | None:

@@ -1,11 +1,14 @@
 """A connection lost during COMMIT: the commit may have gone through, so its follow-ups are published.
 
 A TCP proxy of our own sits between the pool and the real PostgreSQL and cuts the connection at a chosen
-moment: after the server has answered the COMMIT (committed, the answer lost, as a pooler restarting or
-a network cut can do) or before a statement of the body reaches the server (nothing committed).
+moment: after the server has answered the COMMIT, or a create's autocommit INSERT (committed, the answer
+lost, as a pooler restarting or a network cut can do), or before a statement of the body reaches the
+server (nothing committed).
 """
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
 import socket
 import threading
@@ -14,8 +17,14 @@ from collections.abc import Iterator
 
 import psycopg
 import pytest
+import redis
 
+from shared import jobs
 from shared.db import close_pool, transaction
+from shared.orders import NewOrder, create_order
+from shared.store.filesystem import FilesystemStore
+from tests.conftest import make_pdf
+from workers.celery_app import make_celery_app
 
 
 class CuttingProxy:
@@ -27,6 +36,7 @@ class CuttingProxy:
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.port = self.listener.getsockname()[1]
         self.mode: str | None = None  # "commit_answer", "next_statement" or None
+        self.marker = b"COMMIT\x00"  # what a statement whose answer is dropped contains
         self.cuts = 0
         self._lock = threading.Lock()
         threading.Thread(target=self._accept, daemon=True).start()
@@ -59,7 +69,7 @@ class CuttingProxy:
                 if self.mode == "next_statement" and data[:1] in (b"Q", b"P"):
                     self._cut(client, server)  # never reaches the server
                     return
-                if self.mode == "commit_answer" and b"COMMIT\x00" in data:
+                if self.mode == "commit_answer" and self.marker in data:
                     state["drop_answer"] = True  # before the server can answer
                 server.sendall(data)
         except OSError:
@@ -163,3 +173,47 @@ def test_an_error_the_server_answers_at_commit_publishes_nothing(cut, database_u
     assert "commit" in str(raised.value.diag.message_detail or "").lower()
     assert published == [] and proxy.cuts == 0
     assert _rows(database_url, proxy.table) == [1]
+
+
+def test_a_create_whose_insert_answer_was_lost_queues_its_checkout_and_the_retry_finds_the_order(
+        cut, system, tmp_path) -> None:
+    """The create's INSERT is one autocommit statement: its answer lost, the order may exist. The
+    checkout and the receipt are queued anyway (both read their rows first) and the buyer gets an error;
+    their retry with the same Idempotency-Key finds the order and queues nothing twice."""
+    proxy, url = cut
+    prefix = f"meterai-commit-test-{uuid.uuid4().hex[:6]}:"  # no worker listens here: the messages stay
+    settings = dataclasses.replace(system.settings, database_url=url, redis_key_prefix=prefix)
+    make_celery_app(settings)  # this process's publisher, until restored below
+    client = redis.Redis.from_url(settings.redis_url)
+    queued = lambda name: [json.loads(m) for m in client.lrange(f"{prefix}{jobs.QUEUES[name]}", 0, -1)]  # noqa: E731
+    new = NewOrder(idempotency_key=f"k-{uuid.uuid4().hex}", email="pelamar@example.id", page=1, x=0.5, y=0.5,
+                   document=make_pdf(pages=1))
+    store = FilesystemStore(tmp_path / "store")
+    try:
+        with transaction(url) as tx:  # the pool's connection made through the proxy
+            tx.execute("SELECT 1")
+        proxy.marker, proxy.mode = b"INSERT INTO orders", "commit_answer"
+        with pytest.raises(psycopg.OperationalError):
+            create_order(settings, store, new)
+        assert proxy.cuts == 1
+        with psycopg.connect(system.settings.database_url, autocommit=True) as conn:
+            rows = conn.execute("SELECT id::text, status FROM orders WHERE idempotency_key = %s",
+                                (new.idempotency_key,)).fetchall()
+        assert len(rows) == 1 and rows[0][1] == "created"  # it did commit
+        order_id = rows[0][0]
+        assert [m["headers"]["argsrepr"] for m in queued(jobs.PREPARE_ORDER)] == [repr([order_id])]
+        assert [m["headers"]["argsrepr"] for m in queued(jobs.SEND_MAIL)] == [repr([order_id, "receipt"])]
+
+        again = create_order(settings, store, new)  # the buyer's retry
+        assert not again.created and str(again.order["id"]) == order_id
+        assert len(queued(jobs.PREPARE_ORDER)) == 1 and len(queued(jobs.SEND_MAIL)) == 1
+    finally:
+        for key in client.scan_iter(match=f"{prefix}*"):
+            client.delete(key)
+        client.close()
+        make_celery_app(system.settings)  # the session's publisher again
+        with psycopg.connect(system.settings.database_url, autocommit=True) as conn:
+            ids = "SELECT id FROM orders WHERE idempotency_key = %(key)s"
+            conn.execute(f"DELETE FROM order_events WHERE order_id IN ({ids})", {"key": new.idempotency_key})
+            conn.execute(f"DELETE FROM mail_outbox WHERE order_id IN ({ids})", {"key": new.idempotency_key})
+            conn.execute(f"DELETE FROM orders WHERE id IN ({ids})", {"key": new.idempotency_key})
