@@ -54,6 +54,16 @@ class Settings:
     # How long a request or task waits for a pooled connection before it is "overloaded": the web answers
     # 503 with Retry-After, a task retries. Short: a buyer is told to come back in seconds, not held.
     database_pool_timeout_seconds: float = 3.0
+    # A database host gone without a word (a failover that took its address away, a cut in the network)
+    # answers nothing at all: no refusal, no reset. Without bounds a connection attempt waits for the
+    # kernel's SYN retries (about 2 minutes) and a statement sent on an open connection for TCP's
+    # retransmissions (about 15 minutes: tcp_retries2), holding a web thread or a task that long.
+    # DATABASE_CONNECT_TIMEOUT_SECONDS bounds the first (libpq connect_timeout, whole seconds, at least 2),
+    # DATABASE_TCP_USER_TIMEOUT_SECONDS the second (libpq tcp_user_timeout: how long sent data may stay
+    # unacknowledged, so a slow query on a live server is never cut by it); TCP keepalives find an idle
+    # pooled connection's dead peer in about 45 s. A value named in DATABASE_URL wins over these.
+    database_connect_timeout_seconds: int = 5
+    database_tcp_user_timeout_seconds: float = 10.0
     # Where `meterai migrate` connects; empty means DATABASE_URL. Point it at PostgreSQL itself when
     # DATABASE_URL is a pooler: a migration's DDL holds one server connection for its whole run and must
     # not meet the pooler's query_timeout or take a slot from the traffic.
@@ -314,6 +324,11 @@ class Settings:
                              "can be when Redis misses a change")
         if not 0 < self.database_pool_timeout_seconds <= 30:
             raise ValueError("DATABASE_POOL_TIMEOUT_SECONDS must be above 0 and at most 30 (gunicorn's --timeout)")
+        if not 2 <= self.database_connect_timeout_seconds <= 60:
+            raise ValueError("DATABASE_CONNECT_TIMEOUT_SECONDS must be 2 to 60 (whole seconds: libpq takes 1 as 2)")
+        if not 1 <= self.database_tcp_user_timeout_seconds <= 300:
+            raise ValueError("DATABASE_TCP_USER_TIMEOUT_SECONDS must be 1 to 300: how long a statement may wait "
+                             "on a database host that stopped answering before it fails")
         if not 0 < self.database_max_idle_seconds < self.database_max_lifetime_seconds:
             raise ValueError("DATABASE_MAX_IDLE_SECONDS must be above 0 and under "
                              "DATABASE_MAX_LIFETIME_SECONDS")

@@ -10,8 +10,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import socket
-import threading
 import uuid
 from collections.abc import Iterator
 
@@ -24,69 +22,8 @@ from shared.db import close_pool, transaction
 from shared.orders import NewOrder, create_order
 from shared.store.filesystem import FilesystemStore
 from tests.conftest import make_pdf
+from tests.netfault import CuttingProxy
 from workers.celery_app import make_celery_app
-
-
-class CuttingProxy:
-    """Forwards TCP to PostgreSQL; armed, it drops a connection at the COMMIT's answer or at the next
-    statement a client sends."""
-
-    def __init__(self, host: str, port: int) -> None:
-        self.upstream = (host, port)
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.port = self.listener.getsockname()[1]
-        self.mode: str | None = None  # "commit_answer", "next_statement" or None
-        self.marker = b"COMMIT\x00"  # what a statement whose answer is dropped contains
-        self.cuts = 0
-        self._lock = threading.Lock()
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                client, _ = self.listener.accept()
-            except OSError:
-                return
-            server = socket.create_connection(self.upstream)
-            state = {"drop_answer": False}
-            threading.Thread(target=self._upstream, args=(client, server, state), daemon=True).start()
-            threading.Thread(target=self._downstream, args=(server, client, state), daemon=True).start()
-
-    def _cut(self, *socks: socket.socket) -> None:
-        with self._lock:
-            self.mode = None
-            self.cuts += 1
-        for sock in socks:
-            try:
-                sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-            sock.close()
-
-    def _upstream(self, client: socket.socket, server: socket.socket, state: dict) -> None:
-        try:
-            while data := client.recv(65536):
-                if self.mode == "next_statement" and data[:1] in (b"Q", b"P"):
-                    self._cut(client, server)  # never reaches the server
-                    return
-                if self.mode == "commit_answer" and self.marker in data:
-                    state["drop_answer"] = True  # before the server can answer
-                server.sendall(data)
-        except OSError:
-            pass
-
-    def _downstream(self, server: socket.socket, client: socket.socket, state: dict) -> None:
-        try:
-            while data := server.recv(65536):
-                if state["drop_answer"]:
-                    self._cut(client, server)  # the server has committed and answered; the client never hears
-                    return
-                client.sendall(data)
-        except OSError:
-            pass
-
-    def close(self) -> None:
-        self.listener.close()
 
 
 @pytest.fixture

@@ -204,3 +204,77 @@ def test_waiting_for_a_connection_is_bounded_by_a_setting(postgres: Server) -> N
                     conn.execute("SELECT 1")
     finally:
         close_pool(url)
+
+
+def _in_thread(call, wait: float) -> dict:
+    """``call()``'s outcome, or {} if it is still running after ``wait`` seconds (left behind, daemon)."""
+    import threading
+
+    outcome: dict = {}
+
+    def run() -> None:
+        try:
+            outcome["value"] = call()
+        except Exception as exc:  # noqa: BLE001 - what the test looks at
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(wait)
+    return outcome
+
+
+def test_a_database_host_that_stops_answering_fails_the_work_instead_of_holding_it(database_url) -> None:
+    """A host gone without a word (no refusal, no reset: packets dropped, as when a failover takes the
+    address away) must cost a request or a task a bounded wait, then an error it retries or answers 503
+    with, not TCP's minutes of retransmissions: a statement on a pooled connection fails within
+    DATABASE_TCP_USER_TIMEOUT_SECONDS (here 1 s), a new connection within DATABASE_CONNECT_TIMEOUT_SECONDS.
+    Without the bounds both would still be waiting after the 60 s this test gives them."""
+    import psycopg
+
+    from shared.db import ConnectionOptions, connect, configure
+    from shared.config import load_settings
+    from tests.netfault import CuttingProxy, silent
+
+    for name, value in (("DATABASE_CONNECT_TIMEOUT_SECONDS", "1"), ("DATABASE_TCP_USER_TIMEOUT_SECONDS", "0"),
+                        ("DATABASE_TCP_USER_TIMEOUT_SECONDS", "900")):
+        with pytest.raises(ValueError, match=name):
+            load_settings({name: value})
+    defaults = ConnectionOptions.from_settings(load_settings({}))
+    assert defaults.socket_bounds("host=db dbname=meterai") == {
+        "connect_timeout": 5, "tcp_user_timeout": 10000,
+        "keepalives": 1, "keepalives_idle": 30, "keepalives_interval": 5, "keepalives_count": 3}
+    # What DATABASE_URL names itself stays as named.
+    assert "tcp_user_timeout" not in defaults.socket_bounds("postgresql://db/meterai?tcp_user_timeout=500")
+
+    params = psycopg.conninfo.conninfo_to_dict(database_url)
+    proxy = CuttingProxy(params.get("host") or "127.0.0.1", int(params.get("port") or 5432))
+    url = psycopg.conninfo.make_conninfo(database_url, host="127.0.0.1", port=proxy.port, sslmode="disable")
+    settings = load_settings({"DATABASE_TCP_USER_TIMEOUT_SECONDS": "1", "DATABASE_CONNECT_TIMEOUT_SECONDS": "2",
+                              "DATABASE_POOL_TIMEOUT_SECONDS": "3"})
+    options = ConnectionOptions.from_settings(settings)
+    pool = get_pool(url, max_size=1, options=options)
+    pool.wait()
+    with pool.connection() as conn:
+        assert conn.info.get_parameters()["tcp_user_timeout"] == "1000"  # what libpq was given
+        conn.execute("SELECT 1")
+    configure(settings)
+    try:
+        with silent(proxy.port):
+            def statement() -> None:
+                with pool.connection() as conn:  # the check's round trip, or the statement's
+                    conn.execute("SELECT 1")
+
+            outcome = _in_thread(statement, wait=60)
+            assert outcome, "a statement still waiting on a host that stopped answering"
+            assert isinstance(outcome.get("error"), psycopg.OperationalError), outcome
+            outcome = _in_thread(lambda: connect(url, autocommit=True).close(), wait=60)
+            assert outcome, "a connection attempt still waiting on a host that stopped answering"
+            assert isinstance(outcome.get("error"), psycopg.OperationalError), outcome
+        # The host answers again: the pool makes a new connection and the work goes on.
+        wait_until(lambda: _in_thread(statement, wait=10).get("value", "no") is None, timeout=30,
+                   message="the pool connected again")
+    finally:
+        configure(None)
+        proxy.close()
+    close_pool(url)

@@ -49,13 +49,29 @@ class ConnectionOptions:
     max_lifetime: float = POOL_MAX_LIFETIME_SECONDS
     max_idle: float = POOL_MAX_IDLE_SECONDS
     timeout: float = 3.0
+    # A host that stopped answering (see DATABASE_TCP_USER_TIMEOUT_SECONDS in shared/config.py).
+    connect_timeout: int = 5
+    tcp_user_timeout: float = 10.0
 
     @classmethod
     def from_settings(cls, settings: "Settings") -> "ConnectionOptions":
         return cls(prepare_threshold=None if settings.database_pooled else PREPARE_THRESHOLD,
                    max_lifetime=settings.database_max_lifetime_seconds,
                    max_idle=settings.database_max_idle_seconds,
-                   timeout=settings.database_pool_timeout_seconds)
+                   timeout=settings.database_pool_timeout_seconds,
+                   connect_timeout=settings.database_connect_timeout_seconds,
+                   tcp_user_timeout=settings.database_tcp_user_timeout_seconds)
+
+    def socket_bounds(self, conninfo: str) -> dict[str, object]:
+        """libpq's parameters that bound a silent host, less those ``conninfo`` names itself (an
+        operator's URL wins). libpq ignores them on a Unix socket, and tcp_user_timeout where the
+        system has no TCP_USER_TIMEOUT."""
+        named = psycopg.conninfo.conninfo_to_dict(conninfo)
+        bounds = {"connect_timeout": self.connect_timeout,
+                  "tcp_user_timeout": int(self.tcp_user_timeout * 1000),
+                  # An idle pooled connection's dead peer found in idle + interval x count = 45 s.
+                  "keepalives": 1, "keepalives_idle": 30, "keepalives_interval": 5, "keepalives_count": 3}
+        return {key: value for key, value in bounds.items() if key not in named}
 
 
 _configured: ConnectionOptions | None = None
@@ -80,8 +96,9 @@ def connection_options() -> ConnectionOptions:
 
 def connect(conninfo: str, **kwargs) -> psycopg.Connection:
     """A one-off connection (outside the pool) with this process's options: never prepared when pooled."""
-    kwargs.setdefault("prepare_threshold", connection_options().prepare_threshold)
-    return psycopg.connect(conninfo, **kwargs)
+    options = connection_options()
+    kwargs.setdefault("prepare_threshold", options.prepare_threshold)
+    return psycopg.connect(conninfo, **{**options.socket_bounds(conninfo), **kwargs})
 
 
 # How long after it was last known alive (its check, or the COMMIT of a transaction it ran answered) a
@@ -127,7 +144,8 @@ def _checker() -> tuple[Callable[[psycopg.Connection], None], Callable[[Connecti
         # broken by psycopg and discarded on its return. What the socket can't show (a host gone without
         # a word, an address taken over by a failover's new primary) costs at most the one statement that
         # finds it, on a connection that answered within the last quarter second: the request or task
-        # fails as on any lost connection and is retried. Being given back is not enough: a connection
+        # fails as on any lost connection and is retried (after at most DATABASE_TCP_USER_TIMEOUT_SECONDS
+        # when nothing answers at all: ConnectionOptions.socket_bounds). Being given back is not enough: a connection
         # held through a slow gateway call without a statement vouches for nothing.
         now = time.monotonic()
         if now - _known_alive.get(conn, -RECHECK_AFTER_SECONDS) < RECHECK_AFTER_SECONDS and _quiet(conn):
@@ -170,7 +188,7 @@ def get_pool(conninfo: str, *, max_size: int = 10, options: ConnectionOptions | 
                     # Autocommit: a plain read is one round trip, without the BEGIN and the COMMIT
                     # psycopg would wrap it in; :func:`transaction` opens an explicit transaction.
                     kwargs={"row_factory": dict_row, "autocommit": True,
-                            "prepare_threshold": options.prepare_threshold},
+                            "prepare_threshold": options.prepare_threshold, **options.socket_bounds(conninfo)},
                     open=False,
                     # Waiting longer than this for a connection means "overloaded": fail fast (the web
                     # answers 503 with Retry-After) instead of piling up requests (DATABASE_POOL_TIMEOUT_SECONDS).
