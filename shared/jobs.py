@@ -90,8 +90,9 @@ def publish(name: str, *args: Any, countdown: float | None = None) -> None:
 
 
 def publish_committed(name: str, *args: Any) -> None:
-    """Publish work for rows already committed (an autocommit statement). A failure is logged, never
-    raised: the rows are safe in PostgreSQL and the periodic redrive publishes what is still due."""
+    """Publish work for rows already committed (an autocommit statement), or perhaps committed (its answer
+    lost with the connection: the task reads its rows first). A failure is logged, never raised: the rows
+    are safe in PostgreSQL and the periodic redrive publishes what is still due."""
     try:
         publish(name, *args)
     except Exception as exc:  # noqa: BLE001
@@ -99,5 +100,6 @@ def publish_committed(name: str, *args: Any) -> None:
 
 
 def enqueue_after_commit(tx: Tx, name: str, *args: Any) -> None:
-    """Publish ``name(*args)`` once ``tx`` commits; if publishing fails then, redrive recovers it."""
+    """Publish ``name(*args)`` once ``tx`` commits (or once its COMMIT's outcome is unknown:
+    :func:`shared.db.transaction`); if publishing fails then, redrive recovers it."""
     tx.after_commit(lambda: publish(name, *args))

@@ -239,7 +239,8 @@ _unheard: list[bool] = []
 
 def add_listener(listener: Callable[[Mapping[str, int]], None]) -> None:
     """``listener({order_id: newest event id})`` runs once per committed transaction that changed orders
-    (the status cache drops their answers). Registering the same listener twice is a no-op."""
+    (the status cache drops their answers), and once per transaction whose COMMIT's outcome is unknown
+    (an answer dropped for nothing costs one read). Registering the same listener twice is a no-op."""
     if listener not in _listeners:
         _listeners.append(listener)
 
@@ -301,7 +302,7 @@ def insert_order(conn: Any, values: Mapping[str, Any]) -> dict[str, Any] | None:
     """A new ``created`` order, its first event and its receipt's outbox row, in one statement (one round
     trip, atomic on an autocommit connection); ``None`` when the buyer already has an order under this
     Idempotency-Key. The caller publishes the receipt's send (:data:`jobs.SEND_MAIL`) once it returns:
-    the statement has committed by then."""
+    the statement has committed by then (or when the connection was lost with it, may have)."""
     # The create's request id, kept so later work on the order (a notification, a sweep) can carry it.
     return conn.execute(_INSERT_ORDER, {"request_id": current_request_id(), **values,
                                         "reason": CREATED_REASON}).fetchone()

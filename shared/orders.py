@@ -213,8 +213,8 @@ def create_order(
 
 
 def _queue_checkout(order_id: uuid.UUID) -> None:
-    """A created order's follow-ups, for committed rows: both tasks read their rows first (an order that
-    isn't there is skipped, so is a receipt not in the outbox)."""
+    """A created order's follow-ups, for its committed (or perhaps committed) rows: both tasks read their
+    rows first (an order that isn't there is skipped, so is a receipt not in the outbox)."""
     jobs.publish_committed(jobs.PREPARE_ORDER, str(order_id))  # committed: the checkout may run
     jobs.publish_committed(jobs.SEND_MAIL, str(order_id), "receipt")  # and the receipt be sent
 

@@ -18,12 +18,13 @@ import pytest
 import redis
 
 from shared import jobs
+from shared.broker import use_broker
 from shared.db import close_pool, transaction
 from shared.orders import NewOrder, create_order
 from shared.store.filesystem import FilesystemStore
 from tests.conftest import make_pdf
 from tests.netfault import CuttingProxy
-from workers.celery_app import make_celery_app
+from workers.tasks.base import database_unavailable
 
 
 @pytest.fixture
@@ -94,6 +95,7 @@ def test_an_error_the_server_answers_at_commit_publishes_nothing(cut, database_u
     an intact connection: the transaction certainly rolled back, so nothing is published."""
     proxy, url = cut
     published: list[int] = []
+    body_ended = False
     with psycopg.connect(database_url, autocommit=True) as other:
         with pytest.raises(psycopg.errors.SerializationFailure) as raised:
             with transaction(url) as tx:
@@ -110,6 +112,7 @@ def test_an_error_the_server_answers_at_commit_publishes_nothing(cut, database_u
     assert "commit" in str(raised.value.diag.message_detail or "").lower()
     assert published == [] and proxy.cuts == 0
     assert _rows(database_url, proxy.table) == [1]
+    assert database_unavailable(raised.value)  # and a task runs it again (workers/tasks/base.py)
 
 
 def test_a_create_whose_insert_answer_was_lost_queues_its_checkout_and_the_retry_finds_the_order(
@@ -120,7 +123,8 @@ def test_a_create_whose_insert_answer_was_lost_queues_its_checkout_and_the_retry
     proxy, url = cut
     prefix = f"meterai-commit-test-{uuid.uuid4().hex[:6]}:"  # no worker listens here: the messages stay
     settings = dataclasses.replace(system.settings, database_url=url, redis_key_prefix=prefix)
-    make_celery_app(settings)  # this process's publisher, until restored below
+    previous = jobs._publisher
+    publisher = use_broker(settings)  # this process's publisher, until the one before is put back below
     client = redis.Redis.from_url(settings.redis_url)
     queued = lambda name: [json.loads(m) for m in client.lrange(f"{prefix}{jobs.QUEUES[name]}", 0, -1)]  # noqa: E731
     new = NewOrder(idempotency_key=f"k-{uuid.uuid4().hex}", email="pelamar@example.id", page=1, x=0.5, y=0.5,
@@ -148,7 +152,8 @@ def test_a_create_whose_insert_answer_was_lost_queues_its_checkout_and_the_retry
         for key in client.scan_iter(match=f"{prefix}*"):
             client.delete(key)
         client.close()
-        make_celery_app(system.settings)  # the session's publisher again
+        jobs.set_publisher(previous)
+        publisher.close()
         with psycopg.connect(system.settings.database_url, autocommit=True) as conn:
             ids = "SELECT id FROM orders WHERE idempotency_key = %(key)s"
             conn.execute(f"DELETE FROM order_events WHERE order_id IN ({ids})", {"key": new.idempotency_key})

@@ -278,3 +278,47 @@ def test_a_database_host_that_stops_answering_fails_the_work_instead_of_holding_
         configure(None)
         proxy.close()
     close_pool(url)
+
+
+def test_what_a_task_retries_as_the_database_away_and_what_it_does_not(database_url) -> None:
+    """Real errors from a real server, sorted by the task policy (workers/tasks/base.py): no connection to
+    be had, a lost one, a terminated backend are the database away (retried, then left to the redrive);
+    a statement_timeout repeats on every attempt and a constraint violation is the data's: not retried."""
+    import socket
+
+    import psycopg
+
+    from shared.db import ConnectionOptions
+    from workers.tasks.base import database_unavailable
+
+    def raised(call) -> BaseException:
+        try:
+            call()
+        except BaseException as exc:  # noqa: BLE001 - what the test sorts
+            return exc
+        raise AssertionError("no error")
+
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        free = probe.getsockname()[1]
+    nowhere = f"host=127.0.0.1 port={free} dbname=x connect_timeout=2"
+    assert database_unavailable(raised(lambda: psycopg.connect(nowhere)))  # refused: no SQLSTATE
+    pool = get_pool(nowhere, max_size=1, options=ConnectionOptions(timeout=0.5))
+    try:
+        assert isinstance(error := raised(lambda: pool.getconn()), PoolTimeout) and database_unavailable(error)
+    finally:
+        close_pool(nowhere)
+
+    with psycopg.connect(database_url, autocommit=True) as conn, psycopg.connect(database_url, autocommit=True) as admin:
+        admin.execute("SELECT pg_terminate_backend(%s)", (conn.info.backend_pid,))
+        assert database_unavailable(raised(lambda: conn.execute("SELECT 1")))
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        conn.execute("SET statement_timeout = '20ms'")
+        error = raised(lambda: conn.execute("SELECT pg_sleep(1)"))
+        assert isinstance(error, psycopg.errors.QueryCanceled) and not database_unavailable(error)
+        conn.execute("SET statement_timeout = 0")
+        conn.execute("CREATE TEMP TABLE once (id int PRIMARY KEY)")
+        conn.execute("INSERT INTO once VALUES (1)")
+        error = raised(lambda: conn.execute("INSERT INTO once VALUES (1)"))
+        assert isinstance(error, psycopg.errors.UniqueViolation) and not database_unavailable(error)
+    assert not database_unavailable(ValueError("not the database"))

@@ -39,7 +39,7 @@ log = logging.getLogger(__name__)
 BREAKER_REPORT_SECONDS = 30.0
 POOL_RECORD_SECONDS = 1.0
 # Outcome strings our tasks return that mean "this message ended without doing its work".
-_FAILED_OUTCOMES = frozenset({"failed", "retries_exhausted"})
+_FAILED_OUTCOMES = frozenset({"failed", "retries_exhausted", "database_unavailable"})
 _REFUND_PATHS = {"refunded": "gateway", "refund_manual": "manual"}
 
 _started: dict[str, float] = {}

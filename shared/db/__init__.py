@@ -3,7 +3,9 @@
 PostgreSQL is the source of truth. Anything a transaction makes due (a Celery task to run) is handed to
 :meth:`Tx.after_commit` and only sent once the transaction has committed, as PyPI's Warehouse does: a
 worker must never pick up a message for a row it cannot see yet, and a rolled-back transaction must not
-leave a message behind. If sending fails (Redis away), the periodic redrive finds the work from the rows.
+leave a message behind. (A COMMIT whose answer never came may or may not have committed: its messages go
+out then too, see :func:`transaction`.) If sending fails (Redis away), the periodic redrive finds the work
+from the rows.
 """
 from __future__ import annotations
 

@@ -13,7 +13,7 @@ its task does. The rules:
   task's ``exhausted`` hook gives its final outcome (checkout expires the order through the state
   machine; a refund stays pending for the redrive; a poll waits for its next check) and that outcome is
   returned: the message is done, nothing is retried for ever.
-* **The database unavailable** (``psycopg.OperationalError``: a connection lost or refused, the pool
+* **The database unavailable** (:func:`database_unavailable`: a connection lost or refused, the pool
   timing out, a pooler or server restarting, a serialization failure) is retried the same way, within the
   same bound, but its running out ends the message as ``database_unavailable`` without the ``exhausted`` hook:
   that final outcome (an order expired, an e-mail failed) is the answer to the work failing, not to the
@@ -34,11 +34,12 @@ import threading
 import time
 from collections.abc import Callable
 from functools import lru_cache
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NoReturn
 
 import psycopg
 from celery import Task
 from celery.exceptions import SoftTimeLimitExceeded
+from psycopg_pool import PoolTimeout
 
 from shared.admission import AdmissionController
 from shared.config import Settings
@@ -156,14 +157,16 @@ class MeteraiTask(Task):
         except PermanentError as exc:
             log_event(log, "task", logging.ERROR, **fields, outcome="failed", error=exc.code, ms=_ms(started))
             return "failed"
-        except psycopg.OperationalError as exc:
-            if self.attempt > self.retry_limit:
-                log_event(log, "task", logging.ERROR, **fields, outcome="database_unavailable",
-                          error=type(exc).__name__, detail=f"database unavailable: {str(exc)[:160]}",
-                          ms=_ms(started))
-                return "database_unavailable"
-            self._retry_later(exc, type(exc).__name__, fields, started)
-        except self.transient as exc:
+        except Exception as exc:
+            if database_unavailable(exc):
+                if self.attempt > self.retry_limit:
+                    log_event(log, "task", logging.ERROR, **fields, outcome="database_unavailable",
+                              error=type(exc).__name__, detail=f"database unavailable: {str(exc)[:160]}",
+                              ms=_ms(started))
+                    return "database_unavailable"
+                self._retry_later(exc, type(exc).__name__, fields, started)
+            if not isinstance(exc, self.transient):
+                raise
             error = getattr(exc, "code", None) or type(exc).__name__
             if self.attempt > self.retry_limit:
                 outcome = type(self).exhausted(self, exc, *args)
@@ -175,12 +178,31 @@ class MeteraiTask(Task):
                   ms=_ms(started))
         return outcome
 
-    def _retry_later(self, exc: BaseException, error: str, fields: dict[str, Any], started: float) -> None:
+    def _retry_later(self, exc: BaseException, error: str, fields: dict[str, Any], started: float) -> NoReturn:
         delay = backoff_seconds(self.request.retries, self.settings.retry_base_seconds,
                                 self.settings.retry_max_seconds)
         log_event(log, "task", logging.WARNING, **fields, outcome="retry", error=error,
                   detail=str(exc)[:200], retry_in=round(delay, 2), ms=_ms(started))
         raise self.retry(exc=exc, countdown=delay)
+
+
+# SQLSTATEs that mean "the database can't serve this now, try again" (PostgreSQL's appendix A): its
+# shutdown or start-up, too many connections, and serialization failures and deadlocks, which PostgreSQL
+# says to retry. Not the rest of OperationalError (a statement_timeout, a full disk, an out-of-memory):
+# those repeat on every attempt and keep their old course (the task fails; the redrive sends it again).
+_RETRY_SQLSTATES = frozenset({"57P01", "57P02", "57P03", "53300", "40001", "40P01"})
+
+
+def database_unavailable(exc: BaseException) -> bool:
+    """Whether ``exc`` is PostgreSQL (or the way to it) away for now: no connection to be had (the pool
+    timing out, a refused or lost connection: libpq's own errors have no SQLSTATE; class 08), the server
+    shutting down or starting, or a transaction PostgreSQL asks to be run again."""
+    if isinstance(exc, PoolTimeout):
+        return True
+    if not isinstance(exc, psycopg.OperationalError):
+        return False
+    state = exc.sqlstate
+    return state is None or state.startswith("08") or state in _RETRY_SQLSTATES
 
 
 def _ms(started: float) -> int:

@@ -8,7 +8,9 @@ from shared import jobs
 from shared.services import payments, reconcile
 
 # From this attempt on, a notified capture is applied as the gateway's status query reports it, even if
-# that doesn't confirm it yet; the payment watch keeps asking about the transaction after that.
+# that doesn't confirm it yet; the payment watch keeps asking about the transaction after that. Attempts
+# the database being away ended count too: each took at least DATABASE_POOL_TIMEOUT_SECONDS and its
+# backoff, time the gateway had to catch up as much as in an attempt that asked it.
 CONFIRM_ATTEMPTS = 7
 
 
