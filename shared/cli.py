@@ -60,7 +60,9 @@ def _parser() -> argparse.ArgumentParser:
         "mail-retry", help="send failed e-mails to buyers again (after fixing what failed them)",
         description="Puts mail_outbox rows that failed back to pending with their attempts renewed and queues "
                     "their sends; each keeps its Message-ID (and the link of an e-mail that may have arrived).")
-    mail_retry.add_argument("--kind", choices=["receipt", "stamped", "refund_manual", "refunded"],
+    from shared.lifecycle import Mail  # the kinds an outbox row can be
+
+    mail_retry.add_argument("--kind", choices=[kind.value for kind in Mail],
                             help="only e-mails of this kind")
     mail_retry.add_argument("--since", metavar="WHEN",
                             help="only rows failed from (YYYY-MM-DD or ISO date-time; WIB unless an offset is given)")

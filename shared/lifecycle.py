@@ -86,6 +86,8 @@ class Mail(StrEnum):
     STAMPED = "stamped"              # the document is stamped: the serial, the link to download it
     REFUND_MANUAL = "refund_manual"  # the gateway can't refund it: finance pays it out by hand
     REFUNDED = "refunded"            # the money went back: amount, reason, when
+    REJECTED = "rejected"            # the document can't be stamped: why; nothing was charged
+    EXPIRED = "expired"              # closed unpaid (not paid in time, or the payment never opened): why
 
 
 class Lease(StrEnum):
@@ -112,11 +114,12 @@ _OPEN_REFUND = (None, RefundStatus.PENDING)
 # (from, to) -> the move. Anything not listed is refused before it reaches SQL.
 TRANSITIONS: Mapping[tuple[Status, Status], Move] = {
     (Status.CREATED, Status.AWAITING_PAYMENT): Move("preflight passed, payment opened"),
-    (Status.CREATED, Status.REJECTED): Move("document cannot be stamped"),
+    # The buyer who closed the tab after the upload hears why from the e-mail, not only from the page.
+    (Status.CREATED, Status.REJECTED): Move("document cannot be stamped", mail=Mail.REJECTED),
     # Checkout's retries ran out (gateway down for long) or it never ran: nothing was charged.
-    (Status.CREATED, Status.EXPIRED): Move("payment could not be opened"),
+    (Status.CREATED, Status.EXPIRED): Move("payment could not be opened", mail=Mail.EXPIRED),
     (Status.AWAITING_PAYMENT, Status.PAID): Move("payment captured", capture=True),
-    (Status.AWAITING_PAYMENT, Status.EXPIRED): Move("unpaid too long or payment failed"),
+    (Status.AWAITING_PAYMENT, Status.EXPIRED): Move("unpaid too long or payment failed", mail=Mail.EXPIRED),
     # A capture that arrives after the order expired is refunded, never kept.
     (Status.EXPIRED, Status.REFUND_PENDING): Move("late payment for an expired order", capture=True,
                                                   refund=_OPEN_REFUND),

@@ -96,7 +96,7 @@ def token_hash_matches(stored_hashes: list[str], token: str) -> bool:
 # once, with its first claim, and every attempt of that row sends the same one, so retries, sends whose
 # outcome was in doubt and redeliveries never add another, and nothing is ever trimmed: a link that was
 # delivered keeps working. The migration's CHECK says the same.
-MAX_LINK_TOKENS = 4
+MAX_LINK_TOKENS = 6
 
 _ADD_LINK_TOKEN = """
 UPDATE orders SET link_token_hashes = link_token_hashes || %(hash)s::text WHERE id = %(id)s RETURNING id

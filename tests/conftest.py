@@ -178,7 +178,7 @@ class System:
 
     # -- e-mail (the session's mailbox: what the mail workers sent) ----------------------------------
     def mails(self, order_id: str | None = None, kind: str | None = None) -> list[EmailMessage]:
-        """Messages received for ``order_id`` (of ``kind``: receipt, stamped, refund_manual, refunded),
+        """Messages received for ``order_id`` (of ``kind``: a :class:`shared.lifecycle.Mail` value),
         oldest first; every send of one (order, kind) carries the Message-ID ``<kind.order_id@…>``."""
         assert self.mailbox is not None
 

@@ -1,5 +1,6 @@
 """E-mails to buyers (issue 14, point 3): a receipt with the order page's link when the order is made,
-a message when it is stamped (the link to download) and when it is refunded or goes to manual payout.
+a message when it is stamped (the link to download) and when it is refunded or goes to manual payout,
+and when it ends before payment (rejected, expired).
 
 The system's mail workers send them to a real SMTP server (the session's aiosmtpd, conftest's
 ``mailbox``); the tests read what arrived and follow the links with the token from their fragment.
@@ -150,6 +151,49 @@ def test_a_manual_refund_is_announced_then_its_payout(sys_):
     assert manual_refunds.mark_paid_out(sys_.settings, order_id, "BCA-REF-1") == "refunded"
     paid = body_text(sys_.wait_mail(order_id, "refunded"))
     assert "Rp12.500" in paid and "sudah dikembalikan" in paid
+
+
+def test_a_rejected_document_is_told_by_mail_with_why_and_no_charge(sys_):
+    """The buyer who closed the tab after the upload (the receipt said the document would be checked)
+    learns from an e-mail that it can't be stamped, why, and that nothing was charged."""
+    r = sys_.create(make_pdf(pages=1), page=3, email="pelamar.ditolak@example.id")
+    assert r.status_code == 202, r.text
+    order_id = r.json()["order_id"]
+    sys_.wait_status(order_id, r.json()["access_token"], "rejected")
+    message = sys_.wait_mail(order_id, "rejected")
+    assert message["To"] == "pelamar.ditolak@example.id"
+    assert message["Message-ID"] == f"<rejected.{order_id}@meterai.test>"
+    text = body_text(message)
+    reason = sys_.order_row(order_id)["reason_message"]
+    assert reason == "Halaman 3 tidak ada; dokumen ini memiliki 1 halaman." and reason in text
+    assert "tidak dikenai biaya" in text and order_id in text
+    _, _, token = sys_.mail_link(message)
+    assert _get(sys_, f"/api/v1/orders/{order_id}", token).json()["status"] == "rejected"
+    wait_until(lambda: {kind: row["status"] for kind, row in _outbox(sys_, order_id).items()}
+               == {"receipt": "sent", "rejected": "sent"}, message="both e-mails marked sent")
+
+
+def test_an_order_closed_unpaid_is_told_by_mail_and_a_late_payment_is_refunded_and_told_too(sys_):
+    order_id, token, view = sys_.order_awaiting_payment(email="pelamar.kedaluwarsa@example.id")
+    gateway_order_id = view["payment"]["gateway_order_id"]
+    assert sys_.http.post(f"{sys_.gateway_url}/sandbox/expire/{gateway_order_id}", timeout=5).status_code == 200
+    sys_.wait_status(order_id, token, "expired")
+    message = sys_.wait_mail(order_id, "expired")
+    text = body_text(message)
+    assert sys_.order_row(order_id)["reason_message"] in text
+    assert "tanpa pembayaran" in text and "dikembalikan penuh secara otomatis" in text
+    _, _, token_from_mail = sys_.mail_link(message)
+    assert _get(sys_, f"/api/v1/orders/{order_id}", token_from_mail).json()["status"] == "expired"
+    assert [m for kind in ("stamped", "rejected", "refunded") for m in sys_.mails(order_id, kind)] == []
+
+    # The bank settles after all: as the expired e-mail promised, the money goes back and is told of.
+    late = sys_.http.post(f"{sys_.gateway_url}/sandbox/pay/{gateway_order_id}",
+                          json={"payment_type": "qris", "after_expiry": True}, timeout=10)
+    assert late.status_code == 200, late.text
+    sys_.wait_status(order_id, token, "refunded", timeout=60)
+    refunded = body_text(sys_.wait_mail(order_id, "refunded"))
+    assert "Rp12.500" in refunded and sys_.order_row(order_id)["reason_message"] in refunded
+    assert len(sys_.mails(order_id, "expired")) == 1
 
 
 def test_an_smtp_outage_delays_only_mail_and_then_each_mail_arrives_once(sys_):

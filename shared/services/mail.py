@@ -146,6 +146,21 @@ def _paragraphs(facts: Facts, kind: Mail) -> tuple[str, list[str], list[tuple[st
             "Meterai elektronik sudah dibubuhkan pada dokumen Anda dan tanda tangan digitalnya sudah "
             "kami periksa. Unduh dokumen bermeterai melalui halaman pesanan.",
         ], rows, "Unduh dokumen bermeterai")
+    if kind is Mail.REJECTED:
+        rows.append(("Alasan", facts.reason or "-"))
+        return ("Dokumen Anda tidak dapat dibubuhi meterai", [
+            "Dokumen yang Anda unggah tidak dapat kami bubuhi meterai elektronik, sehingga pesanan ini kami "
+            "tutup sebelum pembayaran. Anda tidak dikenai biaya apa pun.",
+            "Alasannya tertulis di bawah. Bila Anda masih memerlukan meterai, perbaiki dokumennya (misalnya "
+            "simpan ulang sebagai PDF biasa tanpa kata sandi) lalu buat pesanan baru.",
+        ], rows, "Lihat pesanan")
+    if kind is Mail.EXPIRED:
+        rows.append(("Alasan", facts.reason or "-"))
+        return ("Pesanan e-Meterai Anda kedaluwarsa", [
+            "Pesanan ini kami tutup tanpa pembayaran; Anda tidak dikenai biaya.",
+            "Bila ternyata Anda sudah membayar, dana Anda dikembalikan penuh secara otomatis dan Anda akan "
+            "menerima e-mail lagi. Bila Anda masih memerlukan meterai, silakan buat pesanan baru.",
+        ], rows, "Lihat pesanan")
     amount = rupiah(facts.refund_amount if facts.refund_amount is not None else facts.amount)
     if kind is Mail.REFUND_MANUAL:
         rows += [("Jumlah pengembalian", amount), ("Alasan", facts.reason or "-"),
