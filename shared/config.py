@@ -61,7 +61,8 @@ class Settings:
     # DATABASE_CONNECT_TIMEOUT_SECONDS bounds the first (libpq connect_timeout, whole seconds, at least 2),
     # DATABASE_TCP_USER_TIMEOUT_SECONDS the second (libpq tcp_user_timeout: how long sent data may stay
     # unacknowledged, so a slow query on a live server is never cut by it); TCP keepalives find an idle
-    # pooled connection's dead peer in about 45 s. A value named in DATABASE_URL wins over these.
+    # pooled connection's dead peer in 30-40 s. A value named in DATABASE_URL wins over these. Behind
+    # PgBouncer they bound the hop to PgBouncer; the hop to PostgreSQL is PgBouncer's (docs/deploy.md).
     database_connect_timeout_seconds: int = 5
     database_tcp_user_timeout_seconds: float = 10.0
     # Where `meterai migrate` connects; empty means DATABASE_URL. Point it at PostgreSQL itself when
@@ -326,9 +327,9 @@ class Settings:
             raise ValueError("DATABASE_POOL_TIMEOUT_SECONDS must be above 0 and at most 30 (gunicorn's --timeout)")
         if not 2 <= self.database_connect_timeout_seconds <= 60:
             raise ValueError("DATABASE_CONNECT_TIMEOUT_SECONDS must be 2 to 60 (whole seconds: libpq takes 1 as 2)")
-        if not 1 <= self.database_tcp_user_timeout_seconds <= 300:
-            raise ValueError("DATABASE_TCP_USER_TIMEOUT_SECONDS must be 1 to 300: how long a statement may wait "
-                             "on a database host that stopped answering before it fails")
+        if not 1 <= self.database_tcp_user_timeout_seconds <= 30:
+            raise ValueError("DATABASE_TCP_USER_TIMEOUT_SECONDS must be 1 to 30 (gunicorn's --timeout): how long "
+                             "a statement may wait on a database host that stopped answering before it fails")
         if not 0 < self.database_max_idle_seconds < self.database_max_lifetime_seconds:
             raise ValueError("DATABASE_MAX_IDLE_SECONDS must be above 0 and under "
                              "DATABASE_MAX_LIFETIME_SECONDS")

@@ -8,6 +8,7 @@ import subprocess
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 
 class CuttingProxy:
@@ -73,8 +74,9 @@ class CuttingProxy:
 
 
 def _iptables(*args: str) -> None:
-    binary = shutil.which("iptables")
-    assert binary, "iptables is needed (Debian package iptables: .ci/run installs it)"
+    binary = shutil.which("iptables") or next(
+        (path for path in ("/usr/sbin/iptables", "/sbin/iptables") if Path(path).exists()), None)
+    assert binary, "iptables is needed (Debian package iptables: .ci/run installs it), run as root"
     subprocess.run([binary, "-w", *args], check=True, capture_output=True)
 
 
@@ -93,3 +95,19 @@ def silent(port: int) -> Iterator[None]:
     finally:
         for chain, *rule in added:
             _iptables("-D", chain, *rule)
+
+
+def in_thread(call, wait: float) -> dict:
+    """``call()``'s outcome, or {} if it is still running after ``wait`` seconds (left behind, daemon)."""
+    outcome: dict = {}
+
+    def run() -> None:
+        try:
+            outcome["value"] = call()
+        except Exception as exc:  # noqa: BLE001 - what the test looks at
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(wait)
+    return outcome

@@ -206,24 +206,6 @@ def test_waiting_for_a_connection_is_bounded_by_a_setting(postgres: Server) -> N
         close_pool(url)
 
 
-def _in_thread(call, wait: float) -> dict:
-    """``call()``'s outcome, or {} if it is still running after ``wait`` seconds (left behind, daemon)."""
-    import threading
-
-    outcome: dict = {}
-
-    def run() -> None:
-        try:
-            outcome["value"] = call()
-        except Exception as exc:  # noqa: BLE001 - what the test looks at
-            outcome["error"] = exc
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    thread.join(wait)
-    return outcome
-
-
 def test_a_database_host_that_stops_answering_fails_the_work_instead_of_holding_it(database_url) -> None:
     """A host gone without a word (no refusal, no reset: packets dropped, as when a failover takes the
     address away) must cost a request or a task a bounded wait, then an error it retries or answers 503
@@ -234,10 +216,10 @@ def test_a_database_host_that_stops_answering_fails_the_work_instead_of_holding_
 
     from shared.db import ConnectionOptions, connect, configure
     from shared.config import load_settings
-    from tests.netfault import CuttingProxy, silent
+    from tests.netfault import CuttingProxy, in_thread, silent
 
     for name, value in (("DATABASE_CONNECT_TIMEOUT_SECONDS", "1"), ("DATABASE_TCP_USER_TIMEOUT_SECONDS", "0"),
-                        ("DATABASE_TCP_USER_TIMEOUT_SECONDS", "900")):
+                        ("DATABASE_TCP_USER_TIMEOUT_SECONDS", "60")):
         with pytest.raises(ValueError, match=name):
             load_settings({name: value})
     defaults = ConnectionOptions.from_settings(load_settings({}))
@@ -265,19 +247,19 @@ def test_a_database_host_that_stops_answering_fails_the_work_instead_of_holding_
                 with pool.connection() as conn:  # the check's round trip, or the statement's
                     conn.execute("SELECT 1")
 
-            outcome = _in_thread(statement, wait=60)
+            outcome = in_thread(statement, wait=60)
             assert outcome, "a statement still waiting on a host that stopped answering"
             assert isinstance(outcome.get("error"), psycopg.OperationalError), outcome
-            outcome = _in_thread(lambda: connect(url, autocommit=True).close(), wait=60)
+            outcome = in_thread(lambda: connect(url, autocommit=True).close(), wait=60)
             assert outcome, "a connection attempt still waiting on a host that stopped answering"
             assert isinstance(outcome.get("error"), psycopg.OperationalError), outcome
         # The host answers again: the pool makes a new connection and the work goes on.
-        wait_until(lambda: _in_thread(statement, wait=10).get("value", "no") is None, timeout=30,
+        wait_until(lambda: in_thread(statement, wait=10).get("value", "no") is None, timeout=30,
                    message="the pool connected again")
     finally:
         configure(None)
         proxy.close()
-    close_pool(url)
+        close_pool(url)
 
 
 def test_what_a_task_retries_as_the_database_away_and_what_it_does_not(database_url) -> None:

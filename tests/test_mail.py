@@ -173,6 +173,23 @@ def test_a_rejected_document_is_told_by_mail_with_why_and_no_charge(sys_):
                == {"receipt": "sent", "rejected": "sent"}, message="both e-mails marked sent")
 
 
+def test_a_rejection_of_ours_is_not_blamed_on_the_document(sys_):
+    """The gateway refusing to open the payment rejects the order too (nothing charged), but the fault is
+    ours: that e-mail says so and doesn't ask the buyer to fix a document that was fine."""
+    from shared.payments.gateway import MidtransGateway
+    from shared.services.checkout import prepare_order
+    from shared.store import store_from_settings
+
+    sys_.stop("checkout")  # the order stays `created` for us to check out by hand
+    r = sys_.create(email="pelamar.gangguan@example.id")
+    order_id = r.json()["order_id"]
+    wrong_key = MidtransGateway(sys_.gateway_url, "SB-Mid-server-wrong", timeout=3)
+    assert prepare_order(sys_.settings, store_from_settings(sys_.settings), wrong_key, order_id) == "rejected"
+    text = body_text(sys_.wait_mail(order_id, "rejected"))
+    assert "pihak kami, bukan karena dokumen Anda" in text and "tidak dikenai biaya" in text
+    assert "perbaiki dokumennya" not in text and sys_.order_row(order_id)["reason_message"] in text
+
+
 def test_an_order_closed_unpaid_is_told_by_mail_and_a_late_payment_is_refunded_and_told_too(sys_):
     order_id, token, view = sys_.order_awaiting_payment(email="pelamar.kedaluwarsa@example.id")
     gateway_order_id = view["payment"]["gateway_order_id"]
@@ -181,7 +198,7 @@ def test_an_order_closed_unpaid_is_told_by_mail_and_a_late_payment_is_refunded_a
     message = sys_.wait_mail(order_id, "expired")
     text = body_text(message)
     assert sys_.order_row(order_id)["reason_message"] in text
-    assert "tanpa pembayaran" in text and "dikembalikan penuh secara otomatis" in text
+    assert "pembayarannya tidak kami terima" in text and "kami kembalikan penuh tanpa perlu diminta" in text
     _, _, token_from_mail = sys_.mail_link(message)
     assert _get(sys_, f"/api/v1/orders/{order_id}", token_from_mail).json()["status"] == "expired"
     assert [m for kind in ("stamped", "rejected", "refunded") for m in sys_.mails(order_id, kind)] == []

@@ -313,3 +313,30 @@ def test_migrations_through_pgbouncer_apply_once_and_leave_no_lock_behind(postgr
     finally:
         with psycopg.connect(postgres_admin, autocommit=True) as conn:
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def test_a_postgresql_that_stops_answering_behind_pgbouncer_fails_the_statement_instead_of_holding_it(
+        postgres_admin, tmp_path_factory) -> None:
+    """Behind PgBouncer our own TCP bounds see only PgBouncer, which acknowledges every statement itself;
+    a PostgreSQL gone without a word must be found by PgBouncer's bounds (the private PgBouncer's, as
+    docs/deploy.md's pgbouncer.ini has them: tcp_user_timeout 10 s). The statement in flight fails, and
+    the client's next connection works once the server answers again. Without them it would still be
+    waiting after the 60 s this test gives it (TCP's retransmissions take about 15 minutes)."""
+    from tests.netfault import CuttingProxy, in_thread, silent
+
+    params = psycopg.conninfo.conninfo_to_dict(postgres_admin)
+    proxy = CuttingProxy(params.get("host") or "127.0.0.1", int(params.get("port") or 5432))
+    behind = psycopg.conninfo.make_conninfo(postgres_admin, host="127.0.0.1", port=proxy.port, sslmode="disable")
+    handle = start_pgbouncer(tmp_path_factory.mktemp("pgbouncer-silent"), behind)
+    try:
+        with psycopg.connect(handle.url, autocommit=True, prepare_threshold=None) as conn:
+            conn.execute("SELECT 1")  # PgBouncer's server connection, made through the proxy
+            with silent(proxy.port):
+                outcome = in_thread(lambda: conn.execute("SELECT 1"), wait=60)
+                assert outcome, "a statement still waiting on a PostgreSQL that stopped answering"
+                assert isinstance(outcome.get("error"), psycopg.OperationalError), outcome
+        with psycopg.connect(handle.url, autocommit=True, prepare_threshold=None) as conn:
+            assert conn.execute("SELECT 1").fetchone() == (1,)
+    finally:
+        handle.stop()
+        proxy.close()

@@ -71,7 +71,8 @@ class ConnectionOptions:
         named = psycopg.conninfo.conninfo_to_dict(conninfo)
         bounds = {"connect_timeout": self.connect_timeout,
                   "tcp_user_timeout": int(self.tcp_user_timeout * 1000),
-                  # An idle pooled connection's dead peer found in idle + interval x count = 45 s.
+                  # An idle pooled connection's dead peer found after 30 s idle plus a probe or two (with
+                  # TCP_USER_TIMEOUT set, Linux gives up on unanswered probes after that timeout).
                   "keepalives": 1, "keepalives_idle": 30, "keepalives_interval": 5, "keepalives_count": 3}
         return {key: value for key, value in bounds.items() if key not in named}
 

@@ -136,6 +136,15 @@ def _config(handle: PgBouncerHandle, host: str, port: int) -> str:
         # a PostgreSQL restart of under a second stopped orders for ~15 s in the failover drill; at 1 s it
         # went unnoticed.
         "server_login_retry = 1",
+        # A PostgreSQL gone without a word: PgBouncer acknowledges our statements itself, so our own
+        # libpq bounds (DATABASE_TCP_USER_TIMEOUT_SECONDS) can't see the server's silence; these make
+        # PgBouncer drop the server connection (and fail the client's statement) as ours would.
+        "server_connect_timeout = 5",
+        "tcp_user_timeout = 10000",
+        "tcp_keepalive = 1",
+        "tcp_keepidle = 30",
+        "tcp_keepintvl = 5",
+        "tcp_keepcnt = 3",
         # psycopg sends none of these; other clients (and libpq's options) may.
         "ignore_startup_parameters = extra_float_digits",
         # No logfile: in the foreground PgBouncer logs to stderr, which start() sends to pgbouncer.log.

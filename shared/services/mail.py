@@ -1,5 +1,6 @@
 """E-mails to buyers: the receipt with the order page's link, and a message when the document is stamped,
-when its refund goes to manual payout, and when the money is back.
+when its refund goes to manual payout, when the money is back, and when the order ends before payment
+(rejected: its document can't be stamped, or we couldn't open the payment; expired: closed unpaid).
 
 What to send is decided with the order's change: :mod:`shared.lifecycle` writes a ``mail_outbox`` row
 (one per order and kind) in the transaction that makes the order or moves it, and publishes the send
@@ -17,7 +18,7 @@ slow or down delays only e-mail):
   the salt signed with SECRET_KEY, so no plaintext token sits in the database, its WAL or its backups.
   Every attempt of the row sends that same link: retries, an attempt whose outcome was in doubt, a worker
   that died holding the lease, a redelivery. An order so holds one link token per kind of e-mail at most
-  (four), and none is ever trimmed. The salt leaves the row once it is sent; a row that fails with no
+  (six: :class:`shared.lifecycle.Mail`), and none is ever trimmed. The salt leaves the row once it is sent; a row that fails with no
   attempt that may have reached a server forgets it (hash too), one that may have been delivered keeps it
   for ``meterai mail-retry``.
 * **SMTP gives at-least-once, and that is the best there is.** The server takes the message when it
@@ -111,6 +112,7 @@ class Facts:
     verify_link: str | None = None
     refund_amount: int | None = None
     reason: str | None = None
+    reason_code: str | None = None
     refunded_at: datetime | None = None
     manual_since: datetime | None = None
 
@@ -121,6 +123,11 @@ class Rendered:
     text: str
     html: str
 
+
+# Rejections that are ours, not the document's (shared/services/checkout.py): the gateway refused to open
+# the payment, or the stored upload was damaged on our side. Their e-mail must not ask the buyer to fix
+# a document that was fine.
+REJECTED_BY_US = frozenset({"payment_unavailable", "document_corrupt"})
 
 _KEEP_LINK = ("Simpan e-mail ini: tautan di atas membawa Anda kembali ke pesanan ini kapan saja. Jangan "
               "bagikan tautan ini; siapa pun yang memegangnya dapat melihat pesanan dan mengunduh dokumen Anda.")
@@ -146,6 +153,13 @@ def _paragraphs(facts: Facts, kind: Mail) -> tuple[str, list[str], list[tuple[st
             "Meterai elektronik sudah dibubuhkan pada dokumen Anda dan tanda tangan digitalnya sudah "
             "kami periksa. Unduh dokumen bermeterai melalui halaman pesanan.",
         ], rows, "Unduh dokumen bermeterai")
+    if kind is Mail.REJECTED and facts.reason_code in REJECTED_BY_US:
+        rows.append(("Alasan", facts.reason or "-"))
+        return ("Pesanan e-Meterai Anda tidak dapat diproses", [
+            "Pesanan ini tidak dapat kami proses karena gangguan di pihak kami, bukan karena dokumen Anda, "
+            "sehingga pesanan kami tutup sebelum pembayaran. Anda tidak dikenai biaya apa pun.",
+            "Mohon maaf atas ketidaknyamanannya. Silakan buat pesanan baru beberapa saat lagi.",
+        ], rows, "Lihat pesanan")
     if kind is Mail.REJECTED:
         rows.append(("Alasan", facts.reason or "-"))
         return ("Dokumen Anda tidak dapat dibubuhi meterai", [
@@ -157,9 +171,9 @@ def _paragraphs(facts: Facts, kind: Mail) -> tuple[str, list[str], list[tuple[st
     if kind is Mail.EXPIRED:
         rows.append(("Alasan", facts.reason or "-"))
         return ("Pesanan e-Meterai Anda kedaluwarsa", [
-            "Pesanan ini kami tutup tanpa pembayaran; Anda tidak dikenai biaya.",
-            "Bila ternyata Anda sudah membayar, dana Anda dikembalikan penuh secara otomatis dan Anda akan "
-            "menerima e-mail lagi. Bila Anda masih memerlukan meterai, silakan buat pesanan baru.",
+            "Pesanan ini kami tutup karena pembayarannya tidak kami terima; Anda tidak dikenai biaya.",
+            "Bila ternyata Anda sudah membayar, dana Anda kami kembalikan penuh tanpa perlu diminta, dan kami "
+            "mengabari Anda lewat e-mail. Bila Anda masih memerlukan meterai, silakan buat pesanan baru.",
         ], rows, "Lihat pesanan")
     amount = rupiah(facts.refund_amount if facts.refund_amount is not None else facts.amount)
     if kind is Mail.REFUND_MANUAL:
@@ -301,6 +315,7 @@ WITH claimed AS (
 )
 SELECT claimed.*, o.id::text AS facts_order_id, o.email AS facts_email, o.amount_idr AS facts_amount_idr,
        o.serial AS facts_serial, o.stamped_at AS facts_stamped_at, o.reason_message AS facts_reason_message,
+       o.reason_code AS facts_reason_code,
        r.amount_idr AS facts_refund_amount, r.completed_at AS facts_refunded_at, r.manual_since AS facts_manual_since
 FROM claimed
 JOIN orders o ON o.id = claimed.order_id
@@ -329,7 +344,7 @@ def _facts(settings: Settings, row: dict[str, Any], link: str) -> Facts:
     return Facts(
         order_id=row["facts_order_id"], email=row["facts_email"], amount=row["facts_amount_idr"], link=link,
         serial=serial, stamped_at=row["facts_stamped_at"], verify_link=f"{base}/verify/{serial}" if serial else None,
-        refund_amount=row["facts_refund_amount"], reason=row["facts_reason_message"],
+        refund_amount=row["facts_refund_amount"], reason=row["facts_reason_message"], reason_code=row["facts_reason_code"],
         refunded_at=row["facts_refunded_at"], manual_since=row["facts_manual_since"],
     )
 

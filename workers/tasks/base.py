@@ -187,10 +187,11 @@ class MeteraiTask(Task):
 
 
 # SQLSTATEs that mean "the database can't serve this now, try again" (PostgreSQL's appendix A): its
-# shutdown or start-up, too many connections, and serialization failures and deadlocks, which PostgreSQL
-# says to retry. Not the rest of OperationalError (a statement_timeout, a full disk, an out-of-memory):
+# shutdown or start-up, a session ended for idling, too many connections, and serialization failures and
+# deadlocks, which PostgreSQL says to retry. (PgBouncer sends 08P01 for most of its own refusals: retried
+# too, a query_timeout of its included.) Not the rest of OperationalError (a statement_timeout, a full disk, an out-of-memory):
 # those repeat on every attempt and keep their old course (the task fails; the redrive sends it again).
-_RETRY_SQLSTATES = frozenset({"57P01", "57P02", "57P03", "53300", "40001", "40P01"})
+_RETRY_SQLSTATES = frozenset({"57P01", "57P02", "57P03", "57P05", "53300", "40001", "40P01"})
 
 
 def database_unavailable(exc: BaseException) -> bool:
@@ -202,7 +203,10 @@ def database_unavailable(exc: BaseException) -> bool:
     if not isinstance(exc, psycopg.OperationalError):
         return False
     state = exc.sqlstate
-    return state is None or state.startswith("08") or state in _RETRY_SQLSTATES
+    if state is None or state.startswith("08") or state in _RETRY_SQLSTATES:
+        return True
+    # Whatever the server said last, a connection it left unusable was lost (a FATAL, a cut).
+    return exc.pgconn is not None and exc.pgconn.status == psycopg.pq.ConnStatus.BAD
 
 
 def _ms(started: float) -> int:
