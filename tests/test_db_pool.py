@@ -291,7 +291,8 @@ def test_what_a_task_retries_as_the_database_away_and_what_it_does_not(database_
     finally:
         close_pool(nowhere)
 
-    with psycopg.connect(database_url, autocommit=True) as conn, psycopg.connect(database_url, autocommit=True) as admin:
+    with (psycopg.connect(database_url, autocommit=True) as conn,
+          psycopg.connect(database_url, autocommit=True) as admin):
         admin.execute("SELECT pg_terminate_backend(%s)", (conn.info.backend_pid,))
         assert database_unavailable(raised(lambda: conn.execute("SELECT 1")))
     with psycopg.connect(database_url, autocommit=True) as conn:

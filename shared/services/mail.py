@@ -18,9 +18,9 @@ slow or down delays only e-mail):
   the salt signed with SECRET_KEY, so no plaintext token sits in the database, its WAL or its backups.
   Every attempt of the row sends that same link: retries, an attempt whose outcome was in doubt, a worker
   that died holding the lease, a redelivery. An order so holds one link token per kind of e-mail at most
-  (six: :class:`shared.lifecycle.Mail`), and none is ever trimmed. The salt leaves the row once it is sent; a row that fails with no
-  attempt that may have reached a server forgets it (hash too), one that may have been delivered keeps it
-  for ``meterai mail-retry``.
+  (six: :class:`shared.lifecycle.Mail`), and none is ever trimmed. The salt leaves the row once it is
+  sent; a row that fails with no attempt that may have reached a server forgets it (hash too), one that
+  may have been delivered keeps it for ``meterai mail-retry``.
 * **SMTP gives at-least-once, and that is the best there is.** The server takes the message when it
   answers the final ``.`` of DATA; if the connection (or this process) dies between that answer and our
   marking the row sent, nothing can tell whether it was taken, and the only way not to lose the e-mail is
@@ -344,7 +344,8 @@ def _facts(settings: Settings, row: dict[str, Any], link: str) -> Facts:
     return Facts(
         order_id=row["facts_order_id"], email=row["facts_email"], amount=row["facts_amount_idr"], link=link,
         serial=serial, stamped_at=row["facts_stamped_at"], verify_link=f"{base}/verify/{serial}" if serial else None,
-        refund_amount=row["facts_refund_amount"], reason=row["facts_reason_message"], reason_code=row["facts_reason_code"],
+        refund_amount=row["facts_refund_amount"], reason=row["facts_reason_message"],
+        reason_code=row["facts_reason_code"],
         refunded_at=row["facts_refunded_at"], manual_since=row["facts_manual_since"],
     )
 

@@ -189,8 +189,9 @@ class MeteraiTask(Task):
 # SQLSTATEs that mean "the database can't serve this now, try again" (PostgreSQL's appendix A): its
 # shutdown or start-up, a session ended for idling, too many connections, and serialization failures and
 # deadlocks, which PostgreSQL says to retry. (PgBouncer sends 08P01 for most of its own refusals: retried
-# too, a query_timeout of its included.) Not the rest of OperationalError (a statement_timeout, a full disk, an out-of-memory):
-# those repeat on every attempt and keep their old course (the task fails; the redrive sends it again).
+# too, a query_timeout of its included.) Not the rest of OperationalError (a statement_timeout, a full
+# disk, an out-of-memory): those repeat on every attempt and keep their old course (the task fails; the
+# redrive sends it again).
 _RETRY_SQLSTATES = frozenset({"57P01", "57P02", "57P03", "57P05", "53300", "40001", "40P01"})
 
 
