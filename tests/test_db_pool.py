@@ -216,7 +216,9 @@ def test_a_database_host_that_stops_answering_fails_the_work_instead_of_holding_
 
     from shared.db import ConnectionOptions, connect, configure
     from shared.config import load_settings
-    from tests.netfault import CuttingProxy, in_thread, silent
+    from tests.netfault import CuttingProxy, in_thread, need_iptables, silent
+
+    need_iptables()
 
     for name, value in (("DATABASE_CONNECT_TIMEOUT_SECONDS", "1"), ("DATABASE_TCP_USER_TIMEOUT_SECONDS", "0"),
                         ("DATABASE_TCP_USER_TIMEOUT_SECONDS", "60")):
@@ -241,17 +243,24 @@ def test_a_database_host_that_stops_answering_fails_the_work_instead_of_holding_
         assert conn.info.get_parameters()["tcp_user_timeout"] == "1000"  # what libpq was given
         conn.execute("SELECT 1")
     configure(settings)
-    try:
-        with silent(proxy.port):
-            def statement() -> None:
-                with pool.connection() as conn:  # the check's round trip, or the statement's
-                    conn.execute("SELECT 1")
 
-            outcome = in_thread(statement, wait=60)
+    def statement() -> None:
+        with pool.connection() as conn:
+            conn.execute("SELECT 1")
+
+    try:
+        held = pool.getconn()  # taken before the silence: the statement below is sent on it, no check first
+        with silent(proxy.port):
+            outcome = in_thread(lambda: held.execute("SELECT 1"), wait=60)
             assert outcome, "a statement still waiting on a host that stopped answering"
-            assert isinstance(outcome.get("error"), psycopg.OperationalError), outcome
+            error = outcome.get("error")
+            # TCP gave up on the unanswered bytes (tcp_user_timeout), not a pool's wait for a connection.
+            assert isinstance(error, psycopg.OperationalError) and not isinstance(error, PoolTimeout), outcome
+            assert held.broken
+            pool.putconn(held)  # broken: the pool drops it
             outcome = in_thread(lambda: connect(url, autocommit=True).close(), wait=60)
             assert outcome, "a connection attempt still waiting on a host that stopped answering"
+            # Given up by connect_timeout, or first by tcp_user_timeout, which Linux applies to the SYNs too.
             assert isinstance(outcome.get("error"), psycopg.OperationalError), outcome
         # The host answers again: the pool makes a new connection and the work goes on.
         wait_until(lambda: in_thread(statement, wait=10).get("value", "no") is None, timeout=30,

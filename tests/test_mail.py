@@ -190,6 +190,21 @@ def test_a_rejection_of_ours_is_not_blamed_on_the_document(sys_):
     assert "perbaiki dokumennya" not in text and sys_.order_row(order_id)["reason_message"] in text
 
 
+def test_a_checkout_that_never_opened_a_payment_is_told_as_ours_not_as_unpaid(sys_):
+    """An order whose checkout never ran to a payment (checkout down past its deadline) expires: the buyer
+    never saw a payment page, so its e-mail speaks of our fault, not of a payment not received."""
+    from shared.services import reconcile
+
+    sys_.stop("checkout")
+    r = sys_.create(email="pelamar.tertunda@example.id")
+    order_id = r.json()["order_id"]
+    sys_.query("UPDATE orders SET created_at = now() - interval '2 hours' WHERE id = %s RETURNING id", (order_id,))
+    assert reconcile.expire_stalled_checkouts(sys_.settings) == [order_id]
+    text = body_text(sys_.wait_mail(order_id, "expired"))
+    assert "pihak kami" in text and reconcile.CHECKOUT_FAILED_MESSAGE in text
+    assert "pembayarannya tidak kami terima" not in text
+
+
 def test_an_order_closed_unpaid_is_told_by_mail_and_a_late_payment_is_refunded_and_told_too(sys_):
     order_id, token, view = sys_.order_awaiting_payment(email="pelamar.kedaluwarsa@example.id")
     gateway_order_id = view["payment"]["gateway_order_id"]
@@ -198,7 +213,8 @@ def test_an_order_closed_unpaid_is_told_by_mail_and_a_late_payment_is_refunded_a
     message = sys_.wait_mail(order_id, "expired")
     text = body_text(message)
     assert sys_.order_row(order_id)["reason_message"] in text
-    assert "pembayarannya tidak kami terima" in text and "kami kembalikan penuh tanpa perlu diminta" in text
+    assert "pembayarannya tidak kami terima" in text and "dikembalikan penuh tanpa perlu diminta" in text
+    assert "tidak dikenai biaya" in text  # said by the reason
     _, _, token_from_mail = sys_.mail_link(message)
     assert _get(sys_, f"/api/v1/orders/{order_id}", token_from_mail).json()["status"] == "expired"
     assert [m for kind in ("stamped", "rejected", "refunded") for m in sys_.mails(order_id, kind)] == []

@@ -187,8 +187,7 @@ def test_a_task_that_meets_the_database_away_retries_and_finishes_once_it_is_bac
     try:
         order_id, token, notes, worker = _notified_while_the_pooler_is_down(system, pgbouncer)
     finally:
-        if pgbouncer.process is None:
-            pgbouncer.start()
+        _as_before(system, pgbouncer)
     done = system.wait_status(order_id, token, "stamped", timeout=60)
     assert [e["status"] for e in done["events"]] == [
         "created", "awaiting_payment", "paid", "stamping", "stamped"]
@@ -210,10 +209,7 @@ def test_the_database_away_past_the_retries_leaves_the_work_to_the_redrive_not_t
             system, pgbouncer, worker="payments-few", env={"NOTIFICATION_MAX_RETRIES": "1"})
         wait_until(lambda: any(line["outcome"] == "database_unavailable" for line in task_lines(worker, notes)),
                    timeout=60, interval=0.2, message="the retries spent while the database is away")
-    finally:
-        if pgbouncer.process is None:
-            pgbouncer.start()
-    try:
+        pgbouncer.start()
         rows = system.query("SELECT processed_at, outcome FROM payment_notifications WHERE id = ANY(%s)",
                             ([int(n) for n in notes],))
         assert rows and all(row["processed_at"] is None and row["outcome"] is None for row in rows), rows
@@ -223,8 +219,18 @@ def test_the_database_away_past_the_retries_leaves_the_work_to_the_redrive_not_t
         housekeeping.redrive(system.settings, grace_seconds=0)  # what beat's next redrive does
         system.wait_status(order_id, token, "stamped", timeout=60)
     finally:
+        _as_before(system, pgbouncer)
+
+
+def _as_before(system, pgbouncer) -> None:
+    """PgBouncer up, the Procfile's payments worker running and no copy of it: whatever a test above
+    stopped or started, and wherever it failed, the module's later tests find the system as it was."""
+    if pgbouncer.process is None:
+        pgbouncer.start()
+    copy = system.launcher.processes.get("payments-few")
+    if copy is not None and copy.alive():
         system.stop("payments-few")
-        system.start("payments")
+    system.start("payments")
 
 
 def task_lines(process, args: list[str] | None = None) -> list[dict[str, Any]]:
@@ -322,7 +328,9 @@ def test_a_postgresql_that_stops_answering_behind_pgbouncer_fails_the_statement_
     docs/deploy.md's pgbouncer.ini has them: tcp_user_timeout 10 s). The statement in flight fails, and
     the client's next connection works once the server answers again. Without them it would still be
     waiting after the 60 s this test gives it (TCP's retransmissions take about 15 minutes)."""
-    from tests.netfault import CuttingProxy, in_thread, silent
+    from tests.netfault import CuttingProxy, in_thread, need_iptables, silent
+
+    need_iptables()
 
     params = psycopg.conninfo.conninfo_to_dict(postgres_admin)
     proxy = CuttingProxy(params.get("host") or "127.0.0.1", int(params.get("port") or 5432))

@@ -124,10 +124,12 @@ class Rendered:
     html: str
 
 
-# Rejections that are ours, not the document's (shared/services/checkout.py): the gateway refused to open
-# the payment, or the stored upload was damaged on our side. Their e-mail must not ask the buyer to fix
-# a document that was fine.
-REJECTED_BY_US = frozenset({"payment_unavailable", "document_corrupt"})
+# Orders that ended before payment through our fault, not the document's or the payment's: rejected
+# because the gateway refused to open the payment or the stored upload was damaged on our side
+# (shared/services/checkout.py), expired because checkout never opened a payment (shared/services/
+# reconcile.py). Their e-mail must not ask the buyer to fix a document that was fine, nor speak of a
+# payment page they never saw.
+ENDED_BY_US = frozenset({"payment_unavailable", "document_corrupt", "payment_not_opened"})
 
 _KEEP_LINK = ("Simpan e-mail ini: tautan di atas membawa Anda kembali ke pesanan ini kapan saja. Jangan "
               "bagikan tautan ini; siapa pun yang memegangnya dapat melihat pesanan dan mengunduh dokumen Anda.")
@@ -153,11 +155,11 @@ def _paragraphs(facts: Facts, kind: Mail) -> tuple[str, list[str], list[tuple[st
             "Meterai elektronik sudah dibubuhkan pada dokumen Anda dan tanda tangan digitalnya sudah "
             "kami periksa. Unduh dokumen bermeterai melalui halaman pesanan.",
         ], rows, "Unduh dokumen bermeterai")
-    if kind is Mail.REJECTED and facts.reason_code in REJECTED_BY_US:
+    if kind in (Mail.REJECTED, Mail.EXPIRED) and facts.reason_code in ENDED_BY_US:
         rows.append(("Alasan", facts.reason or "-"))
         return ("Pesanan e-Meterai Anda tidak dapat diproses", [
             "Pesanan ini tidak dapat kami proses karena gangguan di pihak kami, bukan karena dokumen Anda, "
-            "sehingga pesanan kami tutup sebelum pembayaran. Anda tidak dikenai biaya apa pun.",
+            "sehingga pesanan ini kami tutup sebelum pembayaran. Anda tidak dikenai biaya apa pun.",
             "Mohon maaf atas ketidaknyamanannya. Silakan buat pesanan baru beberapa saat lagi.",
         ], rows, "Lihat pesanan")
     if kind is Mail.REJECTED:
@@ -165,15 +167,17 @@ def _paragraphs(facts: Facts, kind: Mail) -> tuple[str, list[str], list[tuple[st
         return ("Dokumen Anda tidak dapat dibubuhi meterai", [
             "Dokumen yang Anda unggah tidak dapat kami bubuhi meterai elektronik, sehingga pesanan ini kami "
             "tutup sebelum pembayaran. Anda tidak dikenai biaya apa pun.",
-            "Alasannya tertulis di bawah. Bila Anda masih memerlukan meterai, perbaiki dokumennya (misalnya "
-            "simpan ulang sebagai PDF biasa tanpa kata sandi) lalu buat pesanan baru.",
+            "Alasannya tertulis di bawah. Bila Anda masih memerlukan meterai, sesuaikan dokumen, halaman, "
+            "atau letak meterainya menurut alasan itu, lalu buat pesanan baru.",
         ], rows, "Lihat pesanan")
     if kind is Mail.EXPIRED:
+        # Every reason an unpaid order closes with says already that nothing was charged.
         rows.append(("Alasan", facts.reason or "-"))
         return ("Pesanan e-Meterai Anda kedaluwarsa", [
-            "Pesanan ini kami tutup karena pembayarannya tidak kami terima; Anda tidak dikenai biaya.",
-            "Bila ternyata Anda sudah membayar, dana Anda kami kembalikan penuh tanpa perlu diminta, dan kami "
-            "mengabari Anda lewat e-mail. Bila Anda masih memerlukan meterai, silakan buat pesanan baru.",
+            "Pesanan ini kami tutup karena pembayarannya tidak kami terima.",
+            "Bila ternyata pembayaran Anda tetap terdebit, dana dikembalikan penuh tanpa perlu diminta; "
+            "statusnya terlihat di halaman pesanan. Bila Anda masih memerlukan meterai, silakan buat "
+            "pesanan baru.",
         ], rows, "Lihat pesanan")
     amount = rupiah(facts.refund_amount if facts.refund_amount is not None else facts.amount)
     if kind is Mail.REFUND_MANUAL:

@@ -206,8 +206,10 @@ def database_unavailable(exc: BaseException) -> bool:
     state = exc.sqlstate
     if state is None or state.startswith("08") or state in _RETRY_SQLSTATES:
         return True
-    # Whatever the server said last, a connection it left unusable was lost (a FATAL, a cut).
-    return exc.pgconn is not None and exc.pgconn.status == psycopg.pq.ConnStatus.BAD
+    # Whatever its code, a FATAL or PANIC from the server ended the session: the connection is lost.
+    # (Not the connection's state, read after the pool took it back: one past its lifetime is closed
+    # then, and would make a statement_timeout look like a lost connection.)
+    return exc.diag.severity_nonlocalized in ("FATAL", "PANIC")
 
 
 def _ms(started: float) -> int:
