@@ -298,3 +298,19 @@ def test_the_bare_parts_of_the_end_to_end_benchmark_do_what_they_say(sys_, postg
             pool.close()
         with psycopg.connect(postgres_admin, autocommit=True) as conn:
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def test_the_gateway_client_benchmark_measures_the_adapter_against_the_floor(tmp_path, capsys):
+    """`python -m loadtests.bench.gateway_client`: the adapter's status call parses the local server's
+    answer as the workers' calls do (a GatewayStatus, not an error), and every case is measured."""
+    import json
+
+    from loadtests.bench import gateway_client
+
+    out = tmp_path / "gateway_client.json"
+    assert gateway_client.main(["--rounds", "1", "--calls", "30", "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert set(report["median_ms"]) == {"adapter (requests, as shipped)", "adapter, trust_env off",
+                                        "floor (http.client, json.loads)"}
+    assert all(value > 0 for value in report["median_ms"].values())
+    assert "× the floor" in capsys.readouterr().out
