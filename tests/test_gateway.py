@@ -657,3 +657,75 @@ def test_text_the_database_cannot_hold_is_refused_at_create_and_refund(gateway: 
                            json={"refund_key": "k\x00", "amount": PRICE}, timeout=5)
     assert answer.status_code == 400
     assert gateway.get_status("MTR-nul-refund").transaction_status == "settlement"  # type: ignore[union-attr]
+
+
+class ForwardProxy:
+    """A plain HTTP forward proxy (what an egress proxy is to us): takes ``GET http://host:port/path``,
+    fetches it and answers with what it got. Records each request line."""
+
+    def __init__(self) -> None:
+        import http.client
+        import http.server
+        import socketserver
+        from urllib.parse import urlsplit
+
+        seen: list[str] = []
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+            disable_nagle_algorithm = True
+
+            def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+                seen.append(f"GET {self.path}")
+                target = urlsplit(self.path)
+                upstream = http.client.HTTPConnection(target.hostname, target.port or 80, timeout=5)
+                headers = {k: v for k, v in self.headers.items() if k.lower() not in ("proxy-connection", "host")}
+                upstream.request("GET", target.path + (f"?{target.query}" if target.query else ""), headers=headers)
+                answer = upstream.getresponse()
+                body = answer.read()
+                upstream.close()
+                self.send_response(answer.status)
+                self.send_header("Content-Type", answer.getheader("Content-Type") or "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        class Server(socketserver.ThreadingMixIn, http.server.HTTPServer):
+            daemon_threads = True
+
+        self.seen = seen
+        self.server = Server(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_an_egress_proxy_named_by_the_environment_is_used_and_read_once(standin_url: str, monkeypatch) -> None:
+    """Production may reach Midtrans only through an egress proxy (HTTPS_PROXY / HTTP_PROXY, NO_PROXY):
+    the adapter reads the environment once, when it is made (not on every call: a quarter of its CPU per
+    call), and every call then goes through the proxy, or straight to a host NO_PROXY names."""
+    proxy = ForwardProxy()
+    try:
+        for name in ("NO_PROXY", "no_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"):
+            monkeypatch.delenv(name, raising=False)
+        monkeypatch.setenv("HTTP_PROXY", proxy.url)
+        through = MidtransGateway(standin_url, SERVER_KEY, timeout=5, breaker=CircuitBreaker())
+        monkeypatch.delenv("HTTP_PROXY")  # read once: a later change of the environment is not looked at
+        assert through.get_status("MTR-via-proxy") is None  # the stand-in's answer, through the proxy
+        assert through.get_status("MTR-via-proxy-2") is None
+        assert proxy.seen == [f"GET {standin_url}/v2/MTR-via-proxy/status",
+                              f"GET {standin_url}/v2/MTR-via-proxy-2/status"]
+
+        monkeypatch.setenv("HTTP_PROXY", proxy.url)
+        monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+        direct = MidtransGateway(standin_url, SERVER_KEY, timeout=5, breaker=CircuitBreaker())
+        assert direct.get_status("MTR-direct") is None
+        assert len(proxy.seen) == 2  # NO_PROXY names the gateway's host: not through the proxy
+    finally:
+        proxy.close()

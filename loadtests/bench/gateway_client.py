@@ -7,9 +7,9 @@ HTTP client is: a status query answered by a local server (its own process, so i
 keep-alive, measured as this process's CPU per call for
 
 * the adapter as the workers run it (``MidtransGateway.get_status``: requests, the circuit breaker, the
-  answer's parsing into a ``GatewayStatus``);
-* the same with its session's ``trust_env`` off (requests then skips reading the proxy and CA settings
-  from the environment on every call, which production may rely on: HTTPS_PROXY for an egress proxy);
+  answer's parsing into a ``GatewayStatus``; since 2026-12-04 the environment's proxy and CA settings
+  read once when it is made, ``trust_env`` off afterwards);
+* the same with ``trust_env`` on again, as before: requests reads those settings on every call;
 * the floor: one ``http.client`` request on a kept connection and ``json.loads`` of the answer.
 
 Rounds interleave the cases; the medians go to ``reports/bench/gateway_client.json``.
@@ -99,8 +99,8 @@ def main(argv: list[str] | None = None) -> int:
                 raise SystemExit("the local gateway answer server did not start")
             time.sleep(0.05)
         base_url = f"http://127.0.0.1:{port}"
-        cases = {"adapter (requests, as shipped)": _adapter(base_url, trust_env=True),
-                 "adapter, trust_env off": _adapter(base_url, trust_env=False),
+        cases = {"adapter (requests, as shipped)": _adapter(base_url, trust_env=False),
+                 "adapter, environment read per call": _adapter(base_url, trust_env=True),
                  "floor (http.client, json.loads)": _floor(port)}
         runs: dict[str, list[float]] = {name: [] for name in cases}
         for number in range(1, args.rounds + 1):
