@@ -715,7 +715,9 @@ def test_an_egress_proxy_named_by_the_environment_is_used_and_read_once(standin_
         for name in ("NO_PROXY", "no_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"):
             monkeypatch.delenv(name, raising=False)
         monkeypatch.setenv("HTTP_PROXY", proxy.url)
+        monkeypatch.setenv("REQUESTS_CA_BUNDLE", "/etc/ssl/certs/ca-certificates.crt")
         through = MidtransGateway(standin_url, SERVER_KEY, timeout=5, breaker=CircuitBreaker())
+        assert through._session.verify == "/etc/ssl/certs/ca-certificates.crt"  # the CA bundle kept too
         monkeypatch.delenv("HTTP_PROXY")  # read once: a later change of the environment is not looked at
         assert through.get_status("MTR-via-proxy") is None  # the stand-in's answer, through the proxy
         assert through.get_status("MTR-via-proxy-2") is None
