@@ -25,6 +25,17 @@ class CuttingProxy:
         self._lock = threading.Lock()
         threading.Thread(target=self._accept, daemon=True).start()
 
+    @classmethod
+    def in_front_of(cls, database_url: str) -> tuple["CuttingProxy", str]:
+        """A proxy to ``database_url``'s server and the URL that leads through it (in the clear, so the
+        proxy can see the statements go by)."""
+        import psycopg
+
+        params = psycopg.conninfo.conninfo_to_dict(database_url)
+        proxy = cls(params.get("host") or "127.0.0.1", int(params.get("port") or 5432))
+        return proxy, psycopg.conninfo.make_conninfo(database_url, host="127.0.0.1", port=proxy.port,
+                                                     sslmode="disable")
+
     def _accept(self) -> None:
         while True:
             try:

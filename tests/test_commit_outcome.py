@@ -29,10 +29,7 @@ from workers.tasks.base import database_unavailable
 
 @pytest.fixture
 def cut(database_url) -> Iterator[tuple[CuttingProxy, str]]:
-    params = psycopg.conninfo.conninfo_to_dict(database_url)
-    proxy = CuttingProxy(params.get("host") or "127.0.0.1", int(params.get("port") or 5432))
-    # In the clear, so the proxy can see the COMMIT go by.
-    url = psycopg.conninfo.make_conninfo(database_url, host="127.0.0.1", port=proxy.port, sslmode="disable")
+    proxy, url = CuttingProxy.in_front_of(database_url)
     table = f"commit_outcome_{uuid.uuid4().hex[:8]}"
     with psycopg.connect(database_url, autocommit=True) as conn:
         conn.execute(f"CREATE TABLE {table} (id int PRIMARY KEY)")

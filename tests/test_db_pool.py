@@ -231,9 +231,7 @@ def test_a_database_host_that_stops_answering_fails_the_work_instead_of_holding_
     # What DATABASE_URL names itself stays as named.
     assert "tcp_user_timeout" not in defaults.socket_bounds("postgresql://db/meterai?tcp_user_timeout=500")
 
-    params = psycopg.conninfo.conninfo_to_dict(database_url)
-    proxy = CuttingProxy(params.get("host") or "127.0.0.1", int(params.get("port") or 5432))
-    url = psycopg.conninfo.make_conninfo(database_url, host="127.0.0.1", port=proxy.port, sslmode="disable")
+    proxy, url = CuttingProxy.in_front_of(database_url)
     settings = load_settings({"DATABASE_TCP_USER_TIMEOUT_SECONDS": "1", "DATABASE_CONNECT_TIMEOUT_SECONDS": "2",
                               "DATABASE_POOL_TIMEOUT_SECONDS": "3"})
     options = ConnectionOptions.from_settings(settings)

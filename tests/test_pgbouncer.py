@@ -332,9 +332,7 @@ def test_a_postgresql_that_stops_answering_behind_pgbouncer_fails_the_statement_
 
     need_iptables()
 
-    params = psycopg.conninfo.conninfo_to_dict(postgres_admin)
-    proxy = CuttingProxy(params.get("host") or "127.0.0.1", int(params.get("port") or 5432))
-    behind = psycopg.conninfo.make_conninfo(postgres_admin, host="127.0.0.1", port=proxy.port, sslmode="disable")
+    proxy, behind = CuttingProxy.in_front_of(postgres_admin)
     handle = start_pgbouncer(tmp_path_factory.mktemp("pgbouncer-silent"), behind)
     try:
         with psycopg.connect(handle.url, autocommit=True, prepare_threshold=None) as conn:

@@ -161,8 +161,8 @@ class MidtransGateway:
     def _settle_environment(self) -> None:
         """What the environment says about reaching the gateway (an egress proxy from HTTPS_PROXY /
         HTTP_PROXY / ALL_PROXY unless NO_PROXY names its host; a CA bundle from REQUESTS_CA_BUNDLE or
-        CURL_CA_BUNDLE), read once here
-        instead of by requests on every call: a quarter of the adapter's own CPU per call
+        CURL_CA_BUNDLE), read once here instead of by requests on every call: a fifth of the adapter's
+        own CPU per call
         (``python -m loadtests.bench.gateway_client``: 0.425 → 0.337 ms). A process's environment doesn't
         change while it runs, and every call goes to ``base_url``'s host, so the answer is the same."""
         settled = self._session.merge_environment_settings(self.base_url, {}, None, None, None)

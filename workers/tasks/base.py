@@ -39,7 +39,6 @@ from typing import Any, ClassVar, NoReturn
 import psycopg
 from celery import Task
 from celery.exceptions import SoftTimeLimitExceeded
-from psycopg_pool import PoolTimeout
 
 from shared.admission import AdmissionController
 from shared.config import Settings
@@ -199,9 +198,7 @@ def database_unavailable(exc: BaseException) -> bool:
     """Whether ``exc`` is PostgreSQL (or the way to it) away for now: no connection to be had (the pool
     timing out, a refused or lost connection: libpq's own errors have no SQLSTATE; class 08), the server
     shutting down or starting, or a transaction PostgreSQL asks to be run again."""
-    if isinstance(exc, PoolTimeout):
-        return True
-    if not isinstance(exc, psycopg.OperationalError):
+    if not isinstance(exc, psycopg.OperationalError):  # psycopg_pool's PoolTimeout is one, without a SQLSTATE
         return False
     state = exc.sqlstate
     if state is None or state.startswith("08") or state in _RETRY_SQLSTATES:
