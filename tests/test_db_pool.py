@@ -75,10 +75,12 @@ def test_first_request_after_a_postgres_restart_succeeds(postgres: Server) -> No
 
 
 def _cut_checked_connections(url: str, count: int) -> None:
-    """``count`` pooled connections, each just checked, then killed by the server."""
+    """``count`` pooled connections, each just checked, then killed by the server. The pool is made
+    with room for exactly ``count``: one that may grow makes a connection more in the background while
+    they are taken (seen once on a clean-clone run), and that live one would be handed out instead."""
     import psycopg
 
-    pool = get_pool(url)
+    pool = get_pool(url, max_size=count)
     held = [pool.getconn() for _ in range(count)]
     pids = [conn.execute("SELECT pg_backend_pid() AS pid").fetchone()["pid"] for conn in held]
     for conn in held:
